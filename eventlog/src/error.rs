@@ -1,0 +1,15 @@
+use parley_events::EventsError;
+use rdkafka::error::KafkaError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EventLogError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error("creating topic {topic}: {reason}")]
+    TopicCreation { topic: String, reason: String },
+    #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
+    InvalidPosition(String),
+}

@@ -1,0 +1,72 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_events::EventCodec;
+use parley_events::event::AvroEvent;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::error::EventLogError;
+use crate::position::LogPosition;
+use crate::trace::TRACEPARENT_HEADER;
+
+/// Appends events to the log with an idempotent producer (no duplicates or reordering from
+/// its own retries), waiting for the broker's acknowledgement by all in-sync replicas.
+#[derive(Clone)]
+pub struct EventProducer {
+    producer: FutureProducer,
+    codec: Arc<EventCodec>,
+}
+
+impl std::fmt::Debug for EventProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventProducer").finish_non_exhaustive()
+    }
+}
+
+/// Producer settings for durable, ordered appends with small-batch latency.
+pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
+    base.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "30000");
+    base
+}
+
+impl EventProducer {
+    pub fn new(config: ClientConfig, codec: Arc<EventCodec>) -> Result<Self, EventLogError> {
+        Ok(Self { producer: idempotent_config(config).create()?, codec })
+    }
+
+    pub fn codec(&self) -> &Arc<EventCodec> {
+        &self.codec
+    }
+
+    /// Encodes and appends `event` under `key`, returning where it landed once acknowledged.
+    pub async fn append<T: AvroEvent>(
+        &self,
+        topic: &str,
+        key: &str,
+        event: &T,
+        traceparent: Option<&str>,
+    ) -> Result<LogPosition, EventLogError> {
+        let payload = self.codec.encode(event).await?;
+        let headers = traceparent.map_or_else(OwnedHeaders::new, |tp| {
+            OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
+        });
+        let record = FutureRecord::to(topic).key(key).payload(&payload).headers(headers);
+        let delivery = self
+            .producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| EventLogError::Kafka(error))?;
+        Ok(LogPosition { topic: topic.to_owned(), partition: delivery.partition, offset: delivery.offset })
+    }
+
+    /// Waits until everything sent has been acknowledged (used on shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), EventLogError> {
+        Ok(self.producer.flush(timeout)?)
+    }
+}

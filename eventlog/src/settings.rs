@@ -1,0 +1,68 @@
+use clap::Args;
+use rdkafka::ClientConfig;
+
+/// How to reach Kafka. Shared by every service's command line.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaSettings {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long = "kafka-brokers", env = "PARLEY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+
+    /// Prefix for every topic name, to run several isolated pipelines on one cluster.
+    #[arg(long, env = "PARLEY_TOPIC_PREFIX", default_value = "", value_parser = parse_topic_prefix)]
+    pub topic_prefix: String,
+}
+
+impl KafkaSettings {
+    /// Base client config for every producer, consumer and admin client.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.dns.lookup", "use_all_dns_ips");
+        config
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::with_prefix(&self.topic_prefix)
+    }
+}
+
+/// The names of the topics Parley reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Durable conversation events, keyed by conversation id: the source of truth.
+    pub events: String,
+    /// Token deltas while an answer is generated; short retention, never replayed.
+    pub tokens: String,
+    /// Records a consumer gave up on, with the error and the original bytes.
+    pub dead_letter: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            events: format!("{prefix}conversation-events"),
+            tokens: format!("{prefix}conversation-tokens"),
+            dead_letter: format!("{prefix}dead-letter"),
+        }
+    }
+}
+
+fn parse_topic_prefix(value: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if value.len() > 100 || !value.chars().all(legal) {
+        return Err(format!("{value:?}: at most 100 characters of [a-zA-Z0-9._-]"));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_prefix_must_be_a_legal_topic_name_part() {
+        assert_eq!(parse_topic_prefix("test-1.").unwrap(), "test-1.");
+        assert!(parse_topic_prefix("a/b").unwrap_err().contains("a/b"));
+        assert_eq!(Topics::with_prefix("t.").events, "t.conversation-events");
+    }
+}

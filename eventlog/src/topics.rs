@@ -1,0 +1,71 @@
+//! The topics Parley owns, created by the project with explicit partitions and configs
+//! (brokers run with `auto.create.topics.enable=false`).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::EventLogError;
+use crate::settings::{KafkaSettings, Topics};
+
+/// One topic's layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub configs: Vec<(&'static str, &'static str)>,
+}
+
+/// Partitions of the conversation topics: the unit of consumer parallelism. A conversation
+/// never moves between partitions, so this can only grow with a re-keying migration.
+pub const CONVERSATION_PARTITIONS: i32 = 6;
+
+impl Topics {
+    /// The layout of every topic: see docs/events.md for the reasoning.
+    pub fn specs(&self) -> Vec<TopicSpec> {
+        vec![
+            TopicSpec {
+                name: self.events.clone(),
+                partitions: CONVERSATION_PARTITIONS,
+                // The log is the source of truth: kept forever, never compacted.
+                configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete"), ("max.message.bytes", "1048576")],
+            },
+            TopicSpec {
+                name: self.tokens.clone(),
+                partitions: CONVERSATION_PARTITIONS,
+                // Deltas only matter while a socket is waiting for them.
+                configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
+            },
+            TopicSpec {
+                name: self.dead_letter.clone(),
+                partitions: 1,
+                configs: vec![("retention.ms", "2592000000"), ("cleanup.policy", "delete"), ("max.message.bytes", "2097152")],
+            },
+        ]
+    }
+}
+
+/// Creates every missing topic; existing ones are left as they are.
+pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result<(), EventLogError> {
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let specs = settings.topics().specs();
+    let new_topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|spec| {
+            spec.configs.iter().fold(
+                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(replication)),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(EventLogError::TopicCreation { topic, reason: code.to_string() }),
+        }
+    }
+    Ok(())
+}

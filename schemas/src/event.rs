@@ -1,0 +1,187 @@
+//! Typed mirrors of the `.avsc` files. Field names and types match the schemas exactly;
+//! a round-trip test per event keeps them in step.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A Rust type that is one Avro record of the catalog.
+pub trait AvroEvent: Serialize + DeserializeOwned {
+    /// Full Avro record name; also the registry subject (RecordNameStrategy).
+    const FULL_NAME: &'static str;
+}
+
+/// Who wrote an event: name and version of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Producer {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+/// The common envelope of every conversation event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub event_id: String,
+    pub conversation_id: String,
+    pub sequence: i64,
+    pub occurred_at: i64,
+    pub causation_id: Option<String>,
+    pub correlation_id: String,
+    pub producer_name: String,
+    pub producer_version: String,
+    pub traceparent: Option<String>,
+}
+
+impl Envelope {
+    /// An envelope stamped now, for `event_id` at `sequence` of `conversation_id`.
+    pub fn new(event_id: Uuid, conversation_id: Uuid, sequence: i64, producer: Producer) -> Self {
+        Self {
+            event_id: event_id.to_string(),
+            conversation_id: conversation_id.to_string(),
+            sequence,
+            occurred_at: now_millis(),
+            causation_id: None,
+            correlation_id: event_id.to_string(),
+            producer_name: producer.name.to_owned(),
+            producer_version: producer.version.to_owned(),
+            traceparent: None,
+        }
+    }
+
+    /// Marks this event as caused by `cause`, in the same correlation (request flow).
+    pub fn caused_by(mut self, cause: &Envelope) -> Self {
+        self.causation_id = Some(cause.event_id.clone());
+        self.correlation_id = cause.correlation_id.clone();
+        self
+    }
+
+    pub fn with_correlation(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = correlation_id.into();
+        self
+    }
+
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every `timestamp-millis` field.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationStarted {
+    pub envelope: Envelope,
+    pub user_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserQueryReceived {
+    pub envelope: Envelope,
+    pub user_id: String,
+    pub client_message_id: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LLMResponseGenerated {
+    pub envelope: Envelope,
+    pub query_event_id: String,
+    pub text: String,
+    pub model: String,
+    pub finish_reason: String,
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+    pub llm_latency_ms: i64,
+    pub time_to_first_token_ms: Option<i64>,
+    pub attempts: i32,
+    pub context_event_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LLMResponseFailed {
+    pub envelope: Envelope,
+    pub query_event_id: String,
+    pub error_kind: String,
+    pub error_message: String,
+    pub attempts: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LLMTokenDelta {
+    pub conversation_id: String,
+    pub query_event_id: String,
+    pub index: i32,
+    pub delta: String,
+    pub traceparent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    #[serde(with = "serde_bytes")]
+    pub key: Option<Vec<u8>>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Option<Vec<u8>>,
+    pub consumer: String,
+    pub error: String,
+    pub failed_at: i64,
+}
+
+impl AvroEvent for ConversationStarted {
+    const FULL_NAME: &'static str = "io.parley.events.ConversationStarted";
+}
+impl AvroEvent for UserQueryReceived {
+    const FULL_NAME: &'static str = "io.parley.events.UserQueryReceived";
+}
+impl AvroEvent for LLMResponseGenerated {
+    const FULL_NAME: &'static str = "io.parley.events.LLMResponseGenerated";
+}
+impl AvroEvent for LLMResponseFailed {
+    const FULL_NAME: &'static str = "io.parley.events.LLMResponseFailed";
+}
+impl AvroEvent for LLMTokenDelta {
+    const FULL_NAME: &'static str = "io.parley.events.LLMTokenDelta";
+}
+impl AvroEvent for DeadLetter {
+    const FULL_NAME: &'static str = "io.parley.events.DeadLetter";
+}
+
+/// Every durable fact about a conversation (the `conversation-events` topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConversationEvent {
+    Started(ConversationStarted),
+    QueryReceived(UserQueryReceived),
+    ResponseGenerated(LLMResponseGenerated),
+    ResponseFailed(LLMResponseFailed),
+}
+
+impl ConversationEvent {
+    pub fn envelope(&self) -> &Envelope {
+        match self {
+            Self::Started(e) => &e.envelope,
+            Self::QueryReceived(e) => &e.envelope,
+            Self::ResponseGenerated(e) => &e.envelope,
+            Self::ResponseFailed(e) => &e.envelope,
+        }
+    }
+
+    /// The Avro record name, e.g. `UserQueryReceived`.
+    pub fn type_name(&self) -> &'static str {
+        let full = match self {
+            Self::Started(_) => ConversationStarted::FULL_NAME,
+            Self::QueryReceived(_) => UserQueryReceived::FULL_NAME,
+            Self::ResponseGenerated(_) => LLMResponseGenerated::FULL_NAME,
+            Self::ResponseFailed(_) => LLMResponseFailed::FULL_NAME,
+        };
+        full.rsplit('.').next().unwrap_or(full)
+    }
+}

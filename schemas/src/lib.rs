@@ -1,0 +1,18 @@
+//! Parley's event contract.
+//!
+//! The `.avsc` files in `schemas/avro/` are the source of truth; this crate compiles them in
+//! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
+//! the Confluent wire format through a schema registry ([`codec`]) and checks schema
+//! evolution against the registry ([`registry`]).
+
+pub mod catalog;
+pub mod codec;
+pub mod error;
+pub mod event;
+pub mod registry;
+pub mod turn;
+
+pub use catalog::{SchemaCatalog, SchemaEntry};
+pub use codec::{Decoded, EventCodec};
+pub use error::EventsError;
+pub use event::*;

@@ -1,0 +1,188 @@
+//! Turn rules, as plain functions: how sequence numbers are assigned and when a query may
+//! start. One conversation has one writer of user queries at a time (the gateway holding
+//! it) and at most one turn in flight, so sequence numbers are dense and need no
+//! coordination: `ConversationStarted` is 1, turn k's query is 2k and its outcome
+//! (`LLMResponseGenerated` or `LLMResponseFailed`) is 2k+1.
+
+use uuid::Uuid;
+
+use crate::event::ConversationEvent;
+
+pub const STARTED_SEQUENCE: i64 = 1;
+
+/// The id of the query a client message becomes: a repeat of the same client message id in
+/// the same conversation maps to the same event id, so duplicates are recognisable anywhere.
+pub fn query_event_id(conversation_id: Uuid, client_message_id: &str) -> Uuid {
+    Uuid::new_v5(&conversation_id, client_message_id.as_bytes())
+}
+
+/// The outcome of a query takes the sequence number right after it.
+pub fn outcome_sequence(query_sequence: i64) -> i64 {
+    query_sequence + 1
+}
+
+/// The query a conversation is waiting on an answer for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenQuery {
+    pub event_id: String,
+    pub sequence: i64,
+    pub client_message_id: String,
+}
+
+/// What a conversation's writer must know: owner, last sequence applied, open turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationHead {
+    pub owner: String,
+    pub last_sequence: i64,
+    pub open_query: Option<OpenQuery>,
+}
+
+/// Why a query cannot start a turn now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TurnRejection {
+    /// The conversation belongs to another user.
+    NotOwner,
+    /// The previous query has no outcome yet.
+    TurnInProgress { open_query_event_id: String },
+}
+
+/// How an event related to the head it was applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The event advanced the head.
+    Advanced,
+    /// Already applied (at or below the last sequence): re-delivery, ignored.
+    AlreadyApplied,
+    /// The event skips sequence numbers: an earlier event is missing.
+    Gap { expected: i64, got: i64 },
+}
+
+impl ConversationHead {
+    /// The head right after `ConversationStarted`.
+    pub fn started(owner: impl Into<String>) -> Self {
+        Self { owner: owner.into(), last_sequence: STARTED_SEQUENCE, open_query: None }
+    }
+
+    /// Rebuilds a head from a conversation's events in log order.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>) -> Option<Self> {
+        let mut head: Option<Self> = None;
+        for event in events {
+            match (&mut head, event) {
+                (None, ConversationEvent::Started(started)) => head = Some(Self::started(&started.user_id)),
+                (Some(h), event) => {
+                    h.apply(event);
+                }
+                (None, _) => {}
+            }
+        }
+        head
+    }
+
+    /// The sequence number `user`'s next query gets, or why it may not start now.
+    pub fn admit(&self, user: &str) -> Result<i64, TurnRejection> {
+        if self.owner != user {
+            return Err(TurnRejection::NotOwner);
+        }
+        if let Some(open) = &self.open_query {
+            return Err(TurnRejection::TurnInProgress { open_query_event_id: open.event_id.clone() });
+        }
+        Ok(self.last_sequence + 1)
+    }
+
+    /// Applies one event idempotently by its sequence number.
+    pub fn apply(&mut self, event: &ConversationEvent) -> Applied {
+        let sequence = event.envelope().sequence;
+        if sequence <= self.last_sequence {
+            return Applied::AlreadyApplied;
+        }
+        if sequence != self.last_sequence + 1 {
+            return Applied::Gap { expected: self.last_sequence + 1, got: sequence };
+        }
+        self.last_sequence = sequence;
+        self.open_query = match event {
+            ConversationEvent::QueryReceived(q) => Some(OpenQuery {
+                event_id: q.envelope.event_id.clone(),
+                sequence,
+                client_message_id: q.client_message_id.clone(),
+            }),
+            _ => None,
+        };
+        Applied::Advanced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::*;
+
+    const P: Producer = Producer { name: "test", version: "0" };
+
+    fn query(conversation: Uuid, sequence: i64, client_id: &str) -> ConversationEvent {
+        ConversationEvent::QueryReceived(UserQueryReceived {
+            envelope: Envelope::new(query_event_id(conversation, client_id), conversation, sequence, P),
+            user_id: "alice".into(),
+            client_message_id: client_id.into(),
+            text: "hi".into(),
+        })
+    }
+
+    fn failed(conversation: Uuid, sequence: i64) -> ConversationEvent {
+        ConversationEvent::ResponseFailed(LLMResponseFailed {
+            envelope: Envelope::new(Uuid::new_v4(), conversation, sequence, P),
+            query_event_id: "q".into(),
+            error_kind: "timeout".into(),
+            error_message: "slow".into(),
+            attempts: 3,
+        })
+    }
+
+    #[test]
+    fn turns_take_dense_sequence_numbers_one_at_a_time() {
+        let c = Uuid::new_v4();
+        let mut head = ConversationHead::started("alice");
+        assert_eq!(head.admit("alice"), Ok(2));
+        assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
+        assert!(matches!(head.admit("alice"), Err(TurnRejection::TurnInProgress { .. })));
+        assert_eq!(head.apply(&failed(c, outcome_sequence(2))), Applied::Advanced);
+        assert_eq!(head.admit("alice"), Ok(4));
+    }
+
+    #[test]
+    fn only_the_owner_may_extend_a_conversation() {
+        assert_eq!(ConversationHead::started("alice").admit("mallory"), Err(TurnRejection::NotOwner));
+    }
+
+    #[test]
+    fn applying_is_idempotent_and_detects_gaps() {
+        let c = Uuid::new_v4();
+        let mut head = ConversationHead::started("alice");
+        assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
+        let before = head.clone();
+        assert_eq!(head.apply(&query(c, 2, "m1")), Applied::AlreadyApplied);
+        assert_eq!(head, before);
+        assert_eq!(head.apply(&query(c, 5, "m3")), Applied::Gap { expected: 3, got: 5 });
+        assert_eq!(head, before);
+    }
+
+    #[test]
+    fn fold_rebuilds_the_head_from_the_log() {
+        let c = Uuid::new_v4();
+        let started = ConversationEvent::Started(ConversationStarted {
+            envelope: Envelope::new(Uuid::new_v4(), c, 1, P),
+            user_id: "alice".into(),
+        });
+        let log = [started, query(c, 2, "m1"), failed(c, 3), query(c, 4, "m2")];
+        let head = ConversationHead::fold(&log).unwrap();
+        assert_eq!(head.last_sequence, 4);
+        assert_eq!(head.open_query.map(|q| q.client_message_id), Some("m2".to_owned()));
+    }
+
+    #[test]
+    fn a_repeated_client_message_id_maps_to_the_same_query_id() {
+        let c = Uuid::new_v4();
+        assert_eq!(query_event_id(c, "m1"), query_event_id(c, "m1"));
+        assert_ne!(query_event_id(c, "m1"), query_event_id(c, "m2"));
+        assert_ne!(query_event_id(c, "m1"), query_event_id(Uuid::new_v4(), "m1"));
+    }
+}
