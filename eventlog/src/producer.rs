@@ -37,7 +37,10 @@ pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
 
 impl EventProducer {
     pub fn new(config: ClientConfig, codec: Arc<EventCodec>) -> Result<Self, EventLogError> {
-        Ok(Self { producer: idempotent_config(config).create()?, codec })
+        Ok(Self {
+            producer: idempotent_config(config).create()?,
+            codec,
+        })
     }
 
     pub fn codec(&self) -> &Arc<EventCodec> {
@@ -54,15 +57,25 @@ impl EventProducer {
     ) -> Result<LogPosition, EventLogError> {
         let payload = self.codec.encode(event).await?;
         let headers = traceparent.map_or_else(OwnedHeaders::new, |tp| {
-            OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
+            OwnedHeaders::new().insert(Header {
+                key: TRACEPARENT_HEADER,
+                value: Some(tp),
+            })
         });
-        let record = FutureRecord::to(topic).key(key).payload(&payload).headers(headers);
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(&payload)
+            .headers(headers);
         let delivery = self
             .producer
             .send(record, Duration::from_secs(30))
             .await
             .map_err(|(error, _)| EventLogError::Kafka(error))?;
-        Ok(LogPosition { topic: topic.to_owned(), partition: delivery.partition, offset: delivery.offset })
+        Ok(LogPosition {
+            topic: topic.to_owned(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+        })
     }
 
     /// Waits until everything sent has been acknowledged (used on shutdown).

@@ -5,7 +5,11 @@ use rdkafka::ClientConfig;
 #[derive(Debug, Clone, Args)]
 pub struct KafkaSettings {
     /// Kafka bootstrap servers, comma separated.
-    #[arg(long = "kafka-brokers", env = "PARLEY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "PARLEY_KAFKA_BROKERS",
+        default_value = "127.0.0.1:19092"
+    )]
     pub brokers: String,
 
     /// Prefix for every topic name, to run several isolated pipelines on one cluster.
@@ -17,7 +21,9 @@ impl KafkaSettings {
     /// Base client config for every producer, consumer and admin client.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers).set("client.dns.lookup", "use_all_dns_ips");
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.dns.lookup", "use_all_dns_ips");
         config
     }
 
@@ -50,7 +56,9 @@ impl Topics {
 fn parse_topic_prefix(value: &str) -> Result<String, String> {
     let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if value.len() > 100 || !value.chars().all(legal) {
-        return Err(format!("{value:?}: at most 100 characters of [a-zA-Z0-9._-]"));
+        return Err(format!(
+            "{value:?}: at most 100 characters of [a-zA-Z0-9._-]"
+        ));
     }
     Ok(value.to_owned())
 }
@@ -64,5 +72,41 @@ mod tests {
         assert_eq!(parse_topic_prefix("test-1.").unwrap(), "test-1.");
         assert!(parse_topic_prefix("a/b").unwrap_err().contains("a/b"));
         assert_eq!(Topics::with_prefix("t.").events, "t.conversation-events");
+    }
+}
+
+/// Parses a duration option such as `250ms`, `30s` or `2m` (a bare number is seconds).
+pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?}: expected a duration like 500ms, 30s or 2m"))?;
+    let millis = match unit {
+        "ms" => number,
+        "" | "s" => number.saturating_mul(1000),
+        "m" => number.saturating_mul(60_000),
+        _ => return Err(format!("{value:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(std::time::Duration::from_millis(millis))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_garbage() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("fast").unwrap_err().contains("fast"));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
     }
 }

@@ -30,32 +30,52 @@ impl Topics {
                 name: self.events.clone(),
                 partitions: CONVERSATION_PARTITIONS,
                 // The log is the source of truth: kept forever, never compacted.
-                configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete"), ("max.message.bytes", "1048576")],
+                configs: vec![
+                    ("retention.ms", "-1"),
+                    ("retention.bytes", "-1"),
+                    ("cleanup.policy", "delete"),
+                    ("max.message.bytes", "1048576"),
+                ],
             },
             TopicSpec {
                 name: self.tokens.clone(),
                 partitions: CONVERSATION_PARTITIONS,
                 // Deltas only matter while a socket is waiting for them.
-                configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
+                configs: vec![
+                    ("retention.ms", "3600000"),
+                    ("cleanup.policy", "delete"),
+                    ("segment.ms", "600000"),
+                ],
             },
             TopicSpec {
                 name: self.dead_letter.clone(),
                 partitions: 1,
-                configs: vec![("retention.ms", "2592000000"), ("cleanup.policy", "delete"), ("max.message.bytes", "2097152")],
+                configs: vec![
+                    ("retention.ms", "2592000000"),
+                    ("cleanup.policy", "delete"),
+                    ("max.message.bytes", "2097152"),
+                ],
             },
         ]
     }
 }
 
 /// Creates every missing topic; existing ones are left as they are.
-pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result<(), EventLogError> {
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    replication: i32,
+) -> Result<(), EventLogError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
     let specs = settings.topics().specs();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|spec| {
             spec.configs.iter().fold(
-                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(replication)),
+                NewTopic::new(
+                    &spec.name,
+                    spec.partitions,
+                    TopicReplication::Fixed(replication),
+                ),
                 |topic, (key, value)| topic.set(key, value),
             )
         })
@@ -64,7 +84,12 @@ pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result
     for result in admin.create_topics(&new_topics, &options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(EventLogError::TopicCreation { topic, reason: code.to_string() }),
+            Err((topic, code)) => {
+                return Err(EventLogError::TopicCreation {
+                    topic,
+                    reason: code.to_string(),
+                });
+            }
         }
     }
     Ok(())

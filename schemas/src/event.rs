@@ -36,7 +36,12 @@ pub struct Envelope {
 
 impl Envelope {
     /// An envelope stamped now, for `event_id` at `sequence` of `conversation_id`.
-    pub fn new(event_id: Uuid, conversation_id: Uuid, sequence: i64, producer: Producer) -> Self {
+    pub fn new(
+        event_id: Uuid,
+        conversation_id: impl std::fmt::Display,
+        sequence: i64,
+        producer: Producer,
+    ) -> Self {
         Self {
             event_id: event_id.to_string(),
             conversation_id: conversation_id.to_string(),

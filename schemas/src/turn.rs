@@ -60,7 +60,11 @@ pub enum Applied {
 impl ConversationHead {
     /// The head right after `ConversationStarted`.
     pub fn started(owner: impl Into<String>) -> Self {
-        Self { owner: owner.into(), last_sequence: STARTED_SEQUENCE, open_query: None }
+        Self {
+            owner: owner.into(),
+            last_sequence: STARTED_SEQUENCE,
+            open_query: None,
+        }
     }
 
     /// Rebuilds a head from a conversation's events in log order.
@@ -68,7 +72,9 @@ impl ConversationHead {
         let mut head: Option<Self> = None;
         for event in events {
             match (&mut head, event) {
-                (None, ConversationEvent::Started(started)) => head = Some(Self::started(&started.user_id)),
+                (None, ConversationEvent::Started(started)) => {
+                    head = Some(Self::started(&started.user_id))
+                }
                 (Some(h), event) => {
                     h.apply(event);
                 }
@@ -84,7 +90,9 @@ impl ConversationHead {
             return Err(TurnRejection::NotOwner);
         }
         if let Some(open) = &self.open_query {
-            return Err(TurnRejection::TurnInProgress { open_query_event_id: open.event_id.clone() });
+            return Err(TurnRejection::TurnInProgress {
+                open_query_event_id: open.event_id.clone(),
+            });
         }
         Ok(self.last_sequence + 1)
     }
@@ -96,7 +104,10 @@ impl ConversationHead {
             return Applied::AlreadyApplied;
         }
         if sequence != self.last_sequence + 1 {
-            return Applied::Gap { expected: self.last_sequence + 1, got: sequence };
+            return Applied::Gap {
+                expected: self.last_sequence + 1,
+                got: sequence,
+            };
         }
         self.last_sequence = sequence;
         self.open_query = match event {
@@ -116,11 +127,19 @@ mod tests {
     use super::*;
     use crate::event::*;
 
-    const P: Producer = Producer { name: "test", version: "0" };
+    const P: Producer = Producer {
+        name: "test",
+        version: "0",
+    };
 
     fn query(conversation: Uuid, sequence: i64, client_id: &str) -> ConversationEvent {
         ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: Envelope::new(query_event_id(conversation, client_id), conversation, sequence, P),
+            envelope: Envelope::new(
+                query_event_id(conversation, client_id),
+                conversation,
+                sequence,
+                P,
+            ),
             user_id: "alice".into(),
             client_message_id: client_id.into(),
             text: "hi".into(),
@@ -143,14 +162,23 @@ mod tests {
         let mut head = ConversationHead::started("alice");
         assert_eq!(head.admit("alice"), Ok(2));
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
-        assert!(matches!(head.admit("alice"), Err(TurnRejection::TurnInProgress { .. })));
-        assert_eq!(head.apply(&failed(c, outcome_sequence(2))), Applied::Advanced);
+        assert!(matches!(
+            head.admit("alice"),
+            Err(TurnRejection::TurnInProgress { .. })
+        ));
+        assert_eq!(
+            head.apply(&failed(c, outcome_sequence(2))),
+            Applied::Advanced
+        );
         assert_eq!(head.admit("alice"), Ok(4));
     }
 
     #[test]
     fn only_the_owner_may_extend_a_conversation() {
-        assert_eq!(ConversationHead::started("alice").admit("mallory"), Err(TurnRejection::NotOwner));
+        assert_eq!(
+            ConversationHead::started("alice").admit("mallory"),
+            Err(TurnRejection::NotOwner)
+        );
     }
 
     #[test]
@@ -161,7 +189,13 @@ mod tests {
         let before = head.clone();
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::AlreadyApplied);
         assert_eq!(head, before);
-        assert_eq!(head.apply(&query(c, 5, "m3")), Applied::Gap { expected: 3, got: 5 });
+        assert_eq!(
+            head.apply(&query(c, 5, "m3")),
+            Applied::Gap {
+                expected: 3,
+                got: 5
+            }
+        );
         assert_eq!(head, before);
     }
 
@@ -175,7 +209,10 @@ mod tests {
         let log = [started, query(c, 2, "m1"), failed(c, 3), query(c, 4, "m2")];
         let head = ConversationHead::fold(&log).unwrap();
         assert_eq!(head.last_sequence, 4);
-        assert_eq!(head.open_query.map(|q| q.client_message_id), Some("m2".to_owned()));
+        assert_eq!(
+            head.open_query.map(|q| q.client_message_id),
+            Some("m2".to_owned())
+        );
     }
 
     #[test]
@@ -183,6 +220,9 @@ mod tests {
         let c = Uuid::new_v4();
         assert_eq!(query_event_id(c, "m1"), query_event_id(c, "m1"));
         assert_ne!(query_event_id(c, "m1"), query_event_id(c, "m2"));
-        assert_ne!(query_event_id(c, "m1"), query_event_id(Uuid::new_v4(), "m1"));
+        assert_ne!(
+            query_event_id(c, "m1"),
+            query_event_id(Uuid::new_v4(), "m1")
+        );
     }
 }

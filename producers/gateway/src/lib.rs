@@ -1,1 +1,15 @@
+//! The gateway: WebSocket + HTTP front door of Parley's command path.
+//!
+//! - [`protocol`]: the JSON frames and their validation (pure);
+//! - [`auth`]: signed user tokens (pure);
+//! - [`hub`]: conversation heads and socket subscriptions of this instance;
+//! - [`answers`]: the listener that routes outcomes and token deltas to sockets;
+//! - [`server`]: axum routes, the socket loop, query → event.
 
+pub mod answers;
+pub mod auth;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+
+pub use server::{Gateway, GatewayArgs, GatewayError, run};

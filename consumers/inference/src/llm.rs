@@ -1,0 +1,265 @@
+//! The LLM endpoint: any OpenAI-compatible chat completions API, streamed, behind a
+//! timeout, bounded retries with backoff and jitter, and a circuit breaker.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, FinishReason,
+};
+use futures::StreamExt;
+use thiserror::Error;
+
+use crate::prompt::{ChatMessage, Role};
+use crate::retry::{CircuitBreaker, backoff_delay};
+
+/// A finished answer, with what the response event records about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub model: String,
+    pub finish_reason: String,
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+    pub latency: Duration,
+    pub time_to_first_token: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum LlmError {
+    #[error("the LLM did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the LLM endpoint is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the LLM rejected the request: {0}")]
+    Rejected(String),
+    #[error("the LLM sent an invalid response: {0}")]
+    InvalidResponse(String),
+    #[error("circuit breaker open after repeated LLM failures")]
+    CircuitOpen,
+}
+
+impl LlmError {
+    /// The `error_kind` recorded in LLMResponseFailed.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Rejected(_) => "rejected",
+            Self::InvalidResponse(_) => "invalid_response",
+            Self::CircuitOpen => "circuit_open",
+        }
+    }
+
+    /// A rejected request fails the same way again; everything else may be transient.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Rejected(_))
+    }
+}
+
+/// How to reach and call the model.
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    pub base_url: String,
+    pub api_key: String,
+    pub model: String,
+    pub max_tokens: u32,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_cool_down: Duration,
+}
+
+#[derive(Debug)]
+pub struct ChatModel {
+    client: Client<OpenAIConfig>,
+    settings: LlmSettings,
+    breaker: Mutex<CircuitBreaker>,
+}
+
+impl ChatModel {
+    pub fn new(settings: LlmSettings) -> Self {
+        let config = OpenAIConfig::new()
+            .with_api_base(&settings.base_url)
+            .with_api_key(&settings.api_key);
+        let breaker = Mutex::new(CircuitBreaker::new(
+            settings.breaker_threshold,
+            settings.breaker_cool_down,
+        ));
+        Self {
+            client: Client::with_config(config),
+            settings,
+            breaker,
+        }
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.settings.model
+    }
+
+    /// Answers `messages`, retrying transient failures. `on_delta(attempt, index, text)` sees
+    /// every piece of text as it arrives; a retry starts again at index 0.
+    /// Returns the outcome and the number of calls made.
+    pub async fn complete(
+        &self,
+        messages: &[ChatMessage],
+        mut on_delta: impl FnMut(u32, i32, &str),
+    ) -> (Result<Completion, LlmError>, u32) {
+        let max_attempts = self.settings.max_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if !self.breaker_allows() {
+                return (Err(LlmError::CircuitOpen), attempt - 1);
+            }
+            let result = self
+                .stream_once(messages, |index, text| on_delta(attempt, index, text))
+                .await;
+            self.record(&result);
+            match result {
+                Err(error) if error.is_retryable() && attempt < max_attempts => {
+                    let delay = backoff_delay(
+                        attempt,
+                        self.settings.retry_backoff,
+                        self.settings.timeout,
+                        rand::random(),
+                    );
+                    tracing::warn!(%error, attempt, ?delay, "LLM call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                outcome => return (outcome, attempt),
+            }
+        }
+    }
+
+    fn breaker_allows(&self) -> bool {
+        self.breaker
+            .lock()
+            .map(|b| b.allows(Instant::now()))
+            .unwrap_or(true)
+    }
+
+    fn record(&self, result: &Result<Completion, LlmError>) {
+        if let Ok(mut breaker) = self.breaker.lock() {
+            match result {
+                Ok(_) | Err(LlmError::Rejected(_)) => breaker.record_success(),
+                Err(_) => breaker.record_failure(Instant::now()),
+            }
+        }
+    }
+
+    async fn stream_once(
+        &self,
+        messages: &[ChatMessage],
+        on_delta: impl FnMut(i32, &str),
+    ) -> Result<Completion, LlmError> {
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, self.stream_unbounded(messages, on_delta))
+            .await
+            .unwrap_or(Err(LlmError::Timeout(timeout)))
+    }
+
+    async fn stream_unbounded(
+        &self,
+        messages: &[ChatMessage],
+        mut on_delta: impl FnMut(i32, &str),
+    ) -> Result<Completion, LlmError> {
+        let started = Instant::now();
+        let request = CreateChatCompletionRequest {
+            model: self.settings.model.clone(),
+            messages: messages.iter().map(to_request_message).collect(),
+            max_completion_tokens: Some(self.settings.max_tokens),
+            stream_options: Some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                include_obfuscation: None,
+            }),
+            ..Default::default()
+        };
+        let mut stream = self
+            .client
+            .chat()
+            .create_stream(request)
+            .await
+            .map_err(classify)?;
+        let mut completion = Completion {
+            text: String::new(),
+            model: self.settings.model.clone(),
+            finish_reason: "unknown".into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            latency: Duration::ZERO,
+            time_to_first_token: None,
+        };
+        let mut deltas = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(classify)?;
+            if !chunk.model.is_empty() && chunk.model != "-" {
+                chunk.model.clone_into(&mut completion.model);
+            }
+            if let Some(usage) = chunk.usage {
+                completion.prompt_tokens = i32::try_from(usage.prompt_tokens).unwrap_or(i32::MAX);
+                completion.completion_tokens =
+                    i32::try_from(usage.completion_tokens).unwrap_or(i32::MAX);
+            }
+            for choice in chunk.choices {
+                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    completion
+                        .time_to_first_token
+                        .get_or_insert_with(|| started.elapsed());
+                    on_delta(deltas, &text);
+                    deltas += 1;
+                    completion.text.push_str(&text);
+                }
+                if let Some(reason) = choice.finish_reason {
+                    completion.finish_reason = finish_reason_name(reason).into();
+                }
+            }
+        }
+        if completion.completion_tokens == 0 {
+            completion.completion_tokens = deltas; // endpoints without usage: one delta ≈ one token
+        }
+        completion.latency = started.elapsed();
+        Ok(completion)
+    }
+}
+
+fn to_request_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
+    let content = message.content.clone();
+    match message.role {
+        Role::System => ChatCompletionRequestSystemMessage::from(content).into(),
+        Role::User => ChatCompletionRequestUserMessage::from(content).into(),
+        Role::Assistant => ChatCompletionRequestAssistantMessage::from(content).into(),
+    }
+}
+
+fn finish_reason_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::FunctionCall => "function_call",
+    }
+}
+
+fn classify(error: OpenAIError) -> LlmError {
+    match error {
+        OpenAIError::Reqwest(e) if e.is_timeout() => LlmError::Timeout(Duration::ZERO),
+        OpenAIError::Reqwest(e)
+            if e.status()
+                .is_some_and(|s| s.is_client_error() && s.as_u16() != 429) =>
+        {
+            LlmError::Rejected(e.to_string())
+        }
+        OpenAIError::Reqwest(e) => LlmError::Unavailable(e.to_string()),
+        OpenAIError::ApiError(e) => LlmError::Rejected(e.to_string()),
+        OpenAIError::JSONDeserialize(e, _) => LlmError::InvalidResponse(e.to_string()),
+        other => LlmError::Unavailable(other.to_string()),
+    }
+}

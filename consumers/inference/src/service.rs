@@ -1,0 +1,483 @@
+//! The inference loop, exactly once from the log's point of view: a batch of queries is
+//! answered concurrently, then the outcome events and the consumer offsets are committed
+//! in one Kafka transaction. A crash before the commit re-delivers the batch (the model may
+//! be called again, but only one outcome per query is ever visible to read_committed
+//! readers); a crash after it moves on. Token deltas go to the tokens topic outside the
+//! transaction, because the gateway must see them while the answer is being generated.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use futures::future::join_all;
+use parley_eventlog::dead_letter::dead_letter_for;
+use parley_eventlog::producer::idempotent_config;
+use parley_eventlog::settings::parse_duration;
+use parley_eventlog::trace::{TRACEPARENT_HEADER, child_of};
+use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
+use parley_events::turn::outcome_sequence;
+use parley_events::{
+    ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated,
+    LLMTokenDelta, Producer as EventSource, UserQueryReceived,
+};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::llm::{ChatModel, LlmSettings};
+use crate::prompt::build_prompt;
+
+pub const SOURCE: EventSource = EventSource {
+    name: "parley-inference",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// Options of `parley inference`.
+#[derive(Debug, Clone, Args)]
+pub struct InferenceArgs {
+    /// Base URL of the OpenAI-compatible API, up to and including /v1.
+    #[arg(
+        long,
+        env = "PARLEY_LLM_BASE_URL",
+        default_value = "http://127.0.0.1:18080/v1"
+    )]
+    pub llm_base_url: String,
+
+    /// Model name sent to the API and recorded when the API does not name one.
+    #[arg(
+        long,
+        env = "PARLEY_LLM_MODEL",
+        default_value = "SmolLM2-135M-Instruct"
+    )]
+    pub llm_model: String,
+
+    #[arg(
+        long,
+        env = "PARLEY_LLM_API_KEY",
+        default_value = "none",
+        hide_env_values = true
+    )]
+    pub llm_api_key: String,
+
+    /// Upper bound on one LLM call, streaming included.
+    #[arg(long, env = "PARLEY_LLM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub llm_timeout: Duration,
+
+    #[arg(long, env = "PARLEY_LLM_MAX_TOKENS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub llm_max_tokens: u32,
+
+    /// LLM calls per query before LLMResponseFailed is written.
+    #[arg(long, env = "PARLEY_LLM_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub llm_max_attempts: u32,
+
+    /// First retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "PARLEY_LLM_RETRY_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
+    pub llm_retry_backoff: Duration,
+
+    /// Consecutive failed calls that open the circuit breaker.
+    #[arg(long, env = "PARLEY_LLM_BREAKER_THRESHOLD", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub llm_breaker_threshold: u32,
+
+    /// How long an open breaker refuses calls before letting one probe through.
+    #[arg(long, env = "PARLEY_LLM_BREAKER_COOL_DOWN", default_value = "30s", value_parser = parse_duration)]
+    pub llm_breaker_cool_down: Duration,
+
+    #[arg(
+        long,
+        env = "PARLEY_SYSTEM_PROMPT",
+        default_value = "You are Parley, a helpful assistant. Answer briefly."
+    )]
+    pub system_prompt: String,
+
+    /// Queries answered concurrently; their outcomes commit in one transaction.
+    #[arg(long, env = "PARLEY_INFERENCE_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+
+    #[arg(
+        long,
+        env = "PARLEY_INFERENCE_GROUP",
+        default_value = "parley-inference"
+    )]
+    pub group_id: String,
+
+    /// Kafka transactional id, unique per running instance (default: group id + random suffix;
+    /// zombie instances are fenced through the consumer group generation).
+    #[arg(long, env = "PARLEY_INFERENCE_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
+}
+
+impl InferenceArgs {
+    fn llm_settings(&self) -> LlmSettings {
+        LlmSettings {
+            base_url: self.llm_base_url.clone(),
+            api_key: self.llm_api_key.clone(),
+            model: self.llm_model.clone(),
+            max_tokens: self.llm_max_tokens,
+            timeout: self.llm_timeout,
+            max_attempts: self.llm_max_attempts,
+            retry_backoff: self.llm_retry_backoff,
+            breaker_threshold: self.llm_breaker_threshold,
+            breaker_cool_down: self.llm_breaker_cool_down,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    EventLog(#[from] EventLogError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the consumer has no group metadata to commit offsets in a transaction")]
+    NoGroupMetadata,
+}
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the inference consumer until `shutdown` is cancelled.
+pub async fn run(
+    kafka: &KafkaSettings,
+    registry_url: &str,
+    args: InferenceArgs,
+    shutdown: CancellationToken,
+) -> Result<(), InferenceError> {
+    let topics = kafka.topics();
+    let codec = Arc::new(EventCodec::new(registry_url)?);
+    let consumer: StreamConsumer = kafka
+        .client_config()
+        .set("group.id", &args.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[&topics.events])?;
+    let transactional_id = args
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
+    let producer: FutureProducer = idempotent_config(kafka.client_config())
+        .set("transactional.id", &transactional_id)
+        .create()?;
+    tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))?;
+    let worker = Worker {
+        tokens: EventProducer::new(kafka.client_config(), codec.clone())?,
+        model: ChatModel::new(args.llm_settings()),
+        codec,
+        producer,
+        topics,
+        group_id: args.group_id.clone(),
+        system_prompt: args.system_prompt.clone(),
+    };
+    info!(group = %args.group_id, %transactional_id, llm = %args.llm_base_url, "inference consumer started");
+
+    let max_batch = usize::from(args.concurrency);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = consumer.recv() => message?.detach(),
+        };
+        let mut batch = vec![first];
+        // Take whatever else is already fetched, without waiting for more.
+        while batch.len() < max_batch {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(message) => batch.push(message?.detach()),
+                Err(_) => break,
+            }
+        }
+        worker.process(&consumer, batch, &shutdown).await?;
+    }
+    info!("inference consumer stopping");
+    Ok(())
+}
+
+type OwnedMessage = rdkafka::message::OwnedMessage;
+
+/// One record to append in the batch's transaction.
+struct Outgoing {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+}
+
+struct Worker {
+    codec: Arc<EventCodec>,
+    producer: FutureProducer,
+    tokens: EventProducer,
+    model: ChatModel,
+    topics: Topics,
+    group_id: String,
+    system_prompt: String,
+}
+
+impl Worker {
+    async fn process(
+        &self,
+        consumer: &StreamConsumer,
+        batch: Vec<OwnedMessage>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), InferenceError> {
+        let mut outgoing = Vec::new();
+        let mut queries = Vec::new();
+        for message in &batch {
+            match self.decode(message, shutdown).await? {
+                Ok(ConversationEvent::QueryReceived(query)) => queries.push(query),
+                Ok(_) => {} // other events on the topic are not this consumer's work
+                Err(error) => {
+                    warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                          %error, "undecodable record sent to the dead-letter topic");
+                    let letter = dead_letter_for(message, &self.group_id, &error.to_string());
+                    outgoing.push(Outgoing {
+                        topic: self.topics.dead_letter.clone(),
+                        key: String::from_utf8_lossy(message.key().unwrap_or_default())
+                            .into_owned(),
+                        payload: self.codec.encode(&letter).await?,
+                        traceparent: None,
+                    });
+                }
+            }
+        }
+        for outcome in join_all(queries.iter().map(|q| self.answer(q))).await {
+            outgoing.push(outcome?);
+        }
+        self.commit(consumer, &batch, outgoing).await
+    }
+
+    /// Decodes a record, waiting out registry outages (a message is never dead-lettered
+    /// because the registry was briefly unreachable). The inner error is a poison message.
+    async fn decode(
+        &self,
+        message: &OwnedMessage,
+        shutdown: &CancellationToken,
+    ) -> Result<Result<ConversationEvent, EventsError>, InferenceError> {
+        let payload = message.payload().unwrap_or_default();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.codec.decode_conversation_event(payload).await {
+                Err(error) if error.is_retryable() => {
+                    warn!(%error, ?delay, "schema registry unavailable; retrying decode");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(error.into()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                result => return Ok(result.map(|decoded| decoded.event)),
+            }
+        }
+    }
+
+    /// Asks the model and returns the encoded outcome event (generated or failed).
+    async fn answer(&self, query: &UserQueryReceived) -> Result<Outgoing, InferenceError> {
+        let traceparent = child_of(query.envelope.traceparent.as_deref());
+        let span = info_span!("inference.answer", conversation_id = %query.envelope.conversation_id,
+                              query_event_id = %query.envelope.event_id, %traceparent);
+        async {
+            let query_id: Uuid = query
+                .envelope
+                .event_id
+                .parse()
+                .unwrap_or_else(|_| Uuid::new_v4());
+            // Deterministic: a re-delivered query produces an outcome with the same event id.
+            let outcome_id = Uuid::new_v5(&query_id, b"outcome");
+            let envelope = Envelope::new(
+                outcome_id,
+                &query.envelope.conversation_id,
+                outcome_sequence(query.envelope.sequence),
+                SOURCE,
+            )
+            .caused_by(&query.envelope)
+            .with_traceparent(Some(traceparent.clone()));
+            let prompt = build_prompt(&self.system_prompt, query);
+            let conversation_id = &query.envelope.conversation_id;
+            let (result, attempts) = self
+                .model
+                .complete(&prompt, |_, index, delta| {
+                    self.send_token(
+                        conversation_id,
+                        &query.envelope.event_id,
+                        index,
+                        delta,
+                        &traceparent,
+                    )
+                })
+                .await;
+            let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+            let payload = match result {
+                Ok(completion) => {
+                    info!(
+                        latency_ms = completion.latency.as_millis(),
+                        tokens = completion.completion_tokens,
+                        "answered"
+                    );
+                    self.codec
+                        .encode(&LLMResponseGenerated {
+                            envelope,
+                            query_event_id: query.envelope.event_id.clone(),
+                            text: completion.text,
+                            model: completion.model,
+                            finish_reason: completion.finish_reason,
+                            prompt_tokens: completion.prompt_tokens,
+                            completion_tokens: completion.completion_tokens,
+                            llm_latency_ms: millis(completion.latency),
+                            time_to_first_token_ms: completion.time_to_first_token.map(millis),
+                            attempts,
+                            context_event_ids: vec![],
+                        })
+                        .await?
+                }
+                Err(error) => {
+                    warn!(%error, attempts, "LLM failed; writing LLMResponseFailed");
+                    self.codec
+                        .encode(&LLMResponseFailed {
+                            envelope,
+                            query_event_id: query.envelope.event_id.clone(),
+                            error_kind: error.kind().to_owned(),
+                            error_message: error.to_string(),
+                            attempts,
+                        })
+                        .await?
+                }
+            };
+            Ok(Outgoing {
+                topic: self.topics.events.clone(),
+                key: conversation_id.clone(),
+                payload,
+                traceparent: Some(traceparent.clone()),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Streams one delta to the tokens topic without waiting: deltas are a preview, the
+    /// outcome event is authoritative, so a lost delta costs a flicker, never data.
+    fn send_token(
+        &self,
+        conversation_id: &str,
+        query_event_id: &str,
+        index: i32,
+        delta: &str,
+        traceparent: &str,
+    ) {
+        let token = LLMTokenDelta {
+            conversation_id: conversation_id.to_owned(),
+            query_event_id: query_event_id.to_owned(),
+            index,
+            delta: delta.to_owned(),
+            traceparent: Some(traceparent.to_owned()),
+        };
+        let tokens = self.tokens.clone();
+        let topic = self.topics.tokens.clone();
+        let key = conversation_id.to_owned();
+        let traceparent = traceparent.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = tokens
+                .append(&topic, &key, &token, Some(&traceparent))
+                .await
+            {
+                warn!(%error, "token delta not delivered");
+            }
+        });
+    }
+
+    /// Appends the batch's outcomes and commits its offsets in one transaction. On failure
+    /// the transaction is aborted and the consumer rewound, so the batch is processed again.
+    async fn commit(
+        &self,
+        consumer: &StreamConsumer,
+        batch: &[OwnedMessage],
+        outgoing: Vec<Outgoing>,
+    ) -> Result<(), InferenceError> {
+        let result = self.transact(consumer, batch, outgoing).await;
+        if let Err(error) = &result {
+            warn!(%error, "transaction failed; aborting and re-processing the batch");
+            tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
+            for ((topic, partition), offset) in first_offsets(batch) {
+                consumer.seek(&topic, partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn transact(
+        &self,
+        consumer: &StreamConsumer,
+        batch: &[OwnedMessage],
+        outgoing: Vec<Outgoing>,
+    ) -> Result<(), InferenceError> {
+        self.producer.begin_transaction()?;
+        for record in &outgoing {
+            let headers = record
+                .traceparent
+                .as_deref()
+                .map_or_else(OwnedHeaders::new, |tp| {
+                    OwnedHeaders::new().insert(Header {
+                        key: TRACEPARENT_HEADER,
+                        value: Some(tp),
+                    })
+                });
+            let future_record = FutureRecord::to(&record.topic)
+                .key(&record.key)
+                .payload(&record.payload)
+                .headers(headers);
+            self.producer
+                .send(future_record, KAFKA_TIMEOUT)
+                .await
+                .map_err(|(error, _)| error)?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), offset) in next_offsets(batch) {
+            offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or(InferenceError::NoGroupMetadata)?;
+        tokio::task::block_in_place(|| {
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
+            self.producer.commit_transaction(KAFKA_TIMEOUT)
+        })?;
+        Ok(())
+    }
+}
+
+/// Per partition, the offset after the last record of the batch: what to commit.
+fn next_offsets(batch: &[OwnedMessage]) -> HashMap<(String, i32), i64> {
+    let mut offsets = HashMap::new();
+    for message in batch {
+        let next = offsets
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_insert(0);
+        *next = (*next).max(message.offset() + 1);
+    }
+    offsets
+}
+
+/// Per partition, the first offset of the batch: where to rewind after an abort.
+fn first_offsets(batch: &[OwnedMessage]) -> HashMap<(String, i32), i64> {
+    let mut offsets = HashMap::new();
+    for message in batch {
+        let first = offsets
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_insert(i64::MAX);
+        *first = (*first).min(message.offset());
+    }
+    offsets
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

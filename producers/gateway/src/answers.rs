@@ -1,0 +1,141 @@
+//! Pushes answers to the sockets of this instance. Every gateway instance reads the events
+//! and tokens topics itself (all partitions, from the end, no consumer group offsets), and
+//! keeps only what its own sockets wait for: any instance can hold any conversation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_eventlog::{EventLogError, KafkaSettings, Topics};
+use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::hub::{Hub, Outbox};
+use crate::protocol::ServerFrame;
+
+/// A consumer positioned at the end of the events and tokens topics.
+pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<StreamConsumer, EventLogError> {
+    let consumer: StreamConsumer = kafka
+        .client_config()
+        .set(
+            "group.id",
+            format!("parley-gateway-{}", Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in [&topics.events, &topics.tokens] {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            assignment.add_partition_offset(topic, partition.id(), Offset::End)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
+/// Routes outcomes and token deltas to subscribed sockets until `shutdown`.
+pub async fn run(
+    consumer: StreamConsumer,
+    topics: Topics,
+    codec: Arc<EventCodec>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                warn!(%error, "answer listener: kafka error");
+                continue;
+            }
+        };
+        // Cheap filter first: most records belong to conversations held elsewhere.
+        let Some(conversation_id) = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.parse::<Uuid>().ok())
+        else {
+            continue;
+        };
+        if !hub.holds(&conversation_id) {
+            continue;
+        }
+        let payload = message.payload().unwrap_or_default();
+        let coordinates = (
+            message.topic().to_owned(),
+            message.partition(),
+            message.offset(),
+        );
+        if message.topic() == topics.tokens {
+            match codec.decode::<LLMTokenDelta>(payload).await {
+                Ok(decoded) => {
+                    let token = decoded.event;
+                    let frame = ServerFrame::Token {
+                        conversation_id: token.conversation_id,
+                        query_event_id: token.query_event_id,
+                        index: token.index,
+                        delta: token.delta,
+                    };
+                    send_all(hub.subscribers(&conversation_id), &frame);
+                }
+                Err(error) => warn!(?coordinates, %error, "undecodable token delta skipped"),
+            }
+            continue;
+        }
+        match codec.decode_conversation_event(payload).await {
+            Ok(decoded) => {
+                if let Some(frame) = outcome_frame(&decoded.event) {
+                    send_all(hub.apply_outcome(&decoded.event, frame.clone()), &frame);
+                }
+            }
+            // The inference consumer dead-letters poison records; the gateway only reads.
+            Err(error) => {
+                warn!(?coordinates, %error, "undecodable conversation event skipped by the gateway")
+            }
+        }
+    }
+}
+
+/// The frame a socket gets for an event, if the event ends a turn.
+pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
+    match event {
+        ConversationEvent::ResponseGenerated(e) => Some(ServerFrame::Answer {
+            conversation_id: e.envelope.conversation_id.clone(),
+            query_event_id: e.query_event_id.clone(),
+            event_id: e.envelope.event_id.clone(),
+            sequence: e.envelope.sequence,
+            text: e.text.clone(),
+            model: e.model.clone(),
+            finish_reason: e.finish_reason.clone(),
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            llm_latency_ms: e.llm_latency_ms,
+        }),
+        ConversationEvent::ResponseFailed(e) => Some(ServerFrame::Failed {
+            conversation_id: e.envelope.conversation_id.clone(),
+            query_event_id: e.query_event_id.clone(),
+            event_id: e.envelope.event_id.clone(),
+            error_kind: e.error_kind.clone(),
+            message: e.error_message.clone(),
+        }),
+        ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => None,
+    }
+}
+
+fn send_all(outboxes: Vec<Outbox>, frame: &ServerFrame) {
+    for outbox in outboxes {
+        if outbox.try_send(frame.clone()).is_err() {
+            debug!("socket outbox full or closed; frame not queued");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The WebSocket protocol (JSON text frames), as plain types with validation and no I/O.
+//! docs/protocol.md is its reference.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a client may send.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Ask a question; without `conversation_id` it starts a new conversation.
+    Query {
+        client_message_id: String,
+        conversation_id: Option<String>,
+        text: String,
+    },
+    /// Receive the answers of an existing conversation on this socket (after a reconnect).
+    Subscribe { conversation_id: String },
+}
+
+/// What the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Ready {
+        user_id: String,
+        protocol_version: u32,
+        max_frame_bytes: usize,
+        max_text_chars: usize,
+    },
+    /// The query is durably in the log at `position`.
+    Ack {
+        client_message_id: String,
+        conversation_id: String,
+        event_id: String,
+        sequence: i64,
+        position: String,
+        duplicate: bool,
+    },
+    /// A piece of the answer being generated. `index` 0 (again) means: start over.
+    Token {
+        conversation_id: String,
+        query_event_id: String,
+        index: i32,
+        delta: String,
+    },
+    Answer {
+        conversation_id: String,
+        query_event_id: String,
+        event_id: String,
+        sequence: i64,
+        text: String,
+        model: String,
+        finish_reason: String,
+        prompt_tokens: i32,
+        completion_tokens: i32,
+        llm_latency_ms: i64,
+    },
+    Failed {
+        conversation_id: String,
+        query_event_id: String,
+        event_id: String,
+        error_kind: String,
+        message: String,
+    },
+    Subscribed {
+        conversation_id: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+        client_message_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a JSON frame of the protocol (or a binary frame).
+    MalformedFrame,
+    /// Larger than the frame limit.
+    FrameTooLarge,
+    /// A field is missing, empty, too long or of the wrong form.
+    InvalidField,
+    /// No such conversation for this user (or not held by this gateway yet).
+    UnknownConversation,
+    /// The previous question of the conversation has no answer yet.
+    TurnInProgress,
+    /// The log could not take the event; nothing was written, retry later.
+    Unavailable,
+}
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_text_chars: usize,
+}
+
+/// A query that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidQuery {
+    pub client_message_id: String,
+    pub conversation_id: Option<Uuid>,
+    pub text: String,
+}
+
+/// A rejected frame: the error frame to send back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+    pub client_message_id: Option<String>,
+}
+
+impl Rejection {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            client_message_id: None,
+        }
+    }
+
+    pub fn into_frame(self) -> ServerFrame {
+        ServerFrame::Error {
+            code: self.code,
+            message: self.message,
+            client_message_id: self.client_message_id,
+        }
+    }
+}
+
+pub const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
+
+/// Parses a text frame within `limits`.
+pub fn parse_frame(text: &str, limits: Limits) -> Result<ClientFrame, Rejection> {
+    if text.len() > limits.max_frame_bytes {
+        return Err(Rejection::new(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "frame of {} bytes exceeds the limit of {} bytes",
+                text.len(),
+                limits.max_frame_bytes
+            ),
+        ));
+    }
+    serde_json::from_str(text)
+        .map_err(|e| Rejection::new(ErrorCode::MalformedFrame, format!("not a valid frame: {e}")))
+}
+
+/// Checks a query's fields.
+pub fn validate_query(
+    client_message_id: String,
+    conversation_id: Option<String>,
+    text: String,
+    limits: Limits,
+) -> Result<ValidQuery, Rejection> {
+    let invalid = |message: String| Rejection {
+        code: ErrorCode::InvalidField,
+        message,
+        client_message_id: Some(client_message_id.clone()),
+    };
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if client_message_id.is_empty()
+        || client_message_id.len() > MAX_CLIENT_MESSAGE_ID_CHARS
+        || !client_message_id.chars().all(legal)
+    {
+        return Err(invalid(format!(
+            "client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} characters of [A-Za-z0-9._:-]"
+        )));
+    }
+    let conversation_id = conversation_id
+        .map(|id| {
+            id.parse::<Uuid>()
+                .map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID")))
+        })
+        .transpose()?;
+    if text.trim().is_empty() {
+        return Err(invalid("text must not be empty".into()));
+    }
+    let chars = text.chars().count();
+    if chars > limits.max_text_chars {
+        return Err(invalid(format!(
+            "text of {chars} characters exceeds the limit of {}",
+            limits.max_text_chars
+        )));
+    }
+    Ok(ValidQuery {
+        client_message_id,
+        conversation_id,
+        text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_frame_bytes: 200,
+        max_text_chars: 20,
+    };
+
+    #[test]
+    fn a_query_frame_parses_and_validates() {
+        let frame = parse_frame(
+            r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#,
+            LIMITS,
+        )
+        .unwrap();
+        let ClientFrame::Query {
+            client_message_id,
+            conversation_id,
+            text,
+        } = frame
+        else {
+            panic!("{frame:?}")
+        };
+        let valid = validate_query(client_message_id, conversation_id, text, LIMITS).unwrap();
+        assert_eq!(valid.text, "hello");
+        assert_eq!(valid.conversation_id, None);
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_are_rejected_with_their_code() {
+        assert_eq!(
+            parse_frame("{nope", LIMITS).unwrap_err().code,
+            ErrorCode::MalformedFrame
+        );
+        assert_eq!(
+            parse_frame(r#"{"type":"dance"}"#, LIMITS).unwrap_err().code,
+            ErrorCode::MalformedFrame
+        );
+        assert_eq!(
+            parse_frame(
+                r#"{"type":"query","client_message_id":"m","text":"x","extra":1}"#,
+                LIMITS
+            )
+            .unwrap_err()
+            .code,
+            ErrorCode::MalformedFrame
+        );
+        assert_eq!(
+            parse_frame(&"x".repeat(201), LIMITS).unwrap_err().code,
+            ErrorCode::FrameTooLarge
+        );
+    }
+
+    #[test]
+    fn invalid_fields_name_the_field_and_keep_the_client_id() {
+        let err = validate_query("m 1".into(), None, "hi".into(), LIMITS).unwrap_err();
+        assert!(err.message.contains("client_message_id"), "{err:?}");
+        let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), LIMITS)
+            .unwrap_err();
+        assert_eq!(
+            (err.code, err.client_message_id.as_deref()),
+            (ErrorCode::InvalidField, Some("m1"))
+        );
+        assert!(
+            validate_query("m1".into(), None, "   ".into(), LIMITS)
+                .unwrap_err()
+                .message
+                .contains("empty")
+        );
+        let err = validate_query("m1".into(), None, "é".repeat(21), LIMITS).unwrap_err();
+        assert!(err.message.contains("21 characters"), "{err:?}");
+        assert!(
+            validate_query("m1".into(), None, "é".repeat(20), LIMITS).is_ok(),
+            "the limit counts characters, not bytes"
+        );
+    }
+
+    #[test]
+    fn server_frames_serialize_with_a_type_tag() {
+        let frame = Rejection::new(ErrorCode::TurnInProgress, "wait").into_frame();
+        let json = serde_json::to_value(frame).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["code"], "turn_in_progress");
+    }
+}

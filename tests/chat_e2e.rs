@@ -1,0 +1,433 @@
+//! End to end: WebSocket → gateway → Kafka → inference → real LLM → Kafka → WebSocket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use parley_events::{ConversationEvent, EventCodec};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use support::{Pipeline, stack};
+
+fn only<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    frames.iter().filter(|f| f["type"] == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_question_gets_the_models_answer_pushed_back() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let mut client = pipeline.client().await;
+
+    client.ask("m-1", None, "Name a primary color.").await;
+    let frames = client.until_outcome().await;
+    let ack = only(&frames, "ack")[0];
+    assert!(
+        ack["position"]
+            .as_str()
+            .unwrap()
+            .starts_with(&pipeline.events_topic()),
+        "{ack}"
+    );
+    assert_eq!(
+        ack["sequence"], 2,
+        "ConversationStarted is 1, the first query 2"
+    );
+    let answer = frames.last().unwrap();
+    assert_eq!(answer["type"], "answer", "{frames:?}");
+    assert_eq!(answer["query_event_id"], ack["event_id"]);
+    assert_eq!(answer["conversation_id"], ack["conversation_id"]);
+    assert_eq!(answer["sequence"], 3);
+    assert!(
+        !answer["text"].as_str().unwrap().trim().is_empty(),
+        "{answer}"
+    );
+    assert!(
+        answer["completion_tokens"].as_i64().unwrap() > 0,
+        "{answer}"
+    );
+
+    // Streamed deltas, when they all arrived, spell the final answer.
+    let tokens = only(&frames, "token");
+    assert!(!tokens.is_empty(), "tokens stream before the answer");
+    let streamed: String = tokens
+        .iter()
+        .map(|t| t["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, answer["text"].as_str().unwrap());
+
+    // A follow-up in the same conversation continues its sequence.
+    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
+    client
+        .ask("m-2", Some(&conversation), "And another one?")
+        .await;
+    let frames = client.until_outcome().await;
+    assert_eq!(only(&frames, "ack")[0]["sequence"], 4);
+    assert_eq!(frames.last().unwrap()["sequence"], 5);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_conversations_each_get_their_own_answer() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let mut alice = pipeline.client().await;
+    let mut bob = pipeline.client().await;
+    alice.ask("a-1", None, "What is two plus two?").await;
+    bob.ask("b-1", None, "What color is the sky?").await;
+    let (alice_frames, bob_frames) = tokio::join!(alice.until_outcome(), bob.until_outcome());
+    for frames in [&alice_frames, &bob_frames] {
+        let ack = only(frames, "ack")[0];
+        let answer = frames.last().unwrap();
+        assert_eq!(answer["type"], "answer", "{frames:?}");
+        assert_eq!(answer["query_event_id"], ack["event_id"]);
+        for frame in frames.iter().filter(|f| f.get("conversation_id").is_some()) {
+            assert_eq!(
+                frame["conversation_id"], ack["conversation_id"],
+                "no frame of another conversation: {frame}"
+            );
+        }
+    }
+    assert_ne!(
+        only(&alice_frames, "ack")[0]["conversation_id"],
+        only(&bob_frames, "ack")[0]["conversation_id"]
+    );
+
+    // Bob cannot write into Alice's conversation.
+    let alices = only(&alice_frames, "ack")[0]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bob.ask("b-2", Some(&alices), "hijack").await;
+    let error = bob.next_frame().await;
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("unknown_conversation")),
+        "{error}"
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_frames_get_error_frames_and_the_gateway_keeps_serving() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let mut client = pipeline.client().await;
+    let mut bystander = pipeline.client().await;
+
+    client.send_raw("{this is not json".into()).await;
+    assert_eq!(client.next_frame().await["code"], "malformed_frame");
+    client
+        .send_raw(format!(
+            r#"{{"type":"query","client_message_id":"big","text":"{}"}}"#,
+            "x".repeat(100_000)
+        ))
+        .await;
+    let error = client.next_frame().await;
+    assert_eq!(error["code"], "frame_too_large", "{error}");
+    client.ask("", None, "hi").await;
+    let error = client.next_frame().await;
+    assert_eq!(error["code"], "invalid_field", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("client_message_id")
+    );
+
+    // The same socket and another one still work.
+    client.ask("ok-1", None, "Say hello.").await;
+    bystander.ask("ok-2", None, "Say goodbye.").await;
+    let (mine, theirs) = tokio::join!(client.until_outcome(), bystander.until_outcome());
+    assert_eq!(mine.last().unwrap()["type"], "answer");
+    assert_eq!(theirs.last().unwrap()["type"], "answer");
+
+    // While a turn is open, a second question is refused, not queued silently.
+    let conversation = only(&mine, "ack")[0]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client.ask("ok-3", Some(&conversation), "One?").await;
+    client.ask("ok-4", Some(&conversation), "Two?").await;
+    let frames = client.until_outcome().await;
+    let refused: Vec<_> = frames
+        .iter()
+        .filter(|f| f["code"] == "turn_in_progress")
+        .collect();
+    assert_eq!(refused.len(), 1, "{frames:?}");
+    assert_eq!(refused[0]["client_message_id"], "ok-4");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_client_message_id_yields_one_query_and_one_answer() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let mut client = pipeline.client().await;
+    client.ask("dup-1", None, "Count to three.").await;
+    let first = client.until_outcome().await;
+    let ack = only(&first, "ack")[0].clone();
+    client.ask("dup-1", None, "Count to three.").await;
+    let again = client.until("answer").await;
+    let repeated_ack = only(&again, "ack")[0];
+    assert_eq!(repeated_ack["duplicate"], true);
+    assert_eq!(repeated_ack["event_id"], ack["event_id"]);
+    assert_eq!(again.last().unwrap()["text"], first.last().unwrap()["text"]);
+
+    let events = read_topic(&pipeline, 3).await;
+    let queries = events
+        .iter()
+        .filter(|(e, _)| matches!(e, ConversationEvent::QueryReceived(_)))
+        .count();
+    let answers = events
+        .iter()
+        .filter(|(e, _)| matches!(e, ConversationEvent::ResponseGenerated(_)))
+        .count();
+    assert_eq!((queries, answers), (1, 1), "{events:?}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_on_the_topic_decode_through_the_registry_in_order() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let mut client = pipeline.client().await;
+    client.ask("e-1", None, "Hello there.").await;
+    let frames = client.until_outcome().await;
+    let ack = only(&frames, "ack")[0];
+
+    let events = read_topic(&pipeline, 3).await;
+    let types: Vec<_> = events.iter().map(|(e, _)| e.type_name()).collect();
+    assert_eq!(
+        types,
+        [
+            "ConversationStarted",
+            "UserQueryReceived",
+            "LLMResponseGenerated"
+        ]
+    );
+    let sequences: Vec<_> = events.iter().map(|(e, _)| e.envelope().sequence).collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    for (event, traceparent) in &events {
+        assert_eq!(
+            event.envelope().conversation_id,
+            ack["conversation_id"].as_str().unwrap()
+        );
+        assert_eq!(
+            event.envelope().traceparent.as_deref(),
+            traceparent.as_deref(),
+            "header and envelope agree"
+        );
+    }
+    let (ConversationEvent::QueryReceived(query), ConversationEvent::ResponseGenerated(response)) =
+        (&events[1].0, &events[2].0)
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(query.envelope.event_id, ack["event_id"].as_str().unwrap());
+    assert_eq!(
+        response.envelope.causation_id.as_deref(),
+        Some(query.envelope.event_id.as_str())
+    );
+    assert_eq!(
+        response.envelope.correlation_id,
+        query.envelope.correlation_id
+    );
+    let trace = |tp: &Option<String>| {
+        tp.as_deref()
+            .and_then(parley_eventlog::trace::trace_id)
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        trace(&response.envelope.traceparent),
+        trace(&query.envelope.traceparent),
+        "one trace per turn"
+    );
+    assert!(
+        response.llm_latency_ms > 0 && response.attempts == 1,
+        "{response:?}"
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_while_the_llm_is_down_fails_clearly_and_service_goes_on() {
+    let Some(stack) = stack() else { return };
+    let dead_llm = format!("http://127.0.0.1:{}/v1", support::free_port());
+    let args = [
+        "--llm-base-url",
+        &dead_llm,
+        "--llm-max-attempts",
+        "2",
+        "--llm-retry-backoff",
+        "50ms",
+    ];
+    let pipeline = Pipeline::start(&stack, &args).await;
+    let mut client = pipeline.client().await;
+    client.ask("down-1", None, "Anyone there?").await;
+    let frames = client.until_outcome().await;
+    let failed = frames.last().unwrap();
+    assert_eq!(failed["type"], "failed", "{frames:?}");
+    assert_eq!(failed["error_kind"], "unavailable", "{failed}");
+    // The turn is closed: the conversation takes the next question.
+    let conversation = failed["conversation_id"].as_str().unwrap().to_owned();
+    client
+        .ask("down-2", Some(&conversation), "Still there?")
+        .await;
+    let frames = client.until_outcome().await;
+    assert_eq!(only(&frames, "ack")[0]["sequence"], 4);
+    assert_eq!(frames.last().unwrap()["type"], "failed");
+
+    let events = read_topic(&pipeline, 5).await;
+    let ConversationEvent::ResponseFailed(recorded) = &events[2].0 else {
+        panic!("{events:?}")
+    };
+    assert_eq!(recorded.attempts, 2);
+    pipeline.stop().await;
+}
+
+/// Reads `count` events of the pipeline's events topic from the start (read_committed),
+/// with each record's `traceparent` header.
+async fn read_topic(pipeline: &Pipeline, count: usize) -> Vec<(ConversationEvent, Option<String>)> {
+    let codec = EventCodec::new(&pipeline.registry).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .set("group.id", format!("{}reader", pipeline.prefix))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let topic = pipeline.events_topic();
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment
+            .add_partition_offset(&topic, partition.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("events on the topic")
+            .unwrap();
+        let traceparent = message.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        let decoded = codec
+            .decode_conversation_event(message.payload().unwrap())
+            .await
+            .unwrap();
+        events.push((decoded.event, traceparent));
+    }
+    events.sort_by_key(|(e, _)| (e.envelope().conversation_id.clone(), e.envelope().sequence));
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_gateway_instance_pushes_the_answers_of_its_own_sockets() {
+    let Some(stack) = stack() else { return };
+    let mut pipeline = Pipeline::start(&stack, &[]).await;
+    let second = pipeline.extra_gateway().await;
+    let mut on_first = pipeline.client().await;
+    let mut on_second = pipeline.client_at(&second).await;
+    on_first.ask("g1", None, "Say one.").await;
+    on_second.ask("g2", None, "Say two.").await;
+    let (first, second) = tokio::join!(on_first.until_outcome(), on_second.until_outcome());
+    for frames in [first, second] {
+        assert_eq!(frames.last().unwrap()["type"], "answer", "{frames:?}");
+        assert_eq!(
+            frames.last().unwrap()["query_event_id"],
+            only(&frames, "ack")[0]["event_id"]
+        );
+    }
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
+    use parley_events::DeadLetter;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .create()
+        .unwrap();
+    let garbage = b"\xde\xad\xbe\xef not avro".to_vec();
+    let unknown_schema = vec![0, 0x7f, 0, 0, 1, 2, 3];
+    let topic = pipeline.events_topic();
+    for payload in [&garbage, &unknown_schema] {
+        let record = FutureRecord::to(&topic).key("poison").payload(payload);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    let letters =
+        read_all::<DeadLetter>(&pipeline, &format!("{}dead-letter", pipeline.prefix), 2).await;
+    let payloads: Vec<_> = letters.iter().map(|l| l.payload.clone().unwrap()).collect();
+    assert!(
+        payloads.contains(&garbage) && payloads.contains(&unknown_schema),
+        "{letters:?}"
+    );
+    for letter in &letters {
+        assert_eq!(letter.key.as_deref(), Some(&b"poison"[..]));
+        assert_eq!(letter.source_topic, pipeline.events_topic());
+        assert!(!letter.error.is_empty());
+    }
+
+    // The pipeline is unharmed.
+    let mut client = pipeline.client().await;
+    client.ask("after-poison", None, "Still alive?").await;
+    assert_eq!(
+        client.until_outcome().await.last().unwrap()["type"],
+        "answer"
+    );
+    pipeline.stop().await;
+}
+
+/// Reads `count` records of type `T` from the start of `topic`.
+async fn read_all<T: parley_events::event::AvroEvent>(
+    pipeline: &Pipeline,
+    topic: &str,
+    count: usize,
+) -> Vec<T> {
+    let codec = EventCodec::new(&pipeline.registry).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .set("group.id", format!("{}reader-{topic}", pipeline.prefix))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut records = Vec::new();
+    while records.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .expect("records on the topic")
+            .unwrap();
+        records.push(
+            codec
+                .decode::<T>(message.payload().unwrap())
+                .await
+                .unwrap()
+                .event,
+        );
+    }
+    records
+}

@@ -1,0 +1,85 @@
+//! `parley schemas check` against the real registry: the repo's schemas pass, an
+//! incompatible edit (a new field without a default) fails with a non-zero exit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+fn check(registry: &str, dir: Option<&std::path::Path>) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    command.args(["--schema-registry-url", registry, "schemas", "check"]);
+    if let Some(dir) = dir {
+        command.arg("--dir").arg(dir);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
+    let Some(stack) = support::stack() else {
+        return;
+    };
+    let registered = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "--schema-registry-url",
+            &stack.registry,
+            "schemas",
+            "register",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+
+    let repo_schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/avro");
+    let ok = check(&stack.registry, Some(&repo_schemas));
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        check(&stack.registry, None).status.success(),
+        "the compiled-in schemas too"
+    );
+
+    let dir =
+        std::env::temp_dir().join(format!("parley-schemas-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&repo_schemas).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_schemas.join("user_query_received.v1.avsc")).unwrap(),
+    )
+    .unwrap();
+    schema["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "locale", "type": "string"}));
+    std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
+
+    let refused = check(&stack.registry, Some(&dir));
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("UserQueryReceived") && l.contains("INCOMPATIBLE")),
+        "{stdout}"
+    );
+
+    // With a default the same change is compatible.
+    schema["fields"].as_array_mut().unwrap().last_mut().unwrap()["default"] =
+        serde_json::json!("en");
+    std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
+    assert!(check(&stack.registry, Some(&dir)).status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,304 @@
+//! Harness for end-to-end tests against the real local stack (infra/stack.sh start).
+//! Each test runs its own `parley all` process on its own topics (a unique prefix), so
+//! tests run in parallel without seeing each other's events, and deletes them afterwards.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Addresses of the running stack, or None (test skipped) when it is not configured.
+pub struct Stack {
+    pub brokers: String,
+    pub registry: String,
+    pub llm: String,
+}
+
+pub fn stack() -> Option<Stack> {
+    let var = |name: &str| std::env::var(name).ok();
+    match (
+        var("PARLEY_KAFKA_BROKERS"),
+        var("PARLEY_SCHEMA_REGISTRY_URL"),
+        var("PARLEY_LLM_BASE_URL"),
+    ) {
+        (Some(brokers), Some(registry), Some(llm)) => Some(Stack {
+            brokers,
+            registry,
+            llm,
+        }),
+        _ if var("PARLEY_REQUIRE_STACK").as_deref() == Some("1") => {
+            panic!(
+                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL are not all set"
+            )
+        }
+        _ => {
+            eprintln!("skipped: local stack not configured (run infra/test.sh)");
+            None
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `parley all` process on its own topics, plus any extra gateway instances.
+pub struct Pipeline {
+    child: Child,
+    extra_gateways: Vec<Child>,
+    pub prefix: String,
+    pub http: String,
+    pub brokers: String,
+    pub registry: String,
+}
+
+impl Pipeline {
+    pub async fn start(stack: &Stack, extra_args: &[&str]) -> Pipeline {
+        let prefix = format!("test-{}.", uuid::Uuid::new_v4().simple());
+        let port = free_port();
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}log"))).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+        command
+            .args([
+                "--kafka-brokers",
+                &stack.brokers,
+                "--schema-registry-url",
+                &stack.registry,
+                "--topic-prefix",
+                &prefix,
+            ])
+            .arg("all")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--group-id",
+                &format!("{prefix}inference"),
+                "--auth-secret",
+                "test-secret",
+            ])
+            .args(extra_args);
+        if !extra_args.contains(&"--llm-base-url") {
+            command.args(["--llm-base-url", &stack.llm]);
+        }
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let mut pipeline = Pipeline {
+            child,
+            extra_gateways: vec![],
+            prefix,
+            http: format!("http://127.0.0.1:{port}"),
+            brokers: stack.brokers.clone(),
+            registry: stack.registry.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::new();
+        while client
+            .get(format!("{}/healthz", pipeline.http))
+            .send()
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = pipeline.child.try_wait() {
+                let log = std::fs::read_to_string(pipeline.log_path()).unwrap_or_default();
+                panic!("parley all exited with {status}:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "parley all did not come up; see {}",
+                pipeline.log_path()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        pipeline
+    }
+
+    /// Starts another gateway instance on the same topics and secret; returns its base URL.
+    pub async fn extra_gateway(&mut self) -> String {
+        let port = free_port();
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("{}gateway-{port}.log", self.prefix)),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args([
+                "--kafka-brokers",
+                &self.brokers,
+                "--schema-registry-url",
+                &self.registry,
+                "--topic-prefix",
+                &self.prefix,
+            ])
+            .args([
+                "gateway",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--auth-secret",
+                "test-secret",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.extra_gateways.push(child);
+        let http = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reqwest::get(format!("{http}/healthz")).await.is_err() {
+            assert!(Instant::now() < deadline, "extra gateway did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        http
+    }
+
+    /// A socket of a new user on the gateway at `http`, past its `ready` frame.
+    pub async fn client_at(&self, http: &str) -> Client {
+        let token = self.session().await; // any instance accepts any instance's tokens
+        let url = format!("{}/ws?token={token}", http.replace("http://", "ws://"));
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut client = Client { socket };
+        let ready = client.next_frame().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        client
+    }
+
+    pub fn log_path(&self) -> String {
+        std::env::temp_dir()
+            .join(format!("{}log", self.prefix))
+            .display()
+            .to_string()
+    }
+
+    pub fn events_topic(&self) -> String {
+        format!("{}conversation-events", self.prefix)
+    }
+
+    /// A new anonymous user's token.
+    pub async fn session(&self) -> String {
+        let session: Value = reqwest::Client::new()
+            .post(format!("{}/api/session", self.http))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        session["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A socket of a new user, past its `ready` frame.
+    pub async fn client(&self) -> Client {
+        self.client_at(&self.http).await
+    }
+
+    /// Stops the process and deletes this test's topics.
+    pub async fn stop(mut self) {
+        self.kill_all();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
+        let topics = ["conversation-events", "conversation-tokens", "dead-letter"]
+            .map(|t| format!("{}{t}", self.prefix));
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.kill_all(); // a failed test still stops its processes
+    }
+}
+
+impl Pipeline {
+    fn kill_all(&mut self) {
+        for child in std::iter::once(&mut self.child).chain(self.extra_gateways.iter_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Client {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// Long enough for the tiny local model to answer under parallel tests on 2 cores.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Client {
+    pub async fn send(&mut self, frame: Value) {
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, text: String) {
+        self.socket.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn ask(
+        &mut self,
+        client_message_id: &str,
+        conversation_id: Option<&str>,
+        text: &str,
+    ) {
+        let mut frame =
+            json!({"type": "query", "client_message_id": client_message_id, "text": text});
+        if let Some(id) = conversation_id {
+            frame["conversation_id"] = json!(id);
+        }
+        self.send(frame).await;
+    }
+
+    pub async fn next_frame(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(ANSWER_TIMEOUT, self.socket.next())
+                .await
+                .expect("no frame within the timeout")
+                .expect("socket closed")
+                .expect("socket error");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(text.as_str()).unwrap();
+            }
+        }
+    }
+
+    /// Frames up to and including the first of type `kind`.
+    pub async fn until(&mut self, kind: &str) -> Vec<Value> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next_frame().await;
+            let done = frame["type"] == kind;
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+
+    /// Frames up to the first `answer` or `failed`.
+    pub async fn until_outcome(&mut self) -> Vec<Value> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next_frame().await;
+            let done = frame["type"] == "answer" || frame["type"] == "failed";
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+}
