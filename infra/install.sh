@@ -16,7 +16,7 @@ install_kafka() {
   local libs="$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs"
   [ -f "$libs/kafka_2.13-$KAFKA_VERSION.jar" ] && return
   log "installing Apache Kafka $KAFKA_VERSION from Maven Central"
-  (cd "$REPO_ROOT/infra/kafka" && mvn -q -B dependency:copy-dependencies \
+  (cd "$REPO_ROOT/infra/kafka" && mvn -q -B -Dmaven.repo.local="$PARLEY_CACHE/m2" dependency:copy-dependencies \
     -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$libs.part")
   mv "$libs.part" "$libs"
 }
