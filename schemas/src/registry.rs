@@ -113,22 +113,32 @@ impl SchemaRegistry {
         Ok(reports)
     }
 
+    /// Sets the registry-wide compatibility level. Apicurio answers 409 to a writer that
+    /// loses a race to create the rule; the rule then exists and a retry updates it.
     async fn set_default_compatibility(&self, level: &str) -> Result<(), EventsError> {
-        let response = self
-            .http
-            .put(format!("{}/config", self.url))
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .json(&serde_json::json!({ "compatibility": level }))
-            .send()
-            .await
-            .map_err(|e| EventsError::Registry(format!("setting compatibility: {e}")))?;
-        if !response.status().is_success() {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let response = self
+                .http
+                .put(format!("{}/config", self.url))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .json(&serde_json::json!({ "compatibility": level }))
+                .send()
+                .await
+                .map_err(|e| EventsError::Registry(format!("setting compatibility: {e}")))?;
             let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            if status == reqwest::StatusCode::CONFLICT && attempt < 5 {
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                continue;
+            }
             let body = response.text().await.unwrap_or_default();
             return Err(EventsError::Registry(format!(
                 "setting compatibility: {status} {body}"
             )));
         }
-        Ok(())
     }
 }

@@ -302,18 +302,22 @@ impl Worker {
             .with_traceparent(Some(traceparent.clone()));
             let prompt = build_prompt(&self.system_prompt, query);
             let conversation_id = &query.envelope.conversation_id;
+            let mut deltas_in_flight = Vec::new();
             let (result, attempts) = self
                 .model
                 .complete(&prompt, |_, index, delta| {
-                    self.send_token(
+                    deltas_in_flight.push(self.send_token(
                         conversation_id,
                         &query.envelope.event_id,
                         index,
                         delta,
                         &traceparent,
-                    )
+                    ));
                 })
                 .await;
+            // Deltas reach the log before the outcome is committed, so a reader that sees
+            // the outcome has had every delta offered first.
+            join_all(deltas_in_flight).await;
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
             let payload = match result {
                 Ok(completion) => {
@@ -362,7 +366,7 @@ impl Worker {
         .await
     }
 
-    /// Streams one delta to the tokens topic without waiting: deltas are a preview, the
+    /// Streams one delta to the tokens topic in the background: deltas are a preview, the
     /// outcome event is authoritative, so a lost delta costs a flicker, never data.
     fn send_token(
         &self,
@@ -371,7 +375,7 @@ impl Worker {
         index: i32,
         delta: &str,
         traceparent: &str,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let token = LLMTokenDelta {
             conversation_id: conversation_id.to_owned(),
             query_event_id: query_event_id.to_owned(),
@@ -390,7 +394,7 @@ impl Worker {
             {
                 warn!(%error, "token delta not delivered");
             }
-        });
+        })
     }
 
     /// Appends the batch's outcomes and commits its offsets in one transaction. On failure

@@ -80,13 +80,15 @@ pub async fn run(
             match codec.decode::<LLMTokenDelta>(payload).await {
                 Ok(decoded) => {
                     let token = decoded.event;
+                    let subscribers =
+                        hub.token_subscribers(&conversation_id, &token.query_event_id);
                     let frame = ServerFrame::Token {
                         conversation_id: token.conversation_id,
                         query_event_id: token.query_event_id,
                         index: token.index,
                         delta: token.delta,
                     };
-                    send_all(hub.subscribers(&conversation_id), &frame);
+                    send_all(subscribers, &frame);
                 }
                 Err(error) => warn!(?coordinates, %error, "undecodable token delta skipped"),
             }

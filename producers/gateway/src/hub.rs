@@ -190,12 +190,22 @@ impl Hub {
         slot.subscribers.values().cloned().collect()
     }
 
-    /// The subscribers of a conversation (for token deltas).
-    pub fn subscribers(&self, conversation_id: &Uuid) -> Vec<Outbox> {
-        self.lock()
-            .get(conversation_id)
-            .map(|s| s.subscribers.values().cloned().collect())
-            .unwrap_or_default()
+    /// The subscribers to send a token delta of `query_event_id` to: none once the
+    /// query's outcome was delivered (deltas travel on another topic and may arrive late;
+    /// a late one must not be appended to a finished answer).
+    pub fn token_subscribers(&self, conversation_id: &Uuid, query_event_id: &str) -> Vec<Outbox> {
+        let slots = self.lock();
+        let Some(slot) = slots.get(conversation_id) else {
+            return vec![];
+        };
+        if slot
+            .last_outcome
+            .as_ref()
+            .is_some_and(|(query, _)| query == query_event_id)
+        {
+            return vec![];
+        }
+        slot.subscribers.values().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Slot>> {
@@ -223,5 +233,156 @@ fn mark_duplicate(frame: ServerFrame) -> ServerFrame {
             duplicate: true,
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_events::{Envelope, LLMResponseFailed, Producer};
+
+    use super::*;
+
+    fn outbox() -> (Outbox, mpsc::Receiver<ServerFrame>) {
+        mpsc::channel(8)
+    }
+
+    fn accepted(admission: Result<Admission, Refusal>) -> (Uuid, Uuid, i64, bool) {
+        match admission {
+            Ok(Admission::Accepted {
+                conversation_id,
+                query_id,
+                sequence,
+                new_conversation,
+            }) => (conversation_id, query_id, sequence, new_conversation),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn failed_outcome(conversation: Uuid, query: Uuid, sequence: i64) -> ConversationEvent {
+        ConversationEvent::ResponseFailed(LLMResponseFailed {
+            envelope: Envelope::new(
+                Uuid::new_v4(),
+                conversation,
+                sequence,
+                Producer {
+                    name: "t",
+                    version: "0",
+                },
+            ),
+            query_event_id: query.to_string(),
+            error_kind: "timeout".into(),
+            error_message: "slow".into(),
+            attempts: 1,
+        })
+    }
+
+    #[test]
+    fn a_new_conversation_then_one_turn_at_a_time() {
+        let hub = Hub::default();
+        let (tx, _rx) = outbox();
+        let (conversation, query, sequence, new) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        assert_eq!((sequence, new), (2, true));
+        assert_eq!(
+            hub.admit("alice", Some(conversation), "m2", 1, &tx),
+            Err(Refusal::TurnInProgress)
+        );
+
+        let frame = ServerFrame::Subscribed {
+            conversation_id: conversation.to_string(),
+        };
+        assert_eq!(
+            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame.clone())
+                .len(),
+            1
+        );
+        assert!(
+            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame)
+                .is_empty(),
+            "re-delivery is not pushed twice"
+        );
+        let (_, _, sequence, new) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        assert_eq!((sequence, new), (4, false));
+    }
+
+    #[test]
+    fn other_users_and_unknown_conversations_are_refused_alike() {
+        let hub = Hub::default();
+        let (tx, _rx) = outbox();
+        let (conversation, ..) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        assert_eq!(
+            hub.admit("mallory", Some(conversation), "x", 2, &tx),
+            Err(Refusal::UnknownConversation)
+        );
+        assert_eq!(
+            hub.admit("alice", Some(Uuid::new_v4()), "x", 1, &tx),
+            Err(Refusal::UnknownConversation)
+        );
+        assert!(!hub.subscribe("mallory", conversation, 2, &tx));
+        assert!(hub.subscribe("alice", conversation, 3, &tx));
+    }
+
+    #[test]
+    fn a_repeated_client_message_id_is_a_duplicate_with_its_ack() {
+        let hub = Hub::default();
+        let (tx, _rx) = outbox();
+        let (conversation, query, sequence, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        let ack = ServerFrame::Ack {
+            client_message_id: "m1".into(),
+            conversation_id: conversation.to_string(),
+            event_id: query.to_string(),
+            sequence,
+            position: "t/0/1".into(),
+            duplicate: false,
+        };
+        hub.record_ack(conversation, query, ack);
+        // The same first message again (no conversation id yet) lands in the same conversation.
+        let Ok(Admission::Duplicate { frames }) = hub.admit("alice", None, "m1", 1, &tx) else {
+            panic!()
+        };
+        assert!(
+            matches!(
+                &frames[..],
+                [ServerFrame::Ack {
+                    duplicate: true,
+                    ..
+                }]
+            ),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn late_token_deltas_of_a_finished_answer_are_not_pushed() {
+        let hub = Hub::default();
+        let (tx, _rx) = outbox();
+        let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        assert_eq!(
+            hub.token_subscribers(&conversation, &query.to_string())
+                .len(),
+            1
+        );
+        let frame = ServerFrame::Subscribed {
+            conversation_id: conversation.to_string(),
+        };
+        hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
+        assert!(
+            hub.token_subscribers(&conversation, &query.to_string())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_released_reservation_frees_the_turn() {
+        let hub = Hub::default();
+        let (tx, _rx) = outbox();
+        let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        let frame = ServerFrame::Subscribed {
+            conversation_id: conversation.to_string(),
+        };
+        hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
+        let (_, _, sequence, _) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        hub.release(conversation, sequence);
+        let (_, _, again, _) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        assert_eq!(again, sequence);
     }
 }

@@ -1,5 +1,6 @@
-//! `parley schemas check` against the real registry: the repo's schemas pass, an
-//! incompatible edit (a new field without a default) fails with a non-zero exit.
+//! The `parley` command line: config errors name the option and the value, and
+//! `parley schemas check` against the real registry accepts the repo and refuses an
+//! incompatible edit (a new field without a default) with a non-zero exit.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -82,4 +83,48 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
     std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
     assert!(check(&stack.registry, Some(&dir)).status.success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_config_value_names_the_option_and_the_value() {
+    let cases: [(&[&str], &str, &str); 4] = [
+        (
+            &["inference", "--llm-timeout", "fast"],
+            "--llm-timeout",
+            "fast",
+        ),
+        (&["inference", "--concurrency", "0"], "--concurrency", "0"),
+        (
+            &["gateway", "--listen", "nowhere:port"],
+            "--listen",
+            "nowhere:port",
+        ),
+        (
+            &["--topic-prefix", "bad/prefix", "topics"],
+            "--topic-prefix",
+            "bad/prefix",
+        ),
+    ];
+    for (args, option, value) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(option) && stderr.contains(value),
+            "{args:?}: {stderr}"
+        );
+    }
+    let from_env = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["gateway"])
+        .env("PARLEY_MAX_FRAME_BYTES", "huge")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&from_env.stderr);
+    assert!(
+        stderr.contains("--max-frame-bytes") && stderr.contains("huge"),
+        "{stderr}"
+    );
 }

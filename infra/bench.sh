@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs a benchmark against the real local stack (started if needed, left running).
+#   infra/bench.sh pipeline_latency
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+"$REPO_ROOT/infra/install.sh"
+"$REPO_ROOT/infra/stack.sh" start
+exec cargo bench --locked --bench "${1:?usage: infra/bench.sh <bench name>}"
