@@ -4,12 +4,14 @@
 //! - [`topics`]: the topics Parley owns, with explicit partitions and configs;
 //! - [`position`]: log positions handed to clients as consistency tokens;
 //! - [`producer`]: the idempotent producer that appends events keyed by conversation;
-//! - [`dead_letter`]: the record a consumer writes when it must give up on a message.
+//! - [`dead_letter`]: the record a consumer writes when it must give up on a message;
+//! - [`registry_wait`]: retrying decodes through schema-registry outages.
 
 pub mod dead_letter;
 pub mod error;
 pub mod position;
 pub mod producer;
+pub mod registry_wait;
 pub mod settings;
 pub mod topics;
 pub mod trace;

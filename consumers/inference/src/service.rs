@@ -13,6 +13,7 @@ use clap::Args;
 use futures::future::join_all;
 use parley_eventlog::dead_letter::dead_letter_for;
 use parley_eventlog::producer::idempotent_config;
+use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{TRACEPARENT_HEADER, child_of};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
@@ -22,8 +23,10 @@ use parley_events::{
     LLMTokenDelta, Producer as EventSource, UserQueryReceived,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -139,9 +142,11 @@ pub enum InferenceError {
     #[error(transparent)]
     Events(#[from] EventsError),
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
     #[error("the consumer has no group metadata to commit offsets in a transaction")]
     NoGroupMetadata,
+    #[error("shut down while waiting for the schema registry")]
+    ShutDown,
 }
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,6 +174,9 @@ pub async fn run(
         .unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
     let producer: FutureProducer = idempotent_config(kafka.client_config())
         .set("transactional.id", &transactional_id)
+        // Transactional requests answered CONCURRENT_TRANSACTIONS (the previous commit's
+        // markers are still being written) are retried after this backoff; 100 ms default.
+        .set("retry.backoff.ms", "10")
         .create()?;
     tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))?;
     let worker = Worker {
@@ -183,23 +191,84 @@ pub async fn run(
     info!(group = %args.group_id, %transactional_id, llm = %args.llm_base_url, "inference consumer started");
 
     let max_batch = usize::from(args.concurrency);
+    let mut uncommitted = Uncommitted::default();
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
-            message = consumer.recv() => message?.detach(),
+            received = tokio::time::timeout(IDLE_FLUSH, consumer.recv()) => match received {
+                Err(_idle) => {
+                    worker.commit(&consumer, &mut uncommitted, vec![]).await?;
+                    continue;
+                }
+                Ok(received) => match tolerate(received)? {
+                    Some(message) => message.detach(),
+                    None => continue,
+                },
+            },
         };
         let mut batch = vec![first];
         // Take whatever else is already fetched, without waiting for more.
         while batch.len() < max_batch {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                Ok(message) => batch.push(message?.detach()),
+                Ok(received) => batch.extend(tolerate(received)?.map(|m| m.detach())),
                 Err(_) => break,
             }
         }
-        worker.process(&consumer, batch, &shutdown).await?;
+        let outgoing = match worker.process(&batch, &shutdown).await {
+            Err(InferenceError::ShutDown) => break, // the batch is not committed: re-delivered
+            outgoing => outgoing?,
+        };
+        uncommitted.add(&batch);
+        // A batch with nothing to append commits its offsets with the next transaction
+        // (or the idle flush): back-to-back offset-only transactions only add latency.
+        if !outgoing.is_empty() {
+            worker.commit(&consumer, &mut uncommitted, outgoing).await?;
+        }
     }
+    worker.commit(&consumer, &mut uncommitted, vec![]).await?;
     info!("inference consumer stopping");
     Ok(())
+}
+
+/// How long the consumer may sit idle before offsets of output-less batches are committed.
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
+
+/// A consumer error is logged and skipped unless it is fatal (the client is unusable).
+fn tolerate<T>(received: Result<T, KafkaError>) -> Result<Option<T>, InferenceError> {
+    match received {
+        Ok(message) => Ok(Some(message)),
+        Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+            Err(error.into())
+        }
+        Err(error) => {
+            warn!(%error, "consumer error; continuing");
+            Ok(None)
+        }
+    }
+}
+
+/// Records processed but not yet committed: per partition, the offset to commit next and
+/// the first offset to rewind to if the transaction that should commit them aborts.
+#[derive(Debug, Default)]
+struct Uncommitted {
+    next: HashMap<(String, i32), i64>,
+    first: HashMap<(String, i32), i64>,
+}
+
+impl Uncommitted {
+    fn add(&mut self, batch: &[OwnedMessage]) {
+        for message in batch {
+            let partition = (message.topic().to_owned(), message.partition());
+            let next = self.next.entry(partition.clone()).or_insert(0);
+            *next = (*next).max(message.offset() + 1);
+            let first = self.first.entry(partition).or_insert(i64::MAX);
+            *first = (*first).min(message.offset());
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next.is_empty()
+    }
 }
 
 type OwnedMessage = rdkafka::message::OwnedMessage;
@@ -223,16 +292,24 @@ struct Worker {
 }
 
 impl Worker {
+    /// Decodes a batch and answers its queries: the records to append for it.
     async fn process(
         &self,
-        consumer: &StreamConsumer,
-        batch: Vec<OwnedMessage>,
+        batch: &[OwnedMessage],
         shutdown: &CancellationToken,
-    ) -> Result<(), InferenceError> {
+    ) -> Result<Vec<Outgoing>, InferenceError> {
         let mut outgoing = Vec::new();
         let mut queries = Vec::new();
-        for message in &batch {
-            match self.decode(message, shutdown).await? {
+        for message in batch {
+            let payload = message.payload().unwrap_or_default();
+            let decoded = retry_while_registry_down(shutdown, || {
+                self.codec.decode_conversation_event(payload)
+            })
+            .await;
+            let Some(decoded) = decoded else {
+                return Err(InferenceError::ShutDown);
+            };
+            match decoded.map(|d| d.event) {
                 Ok(ConversationEvent::QueryReceived(query)) => queries.push(query),
                 Ok(_) => {} // other events on the topic are not this consumer's work
                 Err(error) => {
@@ -252,31 +329,7 @@ impl Worker {
         for outcome in join_all(queries.iter().map(|q| self.answer(q))).await {
             outgoing.push(outcome?);
         }
-        self.commit(consumer, &batch, outgoing).await
-    }
-
-    /// Decodes a record, waiting out registry outages (a message is never dead-lettered
-    /// because the registry was briefly unreachable). The inner error is a poison message.
-    async fn decode(
-        &self,
-        message: &OwnedMessage,
-        shutdown: &CancellationToken,
-    ) -> Result<Result<ConversationEvent, EventsError>, InferenceError> {
-        let payload = message.payload().unwrap_or_default();
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.codec.decode_conversation_event(payload).await {
-                Err(error) if error.is_retryable() => {
-                    warn!(%error, ?delay, "schema registry unavailable; retrying decode");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Err(error.into()),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-                result => return Ok(result.map(|decoded| decoded.event)),
-            }
-        }
+        Ok(outgoing)
     }
 
     /// Asks the model and returns the encoded outcome event (generated or failed).
@@ -397,19 +450,23 @@ impl Worker {
         })
     }
 
-    /// Appends the batch's outcomes and commits its offsets in one transaction. On failure
-    /// the transaction is aborted and the consumer rewound, so the batch is processed again.
+    /// Appends `outgoing` and commits every uncommitted offset in one transaction. On
+    /// failure the transaction is aborted and the consumer rewound to the first uncommitted
+    /// record, so that work is done again.
     async fn commit(
         &self,
         consumer: &StreamConsumer,
-        batch: &[OwnedMessage],
+        uncommitted: &mut Uncommitted,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), InferenceError> {
-        let result = self.transact(consumer, batch, outgoing).await;
-        if let Err(error) = &result {
-            warn!(%error, "transaction failed; aborting and re-processing the batch");
+        if uncommitted.is_empty() && outgoing.is_empty() {
+            return Ok(());
+        }
+        let done = std::mem::take(uncommitted);
+        if let Err(error) = self.transact(consumer, &done.next, outgoing).await {
+            warn!(%error, "transaction failed; aborting and re-processing");
             tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
-            for ((topic, partition), offset) in first_offsets(batch) {
+            for ((topic, partition), offset) in done.first {
                 consumer.seek(&topic, partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
             }
         }
@@ -419,7 +476,7 @@ impl Worker {
     async fn transact(
         &self,
         consumer: &StreamConsumer,
-        batch: &[OwnedMessage],
+        next_offsets: &HashMap<(String, i32), i64>,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), InferenceError> {
         self.producer.begin_transaction()?;
@@ -443,8 +500,8 @@ impl Worker {
                 .map_err(|(error, _)| error)?;
         }
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in next_offsets(batch) {
-            offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        for ((topic, partition), offset) in next_offsets {
+            offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
         let group = consumer
             .group_metadata()
@@ -456,30 +513,6 @@ impl Worker {
         })?;
         Ok(())
     }
-}
-
-/// Per partition, the offset after the last record of the batch: what to commit.
-fn next_offsets(batch: &[OwnedMessage]) -> HashMap<(String, i32), i64> {
-    let mut offsets = HashMap::new();
-    for message in batch {
-        let next = offsets
-            .entry((message.topic().to_owned(), message.partition()))
-            .or_insert(0);
-        *next = (*next).max(message.offset() + 1);
-    }
-    offsets
-}
-
-/// Per partition, the first offset of the batch: where to rewind after an abort.
-fn first_offsets(batch: &[OwnedMessage]) -> HashMap<(String, i32), i64> {
-    let mut offsets = HashMap::new();
-    for message in batch {
-        let first = offsets
-            .entry((message.topic().to_owned(), message.partition()))
-            .or_insert(i64::MAX);
-        *first = (*first).min(message.offset());
-    }
-    offsets
 }
 
 fn millis(duration: Duration) -> i64 {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -94,16 +95,19 @@ pub async fn run(
             }
             continue;
         }
-        match codec.decode_conversation_event(payload).await {
-            Ok(decoded) => {
+        match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload))
+            .await
+        {
+            Some(Ok(decoded)) => {
                 if let Some(frame) = outcome_frame(&decoded.event) {
                     send_all(hub.apply_outcome(&decoded.event, frame.clone()), &frame);
                 }
             }
             // The inference consumer dead-letters poison records; the gateway only reads.
-            Err(error) => {
+            Some(Err(error)) => {
                 warn!(?coordinates, %error, "undecodable conversation event skipped by the gateway")
             }
+            None => return, // shut down while waiting
         }
     }
 }
