@@ -1,3 +1,4 @@
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,20 @@ impl EventProducer {
         event: &T,
         traceparent: Option<&str>,
     ) -> Result<LogPosition, EventLogError> {
+        self.enqueue(topic, key, event, traceparent).await?.await
+    }
+
+    /// Encodes `event` and puts it on the producer's queue without waiting for the broker.
+    /// Records enqueued one after another keep that order in their partition. The returned
+    /// future resolves when the broker acknowledges.
+    pub async fn enqueue<T: AvroEvent>(
+        &self,
+        topic: &str,
+        key: &str,
+        event: &T,
+        traceparent: Option<&str>,
+    ) -> Result<impl Future<Output = Result<LogPosition, EventLogError>> + use<T>, EventLogError>
+    {
         let payload = self.codec.encode(event).await?;
         let headers = traceparent.map_or_else(OwnedHeaders::new, |tp| {
             OwnedHeaders::new().insert(Header {
@@ -68,13 +83,19 @@ impl EventProducer {
             .headers(headers);
         let delivery = self
             .producer
-            .send(record, Duration::from_secs(30))
-            .await
+            .send_result(record)
             .map_err(|(error, _)| EventLogError::Kafka(error))?;
-        Ok(LogPosition {
-            topic: topic.to_owned(),
-            partition: delivery.partition,
-            offset: delivery.offset,
+        let topic = topic.to_owned();
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(delivery)) => Ok(LogPosition {
+                    topic,
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+                Ok(Err((error, _))) => Err(EventLogError::Kafka(error)),
+                Err(_canceled) => Err(EventLogError::Kafka(rdkafka::error::KafkaError::Canceled)),
+            }
         })
     }
 

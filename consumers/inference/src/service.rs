@@ -29,6 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
@@ -273,6 +274,20 @@ impl Uncommitted {
 
 type OwnedMessage = rdkafka::message::OwnedMessage;
 
+/// The deltas of one answer on their way to the tokens topic, in order.
+struct TokenStream {
+    sender: mpsc::UnboundedSender<(i32, String)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TokenStream {
+    /// Waits until every delta sent so far is acknowledged (or given up on).
+    async fn finish(self) {
+        drop(self.sender);
+        let _ = self.task.await;
+    }
+}
+
 /// One record to append in the batch's transaction.
 struct Outgoing {
     topic: String,
@@ -355,22 +370,17 @@ impl Worker {
             .with_traceparent(Some(traceparent.clone()));
             let prompt = build_prompt(&self.system_prompt, query);
             let conversation_id = &query.envelope.conversation_id;
-            let mut deltas_in_flight = Vec::new();
+            let deltas =
+                self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self
                 .model
                 .complete(&prompt, |_, index, delta| {
-                    deltas_in_flight.push(self.send_token(
-                        conversation_id,
-                        &query.envelope.event_id,
-                        index,
-                        delta,
-                        &traceparent,
-                    ));
+                    let _ = deltas.sender.send((index, delta.to_owned()));
                 })
                 .await;
             // Deltas reach the log before the outcome is committed, so a reader that sees
             // the outcome has had every delta offered first.
-            join_all(deltas_in_flight).await;
+            deltas.finish().await;
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
             let payload = match result {
                 Ok(completion) => {
@@ -419,35 +429,48 @@ impl Worker {
         .await
     }
 
-    /// Streams one delta to the tokens topic in the background: deltas are a preview, the
-    /// outcome event is authoritative, so a lost delta costs a flicker, never data.
-    fn send_token(
+    /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
+    /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
+    fn stream_tokens(
         &self,
         conversation_id: &str,
         query_event_id: &str,
-        index: i32,
-        delta: &str,
         traceparent: &str,
-    ) -> tokio::task::JoinHandle<()> {
-        let token = LLMTokenDelta {
-            conversation_id: conversation_id.to_owned(),
-            query_event_id: query_event_id.to_owned(),
-            index,
-            delta: delta.to_owned(),
-            traceparent: Some(traceparent.to_owned()),
-        };
+    ) -> TokenStream {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, String)>();
         let tokens = self.tokens.clone();
         let topic = self.topics.tokens.clone();
-        let key = conversation_id.to_owned();
-        let traceparent = traceparent.to_owned();
-        tokio::spawn(async move {
-            if let Err(error) = tokens
-                .append(&topic, &key, &token, Some(&traceparent))
-                .await
-            {
-                warn!(%error, "token delta not delivered");
+        let (conversation_id, query_event_id, traceparent) = (
+            conversation_id.to_owned(),
+            query_event_id.to_owned(),
+            traceparent.to_owned(),
+        );
+        let task = tokio::spawn(async move {
+            let mut deliveries = Vec::new();
+            while let Some((index, delta)) = receiver.recv().await {
+                let token = LLMTokenDelta {
+                    conversation_id: conversation_id.clone(),
+                    query_event_id: query_event_id.clone(),
+                    index,
+                    delta,
+                    traceparent: Some(traceparent.clone()),
+                };
+                // Enqueued one at a time, in order; delivery is awaited at the end.
+                match tokens
+                    .enqueue(&topic, &conversation_id, &token, Some(&traceparent))
+                    .await
+                {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => warn!(%error, "token delta not sent"),
+                }
             }
-        })
+            for result in join_all(deliveries).await {
+                if let Err(error) = result {
+                    warn!(%error, "token delta not delivered");
+                }
+            }
+        });
+        TokenStream { sender, task }
     }
 
     /// Appends `outgoing` and commits every uncommitted offset in one transaction. On
