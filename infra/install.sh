@@ -21,6 +21,15 @@ install_kafka() {
   mv "$libs.part" "$libs"
 }
 
+install_cassandra() {
+  local libs="$PARLEY_CACHE/cassandra-$CASSANDRA_VERSION/libs"
+  [ -f "$libs/cassandra-all-$CASSANDRA_VERSION.jar" ] && return
+  log "installing Apache Cassandra $CASSANDRA_VERSION (local CQL server) from Maven Central"
+  (cd "$REPO_ROOT/infra/cassandra" && mvn -q -B -Dmaven.repo.local="$PARLEY_CACHE/m2" dependency:copy-dependencies \
+    -Dcassandra.version="$CASSANDRA_VERSION" -DincludeScope=runtime -DoutputDirectory="$libs.part")
+  mv "$libs.part" "$libs"
+}
+
 install_apicurio() {
   local dir="$PARLEY_CACHE/apicurio-$APICURIO_VERSION"
   [ -f "$dir/quarkus-run.jar" ] && return
@@ -40,6 +49,7 @@ install_llm() {
 }
 
 install_kafka
+install_cassandra
 install_apicurio
 install_llm
 log "stack installed in $PARLEY_CACHE"

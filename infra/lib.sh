@@ -8,14 +8,19 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 KAFKA_VERSION=4.3.1
 APICURIO_VERSION=3.3.3
+CASSANDRA_VERSION=5.0.9
 KAFKA_PORT="${KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
 REGISTRY_PORT="${REGISTRY_PORT:-18081}"
 LLM_PORT="${LLM_PORT:-18080}"
 GATEWAY_PORT="${GATEWAY_PORT:-8080}"
+CQL_PORT="${CQL_PORT:-19042}"
+CASSANDRA_STORAGE_PORT="${CASSANDRA_STORAGE_PORT:-17000}"
+CASSANDRA_JMX_PORT="${CASSANDRA_JMX_PORT:-17199}"
 
 export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
 export PARLEY_SCHEMA_REGISTRY_URL="${PARLEY_SCHEMA_REGISTRY_URL:-http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7}"
+export PARLEY_CQL_NODES="${PARLEY_CQL_NODES:-127.0.0.1:$CQL_PORT}"
 export PARLEY_LLM_BASE_URL="${PARLEY_LLM_BASE_URL:-http://127.0.0.1:$LLM_PORT/v1}"
 # Built Rust artifacts are cached too: CI's fresh clone reuses what the last run compiled.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
@@ -38,13 +43,19 @@ java_at_least() {
 log() { printf '[parley %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds, or fails naming the log.
+# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds; fails naming the log
+# when time runs out or the service's process (pids/NAME.pid) has exited.
 wait_for() {
   local name=$1 seconds=$2; shift 2
-  local deadline=$((SECONDS + seconds))
+  local deadline=$((SECONDS + seconds)) pidf="$PARLEY_RUN/pids/$name.pid" logf="$PARLEY_RUN/logs/$name.log"
   until "$@" >/dev/null 2>&1; do
+    if [ -f "$pidf" ] && ! pid_alive "$pidf"; then
+      tail -n 20 "$logf" >&2 || true
+      rm -f "$pidf"
+      die "$name exited during start-up; see $logf"
+    fi
     if ((SECONDS >= deadline)); then
-      die "$name did not become healthy within ${seconds}s; see $PARLEY_RUN/logs/$name.log"
+      die "$name did not become healthy within ${seconds}s; see $logf"
     fi
     sleep 1
   done

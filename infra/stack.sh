@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts, stops or reports the real local stack on 127.0.0.1: Kafka (KRaft), Apicurio
-# Registry, llama.cpp. `start` reuses services that are already up, so tests can call it
+# Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp. `start` reuses services that are already up, so tests can call it
 # freely. Data and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
 #   infra/stack.sh start|stop|status
 set -euo pipefail
@@ -11,6 +11,7 @@ kafka_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && \
   java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" org.apache.kafka.tools.BrokerApiVersionsCommand \
     --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
 registry_healthy() { curl -sf "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+cql_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$CQL_PORT") 2>/dev/null; }
 llm_healthy() { curl -sf "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
 
 start_kafka() {
@@ -64,6 +65,25 @@ start_registry() {
   echo $! >"$pidf"
 }
 
+start_cassandra() {
+  local pidf="$PARLEY_RUN/pids/cassandra.pid" data="$PARLEY_RUN/cassandra-data" conf="$PARLEY_RUN/cassandra.yaml"
+  pid_alive "$pidf" && return
+  mkdir -p "$data"
+  sed -e "s|@DATA@|$data|g" -e "s|@STORAGE_PORT@|$CASSANDRA_STORAGE_PORT|g" -e "s|@CQL_PORT@|$CQL_PORT|g" \
+    "$REPO_ROOT/infra/cassandra/cassandra.yaml.template" >"$conf"
+  local java17
+  java17=$(command -v java)
+  log "starting Cassandra $CASSANDRA_VERSION (CQL) on 127.0.0.1:$CQL_PORT"
+  # shellcheck disable=SC2046 # one JVM flag per line in the options file
+  nohup "$java17" $(grep -v '^#' "$REPO_ROOT/infra/cassandra/jvm17.options") -Xms512m -Xmx1g \
+    -Dcassandra-foreground=yes -Dcassandra.config="file://$conf" -Dcassandra.storagedir="$data" \
+    -Dcassandra.logdir="$PARLEY_RUN/logs" -Dlogback.configurationFile="$REPO_ROOT/infra/cassandra/logback.xml" \
+    -Dcassandra.jmx.local.port="$CASSANDRA_JMX_PORT" -Dcassandra.skip_wait_for_gossip_to_settle=0 -Dcassandra.ring_delay_ms=100 \
+    -cp "$PARLEY_CACHE/cassandra-$CASSANDRA_VERSION/libs/*" org.apache.cassandra.service.CassandraDaemon \
+    >"$PARLEY_RUN/logs/cassandra.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
 start_llm() {
   local pidf="$PARLEY_RUN/pids/llm.pid"
   pid_alive "$pidf" && return
@@ -87,16 +107,17 @@ stop_one() {
 
 case "${1:-}" in
   start)
-    start_kafka; start_registry; start_llm
+    start_kafka; start_registry; start_cassandra; start_llm
     wait_for llm 60 llm_healthy
+    wait_for cassandra 180 cql_healthy
     wait_for registry 120 registry_healthy
     wait_for kafka 120 kafka_healthy
-    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, llm $PARLEY_LLM_BASE_URL"
+    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL"
     ;;
   stop)
-    stop_one llm; stop_one registry; stop_one kafka ;;
+    stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
   status)
-    for s in kafka registry llm; do
+    for s in kafka registry cassandra llm; do
       if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(cat "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
     done ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
