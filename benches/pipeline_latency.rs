@@ -29,28 +29,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn summary(name: &str, mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
-    println!(
-        "| {name} | {} | {p50:.2} | {p99:.2} | {:.2} |",
-        samples.len(),
-        samples[samples.len() - 1]
-    );
+    println!("| {name} | {} | {p50:.2} | {p99:.2} | {:.2} |", samples.len(), samples[samples.len() - 1]);
     (p50, p99)
 }
 
 /// One produce → consume hop of a small record, idempotent producer with acks=all, as the
 /// gateway sends.
 async fn raw_hops(brokers: &str, topic: &str, count: usize) -> Vec<f64> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    admin
-        .create_topics(
-            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    admin.create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -65,43 +53,27 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize) -> Vec<f64> {
         .create()
         .unwrap();
     let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
     consumer.assign(&assignment).unwrap();
     let payload = vec![7u8; 200];
     let mut samples = Vec::with_capacity(count);
     for i in 0..count + 10 {
         let started = Instant::now();
-        producer
-            .send(
-                FutureRecord::to(topic).key("k").payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        producer.send(FutureRecord::to(topic).key("k").payload(&payload), Duration::from_secs(10)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.unwrap().unwrap();
         if i >= 10 {
             samples.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    admin
-        .delete_topics(&[topic], &AdminOptions::new())
-        .await
-        .unwrap();
+    admin.delete_topics(&[topic], &AdminOptions::new()).await.unwrap();
     samples
 }
 
 #[tokio::main]
 async fn main() {
-    let stack = support::stack().expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
-    let turns: usize = std::env::var("PARLEY_BENCH_TURNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let stack = support::stack()
+        .expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
+    let turns: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let pipeline = support::Pipeline::start(&stack, &["--llm-max-tokens", "16"]).await;
     let mut client = pipeline.client().await;
 
@@ -112,13 +84,7 @@ async fn main() {
     let mut conversation: Option<String> = None;
     for i in 0..turns + 5 {
         let started = Instant::now();
-        client
-            .ask(
-                &format!("bench-{i}"),
-                conversation.as_deref(),
-                "Say one word.",
-            )
-            .await;
+        client.ask(&format!("bench-{i}"), conversation.as_deref(), "Say one word.").await;
         let mut acked = None;
         let answer = loop {
             let frame = client.next_frame().await;
@@ -140,12 +106,7 @@ async fn main() {
         llm_ms.push(llm);
         overhead_ms.push(total - llm);
     }
-    let raw = raw_hops(
-        &stack.brokers,
-        &format!("{}raw-hop", pipeline.prefix),
-        turns,
-    )
-    .await;
+    let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns).await;
     pipeline.stop().await;
 
     println!("| measure (ms) | n | p50 | p99 | max |");

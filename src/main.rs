@@ -1,5 +1,6 @@
 //! `parley`: one binary, a subcommand per service.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,15 +12,12 @@ use parley_events::SchemaCatalog;
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
+use parley_projections::{CqlSettings, Store};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "parley",
-    version,
-    about = "Kafka-native, event-sourced LLM chat pipeline"
-)]
+#[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
 struct Cli {
     #[command(flatten)]
     common: Common,
@@ -31,6 +29,9 @@ struct Cli {
 struct Common {
     #[command(flatten)]
     kafka: KafkaSettings,
+
+    #[command(flatten)]
+    cql: CqlSettings,
 
     /// Confluent-compatible schema registry API root.
     #[arg(
@@ -52,6 +53,8 @@ enum Command {
     Gateway(GatewayArgs),
     /// Answer queries with the LLM.
     Inference(InferenceArgs),
+    /// Project conversation events into the CQL store (the context projection).
+    Projection,
     /// Create topics, register schemas and run every service in one process (quick start).
     All {
         #[command(flatten)]
@@ -87,10 +90,7 @@ enum SchemasCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.common.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -107,20 +107,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Common {
-        kafka,
-        schema_registry_url: registry,
-        ..
-    } = cli.common;
+    let Common { kafka, cql, schema_registry_url: registry, .. } = cli.common;
     let shutdown = shutdown_on_signal();
     match cli.command {
         Command::Gateway(args) => {
-            let gateway = Gateway::bind(&kafka, &registry, &args, shutdown).await?;
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let gateway = Gateway::bind(&kafka, &registry, &args, store, shutdown).await?;
             print_chat_url(&gateway);
             gateway.serve().await?;
         }
-        Command::Inference(args) => {
-            parley_inference::service::run(&kafka, &registry, args, shutdown).await?
+        Command::Inference(args) => parley_inference::service::run(&kafka, &registry, args, shutdown).await?,
+        Command::Projection => {
+            let store = Store::connect(&cql).await?;
+            parley_projections::projector::run(&kafka, &registry, store, shutdown).await?;
         }
         Command::All { gateway, inference } => {
             ensure_topics(&kafka, 1).await.context("creating topics")?;
@@ -128,25 +127,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .register_all(&SchemaCatalog::embedded())
                 .await
                 .context("registering schemas")?;
-            let gateway = Gateway::bind(&kafka, &registry, &gateway, shutdown.clone()).await?;
-            let inference = tokio::spawn({
-                let (kafka, registry, shutdown) =
-                    (kafka.clone(), registry.clone(), shutdown.clone());
-                async move {
-                    let result = parley_inference::service::run(
-                        &kafka,
-                        &registry,
-                        inference,
-                        shutdown.clone(),
-                    )
-                    .await;
-                    shutdown.cancel(); // one service failing stops the whole quick-start process
-                    result
-                }
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let gateway = Gateway::bind(&kafka, &registry, &gateway, store.clone(), shutdown.clone()).await?;
+            let inference = spawn_linked(&shutdown, {
+                let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());
+                async move { parley_inference::service::run(&kafka, &registry, inference, shutdown).await }
+            });
+            let projection = spawn_linked(&shutdown, {
+                let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());
+                async move { parley_projections::projector::run(&kafka, &registry, store, shutdown).await }
             });
             print_chat_url(&gateway);
             let served = gateway.serve().await;
             inference.await.context("inference task")??;
+            projection.await.context("projection task")??;
             served?;
         }
         Command::Topics { replication } => {
@@ -154,10 +148,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("topics ready: {:?}", kafka.topics());
         }
         Command::Schemas(SchemasCommand::Register) => {
-            for (subject, id) in SchemaRegistry::new(&registry)?
-                .register_all(&SchemaCatalog::embedded())
-                .await?
-            {
+            for (subject, id) in SchemaRegistry::new(&registry)?.register_all(&SchemaCatalog::embedded()).await? {
                 println!("{subject}: schema id {id}");
             }
         }
@@ -191,6 +182,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs one service of `parley all` as a task; when it ends, for whatever reason, the
+/// whole process stops rather than limp on without it.
+fn spawn_linked<E: Send + 'static>(
+    shutdown: &CancellationToken,
+    service: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let result = service.await;
+        shutdown.cancel();
+        result
+    })
+}
+
 fn print_chat_url(gateway: &Gateway) {
     if let Some(addr) = gateway.local_addr() {
         println!("Parley chat: http://{addr}/");
@@ -202,9 +207,7 @@ fn shutdown_on_signal() -> CancellationToken {
     let cancel = token.clone();
     tokio::spawn(async move {
         let terminate = async {
-            if let Ok(mut signal) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
+            if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 signal.recv().await;
             }
         };
@@ -218,11 +221,8 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_env("PARLEY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -27,48 +27,25 @@ async fn a_question_gets_the_models_answer_pushed_back() {
     client.ask("m-1", None, "Name a primary color.").await;
     let frames = client.until_outcome().await;
     let ack = only(&frames, "ack")[0];
-    assert!(
-        ack["position"]
-            .as_str()
-            .unwrap()
-            .starts_with(&pipeline.events_topic()),
-        "{ack}"
-    );
-    assert_eq!(
-        ack["sequence"], 2,
-        "ConversationStarted is 1, the first query 2"
-    );
+    assert!(ack["position"].as_str().unwrap().starts_with(&pipeline.events_topic()), "{ack}");
+    assert_eq!(ack["sequence"], 2, "ConversationStarted is 1, the first query 2");
     let answer = frames.last().unwrap();
     assert_eq!(answer["type"], "answer", "{frames:?}");
     assert_eq!(answer["query_event_id"], ack["event_id"]);
     assert_eq!(answer["conversation_id"], ack["conversation_id"]);
     assert_eq!(answer["sequence"], 3);
-    assert!(
-        !answer["text"].as_str().unwrap().trim().is_empty(),
-        "{answer}"
-    );
-    assert!(
-        answer["completion_tokens"].as_i64().unwrap() > 0,
-        "{answer}"
-    );
+    assert!(!answer["text"].as_str().unwrap().trim().is_empty(), "{answer}");
+    assert!(answer["completion_tokens"].as_i64().unwrap() > 0, "{answer}");
 
     // Deltas stream before the answer and spell (a prefix of) it; none comes after it.
     let tokens = only(&frames, "token");
     assert!(!tokens.is_empty(), "tokens stream before the answer");
-    let streamed: String = tokens
-        .iter()
-        .map(|t| t["delta"].as_str().unwrap())
-        .collect();
-    assert!(
-        answer["text"].as_str().unwrap().starts_with(&streamed),
-        "{streamed:?} vs {answer}"
-    );
+    let streamed: String = tokens.iter().map(|t| t["delta"].as_str().unwrap()).collect();
+    assert!(answer["text"].as_str().unwrap().starts_with(&streamed), "{streamed:?} vs {answer}");
 
     // A follow-up in the same conversation continues its sequence.
     let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
-    client
-        .ask("m-2", Some(&conversation), "And another one?")
-        .await;
+    client.ask("m-2", Some(&conversation), "And another one?").await;
     let frames = client.until_outcome().await;
     assert_eq!(only(&frames, "ack")[0]["sequence"], 4);
     assert_eq!(frames.last().unwrap()["sequence"], 5);
@@ -90,22 +67,13 @@ async fn concurrent_conversations_each_get_their_own_answer() {
         assert_eq!(answer["type"], "answer", "{frames:?}");
         assert_eq!(answer["query_event_id"], ack["event_id"]);
         for frame in frames.iter().filter(|f| f.get("conversation_id").is_some()) {
-            assert_eq!(
-                frame["conversation_id"], ack["conversation_id"],
-                "no frame of another conversation: {frame}"
-            );
+            assert_eq!(frame["conversation_id"], ack["conversation_id"], "no frame of another conversation: {frame}");
         }
     }
-    assert_ne!(
-        only(&alice_frames, "ack")[0]["conversation_id"],
-        only(&bob_frames, "ack")[0]["conversation_id"]
-    );
+    assert_ne!(only(&alice_frames, "ack")[0]["conversation_id"], only(&bob_frames, "ack")[0]["conversation_id"]);
 
     // Bob cannot write into Alice's conversation.
-    let alices = only(&alice_frames, "ack")[0]["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alices = only(&alice_frames, "ack")[0]["conversation_id"].as_str().unwrap().to_owned();
     bob.ask("b-2", Some(&alices), "hijack").await;
     let error = bob.next_frame().await;
     assert_eq!(
@@ -125,23 +93,13 @@ async fn bad_frames_get_error_frames_and_the_gateway_keeps_serving() {
 
     client.send_raw("{this is not json".into()).await;
     assert_eq!(client.next_frame().await["code"], "malformed_frame");
-    client
-        .send_raw(format!(
-            r#"{{"type":"query","client_message_id":"big","text":"{}"}}"#,
-            "x".repeat(100_000)
-        ))
-        .await;
+    client.send_raw(format!(r#"{{"type":"query","client_message_id":"big","text":"{}"}}"#, "x".repeat(100_000))).await;
     let error = client.next_frame().await;
     assert_eq!(error["code"], "frame_too_large", "{error}");
     client.ask("", None, "hi").await;
     let error = client.next_frame().await;
     assert_eq!(error["code"], "invalid_field", "{error}");
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap()
-            .contains("client_message_id")
-    );
+    assert!(error["message"].as_str().unwrap().contains("client_message_id"));
 
     // The same socket and another one still work.
     client.ask("ok-1", None, "Say hello.").await;
@@ -151,17 +109,11 @@ async fn bad_frames_get_error_frames_and_the_gateway_keeps_serving() {
     assert_eq!(theirs.last().unwrap()["type"], "answer");
 
     // While a turn is open, a second question is refused, not queued silently.
-    let conversation = only(&mine, "ack")[0]["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conversation = only(&mine, "ack")[0]["conversation_id"].as_str().unwrap().to_owned();
     client.ask("ok-3", Some(&conversation), "One?").await;
     client.ask("ok-4", Some(&conversation), "Two?").await;
     let frames = client.until_outcome().await;
-    let refused: Vec<_> = frames
-        .iter()
-        .filter(|f| f["code"] == "turn_in_progress")
-        .collect();
+    let refused: Vec<_> = frames.iter().filter(|f| f["code"] == "turn_in_progress").collect();
     assert_eq!(refused.len(), 1, "{frames:?}");
     assert_eq!(refused[0]["client_message_id"], "ok-4");
     pipeline.stop().await;
@@ -183,14 +135,8 @@ async fn a_repeated_client_message_id_yields_one_query_and_one_answer() {
     assert_eq!(again.last().unwrap()["text"], first.last().unwrap()["text"]);
 
     let events = read_topic(&pipeline, 3).await;
-    let queries = events
-        .iter()
-        .filter(|(e, _)| matches!(e, ConversationEvent::QueryReceived(_)))
-        .count();
-    let answers = events
-        .iter()
-        .filter(|(e, _)| matches!(e, ConversationEvent::ResponseGenerated(_)))
-        .count();
+    let queries = events.iter().filter(|(e, _)| matches!(e, ConversationEvent::QueryReceived(_))).count();
+    let answers = events.iter().filter(|(e, _)| matches!(e, ConversationEvent::ResponseGenerated(_))).count();
     assert_eq!((queries, answers), (1, 1), "{events:?}");
     pipeline.stop().await;
 }
@@ -206,26 +152,12 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
 
     let events = read_topic(&pipeline, 3).await;
     let types: Vec<_> = events.iter().map(|(e, _)| e.type_name()).collect();
-    assert_eq!(
-        types,
-        [
-            "ConversationStarted",
-            "UserQueryReceived",
-            "LLMResponseGenerated"
-        ]
-    );
+    assert_eq!(types, ["ConversationStarted", "UserQueryReceived", "LLMResponseGenerated"]);
     let sequences: Vec<_> = events.iter().map(|(e, _)| e.envelope().sequence).collect();
     assert_eq!(sequences, [1, 2, 3]);
     for (event, traceparent) in &events {
-        assert_eq!(
-            event.envelope().conversation_id,
-            ack["conversation_id"].as_str().unwrap()
-        );
-        assert_eq!(
-            event.envelope().traceparent.as_deref(),
-            traceparent.as_deref(),
-            "header and envelope agree"
-        );
+        assert_eq!(event.envelope().conversation_id, ack["conversation_id"].as_str().unwrap());
+        assert_eq!(event.envelope().traceparent.as_deref(), traceparent.as_deref(), "header and envelope agree");
     }
     let (ConversationEvent::QueryReceived(query), ConversationEvent::ResponseGenerated(response)) =
         (&events[1].0, &events[2].0)
@@ -233,28 +165,11 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
         panic!("{events:?}")
     };
     assert_eq!(query.envelope.event_id, ack["event_id"].as_str().unwrap());
-    assert_eq!(
-        response.envelope.causation_id.as_deref(),
-        Some(query.envelope.event_id.as_str())
-    );
-    assert_eq!(
-        response.envelope.correlation_id,
-        query.envelope.correlation_id
-    );
-    let trace = |tp: &Option<String>| {
-        tp.as_deref()
-            .and_then(parley_eventlog::trace::trace_id)
-            .map(str::to_owned)
-    };
-    assert_eq!(
-        trace(&response.envelope.traceparent),
-        trace(&query.envelope.traceparent),
-        "one trace per turn"
-    );
-    assert!(
-        response.llm_latency_ms > 0 && response.attempts == 1,
-        "{response:?}"
-    );
+    assert_eq!(response.envelope.causation_id.as_deref(), Some(query.envelope.event_id.as_str()));
+    assert_eq!(response.envelope.correlation_id, query.envelope.correlation_id);
+    let trace = |tp: &Option<String>| tp.as_deref().and_then(parley_eventlog::trace::trace_id).map(str::to_owned);
+    assert_eq!(trace(&response.envelope.traceparent), trace(&query.envelope.traceparent), "one trace per turn");
+    assert!(response.llm_latency_ms > 0 && response.attempts == 1, "{response:?}");
     pipeline.stop().await;
 }
 
@@ -262,14 +177,7 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
 async fn a_query_while_the_llm_is_down_fails_clearly_and_service_goes_on() {
     let Some(stack) = stack() else { return };
     let dead_llm = format!("http://127.0.0.1:{}/v1", support::free_port());
-    let args = [
-        "--llm-base-url",
-        &dead_llm,
-        "--llm-max-attempts",
-        "2",
-        "--llm-retry-backoff",
-        "50ms",
-    ];
+    let args = ["--llm-base-url", &dead_llm, "--llm-max-attempts", "2", "--llm-retry-backoff", "50ms"];
     let pipeline = Pipeline::start(&stack, &args).await;
     let mut client = pipeline.client().await;
     client.ask("down-1", None, "Anyone there?").await;
@@ -279,17 +187,13 @@ async fn a_query_while_the_llm_is_down_fails_clearly_and_service_goes_on() {
     assert_eq!(failed["error_kind"], "unavailable", "{failed}");
     // The turn is closed: the conversation takes the next question.
     let conversation = failed["conversation_id"].as_str().unwrap().to_owned();
-    client
-        .ask("down-2", Some(&conversation), "Still there?")
-        .await;
+    client.ask("down-2", Some(&conversation), "Still there?").await;
     let frames = client.until_outcome().await;
     assert_eq!(only(&frames, "ack")[0]["sequence"], 4);
     assert_eq!(frames.last().unwrap()["type"], "failed");
 
     let events = read_topic(&pipeline, 5).await;
-    let ConversationEvent::ResponseFailed(recorded) = &events[2].0 else {
-        panic!("{events:?}")
-    };
+    let ConversationEvent::ResponseFailed(recorded) = &events[2].0 else { panic!("{events:?}") };
     assert_eq!(recorded.attempts, 2);
     pipeline.stop().await;
 }
@@ -306,32 +210,23 @@ async fn read_topic(pipeline: &Pipeline, count: usize) -> Vec<(ConversationEvent
         .create()
         .unwrap();
     let topic = pipeline.events_topic();
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
     let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics()[0].partitions() {
-        assignment
-            .add_partition_offset(&topic, partition.id(), Offset::Beginning)
-            .unwrap();
+        assignment.add_partition_offset(&topic, partition.id(), Offset::Beginning).unwrap();
     }
     consumer.assign(&assignment).unwrap();
     let mut events = Vec::new();
     while events.len() < count {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("events on the topic")
-            .unwrap();
+        let message =
+            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("events on the topic").unwrap();
         let traceparent = message.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key == "traceparent")
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         });
-        let decoded = codec
-            .decode_conversation_event(message.payload().unwrap())
-            .await
-            .unwrap();
+        let decoded = codec.decode_conversation_event(message.payload().unwrap()).await.unwrap();
         events.push((decoded.event, traceparent));
     }
     events.sort_by_key(|(e, _)| (e.envelope().conversation_id.clone(), e.envelope().sequence));
@@ -350,10 +245,7 @@ async fn every_gateway_instance_pushes_the_answers_of_its_own_sockets() {
     let (first, second) = tokio::join!(on_first.until_outcome(), on_second.until_outcome());
     for frames in [first, second] {
         assert_eq!(frames.last().unwrap()["type"], "answer", "{frames:?}");
-        assert_eq!(
-            frames.last().unwrap()["query_event_id"],
-            only(&frames, "ack")[0]["event_id"]
-        );
+        assert_eq!(frames.last().unwrap()["query_event_id"], only(&frames, "ack")[0]["event_id"]);
     }
     pipeline.stop().await;
 }
@@ -365,28 +257,18 @@ async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
 
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &pipeline.brokers)
-        .create()
-        .unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
     let garbage = b"\xde\xad\xbe\xef not avro".to_vec();
     let unknown_schema = vec![0, 0x7f, 0, 0, 1, 2, 3];
     let topic = pipeline.events_topic();
     for payload in [&garbage, &unknown_schema] {
         let record = FutureRecord::to(&topic).key("poison").payload(payload);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
     }
 
-    let letters =
-        read_all::<DeadLetter>(&pipeline, &format!("{}dead-letter", pipeline.prefix), 2).await;
+    let letters = read_all::<DeadLetter>(&pipeline, &format!("{}dead-letter", pipeline.prefix), 2).await;
     let payloads: Vec<_> = letters.iter().map(|l| l.payload.clone().unwrap()).collect();
-    assert!(
-        payloads.contains(&garbage) && payloads.contains(&unknown_schema),
-        "{letters:?}"
-    );
+    assert!(payloads.contains(&garbage) && payloads.contains(&unknown_schema), "{letters:?}");
     for letter in &letters {
         assert_eq!(letter.key.as_deref(), Some(&b"poison"[..]));
         assert_eq!(letter.source_topic, pipeline.events_topic());
@@ -396,19 +278,12 @@ async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
     // The pipeline is unharmed.
     let mut client = pipeline.client().await;
     client.ask("after-poison", None, "Still alive?").await;
-    assert_eq!(
-        client.until_outcome().await.last().unwrap()["type"],
-        "answer"
-    );
+    assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
     pipeline.stop().await;
 }
 
 /// Reads `count` records of type `T` from the start of `topic`.
-async fn read_all<T: parley_events::event::AvroEvent>(
-    pipeline: &Pipeline,
-    topic: &str,
-    count: usize,
-) -> Vec<T> {
+async fn read_all<T: parley_events::event::AvroEvent>(pipeline: &Pipeline, topic: &str, count: usize) -> Vec<T> {
     let codec = EventCodec::new(&pipeline.registry).unwrap();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &pipeline.brokers)
@@ -424,13 +299,7 @@ async fn read_all<T: parley_events::event::AvroEvent>(
             .await
             .expect("records on the topic")
             .unwrap();
-        records.push(
-            codec
-                .decode::<T>(message.payload().unwrap())
-                .await
-                .unwrap()
-                .event,
-        );
+        records.push(codec.decode::<T>(message.payload().unwrap()).await.unwrap().event);
     }
     records
 }

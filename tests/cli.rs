@@ -23,63 +23,35 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
         return;
     };
     let registered = Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args([
-            "--schema-registry-url",
-            &stack.registry,
-            "schemas",
-            "register",
-        ])
+        .args(["--schema-registry-url", &stack.registry, "schemas", "register"])
         .output()
         .unwrap();
-    assert!(
-        registered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&registered.stderr)
-    );
+    assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
 
     let repo_schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/avro");
     let ok = check(&stack.registry, Some(&repo_schemas));
-    assert!(
-        ok.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&ok.stdout),
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    assert!(
-        check(&stack.registry, None).status.success(),
-        "the compiled-in schemas too"
-    );
+    assert!(ok.status.success(), "{}{}", String::from_utf8_lossy(&ok.stdout), String::from_utf8_lossy(&ok.stderr));
+    assert!(check(&stack.registry, None).status.success(), "the compiled-in schemas too");
 
-    let dir =
-        std::env::temp_dir().join(format!("parley-schemas-{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!("parley-schemas-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(&repo_schemas).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
     }
-    let mut schema: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_schemas.join("user_query_received.v1.avsc")).unwrap(),
-    )
-    .unwrap();
-    schema["fields"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "locale", "type": "string"}));
+    let mut schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_schemas.join("user_query_received.v1.avsc")).unwrap())
+            .unwrap();
+    schema["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "locale", "type": "string"}));
     std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
 
     let refused = check(&stack.registry, Some(&dir));
     let stdout = String::from_utf8_lossy(&refused.stdout);
     assert_eq!(refused.status.code(), Some(1), "{stdout}");
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.contains("UserQueryReceived") && l.contains("INCOMPATIBLE")),
-        "{stdout}"
-    );
+    assert!(stdout.lines().any(|l| l.contains("UserQueryReceived") && l.contains("INCOMPATIBLE")), "{stdout}");
 
     // With a default the same change is compatible.
-    schema["fields"].as_array_mut().unwrap().last_mut().unwrap()["default"] =
-        serde_json::json!("en");
+    schema["fields"].as_array_mut().unwrap().last_mut().unwrap()["default"] = serde_json::json!("en");
     std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
     assert!(check(&stack.registry, Some(&dir)).status.success());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -88,34 +60,16 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
 #[test]
 fn a_bad_config_value_names_the_option_and_the_value() {
     let cases: [(&[&str], &str, &str); 4] = [
-        (
-            &["inference", "--llm-timeout", "fast"],
-            "--llm-timeout",
-            "fast",
-        ),
+        (&["inference", "--llm-timeout", "fast"], "--llm-timeout", "fast"),
         (&["inference", "--concurrency", "0"], "--concurrency", "0"),
-        (
-            &["gateway", "--listen", "nowhere:port"],
-            "--listen",
-            "nowhere:port",
-        ),
-        (
-            &["--topic-prefix", "bad/prefix", "topics"],
-            "--topic-prefix",
-            "bad/prefix",
-        ),
+        (&["gateway", "--listen", "nowhere:port"], "--listen", "nowhere:port"),
+        (&["--topic-prefix", "bad/prefix", "topics"], "--topic-prefix", "bad/prefix"),
     ];
     for (args, option, value) in cases {
-        let output = Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args(args)
-            .output()
-            .unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_parley")).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(option) && stderr.contains(value),
-            "{args:?}: {stderr}"
-        );
+        assert!(stderr.contains(option) && stderr.contains(value), "{args:?}: {stderr}");
     }
     let from_env = Command::new(env!("CARGO_BIN_EXE_parley"))
         .args(["gateway"])
@@ -123,8 +77,5 @@ fn a_bad_config_value_names_the_option_and_the_value() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&from_env.stderr);
-    assert!(
-        stderr.contains("--max-frame-bytes") && stderr.contains("huge"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--max-frame-bytes") && stderr.contains("huge"), "{stderr}");
 }

@@ -26,22 +26,10 @@ impl FromStr for LogPosition {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let invalid = || EventLogError::InvalidPosition(s.to_owned());
         let mut parts = s.rsplitn(3, '/');
-        let offset = parts
-            .next()
-            .and_then(|o| o.parse().ok())
-            .filter(|o: &i64| *o >= 0)
-            .ok_or_else(invalid)?;
-        let partition = parts
-            .next()
-            .and_then(|p| p.parse().ok())
-            .filter(|p: &i32| *p >= 0)
-            .ok_or_else(invalid)?;
+        let offset = parts.next().and_then(|o| o.parse().ok()).filter(|o: &i64| *o >= 0).ok_or_else(invalid)?;
+        let partition = parts.next().and_then(|p| p.parse().ok()).filter(|p: &i32| *p >= 0).ok_or_else(invalid)?;
         let topic = parts.next().filter(|t| !t.is_empty()).ok_or_else(invalid)?;
-        Ok(Self {
-            topic: topic.to_owned(),
-            partition,
-            offset,
-        })
+        Ok(Self { topic: topic.to_owned(), partition, offset })
     }
 }
 
@@ -51,15 +39,8 @@ mod tests {
 
     #[test]
     fn positions_round_trip_through_text() {
-        let position = LogPosition {
-            topic: "t.conversation-events".into(),
-            partition: 3,
-            offset: 42,
-        };
-        assert_eq!(
-            position.to_string().parse::<LogPosition>().unwrap(),
-            position
-        );
+        let position = LogPosition { topic: "t.conversation-events".into(), partition: 3, offset: 42 };
+        assert_eq!(position.to_string().parse::<LogPosition>().unwrap(), position);
         for bad in ["", "t/1", "t/x/1", "/1/2", "t/1/-2"] {
             assert!(bad.parse::<LogPosition>().is_err(), "{bad}");
         }

@@ -38,10 +38,7 @@ pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
 
 impl EventProducer {
     pub fn new(config: ClientConfig, codec: Arc<EventCodec>) -> Result<Self, EventLogError> {
-        Ok(Self {
-            producer: idempotent_config(config).create()?,
-            codec,
-        })
+        Ok(Self { producer: idempotent_config(config).create()?, codec })
     }
 
     pub fn codec(&self) -> &Arc<EventCodec> {
@@ -68,31 +65,17 @@ impl EventProducer {
         key: &str,
         event: &T,
         traceparent: Option<&str>,
-    ) -> Result<impl Future<Output = Result<LogPosition, EventLogError>> + use<T>, EventLogError>
-    {
+    ) -> Result<impl Future<Output = Result<LogPosition, EventLogError>> + use<T>, EventLogError> {
         let payload = self.codec.encode(event).await?;
         let headers = traceparent.map_or_else(OwnedHeaders::new, |tp| {
-            OwnedHeaders::new().insert(Header {
-                key: TRACEPARENT_HEADER,
-                value: Some(tp),
-            })
+            OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
         });
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(&payload)
-            .headers(headers);
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(error, _)| EventLogError::Kafka(error))?;
+        let record = FutureRecord::to(topic).key(key).payload(&payload).headers(headers);
+        let delivery = self.producer.send_result(record).map_err(|(error, _)| EventLogError::Kafka(error))?;
         let topic = topic.to_owned();
         Ok(async move {
             match delivery.await {
-                Ok(Ok(delivery)) => Ok(LogPosition {
-                    topic,
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }),
+                Ok(Ok(delivery)) => Ok(LogPosition { topic, partition: delivery.partition, offset: delivery.offset }),
                 Ok(Err((error, _))) => Err(EventLogError::Kafka(error)),
                 Err(_canceled) => Err(EventLogError::Kafka(rdkafka::error::KafkaError::Canceled)),
             }

@@ -50,11 +50,7 @@ mod tests {
         let calls = Cell::new(0);
         let result = retry_while_registry_down(&shutdown, || {
             calls.set(calls.get() + 1);
-            let outcome = if calls.get() < 3 {
-                Err(EventsError::Registry("down".into()))
-            } else {
-                Ok(7)
-            };
+            let outcome = if calls.get() < 3 { Err(EventsError::Registry("down".into())) } else { Ok(7) };
             async move { outcome }
         })
         .await;
@@ -70,10 +66,8 @@ mod tests {
         assert_eq!(calls.get(), 1);
 
         shutdown.cancel();
-        let result = retry_while_registry_down(&shutdown, || async {
-            Err::<(), _>(EventsError::Registry("down".into()))
-        })
-        .await;
+        let result =
+            retry_while_registry_down(&shutdown, || async { Err::<(), _>(EventsError::Registry("down".into())) }).await;
         assert!(result.is_none());
     }
 }

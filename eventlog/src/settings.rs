@@ -5,11 +5,7 @@ use rdkafka::ClientConfig;
 #[derive(Debug, Clone, Args)]
 pub struct KafkaSettings {
     /// Kafka bootstrap servers, comma separated.
-    #[arg(
-        long = "kafka-brokers",
-        env = "PARLEY_KAFKA_BROKERS",
-        default_value = "127.0.0.1:19092"
-    )]
+    #[arg(long = "kafka-brokers", env = "PARLEY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
     pub brokers: String,
 
     /// Prefix for every topic name, to run several isolated pipelines on one cluster.
@@ -21,9 +17,7 @@ impl KafkaSettings {
     /// Base client config for every producer, consumer and admin client.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &self.brokers)
-            .set("client.dns.lookup", "use_all_dns_ips");
+        config.set("bootstrap.servers", &self.brokers).set("client.dns.lookup", "use_all_dns_ips");
         config
     }
 
@@ -56,9 +50,7 @@ impl Topics {
 fn parse_topic_prefix(value: &str) -> Result<String, String> {
     let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if value.len() > 100 || !value.chars().all(legal) {
-        return Err(format!(
-            "{value:?}: at most 100 characters of [a-zA-Z0-9._-]"
-        ));
+        return Err(format!("{value:?}: at most 100 characters of [a-zA-Z0-9._-]"));
     }
     Ok(value.to_owned())
 }
@@ -78,13 +70,9 @@ mod tests {
 /// Parses a duration option such as `250ms`, `30s` or `2m` (a bare number is seconds).
 pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
     let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?}: expected a duration like 500ms, 30s or 2m"))?;
+    let number: u64 = number.parse().map_err(|_| format!("{value:?}: expected a duration like 500ms, 30s or 2m"))?;
     let millis = match unit {
         "ms" => number,
         "" | "s" => number.saturating_mul(1000),

@@ -41,11 +41,7 @@ impl Topics {
                 name: self.tokens.clone(),
                 partitions: CONVERSATION_PARTITIONS,
                 // Deltas only matter while a socket is waiting for them.
-                configs: vec![
-                    ("retention.ms", "3600000"),
-                    ("cleanup.policy", "delete"),
-                    ("segment.ms", "600000"),
-                ],
+                configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
             },
             TopicSpec {
                 name: self.dead_letter.clone(),
@@ -61,21 +57,14 @@ impl Topics {
 }
 
 /// Creates every missing topic; existing ones are left as they are.
-pub async fn ensure_topics(
-    settings: &KafkaSettings,
-    replication: i32,
-) -> Result<(), EventLogError> {
+pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result<(), EventLogError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
     let specs = settings.topics().specs();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|spec| {
             spec.configs.iter().fold(
-                NewTopic::new(
-                    &spec.name,
-                    spec.partitions,
-                    TopicReplication::Fixed(replication),
-                ),
+                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(replication)),
                 |topic, (key, value)| topic.set(key, value),
             )
         })
@@ -85,10 +74,7 @@ pub async fn ensure_topics(
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(EventLogError::TopicCreation {
-                    topic,
-                    reason: code.to_string(),
-                });
+                return Err(EventLogError::TopicCreation { topic, reason: code.to_string() });
             }
         }
     }

@@ -14,19 +14,15 @@ pub fn new_traceparent() -> String {
 
 /// A new span in the trace of `parent` (or a new trace if `parent` is not valid).
 pub fn child_of(parent: Option<&str>) -> String {
-    parent
-        .and_then(trace_id)
-        .map_or_else(new_traceparent, child_traceparent)
+    parent.and_then(trace_id).map_or_else(new_traceparent, child_traceparent)
 }
 
 /// The 32-hex-digit trace id of a `traceparent`, if it is well formed.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2) && parts.next().is_none())
-        .then_some(trace)
+    (hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2) && parts.next().is_none()).then_some(trace)
 }
 
 fn child_traceparent(trace: &str) -> String {

@@ -19,30 +19,12 @@ const ENVELOPE: &str = "io.parley.events.Envelope";
 /// The `.avsc` files shipped with this build, as (file name, contents).
 const EMBEDDED: &[(&str, &str)] = &[
     ("envelope.v1.avsc", include_str!("../avro/envelope.v1.avsc")),
-    (
-        "conversation_started.v1.avsc",
-        include_str!("../avro/conversation_started.v1.avsc"),
-    ),
-    (
-        "user_query_received.v1.avsc",
-        include_str!("../avro/user_query_received.v1.avsc"),
-    ),
-    (
-        "llm_response_generated.v1.avsc",
-        include_str!("../avro/llm_response_generated.v1.avsc"),
-    ),
-    (
-        "llm_response_failed.v1.avsc",
-        include_str!("../avro/llm_response_failed.v1.avsc"),
-    ),
-    (
-        "llm_token_delta.v1.avsc",
-        include_str!("../avro/llm_token_delta.v1.avsc"),
-    ),
-    (
-        "dead_letter.v1.avsc",
-        include_str!("../avro/dead_letter.v1.avsc"),
-    ),
+    ("conversation_started.v1.avsc", include_str!("../avro/conversation_started.v1.avsc")),
+    ("user_query_received.v1.avsc", include_str!("../avro/user_query_received.v1.avsc")),
+    ("llm_response_generated.v1.avsc", include_str!("../avro/llm_response_generated.v1.avsc")),
+    ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
+    ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
+    ("dead_letter.v1.avsc", include_str!("../avro/dead_letter.v1.avsc")),
 ];
 
 /// One event schema at one version, with the envelope inlined.
@@ -60,11 +42,7 @@ pub struct SchemaEntry {
 impl SchemaEntry {
     /// This schema as the registry client takes it.
     pub fn supplied(&self) -> SuppliedSchema {
-        SuppliedSchema::new(
-            Some(self.full_name.clone()),
-            SchemaType::Avro,
-            self.json.clone(),
-        )
+        SuppliedSchema::new(Some(self.full_name.clone()), SchemaType::Avro, self.json.clone())
     }
 }
 
@@ -77,9 +55,7 @@ pub struct SchemaCatalog {
 impl SchemaCatalog {
     /// The schemas compiled into this binary: what its producers write and readers expect.
     pub fn embedded() -> Self {
-        let files = EMBEDDED
-            .iter()
-            .map(|(f, c)| ((*f).to_owned(), (*c).to_owned()));
+        let files = EMBEDDED.iter().map(|(f, c)| ((*f).to_owned(), (*c).to_owned()));
         #[allow(clippy::expect_used)] // the embedded files are checked by this crate's tests
         Self::from_files(files).expect("embedded schemas are valid")
     }
@@ -94,10 +70,7 @@ impl SchemaCatalog {
         for entry in std::fs::read_dir(dir).map_err(io_err)? {
             let path = entry.map_err(io_err)?.path();
             if path.extension().is_some_and(|e| e == "avsc") {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 files.push((name, std::fs::read_to_string(&path).map_err(io_err)?));
             }
         }
@@ -105,28 +78,15 @@ impl SchemaCatalog {
     }
 
     /// Builds a catalog from (file name, JSON) pairs named `<snake_name>.v<N>.avsc`.
-    pub fn from_files(
-        files: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, EventsError> {
+    pub fn from_files(files: impl IntoIterator<Item = (String, String)>) -> Result<Self, EventsError> {
         let mut parsed = Vec::new();
         let mut envelopes = BTreeMap::new();
         for (file, text) in files {
-            let bad = |reason: String| EventsError::SchemaFile {
-                file: file.clone(),
-                reason,
-            };
-            let version =
-                file_version(&file).ok_or_else(|| bad("name must end in .v<N>.avsc".into()))?;
-            let json: Json =
-                serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-            let name = json
-                .get("name")
-                .and_then(Json::as_str)
-                .ok_or_else(|| bad("no record name".into()))?;
-            let namespace = json
-                .get("namespace")
-                .and_then(Json::as_str)
-                .unwrap_or(NAMESPACE);
+            let bad = |reason: String| EventsError::SchemaFile { file: file.clone(), reason };
+            let version = file_version(&file).ok_or_else(|| bad("name must end in .v<N>.avsc".into()))?;
+            let json: Json = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            let name = json.get("name").and_then(Json::as_str).ok_or_else(|| bad("no record name".into()))?;
+            let namespace = json.get("namespace").and_then(Json::as_str).unwrap_or(NAMESPACE);
             let full_name = format!("{namespace}.{name}");
             if full_name == ENVELOPE {
                 envelopes.insert(version, json);
@@ -134,33 +94,24 @@ impl SchemaCatalog {
                 parsed.push((file, version, full_name, json));
             }
         }
-        let envelope =
-            envelopes
-                .into_values()
-                .next_back()
-                .ok_or_else(|| EventsError::SchemaFile {
-                    file: "envelope.v<N>.avsc".into(),
-                    reason: "missing".into(),
-                })?;
+        let envelope = envelopes
+            .into_values()
+            .next_back()
+            .ok_or_else(|| EventsError::SchemaFile { file: "envelope.v<N>.avsc".into(), reason: "missing".into() })?;
 
         let mut by_name: BTreeMap<String, Vec<SchemaEntry>> = BTreeMap::new();
         for (file, version, full_name, mut json) in parsed {
             inline_named_type(&mut json, ENVELOPE, &envelope);
             let text = json.to_string();
-            let schema = Schema::parse_str(&text).map_err(|e| EventsError::SchemaFile {
-                file: file.clone(),
-                reason: e.to_string(),
-            })?;
-            by_name
-                .entry(full_name.clone())
-                .or_default()
-                .push(SchemaEntry {
-                    full_name,
-                    version,
-                    file,
-                    json: text,
-                    schema,
-                });
+            let schema = Schema::parse_str(&text)
+                .map_err(|e| EventsError::SchemaFile { file: file.clone(), reason: e.to_string() })?;
+            by_name.entry(full_name.clone()).or_default().push(SchemaEntry {
+                full_name,
+                version,
+                file,
+                json: text,
+                schema,
+            });
         }
         for versions in by_name.values_mut() {
             versions.sort_by_key(|e| e.version);
@@ -204,9 +155,7 @@ fn inline_named_type(json: &mut Json, name: &str, with: &Json) {
                 inline_named_type(value, name, with);
             }
         }
-        Json::Array(items) => items
-            .iter_mut()
-            .for_each(|v| inline_named_type(v, name, with)),
+        Json::Array(items) => items.iter_mut().for_each(|v| inline_named_type(v, name, with)),
         _ => {}
     }
 }
@@ -218,15 +167,10 @@ mod tests {
     #[test]
     fn embedded_catalog_inlines_the_envelope_in_every_event() {
         let catalog = SchemaCatalog::embedded();
-        let entry = catalog
-            .latest("io.parley.events.UserQueryReceived")
-            .unwrap();
+        let entry = catalog.latest("io.parley.events.UserQueryReceived").unwrap();
         assert_eq!(entry.version, 1);
         assert!(entry.json.contains("\"correlation_id\""), "{}", entry.json);
-        assert!(
-            catalog.latest(ENVELOPE).is_err(),
-            "the envelope is not an event of its own"
-        );
+        assert!(catalog.latest(ENVELOPE).is_err(), "the envelope is not an event of its own");
     }
 
     #[test]

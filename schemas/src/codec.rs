@@ -54,19 +54,9 @@ impl EventCodec {
         };
         let strategies = catalog
             .latest_entries()
-            .map(|entry| {
-                (
-                    entry.full_name.clone(),
-                    SubjectNameStrategy::RecordNameStrategyWithSchema(entry.supplied()),
-                )
-            })
+            .map(|entry| (entry.full_name.clone(), SubjectNameStrategy::RecordNameStrategyWithSchema(entry.supplied())))
             .collect();
-        Ok(Self {
-            encoder: AvroEncoder::new(settings()?),
-            decoder: AvroDecoder::new(settings()?),
-            catalog,
-            strategies,
-        })
+        Ok(Self { encoder: AvroEncoder::new(settings()?), decoder: AvroDecoder::new(settings()?), catalog, strategies })
     }
 
     pub fn catalog(&self) -> &SchemaCatalog {
@@ -75,50 +65,33 @@ impl EventCodec {
 
     /// Encodes `event` with this build's schema for it (registering it on first use).
     pub async fn encode<T: AvroEvent>(&self, event: &T) -> Result<Vec<u8>, EventsError> {
-        let unencodable = |reason: String| EventsError::Unencodable {
-            event_type: T::FULL_NAME.to_owned(),
-            reason,
-        };
+        let unencodable = |reason: String| EventsError::Unencodable { event_type: T::FULL_NAME.to_owned(), reason };
         let entry = self.catalog.latest(T::FULL_NAME)?;
         let value = apache_avro::to_value(event)
             .and_then(|v| v.resolve(&entry.schema))
             .map_err(|e| unencodable(e.to_string()))?;
-        let strategy = self
-            .strategies
-            .get(T::FULL_NAME)
-            .ok_or_else(|| EventsError::UnknownEventType(T::FULL_NAME.into()))?;
-        self.encoder
-            .encode_value(value, strategy)
-            .await
-            .map_err(|e| {
-                if e.retriable {
-                    self.encoder.remove_errors_from_cache();
-                    registry_error(e)
-                } else {
-                    unencodable(e.to_string())
-                }
-            })
+        let strategy =
+            self.strategies.get(T::FULL_NAME).ok_or_else(|| EventsError::UnknownEventType(T::FULL_NAME.into()))?;
+        self.encoder.encode_value(value, strategy).await.map_err(|e| {
+            if e.retriable {
+                self.encoder.remove_errors_from_cache();
+                registry_error(e)
+            } else {
+                unencodable(e.to_string())
+            }
+        })
     }
 
     /// Decodes one record of the `conversation-events` topic.
-    pub async fn decode_conversation_event(
-        &self,
-        bytes: &[u8],
-    ) -> Result<Decoded<ConversationEvent>, EventsError> {
+    pub async fn decode_conversation_event(&self, bytes: &[u8]) -> Result<Decoded<ConversationEvent>, EventsError> {
         let (schema_id, name, value) = self.decode_value(bytes).await?;
         let event = match name.as_str() {
-            ConversationStarted::FULL_NAME => {
-                ConversationEvent::Started(self.typed(schema_id, &name, value)?)
-            }
-            UserQueryReceived::FULL_NAME => {
-                ConversationEvent::QueryReceived(self.typed(schema_id, &name, value)?)
-            }
+            ConversationStarted::FULL_NAME => ConversationEvent::Started(self.typed(schema_id, &name, value)?),
+            UserQueryReceived::FULL_NAME => ConversationEvent::QueryReceived(self.typed(schema_id, &name, value)?),
             LLMResponseGenerated::FULL_NAME => {
                 ConversationEvent::ResponseGenerated(self.typed(schema_id, &name, value)?)
             }
-            LLMResponseFailed::FULL_NAME => {
-                ConversationEvent::ResponseFailed(self.typed(schema_id, &name, value)?)
-            }
+            LLMResponseFailed::FULL_NAME => ConversationEvent::ResponseFailed(self.typed(schema_id, &name, value)?),
             other => {
                 return Err(EventsError::Undecodable {
                     schema_id: Some(schema_id),
@@ -138,10 +111,7 @@ impl EventCodec {
                 reason: format!("expected {}, got {name}", T::FULL_NAME),
             });
         }
-        Ok(Decoded {
-            schema_id,
-            event: self.typed(schema_id, &name, value)?,
-        })
+        Ok(Decoded { schema_id, event: self.typed(schema_id, &name, value)? })
     }
 
     async fn decode_value(&self, bytes: &[u8]) -> Result<(u32, String, Value), EventsError> {
@@ -151,38 +121,21 @@ impl EventCodec {
                 self.decoder.remove_errors_from_cache();
                 registry_error(e)
             } else {
-                EventsError::Undecodable {
-                    schema_id: Some(schema_id),
-                    reason: e.to_string(),
-                }
+                EventsError::Undecodable { schema_id: Some(schema_id), reason: e.to_string() }
             }
         })?;
-        let name =
-            decoded
-                .name
-                .map(|n| n.fullname(None))
-                .ok_or_else(|| EventsError::Undecodable {
-                    schema_id: Some(schema_id),
-                    reason: "writer schema is not a named record".into(),
-                })?;
+        let name = decoded.name.map(|n| n.fullname(None)).ok_or_else(|| EventsError::Undecodable {
+            schema_id: Some(schema_id),
+            reason: "writer schema is not a named record".into(),
+        })?;
         Ok((schema_id, name, decoded.value))
     }
 
     /// Resolves a value written with any compatible schema version to this build's version.
-    fn typed<T: AvroEvent>(
-        &self,
-        schema_id: u32,
-        name: &str,
-        value: Value,
-    ) -> Result<T, EventsError> {
-        let undecodable = |reason: String| EventsError::Undecodable {
-            schema_id: Some(schema_id),
-            reason,
-        };
+    fn typed<T: AvroEvent>(&self, schema_id: u32, name: &str, value: Value) -> Result<T, EventsError> {
+        let undecodable = |reason: String| EventsError::Undecodable { schema_id: Some(schema_id), reason };
         let reader = &self.catalog.latest(name)?.schema;
-        let resolved = value
-            .resolve(reader)
-            .map_err(|e| undecodable(format!("cannot resolve to {name}: {e}")))?;
+        let resolved = value.resolve(reader).map_err(|e| undecodable(format!("cannot resolve to {name}: {e}")))?;
         apache_avro::from_value(&resolved).map_err(|e| undecodable(e.to_string()))
     }
 }
@@ -192,13 +145,8 @@ pub fn wire_schema_id(bytes: &[u8]) -> Result<u32, EventsError> {
     match bytes {
         [0, a, b, c, d, ..] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
         [] => Err(EventsError::NotWireFormat("empty payload".into())),
-        [magic, ..] if *magic != 0 => Err(EventsError::NotWireFormat(format!(
-            "magic byte {magic}, expected 0"
-        ))),
-        short => Err(EventsError::NotWireFormat(format!(
-            "{} bytes, need at least 5",
-            short.len()
-        ))),
+        [magic, ..] if *magic != 0 => Err(EventsError::NotWireFormat(format!("magic byte {magic}, expected 0"))),
+        short => Err(EventsError::NotWireFormat(format!("{} bytes, need at least 5", short.len()))),
     }
 }
 
@@ -221,17 +169,8 @@ mod tests {
     #[test]
     fn wire_format_header_is_validated() {
         assert_eq!(wire_schema_id(&[0, 0, 0, 1, 2, 9]).unwrap(), 258);
-        assert!(matches!(
-            wire_schema_id(&[]),
-            Err(EventsError::NotWireFormat(_))
-        ));
-        assert!(matches!(
-            wire_schema_id(&[7, 0, 0, 0, 1]),
-            Err(EventsError::NotWireFormat(_))
-        ));
-        assert!(matches!(
-            wire_schema_id(&[0, 1]),
-            Err(EventsError::NotWireFormat(_))
-        ));
+        assert!(matches!(wire_schema_id(&[]), Err(EventsError::NotWireFormat(_))));
+        assert!(matches!(wire_schema_id(&[7, 0, 0, 0, 1]), Err(EventsError::NotWireFormat(_))));
+        assert!(matches!(wire_schema_id(&[0, 1]), Err(EventsError::NotWireFormat(_))));
     }
 }

@@ -12,10 +12,7 @@ pub enum EventsError {
     #[error("schema registry: {0}")]
     Registry(String),
     #[error("could not decode event (schema id {schema_id:?}): {reason}")]
-    Undecodable {
-        schema_id: Option<u32>,
-        reason: String,
-    },
+    Undecodable { schema_id: Option<u32>, reason: String },
     #[error("could not encode {event_type}: {reason}")]
     Unencodable { event_type: String, reason: String },
 }

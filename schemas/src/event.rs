@@ -36,12 +36,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// An envelope stamped now, for `event_id` at `sequence` of `conversation_id`.
-    pub fn new(
-        event_id: Uuid,
-        conversation_id: impl std::fmt::Display,
-        sequence: i64,
-        producer: Producer,
-    ) -> Self {
+    pub fn new(event_id: Uuid, conversation_id: impl std::fmt::Display, sequence: i64, producer: Producer) -> Self {
         Self {
             event_id: event_id.to_string(),
             conversation_id: conversation_id.to_string(),
@@ -75,9 +70,7 @@ impl Envelope {
 
 /// Milliseconds since the Unix epoch, the unit of every `timestamp-millis` field.
 pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

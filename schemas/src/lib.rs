@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod conversation;
 pub mod error;
 pub mod event;
 pub mod registry;

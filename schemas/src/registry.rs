@@ -54,19 +54,12 @@ impl SchemaRegistry {
             .no_proxy()
             .build()
             .map_err(|e| EventsError::Registry(e.to_string()))?;
-        Ok(Self {
-            url,
-            settings,
-            http,
-        })
+        Ok(Self { url, settings, http })
     }
 
     /// Sets the default compatibility level, then registers every version of every event,
     /// oldest first. Returns (subject, schema id) of each latest version.
-    pub async fn register_all(
-        &self,
-        catalog: &SchemaCatalog,
-    ) -> Result<Vec<(String, u32)>, EventsError> {
+    pub async fn register_all(&self, catalog: &SchemaCatalog) -> Result<Vec<(String, u32)>, EventsError> {
         self.set_default_compatibility(COMPATIBILITY_LEVEL).await?;
         let mut latest = Vec::new();
         for entry in catalog.entries() {
@@ -81,34 +74,21 @@ impl SchemaRegistry {
 
     /// Asks the registry whether the newest version of each event in `catalog` may be
     /// registered next to what is already there.
-    pub async fn check(
-        &self,
-        catalog: &SchemaCatalog,
-    ) -> Result<Vec<CompatibilityReport>, EventsError> {
-        let subjects = get_all_subjects(&self.settings)
-            .await
-            .map_err(|e| EventsError::Registry(e.to_string()))?;
+    pub async fn check(&self, catalog: &SchemaCatalog) -> Result<Vec<CompatibilityReport>, EventsError> {
+        let subjects = get_all_subjects(&self.settings).await.map_err(|e| EventsError::Registry(e.to_string()))?;
         let mut reports = Vec::new();
         for entry in catalog.latest_entries() {
             let verdict = if !subjects.contains(&entry.full_name) {
                 Verdict::NewSubject
-            } else if is_compatible_schema(
-                &self.settings,
-                entry.full_name.clone(),
-                entry.supplied(),
-            )
-            .await
-            .map_err(|e| EventsError::Registry(format!("checking {}: {e}", entry.file)))?
+            } else if is_compatible_schema(&self.settings, entry.full_name.clone(), entry.supplied())
+                .await
+                .map_err(|e| EventsError::Registry(format!("checking {}: {e}", entry.file)))?
             {
                 Verdict::Compatible
             } else {
                 Verdict::Incompatible
             };
-            reports.push(CompatibilityReport {
-                subject: entry.full_name.clone(),
-                file: entry.file.clone(),
-                verdict,
-            });
+            reports.push(CompatibilityReport { subject: entry.full_name.clone(), file: entry.file.clone(), verdict });
         }
         Ok(reports)
     }
@@ -136,9 +116,7 @@ impl SchemaRegistry {
                 continue;
             }
             let body = response.text().await.unwrap_or_default();
-            return Err(EventsError::Registry(format!(
-                "setting compatibility: {status} {body}"
-            )));
+            return Err(EventsError::Registry(format!("setting compatibility: {status} {body}")));
         }
     }
 }

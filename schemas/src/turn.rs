@@ -60,11 +60,7 @@ pub enum Applied {
 impl ConversationHead {
     /// The head right after `ConversationStarted`.
     pub fn started(owner: impl Into<String>) -> Self {
-        Self {
-            owner: owner.into(),
-            last_sequence: STARTED_SEQUENCE,
-            open_query: None,
-        }
+        Self { owner: owner.into(), last_sequence: STARTED_SEQUENCE, open_query: None }
     }
 
     /// Rebuilds a head from a conversation's events in log order.
@@ -72,9 +68,7 @@ impl ConversationHead {
         let mut head: Option<Self> = None;
         for event in events {
             match (&mut head, event) {
-                (None, ConversationEvent::Started(started)) => {
-                    head = Some(Self::started(&started.user_id))
-                }
+                (None, ConversationEvent::Started(started)) => head = Some(Self::started(&started.user_id)),
                 (Some(h), event) => {
                     h.apply(event);
                 }
@@ -90,11 +84,21 @@ impl ConversationHead {
             return Err(TurnRejection::NotOwner);
         }
         if let Some(open) = &self.open_query {
-            return Err(TurnRejection::TurnInProgress {
-                open_query_event_id: open.event_id.clone(),
-            });
+            return Err(TurnRejection::TurnInProgress { open_query_event_id: open.event_id.clone() });
         }
         Ok(self.last_sequence + 1)
+    }
+
+    /// Applies one event idempotently, and also across a gap: a later event is a fact, and
+    /// refusing it would stall the conversation and hide every event after it. Returns what
+    /// the event was relative to the head before (so a gap can be reported).
+    pub fn apply_over_gaps(&mut self, event: &ConversationEvent) -> Applied {
+        let applied = self.apply(event);
+        if let Applied::Gap { got, .. } = applied {
+            self.last_sequence = got - 1;
+            self.apply(event);
+        }
+        applied
     }
 
     /// Applies one event idempotently by its sequence number.
@@ -104,10 +108,7 @@ impl ConversationHead {
             return Applied::AlreadyApplied;
         }
         if sequence != self.last_sequence + 1 {
-            return Applied::Gap {
-                expected: self.last_sequence + 1,
-                got: sequence,
-            };
+            return Applied::Gap { expected: self.last_sequence + 1, got: sequence };
         }
         self.last_sequence = sequence;
         self.open_query = match event {
@@ -127,19 +128,11 @@ mod tests {
     use super::*;
     use crate::event::*;
 
-    const P: Producer = Producer {
-        name: "test",
-        version: "0",
-    };
+    const P: Producer = Producer { name: "test", version: "0" };
 
     fn query(conversation: Uuid, sequence: i64, client_id: &str) -> ConversationEvent {
         ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: Envelope::new(
-                query_event_id(conversation, client_id),
-                conversation,
-                sequence,
-                P,
-            ),
+            envelope: Envelope::new(query_event_id(conversation, client_id), conversation, sequence, P),
             user_id: "alice".into(),
             client_message_id: client_id.into(),
             text: "hi".into(),
@@ -162,23 +155,14 @@ mod tests {
         let mut head = ConversationHead::started("alice");
         assert_eq!(head.admit("alice"), Ok(2));
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
-        assert!(matches!(
-            head.admit("alice"),
-            Err(TurnRejection::TurnInProgress { .. })
-        ));
-        assert_eq!(
-            head.apply(&failed(c, outcome_sequence(2))),
-            Applied::Advanced
-        );
+        assert!(matches!(head.admit("alice"), Err(TurnRejection::TurnInProgress { .. })));
+        assert_eq!(head.apply(&failed(c, outcome_sequence(2))), Applied::Advanced);
         assert_eq!(head.admit("alice"), Ok(4));
     }
 
     #[test]
     fn only_the_owner_may_extend_a_conversation() {
-        assert_eq!(
-            ConversationHead::started("alice").admit("mallory"),
-            Err(TurnRejection::NotOwner)
-        );
+        assert_eq!(ConversationHead::started("alice").admit("mallory"), Err(TurnRejection::NotOwner));
     }
 
     #[test]
@@ -189,13 +173,7 @@ mod tests {
         let before = head.clone();
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::AlreadyApplied);
         assert_eq!(head, before);
-        assert_eq!(
-            head.apply(&query(c, 5, "m3")),
-            Applied::Gap {
-                expected: 3,
-                got: 5
-            }
-        );
+        assert_eq!(head.apply(&query(c, 5, "m3")), Applied::Gap { expected: 3, got: 5 });
         assert_eq!(head, before);
     }
 
@@ -209,10 +187,7 @@ mod tests {
         let log = [started, query(c, 2, "m1"), failed(c, 3), query(c, 4, "m2")];
         let head = ConversationHead::fold(&log).unwrap();
         assert_eq!(head.last_sequence, 4);
-        assert_eq!(
-            head.open_query.map(|q| q.client_message_id),
-            Some("m2".to_owned())
-        );
+        assert_eq!(head.open_query.map(|q| q.client_message_id), Some("m2".to_owned()));
     }
 
     #[test]
@@ -220,9 +195,6 @@ mod tests {
         let c = Uuid::new_v4();
         assert_eq!(query_event_id(c, "m1"), query_event_id(c, "m1"));
         assert_ne!(query_event_id(c, "m1"), query_event_id(c, "m2"));
-        assert_ne!(
-            query_event_id(c, "m1"),
-            query_event_id(Uuid::new_v4(), "m1")
-        );
+        assert_ne!(query_event_id(c, "m1"), query_event_id(Uuid::new_v4(), "m1"));
     }
 }

@@ -16,23 +16,17 @@ fn registry_url() -> Option<String> {
             panic!("PARLEY_REQUIRE_STACK=1 but PARLEY_SCHEMA_REGISTRY_URL is not set")
         }
         Err(_) => {
-            eprintln!(
-                "skipped: PARLEY_SCHEMA_REGISTRY_URL not set (start the stack with infra/stack.sh start)"
-            );
+            eprintln!("skipped: PARLEY_SCHEMA_REGISTRY_URL not set (start the stack with infra/stack.sh start)");
             None
         }
     }
 }
 
-const P: Producer = Producer {
-    name: "codec-test",
-    version: "0",
-};
+const P: Producer = Producer { name: "codec-test", version: "0" };
 
 fn envelope(sequence: i64) -> Envelope {
-    Envelope::new(Uuid::new_v4(), Uuid::new_v4(), sequence, P).with_traceparent(Some(
-        "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01".into(),
-    ))
+    Envelope::new(Uuid::new_v4(), Uuid::new_v4(), sequence, P)
+        .with_traceparent(Some("00-0123456789abcdef0123456789abcdef-0123456789abcdef-01".into()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -40,10 +34,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     let Some(url) = registry_url() else { return };
     let codec = EventCodec::new(&url).unwrap();
     let events = vec![
-        ConversationEvent::Started(ConversationStarted {
-            envelope: envelope(1),
-            user_id: "u-1".into(),
-        }),
+        ConversationEvent::Started(ConversationStarted { envelope: envelope(1), user_id: "u-1".into() }),
         ConversationEvent::QueryReceived(UserQueryReceived {
             envelope: envelope(2),
             user_id: "u-1".into(),
@@ -92,14 +83,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         delta: "lo".into(),
         traceparent: None,
     };
-    assert_eq!(
-        codec
-            .decode::<LLMTokenDelta>(&codec.encode(&delta).await.unwrap())
-            .await
-            .unwrap()
-            .event,
-        delta
-    );
+    assert_eq!(codec.decode::<LLMTokenDelta>(&codec.encode(&delta).await.unwrap()).await.unwrap().event, delta);
 
     let letter = DeadLetter {
         source_topic: "t".into(),
@@ -111,25 +95,10 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         error: "bad".into(),
         failed_at: now_millis(),
     };
-    assert_eq!(
-        codec
-            .decode::<DeadLetter>(&codec.encode(&letter).await.unwrap())
-            .await
-            .unwrap()
-            .event,
-        letter
-    );
+    assert_eq!(codec.decode::<DeadLetter>(&codec.encode(&letter).await.unwrap()).await.unwrap().event, letter);
 
-    let wrong_type = codec
-        .decode::<LLMTokenDelta>(&codec.encode(&letter).await.unwrap())
-        .await
-        .unwrap_err();
-    assert!(
-        wrong_type
-            .to_string()
-            .contains("expected io.parley.events.LLMTokenDelta"),
-        "{wrong_type}"
-    );
+    let wrong_type = codec.decode::<LLMTokenDelta>(&codec.encode(&letter).await.unwrap()).await.unwrap_err();
+    assert!(wrong_type.to_string().contains("expected io.parley.events.LLMTokenDelta"), "{wrong_type}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -138,52 +107,20 @@ async fn unknown_schema_ids_and_garbage_give_typed_errors() {
     let codec = EventCodec::new(&url).unwrap();
 
     let unknown_id = [0, 0x7f, 0xff, 0xff, 0x01, 2, 4];
-    let err = codec
-        .decode_conversation_event(&unknown_id)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EventsError::Undecodable {
-                schema_id: Some(0x7fff_ff01),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(
-        !err.is_retryable(),
-        "an unknown id is the message's fault, not the registry's"
-    );
+    let err = codec.decode_conversation_event(&unknown_id).await.unwrap_err();
+    assert!(matches!(err, EventsError::Undecodable { schema_id: Some(0x7fff_ff01), .. }), "{err:?}");
+    assert!(!err.is_retryable(), "an unknown id is the message's fault, not the registry's");
 
-    for garbage in [
-        &b""[..],
-        b"\xde\xad\xbe\xef\x00\x01",
-        b"{\"json\":true}",
-        b"\x00\x00",
-    ] {
+    for garbage in [&b""[..], b"\xde\xad\xbe\xef\x00\x01", b"{\"json\":true}", b"\x00\x00"] {
         let err = codec.decode_conversation_event(garbage).await.unwrap_err();
-        assert!(
-            matches!(err, EventsError::NotWireFormat(_)),
-            "{garbage:?}: {err:?}"
-        );
+        assert!(matches!(err, EventsError::NotWireFormat(_)), "{garbage:?}: {err:?}");
     }
 
     // A real schema id followed by a body that is not that schema's Avro.
-    let good = codec
-        .encode(&ConversationStarted {
-            envelope: envelope(1),
-            user_id: "u".into(),
-        })
-        .await
-        .unwrap();
+    let good = codec.encode(&ConversationStarted { envelope: envelope(1), user_id: "u".into() }).await.unwrap();
     let mut truncated = good[..5].to_vec();
     truncated.extend_from_slice(&[0xff; 3]);
-    let err = codec
-        .decode_conversation_event(&truncated)
-        .await
-        .unwrap_err();
+    let err = codec.decode_conversation_event(&truncated).await.unwrap_err();
     assert!(matches!(err, EventsError::Undecodable { .. }), "{err:?}");
     // Huge length prefixes must not allocate without bound.
     let mut hostile = good[..5].to_vec();
@@ -194,10 +131,7 @@ async fn unknown_schema_ids_and_garbage_give_typed_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_registry_is_a_retryable_error() {
     let codec = EventCodec::new("http://127.0.0.1:9/apis/ccompat/v7").unwrap();
-    let err = codec
-        .decode_conversation_event(&[0, 0, 0, 0, 1, 0])
-        .await
-        .unwrap_err();
+    let err = codec.decode_conversation_event(&[0, 0, 0, 0, 1, 0]).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
 }
 
@@ -232,11 +166,7 @@ const PROBE_V2: &str = r#"{"type":"record","name":"EvolutionProbe","namespace":"
 fn catalog(versions: &[(&str, &str)]) -> SchemaCatalog {
     let envelope = include_str!("../avro/envelope.v1.avsc");
     let mut files = vec![("envelope.v1.avsc".to_owned(), envelope.to_owned())];
-    files.extend(
-        versions
-            .iter()
-            .map(|(f, c)| ((*f).to_owned(), (*c).to_owned())),
-    );
+    files.extend(versions.iter().map(|(f, c)| ((*f).to_owned(), (*c).to_owned())));
     SchemaCatalog::from_files(files).unwrap()
 }
 
@@ -244,45 +174,25 @@ fn catalog(versions: &[(&str, &str)]) -> SchemaCatalog {
 async fn old_writers_and_new_readers_interoperate_both_ways() {
     let Some(url) = registry_url() else { return };
     let old = EventCodec::with_catalog(&url, catalog(&[("probe.v1.avsc", PROBE_V1)])).unwrap();
-    let new = EventCodec::with_catalog(
-        &url,
-        catalog(&[("probe.v1.avsc", PROBE_V1), ("probe.v2.avsc", PROBE_V2)]),
-    )
-    .unwrap();
+    let new =
+        EventCodec::with_catalog(&url, catalog(&[("probe.v1.avsc", PROBE_V1), ("probe.v2.avsc", PROBE_V2)])).unwrap();
 
-    let v1 = ProbeV1 {
-        envelope: envelope(1),
-        text: "hi".into(),
-    };
+    let v1 = ProbeV1 { envelope: envelope(1), text: "hi".into() };
     let from_old = old.encode(&v1).await.unwrap();
     let read_by_new: ProbeV2 = new.decode(&from_old).await.unwrap().event;
     assert_eq!(
         read_by_new,
-        ProbeV2 {
-            envelope: v1.envelope.clone(),
-            text: "hi".into(),
-            locale: "en".into()
-        },
+        ProbeV2 { envelope: v1.envelope.clone(), text: "hi".into(), locale: "en".into() },
         "default fills the new field"
     );
 
-    let v2 = ProbeV2 {
-        envelope: envelope(2),
-        text: "salut".into(),
-        locale: "fr".into(),
-    };
+    let v2 = ProbeV2 { envelope: envelope(2), text: "salut".into(), locale: "fr".into() };
     let from_new = new.encode(&v2).await.unwrap();
-    assert_ne!(
-        codec::wire_schema_id(&from_old).unwrap(),
-        codec::wire_schema_id(&from_new).unwrap()
-    );
+    assert_ne!(codec::wire_schema_id(&from_old).unwrap(), codec::wire_schema_id(&from_new).unwrap());
     let read_by_old: ProbeV1 = old.decode(&from_new).await.unwrap().event;
     assert_eq!(
         read_by_old,
-        ProbeV1 {
-            envelope: v2.envelope,
-            text: "salut".into()
-        },
+        ProbeV1 { envelope: v2.envelope, text: "salut".into() },
         "old readers ignore the new field"
     );
 }

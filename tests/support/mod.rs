@@ -22,7 +22,11 @@ pub struct Stack {
     pub brokers: String,
     pub registry: String,
     pub llm: String,
+    pub cql: String,
 }
+
+/// Keyspace shared by the tests: their conversations and topics never collide.
+pub const TEST_KEYSPACE: &str = "parley_test";
 
 pub fn stack() -> Option<Stack> {
     let var = |name: &str| std::env::var(name).ok();
@@ -30,15 +34,12 @@ pub fn stack() -> Option<Stack> {
         var("PARLEY_KAFKA_BROKERS"),
         var("PARLEY_SCHEMA_REGISTRY_URL"),
         var("PARLEY_LLM_BASE_URL"),
+        var("PARLEY_CQL_NODES"),
     ) {
-        (Some(brokers), Some(registry), Some(llm)) => Some(Stack {
-            brokers,
-            registry,
-            llm,
-        }),
+        (Some(brokers), Some(registry), Some(llm), Some(cql)) => Some(Stack { brokers, registry, llm, cql }),
         _ if var("PARLEY_REQUIRE_STACK").as_deref() == Some("1") => {
             panic!(
-                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL are not all set"
+                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL/PARLEY_CQL_NODES are not all set"
             )
         }
         _ => {
@@ -49,109 +50,110 @@ pub fn stack() -> Option<Stack> {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `parley all` process on its own topics, plus any extra gateway instances.
 pub struct Pipeline {
     child: Child,
     extra_gateways: Vec<Child>,
+    args: Vec<String>,
     pub prefix: String,
     pub http: String,
     pub brokers: String,
     pub registry: String,
+    pub cql: String,
 }
 
 impl Pipeline {
     pub async fn start(stack: &Stack, extra_args: &[&str]) -> Pipeline {
         let prefix = format!("test-{}.", uuid::Uuid::new_v4().simple());
         let port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}log"))).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
-        command
-            .args([
-                "--kafka-brokers",
-                &stack.brokers,
-                "--schema-registry-url",
-                &stack.registry,
-                "--topic-prefix",
-                &prefix,
-            ])
-            .arg("all")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args([
-                "--group-id",
-                &format!("{prefix}inference"),
-                "--auth-secret",
-                "test-secret",
-            ])
-            .args(extra_args);
+        let mut args: Vec<String> = [
+            "--kafka-brokers",
+            &stack.brokers,
+            "--schema-registry-url",
+            &stack.registry,
+            "--topic-prefix",
+            &prefix,
+            "--cql-nodes",
+            &stack.cql,
+            "--cql-keyspace",
+            TEST_KEYSPACE,
+            "all",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--group-id",
+            &format!("{prefix}inference"),
+            "--auth-secret",
+            "test-secret",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         if !extra_args.contains(&"--llm-base-url") {
-            command.args(["--llm-base-url", &stack.llm]);
+            args.extend(["--llm-base-url".to_owned(), stack.llm.clone()]);
         }
-        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let mut pipeline = Pipeline {
-            child,
+            child: spawn(&args, &prefix, "log"),
             extra_gateways: vec![],
-            prefix,
+            args,
             http: format!("http://127.0.0.1:{port}"),
+            prefix,
             brokers: stack.brokers.clone(),
             registry: stack.registry.clone(),
+            cql: stack.cql.clone(),
         };
+        pipeline.wait_healthy().await;
+        pipeline
+    }
+
+    /// Stops the `parley all` process and starts it again with the same options.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.args, &self.prefix, "restarted.log");
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = reqwest::Client::new();
-        while client
-            .get(format!("{}/healthz", pipeline.http))
-            .send()
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = pipeline.child.try_wait() {
-                let log = std::fs::read_to_string(pipeline.log_path()).unwrap_or_default();
+        while client.get(format!("{}/healthz", self.http)).send().await.is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
                 panic!("parley all exited with {status}:\n{log}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "parley all did not come up; see {}",
-                pipeline.log_path()
-            );
+            assert!(Instant::now() < deadline, "parley all did not come up; see {}", self.log_path());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        pipeline
     }
 
     /// Starts another gateway instance on the same topics and secret; returns its base URL.
     pub async fn extra_gateway(&mut self) -> String {
         let port = free_port();
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("{}gateway-{port}.log", self.prefix)),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args([
-                "--kafka-brokers",
-                &self.brokers,
-                "--schema-registry-url",
-                &self.registry,
-                "--topic-prefix",
-                &self.prefix,
-            ])
-            .args([
-                "gateway",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--auth-secret",
-                "test-secret",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.extra_gateways.push(child);
+        let args: Vec<String> = [
+            "--kafka-brokers",
+            &self.brokers,
+            "--schema-registry-url",
+            &self.registry,
+            "--topic-prefix",
+            &self.prefix,
+            "--cql-nodes",
+            &self.cql,
+            "--cql-keyspace",
+            TEST_KEYSPACE,
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--auth-secret",
+            "test-secret",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        self.extra_gateways.push(spawn(&args, &self.prefix, &format!("gateway-{port}.log")));
         let http = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(60);
         while reqwest::get(format!("{http}/healthz")).await.is_err() {
@@ -159,28 +161,6 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         http
-    }
-
-    /// A socket of a new user on the gateway at `http`, past its `ready` frame.
-    pub async fn client_at(&self, http: &str) -> Client {
-        let token = self.session().await; // any instance accepts any instance's tokens
-        let url = format!("{}/ws?token={token}", http.replace("http://", "ws://"));
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let mut client = Client { socket };
-        let ready = client.next_frame().await;
-        assert_eq!(ready["type"], "ready", "{ready}");
-        client
-    }
-
-    pub fn log_path(&self) -> String {
-        std::env::temp_dir()
-            .join(format!("{}log", self.prefix))
-            .display()
-            .to_string()
-    }
-
-    pub fn events_topic(&self) -> String {
-        format!("{}conversation-events", self.prefix)
     }
 
     /// A new anonymous user's token.
@@ -196,22 +176,59 @@ impl Pipeline {
         session["token"].as_str().unwrap().to_owned()
     }
 
-    /// A socket of a new user, past its `ready` frame.
+    /// A socket of `token`'s user on the gateway at `http`, past its `ready` frame.
+    pub async fn connect(&self, http: &str, token: &str) -> Client {
+        let url = format!("{}/ws?token={token}", http.replace("http://", "ws://"));
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut client = Client { socket };
+        let ready = client.next_frame().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        client
+    }
+
+    /// A socket of a new user on the gateway at `http`.
+    pub async fn client_at(&self, http: &str) -> Client {
+        let token = self.session().await; // any instance accepts any instance's tokens
+        self.connect(http, &token).await
+    }
+
+    /// A socket of a new user.
     pub async fn client(&self) -> Client {
         self.client_at(&self.http).await
     }
 
-    /// Stops the process and deletes this test's topics.
+    /// GET on the query API as `token`'s user: (status, JSON body).
+    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let response =
+            reqwest::Client::new().get(format!("{}{path}", self.http)).bearer_auth(token).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn log_path(&self) -> String {
+        std::env::temp_dir().join(format!("{}log", self.prefix)).display().to_string()
+    }
+
+    pub fn events_topic(&self) -> String {
+        format!("{}conversation-events", self.prefix)
+    }
+
+    /// Stops the processes and deletes this test's topics.
     pub async fn stop(mut self) {
         self.kill_all();
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .unwrap();
-        let topics = ["conversation-events", "conversation-tokens", "dead-letter"]
-            .map(|t| format!("{}{t}", self.prefix));
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let topics =
+            ["conversation-events", "conversation-tokens", "dead-letter"].map(|t| format!("{}{t}", self.prefix));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+
+    fn kill_all(&mut self) {
+        for child in std::iter::once(&mut self.child).chain(self.extra_gateways.iter_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -221,13 +238,9 @@ impl Drop for Pipeline {
     }
 }
 
-impl Pipeline {
-    fn kill_all(&mut self) {
-        for child in std::iter::once(&mut self.child).chain(self.extra_gateways.iter_mut()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_parley")).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
 pub struct Client {
@@ -239,24 +252,15 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Client {
     pub async fn send(&mut self, frame: Value) {
-        self.socket
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+        self.socket.send(Message::Text(frame.to_string().into())).await.unwrap();
     }
 
     pub async fn send_raw(&mut self, text: String) {
         self.socket.send(Message::Text(text.into())).await.unwrap();
     }
 
-    pub async fn ask(
-        &mut self,
-        client_message_id: &str,
-        conversation_id: Option<&str>,
-        text: &str,
-    ) {
-        let mut frame =
-            json!({"type": "query", "client_message_id": client_message_id, "text": text});
+    pub async fn ask(&mut self, client_message_id: &str, conversation_id: Option<&str>, text: &str) {
+        let mut frame = json!({"type": "query", "client_message_id": client_message_id, "text": text});
         if let Some(id) = conversation_id {
             frame["conversation_id"] = json!(id);
         }

@@ -8,9 +8,8 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest, FinishReason,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest, FinishReason,
 };
 use futures::StreamExt;
 use thiserror::Error;
@@ -85,18 +84,9 @@ pub struct ChatModel {
 
 impl ChatModel {
     pub fn new(settings: LlmSettings) -> Self {
-        let config = OpenAIConfig::new()
-            .with_api_base(&settings.base_url)
-            .with_api_key(&settings.api_key);
-        let breaker = Mutex::new(CircuitBreaker::new(
-            settings.breaker_threshold,
-            settings.breaker_cool_down,
-        ));
-        Self {
-            client: Client::with_config(config),
-            settings,
-            breaker,
-        }
+        let config = OpenAIConfig::new().with_api_base(&settings.base_url).with_api_key(&settings.api_key);
+        let breaker = Mutex::new(CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cool_down));
+        Self { client: Client::with_config(config), settings, breaker }
     }
 
     pub fn model_name(&self) -> &str {
@@ -118,18 +108,12 @@ impl ChatModel {
             if !self.breaker_allows() {
                 return (Err(LlmError::CircuitOpen), attempt - 1);
             }
-            let result = self
-                .stream_once(messages, |index, text| on_delta(attempt, index, text))
-                .await;
+            let result = self.stream_once(messages, |index, text| on_delta(attempt, index, text)).await;
             self.record(&result);
             match result {
                 Err(error) if error.is_retryable() && attempt < max_attempts => {
-                    let delay = backoff_delay(
-                        attempt,
-                        self.settings.retry_backoff,
-                        self.settings.timeout,
-                        rand::random(),
-                    );
+                    let delay =
+                        backoff_delay(attempt, self.settings.retry_backoff, self.settings.timeout, rand::random());
                     tracing::warn!(%error, attempt, ?delay, "LLM call failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -139,10 +123,7 @@ impl ChatModel {
     }
 
     fn breaker_allows(&self) -> bool {
-        self.breaker
-            .lock()
-            .map(|b| b.allows(Instant::now()))
-            .unwrap_or(true)
+        self.breaker.lock().map(|b| b.allows(Instant::now())).unwrap_or(true)
     }
 
     fn record(&self, result: &Result<Completion, LlmError>) {
@@ -175,18 +156,10 @@ impl ChatModel {
             model: self.settings.model.clone(),
             messages: messages.iter().map(to_request_message).collect(),
             max_completion_tokens: Some(self.settings.max_tokens),
-            stream_options: Some(ChatCompletionStreamOptions {
-                include_usage: Some(true),
-                include_obfuscation: None,
-            }),
+            stream_options: Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None }),
             ..Default::default()
         };
-        let mut stream = self
-            .client
-            .chat()
-            .create_stream(request)
-            .await
-            .map_err(classify)?;
+        let mut stream = self.client.chat().create_stream(request).await.map_err(classify)?;
         let mut completion = Completion {
             text: String::new(),
             model: self.settings.model.clone(),
@@ -204,14 +177,11 @@ impl ChatModel {
             }
             if let Some(usage) = chunk.usage {
                 completion.prompt_tokens = i32::try_from(usage.prompt_tokens).unwrap_or(i32::MAX);
-                completion.completion_tokens =
-                    i32::try_from(usage.completion_tokens).unwrap_or(i32::MAX);
+                completion.completion_tokens = i32::try_from(usage.completion_tokens).unwrap_or(i32::MAX);
             }
             for choice in chunk.choices {
                 if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                    completion
-                        .time_to_first_token
-                        .get_or_insert_with(|| started.elapsed());
+                    completion.time_to_first_token.get_or_insert_with(|| started.elapsed());
                     on_delta(deltas, &text);
                     deltas += 1;
                     completion.text.push_str(&text);
@@ -251,10 +221,7 @@ fn finish_reason_name(reason: FinishReason) -> &'static str {
 fn classify(error: OpenAIError) -> LlmError {
     match error {
         OpenAIError::Reqwest(e) if e.is_timeout() => LlmError::Timeout(Duration::ZERO),
-        OpenAIError::Reqwest(e)
-            if e.status()
-                .is_some_and(|s| s.is_client_error() && s.as_u16() != 429) =>
-        {
+        OpenAIError::Reqwest(e) if e.status().is_some_and(|s| s.is_client_error() && s.as_u16() != 429) => {
             LlmError::Rejected(e.to_string())
         }
         OpenAIError::Reqwest(e) => LlmError::Unavailable(e.to_string()),

@@ -22,12 +22,7 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
-        Self {
-            failure_threshold: failure_threshold.max(1),
-            cool_down,
-            consecutive_failures: 0,
-            open_until: None,
-        }
+        Self { failure_threshold: failure_threshold.max(1), cool_down, consecutive_failures: 0, open_until: None }
     }
 
     /// Whether a call may go out now.
@@ -71,15 +66,9 @@ mod tests {
         assert!(breaker.allows(start), "one failure is below the threshold");
         breaker.record_failure(start);
         assert!(!breaker.allows(start + Duration::from_secs(1)));
-        assert!(
-            breaker.allows(start + Duration::from_secs(10)),
-            "half-open after the cool-down"
-        );
+        assert!(breaker.allows(start + Duration::from_secs(10)), "half-open after the cool-down");
         breaker.record_failure(start + Duration::from_secs(10));
-        assert!(
-            !breaker.allows(start + Duration::from_secs(11)),
-            "a failed probe re-opens it"
-        );
+        assert!(!breaker.allows(start + Duration::from_secs(11)), "a failed probe re-opens it");
         breaker.record_success();
         assert!(breaker.allows(start + Duration::from_secs(11)));
     }

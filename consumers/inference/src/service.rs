@@ -19,8 +19,8 @@ use parley_eventlog::trace::{TRACEPARENT_HEADER, child_of};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
-    ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated,
-    LLMTokenDelta, Producer as EventSource, UserQueryReceived,
+    ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
+    Producer as EventSource, UserQueryReceived,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -37,36 +37,20 @@ use uuid::Uuid;
 use crate::llm::{ChatModel, LlmSettings};
 use crate::prompt::build_prompt;
 
-pub const SOURCE: EventSource = EventSource {
-    name: "parley-inference",
-    version: env!("CARGO_PKG_VERSION"),
-};
+pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
 
 /// Options of `parley inference`.
 #[derive(Debug, Clone, Args)]
 pub struct InferenceArgs {
     /// Base URL of the OpenAI-compatible API, up to and including /v1.
-    #[arg(
-        long,
-        env = "PARLEY_LLM_BASE_URL",
-        default_value = "http://127.0.0.1:18080/v1"
-    )]
+    #[arg(long, env = "PARLEY_LLM_BASE_URL", default_value = "http://127.0.0.1:18080/v1")]
     pub llm_base_url: String,
 
     /// Model name sent to the API and recorded when the API does not name one.
-    #[arg(
-        long,
-        env = "PARLEY_LLM_MODEL",
-        default_value = "SmolLM2-135M-Instruct"
-    )]
+    #[arg(long, env = "PARLEY_LLM_MODEL", default_value = "SmolLM2-135M-Instruct")]
     pub llm_model: String,
 
-    #[arg(
-        long,
-        env = "PARLEY_LLM_API_KEY",
-        default_value = "none",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "PARLEY_LLM_API_KEY", default_value = "none", hide_env_values = true)]
     pub llm_api_key: String,
 
     /// Upper bound on one LLM call, streaming included.
@@ -95,11 +79,7 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_LLM_BREAKER_COOL_DOWN", default_value = "30s", value_parser = parse_duration)]
     pub llm_breaker_cool_down: Duration,
 
-    #[arg(
-        long,
-        env = "PARLEY_SYSTEM_PROMPT",
-        default_value = "You are Parley, a helpful assistant. Answer briefly."
-    )]
+    #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
 
     /// Queries answered concurrently; their outcomes commit in one transaction.
@@ -107,11 +87,7 @@ pub struct InferenceArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
 
-    #[arg(
-        long,
-        env = "PARLEY_INFERENCE_GROUP",
-        default_value = "parley-inference"
-    )]
+    #[arg(long, env = "PARLEY_INFERENCE_GROUP", default_value = "parley-inference")]
     pub group_id: String,
 
     /// Kafka transactional id, unique per running instance (default: group id + random suffix;
@@ -169,10 +145,8 @@ pub async fn run(
         .set("isolation.level", "read_committed")
         .create()?;
     consumer.subscribe(&[&topics.events])?;
-    let transactional_id = args
-        .transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
+    let transactional_id =
+        args.transactional_id.clone().unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
     let producer: FutureProducer = idempotent_config(kafka.client_config())
         .set("transactional.id", &transactional_id)
         // Transactional requests answered CONCURRENT_TRANSACTIONS (the previous commit's
@@ -238,9 +212,7 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 fn tolerate<T>(received: Result<T, KafkaError>) -> Result<Option<T>, InferenceError> {
     match received {
         Ok(message) => Ok(Some(message)),
-        Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
-            Err(error.into())
-        }
+        Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => Err(error.into()),
         Err(error) => {
             warn!(%error, "consumer error; continuing");
             Ok(None)
@@ -317,10 +289,7 @@ impl Worker {
         let mut queries = Vec::new();
         for message in batch {
             let payload = message.payload().unwrap_or_default();
-            let decoded = retry_while_registry_down(shutdown, || {
-                self.codec.decode_conversation_event(payload)
-            })
-            .await;
+            let decoded = retry_while_registry_down(shutdown, || self.codec.decode_conversation_event(payload)).await;
             let Some(decoded) = decoded else {
                 return Err(InferenceError::ShutDown);
             };
@@ -333,8 +302,7 @@ impl Worker {
                     let letter = dead_letter_for(message, &self.group_id, &error.to_string());
                     outgoing.push(Outgoing {
                         topic: self.topics.dead_letter.clone(),
-                        key: String::from_utf8_lossy(message.key().unwrap_or_default())
-                            .into_owned(),
+                        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
                         payload: self.codec.encode(&letter).await?,
                         traceparent: None,
                     });
@@ -353,11 +321,7 @@ impl Worker {
         let span = info_span!("inference.answer", conversation_id = %query.envelope.conversation_id,
                               query_event_id = %query.envelope.event_id, %traceparent);
         async {
-            let query_id: Uuid = query
-                .envelope
-                .event_id
-                .parse()
-                .unwrap_or_else(|_| Uuid::new_v4());
+            let query_id: Uuid = query.envelope.event_id.parse().unwrap_or_else(|_| Uuid::new_v4());
             // Deterministic: a re-delivered query produces an outcome with the same event id.
             let outcome_id = Uuid::new_v5(&query_id, b"outcome");
             let envelope = Envelope::new(
@@ -370,8 +334,7 @@ impl Worker {
             .with_traceparent(Some(traceparent.clone()));
             let prompt = build_prompt(&self.system_prompt, query);
             let conversation_id = &query.envelope.conversation_id;
-            let deltas =
-                self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
+            let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self
                 .model
                 .complete(&prompt, |_, index, delta| {
@@ -431,20 +394,12 @@ impl Worker {
 
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
     /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
-    fn stream_tokens(
-        &self,
-        conversation_id: &str,
-        query_event_id: &str,
-        traceparent: &str,
-    ) -> TokenStream {
+    fn stream_tokens(&self, conversation_id: &str, query_event_id: &str, traceparent: &str) -> TokenStream {
         let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, String)>();
         let tokens = self.tokens.clone();
         let topic = self.topics.tokens.clone();
-        let (conversation_id, query_event_id, traceparent) = (
-            conversation_id.to_owned(),
-            query_event_id.to_owned(),
-            traceparent.to_owned(),
-        );
+        let (conversation_id, query_event_id, traceparent) =
+            (conversation_id.to_owned(), query_event_id.to_owned(), traceparent.to_owned());
         let task = tokio::spawn(async move {
             let mut deliveries = Vec::new();
             while let Some((index, delta)) = receiver.recv().await {
@@ -456,10 +411,7 @@ impl Worker {
                     traceparent: Some(traceparent.clone()),
                 };
                 // Enqueued one at a time, in order; delivery is awaited at the end.
-                match tokens
-                    .enqueue(&topic, &conversation_id, &token, Some(&traceparent))
-                    .await
-                {
+                match tokens.enqueue(&topic, &conversation_id, &token, Some(&traceparent)).await {
                     Ok(delivery) => deliveries.push(delivery),
                     Err(error) => warn!(%error, "token delta not sent"),
                 }
@@ -504,34 +456,20 @@ impl Worker {
     ) -> Result<(), InferenceError> {
         self.producer.begin_transaction()?;
         for record in &outgoing {
-            let headers = record
-                .traceparent
-                .as_deref()
-                .map_or_else(OwnedHeaders::new, |tp| {
-                    OwnedHeaders::new().insert(Header {
-                        key: TRACEPARENT_HEADER,
-                        value: Some(tp),
-                    })
-                });
-            let future_record = FutureRecord::to(&record.topic)
-                .key(&record.key)
-                .payload(&record.payload)
-                .headers(headers);
-            self.producer
-                .send(future_record, KAFKA_TIMEOUT)
-                .await
-                .map_err(|(error, _)| error)?;
+            let headers = record.traceparent.as_deref().map_or_else(OwnedHeaders::new, |tp| {
+                OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
+            });
+            let future_record =
+                FutureRecord::to(&record.topic).key(&record.key).payload(&record.payload).headers(headers);
+            self.producer.send(future_record, KAFKA_TIMEOUT).await.map_err(|(error, _)| error)?;
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), offset) in next_offsets {
             offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
-        let group = consumer
-            .group_metadata()
-            .ok_or(InferenceError::NoGroupMetadata)?;
+        let group = consumer.group_metadata().ok_or(InferenceError::NoGroupMetadata)?;
         tokio::task::block_in_place(|| {
-            self.producer
-                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
+            self.producer.send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
             self.producer.commit_transaction(KAFKA_TIMEOUT)
         })?;
         Ok(())

@@ -21,10 +21,7 @@ use crate::protocol::ServerFrame;
 pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<StreamConsumer, EventLogError> {
     let consumer: StreamConsumer = kafka
         .client_config()
-        .set(
-            "group.id",
-            format!("parley-gateway-{}", Uuid::new_v4().simple()),
-        )
+        .set("group.id", format!("parley-gateway-{}", Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
@@ -61,10 +58,8 @@ pub async fn run(
             }
         };
         // Cheap filter first: most records belong to conversations held elsewhere.
-        let Some(conversation_id) = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .and_then(|k| k.parse::<Uuid>().ok())
+        let Some(conversation_id) =
+            message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok())
         else {
             continue;
         };
@@ -72,17 +67,12 @@ pub async fn run(
             continue;
         }
         let payload = message.payload().unwrap_or_default();
-        let coordinates = (
-            message.topic().to_owned(),
-            message.partition(),
-            message.offset(),
-        );
+        let coordinates = (message.topic().to_owned(), message.partition(), message.offset());
         if message.topic() == topics.tokens {
             match codec.decode::<LLMTokenDelta>(payload).await {
                 Ok(decoded) => {
                     let token = decoded.event;
-                    let subscribers =
-                        hub.token_subscribers(&conversation_id, &token.query_event_id);
+                    let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
                     let frame = ServerFrame::Token {
                         conversation_id: token.conversation_id,
                         query_event_id: token.query_event_id,
@@ -95,9 +85,7 @@ pub async fn run(
             }
             continue;
         }
-        match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload))
-            .await
-        {
+        match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(decoded)) => {
                 if let Some(frame) = outcome_frame(&decoded.event) {
                     send_all(hub.apply_outcome(&decoded.event, frame.clone()), &frame);

@@ -20,18 +20,13 @@ impl std::fmt::Debug for TokenSigner {
 
 impl TokenSigner {
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            secret: secret.to_vec(),
-        }
+        Self { secret: secret.to_vec() }
     }
 
     /// A new anonymous user and its token.
     pub fn issue(&self) -> (String, String) {
         let user_id = format!("u-{}", Uuid::new_v4().simple());
-        let token = format!(
-            "{user_id}.{}",
-            hex::encode(self.mac(&user_id).finalize().into_bytes())
-        );
+        let token = format!("{user_id}.{}", hex::encode(self.mac(&user_id).finalize().into_bytes()));
         (user_id, token)
     }
 
@@ -45,8 +40,7 @@ impl TokenSigner {
 
     fn mac(&self, user_id: &str) -> HmacSha256 {
         #[allow(clippy::expect_used)] // HMAC takes keys of any length
-        let mut mac =
-            HmacSha256::new_from_slice(&self.secret).expect("HMAC accepts any key length");
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC accepts any key length");
         mac.update(user_id.as_bytes());
         mac
     }

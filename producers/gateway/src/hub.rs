@@ -31,12 +31,7 @@ struct Slot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// A new turn: write `ConversationStarted` first if `new_conversation`, then the query at `sequence`.
-    Accepted {
-        conversation_id: Uuid,
-        query_id: Uuid,
-        sequence: i64,
-        new_conversation: bool,
-    },
+    Accepted { conversation_id: Uuid, query_id: Uuid, sequence: i64, new_conversation: bool },
     /// The same client message id again: resend these frames, write nothing.
     Duplicate { frames: Vec<ServerFrame> },
 }
@@ -69,10 +64,7 @@ impl Hub {
     ) -> Result<Admission, Refusal> {
         let new_conversation = conversation_id.is_none();
         let conversation_id = conversation_id.unwrap_or_else(|| {
-            Uuid::new_v5(
-                &NEW_CONVERSATION_NAMESPACE,
-                format!("{user}/{client_message_id}").as_bytes(),
-            )
+            Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, format!("{user}/{client_message_id}").as_bytes())
         });
         let query_id = query_event_id(conversation_id, client_message_id);
         let mut slots = self.lock();
@@ -89,12 +81,7 @@ impl Hub {
             && *id == query_key
         {
             let mut frames = vec![mark_duplicate(ack.clone())];
-            frames.extend(
-                slot.last_outcome
-                    .iter()
-                    .filter(|(q, _)| *q == query_key)
-                    .map(|(_, f)| f.clone()),
-            );
+            frames.extend(slot.last_outcome.iter().filter(|(q, _)| *q == query_key).map(|(_, f)| f.clone()));
             return Ok(Admission::Duplicate { frames });
         }
         let sequence = head.admit(user).map_err(|rejection| match rejection {
@@ -107,14 +94,18 @@ impl Hub {
             sequence,
             client_message_id: client_message_id.to_owned(),
         });
-        let new_conversation =
-            sequence == parley_events::turn::STARTED_SEQUENCE + 1 && new_conversation;
-        Ok(Admission::Accepted {
-            conversation_id,
-            query_id,
-            sequence,
-            new_conversation,
-        })
+        let new_conversation = sequence == parley_events::turn::STARTED_SEQUENCE + 1 && new_conversation;
+        Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation })
+    }
+
+    /// Takes over a conversation this instance did not hold (e.g. after a restart), with its
+    /// head as the projection knows it. A conversation already held is left as it is.
+    pub fn adopt(&self, conversation_id: Uuid, head: ConversationHead) {
+        let mut slots = self.lock();
+        let slot = slots.entry(conversation_id).or_default();
+        if slot.head.is_none() {
+            slot.head = Some(head);
+        }
     }
 
     /// Records the ack of a written query, for duplicates.
@@ -140,13 +131,7 @@ impl Hub {
     }
 
     /// Subscribes a socket to a conversation the user owns.
-    pub fn subscribe(
-        &self,
-        user: &str,
-        conversation_id: Uuid,
-        connection: ConnectionId,
-        outbox: &Outbox,
-    ) -> bool {
+    pub fn subscribe(&self, user: &str, conversation_id: Uuid, connection: ConnectionId, outbox: &Outbox) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(&conversation_id) {
             Some(slot) if slot.head.as_ref().is_some_and(|h| h.owner == user) => {
@@ -198,40 +183,22 @@ impl Hub {
         let Some(slot) = slots.get(conversation_id) else {
             return vec![];
         };
-        if slot
-            .last_outcome
-            .as_ref()
-            .is_some_and(|(query, _)| query == query_event_id)
-        {
+        if slot.last_outcome.as_ref().is_some_and(|(query, _)| query == query_event_id) {
             return vec![];
         }
         slot.subscribers.values().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Slot>> {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 fn mark_duplicate(frame: ServerFrame) -> ServerFrame {
     match frame {
-        ServerFrame::Ack {
-            client_message_id,
-            conversation_id,
-            event_id,
-            sequence,
-            position,
-            ..
-        } => ServerFrame::Ack {
-            client_message_id,
-            conversation_id,
-            event_id,
-            sequence,
-            position,
-            duplicate: true,
-        },
+        ServerFrame::Ack { client_message_id, conversation_id, event_id, sequence, position, .. } => {
+            ServerFrame::Ack { client_message_id, conversation_id, event_id, sequence, position, duplicate: true }
+        }
         other => other,
     }
 }
@@ -248,27 +215,16 @@ mod tests {
 
     fn accepted(admission: Result<Admission, Refusal>) -> (Uuid, Uuid, i64, bool) {
         match admission {
-            Ok(Admission::Accepted {
-                conversation_id,
-                query_id,
-                sequence,
-                new_conversation,
-            }) => (conversation_id, query_id, sequence, new_conversation),
+            Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation }) => {
+                (conversation_id, query_id, sequence, new_conversation)
+            }
             other => panic!("{other:?}"),
         }
     }
 
     fn failed_outcome(conversation: Uuid, query: Uuid, sequence: i64) -> ConversationEvent {
         ConversationEvent::ResponseFailed(LLMResponseFailed {
-            envelope: Envelope::new(
-                Uuid::new_v4(),
-                conversation,
-                sequence,
-                Producer {
-                    name: "t",
-                    version: "0",
-                },
-            ),
+            envelope: Envelope::new(Uuid::new_v4(), conversation, sequence, Producer { name: "t", version: "0" }),
             query_event_id: query.to_string(),
             error_kind: "timeout".into(),
             error_message: "slow".into(),
@@ -282,22 +238,12 @@ mod tests {
         let (tx, _rx) = outbox();
         let (conversation, query, sequence, new) = accepted(hub.admit("alice", None, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, true));
-        assert_eq!(
-            hub.admit("alice", Some(conversation), "m2", 1, &tx),
-            Err(Refusal::TurnInProgress)
-        );
+        assert_eq!(hub.admit("alice", Some(conversation), "m2", 1, &tx), Err(Refusal::TurnInProgress));
 
-        let frame = ServerFrame::Subscribed {
-            conversation_id: conversation.to_string(),
-        };
-        assert_eq!(
-            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame.clone())
-                .len(),
-            1
-        );
+        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
+        assert_eq!(hub.apply_outcome(&failed_outcome(conversation, query, 3), frame.clone()).len(), 1);
         assert!(
-            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame)
-                .is_empty(),
+            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame).is_empty(),
             "re-delivery is not pushed twice"
         );
         let (_, _, sequence, new) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
@@ -309,14 +255,8 @@ mod tests {
         let hub = Hub::default();
         let (tx, _rx) = outbox();
         let (conversation, ..) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        assert_eq!(
-            hub.admit("mallory", Some(conversation), "x", 2, &tx),
-            Err(Refusal::UnknownConversation)
-        );
-        assert_eq!(
-            hub.admit("alice", Some(Uuid::new_v4()), "x", 1, &tx),
-            Err(Refusal::UnknownConversation)
-        );
+        assert_eq!(hub.admit("mallory", Some(conversation), "x", 2, &tx), Err(Refusal::UnknownConversation));
+        assert_eq!(hub.admit("alice", Some(Uuid::new_v4()), "x", 1, &tx), Err(Refusal::UnknownConversation));
         assert!(!hub.subscribe("mallory", conversation, 2, &tx));
         assert!(hub.subscribe("alice", conversation, 3, &tx));
     }
@@ -336,19 +276,8 @@ mod tests {
         };
         hub.record_ack(conversation, query, ack);
         // The same first message again (no conversation id yet) lands in the same conversation.
-        let Ok(Admission::Duplicate { frames }) = hub.admit("alice", None, "m1", 1, &tx) else {
-            panic!()
-        };
-        assert!(
-            matches!(
-                &frames[..],
-                [ServerFrame::Ack {
-                    duplicate: true,
-                    ..
-                }]
-            ),
-            "{frames:?}"
-        );
+        let Ok(Admission::Duplicate { frames }) = hub.admit("alice", None, "m1", 1, &tx) else { panic!() };
+        assert!(matches!(&frames[..], [ServerFrame::Ack { duplicate: true, .. }]), "{frames:?}");
     }
 
     #[test]
@@ -356,19 +285,10 @@ mod tests {
         let hub = Hub::default();
         let (tx, _rx) = outbox();
         let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        assert_eq!(
-            hub.token_subscribers(&conversation, &query.to_string())
-                .len(),
-            1
-        );
-        let frame = ServerFrame::Subscribed {
-            conversation_id: conversation.to_string(),
-        };
+        assert_eq!(hub.token_subscribers(&conversation, &query.to_string()).len(), 1);
+        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
         hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
-        assert!(
-            hub.token_subscribers(&conversation, &query.to_string())
-                .is_empty()
-        );
+        assert!(hub.token_subscribers(&conversation, &query.to_string()).is_empty());
     }
 
     #[test]
@@ -376,9 +296,7 @@ mod tests {
         let hub = Hub::default();
         let (tx, _rx) = outbox();
         let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        let frame = ServerFrame::Subscribed {
-            conversation_id: conversation.to_string(),
-        };
+        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
         hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
         let (_, _, sequence, _) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
         hub.release(conversation, sequence);

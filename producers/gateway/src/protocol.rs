@@ -11,11 +11,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
     /// Ask a question; without `conversation_id` it starts a new conversation.
-    Query {
-        client_message_id: String,
-        conversation_id: Option<String>,
-        text: String,
-    },
+    Query { client_message_id: String, conversation_id: Option<String>, text: String },
     /// Receive the answers of an existing conversation on this socket (after a reconnect).
     Subscribe { conversation_id: String },
 }
@@ -117,19 +113,11 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            client_message_id: None,
-        }
+        Self { code, message: message.into(), client_message_id: None }
     }
 
     pub fn into_frame(self) -> ServerFrame {
-        ServerFrame::Error {
-            code: self.code,
-            message: self.message,
-            client_message_id: self.client_message_id,
-        }
+        ServerFrame::Error { code: self.code, message: self.message, client_message_id: self.client_message_id }
     }
 }
 
@@ -140,15 +128,10 @@ pub fn parse_frame(text: &str, limits: Limits) -> Result<ClientFrame, Rejection>
     if text.len() > limits.max_frame_bytes {
         return Err(Rejection::new(
             ErrorCode::FrameTooLarge,
-            format!(
-                "frame of {} bytes exceeds the limit of {} bytes",
-                text.len(),
-                limits.max_frame_bytes
-            ),
+            format!("frame of {} bytes exceeds the limit of {} bytes", text.len(), limits.max_frame_bytes),
         ));
     }
-    serde_json::from_str(text)
-        .map_err(|e| Rejection::new(ErrorCode::MalformedFrame, format!("not a valid frame: {e}")))
+    serde_json::from_str(text).map_err(|e| Rejection::new(ErrorCode::MalformedFrame, format!("not a valid frame: {e}")))
 }
 
 /// Checks a query's fields.
@@ -173,52 +156,28 @@ pub fn validate_query(
         )));
     }
     let conversation_id = conversation_id
-        .map(|id| {
-            id.parse::<Uuid>()
-                .map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID")))
-        })
+        .map(|id| id.parse::<Uuid>().map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID"))))
         .transpose()?;
     if text.trim().is_empty() {
         return Err(invalid("text must not be empty".into()));
     }
     let chars = text.chars().count();
     if chars > limits.max_text_chars {
-        return Err(invalid(format!(
-            "text of {chars} characters exceeds the limit of {}",
-            limits.max_text_chars
-        )));
+        return Err(invalid(format!("text of {chars} characters exceeds the limit of {}", limits.max_text_chars)));
     }
-    Ok(ValidQuery {
-        client_message_id,
-        conversation_id,
-        text,
-    })
+    Ok(ValidQuery { client_message_id, conversation_id, text })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_frame_bytes: 200,
-        max_text_chars: 20,
-    };
+    const LIMITS: Limits = Limits { max_frame_bytes: 200, max_text_chars: 20 };
 
     #[test]
     fn a_query_frame_parses_and_validates() {
-        let frame = parse_frame(
-            r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#,
-            LIMITS,
-        )
-        .unwrap();
-        let ClientFrame::Query {
-            client_message_id,
-            conversation_id,
-            text,
-        } = frame
-        else {
-            panic!("{frame:?}")
-        };
+        let frame = parse_frame(r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#, LIMITS).unwrap();
+        let ClientFrame::Query { client_message_id, conversation_id, text } = frame else { panic!("{frame:?}") };
         let valid = validate_query(client_message_id, conversation_id, text, LIMITS).unwrap();
         assert_eq!(valid.text, "hello");
         assert_eq!(valid.conversation_id, None);
@@ -226,45 +185,22 @@ mod tests {
 
     #[test]
     fn malformed_and_oversized_frames_are_rejected_with_their_code() {
+        assert_eq!(parse_frame("{nope", LIMITS).unwrap_err().code, ErrorCode::MalformedFrame);
+        assert_eq!(parse_frame(r#"{"type":"dance"}"#, LIMITS).unwrap_err().code, ErrorCode::MalformedFrame);
         assert_eq!(
-            parse_frame("{nope", LIMITS).unwrap_err().code,
+            parse_frame(r#"{"type":"query","client_message_id":"m","text":"x","extra":1}"#, LIMITS).unwrap_err().code,
             ErrorCode::MalformedFrame
         );
-        assert_eq!(
-            parse_frame(r#"{"type":"dance"}"#, LIMITS).unwrap_err().code,
-            ErrorCode::MalformedFrame
-        );
-        assert_eq!(
-            parse_frame(
-                r#"{"type":"query","client_message_id":"m","text":"x","extra":1}"#,
-                LIMITS
-            )
-            .unwrap_err()
-            .code,
-            ErrorCode::MalformedFrame
-        );
-        assert_eq!(
-            parse_frame(&"x".repeat(201), LIMITS).unwrap_err().code,
-            ErrorCode::FrameTooLarge
-        );
+        assert_eq!(parse_frame(&"x".repeat(201), LIMITS).unwrap_err().code, ErrorCode::FrameTooLarge);
     }
 
     #[test]
     fn invalid_fields_name_the_field_and_keep_the_client_id() {
         let err = validate_query("m 1".into(), None, "hi".into(), LIMITS).unwrap_err();
         assert!(err.message.contains("client_message_id"), "{err:?}");
-        let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), LIMITS)
-            .unwrap_err();
-        assert_eq!(
-            (err.code, err.client_message_id.as_deref()),
-            (ErrorCode::InvalidField, Some("m1"))
-        );
-        assert!(
-            validate_query("m1".into(), None, "   ".into(), LIMITS)
-                .unwrap_err()
-                .message
-                .contains("empty")
-        );
+        let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), LIMITS).unwrap_err();
+        assert_eq!((err.code, err.client_message_id.as_deref()), (ErrorCode::InvalidField, Some("m1")));
+        assert!(validate_query("m1".into(), None, "   ".into(), LIMITS).unwrap_err().message.contains("empty"));
         let err = validate_query("m1".into(), None, "é".repeat(21), LIMITS).unwrap_err();
         assert!(err.message.contains("21 characters"), "{err:?}");
         assert!(

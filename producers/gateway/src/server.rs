@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -13,12 +14,13 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
+use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::new_traceparent;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::STARTED_SEQUENCE;
-use parley_events::{
-    ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived,
-};
+use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
+use parley_projections::reader::LiveReader;
+use parley_projections::{ProjectionError, Store};
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -27,18 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::answers;
 use crate::auth::TokenSigner;
 use crate::hub::{Admission, ConnectionId, Hub, Outbox, Refusal};
 use crate::protocol::{
-    ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame,
-    validate_query,
+    ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
+use crate::{answers, query};
 
-pub const SOURCE: Producer = Producer {
-    name: "parley-gateway",
-    version: env!("CARGO_PKG_VERSION"),
-};
+pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
 /// Frames above this size are refused by the WebSocket layer itself (close code 1009);
 /// frames between the protocol limit and this one get an error frame and the socket lives.
@@ -64,6 +62,10 @@ pub struct GatewayArgs {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_text_chars: u32,
 
+    /// Longest time a read with `after=<position>` waits for the projection.
+    #[arg(long, env = "PARLEY_READ_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub read_wait: Duration,
+
     /// Secret that signs user tokens; give every instance the same one. Default: random per
     /// process (tokens then die with the process).
     #[arg(long, env = "PARLEY_AUTH_SECRET", hide_env_values = true)]
@@ -77,20 +79,21 @@ pub enum GatewayError {
     #[error(transparent)]
     Events(#[from] EventsError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
 }
 
-struct AppState {
+pub(crate) struct AppState {
     hub: Arc<Hub>,
     producer: EventProducer,
     topics: Topics,
     limits: Limits,
-    signer: TokenSigner,
+    pub(crate) signer: TokenSigner,
+    pub(crate) reader: Arc<LiveReader>,
+    pub(crate) read_wait: Duration,
     next_connection: AtomicU64,
 }
 
@@ -104,9 +107,7 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway")
-            .field("addr", &self.listener.local_addr().ok())
-            .finish_non_exhaustive()
+        f.debug_struct("Gateway").field("addr", &self.listener.local_addr().ok()).finish_non_exhaustive()
     }
 }
 
@@ -115,19 +116,16 @@ impl Gateway {
         kafka: &KafkaSettings,
         registry_url: &str,
         args: &GatewayArgs,
+        store: Store,
         shutdown: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
+        let reader = Arc::new(LiveReader::new(store).await?);
         let codec = Arc::new(EventCodec::new(registry_url)?);
         let hub = Arc::new(Hub::default());
         let consumer = answers::listener(kafka, &topics)?;
-        let answers = tokio::spawn(answers::run(
-            consumer,
-            topics.clone(),
-            codec.clone(),
-            hub.clone(),
-            shutdown.clone(),
-        ));
+        let answers =
+            tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
         let secret = args.auth_secret.clone().unwrap_or_else(|| {
             warn!("no --auth-secret given: user tokens are valid for this process only");
             Uuid::new_v4().to_string()
@@ -141,30 +139,22 @@ impl Gateway {
                 max_text_chars: args.max_text_chars as usize,
             },
             signer: TokenSigner::new(secret.as_bytes()),
+            reader,
+            read_wait: args.read_wait,
             next_connection: AtomicU64::new(1),
         });
         let router = Router::new()
-            .route(
-                "/",
-                get(|| async { Html(include_str!("../static/chat.html")) }),
-            )
+            .route("/", get(|| async { Html(include_str!("../static/chat.html")) }))
             .route("/healthz", get(|| async { "ok" }))
             .route("/api/session", post(new_session))
             .route("/ws", get(upgrade))
+            .route("/api/conversations", get(query::conversations))
+            .route("/api/conversations/{id}", get(query::conversation))
             .with_state(state);
-        let listener =
-            TcpListener::bind(args.listen)
-                .await
-                .map_err(|source| GatewayError::Listen {
-                    addr: args.listen,
-                    source,
-                })?;
-        Ok(Self {
-            listener,
-            router,
-            answers,
-            shutdown,
-        })
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(|source| GatewayError::Listen { addr: args.listen, source })?;
+        Ok(Self { listener, router, answers, shutdown })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -207,11 +197,7 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(user) = params.token.as_deref().and_then(|t| state.signer.verify(t)) else {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid token: POST /api/session for one",
-        )
-            .into_response();
+        return (StatusCode::UNAUTHORIZED, "missing or invalid token: POST /api/session for one").into_response();
     };
     ws.max_message_size(TRANSPORT_FRAME_LIMIT)
         .max_frame_size(TRANSPORT_FRAME_LIMIT)
@@ -245,14 +231,11 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
             .await;
         while let Some(message) = stream.next().await {
             match message {
-                Ok(Message::Text(text)) => {
-                    handle_text(&state, &user, connection, &outbox, text.as_str()).await
-                }
+                Ok(Message::Text(text)) => handle_text(&state, &user, connection, &outbox, text.as_str()).await,
                 Ok(Message::Binary(_)) => {
                     let rejection = Rejection {
                         code: ErrorCode::MalformedFrame,
-                        message: "binary frames are not part of the protocol; send JSON text"
-                            .into(),
+                        message: "binary frames are not part of the protocol; send JSON text".into(),
                         client_message_id: None,
                     };
                     let _ = outbox.send(rejection.into_frame()).await;
@@ -273,26 +256,18 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
     .await;
 }
 
-async fn handle_text(
-    state: &AppState,
-    user: &str,
-    connection: ConnectionId,
-    outbox: &Outbox,
-    text: &str,
-) {
+async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, outbox: &Outbox, text: &str) {
     let frames = match parse_frame(text, state.limits) {
         Err(rejection) => vec![rejection.into_frame()],
         Ok(ClientFrame::Subscribe { conversation_id }) => {
             vec![subscribe(state, user, connection, outbox, &conversation_id)]
         }
-        Ok(ClientFrame::Query {
-            client_message_id,
-            conversation_id,
-            text,
-        }) => match validate_query(client_message_id, conversation_id, text, state.limits) {
-            Err(rejection) => vec![rejection.into_frame()],
-            Ok(query) => accept_query(state, user, connection, outbox, query).await,
-        },
+        Ok(ClientFrame::Query { client_message_id, conversation_id, text }) => {
+            match validate_query(client_message_id, conversation_id, text, state.limits) {
+                Err(rejection) => vec![rejection.into_frame()],
+                Ok(query) => accept_query(state, user, connection, outbox, query).await,
+            }
+        }
     };
     for frame in frames {
         let _ = outbox.send(frame).await;
@@ -307,9 +282,9 @@ fn subscribe(
     conversation_id: &str,
 ) -> ServerFrame {
     match conversation_id.parse::<Uuid>() {
-        Ok(id) if state.hub.subscribe(user, id, connection, outbox) => ServerFrame::Subscribed {
-            conversation_id: id.to_string(),
-        },
+        Ok(id) if state.hub.subscribe(user, id, connection, outbox) => {
+            ServerFrame::Subscribed { conversation_id: id.to_string() }
+        }
         _ => ServerFrame::Error {
             code: ErrorCode::UnknownConversation,
             message: format!("no conversation {conversation_id} for this user on this gateway"),
@@ -326,38 +301,24 @@ async fn accept_query(
     query: crate::protocol::ValidQuery,
 ) -> Vec<ServerFrame> {
     let error = |code, message: String| {
-        vec![ServerFrame::Error {
-            code,
-            message,
-            client_message_id: Some(query.client_message_id.clone()),
-        }]
+        vec![ServerFrame::Error { code, message, client_message_id: Some(query.client_message_id.clone()) }]
     };
-    let admission = state.hub.admit(
-        user,
-        query.conversation_id,
-        &query.client_message_id,
-        connection,
-        outbox,
-    );
+    let mut admission = state.hub.admit(user, query.conversation_id, &query.client_message_id, connection, outbox);
+    if let (Err(Refusal::UnknownConversation), Some(id)) = (&admission, query.conversation_id)
+        && adopt_from_projection(state, user, id).await
+    {
+        admission = state.hub.admit(user, Some(id), &query.client_message_id, connection, outbox);
+    }
     let (conversation_id, query_id, sequence, new_conversation) = match admission {
-        Ok(Admission::Accepted {
-            conversation_id,
-            query_id,
-            sequence,
-            new_conversation,
-        }) => (conversation_id, query_id, sequence, new_conversation),
+        Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation }) => {
+            (conversation_id, query_id, sequence, new_conversation)
+        }
         Ok(Admission::Duplicate { frames }) => return frames,
         Err(Refusal::UnknownConversation) => {
-            return error(
-                ErrorCode::UnknownConversation,
-                "no such conversation for this user on this gateway".into(),
-            );
+            return error(ErrorCode::UnknownConversation, "no such conversation for this user on this gateway".into());
         }
         Err(Refusal::TurnInProgress) => {
-            return error(
-                ErrorCode::TurnInProgress,
-                "the previous question has no answer yet".into(),
-            );
+            return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
         }
     };
     let traceparent = new_traceparent();
@@ -372,12 +333,7 @@ async fn accept_query(
             };
             state
                 .producer
-                .append(
-                    &state.topics.events,
-                    &conversation_id.to_string(),
-                    &started,
-                    Some(&traceparent),
-                )
+                .append(&state.topics.events, &conversation_id.to_string(), &started, Some(&traceparent))
                 .await?;
         }
         let event = UserQueryReceived {
@@ -387,15 +343,7 @@ async fn accept_query(
             client_message_id: query.client_message_id.clone(),
             text: query.text.clone(),
         };
-        state
-            .producer
-            .append(
-                &state.topics.events,
-                &conversation_id.to_string(),
-                &event,
-                Some(&traceparent),
-            )
-            .await
+        state.producer.append(&state.topics.events, &conversation_id.to_string(), &event, Some(&traceparent)).await
     }
     .instrument(span)
     .await;
@@ -415,10 +363,27 @@ async fn accept_query(
         Err(e) => {
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
-            error(
-                ErrorCode::Unavailable,
-                format!("the event log did not take the query; nothing was written: {e}"),
-            )
+            error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
+        }
+    }
+}
+
+/// Loads a conversation this instance does not hold from the projection, if it is the
+/// user's. A turn the projection shows as open stays refused until its outcome arrives.
+async fn adopt_from_projection(state: &AppState, user: &str, conversation_id: Uuid) -> bool {
+    let row = match state.reader.generation().await {
+        Ok(generation) => state.reader.store().conversation(&generation, conversation_id).await,
+        Err(error) => Err(error),
+    };
+    match row {
+        Ok(Some(row)) if row.user_id == user => {
+            state.hub.adopt(conversation_id, row.head());
+            true
+        }
+        Ok(_) => false,
+        Err(error) => {
+            warn!(%error, %conversation_id, "could not look the conversation up in the projection");
+            false
         }
     }
 }
@@ -428,10 +393,8 @@ pub async fn run(
     kafka: &KafkaSettings,
     registry_url: &str,
     args: &GatewayArgs,
+    store: Store,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    Gateway::bind(kafka, registry_url, args, shutdown)
-        .await?
-        .serve()
-        .await
+    Gateway::bind(kafka, registry_url, args, store, shutdown).await?.serve().await
 }

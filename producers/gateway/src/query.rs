@@ -1,0 +1,214 @@
+//! The query path (HTTP, JSON), served from the projection, never from the log:
+//!
+//! - `GET /api/conversations?limit=N&before=CURSOR`: the caller's conversations, newest first;
+//! - `GET /api/conversations/{id}?after=POSITION`: one conversation with its messages. With
+//!   `after` (the `position` of an ack), the answer waits until the projection has applied
+//!   it, up to `--read-wait`, else 503 `projection_behind`.
+//!
+//! Both take the user's token as `Authorization: Bearer <token>`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use parley_eventlog::LogPosition;
+use parley_events::conversation::Message;
+use parley_projections::ProjectionError;
+use parley_projections::reader::Freshness;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::server::AppState;
+
+pub const MAX_PAGE: i32 = 100;
+
+/// An error answer: status and a JSON body `{error, message, ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: json!({ "error": code, "message": message.into() }) }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
+        let mut response = (self.status, Json(self.body)).into_response();
+        if retry {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<ProjectionError> for ApiError {
+    fn from(error: ProjectionError) -> Self {
+        warn!(%error, "query path: store error");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the conversation store did not answer; retry")
+    }
+}
+
+fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|token| state.signer.verify(token))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authorization: Bearer <token> required (POST /api/session)",
+            )
+        })
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    sequence: i64,
+    event_id: String,
+    kind: &'static str,
+    text: String,
+    occurred_at: i64,
+    query_event_id: Option<String>,
+    model: Option<String>,
+    prompt_tokens: Option<i32>,
+    completion_tokens: Option<i32>,
+    llm_latency_ms: Option<i64>,
+    error_kind: Option<String>,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            sequence: m.sequence,
+            event_id: m.event_id,
+            kind: m.kind.as_str(),
+            text: m.text,
+            occurred_at: m.occurred_at,
+            query_event_id: m.query_event_id,
+            model: m.model,
+            prompt_tokens: m.prompt_tokens,
+            completion_tokens: m.completion_tokens,
+            llm_latency_ms: m.llm_latency_ms,
+            error_kind: m.error_kind,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ConversationParams {
+    after: Option<String>,
+}
+
+pub(crate) async fn conversation(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(params): Query<ConversationParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user = user_of(&state, &headers)?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user"));
+    let id: Uuid = id.parse().map_err(|_| not_found())?;
+    if let Some(after) = params.after {
+        let position: LogPosition = after.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("after={after:?} is not a position topic/partition/offset"),
+            )
+        })?;
+        if let Freshness::Behind { applied_up_to } = state.reader.wait_for(&position, state.read_wait).await? {
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: json!({
+                    "error": "projection_behind",
+                    "message": format!("the projection has not applied {position} within {:?}; retry", state.read_wait),
+                    "requested": position.to_string(),
+                    "applied_up_to": applied_up_to,
+                }),
+            });
+        }
+    }
+    let generation = state.reader.generation().await?;
+    let store = state.reader.store();
+    let row = store.conversation(&generation, id).await?.filter(|row| row.user_id == user).ok_or_else(not_found)?;
+    let messages: Vec<MessageView> =
+        store.messages(&generation, id).await?.into_iter().map(MessageView::from).collect();
+    Ok(Json(json!({
+        "conversation_id": id,
+        "title": row.title,
+        "started_at": row.started_at,
+        "updated_at": row.updated_at,
+        "last_sequence": row.last_sequence,
+        "open_query_event_id": row.open_query_event_id,
+        "messages": messages,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    limit: Option<i32>,
+    before: Option<String>,
+}
+
+pub(crate) async fn conversations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user = user_of(&state, &headers)?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("limit must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    let before = params.before.as_deref().map(parse_cursor).transpose()?;
+    let generation = state.reader.generation().await?;
+    let page = state.reader.store().conversations_of(&generation, &user, before, limit).await?;
+    let next = (page.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+        .then(|| page.last().map(|(at, id, _)| format!("{at}:{id}")))
+        .flatten();
+    let items: Vec<_> = page
+        .into_iter()
+        .map(|(at, id, title)| json!({"conversation_id": id, "started_at": at, "title": title}))
+        .collect();
+    Ok(Json(json!({ "conversations": items, "next": next })))
+}
+
+/// A page cursor `<started_at>:<conversation id>`.
+fn parse_cursor(cursor: &str) -> Result<(i64, Uuid), ApiError> {
+    cursor.split_once(':').and_then(|(at, id)| Some((at.parse().ok()?, id.parse().ok()?))).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("before={cursor:?} is not a cursor from `next`"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_parse_or_fail_clearly() {
+        let id = Uuid::new_v4();
+        assert_eq!(parse_cursor(&format!("123:{id}")).unwrap(), (123, id));
+        for bad in ["", "123", "x:y", &format!("abc:{id}")] {
+            assert_eq!(parse_cursor(bad).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,25 @@
+use parley_eventlog::EventLogError;
+use parley_events::EventsError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ProjectionError {
+    #[error("cannot connect to the CQL store: {0}")]
+    Connect(String),
+    #[error("CQL statement failed: {statement}: {reason}")]
+    Cql { statement: String, reason: String },
+    #[error("unexpected data in the store: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    EventLog(#[from] EventLogError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl ProjectionError {
+    pub fn cql(statement: &str, error: impl std::fmt::Display) -> Self {
+        Self::Cql { statement: statement.to_owned(), reason: error.to_string() }
+    }
+}

@@ -1,0 +1,14 @@
+//! Read models of the conversation log in a CQL store.
+//!
+//! - [`store`]: the CQL schema (one table set per generation), writes and reads;
+//! - [`projector`]: the consumer that folds events into the live generation;
+//! - [`reader`]: the query side over the live generation, with position waits;
+//! - [`error`]: this crate's error type.
+
+pub mod error;
+pub mod projector;
+pub mod reader;
+pub mod store;
+
+pub use error::ProjectionError;
+pub use store::{CqlSettings, Store};

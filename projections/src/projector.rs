@@ -1,0 +1,268 @@
+//! The context projection: folds `conversation-events` (read_committed) into one
+//! generation of the CQL store. Used live (`parley projection`, follows the log forever)
+//! and by rebuild (a new generation from offset 0 until caught up).
+//!
+//! Idempotency and progress: every write is an upsert keyed by (conversation, sequence),
+//! and a conversation's `last_sequence` guards its derived fields, so applying an event
+//! twice changes nothing. Progress (next offset per partition) lives in the same store,
+//! written after the batch's state: a crash in between re-applies part of a batch
+//! (harmless), never skips one. Kafka group offsets are not used for positioning.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parley_eventlog::KafkaSettings;
+use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_events::conversation::{MessageKind, message_of};
+use parley_events::turn::{Applied, ConversationHead};
+use parley_events::{ConversationEvent, EventCodec};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+use crate::store::{CONTEXT, EventLocation, Generation, Store};
+
+/// Longest title kept for a conversation (its first question, shortened).
+const TITLE_CHARS: usize = 80;
+/// Records applied per batch at most.
+const MAX_BATCH: usize = 500;
+/// Conversations written concurrently within a batch.
+const WRITE_CONCURRENCY: usize = 32;
+/// Heads kept in memory; past this the cache starts over (heads reload from the store).
+const MAX_CACHED_HEADS: usize = 100_000;
+
+/// What the projector knows of a conversation between events.
+#[derive(Debug, Clone)]
+struct Known {
+    head: ConversationHead,
+    started_at: i64,
+}
+
+/// Folds events into one generation.
+#[derive(Debug)]
+pub struct Projector {
+    store: Store,
+    generation: Generation,
+    topic: String,
+    known: HashMap<Uuid, Known>,
+}
+
+/// A decoded record with its log coordinates.
+#[derive(Debug, Clone)]
+pub struct LoggedEvent {
+    pub event: ConversationEvent,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Projector {
+    pub async fn new(store: Store, generation_number: i32, topic: &str) -> Result<Self, ProjectionError> {
+        let generation = store.generation(generation_number).await?;
+        Ok(Self { store, generation, topic: topic.to_owned(), known: HashMap::new() })
+    }
+
+    pub fn generation(&self) -> i32 {
+        self.generation.number
+    }
+
+    /// A consumer assigned every partition of the topic at this generation's progress.
+    pub async fn consumer(&self, kafka: &KafkaSettings, eof_events: bool) -> Result<StreamConsumer, ProjectionError> {
+        let consumer: StreamConsumer = kafka
+            .client_config()
+            .set("group.id", format!("parley-projection-context-g{}", self.generation.number))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", if eof_events { "true" } else { "false" })
+            .set("fetch.wait.max.ms", "50")
+            .create()?;
+        let progress: HashMap<i32, i64> =
+            self.store.progress(&self.generation, &self.topic).await?.into_iter().collect();
+        let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(30))?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let offset = progress.get(&partition.id()).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            assignment.add_partition_offset(&self.topic, partition.id(), offset)?;
+        }
+        consumer.assign(&assignment)?;
+        Ok(consumer)
+    }
+
+    /// Applies a batch (in log order) and then records progress.
+    pub async fn apply_batch(&mut self, batch: Vec<LoggedEvent>) -> Result<(), ProjectionError> {
+        if self.known.len() > MAX_CACHED_HEADS {
+            self.known.clear();
+        }
+        let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+        let mut by_conversation: Vec<(Uuid, Vec<LoggedEvent>)> = Vec::new();
+        let mut index: HashMap<Uuid, usize> = HashMap::new();
+        for logged in batch {
+            let next = next_offsets.entry(logged.partition).or_insert(0);
+            *next = (*next).max(logged.offset + 1);
+            let Ok(id) = logged.event.envelope().conversation_id.parse::<Uuid>() else {
+                warn!(offset = logged.offset, "event with a conversation id that is not a UUID; not projected");
+                continue;
+            };
+            let slot = *index.entry(id).or_insert_with(|| {
+                by_conversation.push((id, Vec::new()));
+                by_conversation.len() - 1
+            });
+            by_conversation[slot].1.push(logged);
+        }
+        let work = by_conversation.into_iter().map(|(id, events)| {
+            let known = self.known.remove(&id);
+            let (store, generation, topic) = (&self.store, &self.generation, self.topic.as_str());
+            async move {
+                let known = apply_conversation(store, generation, topic, id, known, &events).await?;
+                Ok::<_, ProjectionError>((id, known))
+            }
+        });
+        let results: Vec<_> = futures::stream::iter(work).buffer_unordered(WRITE_CONCURRENCY).collect().await;
+        for result in results {
+            if let (id, Some(known)) = result? {
+                self.known.insert(id, known);
+            }
+        }
+        for (partition, next) in next_offsets {
+            self.store.store_progress(&self.generation, &self.topic, partition, next).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one conversation's events of a batch, in order.
+async fn apply_conversation(
+    store: &Store,
+    generation: &Generation,
+    topic: &str,
+    id: Uuid,
+    mut known: Option<Known>,
+    events: &[LoggedEvent],
+) -> Result<Option<Known>, ProjectionError> {
+    if known.is_none() {
+        known =
+            store.conversation(generation, id).await?.map(|row| Known { head: row.head(), started_at: row.started_at });
+    }
+    for logged in events {
+        let envelope = logged.event.envelope();
+        let location = EventLocation {
+            sequence: envelope.sequence,
+            event_id: envelope.event_id.clone(),
+            event_type: logged.event.type_name().to_owned(),
+            topic: topic.to_owned(),
+            partition: logged.partition,
+            offset: logged.offset,
+        };
+        store.insert_location(generation, id, &location).await?;
+        match (&mut known, &logged.event) {
+            (None, ConversationEvent::Started(started)) => {
+                store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
+                known =
+                    Some(Known { head: ConversationHead::started(&started.user_id), started_at: envelope.occurred_at });
+            }
+            (None, event) => {
+                warn!(%id, sequence = envelope.sequence, kind = event.type_name(), "event before the conversation's start; not projected");
+            }
+            (Some(k), event) => {
+                let applied = k.head.apply_over_gaps(event);
+                if applied == Applied::AlreadyApplied {
+                    continue;
+                }
+                if let Applied::Gap { expected, got } = applied {
+                    warn!(%id, expected, got, "sequence gap: an event of this conversation is missing from the log");
+                }
+                if let Some(message) = message_of(event) {
+                    store.insert_message(generation, id, &message).await?;
+                    if message.kind == MessageKind::UserQuery
+                        && message.sequence == parley_events::turn::STARTED_SEQUENCE + 1
+                    {
+                        let title: String = message.text.chars().take(TITLE_CHARS).collect();
+                        store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
+                    }
+                }
+                store.advance_conversation(generation, id, &k.head, envelope.occurred_at).await?;
+            }
+        }
+    }
+    Ok(known)
+}
+
+/// Decodes a fetched record; None for records that are not conversation events (they are
+/// logged: the inference consumer dead-letters them).
+pub async fn decode(
+    codec: &EventCodec,
+    message: &OwnedMessage,
+    shutdown: &CancellationToken,
+) -> Option<Option<LoggedEvent>> {
+    let payload = message.payload().unwrap_or_default();
+    match retry_while_registry_down(shutdown, || codec.decode_conversation_event(payload)).await? {
+        Ok(decoded) => {
+            Some(Some(LoggedEvent { event: decoded.event, partition: message.partition(), offset: message.offset() }))
+        }
+        Err(error) => {
+            warn!(partition = message.partition(), offset = message.offset(), %error, "undecodable record not projected");
+            Some(None)
+        }
+    }
+}
+
+/// Follows the log into the live generation until `shutdown`; switches to a new live
+/// generation when a rebuild promotes one.
+pub async fn run(
+    kafka: &KafkaSettings,
+    registry_url: &str,
+    store: Store,
+    shutdown: CancellationToken,
+) -> Result<(), ProjectionError> {
+    let codec = EventCodec::new(registry_url)?;
+    let topic = kafka.topics().events;
+    'generations: loop {
+        let (live, _, _) = store.generations(CONTEXT).await?;
+        let mut projector = Projector::new(store.clone(), live, &topic).await?;
+        let consumer = projector.consumer(kafka, false).await?;
+        info!(generation = live, %topic, "context projection following the log");
+        let mut generation_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                _ = generation_check.tick() => {
+                    if store.generations(CONTEXT).await?.0 != live {
+                        info!(from = live, "live generation changed; switching");
+                        continue 'generations;
+                    }
+                    continue;
+                }
+                received = consumer.recv() => match received {
+                    Ok(message) => message.detach(),
+                    Err(error) => { warn!(%error, "projection consumer error"); continue; }
+                },
+            };
+            let mut batch = Vec::new();
+            let mut pending = Some(first);
+            while let Some(message) = pending.take() {
+                match decode(&codec, &message, &shutdown).await {
+                    None => return Ok(()),
+                    Some(logged) => batch.extend(logged),
+                }
+                if batch.len() < MAX_BATCH {
+                    pending = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                        Ok(Ok(next)) => Some(next.detach()),
+                        Ok(Err(error)) => tolerate(error),
+                        Err(_) => None,
+                    };
+                }
+            }
+            projector.apply_batch(batch).await?;
+        }
+    }
+}
+
+fn tolerate(error: KafkaError) -> Option<OwnedMessage> {
+    warn!(%error, "projection consumer error");
+    None
+}

@@ -1,0 +1,542 @@
+//! The CQL store of the context projection. Portable CQL only (no Cassandra-only
+//! features): it runs on ScyllaDB in production and on Cassandra locally.
+//!
+//! Every table name carries the projection's generation (`messages_g3`): a rebuild fills
+//! a new generation while readers use the live one, readers switch by one row of
+//! `projection_generations`, and an old generation is dropped table by table.
+
+use std::sync::Arc;
+
+use clap::Args;
+use parley_events::conversation::{Message, MessageKind};
+use parley_events::turn::{ConversationHead, OpenQuery};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+
+/// Name of the context projection in `projection_generations`.
+pub const CONTEXT: &str = "context";
+
+/// How to reach the CQL store.
+#[derive(Debug, Clone, Args)]
+pub struct CqlSettings {
+    /// CQL contact points (host:port), comma separated.
+    #[arg(long = "cql-nodes", env = "PARLEY_CQL_NODES", default_value = "127.0.0.1:19042", global = true)]
+    pub nodes: String,
+
+    /// Keyspace of Parley's projections.
+    #[arg(long = "cql-keyspace", env = "PARLEY_CQL_KEYSPACE", default_value = "parley", global = true,
+          value_parser = parse_identifier)]
+    pub keyspace: String,
+
+    /// Replication of the keyspace when Parley creates it (CQL map literal). Production on
+    /// ScyllaDB: {'class': 'NetworkTopologyStrategy', 'replication_factor': 3}.
+    #[arg(
+        long = "cql-replication",
+        env = "PARLEY_CQL_REPLICATION",
+        global = true,
+        default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )]
+    pub replication: String,
+}
+
+fn parse_identifier(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 48
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    ok.then(|| value.to_owned())
+        .ok_or_else(|| format!("{value:?}: 1 to 48 characters of [a-z0-9_], starting with a letter"))
+}
+
+/// A conversation's row of the projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRow {
+    pub conversation_id: Uuid,
+    pub user_id: String,
+    pub started_at: i64,
+    pub updated_at: i64,
+    pub last_sequence: i64,
+    pub open_query_event_id: Option<String>,
+    pub title: String,
+}
+
+impl ConversationRow {
+    /// The writer's view of the conversation (owner, last sequence, open turn).
+    pub fn head(&self) -> ConversationHead {
+        ConversationHead {
+            owner: self.user_id.clone(),
+            last_sequence: self.last_sequence,
+            open_query: self.open_query_event_id.as_ref().map(|id| OpenQuery {
+                event_id: id.clone(),
+                sequence: self.last_sequence,
+                client_message_id: String::new(),
+            }),
+        }
+    }
+}
+
+/// Where one event of a conversation sits in the log (the replay/audit index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLocation {
+    pub sequence: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A connected store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    session: Arc<Session>,
+    keyspace: String,
+}
+
+/// The prepared statements of one generation.
+#[derive(Debug)]
+pub struct Generation {
+    pub number: i32,
+    insert_conversation: PreparedStatement,
+    insert_by_user: PreparedStatement,
+    update_conversation: PreparedStatement,
+    insert_message: PreparedStatement,
+    insert_location: PreparedStatement,
+    upsert_progress: PreparedStatement,
+    select_conversation: PreparedStatement,
+    select_messages: PreparedStatement,
+    select_by_user: PreparedStatement,
+    select_by_user_before: PreparedStatement,
+    select_locations: PreparedStatement,
+    select_progress: PreparedStatement,
+}
+
+type MessageColumns = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+    Option<i64>,
+    Option<String>,
+);
+
+impl Store {
+    /// Connects and makes sure the keyspace and the generations table exist.
+    pub async fn connect(settings: &CqlSettings) -> Result<Self, ProjectionError> {
+        let mut builder = SessionBuilder::new();
+        for node in settings.nodes.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            builder = builder.known_node(node);
+        }
+        let session = builder.build().await.map_err(|e| ProjectionError::Connect(e.to_string()))?;
+        let store = Self { session: Arc::new(session), keyspace: settings.keyspace.clone() };
+        store
+            .ddl(&format!(
+                "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}",
+                store.keyspace, settings.replication
+            ))
+            .await?;
+        store
+            .ddl(&format!(
+                "CREATE TABLE IF NOT EXISTS {}.projection_generations \
+                 (projection text PRIMARY KEY, live int, previous int, building int)",
+                store.keyspace
+            ))
+            .await?;
+        Ok(store)
+    }
+
+    async fn ddl(&self, statement: &str) -> Result<(), ProjectionError> {
+        self.session.query_unpaged(statement, ()).await.map_err(|e| ProjectionError::cql(statement, e))?;
+        Ok(())
+    }
+
+    /// The live generation of a projection (creating generation 1 on first use) and its
+    /// generation bookkeeping: (live, previous, building).
+    pub async fn generations(&self, projection: &str) -> Result<(i32, Option<i32>, Option<i32>), ProjectionError> {
+        let select = format!(
+            "SELECT live, previous, building FROM {}.projection_generations WHERE projection = ?",
+            self.keyspace
+        );
+        let row = self
+            .session
+            .query_unpaged(select.as_str(), (projection,))
+            .await
+            .map_err(|e| ProjectionError::cql(&select, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(&select, e))?
+            .maybe_first_row::<(Option<i32>, Option<i32>, Option<i32>)>()
+            .map_err(|e| ProjectionError::cql(&select, e))?;
+        match row {
+            Some((Some(live), previous, building)) => Ok((live, previous, building)),
+            _ => {
+                let insert = format!(
+                    "INSERT INTO {}.projection_generations (projection, live) VALUES (?, 1) IF NOT EXISTS",
+                    self.keyspace
+                );
+                self.session
+                    .query_unpaged(insert.as_str(), (projection,))
+                    .await
+                    .map_err(|e| ProjectionError::cql(&insert, e))?;
+                Box::pin(self.generations(projection)).await
+            }
+        }
+    }
+
+    /// Records the generation being rebuilt (None when done).
+    pub async fn set_building(&self, projection: &str, building: Option<i32>) -> Result<(), ProjectionError> {
+        let update = format!("UPDATE {}.projection_generations SET building = ? WHERE projection = ?", self.keyspace);
+        self.session
+            .query_unpaged(update.as_str(), (building, projection))
+            .await
+            .map_err(|e| ProjectionError::cql(&update, e))?;
+        Ok(())
+    }
+
+    /// Makes `generation` the one readers use, keeping the old one as `previous`.
+    pub async fn switch_live(&self, projection: &str, generation: i32, previous: i32) -> Result<(), ProjectionError> {
+        let update = format!(
+            "UPDATE {}.projection_generations SET live = ?, previous = ?, building = null WHERE projection = ?",
+            self.keyspace
+        );
+        self.session
+            .query_unpaged(update.as_str(), (generation, previous, projection))
+            .await
+            .map_err(|e| ProjectionError::cql(&update, e))?;
+        Ok(())
+    }
+
+    /// Drops the tables of a generation that is neither live nor being built.
+    pub async fn drop_generation(&self, generation: i32) -> Result<(), ProjectionError> {
+        for table in TABLES {
+            self.ddl(&format!("DROP TABLE IF EXISTS {}.{table}_g{generation}", self.keyspace)).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the tables of a generation (idempotent).
+    pub async fn create_generation(&self, n: i32) -> Result<(), ProjectionError> {
+        let ks = &self.keyspace;
+        for statement in [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.conversations_g{n} (conversation_id uuid PRIMARY KEY, user_id text, \
+                 started_at bigint, updated_at bigint, last_sequence bigint, open_query_event_id text, title text)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.conversations_by_user_g{n} (user_id text, started_at bigint, \
+                 conversation_id uuid, title text, PRIMARY KEY ((user_id), started_at, conversation_id)) \
+                 WITH CLUSTERING ORDER BY (started_at DESC, conversation_id DESC)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.messages_g{n} (conversation_id uuid, sequence bigint, event_id text, \
+                 kind text, text text, occurred_at bigint, query_event_id text, model text, prompt_tokens int, \
+                 completion_tokens int, llm_latency_ms bigint, error_kind text, PRIMARY KEY ((conversation_id), sequence))"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.event_locations_g{n} (conversation_id uuid, sequence bigint, \
+                 event_id text, event_type text, log_topic text, log_partition int, log_offset bigint, \
+                 PRIMARY KEY ((conversation_id), sequence, event_id))"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.progress_g{n} (log_topic text, log_partition int, next_offset bigint, \
+                 PRIMARY KEY ((log_topic), log_partition))"
+            ),
+        ] {
+            self.ddl(&statement).await?;
+        }
+        Ok(())
+    }
+
+    /// Prepares the statements of a generation, creating its tables if they do not exist
+    /// yet (another process may have registered the generation a moment before).
+    pub async fn generation(&self, n: i32) -> Result<Generation, ProjectionError> {
+        self.create_generation(n).await?;
+        let ks = &self.keyspace;
+        let prepare = |cql: String| {
+            let session = self.session.clone();
+            async move { session.prepare(cql.as_str()).await.map_err(|e| ProjectionError::cql(&cql, e)) }
+        };
+        const MESSAGE_COLUMNS: &str = "sequence, event_id, kind, text, occurred_at, query_event_id, model, \
+                                       prompt_tokens, completion_tokens, llm_latency_ms, error_kind";
+        Ok(Generation {
+            number: n,
+            insert_conversation: prepare(format!(
+                "INSERT INTO {ks}.conversations_g{n} (conversation_id, user_id, started_at, updated_at, last_sequence, title) \
+                 VALUES (?, ?, ?, ?, ?, '')"
+            ))
+            .await?,
+            insert_by_user: prepare(format!(
+                "INSERT INTO {ks}.conversations_by_user_g{n} (user_id, started_at, conversation_id, title) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            update_conversation: prepare(format!(
+                "UPDATE {ks}.conversations_g{n} SET updated_at = ?, last_sequence = ?, open_query_event_id = ? \
+                 WHERE conversation_id = ?"
+            ))
+            .await?,
+            insert_message: prepare(format!("INSERT INTO {ks}.messages_g{n} (conversation_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_location: prepare(format!(
+                "INSERT INTO {ks}.event_locations_g{n} (conversation_id, sequence, event_id, event_type, log_topic, \
+                 log_partition, log_offset) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            upsert_progress: prepare(format!(
+                "INSERT INTO {ks}.progress_g{n} (log_topic, log_partition, next_offset) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            select_conversation: prepare(format!(
+                "SELECT user_id, started_at, updated_at, last_sequence, open_query_event_id, title \
+                 FROM {ks}.conversations_g{n} WHERE conversation_id = ?"
+            ))
+            .await?,
+            select_messages: prepare(format!("SELECT {MESSAGE_COLUMNS} FROM {ks}.messages_g{n} WHERE conversation_id = ?")).await?,
+            select_by_user: prepare(format!(
+                "SELECT started_at, conversation_id, title FROM {ks}.conversations_by_user_g{n} WHERE user_id = ? LIMIT ?"
+            ))
+            .await?,
+            select_by_user_before: prepare(format!(
+                "SELECT started_at, conversation_id, title FROM {ks}.conversations_by_user_g{n} \
+                 WHERE user_id = ? AND (started_at, conversation_id) < (?, ?) LIMIT ?"
+            ))
+            .await?,
+            select_locations: prepare(format!(
+                "SELECT sequence, event_id, event_type, log_topic, log_partition, log_offset \
+                 FROM {ks}.event_locations_g{n} WHERE conversation_id = ?"
+            ))
+            .await?,
+            select_progress: prepare(format!(
+                "SELECT log_partition, next_offset FROM {ks}.progress_g{n} WHERE log_topic = ?"
+            ))
+            .await?,
+        })
+    }
+
+    // --- writes (all idempotent upserts) ---
+
+    pub async fn insert_conversation(
+        &self,
+        g: &Generation,
+        id: Uuid,
+        user: &str,
+        started_at: i64,
+    ) -> Result<(), ProjectionError> {
+        self.exec(&g.insert_conversation, (id, user, started_at, started_at, parley_events::turn::STARTED_SEQUENCE))
+            .await?;
+        self.exec(&g.insert_by_user, (user, started_at, id, "")).await
+    }
+
+    pub async fn set_title(
+        &self,
+        g: &Generation,
+        id: Uuid,
+        user: &str,
+        started_at: i64,
+        title: &str,
+    ) -> Result<(), ProjectionError> {
+        let update =
+            format!("UPDATE {}.conversations_g{} SET title = ? WHERE conversation_id = ?", self.keyspace, g.number);
+        self.session.query_unpaged(update.as_str(), (title, id)).await.map_err(|e| ProjectionError::cql(&update, e))?;
+        self.exec(&g.insert_by_user, (user, started_at, id, title)).await
+    }
+
+    pub async fn advance_conversation(
+        &self,
+        g: &Generation,
+        id: Uuid,
+        head: &ConversationHead,
+        updated_at: i64,
+    ) -> Result<(), ProjectionError> {
+        let open = head.open_query.as_ref().map(|q| q.event_id.as_str());
+        self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id)).await
+    }
+
+    pub async fn insert_message(&self, g: &Generation, id: Uuid, m: &Message) -> Result<(), ProjectionError> {
+        let values = (
+            id,
+            m.sequence,
+            &m.event_id,
+            m.kind.as_str(),
+            &m.text,
+            m.occurred_at,
+            &m.query_event_id,
+            &m.model,
+            m.prompt_tokens,
+            m.completion_tokens,
+            m.llm_latency_ms,
+            &m.error_kind,
+        );
+        self.exec(&g.insert_message, values).await
+    }
+
+    pub async fn insert_location(&self, g: &Generation, id: Uuid, l: &EventLocation) -> Result<(), ProjectionError> {
+        self.exec(&g.insert_location, (id, l.sequence, &l.event_id, &l.event_type, &l.topic, l.partition, l.offset))
+            .await
+    }
+
+    pub async fn store_progress(
+        &self,
+        g: &Generation,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), ProjectionError> {
+        self.exec(&g.upsert_progress, (topic, partition, next_offset)).await
+    }
+
+    async fn exec(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<(), ProjectionError> {
+        self.session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+        Ok(())
+    }
+
+    // --- reads ---
+
+    pub async fn conversation(&self, g: &Generation, id: Uuid) -> Result<Option<ConversationRow>, ProjectionError> {
+        let statement = g.select_conversation.get_statement();
+        let row = self
+            .session
+            .execute_unpaged(&g.select_conversation, (id,))
+            .await
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .maybe_first_row::<(String, i64, i64, i64, Option<String>, Option<String>)>()
+            .map_err(|e| ProjectionError::cql(statement, e))?;
+        Ok(row.map(|(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| ConversationRow {
+            conversation_id: id,
+            user_id,
+            started_at,
+            updated_at,
+            last_sequence,
+            open_query_event_id,
+            title: title.unwrap_or_default(),
+        }))
+    }
+
+    pub async fn messages(&self, g: &Generation, id: Uuid) -> Result<Vec<Message>, ProjectionError> {
+        let statement = g.select_messages.get_statement();
+        let result = self
+            .session
+            .execute_unpaged(&g.select_messages, (id,))
+            .await
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement, e))?;
+        let mut messages = Vec::new();
+        for row in result.rows::<MessageColumns>().map_err(|e| ProjectionError::cql(statement, e))? {
+            let (
+                sequence,
+                event_id,
+                kind,
+                text,
+                occurred_at,
+                query_event_id,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                llm_latency_ms,
+                error_kind,
+            ) = row.map_err(|e| ProjectionError::cql(statement, e))?;
+            let kind =
+                MessageKind::parse(&kind).ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
+            messages.push(Message {
+                sequence,
+                event_id,
+                kind,
+                text,
+                occurred_at,
+                query_event_id,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                llm_latency_ms,
+                error_kind,
+            });
+        }
+        Ok(messages)
+    }
+
+    /// A user's conversations, newest first, `limit` at a time; `before` is the
+    /// (started_at, conversation_id) of the last one of the previous page.
+    pub async fn conversations_of(
+        &self,
+        g: &Generation,
+        user: &str,
+        before: Option<(i64, Uuid)>,
+        limit: i32,
+    ) -> Result<Vec<(i64, Uuid, String)>, ProjectionError> {
+        let result = match before {
+            None => self.session.execute_unpaged(&g.select_by_user, (user, limit)).await,
+            Some((at, id)) => self.session.execute_unpaged(&g.select_by_user_before, (user, at, id, limit)).await,
+        };
+        let statement = g.select_by_user.get_statement();
+        let rows = result
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement, e))?;
+        let typed = rows.rows::<(i64, Uuid, Option<String>)>().map_err(|e| ProjectionError::cql(statement, e))?;
+        typed
+            .map(|row| {
+                row.map(|(at, id, title)| (at, id, title.unwrap_or_default()))
+                    .map_err(|e| ProjectionError::cql(statement, e))
+            })
+            .collect()
+    }
+
+    pub async fn locations(&self, g: &Generation, id: Uuid) -> Result<Vec<EventLocation>, ProjectionError> {
+        let statement = g.select_locations.get_statement();
+        let rows = self
+            .session
+            .execute_unpaged(&g.select_locations, (id,))
+            .await
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement, e))?;
+        let typed =
+            rows.rows::<(i64, String, String, String, i32, i64)>().map_err(|e| ProjectionError::cql(statement, e))?;
+        typed
+            .map(|row| {
+                row.map(|(sequence, event_id, event_type, topic, partition, offset)| EventLocation {
+                    sequence,
+                    event_id,
+                    event_type,
+                    topic,
+                    partition,
+                    offset,
+                })
+                .map_err(|e| ProjectionError::cql(statement, e))
+            })
+            .collect()
+    }
+
+    /// Per partition of `topic`, the next offset this generation will apply.
+    pub async fn progress(&self, g: &Generation, topic: &str) -> Result<Vec<(i32, i64)>, ProjectionError> {
+        let statement = g.select_progress.get_statement();
+        let rows = self
+            .session
+            .execute_unpaged(&g.select_progress, (topic,))
+            .await
+            .map_err(|e| ProjectionError::cql(statement, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement, e))?;
+        let typed = rows.rows::<(i32, i64)>().map_err(|e| ProjectionError::cql(statement, e))?;
+        typed.map(|row| row.map_err(|e| ProjectionError::cql(statement, e))).collect()
+    }
+}
+
+/// The tables of one generation, without the `_g<N>` suffix.
+const TABLES: [&str; 5] = ["conversations", "conversations_by_user", "messages", "event_locations", "progress"];

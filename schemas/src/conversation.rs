@@ -1,0 +1,206 @@
+//! A conversation's state as a fold over its events: the one definition shared by the
+//! projection (which stores it) and by replay (which rebuilds it from the log), so the
+//! two cannot drift. Pure: no I/O.
+
+use crate::event::ConversationEvent;
+use crate::turn::{Applied, ConversationHead};
+
+/// Who said a message, or that the model failed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    UserQuery,
+    Answer,
+    Failure,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserQuery => "user_query",
+            Self::Answer => "answer",
+            Self::Failure => "failure",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [Self::UserQuery, Self::Answer, Self::Failure].into_iter().find(|k| k.as_str() == value)
+    }
+}
+
+/// One turn half: what the user asked, or what came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub sequence: i64,
+    pub event_id: String,
+    pub kind: MessageKind,
+    /// The question, the answer, or the failure's message.
+    pub text: String,
+    pub occurred_at: i64,
+    /// For outcomes: the query answered.
+    pub query_event_id: Option<String>,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub llm_latency_ms: Option<i64>,
+    pub error_kind: Option<String>,
+}
+
+/// The message an event adds to its conversation, if it adds one.
+pub fn message_of(event: &ConversationEvent) -> Option<Message> {
+    let base = |envelope: &crate::Envelope, kind, text: &str| Message {
+        sequence: envelope.sequence,
+        event_id: envelope.event_id.clone(),
+        kind,
+        text: text.to_owned(),
+        occurred_at: envelope.occurred_at,
+        query_event_id: None,
+        model: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        llm_latency_ms: None,
+        error_kind: None,
+    };
+    match event {
+        ConversationEvent::Started(_) => None,
+        ConversationEvent::QueryReceived(e) => Some(base(&e.envelope, MessageKind::UserQuery, &e.text)),
+        ConversationEvent::ResponseGenerated(e) => Some(Message {
+            query_event_id: Some(e.query_event_id.clone()),
+            model: Some(e.model.clone()),
+            prompt_tokens: Some(e.prompt_tokens),
+            completion_tokens: Some(e.completion_tokens),
+            llm_latency_ms: Some(e.llm_latency_ms),
+            ..base(&e.envelope, MessageKind::Answer, &e.text)
+        }),
+        ConversationEvent::ResponseFailed(e) => Some(Message {
+            query_event_id: Some(e.query_event_id.clone()),
+            error_kind: Some(e.error_kind.clone()),
+            ..base(&e.envelope, MessageKind::Failure, &e.error_message)
+        }),
+    }
+}
+
+/// A conversation as its events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationState {
+    pub conversation_id: String,
+    pub head: ConversationHead,
+    pub started_at: i64,
+    pub updated_at: i64,
+    pub messages: Vec<Message>,
+    /// Sequence numbers that were skipped (an event is missing from the log).
+    pub gaps: Vec<(i64, i64)>,
+}
+
+impl ConversationState {
+    /// Folds a conversation's events, in log order, into its state. Events before its
+    /// `ConversationStarted` (there should be none) are ignored.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>) -> Option<Self> {
+        let mut state: Option<Self> = None;
+        for event in events {
+            match (&mut state, event) {
+                (None, ConversationEvent::Started(started)) => {
+                    state = Some(Self {
+                        conversation_id: started.envelope.conversation_id.clone(),
+                        head: ConversationHead::started(&started.user_id),
+                        started_at: started.envelope.occurred_at,
+                        updated_at: started.envelope.occurred_at,
+                        messages: Vec::new(),
+                        gaps: Vec::new(),
+                    });
+                }
+                (Some(s), event) => {
+                    s.apply(event);
+                }
+                (None, _) => {}
+            }
+        }
+        state
+    }
+
+    /// Applies one event idempotently by sequence number. A gap is recorded and the event
+    /// still applied: it is a fact, and stalling the conversation would hide the later ones.
+    pub fn apply(&mut self, event: &ConversationEvent) -> Applied {
+        let applied = self.head.apply_over_gaps(event);
+        if let Applied::Gap { expected, got } = applied {
+            self.gaps.push((expected, got));
+        }
+        if applied != Applied::AlreadyApplied {
+            self.updated_at = event.envelope().occurred_at;
+            self.messages.extend(message_of(event));
+        }
+        applied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::event::*;
+
+    const P: Producer = Producer { name: "t", version: "0" };
+
+    fn log(conversation: Uuid) -> Vec<ConversationEvent> {
+        let env = |seq| Envelope::new(Uuid::new_v4(), conversation, seq, P);
+        vec![
+            ConversationEvent::Started(ConversationStarted { envelope: env(1), user_id: "alice".into() }),
+            ConversationEvent::QueryReceived(UserQueryReceived {
+                envelope: env(2),
+                user_id: "alice".into(),
+                client_message_id: "m1".into(),
+                text: "hi".into(),
+            }),
+            ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+                envelope: env(3),
+                query_event_id: "q".into(),
+                text: "hello".into(),
+                model: "m".into(),
+                finish_reason: "stop".into(),
+                prompt_tokens: 5,
+                completion_tokens: 1,
+                llm_latency_ms: 9,
+                time_to_first_token_ms: None,
+                attempts: 1,
+                context_event_ids: vec![],
+            }),
+        ]
+    }
+
+    #[test]
+    fn folding_a_log_gives_its_turns_in_order() {
+        let state = ConversationState::fold(&log(Uuid::new_v4())).unwrap();
+        assert_eq!(state.head.owner, "alice");
+        assert_eq!(state.head.last_sequence, 3);
+        let kinds: Vec<_> = state.messages.iter().map(|m| (m.sequence, m.kind, m.text.as_str())).collect();
+        assert_eq!(kinds, [(2, MessageKind::UserQuery, "hi"), (3, MessageKind::Answer, "hello")]);
+        assert_eq!(state.messages[1].model.as_deref(), Some("m"));
+        assert!(state.gaps.is_empty());
+    }
+
+    #[test]
+    fn re_delivered_events_change_nothing() {
+        let events = log(Uuid::new_v4());
+        let once = ConversationState::fold(&events).unwrap();
+        let twice: Vec<_> = events.iter().chain(events.iter().skip(1)).cloned().collect();
+        assert_eq!(ConversationState::fold(&twice).unwrap(), once);
+    }
+
+    #[test]
+    fn a_missing_event_is_recorded_as_a_gap_and_later_events_still_apply() {
+        let mut events = log(Uuid::new_v4());
+        events.remove(1);
+        let state = ConversationState::fold(&events).unwrap();
+        assert_eq!(state.gaps, [(2, 3)]);
+        assert_eq!(state.messages.len(), 1);
+        assert_eq!(state.head.last_sequence, 3);
+    }
+
+    #[test]
+    fn message_kinds_round_trip_through_text() {
+        for kind in [MessageKind::UserQuery, MessageKind::Answer, MessageKind::Failure] {
+            assert_eq!(MessageKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(MessageKind::parse("other"), None);
+    }
+}

@@ -1,0 +1,170 @@
+//! The context projection and the query path, end to end: history served from the CQL
+//! store equals a replay of the log, reads wait for the position they name, users see only
+//! their own conversations, and a restarted gateway continues a conversation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use parley_events::conversation::ConversationState;
+use parley_events::{ConversationEvent, EventCodec};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use support::{Pipeline, stack};
+
+fn ack_of(frames: &[Value]) -> &Value {
+    frames.iter().find(|f| f["type"] == "ack").expect("an ack")
+}
+
+/// Polls the conversation until it has `count` messages.
+async fn messages_when(pipeline: &Pipeline, token: &str, conversation: &str, count: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = pipeline.get(&format!("/api/conversations/{conversation}"), token).await;
+        if status == 200 && body["messages"].as_array().unwrap().len() >= count {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "projection never reached {count} messages: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every event of one conversation, from the log, in order.
+async fn replay_from_log(pipeline: &Pipeline, conversation: &str, count: usize) -> Vec<ConversationEvent> {
+    let codec = EventCodec::new(&pipeline.registry).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .set("group.id", format!("{}replay", pipeline.prefix))
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let topic = pipeline.events_topic();
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment.add_partition_offset(&topic, partition.id(), Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
+        if message.key() == Some(conversation.as_bytes()) {
+            events.push(codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event);
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_comes_from_the_projection_and_equals_a_replay_of_the_log() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("h-1", None, "Name a fruit.").await;
+    let first = client.until_outcome().await;
+    let conversation = ack_of(&first)["conversation_id"].as_str().unwrap().to_owned();
+    client.ask("h-2", Some(&conversation), "Name a vegetable.").await;
+    let second = client.until("ack").await;
+    let position = ack_of(&second)["position"].as_str().unwrap().to_owned();
+
+    // Read-your-writes: with the ack's position the read includes the query just written.
+    let (status, body) = pipeline.get(&format!("/api/conversations/{conversation}?after={position}"), &token).await;
+    assert_eq!(status, 200, "{body}");
+    let sequences: Vec<i64> =
+        body["messages"].as_array().unwrap().iter().map(|m| m["sequence"].as_i64().unwrap()).collect();
+    assert!(sequences.starts_with(&[2, 3, 4]), "{body}");
+    assert_eq!(body["title"], "Name a fruit.");
+
+    client.until_outcome().await;
+    let body = messages_when(&pipeline, &token, &conversation, 4).await;
+    let events = replay_from_log(&pipeline, &conversation, 5).await;
+    let replayed = ConversationState::fold(&events).unwrap();
+    let projected: Vec<(i64, String, String)> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["sequence"].as_i64().unwrap(),
+                m["kind"].as_str().unwrap().to_owned(),
+                m["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(i64, String, String)> =
+        replayed.messages.iter().map(|m| (m.sequence, m.kind.as_str().to_owned(), m.text.clone())).collect();
+    assert_eq!(projected, expected);
+    assert_eq!(body["last_sequence"], replayed.head.last_sequence);
+    assert!(body["open_query_event_id"].is_null());
+    let answer = &body["messages"][1];
+    assert!(answer["model"].is_string() && answer["completion_tokens"].as_i64().unwrap() > 0, "{answer}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_query_path_is_private_paged_and_bounded() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &["--read-wait", "200ms"]).await;
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    let mut conversations = Vec::new();
+    for i in 0..3 {
+        client.ask(&format!("p-{i}"), None, &format!("Question {i}?")).await;
+        let frames = client.until_outcome().await;
+        conversations.push(ack_of(&frames)["conversation_id"].as_str().unwrap().to_owned());
+    }
+    messages_when(&pipeline, &token, &conversations[2], 2).await;
+
+    let (status, page) = pipeline.get("/api/conversations?limit=2", &token).await;
+    assert_eq!(status, 200, "{page}");
+    let first_page: Vec<&str> =
+        page["conversations"].as_array().unwrap().iter().map(|c| c["conversation_id"].as_str().unwrap()).collect();
+    assert_eq!(first_page, [conversations[2].as_str(), conversations[1].as_str()], "newest first");
+    let next = page["next"].as_str().unwrap();
+    let (_, rest) = pipeline.get(&format!("/api/conversations?limit=2&before={next}"), &token).await;
+    assert_eq!(rest["conversations"][0]["conversation_id"], conversations[0].as_str());
+    assert_eq!(rest["conversations"].as_array().unwrap().len(), 1);
+
+    // Another user sees nothing of it.
+    let stranger = pipeline.session().await;
+    let (status, body) = pipeline.get(&format!("/api/conversations/{}", conversations[0]), &stranger).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    let (_, theirs) = pipeline.get("/api/conversations", &stranger).await;
+    assert!(theirs["conversations"].as_array().unwrap().is_empty());
+
+    // Bad input gets a clear error.
+    assert_eq!(pipeline.get("/api/conversations", "forged.token").await.0, 401);
+    assert_eq!(pipeline.get("/api/conversations?limit=1000", &token).await.0, 400);
+    let (status, body) = pipeline.get(&format!("/api/conversations/{}?after=nonsense", conversations[0]), &token).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_parameter")));
+
+    // A position the projection cannot reach within --read-wait: 503, not a stale answer.
+    let far = format!("{}/0/1000000000", pipeline.events_topic());
+    let (status, body) = pipeline.get(&format!("/api/conversations/{}?after={far}", conversations[0]), &token).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("projection_behind")), "{body}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_gateway_continues_an_existing_conversation() {
+    let Some(stack) = stack() else { return };
+    let mut pipeline = Pipeline::start(&stack, &[]).await;
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("r-1", None, "Hello?").await;
+    let frames = client.until_outcome().await;
+    let conversation = ack_of(&frames)["conversation_id"].as_str().unwrap().to_owned();
+    messages_when(&pipeline, &token, &conversation, 2).await;
+
+    pipeline.restart().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("r-2", Some(&conversation), "Still there?").await;
+    let frames = client.until_outcome().await;
+    assert_eq!(ack_of(&frames)["sequence"], 4, "{frames:?}");
+    assert_eq!(frames.last().unwrap()["type"], "answer");
+    pipeline.stop().await;
+}
