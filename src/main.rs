@@ -12,9 +12,11 @@ use parley_events::SchemaCatalog;
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
+use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
@@ -61,6 +63,26 @@ enum Command {
         gateway: GatewayArgs,
         #[command(flatten)]
         inference: InferenceArgs,
+    },
+    /// Rebuild a conversation's state from the log (never calling the model) and diff it
+    /// against the projection; exits 1 when they differ.
+    Replay {
+        conversation_id: Uuid,
+        /// Read every partition instead of the projection's offset index.
+        #[arg(long)]
+        scan: bool,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Every event of a conversation in order, with its log position, schema and trace.
+    Audit {
+        conversation_id: Uuid,
+        /// Read every partition instead of the projection's offset index.
+        #[arg(long)]
+        scan: bool,
+        /// `table` for people, `json` for one JSON object per line.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
     },
     /// Create Parley's topics (existing ones are left alone).
     Topics {
@@ -142,6 +164,117 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             inference.await.context("inference task")??;
             projection.await.context("projection task")??;
             served?;
+        }
+        Command::Replay { conversation_id, scan, format } => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let reader = LogReader::new(&kafka, &registry)?;
+            let (state, records, differences, method, elapsed) = replay(&reader, &store, conversation_id, scan).await?;
+            let Some(state) = state else {
+                eprintln!("no events of conversation {conversation_id} in the log");
+                return Ok(ExitCode::FAILURE);
+            };
+            if format == "json" {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "conversation_id": conversation_id,
+                        "owner": state.head.owner,
+                        "last_sequence": state.head.last_sequence,
+                        "open_query_event_id": state.head.open_query.as_ref().map(|q| &q.event_id),
+                        "messages": state.messages,
+                        "gaps": state.gaps,
+                        "records": records.len(),
+                        "method": format!("{method:?}"),
+                        "fetch_ms": elapsed.as_secs_f64() * 1000.0,
+                        "diff": differences,
+                    })
+                );
+            } else {
+                println!(
+                    "conversation {conversation_id} of {}: {} events read with {method:?} in {:.1} ms (the model was not called)",
+                    state.head.owner,
+                    records.len(),
+                    elapsed.as_secs_f64() * 1000.0
+                );
+                for m in &state.messages {
+                    let usage = m.model.as_ref().map_or(String::new(), |model| {
+                        format!(
+                            "[{model} · {}+{} tokens · {} ms] ",
+                            m.prompt_tokens.unwrap_or(0),
+                            m.completion_tokens.unwrap_or(0),
+                            m.llm_latency_ms.unwrap_or(0)
+                        )
+                    });
+                    println!("  #{:<4} {:<10} {usage}{}", m.sequence, m.kind.as_str(), m.text.replace('\n', " "));
+                }
+                for (expected, got) in &state.gaps {
+                    println!("  gap: expected sequence {expected}, log continues at {got}");
+                }
+                if differences.is_empty() {
+                    println!("diff against the projection: none");
+                } else {
+                    println!("diff against the projection ({}):", differences.len());
+                    differences.iter().for_each(|d| println!("  {d}"));
+                }
+            }
+            if !differences.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Audit { conversation_id, scan, format } => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let reader = LogReader::new(&kafka, &registry)?;
+            let (live, _, _) = store.generations(parley_projections::store::CONTEXT).await?;
+            let index = store.locations(&store.generation(live).await?, conversation_id).await?;
+            let (records, _, _) = reader.read(conversation_id, &index, scan).await?;
+            if records.is_empty() {
+                eprintln!("no events of conversation {conversation_id} in the log");
+                return Ok(ExitCode::FAILURE);
+            }
+            let registry_client = SchemaRegistry::new(&registry)?;
+            let mut versions = std::collections::HashMap::new();
+            for record in &records {
+                if let std::collections::hash_map::Entry::Vacant(slot) = versions.entry(record.schema_id) {
+                    let version = registry_client.versions_of(record.schema_id).await?.first().map(|(_, v)| *v);
+                    slot.insert(version);
+                }
+            }
+            if format == "json" {
+                for record in &records {
+                    let mut line = serde_json::to_value(record)?;
+                    line["schema_version"] = serde_json::json!(versions[&record.schema_id]);
+                    println!("{line}");
+                }
+            } else {
+                println!(
+                    "{:<4} {:<22} {:>9} {:>10} {:<24} {:<36} {:<36} {:<32}",
+                    "SEQ", "TYPE", "PARTITION", "OFFSET", "SCHEMA", "OCCURRED AT", "CORRELATION", "TRACE"
+                );
+                for r in &records {
+                    let schema =
+                        format!("id {} v{}", r.schema_id, versions[&r.schema_id].map_or("?".into(), |v| v.to_string()));
+                    let at = humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(u64::try_from(r.occurred_at).unwrap_or(0)),
+                    );
+                    println!(
+                        "{:<4} {:<22} {:>9} {:>10} {:<24} {:<36} {:<36} {:<32}",
+                        r.sequence,
+                        r.event_type,
+                        r.partition,
+                        r.offset,
+                        schema,
+                        at.to_string(),
+                        r.correlation_id,
+                        r.trace_id.as_deref().unwrap_or("-")
+                    );
+                    if let Some(cause) = &r.causation_id {
+                        println!("     caused by {cause}, written by {}", r.producer);
+                    } else {
+                        println!("     written by {}", r.producer);
+                    }
+                }
+            }
         }
         Command::Topics { replication } => {
             ensure_topics(&kafka, replication).await?;

@@ -3,11 +3,13 @@
 //! - [`store`]: the CQL schema (one table set per generation), writes and reads;
 //! - [`projector`]: the consumer that folds events into the live generation;
 //! - [`reader`]: the query side over the live generation, with position waits;
+//! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
 //! - [`error`]: this crate's error type.
 
 pub mod error;
 pub mod projector;
 pub mod reader;
+pub mod replay;
 pub mod store;
 
 pub use error::ProjectionError;

@@ -6,7 +6,8 @@ use crate::event::ConversationEvent;
 use crate::turn::{Applied, ConversationHead};
 
 /// Who said a message, or that the model failed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MessageKind {
     UserQuery,
     Answer,
@@ -28,7 +29,7 @@ impl MessageKind {
 }
 
 /// One turn half: what the user asked, or what came back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
     pub sequence: i64,
     pub event_id: String,

@@ -93,6 +93,23 @@ impl SchemaRegistry {
         Ok(reports)
     }
 
+    /// The (subject, version) pairs a schema id is registered under, for audit output.
+    pub async fn versions_of(&self, schema_id: u32) -> Result<Vec<(String, i64)>, EventsError> {
+        #[derive(serde::Deserialize)]
+        struct SubjectVersion {
+            subject: String,
+            version: i64,
+        }
+        let url = format!("{}/schemas/ids/{schema_id}/versions", self.url);
+        let response = self.http.get(&url).send().await.map_err(|e| EventsError::Registry(format!("{url}: {e}")))?;
+        if !response.status().is_success() {
+            return Err(EventsError::Registry(format!("{url}: {}", response.status())));
+        }
+        let versions: Vec<SubjectVersion> =
+            response.json().await.map_err(|e| EventsError::Registry(format!("{url}: {e}")))?;
+        Ok(versions.into_iter().map(|v| (v.subject, v.version)).collect())
+    }
+
     /// Sets the registry-wide compatibility level. Apicurio answers 409 to a writer that
     /// loses a race to create the rule; the rule then exists and a retry updates it.
     async fn set_default_compatibility(&self, level: &str) -> Result<(), EventsError> {

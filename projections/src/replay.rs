@@ -1,0 +1,292 @@
+//! Replay and audit: a conversation's events straight from the log. With the projection's
+//! offset index, exactly the conversation's records are fetched; without it (or with
+//! `--scan`) every partition is read from the start and filtered by key. The state is
+//! rebuilt with the same fold the projection uses, and compared with what it stores.
+
+use std::time::{Duration, Instant};
+
+use parley_eventlog::KafkaSettings;
+use parley_eventlog::trace::{TRACEPARENT_HEADER, trace_id};
+use parley_events::conversation::{ConversationState, Message};
+use parley_events::{ConversationEvent, EventCodec};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+use crate::store::{ConversationRow, EventLocation, Store};
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One event as the log holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub sequence: i64,
+    pub event_type: &'static str,
+    pub event_id: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub schema_id: u32,
+    pub occurred_at: i64,
+    pub log_timestamp: Option<i64>,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub producer: String,
+    #[serde(skip)]
+    pub event: ConversationEvent,
+}
+
+/// How the records were found, and how long it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    OffsetIndex,
+    PartitionScan,
+}
+
+/// Reads one conversation's records from the log.
+pub struct LogReader {
+    consumer: StreamConsumer,
+    codec: EventCodec,
+    topic: String,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl LogReader {
+    pub fn new(kafka: &KafkaSettings, registry_url: &str) -> Result<Self, ProjectionError> {
+        let consumer: StreamConsumer = kafka
+            .client_config()
+            .set("group.id", format!("parley-replay-{}", Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        Ok(Self { consumer, codec: EventCodec::new(registry_url)?, topic: kafka.topics().events })
+    }
+
+    /// The conversation's records via the index (when it has entries) or a scan.
+    pub async fn read(
+        &self,
+        conversation_id: Uuid,
+        index: &[EventLocation],
+        force_scan: bool,
+    ) -> Result<(Vec<AuditRecord>, Method, Duration), ProjectionError> {
+        let started = Instant::now();
+        let (messages, method) = if index.is_empty() || force_scan {
+            (self.scan(conversation_id).await?, Method::PartitionScan)
+        } else {
+            (self.fetch(index).await?, Method::OffsetIndex)
+        };
+        let mut records = Vec::with_capacity(messages.len());
+        for message in messages {
+            records.push(self.audit_record(&message).await?);
+        }
+        records.sort_by_key(|r| (r.sequence, r.offset));
+        Ok((records, method, started.elapsed()))
+    }
+
+    async fn fetch(&self, index: &[EventLocation]) -> Result<Vec<OwnedMessage>, ProjectionError> {
+        let mut messages = Vec::with_capacity(index.len());
+        for location in index {
+            let mut assignment = TopicPartitionList::new();
+            assignment.add_partition_offset(&location.topic, location.partition, Offset::Offset(location.offset))?;
+            self.consumer.assign(&assignment)?;
+            loop {
+                match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
+                    Ok(Ok(message)) if message.offset() == location.offset => {
+                        messages.push(message.detach());
+                        break;
+                    }
+                    Ok(Ok(_)) | Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        return Err(ProjectionError::Corrupt(format!(
+                            "the index names {}/{}/{} but the log has no committed record there",
+                            location.topic, location.partition, location.offset
+                        )));
+                    }
+                    Ok(Err(error)) => return Err(error.into()),
+                    Err(_) => {
+                        return Err(ProjectionError::Corrupt(format!(
+                            "no record at {}/{} within {FETCH_TIMEOUT:?}",
+                            location.partition, location.offset
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(messages)
+    }
+
+    async fn scan(&self, conversation_id: Uuid) -> Result<Vec<OwnedMessage>, ProjectionError> {
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), FETCH_TIMEOUT)?;
+        let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+        let mut assignment = TopicPartitionList::new();
+        for partition in &partitions {
+            assignment.add_partition_offset(&self.topic, *partition, Offset::Beginning)?;
+        }
+        self.consumer.assign(&assignment)?;
+        let key = conversation_id.to_string();
+        let mut at_end = std::collections::HashSet::new();
+        let mut messages = Vec::new();
+        while at_end.len() < partitions.len() {
+            match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
+                Ok(Ok(message)) => {
+                    if message.key() == Some(key.as_bytes()) {
+                        messages.push(message.detach());
+                    }
+                }
+                Ok(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                    at_end.insert(partition);
+                }
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => break, // nothing more arrives: every partition is read
+            }
+        }
+        Ok(messages)
+    }
+
+    async fn audit_record(&self, message: &OwnedMessage) -> Result<AuditRecord, ProjectionError> {
+        let decoded = self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await?;
+        let envelope = decoded.event.envelope().clone();
+        let header_trace = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == TRACEPARENT_HEADER).and_then(|h| h.value))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(trace_id)
+            .map(str::to_owned);
+        Ok(AuditRecord {
+            sequence: envelope.sequence,
+            event_type: decoded.event.type_name(),
+            event_id: envelope.event_id,
+            partition: message.partition(),
+            offset: message.offset(),
+            schema_id: decoded.schema_id,
+            occurred_at: envelope.occurred_at,
+            log_timestamp: message.timestamp().to_millis(),
+            correlation_id: envelope.correlation_id,
+            causation_id: envelope.causation_id,
+            trace_id: header_trace.or_else(|| envelope.traceparent.as_deref().and_then(trace_id).map(str::to_owned)),
+            producer: format!("{}/{}", envelope.producer_name, envelope.producer_version),
+            event: decoded.event,
+        })
+    }
+}
+
+/// Differences between a replayed conversation and what the projection holds; empty when
+/// they agree.
+pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &[Message])>) -> Vec<String> {
+    let Some((row, messages)) = projected else {
+        return vec!["the projection has no row for this conversation".into()];
+    };
+    let mut differences = Vec::new();
+    if row.user_id != replayed.head.owner {
+        differences.push(format!("owner: projection {:?}, log {:?}", row.user_id, replayed.head.owner));
+    }
+    if row.last_sequence != replayed.head.last_sequence {
+        differences
+            .push(format!("last sequence: projection {}, log {}", row.last_sequence, replayed.head.last_sequence));
+    }
+    let open = replayed.head.open_query.as_ref().map(|q| q.event_id.as_str());
+    if row.open_query_event_id.as_deref() != open {
+        differences.push(format!("open query: projection {:?}, log {:?}", row.open_query_event_id, open));
+    }
+    for m in &replayed.messages {
+        match messages.iter().find(|p| p.sequence == m.sequence) {
+            None => differences.push(format!("sequence {}: missing from the projection", m.sequence)),
+            Some(p) if p != m => differences.push(format!("sequence {}: projection {p:?}, log {m:?}", m.sequence)),
+            Some(_) => {}
+        }
+    }
+    for p in messages.iter().filter(|p| !replayed.messages.iter().any(|m| m.sequence == p.sequence)) {
+        differences.push(format!("sequence {}: in the projection but not in the log", p.sequence));
+    }
+    differences
+}
+
+/// Replays a conversation: its state rebuilt from the log and its differences from the
+/// live projection.
+pub async fn replay(
+    reader: &LogReader,
+    store: &Store,
+    conversation_id: Uuid,
+    force_scan: bool,
+) -> Result<(Option<ConversationState>, Vec<AuditRecord>, Vec<String>, Method, Duration), ProjectionError> {
+    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
+    let generation = store.generation(live).await?;
+    let index = store.locations(&generation, conversation_id).await?;
+    let (records, method, elapsed) = reader.read(conversation_id, &index, force_scan).await?;
+    let state = ConversationState::fold(records.iter().map(|r| &r.event));
+    let row = store.conversation(&generation, conversation_id).await?;
+    let messages = store.messages(&generation, conversation_id).await?;
+    let differences = match &state {
+        Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
+        None if row.is_none() => vec![],
+        None => vec!["the log has no ConversationStarted for a conversation the projection holds".into()],
+    };
+    Ok((state, records, differences, method, elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_events::turn::ConversationHead;
+    use parley_events::{Envelope, Producer, UserQueryReceived};
+
+    use super::*;
+
+    fn state() -> ConversationState {
+        let id = Uuid::new_v4();
+        let mut state = ConversationState {
+            conversation_id: id.to_string(),
+            head: ConversationHead::started("alice"),
+            started_at: 1,
+            updated_at: 1,
+            messages: vec![],
+            gaps: vec![],
+        };
+        state.apply(&ConversationEvent::QueryReceived(UserQueryReceived {
+            envelope: Envelope::new(Uuid::new_v4(), id, 2, Producer { name: "t", version: "0" }),
+            user_id: "alice".into(),
+            client_message_id: "m".into(),
+            text: "hi".into(),
+        }));
+        state
+    }
+
+    fn row_of(state: &ConversationState) -> ConversationRow {
+        ConversationRow {
+            conversation_id: Uuid::nil(),
+            user_id: state.head.owner.clone(),
+            started_at: 1,
+            updated_at: 1,
+            last_sequence: state.head.last_sequence,
+            open_query_event_id: state.head.open_query.as_ref().map(|q| q.event_id.clone()),
+            title: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_agreeing_projection_has_no_differences() {
+        let state = state();
+        assert!(diff(&state, Some((&row_of(&state), &state.messages))).is_empty());
+    }
+
+    #[test]
+    fn missing_changed_and_extra_messages_are_reported() {
+        let state = state();
+        let row = row_of(&state);
+        assert_eq!(diff(&state, Some((&row, &[]))), ["sequence 2: missing from the projection"]);
+        let mut changed = state.messages.clone();
+        changed[0].text = "edited".into();
+        assert!(diff(&state, Some((&row, &changed)))[0].contains("sequence 2: projection"));
+        let mut extra = state.messages.clone();
+        extra.push(Message { sequence: 9, ..state.messages[0].clone() });
+        assert_eq!(diff(&state, Some((&row, &extra))), ["sequence 9: in the projection but not in the log"]);
+        assert_eq!(diff(&state, None).len(), 1);
+    }
+}
