@@ -98,25 +98,18 @@ impl LogReader {
             let mut assignment = TopicPartitionList::new();
             assignment.add_partition_offset(&location.topic, location.partition, Offset::Offset(location.offset))?;
             self.consumer.assign(&assignment)?;
-            loop {
-                match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
-                    Ok(Ok(message)) if message.offset() == location.offset => {
-                        messages.push(message.detach());
-                        break;
-                    }
-                    Ok(Ok(_)) | Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                        return Err(ProjectionError::Corrupt(format!(
-                            "the index names {}/{}/{} but the log has no committed record there",
-                            location.topic, location.partition, location.offset
-                        )));
-                    }
-                    Ok(Err(error)) => return Err(error.into()),
-                    Err(_) => {
-                        return Err(ProjectionError::Corrupt(format!(
-                            "no record at {}/{} within {FETCH_TIMEOUT:?}",
-                            location.partition, location.offset
-                        )));
-                    }
+            let at = || format!("{}/{}/{}", location.topic, location.partition, location.offset);
+            match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
+                Ok(Ok(message)) if message.offset() == location.offset => messages.push(message.detach()),
+                Ok(Ok(_) | Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    return Err(ProjectionError::Corrupt(format!(
+                        "the index names {} but the log has no committed record there",
+                        at()
+                    )));
+                }
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => {
+                    return Err(ProjectionError::Corrupt(format!("no record at {} within {FETCH_TIMEOUT:?}", at())));
                 }
             }
         }
