@@ -12,6 +12,7 @@ use parley_events::SchemaCatalog;
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
+use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,9 @@ enum Command {
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
     },
+    /// Manage projections: rebuild one into a new generation, drop the replaced one.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Create Parley's topics (existing ones are left alone).
     Topics {
         /// Replication factor of new topics.
@@ -94,6 +98,26 @@ enum Command {
     /// Register or check the Avro schemas.
     #[command(subcommand)]
     Schemas(SchemasCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Rebuild a projection from offset 0 into a new generation while the live one keeps
+    /// serving, then switch readers to it. The replaced generation is kept.
+    Rebuild {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
+    /// Drop the generation the last rebuild replaced.
+    DropPrevious {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
+    /// Show the live, previous and in-progress generations.
+    Status {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,6 +297,41 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         println!("     written by {}", r.producer);
                     }
+                }
+            }
+        }
+        Command::Projections(command) => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            match command {
+                ProjectionsCommand::Rebuild { .. } => {
+                    let mut show = |done: u64, total: u64, elapsed: std::time::Duration| {
+                        let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
+                        let percent = if total == 0 { 100.0 } else { 100.0 * done as f64 / total as f64 };
+                        let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
+                        eprint!(
+                            "\r[{}{}] {done}/{total} records {percent:5.1}% · {rate:8.0} records/s",
+                            "#".repeat(filled),
+                            " ".repeat(20 - filled)
+                        );
+                    };
+                    let report = rebuild_context(&kafka, &registry, &store, &shutdown, &mut show).await?;
+                    eprintln!();
+                    println!(
+                        "generation {} is live ({} records in {:.1} s, {:.0} records/s); generation {} is kept until `parley projections drop-previous context`",
+                        report.generation,
+                        report.records,
+                        report.elapsed.as_secs_f64(),
+                        report.records_per_second(),
+                        report.previous
+                    );
+                }
+                ProjectionsCommand::DropPrevious { .. } => match drop_previous(&store).await? {
+                    Some(generation) => println!("dropped generation {generation}"),
+                    None => println!("no previous generation to drop"),
+                },
+                ProjectionsCommand::Status { .. } => {
+                    let (live, previous, building) = store.generations(parley_projections::store::CONTEXT).await?;
+                    println!("context: live {live}, previous {previous:?}, building {building:?}");
                 }
             }
         }

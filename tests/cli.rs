@@ -58,6 +58,30 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
 }
 
 #[test]
+fn every_subcommand_parses_its_options() {
+    // clap checks argument ids only when parsing: a clash between a global option and a
+    // subcommand's option panics at run time, so parse each subcommand's help.
+    for args in [
+        &["gateway", "--help"][..],
+        &["inference", "--help"],
+        &["projection", "--help"],
+        &["all", "--help"],
+        &["topics", "--help"],
+        &["schemas", "check", "--help"],
+        &["replay", "--help"],
+        &["audit", "--help"],
+        &["projections", "rebuild", "--help"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_parley")).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_parley")).args(["topics", "--replication", "0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--replication"), "{stderr}");
+}
+
+#[test]
 fn a_bad_config_value_names_the_option_and_the_value() {
     let cases: [(&[&str], &str, &str); 4] = [
         (&["inference", "--llm-timeout", "fast"], "--llm-timeout", "fast"),

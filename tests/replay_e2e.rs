@@ -10,12 +10,12 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Pipeline, TEST_KEYSPACE, stack};
+use support::{Pipeline, stack};
 
 fn parley(pipeline: &Pipeline, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_parley"))
         .args(["--kafka-brokers", &pipeline.brokers, "--schema-registry-url", &pipeline.registry])
-        .args(["--topic-prefix", &pipeline.prefix, "--cql-nodes", &pipeline.cql, "--cql-keyspace", TEST_KEYSPACE])
+        .args(["--topic-prefix", &pipeline.prefix, "--cql-nodes", &pipeline.cql, "--cql-keyspace", &pipeline.keyspace])
         .args(args)
         .output()
         .unwrap()

@@ -5,7 +5,12 @@ use rdkafka::ClientConfig;
 #[derive(Debug, Clone, Args)]
 pub struct KafkaSettings {
     /// Kafka bootstrap servers, comma separated.
-    #[arg(long = "kafka-brokers", env = "PARLEY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    #[arg(
+        id = "kafka_brokers",
+        long = "kafka-brokers",
+        env = "PARLEY_KAFKA_BROKERS",
+        default_value = "127.0.0.1:19092"
+    )]
     pub brokers: String,
 
     /// Prefix for every topic name, to run several isolated pipelines on one cluster.

@@ -14,6 +14,8 @@ pub enum ProjectionError {
     EventLog(#[from] EventLogError),
     #[error(transparent)]
     Events(#[from] EventsError),
+    #[error("rebuild of generation {generation} interrupted; it was not made live (run the rebuild again)")]
+    Interrupted { generation: i32 },
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }

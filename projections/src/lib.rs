@@ -3,12 +3,14 @@
 //! - [`store`]: the CQL schema (one table set per generation), writes and reads;
 //! - [`projector`]: the consumer that folds events into the live generation;
 //! - [`reader`]: the query side over the live generation, with position waits;
+//! - [`rebuild`]: a new generation from offset 0, then an atomic switch;
 //! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
 //! - [`error`]: this crate's error type.
 
 pub mod error;
 pub mod projector;
 pub mod reader;
+pub mod rebuild;
 pub mod replay;
 pub mod store;
 

@@ -24,17 +24,24 @@ pub const CONTEXT: &str = "context";
 #[derive(Debug, Clone, Args)]
 pub struct CqlSettings {
     /// CQL contact points (host:port), comma separated.
-    #[arg(long = "cql-nodes", env = "PARLEY_CQL_NODES", default_value = "127.0.0.1:19042", global = true)]
+    #[arg(
+        id = "cql_nodes",
+        long = "cql-nodes",
+        env = "PARLEY_CQL_NODES",
+        default_value = "127.0.0.1:19042",
+        global = true
+    )]
     pub nodes: String,
 
     /// Keyspace of Parley's projections.
-    #[arg(long = "cql-keyspace", env = "PARLEY_CQL_KEYSPACE", default_value = "parley", global = true,
+    #[arg(id = "cql_keyspace", long = "cql-keyspace", env = "PARLEY_CQL_KEYSPACE", default_value = "parley", global = true,
           value_parser = parse_identifier)]
     pub keyspace: String,
 
     /// Replication of the keyspace when Parley creates it (CQL map literal). Production on
     /// ScyllaDB: {'class': 'NetworkTopologyStrategy', 'replication_factor': 3}.
     #[arg(
+        id = "cql_replication",
         long = "cql-replication",
         env = "PARLEY_CQL_REPLICATION",
         global = true,
@@ -209,6 +216,17 @@ impl Store {
         );
         self.session
             .query_unpaged(update.as_str(), (generation, previous, projection))
+            .await
+            .map_err(|e| ProjectionError::cql(&update, e))?;
+        Ok(())
+    }
+
+    /// Forgets the previous generation (after its tables were dropped).
+    pub async fn clear_previous(&self, projection: &str) -> Result<(), ProjectionError> {
+        let update =
+            format!("UPDATE {}.projection_generations SET previous = null WHERE projection = ?", self.keyspace);
+        self.session
+            .query_unpaged(update.as_str(), (projection,))
             .await
             .map_err(|e| ProjectionError::cql(&update, e))?;
         Ok(())

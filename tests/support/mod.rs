@@ -58,6 +58,7 @@ pub struct Pipeline {
     child: Child,
     extra_gateways: Vec<Child>,
     args: Vec<String>,
+    pub keyspace: String,
     pub prefix: String,
     pub http: String,
     pub brokers: String,
@@ -67,6 +68,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(stack: &Stack, extra_args: &[&str]) -> Pipeline {
+        Self::start_in(stack, TEST_KEYSPACE, extra_args).await
+    }
+
+    /// Like `start`, with the projection in its own keyspace.
+    pub async fn start_in(stack: &Stack, keyspace: &str, extra_args: &[&str]) -> Pipeline {
         let prefix = format!("test-{}.", uuid::Uuid::new_v4().simple());
         let port = free_port();
         let mut args: Vec<String> = [
@@ -79,7 +85,7 @@ impl Pipeline {
             "--cql-nodes",
             &stack.cql,
             "--cql-keyspace",
-            TEST_KEYSPACE,
+            keyspace,
             "all",
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -96,6 +102,7 @@ impl Pipeline {
             args.extend(["--llm-base-url".to_owned(), stack.llm.clone()]);
         }
         let mut pipeline = Pipeline {
+            keyspace: keyspace.to_owned(),
             child: spawn(&args, &prefix, "log"),
             extra_gateways: vec![],
             args,
@@ -143,7 +150,7 @@ impl Pipeline {
             "--cql-nodes",
             &self.cql,
             "--cql-keyspace",
-            TEST_KEYSPACE,
+            &self.keyspace,
             "gateway",
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -305,4 +312,79 @@ impl Client {
             }
         }
     }
+}
+
+/// Writes `conversations` synthetic conversations of `turns` turns each (Started, then a
+/// query and an answer per turn) straight to the events topic, as the services would.
+pub async fn write_synthetic(
+    brokers: &str,
+    registry: &str,
+    topic: &str,
+    conversations: usize,
+    turns: usize,
+) -> Vec<(uuid::Uuid, Vec<parley_events::ConversationEvent>)> {
+    use parley_events::*;
+    const P: Producer = Producer { name: "synthetic", version: "0" };
+    let codec = std::sync::Arc::new(EventCodec::new(registry).unwrap());
+    let producer =
+        parley_eventlog::EventProducer::new(ClientConfig::new().set("bootstrap.servers", brokers).clone(), codec)
+            .unwrap();
+    let mut written = Vec::new();
+    let mut pending = Vec::new();
+    for c in 0..conversations {
+        let id = uuid::Uuid::new_v4();
+        let key = id.to_string();
+        let mut events = vec![ConversationEvent::Started(ConversationStarted {
+            envelope: Envelope::new(uuid::Uuid::new_v4(), id, 1, P),
+            user_id: format!("user-{}", c % 7),
+        })];
+        for t in 0..turns {
+            let sequence = 2 + 2 * t as i64;
+            let query_id = turn::query_event_id(id, &format!("m{t}"));
+            events.push(ConversationEvent::QueryReceived(UserQueryReceived {
+                envelope: Envelope::new(query_id, id, sequence, P),
+                user_id: format!("user-{}", c % 7),
+                client_message_id: format!("m{t}"),
+                text: format!("question {t} of conversation {c}"),
+            }));
+            events.push(ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+                envelope: Envelope::new(uuid::Uuid::new_v4(), id, sequence + 1, P),
+                query_event_id: query_id.to_string(),
+                text: format!("answer {t} of conversation {c}"),
+                model: "synthetic".into(),
+                finish_reason: "stop".into(),
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                llm_latency_ms: 1,
+                time_to_first_token_ms: None,
+                attempts: 1,
+                context_event_ids: vec![],
+            }));
+        }
+        for event in &events {
+            type Delivery = std::pin::Pin<
+                Box<dyn Future<Output = Result<parley_eventlog::LogPosition, parley_eventlog::EventLogError>> + Send>,
+            >;
+            let delivery: Delivery = match event {
+                ConversationEvent::Started(e) => Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap()),
+                ConversationEvent::QueryReceived(e) => Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap()),
+                ConversationEvent::ResponseGenerated(e) => {
+                    Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap())
+                }
+                ConversationEvent::ResponseFailed(e) => Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap()),
+            };
+            pending.push(delivery);
+        }
+        written.push((id, events));
+    }
+    for delivery in futures::future::join_all(pending).await {
+        delivery.unwrap();
+    }
+    written
+}
+
+/// Drops a keyspace a test created for itself.
+pub async fn drop_keyspace(cql: &str, keyspace: &str) {
+    let session = scylla::client::session_builder::SessionBuilder::new().known_node(cql).build().await.unwrap();
+    session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.unwrap();
 }

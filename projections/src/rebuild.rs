@@ -1,0 +1,109 @@
+//! Rebuilding a projection after its code changed: a new generation is filled from offset
+//! 0 while the live one keeps serving; once every partition has been read to its end, one
+//! row switches readers (and the live projector) to it. The old generation stays until it
+//! is dropped on purpose.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use parley_eventlog::KafkaSettings;
+use parley_events::EventCodec;
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::error::ProjectionError;
+use crate::projector::{LoggedEvent, Projector, decode};
+use crate::store::{CONTEXT, Store};
+
+const BATCH: usize = 500;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebuildReport {
+    pub generation: i32,
+    pub previous: i32,
+    pub records: u64,
+    pub elapsed: Duration,
+}
+
+impl RebuildReport {
+    pub fn records_per_second(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
+/// Progress of a rebuild: records read so far and the records the log held at the start.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, Duration);
+
+/// Rebuilds the context projection into a new generation and makes it live.
+pub async fn rebuild_context(
+    kafka: &KafkaSettings,
+    registry_url: &str,
+    store: &Store,
+    shutdown: &CancellationToken,
+    progress: Progress<'_>,
+) -> Result<RebuildReport, ProjectionError> {
+    let codec = EventCodec::new(registry_url)?;
+    let topic = kafka.topics().events;
+    let (live, previous, building) = store.generations(CONTEXT).await?;
+    let generation = live.max(previous.unwrap_or(0)).max(building.unwrap_or(0)) + 1;
+    store.set_building(CONTEXT, Some(generation)).await?;
+    let mut projector = Projector::new(store.clone(), generation, &topic).await?;
+    let consumer = projector.consumer(kafka, true).await?;
+
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+    let mut total = 0u64;
+    for partition in &partitions {
+        let (low, high) = consumer.fetch_watermarks(&topic, *partition, Duration::from_secs(30))?;
+        total += u64::try_from(high - low).unwrap_or(0);
+    }
+
+    let started = Instant::now();
+    let mut records = 0u64;
+    let mut at_end = HashSet::new();
+    let mut batch: Vec<LoggedEvent> = Vec::with_capacity(BATCH);
+    let mut last_report = Instant::now();
+    while at_end.len() < partitions.len() {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return Err(ProjectionError::Interrupted { generation }),
+            received = consumer.recv() => received,
+        };
+        match received {
+            Ok(message) => {
+                at_end.remove(&message.partition());
+                records += 1;
+                match decode(&codec, &message.detach(), shutdown).await {
+                    None => return Err(ProjectionError::Interrupted { generation }),
+                    Some(logged) => batch.extend(logged),
+                }
+            }
+            Err(KafkaError::PartitionEOF(partition)) => {
+                at_end.insert(partition);
+            }
+            Err(error) => warn!(%error, "rebuild consumer error"),
+        }
+        if batch.len() >= BATCH || (at_end.len() == partitions.len() && !batch.is_empty()) {
+            projector.apply_batch(std::mem::take(&mut batch)).await?;
+        }
+        if last_report.elapsed() >= Duration::from_millis(200) {
+            progress(records, total, started.elapsed());
+            last_report = Instant::now();
+        }
+    }
+    progress(records, total.max(records), started.elapsed());
+    store.switch_live(CONTEXT, generation, live).await?;
+    Ok(RebuildReport { generation, previous: live, records, elapsed: started.elapsed() })
+}
+
+/// Drops the generation a rebuild replaced, once nobody needs it.
+pub async fn drop_previous(store: &Store) -> Result<Option<i32>, ProjectionError> {
+    let (live, previous, building) = store.generations(CONTEXT).await?;
+    let Some(previous) = previous.filter(|p| *p != live && Some(*p) != building) else { return Ok(None) };
+    store.drop_generation(previous).await?;
+    store.clear_previous(CONTEXT).await?;
+    Ok(Some(previous))
+}
