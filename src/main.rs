@@ -162,7 +162,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print_chat_url(&gateway);
             gateway.serve().await?;
         }
-        Command::Inference(args) => parley_inference::service::run(&kafka, &registry, args, shutdown).await?,
+        Command::Inference(args) => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            parley_inference::service::run(&kafka, &registry, store, args, shutdown).await?;
+        }
         Command::Projection => {
             let store = Store::connect(&cql).await?;
             parley_projections::projector::run(&kafka, &registry, store, shutdown).await?;
@@ -176,8 +179,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let gateway = Gateway::bind(&kafka, &registry, &gateway, store.clone(), shutdown.clone()).await?;
             let inference = spawn_linked(&shutdown, {
-                let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());
-                async move { parley_inference::service::run(&kafka, &registry, inference, shutdown).await }
+                let (kafka, registry, shutdown, store) =
+                    (kafka.clone(), registry.clone(), shutdown.clone(), store.clone());
+                async move { parley_inference::service::run(&kafka, &registry, store, inference, shutdown).await }
             });
             let projection = spawn_linked(&shutdown, {
                 let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());

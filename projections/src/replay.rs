@@ -92,6 +92,34 @@ impl LogReader {
         Ok((records, method, started.elapsed()))
     }
 
+    /// The conversation's records in one partition before `until_offset` (the records of a
+    /// conversation all live in its partition).
+    pub async fn read_partition_until(
+        &self,
+        conversation_id: Uuid,
+        partition: i32,
+        until_offset: i64,
+    ) -> Result<Vec<AuditRecord>, ProjectionError> {
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.topic, partition, Offset::Beginning)?;
+        self.consumer.assign(&assignment)?;
+        let key = conversation_id.to_string();
+        let mut records = Vec::new();
+        loop {
+            match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
+                Ok(Ok(message)) if message.offset() >= until_offset => break,
+                Ok(Ok(message)) => {
+                    if message.key() == Some(key.as_bytes()) {
+                        records.push(self.audit_record(&message.detach()).await?);
+                    }
+                }
+                Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | Err(_) => break,
+                Ok(Err(error)) => return Err(error.into()),
+            }
+        }
+        Ok(records)
+    }
+
     async fn fetch(&self, index: &[EventLocation]) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let mut messages = Vec::with_capacity(index.len());
         for location in index {

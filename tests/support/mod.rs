@@ -245,7 +245,7 @@ impl Drop for Pipeline {
     }
 }
 
-fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
+pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
     Command::new(env!("CARGO_BIN_EXE_parley")).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }

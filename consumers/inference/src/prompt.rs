@@ -1,6 +1,8 @@
-//! Prompt assembly: what the model is asked, as plain data.
+//! Prompt assembly: what the model is asked, as plain data. Earlier turns go in newest
+//! first until the token budget is spent, then are put back in chronological order.
 
 use parley_events::UserQueryReceived;
+use parley_events::conversation::{Message, MessageKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -15,14 +17,55 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// The messages for answering `query`: the system prompt, then the user's text.
-pub fn build_prompt(system_prompt: &str, query: &UserQueryReceived) -> Vec<ChatMessage> {
-    let mut messages = Vec::with_capacity(2);
+/// A prompt and the events whose content it carries (recorded in the response event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub messages: Vec<ChatMessage>,
+    pub context_event_ids: Vec<String>,
+}
+
+/// A cheap, model-independent token estimate (about four characters a token for English),
+/// used only to stay within the budget; the model's own count is in the response usage.
+pub fn estimate_tokens(text: &str) -> usize {
+    text.chars().count().div_ceil(4) + 4 // + per-message overhead of the chat template
+}
+
+/// The prompt for `query`: the system prompt, as many earlier turns (question and answer
+/// together) as fit in `budget` tokens, newest first, then the question. Failures are not
+/// dialogue and are left out; a turn is never cut in half.
+pub fn build_prompt(system_prompt: &str, history: &[Message], query: &UserQueryReceived, budget: usize) -> Prompt {
+    let mut spent = estimate_tokens(system_prompt) + estimate_tokens(&query.text);
+    let mut turns: Vec<(&Message, &Message)> = Vec::new();
+    let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < query.envelope.sequence).collect();
+    for pair in dialogue.windows(2).rev() {
+        let (question, answer) = (pair[0], pair[1]);
+        let is_turn = question.kind == MessageKind::UserQuery
+            && answer.kind == MessageKind::Answer
+            && answer.query_event_id.as_deref() == Some(question.event_id.as_str());
+        if !is_turn {
+            continue;
+        }
+        let cost = estimate_tokens(&question.text) + estimate_tokens(&answer.text);
+        if spent + cost > budget {
+            break;
+        }
+        spent += cost;
+        turns.push((question, answer));
+    }
+    turns.reverse();
+
+    let mut messages = Vec::with_capacity(2 + 2 * turns.len());
     if !system_prompt.is_empty() {
         messages.push(ChatMessage { role: Role::System, content: system_prompt.to_owned() });
     }
+    let mut context_event_ids = Vec::with_capacity(2 * turns.len());
+    for (question, answer) in turns {
+        messages.push(ChatMessage { role: Role::User, content: question.text.clone() });
+        messages.push(ChatMessage { role: Role::Assistant, content: answer.text.clone() });
+        context_event_ids.extend([question.event_id.clone(), answer.event_id.clone()]);
+    }
     messages.push(ChatMessage { role: Role::User, content: query.text.clone() });
-    messages
+    Prompt { messages, context_event_ids }
 }
 
 #[cfg(test)]
@@ -32,18 +75,83 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn prompt_is_system_then_user() {
-        let query = UserQueryReceived {
-            envelope: Envelope::new(Uuid::new_v4(), Uuid::new_v4(), 2, Producer { name: "t", version: "0" }),
+    fn query(sequence: i64, text: &str) -> UserQueryReceived {
+        UserQueryReceived {
+            envelope: Envelope::new(Uuid::new_v4(), Uuid::new_v4(), sequence, Producer { name: "t", version: "0" }),
             user_id: "u".into(),
             client_message_id: "m".into(),
-            text: "What is Kafka?".into(),
-        };
-        let prompt = build_prompt("Be brief.", &query);
-        assert_eq!(prompt.len(), 2);
-        assert_eq!(prompt[0].role, Role::System);
-        assert_eq!(prompt[1], ChatMessage { role: Role::User, content: "What is Kafka?".into() });
-        assert_eq!(build_prompt("", &query).len(), 1);
+            text: text.into(),
+        }
+    }
+
+    fn message(sequence: i64, kind: MessageKind, text: &str, answers: Option<&str>) -> Message {
+        Message {
+            sequence,
+            event_id: format!("e{sequence}"),
+            kind,
+            text: text.into(),
+            occurred_at: 0,
+            query_event_id: answers.map(str::to_owned),
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            llm_latency_ms: None,
+            error_kind: None,
+        }
+    }
+
+    fn history() -> Vec<Message> {
+        vec![
+            message(2, MessageKind::UserQuery, "My name is Ada.", None),
+            message(3, MessageKind::Answer, "Hello Ada.", Some("e2")),
+            message(4, MessageKind::UserQuery, "I like tea.", None),
+            message(5, MessageKind::Failure, "timeout", Some("e4")),
+            message(6, MessageKind::UserQuery, "What is my name?", None),
+            message(7, MessageKind::Answer, "Ada.", Some("e6")),
+        ]
+    }
+
+    #[test]
+    fn a_first_question_is_system_then_user() {
+        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), 1000);
+        assert_eq!(prompt.messages.len(), 2);
+        assert_eq!(prompt.messages[0].role, Role::System);
+        assert_eq!(prompt.messages[1], ChatMessage { role: Role::User, content: "What is Kafka?".into() });
+        assert!(prompt.context_event_ids.is_empty());
+        assert_eq!(build_prompt("", &[], &query(2, "x"), 1000).messages.len(), 1);
+    }
+
+    #[test]
+    fn earlier_turns_come_in_order_and_failures_are_left_out() {
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), 1000);
+        let roles: Vec<_> = prompt.messages.iter().map(|m| (m.role, m.content.as_str())).collect();
+        assert_eq!(
+            roles,
+            [
+                (Role::User, "My name is Ada."),
+                (Role::Assistant, "Hello Ada."),
+                (Role::User, "What is my name?"),
+                (Role::Assistant, "Ada."),
+                (Role::User, "And my drink?"),
+            ]
+        );
+        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"]);
+    }
+
+    #[test]
+    fn the_budget_keeps_the_newest_whole_turns() {
+        let newest_turn = estimate_tokens("What is my name?") + estimate_tokens("Ada.");
+        let budget = estimate_tokens("And my drink?") + newest_turn;
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), budget);
+        assert_eq!(prompt.context_event_ids, ["e6", "e7"]);
+        let none = build_prompt("", &history(), &query(8, "And my drink?"), budget - 1);
+        assert!(none.context_event_ids.is_empty());
+        assert_eq!(none.messages.len(), 1, "the question itself always goes in");
+    }
+
+    #[test]
+    fn only_turns_before_the_query_are_context() {
+        let prompt = build_prompt("", &history(), &query(4, "I like tea."), 1000);
+        assert_eq!(prompt.context_event_ids, ["e2", "e3"]);
     }
 }

@@ -22,6 +22,8 @@ use parley_events::{
     ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
     Producer as EventSource, UserQueryReceived,
 };
+use parley_projections::replay::LogReader;
+use parley_projections::{ProjectionError, Store};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::context::ContextSource;
 use crate::llm::{ChatModel, LlmSettings};
 use crate::prompt::build_prompt;
 
@@ -78,6 +81,16 @@ pub struct InferenceArgs {
     /// How long an open breaker refuses calls before letting one probe through.
     #[arg(long, env = "PARLEY_LLM_BREAKER_COOL_DOWN", default_value = "30s", value_parser = parse_duration)]
     pub llm_breaker_cool_down: Duration,
+
+    /// Estimated tokens of earlier turns, question and system prompt sent to the model.
+    #[arg(long, env = "PARLEY_CONTEXT_TOKEN_BUDGET", default_value_t = 1536,
+          value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    pub context_token_budget: u32,
+
+    /// How long to wait for the projection to hold the previous turn before reading the
+    /// history from the log instead.
+    #[arg(long, env = "PARLEY_CONTEXT_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub context_wait: Duration,
 
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
@@ -124,6 +137,8 @@ pub enum InferenceError {
     NoGroupMetadata,
     #[error("shut down while waiting for the schema registry")]
     ShutDown,
+    #[error(transparent)]
+    Context(#[from] ProjectionError),
 }
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,10 +147,12 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn run(
     kafka: &KafkaSettings,
     registry_url: &str,
+    store: Store,
     args: InferenceArgs,
     shutdown: CancellationToken,
 ) -> Result<(), InferenceError> {
     let topics = kafka.topics();
+    let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let consumer: StreamConsumer = kafka
         .client_config()
@@ -162,6 +179,8 @@ pub async fn run(
         topics,
         group_id: args.group_id.clone(),
         system_prompt: args.system_prompt.clone(),
+        context,
+        context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
     };
     info!(group = %args.group_id, %transactional_id, llm = %args.llm_base_url, "inference consumer started");
 
@@ -276,6 +295,8 @@ struct Worker {
     topics: Topics,
     group_id: String,
     system_prompt: String,
+    context: ContextSource,
+    context_token_budget: usize,
 }
 
 impl Worker {
@@ -294,7 +315,9 @@ impl Worker {
                 return Err(InferenceError::ShutDown);
             };
             match decoded.map(|d| d.event) {
-                Ok(ConversationEvent::QueryReceived(query)) => queries.push(query),
+                Ok(ConversationEvent::QueryReceived(query)) => {
+                    queries.push((query, message.partition(), message.offset()))
+                }
                 Ok(_) => {} // other events on the topic are not this consumer's work
                 Err(error) => {
                     warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
@@ -309,14 +332,15 @@ impl Worker {
                 }
             }
         }
-        for outcome in join_all(queries.iter().map(|q| self.answer(q))).await {
+        for outcome in join_all(queries.iter().map(|(q, partition, offset)| self.answer(q, *partition, *offset))).await
+        {
             outgoing.push(outcome?);
         }
         Ok(outgoing)
     }
 
     /// Asks the model and returns the encoded outcome event (generated or failed).
-    async fn answer(&self, query: &UserQueryReceived) -> Result<Outgoing, InferenceError> {
+    async fn answer(&self, query: &UserQueryReceived, partition: i32, offset: i64) -> Result<Outgoing, InferenceError> {
         let traceparent = child_of(query.envelope.traceparent.as_deref());
         let span = info_span!("inference.answer", conversation_id = %query.envelope.conversation_id,
                               query_event_id = %query.envelope.event_id, %traceparent);
@@ -332,12 +356,13 @@ impl Worker {
             )
             .caused_by(&query.envelope)
             .with_traceparent(Some(traceparent.clone()));
-            let prompt = build_prompt(&self.system_prompt, query);
+            let history = self.context.history(query, partition, offset).await?;
+            let prompt = build_prompt(&self.system_prompt, &history, query, self.context_token_budget);
             let conversation_id = &query.envelope.conversation_id;
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self
                 .model
-                .complete(&prompt, |_, index, delta| {
+                .complete(&prompt.messages, |_, index, delta| {
                     let _ = deltas.sender.send((index, delta.to_owned()));
                 })
                 .await;
@@ -364,7 +389,7 @@ impl Worker {
                             llm_latency_ms: millis(completion.latency),
                             time_to_first_token_ms: completion.time_to_first_token.map(millis),
                             attempts,
-                            context_event_ids: vec![],
+                            context_event_ids: prompt.context_event_ids,
                         })
                         .await?
                 }

@@ -1,0 +1,75 @@
+//! Where earlier turns come from: the context projection (the query path), once it has
+//! applied the turn before the one being answered; if it has not within a bounded wait
+//! (or cannot be read), the log itself, so a turn is never silently missing.
+
+use std::time::{Duration, Instant};
+
+use parley_events::UserQueryReceived;
+use parley_events::conversation::{ConversationState, Message};
+use parley_projections::reader::LiveReader;
+use parley_projections::replay::LogReader;
+use parley_projections::{ProjectionError, Store};
+use tokio::sync::Mutex;
+use tracing::warn;
+use uuid::Uuid;
+
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+pub struct ContextSource {
+    reader: LiveReader,
+    log: Mutex<LogReader>,
+    wait: Duration,
+}
+
+impl ContextSource {
+    pub async fn new(store: Store, log: LogReader, wait: Duration) -> Result<Self, ProjectionError> {
+        Ok(Self { reader: LiveReader::new(store).await?, log: Mutex::new(log), wait })
+    }
+
+    /// The messages of the query's conversation before it. `partition` and `offset` are
+    /// the query's own log coordinates (the log fallback reads that partition up to it).
+    pub async fn history(
+        &self,
+        query: &UserQueryReceived,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Vec<Message>, ProjectionError> {
+        let sequence = query.envelope.sequence;
+        if sequence <= parley_events::turn::STARTED_SEQUENCE + 1 {
+            return Ok(vec![]); // the first question has no history
+        }
+        let Ok(id) = query.envelope.conversation_id.parse::<Uuid>() else { return Ok(vec![]) };
+        let deadline = Instant::now() + self.wait;
+        loop {
+            match self.from_projection(id, sequence).await {
+                Ok(Some(messages)) => return Ok(messages),
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                Ok(None) => {
+                    warn!(%id, sequence, wait = ?self.wait, "projection behind; reading the history from the log");
+                    break;
+                }
+                Err(error) => {
+                    warn!(%id, %error, "projection unavailable; reading the history from the log");
+                    break;
+                }
+            }
+        }
+        let records = self.log.lock().await.read_partition_until(id, partition, offset).await?;
+        let state = ConversationState::fold(records.iter().map(|r| &r.event));
+        Ok(state.map(|s| s.messages.into_iter().filter(|m| m.sequence < sequence).collect()).unwrap_or_default())
+    }
+
+    /// The history if the projection has applied every turn before `sequence`.
+    async fn from_projection(&self, id: Uuid, sequence: i64) -> Result<Option<Vec<Message>>, ProjectionError> {
+        let generation = self.reader.generation().await?;
+        let store = self.reader.store();
+        match store.conversation(&generation, id).await? {
+            Some(row) if row.last_sequence >= sequence - 1 => {
+                let messages = store.messages(&generation, id).await?;
+                Ok(Some(messages.into_iter().filter(|m| m.sequence < sequence).collect()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
