@@ -42,7 +42,7 @@ impl ContextSource {
         let Ok(id) = query.envelope.conversation_id.parse::<Uuid>() else { return Ok(vec![]) };
         let deadline = Instant::now() + self.wait;
         loop {
-            match self.from_projection(id, sequence).await {
+            match self.projected_history(id, sequence).await {
                 Ok(Some(messages)) => return Ok(messages),
                 Ok(None) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                 Ok(None) => {
@@ -61,7 +61,7 @@ impl ContextSource {
     }
 
     /// The history if the projection has applied every turn before `sequence`.
-    async fn from_projection(&self, id: Uuid, sequence: i64) -> Result<Option<Vec<Message>>, ProjectionError> {
+    async fn projected_history(&self, id: Uuid, sequence: i64) -> Result<Option<Vec<Message>>, ProjectionError> {
         let generation = self.reader.generation().await?;
         let store = self.reader.store();
         match store.conversation(&generation, id).await? {

@@ -34,7 +34,8 @@ pub fn estimate_tokens(text: &str) -> usize {
 /// together) as fit in `budget` tokens, newest first, then the question. Failures are not
 /// dialogue and are left out; a turn is never cut in half.
 pub fn build_prompt(system_prompt: &str, history: &[Message], query: &UserQueryReceived, budget: usize) -> Prompt {
-    let mut spent = estimate_tokens(system_prompt) + estimate_tokens(&query.text);
+    let system_cost = if system_prompt.is_empty() { 0 } else { estimate_tokens(system_prompt) };
+    let mut spent = system_cost + estimate_tokens(&query.text);
     let mut turns: Vec<(&Message, &Message)> = Vec::new();
     let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < query.envelope.sequence).collect();
     for pair in dialogue.windows(2).rev() {
