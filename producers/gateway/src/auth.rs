@@ -26,8 +26,13 @@ impl TokenSigner {
     /// A new anonymous user and its token.
     pub fn issue(&self) -> (String, String) {
         let user_id = format!("u-{}", Uuid::new_v4().simple());
-        let token = format!("{user_id}.{}", hex::encode(self.mac(&user_id).finalize().into_bytes()));
+        let token = self.token_for(&user_id);
         (user_id, token)
+    }
+
+    /// The token of an existing user (for operators and benchmarks holding the secret).
+    pub fn token_for(&self, user_id: &str) -> String {
+        format!("{user_id}.{}", hex::encode(self.mac(user_id).finalize().into_bytes()))
     }
 
     /// The user a token was issued to, if it is genuine.
