@@ -83,13 +83,16 @@ async fn main() {
     let long = support::write_synthetic(&stack.brokers, &stack.registry, &topic, 1, 50).await.remove(0);
     written.push(long.clone());
     let total_events: usize = written.iter().map(|(_, e)| e.len()).sum();
+    eprintln!("wrote {total_events} events");
 
     let (raw_records, raw_time) = raw_read(&stack.brokers, &topic).await;
+    eprintln!("raw read: {raw_records} records in {raw_time:?}");
     let store = Store::connect(&cql).await.unwrap();
     store.generations(CONTEXT).await.unwrap(); // generation 1, empty: the rebuild fills generation 2
     let report =
         rebuild_context(&kafka, &stack.registry, &store, &CancellationToken::new(), &mut |_, _, _| {}).await.unwrap();
     let raw_rate = raw_records as f64 / raw_time.as_secs_f64();
+    eprintln!("rebuild: {} records in {:?}", report.records, report.elapsed);
 
     // Replay one conversation (the 50-turn one): by the offset index, and by scanning.
     let reader = LogReader::new(&kafka, &stack.registry).unwrap();
@@ -106,6 +109,7 @@ async fn main() {
         by_scan.push(elapsed.as_secs_f64() * 1000.0);
     }
 
+    eprintln!("replays done");
     // Query path: GET /api/conversations/{id} of the 50-turn conversation through a gateway.
     let port = support::free_port();
     let args: Vec<String> = [

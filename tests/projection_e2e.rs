@@ -168,3 +168,76 @@ async fn a_restarted_gateway_continues_an_existing_conversation() {
     assert_eq!(frames.last().unwrap()["type"], "answer");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
+    use parley_events::*;
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+
+    // An older producer: its LLMResponseGenerated lacks two fields that now have defaults.
+    let embedded = SchemaCatalog::embedded();
+    let mut old_answer: Value =
+        serde_json::from_str(&embedded.latest(LLMResponseGenerated::FULL_NAME).unwrap().json).unwrap();
+    old_answer["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "context_event_ids" && f["name"] != "time_to_first_token_ms");
+    let old_catalog = SchemaCatalog::from_files([
+        ("envelope.v1.avsc".to_owned(), include_str!("../schemas/avro/envelope.v1.avsc").to_owned()),
+        ("llm_response_generated.v1.avsc".to_owned(), old_answer.to_string()),
+    ])
+    .unwrap();
+    let old = EventCodec::with_catalog(&pipeline.registry, old_catalog).unwrap();
+    let new = EventCodec::new(&pipeline.registry).unwrap();
+
+    const P: Producer = Producer { name: "old-producer", version: "0.0.1" };
+    let id = uuid::Uuid::new_v4();
+    let user = format!("u-old-{}", id.simple());
+    let query_id = turn::query_event_id(id, "m1");
+    let started =
+        ConversationStarted { envelope: Envelope::new(uuid::Uuid::new_v4(), id, 1, P), user_id: user.clone() };
+    let query = UserQueryReceived {
+        envelope: Envelope::new(query_id, id, 2, P),
+        user_id: user.clone(),
+        client_message_id: "m1".into(),
+        text: "old question".into(),
+    };
+    let answer = LLMResponseGenerated {
+        envelope: Envelope::new(uuid::Uuid::new_v4(), id, 3, P),
+        query_event_id: query_id.to_string(),
+        text: "old answer".into(),
+        model: "m".into(),
+        finish_reason: "stop".into(),
+        prompt_tokens: 3,
+        completion_tokens: 2,
+        llm_latency_ms: 5,
+        time_to_first_token_ms: Some(1),
+        attempts: 1,
+        context_event_ids: vec!["dropped by the old schema".into()],
+    };
+    let payloads =
+        [new.encode(&started).await.unwrap(), new.encode(&query).await.unwrap(), old.encode(&answer).await.unwrap()];
+    let old_id = codec::wire_schema_id(&payloads[2]).unwrap();
+    assert_ne!(
+        old_id,
+        codec::wire_schema_id(&new.encode(&answer).await.unwrap()).unwrap(),
+        "written with another version"
+    );
+
+    let producer: rdkafka::producer::FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
+    let topic = pipeline.events_topic();
+    let key = id.to_string();
+    for payload in &payloads {
+        let record = rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(payload);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+
+    let token = parley_gateway::auth::TokenSigner::new(b"test-secret").token_for(&user);
+    let body = messages_when(&pipeline, &token, &id.to_string(), 2).await;
+    let answer = &body["messages"][1];
+    assert_eq!((answer["kind"].as_str(), answer["text"].as_str()), (Some("answer"), Some("old answer")), "{body}");
+    assert_eq!(body["last_sequence"], 3);
+    pipeline.stop().await;
+}

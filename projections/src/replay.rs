@@ -67,6 +67,9 @@ impl LogReader {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
+            // A re-assigned partition's first fetch queues behind the previous long poll:
+            // keep that poll short (librdkafka waits 500 ms by default).
+            .set("fetch.wait.max.ms", "10")
             .create()?;
         Ok(Self { consumer, codec: EventCodec::new(registry_url)?, topic: kafka.topics().events })
     }
@@ -120,24 +123,44 @@ impl LogReader {
         Ok(records)
     }
 
+    /// Reads the indexed records: per partition, one pass from the conversation's first
+    /// indexed offset to its last, keeping exactly the indexed ones. (Re-assigning the
+    /// consumer for every record costs a fetch round trip each: far slower.)
     async fn fetch(&self, index: &[EventLocation]) -> Result<Vec<OwnedMessage>, ProjectionError> {
-        let mut messages = Vec::with_capacity(index.len());
+        let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<i64>> = std::collections::BTreeMap::new();
         for location in index {
+            by_partition.entry((location.topic.as_str(), location.partition)).or_default().push(location.offset);
+        }
+        let mut messages = Vec::with_capacity(index.len());
+        for ((topic, partition), mut wanted) in by_partition {
+            wanted.sort_unstable();
+            wanted.dedup();
+            let (first, last) = (wanted[0], wanted[wanted.len() - 1]);
             let mut assignment = TopicPartitionList::new();
-            assignment.add_partition_offset(&location.topic, location.partition, Offset::Offset(location.offset))?;
+            assignment.add_partition_offset(topic, partition, Offset::Offset(first))?;
             self.consumer.assign(&assignment)?;
-            let at = || format!("{}/{}/{}", location.topic, location.partition, location.offset);
-            match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
-                Ok(Ok(message)) if message.offset() == location.offset => messages.push(message.detach()),
-                Ok(Ok(_) | Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                    return Err(ProjectionError::Corrupt(format!(
-                        "the index names {} but the log has no committed record there",
-                        at()
-                    )));
+            let missing = |offset: i64| {
+                ProjectionError::Corrupt(format!(
+                    "the index names {topic}/{partition}/{offset} but the log has no committed record there"
+                ))
+            };
+            let mut next = 0;
+            while next < wanted.len() {
+                let message = match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
+                    Ok(Ok(message)) => message,
+                    Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Err(missing(wanted[next])),
+                    Ok(Err(error)) => return Err(error.into()),
+                    Err(_) => return Err(missing(wanted[next])),
+                };
+                if message.offset() > wanted[next] {
+                    return Err(missing(wanted[next])); // the indexed record is not (or no longer) there
                 }
-                Ok(Err(error)) => return Err(error.into()),
-                Err(_) => {
-                    return Err(ProjectionError::Corrupt(format!("no record at {} within {FETCH_TIMEOUT:?}", at())));
+                if message.offset() == wanted[next] {
+                    messages.push(message.detach());
+                    next += 1;
+                }
+                if message.offset() >= last {
+                    break;
                 }
             }
         }
