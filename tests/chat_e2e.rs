@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use parley_events::{ConversationEvent, EventCodec};
 use rdkafka::ClientConfig;
+use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use support::{Pipeline, stack};
 
@@ -134,7 +133,7 @@ async fn a_repeated_client_message_id_yields_one_query_and_one_answer() {
     assert_eq!(repeated_ack["event_id"], ack["event_id"]);
     assert_eq!(again.last().unwrap()["text"], first.last().unwrap()["text"]);
 
-    let events = read_topic(&pipeline, 3).await;
+    let events = read_topic_of(&pipeline, 3).await;
     let queries = events.iter().filter(|(e, _)| matches!(e, ConversationEvent::QueryReceived(_))).count();
     let answers = events.iter().filter(|(e, _)| matches!(e, ConversationEvent::ResponseGenerated(_))).count();
     assert_eq!((queries, answers), (1, 1), "{events:?}");
@@ -150,7 +149,7 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
     let frames = client.until_outcome().await;
     let ack = only(&frames, "ack")[0];
 
-    let events = read_topic(&pipeline, 3).await;
+    let events = read_topic_of(&pipeline, 3).await;
     let types: Vec<_> = events.iter().map(|(e, _)| e.type_name()).collect();
     assert_eq!(types, ["ConversationStarted", "UserQueryReceived", "LLMResponseGenerated"]);
     let sequences: Vec<_> = events.iter().map(|(e, _)| e.envelope().sequence).collect();
@@ -192,45 +191,10 @@ async fn a_query_while_the_llm_is_down_fails_clearly_and_service_goes_on() {
     assert_eq!(only(&frames, "ack")[0]["sequence"], 4);
     assert_eq!(frames.last().unwrap()["type"], "failed");
 
-    let events = read_topic(&pipeline, 5).await;
+    let events = read_topic_of(&pipeline, 5).await;
     let ConversationEvent::ResponseFailed(recorded) = &events[2].0 else { panic!("{events:?}") };
     assert_eq!(recorded.attempts, 2);
     pipeline.stop().await;
-}
-
-/// Reads `count` events of the pipeline's events topic from the start (read_committed),
-/// with each record's `traceparent` header.
-async fn read_topic(pipeline: &Pipeline, count: usize) -> Vec<(ConversationEvent, Option<String>)> {
-    let codec = EventCodec::new(&pipeline.registry).unwrap();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &pipeline.brokers)
-        .set("group.id", format!("{}reader", pipeline.prefix))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let topic = pipeline.events_topic();
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        assignment.add_partition_offset(&topic, partition.id(), Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let mut events = Vec::new();
-    while events.len() < count {
-        let message =
-            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("events on the topic").unwrap();
-        let traceparent = message.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "traceparent")
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        let decoded = codec.decode_conversation_event(message.payload().unwrap()).await.unwrap();
-        events.push((decoded.event, traceparent));
-    }
-    events.sort_by_key(|(e, _)| (e.envelope().conversation_id.clone(), e.envelope().sequence));
-    events
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,4 +266,8 @@ async fn read_all<T: parley_events::event::AvroEvent>(pipeline: &Pipeline, topic
         records.push(codec.decode::<T>(message.payload().unwrap()).await.unwrap().event);
     }
     records
+}
+
+async fn read_topic_of(pipeline: &Pipeline, count: usize) -> Vec<(ConversationEvent, Option<String>)> {
+    support::log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), None, count).await
 }

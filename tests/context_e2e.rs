@@ -10,9 +10,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use parley_events::{ConversationEvent, EventCodec, LLMResponseGenerated};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use parley_events::{ConversationEvent, LLMResponseGenerated};
 use support::{Client, Stack, stack};
 use uuid::Uuid;
 
@@ -37,28 +35,11 @@ async fn events_of(
     conversation: &str,
     count: usize,
 ) -> Vec<ConversationEvent> {
-    let codec = EventCodec::new(registry).unwrap();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("ctx-{}", Uuid::new_v4().simple()))
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        assignment.add_partition_offset(topic, partition.id(), Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let mut events = Vec::new();
-    while events.len() < count {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
-        if message.key() == Some(conversation.as_bytes()) {
-            events.push(codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event);
-        }
-    }
-    events.sort_by_key(|e| e.envelope().sequence);
-    events
+    support::log_events(brokers, registry, topic, Some(conversation), count)
+        .await
+        .into_iter()
+        .map(|(event, _)| event)
+        .collect()
 }
 
 fn assert_second_answer_saw_the_first_turn(events: &[ConversationEvent]) {

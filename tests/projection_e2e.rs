@@ -9,9 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use parley_events::conversation::ConversationState;
-use parley_events::{ConversationEvent, EventCodec};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use serde_json::Value;
 use support::{Pipeline, stack};
 
@@ -30,32 +28,6 @@ async fn messages_when(pipeline: &Pipeline, token: &str, conversation: &str, cou
         assert!(Instant::now() < deadline, "projection never reached {count} messages: {status} {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Every event of one conversation, from the log, in order.
-async fn replay_from_log(pipeline: &Pipeline, conversation: &str, count: usize) -> Vec<ConversationEvent> {
-    let codec = EventCodec::new(&pipeline.registry).unwrap();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &pipeline.brokers)
-        .set("group.id", format!("{}replay", pipeline.prefix))
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let topic = pipeline.events_topic();
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        assignment.add_partition_offset(&topic, partition.id(), Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let mut events = Vec::new();
-    while events.len() < count {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
-        if message.key() == Some(conversation.as_bytes()) {
-            events.push(codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event);
-        }
-    }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,7 +53,12 @@ async fn history_comes_from_the_projection_and_equals_a_replay_of_the_log() {
 
     client.until_outcome().await;
     let body = messages_when(&pipeline, &token, &conversation, 4).await;
-    let events = replay_from_log(&pipeline, &conversation, 5).await;
+    let events: Vec<_> =
+        support::log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), Some(&conversation), 5)
+            .await
+            .into_iter()
+            .map(|(event, _)| event)
+            .collect();
     let replayed = ConversationState::fold(&events).unwrap();
     let projected: Vec<(i64, String, String)> = body["messages"]
         .as_array()

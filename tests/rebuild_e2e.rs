@@ -5,20 +5,10 @@
 
 mod support;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{Pipeline, stack};
-
-fn parley(pipeline: &Pipeline, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args(["--kafka-brokers", &pipeline.brokers, "--schema-registry-url", &pipeline.registry])
-        .args(["--topic-prefix", &pipeline.prefix, "--cql-nodes", &pipeline.cql, "--cql-keyspace", &pipeline.keyspace])
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 async fn conversation_when(pipeline: &Pipeline, token: &str, id: &str, messages: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -51,13 +41,13 @@ async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
         before.push(conversation_when(&pipeline, &token, id, 2).await);
     }
 
-    let rebuilt = parley(&pipeline, &["projections", "rebuild", "context"]);
+    let rebuilt = pipeline.cli(&["projections", "rebuild", "context"]);
     let stdout = String::from_utf8_lossy(&rebuilt.stdout);
     let stderr = String::from_utf8_lossy(&rebuilt.stderr);
     assert!(rebuilt.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("generation 2 is live"), "{stdout}");
     assert!(stderr.contains("records/s"), "a progress line with the rate: {stderr}");
-    let status = parley(&pipeline, &["projections", "status", "context"]);
+    let status = pipeline.cli(&["projections", "status", "context"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("live 2, previous Some(1), building None"));
 
     // Readers switch within a second and see the same conversations.
@@ -72,9 +62,9 @@ async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
     client.until_outcome().await;
     conversation_when(&pipeline, &token, &conversations[0], 4).await;
 
-    let dropped = parley(&pipeline, &["projections", "drop-previous", "context"]);
+    let dropped = pipeline.cli(&["projections", "drop-previous", "context"]);
     assert!(String::from_utf8_lossy(&dropped.stdout).contains("dropped generation 1"));
-    let status = parley(&pipeline, &["projections", "status", "context"]);
+    let status = pipeline.cli(&["projections", "status", "context"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("live 2, previous None"));
     let (status, _) = pipeline.get(&format!("/api/conversations/{}", conversations[1]), &token).await;
     assert_eq!(status, 200, "the live generation still serves");

@@ -6,20 +6,11 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{Pipeline, stack};
-
-fn parley(pipeline: &Pipeline, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args(["--kafka-brokers", &pipeline.brokers, "--schema-registry-url", &pipeline.registry])
-        .args(["--topic-prefix", &pipeline.prefix, "--cql-nodes", &pipeline.cql, "--cql-keyspace", &pipeline.keyspace])
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
@@ -47,14 +38,14 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let replayed = parley(&pipeline, &["replay", &conversation]);
+    let replayed = pipeline.cli(&["replay", &conversation]);
     let out = text(&replayed);
     assert!(replayed.status.success(), "{out}");
     assert!(out.contains("OffsetIndex") && out.contains("the model was not called"), "{out}");
     assert!(out.contains("Name a planet.") && out.contains("Name a star."), "{out}");
     assert!(out.contains("diff against the projection: none"), "{out}");
 
-    let scanned = parley(&pipeline, &["replay", &conversation, "--scan", "--format", "json"]);
+    let scanned = pipeline.cli(&["replay", &conversation, "--scan", "--format", "json"]);
     assert!(scanned.status.success(), "{}", text(&scanned));
     let json: Value = serde_json::from_slice(&scanned.stdout).unwrap();
     assert_eq!(json["method"], "PartitionScan");
@@ -62,7 +53,7 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     assert_eq!(json["last_sequence"], 5);
     assert!(json["diff"].as_array().unwrap().is_empty(), "{json}");
 
-    let audit = parley(&pipeline, &["audit", &conversation, "--format", "json"]);
+    let audit = pipeline.cli(&["audit", &conversation, "--format", "json"]);
     assert!(audit.status.success(), "{}", text(&audit));
     let lines: Vec<Value> =
         String::from_utf8_lossy(&audit.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -88,11 +79,11 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     assert_eq!(lines[2]["causation_id"], lines[1]["event_id"]);
     assert_eq!(lines[2]["correlation_id"], lines[1]["correlation_id"]);
 
-    let table = parley(&pipeline, &["audit", &conversation]);
+    let table = pipeline.cli(&["audit", &conversation]);
     let out = text(&table);
     assert!(table.status.success() && out.starts_with("SEQ") && out.contains("LLMResponseGenerated"), "{out}");
 
-    let unknown = parley(&pipeline, &["replay", &uuid::Uuid::new_v4().to_string()]);
+    let unknown = pipeline.cli(&["replay", &uuid::Uuid::new_v4().to_string()]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown).contains("no events"), "{}", text(&unknown));
     pipeline.stop().await;

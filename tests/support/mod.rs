@@ -212,6 +212,16 @@ impl Pipeline {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Runs the `parley` command line against this pipeline's topics and keyspace.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["--kafka-brokers", &self.brokers, "--schema-registry-url", &self.registry])
+            .args(["--topic-prefix", &self.prefix, "--cql-nodes", &self.cql, "--cql-keyspace", &self.keyspace])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     pub fn log_path(&self) -> String {
         std::env::temp_dir().join(format!("{}log", self.prefix)).display().to_string()
     }
@@ -387,4 +397,49 @@ pub async fn write_synthetic(
 pub async fn drop_keyspace(cql: &str, keyspace: &str) {
     let session = scylla::client::session_builder::SessionBuilder::new().known_node(cql).build().await.unwrap();
     session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.unwrap();
+}
+
+/// The first `count` events of `topic` (read_committed, from the start) whose key is
+/// `conversation` (or any), with each record's `traceparent` header, ordered by
+/// conversation and sequence.
+pub async fn log_events(
+    brokers: &str,
+    registry: &str,
+    topic: &str,
+    conversation: Option<&str>,
+    count: usize,
+) -> Vec<(parley_events::ConversationEvent, Option<String>)> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+
+    let codec = parley_events::EventCodec::new(registry).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let message =
+            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("events on the topic").unwrap();
+        if conversation.is_some_and(|c| message.key() != Some(c.as_bytes())) {
+            continue;
+        }
+        let traceparent = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        events.push((codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event, traceparent));
+    }
+    events.sort_by_key(|(e, _)| (e.envelope().conversation_id.clone(), e.envelope().sequence));
+    events
 }
