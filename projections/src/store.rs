@@ -12,6 +12,8 @@ use parley_events::conversation::{Message, MessageKind};
 use parley_events::turn::{ConversationHead, OpenQuery};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use uuid::Uuid;
 
@@ -121,6 +123,9 @@ pub struct Generation {
     select_locations: PreparedStatement,
     select_progress: PreparedStatement,
 }
+
+/// user_id, started_at, updated_at, last_sequence, open_query_event_id, title
+type ConversationColumns = (String, i64, i64, i64, Option<String>, Option<String>);
 
 type MessageColumns = (
     i64,
@@ -409,11 +414,7 @@ impl Store {
         self.exec(&g.upsert_progress, (topic, partition, next_offset)).await
     }
 
-    async fn exec(
-        &self,
-        statement: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> Result<(), ProjectionError> {
+    async fn exec(&self, statement: &PreparedStatement, values: impl SerializeRow) -> Result<(), ProjectionError> {
         self.session
             .execute_unpaged(statement, values)
             .await
@@ -423,69 +424,79 @@ impl Store {
 
     // --- reads ---
 
-    pub async fn conversation(&self, g: &Generation, id: Uuid) -> Result<Option<ConversationRow>, ProjectionError> {
-        let statement = g.select_conversation.get_statement();
-        let row = self
+    /// Runs a prepared SELECT and decodes every row as `R`.
+    async fn select<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<R>, ProjectionError>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata>,
+    {
+        let cql = statement.get_statement();
+        let rows = self
             .session
-            .execute_unpaged(&g.select_conversation, (id,))
+            .execute_unpaged(statement, values)
             .await
-            .map_err(|e| ProjectionError::cql(statement, e))?
+            .map_err(|e| ProjectionError::cql(cql, e))?
             .into_rows_result()
-            .map_err(|e| ProjectionError::cql(statement, e))?
-            .maybe_first_row::<(String, i64, i64, i64, Option<String>, Option<String>)>()
-            .map_err(|e| ProjectionError::cql(statement, e))?;
-        Ok(row.map(|(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| ConversationRow {
-            conversation_id: id,
-            user_id,
-            started_at,
-            updated_at,
-            last_sequence,
-            open_query_event_id,
-            title: title.unwrap_or_default(),
-        }))
+            .map_err(|e| ProjectionError::cql(cql, e))?;
+        rows.rows::<R>()
+            .map_err(|e| ProjectionError::cql(cql, e))?
+            .map(|row| row.map_err(|e| ProjectionError::cql(cql, e)))
+            .collect()
+    }
+
+    pub async fn conversation(&self, g: &Generation, id: Uuid) -> Result<Option<ConversationRow>, ProjectionError> {
+        let rows: Vec<ConversationColumns> = self.select(&g.select_conversation, (id,)).await?;
+        Ok(rows.into_iter().next().map(
+            |(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| ConversationRow {
+                conversation_id: id,
+                user_id,
+                started_at,
+                updated_at,
+                last_sequence,
+                open_query_event_id,
+                title: title.unwrap_or_default(),
+            },
+        ))
     }
 
     pub async fn messages(&self, g: &Generation, id: Uuid) -> Result<Vec<Message>, ProjectionError> {
-        let statement = g.select_messages.get_statement();
-        let result = self
-            .session
-            .execute_unpaged(&g.select_messages, (id,))
-            .await
-            .map_err(|e| ProjectionError::cql(statement, e))?
-            .into_rows_result()
-            .map_err(|e| ProjectionError::cql(statement, e))?;
-        let mut messages = Vec::new();
-        for row in result.rows::<MessageColumns>().map_err(|e| ProjectionError::cql(statement, e))? {
-            let (
-                sequence,
-                event_id,
-                kind,
-                text,
-                occurred_at,
-                query_event_id,
-                model,
-                prompt_tokens,
-                completion_tokens,
-                llm_latency_ms,
-                error_kind,
-            ) = row.map_err(|e| ProjectionError::cql(statement, e))?;
-            let kind =
-                MessageKind::parse(&kind).ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
-            messages.push(Message {
-                sequence,
-                event_id,
-                kind,
-                text,
-                occurred_at,
-                query_event_id,
-                model,
-                prompt_tokens,
-                completion_tokens,
-                llm_latency_ms,
-                error_kind,
-            });
-        }
-        Ok(messages)
+        let rows: Vec<MessageColumns> = self.select(&g.select_messages, (id,)).await?;
+        rows.into_iter()
+            .map(
+                |(
+                    sequence,
+                    event_id,
+                    kind,
+                    text,
+                    occurred_at,
+                    query_event_id,
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    llm_latency_ms,
+                    error_kind,
+                )| {
+                    let kind = MessageKind::parse(&kind)
+                        .ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
+                    Ok(Message {
+                        sequence,
+                        event_id,
+                        kind,
+                        text,
+                        occurred_at,
+                        query_event_id,
+                        model,
+                        prompt_tokens,
+                        completion_tokens,
+                        llm_latency_ms,
+                        error_kind,
+                    })
+                },
+            )
+            .collect()
     }
 
     /// A user's conversations, newest first, `limit` at a time; `before` is the
@@ -497,62 +508,31 @@ impl Store {
         before: Option<(i64, Uuid)>,
         limit: i32,
     ) -> Result<Vec<(i64, Uuid, String)>, ProjectionError> {
-        let result = match before {
-            None => self.session.execute_unpaged(&g.select_by_user, (user, limit)).await,
-            Some((at, id)) => self.session.execute_unpaged(&g.select_by_user_before, (user, at, id, limit)).await,
+        let rows: Vec<(i64, Uuid, Option<String>)> = match before {
+            None => self.select(&g.select_by_user, (user, limit)).await?,
+            Some((at, id)) => self.select(&g.select_by_user_before, (user, at, id, limit)).await?,
         };
-        let statement = g.select_by_user.get_statement();
-        let rows = result
-            .map_err(|e| ProjectionError::cql(statement, e))?
-            .into_rows_result()
-            .map_err(|e| ProjectionError::cql(statement, e))?;
-        let typed = rows.rows::<(i64, Uuid, Option<String>)>().map_err(|e| ProjectionError::cql(statement, e))?;
-        typed
-            .map(|row| {
-                row.map(|(at, id, title)| (at, id, title.unwrap_or_default()))
-                    .map_err(|e| ProjectionError::cql(statement, e))
-            })
-            .collect()
+        Ok(rows.into_iter().map(|(at, id, title)| (at, id, title.unwrap_or_default())).collect())
     }
 
     pub async fn locations(&self, g: &Generation, id: Uuid) -> Result<Vec<EventLocation>, ProjectionError> {
-        let statement = g.select_locations.get_statement();
-        let rows = self
-            .session
-            .execute_unpaged(&g.select_locations, (id,))
-            .await
-            .map_err(|e| ProjectionError::cql(statement, e))?
-            .into_rows_result()
-            .map_err(|e| ProjectionError::cql(statement, e))?;
-        let typed =
-            rows.rows::<(i64, String, String, String, i32, i64)>().map_err(|e| ProjectionError::cql(statement, e))?;
-        typed
-            .map(|row| {
-                row.map(|(sequence, event_id, event_type, topic, partition, offset)| EventLocation {
-                    sequence,
-                    event_id,
-                    event_type,
-                    topic,
-                    partition,
-                    offset,
-                })
-                .map_err(|e| ProjectionError::cql(statement, e))
+        let rows: Vec<(i64, String, String, String, i32, i64)> = self.select(&g.select_locations, (id,)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(sequence, event_id, event_type, topic, partition, offset)| EventLocation {
+                sequence,
+                event_id,
+                event_type,
+                topic,
+                partition,
+                offset,
             })
-            .collect()
+            .collect())
     }
 
     /// Per partition of `topic`, the next offset this generation will apply.
     pub async fn progress(&self, g: &Generation, topic: &str) -> Result<Vec<(i32, i64)>, ProjectionError> {
-        let statement = g.select_progress.get_statement();
-        let rows = self
-            .session
-            .execute_unpaged(&g.select_progress, (topic,))
-            .await
-            .map_err(|e| ProjectionError::cql(statement, e))?
-            .into_rows_result()
-            .map_err(|e| ProjectionError::cql(statement, e))?;
-        let typed = rows.rows::<(i32, i64)>().map_err(|e| ProjectionError::cql(statement, e))?;
-        typed.map(|row| row.map_err(|e| ProjectionError::cql(statement, e))).collect()
+        self.select(&g.select_progress, (topic,)).await
     }
 }
 
