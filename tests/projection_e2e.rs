@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parley_events::conversation::ConversationState;
 use rdkafka::ClientConfig;
@@ -15,19 +15,6 @@ use support::{Pipeline, stack};
 
 fn ack_of(frames: &[Value]) -> &Value {
     frames.iter().find(|f| f["type"] == "ack").expect("an ack")
-}
-
-/// Polls the conversation until it has `count` messages.
-async fn messages_when(pipeline: &Pipeline, token: &str, conversation: &str, count: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = pipeline.get(&format!("/api/conversations/{conversation}"), token).await;
-        if status == 200 && body["messages"].as_array().unwrap().len() >= count {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "projection never reached {count} messages: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -52,7 +39,7 @@ async fn history_comes_from_the_projection_and_equals_a_replay_of_the_log() {
     assert_eq!(body["title"], "Name a fruit.");
 
     client.until_outcome().await;
-    let body = messages_when(&pipeline, &token, &conversation, 4).await;
+    let body = pipeline.conversation_when(&token, &conversation, 4).await;
     let events: Vec<_> =
         support::log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), Some(&conversation), 5)
             .await
@@ -94,7 +81,7 @@ async fn the_query_path_is_private_paged_and_bounded() {
         let frames = client.until_outcome().await;
         conversations.push(ack_of(&frames)["conversation_id"].as_str().unwrap().to_owned());
     }
-    messages_when(&pipeline, &token, &conversations[2], 2).await;
+    pipeline.conversation_when(&token, &conversations[2], 2).await;
 
     let (status, page) = pipeline.get("/api/conversations?limit=2", &token).await;
     assert_eq!(status, 200, "{page}");
@@ -135,7 +122,7 @@ async fn a_restarted_gateway_continues_an_existing_conversation() {
     client.ask("r-1", None, "Hello?").await;
     let frames = client.until_outcome().await;
     let conversation = ack_of(&frames)["conversation_id"].as_str().unwrap().to_owned();
-    messages_when(&pipeline, &token, &conversation, 2).await;
+    pipeline.conversation_when(&token, &conversation, 2).await;
 
     pipeline.restart().await;
     let mut client = pipeline.connect(&pipeline.http, &token).await;
@@ -212,7 +199,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
     }
 
     let token = parley_gateway::auth::TokenSigner::new(b"test-secret").token_for(&user);
-    let body = messages_when(&pipeline, &token, &id.to_string(), 2).await;
+    let body = pipeline.conversation_when(&token, &id.to_string(), 2).await;
     let answer = &body["messages"][1];
     assert_eq!((answer["kind"].as_str(), answer["text"].as_str()), (Some("answer"), Some("old answer")), "{body}");
     assert_eq!(body["last_sequence"], 3);

@@ -5,22 +5,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
 use support::{Pipeline, stack};
-
-async fn conversation_when(pipeline: &Pipeline, token: &str, id: &str, messages: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = pipeline.get(&format!("/api/conversations/{id}"), token).await;
-        if status == 200 && body["messages"].as_array().is_some_and(|m| m.len() >= messages) {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "conversation {id} never had {messages} messages: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
@@ -38,7 +25,7 @@ async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
     }
     let mut before = Vec::new();
     for id in &conversations {
-        before.push(conversation_when(&pipeline, &token, id, 2).await);
+        before.push(pipeline.conversation_when(&token, id, 2).await);
     }
 
     let rebuilt = pipeline.cli(&["projections", "rebuild", "context"]);
@@ -60,7 +47,7 @@ async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
     // The live projector follows the switch: a new turn lands in generation 2.
     client.ask("rb-after", Some(&conversations[0]), "After the rebuild?").await;
     client.until_outcome().await;
-    conversation_when(&pipeline, &token, &conversations[0], 4).await;
+    pipeline.conversation_when(&token, &conversations[0], 4).await;
 
     let dropped = pipeline.cli(&["projections", "drop-previous", "context"]);
     assert!(String::from_utf8_lossy(&dropped.stdout).contains("dropped generation 1"));

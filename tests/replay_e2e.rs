@@ -7,7 +7,6 @@
 mod support;
 
 use std::process::Output;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{Pipeline, stack};
@@ -28,15 +27,7 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
         frames.iter().find(|f| f["type"] == "ack").unwrap()["conversation_id"].as_str().unwrap().to_owned();
     client.ask("a-2", Some(&conversation), "Name a star.").await;
     client.until_outcome().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, body) = pipeline.get(&format!("/api/conversations/{conversation}"), &token).await;
-        if body["messages"].as_array().is_some_and(|m| m.len() == 4) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "projection never caught up: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pipeline.conversation_when(&token, &conversation, 4).await;
 
     let replayed = pipeline.cli(&["replay", &conversation]);
     let out = text(&replayed);

@@ -212,6 +212,19 @@ impl Pipeline {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Polls a conversation on the query path until it has at least `messages` messages.
+    pub async fn conversation_when(&self, token: &str, id: &str, messages: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get(&format!("/api/conversations/{id}"), token).await;
+            if status == 200 && body["messages"].as_array().is_some_and(|m| m.len() >= messages) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "conversation {id} never had {messages} messages: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs the `parley` command line against this pipeline's topics and keyspace.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_parley"))
