@@ -136,11 +136,7 @@ async fn main() {
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/api/conversations/{}", long.0);
     let token = TokenSigner::new(b"bench").token_for("user-0");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(&url).bearer_auth(&token).send().await.is_err() {
-        assert!(Instant::now() < deadline, "gateway did not come up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::wait_healthy(&format!("http://127.0.0.1:{port}")).await;
     let mut query_ms = Vec::new();
     for i in 0..220 {
         let started = Instant::now();

@@ -8,7 +8,6 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use parley_events::{ConversationEvent, LLMResponseGenerated};
 use support::{Client, Stack, stack};
@@ -116,11 +115,7 @@ async fn without_a_projection_the_history_comes_from_the_log() {
         "inference.log",
     );
     let http = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("{http}/healthz")).await.is_err() {
-        assert!(Instant::now() < deadline, "gateway did not come up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::wait_healthy(&http).await;
     let token: serde_json::Value =
         reqwest::Client::new().post(format!("{http}/api/session")).send().await.unwrap().json().await.unwrap();
     let url = format!("ws://127.0.0.1:{port}/ws?token={}", token["token"].as_str().unwrap());

@@ -162,11 +162,7 @@ impl Pipeline {
         .collect();
         self.extra_gateways.push(spawn(&args, &self.prefix, &format!("gateway-{port}.log")));
         let http = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while reqwest::get(format!("{http}/healthz")).await.is_err() {
-            assert!(Instant::now() < deadline, "extra gateway did not come up");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_healthy(&http).await;
         http
     }
 
@@ -265,6 +261,15 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.kill_all(); // a failed test still stops its processes
+    }
+}
+
+/// Waits (up to a minute) until the gateway at `http` answers `/healthz`.
+pub async fn wait_healthy(http: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{http}/healthz")).await.is_err() {
+        assert!(Instant::now() < deadline, "the gateway at {http} did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
