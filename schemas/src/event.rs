@@ -87,7 +87,7 @@ pub struct UserQueryReceived {
     pub text: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LLMResponseGenerated {
     pub envelope: Envelope,
     pub query_event_id: String,
@@ -100,6 +100,53 @@ pub struct LLMResponseGenerated {
     pub time_to_first_token_ms: Option<i64>,
     pub attempts: i32,
     pub context_event_ids: Vec<String>,
+    /// Empty in events written before schema v2.
+    pub user_id: String,
+    pub retrieved: Vec<RetrievedContext>,
+}
+
+/// One vector-store hit that went into a prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievedContext {
+    pub vector_id: String,
+    pub source_kind: String,
+    pub source_id: String,
+    pub source_event_id: String,
+    pub position: i64,
+    pub score: f32,
+}
+
+/// A document added to a user's knowledge base (the `documents` topic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentSubmitted {
+    pub envelope: Envelope,
+    pub document_id: String,
+    pub owner: String,
+    pub title: String,
+    pub media_type: String,
+    pub text: String,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// Vectors stored for one source (the `embeddings` topic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingsIndexed {
+    pub envelope: Envelope,
+    pub owner: String,
+    pub source_kind: String,
+    pub source_id: String,
+    pub model: String,
+    pub dimension: i32,
+    pub collection: String,
+    pub vectors: Vec<IndexedVector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedVector {
+    pub vector_id: String,
+    pub source_event_id: String,
+    pub position: i64,
+    pub chars: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +199,15 @@ impl AvroEvent for LLMTokenDelta {
 impl AvroEvent for DeadLetter {
     const FULL_NAME: &'static str = "io.parley.events.DeadLetter";
 }
+impl AvroEvent for DocumentSubmitted {
+    const FULL_NAME: &'static str = "io.parley.events.DocumentSubmitted";
+}
+impl AvroEvent for EmbeddingsIndexed {
+    const FULL_NAME: &'static str = "io.parley.events.EmbeddingsIndexed";
+}
 
 /// Every durable fact about a conversation (the `conversation-events` topic).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ConversationEvent {
     Started(ConversationStarted),
     QueryReceived(UserQueryReceived),

@@ -53,6 +53,15 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             time_to_first_token_ms: Some(9),
             attempts: 1,
             context_event_ids: vec!["a".into(), "b".into()],
+            user_id: "u-1".into(),
+            retrieved: vec![RetrievedContext {
+                vector_id: "v".into(),
+                source_kind: "document".into(),
+                source_id: Uuid::new_v4().to_string(),
+                source_event_id: Uuid::new_v4().to_string(),
+                position: 2,
+                score: 0.75,
+            }],
         }),
         ConversationEvent::ResponseFailed(LLMResponseFailed {
             envelope: envelope(3),
@@ -96,6 +105,37 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         failed_at: now_millis(),
     };
     assert_eq!(codec.decode::<DeadLetter>(&codec.encode(&letter).await.unwrap()).await.unwrap().event, letter);
+
+    let document = DocumentSubmitted {
+        envelope: envelope(1),
+        document_id: Uuid::new_v4().to_string(),
+        owner: "u-1".into(),
+        title: "notes.md".into(),
+        media_type: "text/markdown".into(),
+        text: "# Notes\n\nKafka is a log.".into(),
+        metadata: [("team".to_owned(), "infra".to_owned())].into(),
+    };
+    assert_eq!(
+        codec.decode::<DocumentSubmitted>(&codec.encode(&document).await.unwrap()).await.unwrap().event,
+        document
+    );
+
+    let indexed = EmbeddingsIndexed {
+        envelope: envelope(0),
+        owner: "u-1".into(),
+        source_kind: "document".into(),
+        source_id: document.document_id.clone(),
+        model: "all-MiniLM-L6-v2".into(),
+        dimension: 384,
+        collection: "parley_knowledge".into(),
+        vectors: vec![IndexedVector {
+            vector_id: "x".into(),
+            source_event_id: document.envelope.event_id.clone(),
+            position: 0,
+            chars: 27,
+        }],
+    };
+    assert_eq!(codec.decode::<EmbeddingsIndexed>(&codec.encode(&indexed).await.unwrap()).await.unwrap().event, indexed);
 
     let wrong_type = codec.decode::<LLMTokenDelta>(&codec.encode(&letter).await.unwrap()).await.unwrap_err();
     assert!(wrong_type.to_string().contains("expected io.parley.events.LLMTokenDelta"), "{wrong_type}");

@@ -387,6 +387,8 @@ pub async fn write_synthetic(
                 time_to_first_token_ms: None,
                 attempts: 1,
                 context_event_ids: vec![],
+                user_id: String::new(),
+                retrieved: vec![],
             }));
         }
         for event in &events {

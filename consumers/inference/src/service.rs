@@ -5,17 +5,16 @@
 //! readers); a crash after it moves on. Token deltas go to the tokens topic outside the
 //! transaction, because the gateway must see them while the answer is being generated.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use futures::future::join_all;
 use parley_eventlog::dead_letter::dead_letter_for;
-use parley_eventlog::producer::idempotent_config;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
-use parley_eventlog::trace::{TRACEPARENT_HEADER, child_of};
+use parley_eventlog::trace::child_of;
+use parley_eventlog::transaction::{Outgoing, Poll, TransactionalProducer, Uncommitted, next_batch};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
@@ -24,12 +23,10 @@ use parley_events::{
 };
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
+use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::message::OwnedMessage;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -133,15 +130,11 @@ pub enum InferenceError {
     Events(#[from] EventsError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("the consumer has no group metadata to commit offsets in a transaction")]
-    NoGroupMetadata,
     #[error("shut down while waiting for the schema registry")]
     ShutDown,
     #[error(transparent)]
     Context(#[from] ProjectionError),
 }
-
-const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the inference consumer until `shutdown` is cancelled.
 pub async fn run(
@@ -164,18 +157,11 @@ pub async fn run(
     consumer.subscribe(&[&topics.events])?;
     let transactional_id =
         args.transactional_id.clone().unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
-    let producer: FutureProducer = idempotent_config(kafka.client_config())
-        .set("transactional.id", &transactional_id)
-        // Transactional requests answered CONCURRENT_TRANSACTIONS (the previous commit's
-        // markers are still being written) are retried after this backoff; 100 ms default.
-        .set("retry.backoff.ms", "10")
-        .create()?;
-    tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))?;
+    let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
     let worker = Worker {
         tokens: EventProducer::new(kafka.client_config(), codec.clone())?,
         model: ChatModel::new(args.llm_settings()),
         codec,
-        producer,
         topics,
         group_id: args.group_id.clone(),
         system_prompt: args.system_prompt.clone(),
@@ -187,27 +173,15 @@ pub async fn run(
     let max_batch = usize::from(args.concurrency);
     let mut uncommitted = Uncommitted::default();
     loop {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => break,
-            received = tokio::time::timeout(IDLE_FLUSH, consumer.recv()) => match received {
-                Err(_idle) => {
-                    worker.commit(&consumer, &mut uncommitted, vec![]).await?;
-                    continue;
-                }
-                Ok(received) => match tolerate(received)? {
-                    Some(message) => message.detach(),
-                    None => continue,
-                },
-            },
-        };
-        let mut batch = vec![first];
-        // Take whatever else is already fetched, without waiting for more.
-        while batch.len() < max_batch {
-            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                Ok(received) => batch.extend(tolerate(received)?.map(|m| m.detach())),
-                Err(_) => break,
+        // Queries already fetched are answered together; none is held back to fill a batch.
+        let batch = match next_batch(&consumer, max_batch, Duration::ZERO, IDLE_FLUSH, &shutdown).await? {
+            Poll::Shutdown => break,
+            Poll::Idle => {
+                transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
+                continue;
             }
-        }
+            Poll::Batch(batch) => batch,
+        };
         let outgoing = match worker.process(&batch, &shutdown).await {
             Err(InferenceError::ShutDown) => break, // the batch is not committed: re-delivered
             outgoing => outgoing?,
@@ -216,54 +190,16 @@ pub async fn run(
         // A batch with nothing to append commits its offsets with the next transaction
         // (or the idle flush): back-to-back offset-only transactions only add latency.
         if !outgoing.is_empty() {
-            worker.commit(&consumer, &mut uncommitted, outgoing).await?;
+            transactions.commit(&consumer, &mut uncommitted, outgoing).await?;
         }
     }
-    worker.commit(&consumer, &mut uncommitted, vec![]).await?;
+    transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
     info!("inference consumer stopping");
     Ok(())
 }
 
 /// How long the consumer may sit idle before offsets of output-less batches are committed.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
-
-/// A consumer error is logged and skipped unless it is fatal (the client is unusable).
-fn tolerate<T>(received: Result<T, KafkaError>) -> Result<Option<T>, InferenceError> {
-    match received {
-        Ok(message) => Ok(Some(message)),
-        Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => Err(error.into()),
-        Err(error) => {
-            warn!(%error, "consumer error; continuing");
-            Ok(None)
-        }
-    }
-}
-
-/// Records processed but not yet committed: per partition, the offset to commit next and
-/// the first offset to rewind to if the transaction that should commit them aborts.
-#[derive(Debug, Default)]
-struct Uncommitted {
-    next: HashMap<(String, i32), i64>,
-    first: HashMap<(String, i32), i64>,
-}
-
-impl Uncommitted {
-    fn add(&mut self, batch: &[OwnedMessage]) {
-        for message in batch {
-            let partition = (message.topic().to_owned(), message.partition());
-            let next = self.next.entry(partition.clone()).or_insert(0);
-            *next = (*next).max(message.offset() + 1);
-            let first = self.first.entry(partition).or_insert(i64::MAX);
-            *first = (*first).min(message.offset());
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.next.is_empty()
-    }
-}
-
-type OwnedMessage = rdkafka::message::OwnedMessage;
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 struct TokenStream {
@@ -279,17 +215,8 @@ impl TokenStream {
     }
 }
 
-/// One record to append in the batch's transaction.
-struct Outgoing {
-    topic: String,
-    key: String,
-    payload: Vec<u8>,
-    traceparent: Option<String>,
-}
-
 struct Worker {
     codec: Arc<EventCodec>,
-    producer: FutureProducer,
     tokens: EventProducer,
     model: ChatModel,
     topics: Topics,
@@ -390,6 +317,8 @@ impl Worker {
                             time_to_first_token_ms: completion.time_to_first_token.map(millis),
                             attempts,
                             context_event_ids: prompt.context_event_ids,
+                            user_id: query.user_id.clone(),
+                            retrieved: vec![],
                         })
                         .await?
                 }
@@ -448,56 +377,6 @@ impl Worker {
             }
         });
         TokenStream { sender, task }
-    }
-
-    /// Appends `outgoing` and commits every uncommitted offset in one transaction. On
-    /// failure the transaction is aborted and the consumer rewound to the first uncommitted
-    /// record, so that work is done again.
-    async fn commit(
-        &self,
-        consumer: &StreamConsumer,
-        uncommitted: &mut Uncommitted,
-        outgoing: Vec<Outgoing>,
-    ) -> Result<(), InferenceError> {
-        if uncommitted.is_empty() && outgoing.is_empty() {
-            return Ok(());
-        }
-        let done = std::mem::take(uncommitted);
-        if let Err(error) = self.transact(consumer, &done.next, outgoing).await {
-            warn!(%error, "transaction failed; aborting and re-processing");
-            tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
-            for ((topic, partition), offset) in done.first {
-                consumer.seek(&topic, partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn transact(
-        &self,
-        consumer: &StreamConsumer,
-        next_offsets: &HashMap<(String, i32), i64>,
-        outgoing: Vec<Outgoing>,
-    ) -> Result<(), InferenceError> {
-        self.producer.begin_transaction()?;
-        for record in &outgoing {
-            let headers = record.traceparent.as_deref().map_or_else(OwnedHeaders::new, |tp| {
-                OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
-            });
-            let future_record =
-                FutureRecord::to(&record.topic).key(&record.key).payload(&record.payload).headers(headers);
-            self.producer.send(future_record, KAFKA_TIMEOUT).await.map_err(|(error, _)| error)?;
-        }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in next_offsets {
-            offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-        }
-        let group = consumer.group_metadata().ok_or(InferenceError::NoGroupMetadata)?;
-        tokio::task::block_in_place(|| {
-            self.producer.send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
-            self.producer.commit_transaction(KAFKA_TIMEOUT)
-        })?;
-        Ok(())
     }
 }
 
