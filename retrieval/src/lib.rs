@@ -1,0 +1,18 @@
+//! Retrieval for Parley: turning text into vectors and finding the nearest ones.
+//!
+//! - [`embedding`]: the [`EmbeddingBackend`] trait, its options and the two backends
+//!   ([`minilm`], in-process by default; [`openai`], any `/v1/embeddings` endpoint);
+//! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
+//! - [`store`]: the Milvus collection the embedder writes and searches read.
+
+pub mod embedding;
+pub mod error;
+pub mod filter;
+pub mod minilm;
+pub mod openai;
+pub mod store;
+
+pub use embedding::{EmbeddingBackend, EmbeddingSettings};
+pub use error::RetrievalError;
+pub use filter::{SearchFilter, SourceKind};
+pub use store::{Hit, MilvusSettings, VectorRecord, VectorStore};

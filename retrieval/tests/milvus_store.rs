@@ -1,0 +1,95 @@
+//! The vector store against the real Milvus Lite of the local stack (PARLEY_MILVUS_URL).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clap::Parser;
+use parley_retrieval::store::MilvusSettings;
+use parley_retrieval::{RetrievalError, SearchFilter, SourceKind, VectorRecord, VectorStore};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    milvus: MilvusSettings,
+}
+
+fn settings(collection: &str) -> Option<MilvusSettings> {
+    if std::env::var("PARLEY_MILVUS_URL").is_err() {
+        assert!(
+            !std::env::var("PARLEY_REQUIRE_STACK").is_ok_and(|v| v == "1"),
+            "PARLEY_REQUIRE_STACK=1 but PARLEY_MILVUS_URL is not set"
+        );
+        eprintln!("skipped: PARLEY_MILVUS_URL not set (start the stack with infra/stack.sh start)");
+        return None;
+    }
+    Some(Cli::parse_from(["test", "--milvus-collection", collection]).milvus)
+}
+
+fn record(id: &str, owner: &str, kind: SourceKind, source: &str, embedding: Vec<f32>) -> VectorRecord {
+    VectorRecord {
+        id: id.into(),
+        owner: owner.into(),
+        kind,
+        source_id: source.into(),
+        source_event_id: format!("event-{id}"),
+        position: 1,
+        label: "notes.md".into(),
+        text: format!("text of {id}"),
+        embedding,
+    }
+}
+
+fn unit(x: f32, y: f32) -> Vec<f32> {
+    let n = (x * x + y * y).sqrt();
+    vec![x / n, y / n, 0.0, 0.0]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upserts_are_idempotent_and_searches_stay_inside_the_owner() {
+    let Some(settings) = settings("test_store_isolation") else { return };
+    VectorStore::drop_collection(&settings).await.unwrap();
+    let store = VectorStore::open(&settings, 4, "test").await.unwrap();
+    let records = vec![
+        record("a1", "alice", SourceKind::Document, "doc-a", unit(1.0, 0.0)),
+        record("a2", "alice", SourceKind::Message, "conv-a", unit(0.0, 1.0)),
+        // Bob's vector is the closest one to the query, and must never reach Alice.
+        record("b1", "bob", SourceKind::Document, "doc-b", unit(1.0, 0.01)),
+    ];
+    store.upsert(&records).await.unwrap();
+    store.upsert(&records).await.unwrap(); // a re-delivery
+    assert_eq!(store.count(&SearchFilter::owner("alice")).await.unwrap(), 2);
+    assert_eq!(store.count(&SearchFilter::owner("bob")).await.unwrap(), 1);
+
+    let hits = store.search(unit(1.0, 0.01), &SearchFilter::owner("alice"), 10).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a1", "a2"], "{hits:?}");
+    assert!(hits[0].score > 0.99 && hits[0].score > hits[1].score, "{hits:?}");
+    assert_eq!(
+        (hits[0].kind, hits[0].source_id.as_str(), hits[0].text.as_str()),
+        (SourceKind::Document, "doc-a", "text of a1")
+    );
+
+    let messages_only = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner("alice") };
+    let hits = store.search(unit(1.0, 0.0), &messages_only, 10).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
+    let other_sources = SearchFilter { exclude_source_ids: vec!["doc-a".into()], ..SearchFilter::owner("alice") };
+    let hits = store.search(unit(1.0, 0.0), &other_sources, 10).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
+    let one_document = SearchFilter { source_ids: vec!["doc-a".into()], ..SearchFilter::owner("alice") };
+    assert_eq!(store.search(unit(0.0, 1.0), &one_document, 10).await.unwrap().len(), 1);
+    assert!(store.search(unit(1.0, 0.0), &SearchFilter::owner("carol"), 10).await.unwrap().is_empty());
+
+    VectorStore::drop_collection(&settings).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collection_of_another_dimension_is_refused_at_open() {
+    let Some(settings) = settings("test_store_dimension") else { return };
+    VectorStore::drop_collection(&settings).await.unwrap();
+    VectorStore::open(&settings, 4, "four-d").await.unwrap();
+    let err = VectorStore::open(&settings, 384, "all-MiniLM-L6-v2").await.unwrap_err();
+    assert!(
+        matches!(err, RetrievalError::DimensionMismatch { collection_dimension: 4, backend_dimension: 384, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("all-MiniLM-L6-v2"), "{err}");
+    VectorStore::drop_collection(&settings).await.unwrap();
+}
