@@ -143,13 +143,12 @@ impl VectorStore {
         }
         let client = ClientV2::new(&config).await?;
         let collection = settings.milvus_collection.clone();
-        if !exists(&client, &collection).await? {
-            if let Err(error) = create(&client, settings, dimension).await {
-                // Another service may have created it at the same moment.
-                if !exists(&client, &collection).await? {
-                    return Err(error);
-                }
-            }
+        if !exists(&client, &collection).await?
+            && let Err(error) = create(&client, settings, dimension).await
+            // Another service may have created it at the same moment.
+            && !exists(&client, &collection).await?
+        {
+            return Err(error);
         }
         let existing = collection_dimension(&client, &collection).await?;
         if existing != dimension {
