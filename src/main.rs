@@ -3,18 +3,25 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use parley_eventlog::KafkaSettings;
+use parley_embedder::EmbedderArgs;
 use parley_eventlog::topics::ensure_topics;
-use parley_events::SchemaCatalog;
+use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::registry::{SchemaRegistry, Verdict};
+use parley_events::{EventCodec, SchemaCatalog};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
+use parley_ingest::Submission;
+use parley_ingest::document::media_type_of;
+use parley_ingest::submit::submit_all;
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
+use parley_retrieval::{EmbeddingBackend, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
@@ -45,6 +52,16 @@ struct Common {
     )]
     schema_registry_url: String,
 
+    #[command(flatten)]
+    embedding: EmbeddingSettings,
+
+    #[command(flatten)]
+    milvus: MilvusSettings,
+
+    /// Run the gateway and inference without the vector store: no search, no retrieval.
+    #[arg(long, global = true, env = "PARLEY_WITHOUT_RETRIEVAL")]
+    without_retrieval: bool,
+
     /// Log format: text for people, json for log pipelines.
     #[arg(long, global = true, env = "PARLEY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -58,12 +75,28 @@ enum Command {
     Inference(InferenceArgs),
     /// Project conversation events into the CQL store (the context projection).
     Projection,
+    /// Embed messages and document chunks into the vector store.
+    Embedder(EmbedderArgs),
+    /// Submit documents (files, or folders walked for text files) to a user's knowledge base.
+    Ingest {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// User id that owns the documents (only their searches and answers see them).
+        #[arg(long, env = "PARLEY_INGEST_OWNER")]
+        owner: String,
+        /// A label copied onto every document, as key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
     /// Create topics, register schemas and run every service in one process (quick start).
     All {
         #[command(flatten)]
         gateway: GatewayArgs,
         #[command(flatten)]
         inference: InferenceArgs,
+        #[command(flatten)]
+        embedder: EmbedderArgs,
     },
     /// Rebuild a conversation's state from the log (never calling the model) and diff it
     /// against the projection; exits 1 when they differ.
@@ -153,35 +186,54 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Common { kafka, cql, schema_registry_url: registry, .. } = cli.common;
+    let Common { kafka, cql, schema_registry_url: registry, embedding, milvus, without_retrieval, .. } = cli.common;
     let shutdown = shutdown_on_signal();
+    let retrieval = async || -> Result<Option<(Arc<dyn EmbeddingBackend>, VectorStore)>> {
+        if without_retrieval { Ok(None) } else { Ok(Some(open_retrieval(&embedding, &milvus).await?)) }
+    };
     match cli.command {
         Command::Gateway(args) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
-            let gateway = Gateway::bind(&kafka, &registry, &args, store, shutdown).await?;
+            let retriever = retrieval().await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+            let gateway = Gateway::bind(&kafka, &registry, &args, store, retriever, shutdown).await?;
             print_chat_url(&gateway);
             gateway.serve().await?;
         }
         Command::Inference(args) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
-            parley_inference::service::run(&kafka, &registry, store, args, shutdown).await?;
+            let retriever = retrieval().await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+            parley_inference::service::run(&kafka, &registry, store, retriever, args, shutdown).await?;
         }
         Command::Projection => {
             let store = Store::connect(&cql).await?;
             parley_projections::projector::run(&kafka, &registry, store, shutdown).await?;
         }
-        Command::All { gateway, inference } => {
+        Command::Embedder(args) => {
+            let (backend, vectors) = open_retrieval(&embedding, &milvus).await?;
+            parley_embedder::run(&kafka, &registry, backend, vectors, args, shutdown).await?;
+        }
+        Command::Ingest { paths, owner, labels } => return ingest(&kafka, &registry, &paths, &owner, &labels).await,
+        Command::All { gateway, inference, embedder } => {
             ensure_topics(&kafka, 1).await.context("creating topics")?;
             SchemaRegistry::new(&registry)?
                 .register_all(&SchemaCatalog::embedded())
                 .await
                 .context("registering schemas")?;
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
-            let gateway = Gateway::bind(&kafka, &registry, &gateway, store.clone(), shutdown.clone()).await?;
+            let retrieval = retrieval().await?;
+            let retriever = retrieval.clone().map(|(backend, vectors)| Retriever::new(backend, vectors));
+            let gateway =
+                Gateway::bind(&kafka, &registry, &gateway, store.clone(), retriever.clone(), shutdown.clone()).await?;
             let inference = spawn_linked(&shutdown, {
                 let (kafka, registry, shutdown, store) =
                     (kafka.clone(), registry.clone(), shutdown.clone(), store.clone());
-                async move { parley_inference::service::run(&kafka, &registry, store, inference, shutdown).await }
+                async move { parley_inference::service::run(&kafka, &registry, store, retriever, inference, shutdown).await }
+            });
+            let embedder = retrieval.map(|(backend, vectors)| {
+                let (kafka, registry, shutdown_) = (kafka.clone(), registry.clone(), shutdown.clone());
+                spawn_linked(&shutdown, async move {
+                    parley_embedder::run(&kafka, &registry, backend, vectors, embedder, shutdown_).await
+                })
             });
             let projection = spawn_linked(&shutdown, {
                 let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());
@@ -191,6 +243,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let served = gateway.serve().await;
             inference.await.context("inference task")??;
             projection.await.context("projection task")??;
+            if let Some(embedder) = embedder {
+                embedder.await.context("embedder task")??;
+            }
             served?;
         }
         Command::Replay { conversation_id, scan, format } => {
@@ -282,8 +337,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     let schema =
                         format!("id {} v{}", r.schema_id, versions[&r.schema_id].map_or("?".into(), |v| v.to_string()));
                     let at = humantime::format_rfc3339_millis(
-                        std::time::UNIX_EPOCH
-                            + std::time::Duration::from_millis(u64::try_from(r.occurred_at).unwrap_or(0)),
+                        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(r.occurred_at).unwrap_or(0)),
                     );
                     println!(
                         "{:<4} {:<22} {:>9} {:>10} {:<24} {:<36} {:<36} {:<32}",
@@ -301,6 +355,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         println!("     written by {}", r.producer);
                     }
+                    for hit in &r.retrieved {
+                        println!(
+                            "     retrieved {} {} #{} (vector {}, score {:.3})",
+                            hit.source_kind, hit.source_id, hit.position, hit.vector_id, hit.score
+                        );
+                    }
                 }
             }
         }
@@ -308,16 +368,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             match command {
                 ProjectionsCommand::Rebuild { .. } => {
-                    let mut show = |done: u64, total: u64, elapsed: std::time::Duration| {
-                        let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
-                        let percent = if total == 0 { 100.0 } else { 100.0 * done as f64 / total as f64 };
-                        let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
-                        eprint!(
-                            "\r[{}{}] {done}/{total} records {percent:5.1}% · {rate:8.0} records/s",
-                            "#".repeat(filled),
-                            " ".repeat(20 - filled)
-                        );
-                    };
+                    let mut show =
+                        |done: u64, total: u64, elapsed: Duration| progress_bar(done, total, "records", elapsed);
                     let report = rebuild_context(&kafka, &registry, &store, &shutdown, &mut show).await?;
                     eprintln!();
                     println!(
@@ -376,6 +428,100 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the embedding backend and opens the vector store with the backend's dimension.
+async fn open_retrieval(
+    embedding: &EmbeddingSettings,
+    milvus: &MilvusSettings,
+) -> Result<(Arc<dyn EmbeddingBackend>, VectorStore)> {
+    let backend = embedding.backend().await.context("loading the embedding backend")?;
+    let vectors = VectorStore::open(milvus, backend.dimension(), backend.model())
+        .await
+        .with_context(|| format!("opening Milvus collection {} at {}", milvus.milvus_collection, milvus.milvus_url))?;
+    Ok((backend, vectors))
+}
+
+/// `parley ingest`: reads every file, appends one DocumentSubmitted each (all in flight at
+/// once), shows progress, and exits 1 if any file was refused or not acknowledged.
+async fn ingest(
+    kafka: &KafkaSettings,
+    registry: &str,
+    paths: &[PathBuf],
+    owner: &str,
+    labels: &[(String, String)],
+) -> Result<ExitCode> {
+    let files = parley_ingest::files::collect(paths)?;
+    let mut failures = 0;
+    let mut documents = Vec::new();
+    let mut names = Vec::new();
+    for file in &files {
+        let title = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let submission = std::fs::read(file).map_err(|e| e.to_string()).and_then(|bytes| {
+            let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+            let mut metadata: std::collections::HashMap<_, _> = labels.iter().cloned().collect();
+            metadata.insert("path".into(), file.display().to_string());
+            Submission { owner: owner.to_owned(), media_type: media_type_of(&title).to_owned(), title, text, metadata }
+                .into_event(None)
+                .map_err(|e| e.to_string())
+        });
+        match submission {
+            Ok(document) => {
+                documents.push(document);
+                names.push(file.display().to_string());
+            }
+            Err(reason) => {
+                failures += 1;
+                eprintln!("skipped {}: {reason}", file.display());
+            }
+        }
+    }
+    let producer = EventProducer::new(kafka.client_config(), Arc::new(EventCodec::new(registry)?))?;
+    let topic = kafka.topics().documents;
+    let bytes: usize = documents.iter().map(|d| d.text.len()).sum();
+    let started = Instant::now();
+    let total = documents.len() as u64;
+    let mut done = 0;
+    let outcomes = submit_all(&producer, &topic, &documents, |index, outcome| {
+        done += 1;
+        if let Err(error) = outcome {
+            eprintln!("\nfailed {}: {error}", names[index]);
+        }
+        progress_bar(done, total, "documents", started.elapsed());
+    })
+    .await;
+    eprintln!();
+    failures += outcomes.iter().filter(|o| o.is_err()).count();
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{} documents ({bytes} bytes) submitted for {owner} in {elapsed:.2} s ({:.0} documents/s); chunking and embedding continue in the embedder",
+        outcomes.len() - outcomes.iter().filter(|o| o.is_err()).count(),
+        total as f64 / elapsed.max(1e-9)
+    );
+    if failures > 0 {
+        eprintln!("{failures} file(s) not submitted");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_label(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, label)) if !key.is_empty() => Ok((key.to_owned(), label.to_owned())),
+        _ => Err(format!("{value:?}: expected key=value")),
+    }
+}
+
+/// One line of progress on stderr, redrawn in place: bar, count, percentage, rate.
+fn progress_bar(done: u64, total: u64, unit: &str, elapsed: Duration) {
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
+    let percent = if total == 0 { 100.0 } else { 100.0 * done as f64 / total as f64 };
+    let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
+    eprint!(
+        "\r[{}{}] {done}/{total} {unit} {percent:5.1}% · {rate:8.0} {unit}/s",
+        "#".repeat(filled),
+        " ".repeat(20 - filled)
+    );
 }
 
 /// Runs one service of `parley all` as a task; when it ends, for whatever reason, the

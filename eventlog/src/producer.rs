@@ -32,7 +32,9 @@ pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", "2")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        // Documents are up to 1 MB of text; the topics cap records at 2 MiB.
+        .set("message.max.bytes", "2097152");
     base
 }
 

@@ -40,6 +40,10 @@ pub struct Topics {
     pub tokens: String,
     /// Records a consumer gave up on, with the error and the original bytes.
     pub dead_letter: String,
+    /// Submitted documents, keyed by document id: the knowledge base's source of truth.
+    pub documents: String,
+    /// What the embedder stored in the vector store, keyed by source id (audit trail).
+    pub embeddings: String,
 }
 
 impl Topics {
@@ -48,6 +52,8 @@ impl Topics {
             events: format!("{prefix}conversation-events"),
             tokens: format!("{prefix}conversation-tokens"),
             dead_letter: format!("{prefix}dead-letter"),
+            documents: format!("{prefix}documents"),
+            embeddings: format!("{prefix}embeddings"),
         }
     }
 }

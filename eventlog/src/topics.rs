@@ -44,6 +44,23 @@ impl Topics {
                 configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
             },
             TopicSpec {
+                name: self.documents.clone(),
+                partitions: CONVERSATION_PARTITIONS,
+                // Documents are facts like conversation events: re-embedding with a new model
+                // replays them. Larger records: a document is up to MAX_DOCUMENT_BYTES of text.
+                configs: vec![
+                    ("retention.ms", "-1"),
+                    ("retention.bytes", "-1"),
+                    ("cleanup.policy", "delete"),
+                    ("max.message.bytes", "2097152"),
+                ],
+            },
+            TopicSpec {
+                name: self.embeddings.clone(),
+                partitions: CONVERSATION_PARTITIONS,
+                configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
+            },
+            TopicSpec {
                 name: self.dead_letter.clone(),
                 partitions: 1,
                 configs: vec![

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::trace::{TRACEPARENT_HEADER, trace_id};
 use parley_events::conversation::{ConversationState, Message};
-use parley_events::{ConversationEvent, EventCodec};
+use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
@@ -35,6 +35,8 @@ pub struct AuditRecord {
     pub causation_id: Option<String>,
     pub trace_id: Option<String>,
     pub producer: String,
+    /// What an answer's prompt carried from the vector store (empty for other events).
+    pub retrieved: Vec<RetrievedContext>,
     #[serde(skip)]
     pub event: ConversationEvent,
 }
@@ -204,7 +206,12 @@ impl LogReader {
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(trace_id)
             .map(str::to_owned);
+        let retrieved = match &decoded.event {
+            ConversationEvent::ResponseGenerated(answer) => answer.retrieved.clone(),
+            _ => vec![],
+        };
         Ok(AuditRecord {
+            retrieved,
             sequence: envelope.sequence,
             event_type: decoded.event.type_name(),
             event_id: envelope.event_id,

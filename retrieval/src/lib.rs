@@ -3,16 +3,19 @@
 //! - [`embedding`]: the [`EmbeddingBackend`] trait, its options and the two backends
 //!   ([`minilm`], in-process by default; [`openai`], any `/v1/embeddings` endpoint);
 //! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
-//! - [`store`]: the Milvus collection the embedder writes and searches read.
+//! - [`store`]: the Milvus collection the embedder writes and searches read;
+//! - [`retriever`]: embedding a query and searching, for the search API and inference.
 
 pub mod embedding;
 pub mod error;
 pub mod filter;
 pub mod minilm;
 pub mod openai;
+pub mod retriever;
 pub mod store;
 
 pub use embedding::{EmbeddingBackend, EmbeddingSettings};
 pub use error::RetrievalError;
 pub use filter::{SearchFilter, SourceKind};
+pub use retriever::Retriever;
 pub use store::{Hit, MilvusSettings, VectorRecord, VectorStore};

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use parley_retrieval::{MilvusSettings, VectorStore};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -30,16 +31,20 @@ pub const TEST_KEYSPACE: &str = "parley_test";
 
 pub fn stack() -> Option<Stack> {
     let var = |name: &str| std::env::var(name).ok();
+    // The vector store and the embedding model reach `parley` through the environment.
+    let retrieval = var("PARLEY_MILVUS_URL").is_some() && var("PARLEY_EMBEDDING_MODEL_DIR").is_some();
     match (
         var("PARLEY_KAFKA_BROKERS"),
         var("PARLEY_SCHEMA_REGISTRY_URL"),
         var("PARLEY_LLM_BASE_URL"),
         var("PARLEY_CQL_NODES"),
     ) {
-        (Some(brokers), Some(registry), Some(llm), Some(cql)) => Some(Stack { brokers, registry, llm, cql }),
+        (Some(brokers), Some(registry), Some(llm), Some(cql)) if retrieval => {
+            Some(Stack { brokers, registry, llm, cql })
+        }
         _ if var("PARLEY_REQUIRE_STACK").as_deref() == Some("1") => {
             panic!(
-                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL/PARLEY_CQL_NODES are not all set"
+                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL/PARLEY_CQL_NODES/PARLEY_MILVUS_URL/PARLEY_EMBEDDING_MODEL_DIR are not all set"
             )
         }
         _ => {
@@ -60,6 +65,8 @@ pub struct Pipeline {
     args: Vec<String>,
     pub keyspace: String,
     pub prefix: String,
+    /// This test's own Milvus collection.
+    pub collection: String,
     pub http: String,
     pub brokers: String,
     pub registry: String,
@@ -73,7 +80,9 @@ impl Pipeline {
 
     /// Like `start`, with the projection in its own keyspace.
     pub async fn start_in(stack: &Stack, keyspace: &str, extra_args: &[&str]) -> Pipeline {
-        let prefix = format!("test-{}.", uuid::Uuid::new_v4().simple());
+        let id = uuid::Uuid::new_v4().simple();
+        let prefix = format!("test-{id}.");
+        let collection = format!("test_{id}");
         let port = free_port();
         let mut args: Vec<String> = [
             "--kafka-brokers",
@@ -86,11 +95,15 @@ impl Pipeline {
             &stack.cql,
             "--cql-keyspace",
             keyspace,
+            "--milvus-collection",
+            &collection,
             "all",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--group-id",
             &format!("{prefix}inference"),
+            "--embedder-group",
+            &format!("{prefix}embedder"),
             "--auth-secret",
             "test-secret",
         ]
@@ -108,6 +121,7 @@ impl Pipeline {
             args,
             http: format!("http://127.0.0.1:{port}"),
             prefix,
+            collection,
             brokers: stack.brokers.clone(),
             registry: stack.registry.clone(),
             cql: stack.cql.clone(),
@@ -151,6 +165,8 @@ impl Pipeline {
             &self.cql,
             "--cql-keyspace",
             &self.keyspace,
+            "--milvus-collection",
+            &self.collection,
             "gateway",
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -226,6 +242,7 @@ impl Pipeline {
         Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(["--kafka-brokers", &self.brokers, "--schema-registry-url", &self.registry])
             .args(["--topic-prefix", &self.prefix, "--cql-nodes", &self.cql, "--cql-keyspace", &self.keyspace])
+            .args(["--milvus-collection", &self.collection])
             .args(args)
             .output()
             .unwrap()
@@ -239,13 +256,47 @@ impl Pipeline {
         format!("{}conversation-events", self.prefix)
     }
 
-    /// Stops the processes and deletes this test's topics.
+    /// The vector store this pipeline's embedder writes.
+    pub fn milvus(&self) -> MilvusSettings {
+        milvus_settings(&self.collection)
+    }
+
+    /// POST of a JSON body as `token`'s user: (status, JSON body).
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.http))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the search API until `q` finds a hit for which `found` holds; returns the hits.
+    pub async fn search_until(&self, token: &str, q: &str, found: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let path = format!("/api/search?q={}&k=10", urlencode(q));
+            let (status, body) = self.get(&path, token).await;
+            let hits = body["hits"].as_array().cloned().unwrap_or_default();
+            if status == 200 && hits.iter().any(&found) {
+                return hits;
+            }
+            assert!(Instant::now() < deadline, "search for {q:?} never found the expected hit: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the processes and deletes this test's topics and vector collection.
     pub async fn stop(mut self) {
         self.kill_all();
+        let _ = VectorStore::drop_collection(&self.milvus()).await;
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
-        let topics =
-            ["conversation-events", "conversation-tokens", "dead-letter"].map(|t| format!("{}{t}", self.prefix));
+        let topics = ["conversation-events", "conversation-tokens", "dead-letter", "documents", "embeddings"]
+            .map(|t| format!("{}{t}", self.prefix));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
@@ -271,6 +322,27 @@ pub async fn wait_healthy(http: &str) {
         assert!(Instant::now() < deadline, "the gateway at {http} did not come up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Milvus settings from the environment (PARLEY_MILVUS_URL) for `collection`.
+pub fn milvus_settings(collection: &str) -> MilvusSettings {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        milvus: MilvusSettings,
+    }
+    <Cli as clap::Parser>::parse_from(["test", "--milvus-collection", collection]).milvus
+}
+
+/// Percent-encodes a query-string value.
+pub fn urlencode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {

@@ -1,8 +1,14 @@
-//! Prompt assembly: what the model is asked, as plain data. Earlier turns go in newest
-//! first until the token budget is spent, then are put back in chronological order.
+//! Prompt assembly: what the model is asked, as plain data. Retrieved knowledge (document
+//! chunks and messages of other conversations, best first) may take up to half of the
+//! budget left after the system prompt and the question; earlier turns of this
+//! conversation go in newest first with the rest, then are put back in chronological order.
 
-use parley_events::UserQueryReceived;
 use parley_events::conversation::{Message, MessageKind};
+use parley_events::{RetrievedContext, UserQueryReceived};
+use parley_retrieval::{Hit, SourceKind};
+
+/// Introduces retrieved knowledge in the system message.
+pub const KNOWLEDGE_HEADER: &str = "Use this context from the user's documents and earlier conversations if it helps:";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -17,11 +23,14 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// A prompt and the events whose content it carries (recorded in the response event).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A prompt and what it carries (both recorded in the response event).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
     pub messages: Vec<ChatMessage>,
+    /// Earlier turns of this conversation.
     pub context_event_ids: Vec<String>,
+    /// Retrieved chunks and messages, best first.
+    pub retrieved: Vec<RetrievedContext>,
 }
 
 /// A cheap, model-independent token estimate (about four characters a token for English),
@@ -30,12 +39,32 @@ pub fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(4) + 4 // + per-message overhead of the chat template
 }
 
-/// The prompt for `query`: the system prompt, as many earlier turns (question and answer
-/// together) as fit in `budget` tokens, newest first, then the question. Failures are not
-/// dialogue and are left out; a turn is never cut in half.
-pub fn build_prompt(system_prompt: &str, history: &[Message], query: &UserQueryReceived, budget: usize) -> Prompt {
+/// The prompt for `query`: the system prompt with the retrieved hits that fit their share
+/// of `budget` tokens, as many earlier turns (question and answer together) as fit the
+/// rest, newest first, then the question. Failures are not dialogue and are left out; a
+/// turn or a hit is never cut in half.
+pub fn build_prompt(
+    system_prompt: &str,
+    history: &[Message],
+    query: &UserQueryReceived,
+    retrieved: &[Hit],
+    budget: usize,
+) -> Prompt {
     let system_cost = if system_prompt.is_empty() { 0 } else { estimate_tokens(system_prompt) };
     let mut spent = system_cost + estimate_tokens(&query.text);
+    let knowledge_budget = budget.saturating_sub(spent) / 2;
+    let mut knowledge_cost = estimate_tokens(KNOWLEDGE_HEADER);
+    let mut hits: Vec<&Hit> = Vec::new();
+    for hit in retrieved {
+        let cost = estimate_tokens(&knowledge_line(hits.len() + 1, hit));
+        if knowledge_cost + cost <= knowledge_budget {
+            knowledge_cost += cost;
+            hits.push(hit);
+        }
+    }
+    if !hits.is_empty() {
+        spent += knowledge_cost;
+    }
     let mut turns: Vec<(&Message, &Message)> = Vec::new();
     let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < query.envelope.sequence).collect();
     for pair in dialogue.windows(2).rev() {
@@ -56,8 +85,19 @@ pub fn build_prompt(system_prompt: &str, history: &[Message], query: &UserQueryR
     turns.reverse();
 
     let mut messages = Vec::with_capacity(2 + 2 * turns.len());
-    if !system_prompt.is_empty() {
-        messages.push(ChatMessage { role: Role::System, content: system_prompt.to_owned() });
+    let mut system = system_prompt.to_owned();
+    if !hits.is_empty() {
+        if !system.is_empty() {
+            system.push_str("\n\n");
+        }
+        system.push_str(KNOWLEDGE_HEADER);
+        for (i, hit) in hits.iter().enumerate() {
+            system.push('\n');
+            system.push_str(&knowledge_line(i + 1, hit));
+        }
+    }
+    if !system.is_empty() {
+        messages.push(ChatMessage { role: Role::System, content: system });
     }
     let mut context_event_ids = Vec::with_capacity(2 * turns.len());
     for (question, answer) in turns {
@@ -66,7 +106,27 @@ pub fn build_prompt(system_prompt: &str, history: &[Message], query: &UserQueryR
         context_event_ids.extend([question.event_id.clone(), answer.event_id.clone()]);
     }
     messages.push(ChatMessage { role: Role::User, content: query.text.clone() });
-    Prompt { messages, context_event_ids }
+    let retrieved = hits
+        .iter()
+        .map(|hit| RetrievedContext {
+            vector_id: hit.id.clone(),
+            source_kind: hit.kind.as_str().to_owned(),
+            source_id: hit.source_id.clone(),
+            source_event_id: hit.source_event_id.clone(),
+            position: hit.position,
+            score: hit.score,
+        })
+        .collect();
+    Prompt { messages, context_event_ids, retrieved }
+}
+
+/// One retrieved hit as the model sees it, e.g. `[1] (notes.md) Kafka keeps...`.
+fn knowledge_line(number: usize, hit: &Hit) -> String {
+    let origin = match hit.kind {
+        SourceKind::Document => hit.label.clone(),
+        SourceKind::Message => format!("earlier {} message", hit.label),
+    };
+    format!("[{number}] ({origin}) {}", hit.text.replace('\n', " "))
 }
 
 #[cfg(test)]
@@ -114,17 +174,17 @@ mod tests {
 
     #[test]
     fn a_first_question_is_system_then_user() {
-        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), 1000);
+        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), &[], 1000);
         assert_eq!(prompt.messages.len(), 2);
         assert_eq!(prompt.messages[0].role, Role::System);
         assert_eq!(prompt.messages[1], ChatMessage { role: Role::User, content: "What is Kafka?".into() });
         assert!(prompt.context_event_ids.is_empty());
-        assert_eq!(build_prompt("", &[], &query(2, "x"), 1000).messages.len(), 1);
+        assert_eq!(build_prompt("", &[], &query(2, "x"), &[], 1000).messages.len(), 1);
     }
 
     #[test]
     fn earlier_turns_come_in_order_and_failures_are_left_out() {
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), 1000);
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], 1000);
         let roles: Vec<_> = prompt.messages.iter().map(|m| (m.role, m.content.as_str())).collect();
         assert_eq!(
             roles,
@@ -143,16 +203,53 @@ mod tests {
     fn the_budget_keeps_the_newest_whole_turns() {
         let newest_turn = estimate_tokens("What is my name?") + estimate_tokens("Ada.");
         let budget = estimate_tokens("And my drink?") + newest_turn;
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), budget);
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget);
         assert_eq!(prompt.context_event_ids, ["e6", "e7"]);
-        let none = build_prompt("", &history(), &query(8, "And my drink?"), budget - 1);
+        let none = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1);
         assert!(none.context_event_ids.is_empty());
         assert_eq!(none.messages.len(), 1, "the question itself always goes in");
     }
 
     #[test]
     fn only_turns_before_the_query_are_context() {
-        let prompt = build_prompt("", &history(), &query(4, "I like tea."), 1000);
+        let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000);
         assert_eq!(prompt.context_event_ids, ["e2", "e3"]);
+    }
+
+    fn hit(id: &str, text: &str, score: f32) -> Hit {
+        Hit {
+            id: id.into(),
+            kind: SourceKind::Document,
+            source_id: "d1".into(),
+            source_event_id: "s1".into(),
+            position: 0,
+            label: "notes.md".into(),
+            text: text.into(),
+            score,
+        }
+    }
+
+    #[test]
+    fn retrieved_hits_go_into_the_system_message_and_are_recorded() {
+        let hits = [hit("v1", "The launch code is 7421.", 0.8), hit("v2", "Tea is a drink.", 0.4)];
+        let prompt = build_prompt("Be brief.", &history(), &query(8, "What is the launch code?"), &hits, 1000);
+        let system = &prompt.messages[0].content;
+        assert!(system.starts_with("Be brief.\n\n") && system.contains(KNOWLEDGE_HEADER), "{system}");
+        assert!(system.contains("[1] (notes.md) The launch code is 7421.\n[2] (notes.md) Tea is a drink."), "{system}");
+        assert_eq!(prompt.retrieved.iter().map(|r| r.vector_id.as_str()).collect::<Vec<_>>(), ["v1", "v2"]);
+        assert_eq!((prompt.retrieved[0].score, prompt.retrieved[0].source_kind.as_str()), (0.8, "document"));
+        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"], "history still fits beside them");
+    }
+
+    #[test]
+    fn hits_take_at_most_half_the_remaining_budget_and_are_never_cut() {
+        let question = query(8, "q");
+        let base = estimate_tokens("q");
+        let long = "x".repeat(400); // ~100 tokens
+        let hits = [hit("big", &long, 0.9), hit("small", "short fact", 0.5)];
+        let prompt = build_prompt("", &[], &question, &hits, base + 120);
+        assert_eq!(prompt.retrieved.iter().map(|r| r.vector_id.as_str()).collect::<Vec<_>>(), ["small"]);
+        let none = build_prompt("", &[], &question, &hits, base + 10);
+        assert!(none.retrieved.is_empty() && none.messages.len() == 1, "no system message without knowledge");
     }
 }

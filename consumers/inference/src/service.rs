@@ -23,6 +23,7 @@ use parley_events::{
 };
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
+use parley_retrieval::{Hit, Retriever, SearchFilter};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -89,6 +90,15 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_CONTEXT_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub context_wait: Duration,
 
+    /// Chunks and earlier messages retrieved from the vector store per question (0: none).
+    #[arg(long, env = "PARLEY_RETRIEVAL_TOP_K", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(0..=50))]
+    pub retrieval_top_k: u16,
+
+    /// Hits less similar than this (cosine) are left out of the prompt.
+    #[arg(long, env = "PARLEY_RETRIEVAL_MIN_SCORE", default_value_t = 0.3)]
+    pub retrieval_min_score: f32,
+
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
 
@@ -141,6 +151,7 @@ pub async fn run(
     kafka: &KafkaSettings,
     registry_url: &str,
     store: Store,
+    retriever: Option<Retriever>,
     args: InferenceArgs,
     shutdown: CancellationToken,
 ) -> Result<(), InferenceError> {
@@ -167,6 +178,9 @@ pub async fn run(
         system_prompt: args.system_prompt.clone(),
         context,
         context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
+        retriever: retriever.filter(|_| args.retrieval_top_k > 0),
+        retrieval_top_k: usize::from(args.retrieval_top_k),
+        retrieval_min_score: args.retrieval_min_score,
     };
     info!(group = %args.group_id, %transactional_id, llm = %args.llm_base_url, "inference consumer started");
 
@@ -224,6 +238,9 @@ struct Worker {
     system_prompt: String,
     context: ContextSource,
     context_token_budget: usize,
+    retriever: Option<Retriever>,
+    retrieval_top_k: usize,
+    retrieval_min_score: f32,
 }
 
 impl Worker {
@@ -284,7 +301,8 @@ impl Worker {
             .caused_by(&query.envelope)
             .with_traceparent(Some(traceparent.clone()));
             let history = self.context.history(query, partition, offset).await?;
-            let prompt = build_prompt(&self.system_prompt, &history, query, self.context_token_budget);
+            let retrieved = self.retrieve(query).await;
+            let prompt = build_prompt(&self.system_prompt, &history, query, &retrieved, self.context_token_budget);
             let conversation_id = &query.envelope.conversation_id;
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self
@@ -318,7 +336,7 @@ impl Worker {
                             attempts,
                             context_event_ids: prompt.context_event_ids,
                             user_id: query.user_id.clone(),
-                            retrieved: vec![],
+                            retrieved: prompt.retrieved,
                         })
                         .await?
                 }
@@ -344,6 +362,26 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// The user's stored chunks and messages of other conversations nearest to the question
+    /// (the owner filter is applied inside the vector search). A vector store outage costs
+    /// the answer its extra context, not the answer: it is logged, and the event records
+    /// that nothing was retrieved.
+    async fn retrieve(&self, query: &UserQueryReceived) -> Vec<Hit> {
+        let Some(retriever) = &self.retriever else { return vec![] };
+        let filter = SearchFilter {
+            exclude_source_ids: vec![query.envelope.conversation_id.clone()],
+            ..SearchFilter::owner(&query.user_id)
+        };
+        let span = info_span!("inference.retrieve", k = self.retrieval_top_k);
+        match retriever.search(&query.text, &filter, self.retrieval_top_k).instrument(span).await {
+            Ok(hits) => hits.into_iter().filter(|h| h.score >= self.retrieval_min_score).collect(),
+            Err(error) => {
+                warn!(%error, "retrieval failed; answering without retrieved context");
+                vec![]
+            }
+        }
     }
 
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a

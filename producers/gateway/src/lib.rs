@@ -5,13 +5,15 @@
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes outcomes and token deltas to sockets;
 //! - [`query`]: the HTTP query path over the projection;
+//! - [`knowledge`]: document submission and vector search over HTTP;
 //! - [`server`]: axum routes, the socket loop, query → event.
 
 pub mod answers;
 pub mod auth;
 pub mod hub;
+pub mod knowledge;
 pub mod protocol;
 pub mod query;
 pub mod server;
 
-pub use server::{Gateway, GatewayArgs, GatewayError, run};
+pub use server::{Gateway, GatewayArgs, GatewayError};

@@ -34,7 +34,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self { status, body: json!({ "error": code, "message": message.into() }) }
     }
 }
@@ -57,7 +57,7 @@ impl From<ProjectionError> for ApiError {
     }
 }
 
-fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

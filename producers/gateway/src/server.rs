@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,8 +19,10 @@ use parley_eventlog::trace::new_traceparent;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::STARTED_SEQUENCE;
 use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
+use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::reader::LiveReader;
 use parley_projections::{ProjectionError, Store};
+use parley_retrieval::Retriever;
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -34,7 +36,7 @@ use crate::hub::{Admission, ConnectionId, Hub, Outbox, Refusal};
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
-use crate::{answers, query};
+use crate::{answers, knowledge, query};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -88,12 +90,13 @@ pub enum GatewayError {
 
 pub(crate) struct AppState {
     hub: Arc<Hub>,
-    producer: EventProducer,
-    topics: Topics,
     limits: Limits,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
+    pub(crate) retriever: Option<Retriever>,
+    pub(crate) producer: EventProducer,
+    pub(crate) topics: Topics,
     next_connection: AtomicU64,
 }
 
@@ -117,6 +120,7 @@ impl Gateway {
         registry_url: &str,
         args: &GatewayArgs,
         store: Store,
+        retriever: Option<Retriever>,
         shutdown: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
@@ -141,6 +145,7 @@ impl Gateway {
             signer: TokenSigner::new(secret.as_bytes()),
             reader,
             read_wait: args.read_wait,
+            retriever,
             next_connection: AtomicU64::new(1),
         });
         let router = Router::new()
@@ -150,6 +155,11 @@ impl Gateway {
             .route("/ws", get(upgrade))
             .route("/api/conversations", get(query::conversations))
             .route("/api/conversations/{id}", get(query::conversation))
+            .route(
+                "/api/documents",
+                post(knowledge::submit_document).layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES + 64 * 1024)),
+            )
+            .route("/api/search", get(knowledge::search))
             .with_state(state);
         let listener = TcpListener::bind(args.listen)
             .await
@@ -386,15 +396,4 @@ async fn adopt_from_projection(state: &AppState, user: &str, conversation_id: Uu
             false
         }
     }
-}
-
-/// Binds and serves a gateway until `shutdown` is cancelled.
-pub async fn run(
-    kafka: &KafkaSettings,
-    registry_url: &str,
-    args: &GatewayArgs,
-    store: Store,
-    shutdown: CancellationToken,
-) -> Result<(), GatewayError> {
-    Gateway::bind(kafka, registry_url, args, store, shutdown).await?.serve().await
 }

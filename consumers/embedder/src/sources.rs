@@ -1,0 +1,236 @@
+//! What the embedder stores for each event, as plain functions: messages become one
+//! vector each (id = the event id), documents one per chunk (id = uuid5 of document id and
+//! chunk number). Ids are deterministic, so a re-delivered event overwrites its vectors.
+
+use std::collections::{BTreeMap, HashMap};
+
+use parley_events::{
+    ConversationEvent, DocumentSubmitted, EmbeddingsIndexed, Envelope, IndexedVector, Producer as EventSource,
+};
+use parley_retrieval::{SourceKind, VectorRecord};
+use uuid::Uuid;
+
+use crate::chunking::chunk_text;
+
+pub const SOURCE: EventSource = EventSource { name: "parley-embedder", version: env!("CARGO_PKG_VERSION") };
+
+/// Conversation owners seen so far, for answers written before LLMResponseGenerated v2
+/// carried the owner. Bounded: cleared wholesale when full (answers follow their query
+/// closely in the same partition, so a miss is rare and only affects such old events).
+#[derive(Debug, Default)]
+pub struct Owners {
+    by_conversation: HashMap<String, String>,
+}
+
+const MAX_OWNERS: usize = 100_000;
+
+impl Owners {
+    fn remember(&mut self, conversation_id: &str, owner: &str) {
+        if self.by_conversation.len() >= MAX_OWNERS {
+            self.by_conversation.clear();
+        }
+        self.by_conversation.insert(conversation_id.to_owned(), owner.to_owned());
+    }
+
+    fn of(&self, conversation_id: &str) -> Option<&str> {
+        self.by_conversation.get(conversation_id).map(String::as_str)
+    }
+}
+
+/// Why an event yields no vector although it carries text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skipped {
+    /// An answer whose conversation owner is unknown: storing it unowned would leak it.
+    UnknownOwner { event_id: String },
+}
+
+/// The vector (without embedding) for a conversation event, if it is a message.
+pub fn message_record(event: &ConversationEvent, owners: &mut Owners) -> Result<Option<VectorRecord>, Skipped> {
+    let (envelope, owner, label, text) = match event {
+        ConversationEvent::Started(started) => {
+            owners.remember(&started.envelope.conversation_id, &started.user_id);
+            return Ok(None);
+        }
+        ConversationEvent::QueryReceived(query) => {
+            owners.remember(&query.envelope.conversation_id, &query.user_id);
+            (&query.envelope, query.user_id.clone(), "user", &query.text)
+        }
+        ConversationEvent::ResponseGenerated(answer) => {
+            let owner = if answer.user_id.is_empty() {
+                owners.of(&answer.envelope.conversation_id).map(str::to_owned)
+            } else {
+                Some(answer.user_id.clone())
+            };
+            let Some(owner) = owner else {
+                return Err(Skipped::UnknownOwner { event_id: answer.envelope.event_id.clone() });
+            };
+            (&answer.envelope, owner, "assistant", &answer.text)
+        }
+        ConversationEvent::ResponseFailed(_) => return Ok(None),
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(VectorRecord {
+        id: envelope.event_id.clone(),
+        owner,
+        kind: SourceKind::Message,
+        source_id: envelope.conversation_id.clone(),
+        source_event_id: envelope.event_id.clone(),
+        position: envelope.sequence,
+        label: label.to_owned(),
+        text: text.clone(),
+        embedding: vec![],
+    }))
+}
+
+/// The vectors (without embeddings) for a document's chunks.
+pub fn document_records(document: &DocumentSubmitted, max_chars: usize, overlap: usize) -> Vec<VectorRecord> {
+    chunk_text(&document.text, max_chars, overlap)
+        .into_iter()
+        .map(|chunk| VectorRecord {
+            id: chunk_vector_id(&document.document_id, chunk.position),
+            owner: document.owner.clone(),
+            kind: SourceKind::Document,
+            source_id: document.document_id.clone(),
+            source_event_id: document.envelope.event_id.clone(),
+            position: chunk.position,
+            label: document.title.clone(),
+            text: chunk.text,
+            embedding: vec![],
+        })
+        .collect()
+}
+
+/// The vector id of chunk `position` of a document.
+pub fn chunk_vector_id(document_id: &str, position: i64) -> String {
+    let namespace = document_id.parse().unwrap_or(Uuid::NAMESPACE_OID);
+    Uuid::new_v5(&namespace, format!("chunk-{position}").as_bytes()).to_string()
+}
+
+/// One EmbeddingsIndexed per source among `records`, in source order. Event ids are
+/// derived from the vector ids, so a re-delivered batch writes the same events.
+pub fn indexed_events(records: &[VectorRecord], model: &str, collection: &str) -> Vec<EmbeddingsIndexed> {
+    let mut by_source: BTreeMap<(SourceKind, &str), Vec<&VectorRecord>> = BTreeMap::new();
+    for record in records {
+        by_source.entry((record.kind, &record.source_id)).or_default().push(record);
+    }
+    by_source
+        .into_iter()
+        .map(|((kind, source_id), vectors)| {
+            let ids = vectors.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(",");
+            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("indexed:{ids}").as_bytes());
+            let mut envelope = Envelope::new(event_id, source_id, 0, SOURCE);
+            envelope.causation_id = vectors.last().map(|v| v.source_event_id.clone());
+            EmbeddingsIndexed {
+                envelope,
+                owner: vectors.first().map(|v| v.owner.clone()).unwrap_or_default(),
+                source_kind: kind.as_str().to_owned(),
+                source_id: source_id.to_owned(),
+                model: model.to_owned(),
+                dimension: vectors.first().map_or(0, |v| i32::try_from(v.embedding.len()).unwrap_or(i32::MAX)),
+                collection: collection.to_owned(),
+                vectors: vectors
+                    .iter()
+                    .map(|v| IndexedVector {
+                        vector_id: v.id.clone(),
+                        source_event_id: v.source_event_id.clone(),
+                        position: v.position,
+                        chars: i32::try_from(v.text.chars().count()).unwrap_or(i32::MAX),
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_events::{ConversationStarted, LLMResponseGenerated, UserQueryReceived};
+
+    use super::*;
+
+    const P: EventSource = EventSource { name: "t", version: "0" };
+
+    fn envelope(conversation: Uuid, sequence: i64) -> Envelope {
+        Envelope::new(Uuid::new_v4(), conversation, sequence, P)
+    }
+
+    fn answer(conversation: Uuid, user_id: &str) -> ConversationEvent {
+        ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            envelope: envelope(conversation, 3),
+            query_event_id: "q".into(),
+            text: "Kafka is a log.".into(),
+            model: "m".into(),
+            finish_reason: "stop".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            llm_latency_ms: 1,
+            time_to_first_token_ms: None,
+            attempts: 1,
+            context_event_ids: vec![],
+            user_id: user_id.into(),
+            retrieved: vec![],
+        })
+    }
+
+    #[test]
+    fn messages_are_one_vector_each_keyed_by_event_id() {
+        let conversation = Uuid::new_v4();
+        let mut owners = Owners::default();
+        let started = ConversationEvent::Started(ConversationStarted {
+            envelope: envelope(conversation, 1),
+            user_id: "alice".into(),
+        });
+        assert_eq!(message_record(&started, &mut owners), Ok(None));
+        let query = ConversationEvent::QueryReceived(UserQueryReceived {
+            envelope: envelope(conversation, 2),
+            user_id: "alice".into(),
+            client_message_id: "m".into(),
+            text: "What is Kafka?".into(),
+        });
+        let record = message_record(&query, &mut owners).unwrap().unwrap();
+        assert_eq!(record.id, query.envelope().event_id);
+        assert_eq!((record.owner.as_str(), record.label.as_str(), record.position), ("alice", "user", 2));
+        assert_eq!(record.source_id, conversation.to_string());
+    }
+
+    #[test]
+    fn an_answer_without_owner_takes_its_conversation_owner_or_is_skipped() {
+        let conversation = Uuid::new_v4();
+        let mut owners = Owners::default();
+        let orphan = answer(conversation, "");
+        assert!(matches!(message_record(&orphan, &mut owners), Err(Skipped::UnknownOwner { .. })));
+        let started = ConversationEvent::Started(ConversationStarted {
+            envelope: envelope(conversation, 1),
+            user_id: "bob".into(),
+        });
+        message_record(&started, &mut owners).unwrap();
+        assert_eq!(message_record(&orphan, &mut owners).unwrap().unwrap().owner, "bob");
+        assert_eq!(message_record(&answer(conversation, "carol"), &mut owners).unwrap().unwrap().owner, "carol");
+    }
+
+    #[test]
+    fn document_chunks_get_stable_ids_and_one_indexed_event() {
+        let document = DocumentSubmitted {
+            envelope: envelope(Uuid::new_v4(), 1),
+            document_id: Uuid::new_v4().to_string(),
+            owner: "alice".into(),
+            title: "notes.md".into(),
+            media_type: "text/markdown".into(),
+            text: "One fact.\n\nAnother fact.\n\nA third fact.".into(),
+            metadata: HashMap::new(),
+        };
+        let mut records = document_records(&document, 16, 0);
+        assert_eq!(records.len(), 3);
+        assert_eq!(records, document_records(&document, 16, 0), "deterministic");
+        assert_eq!(records[1].id, chunk_vector_id(&document.document_id, 1));
+        assert_ne!(records[0].id, records[1].id);
+        records.iter_mut().for_each(|r| r.embedding = vec![0.0; 384]);
+        let events = indexed_events(&records, "all-MiniLM-L6-v2", "c");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].vectors.len(), 3);
+        assert_eq!((events[0].dimension, events[0].source_kind.as_str()), (384, "document"));
+        assert_eq!(events[0].envelope.event_id, indexed_events(&records, "all-MiniLM-L6-v2", "c")[0].envelope.event_id);
+    }
+}

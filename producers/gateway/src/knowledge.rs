@@ -1,0 +1,182 @@
+//! The knowledge base over HTTP (JSON, `Authorization: Bearer <token>`):
+//!
+//! - `POST /api/documents` `{title, text, media_type?, metadata?}`: appends a
+//!   DocumentSubmitted for the caller and answers 202 at once with the document id and log
+//!   position; chunking and embedding happen asynchronously in the embedder.
+//! - `GET /api/search?q=TEXT&k=N&kind=document|message&document=ID&conversation=ID`: the
+//!   caller's top-k chunks and messages nearest to `q`, best first. The owner filter is
+//!   always the caller; the other parameters narrow it further.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use parley_eventlog::trace::new_traceparent;
+use parley_ingest::Submission;
+use parley_ingest::document::media_type_of;
+use parley_retrieval::{Hit, SearchFilter, SourceKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::query::{ApiError, user_of};
+use crate::server::AppState;
+
+/// Most results one search returns.
+pub const MAX_K: usize = 50;
+/// Longest search text, in characters.
+const MAX_QUERY_CHARS: usize = 2_000;
+
+#[derive(Debug, Deserialize)]
+pub struct DocumentBody {
+    title: String,
+    text: String,
+    media_type: Option<String>,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+pub(crate) async fn submit_document(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<DocumentBody>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let user = user_of(&state, &headers)?;
+    let traceparent = new_traceparent();
+    let span = info_span!("gateway.document", user = %user, %traceparent);
+    async {
+        let media_type = body.media_type.unwrap_or_else(|| media_type_of(&body.title).to_owned());
+        let submission =
+            Submission { owner: user, title: body.title, media_type, text: body.text, metadata: body.metadata };
+        let event = submission
+            .into_event(Some(traceparent.clone()))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document", e.to_string()))?;
+        let position = state
+            .producer
+            .append(&state.topics.documents, &event.document_id, &event, Some(&traceparent))
+            .await
+            .map_err(|error| {
+                warn!(%error, "document not appended");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "log_unavailable",
+                    "the event log did not accept the document; retry",
+                )
+            })?;
+        info!(document_id = %event.document_id, %position, "document submitted");
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "document_id": event.document_id,
+                "event_id": event.envelope.event_id,
+                "position": position.to_string(),
+            })),
+        ))
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SearchParams {
+    q: String,
+    k: Option<usize>,
+    kind: Option<String>,
+    document: Option<String>,
+    conversation: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct SearchAnswer {
+    hits: Vec<Hit>,
+}
+
+pub(crate) async fn search(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<SearchParams>,
+) -> Result<Json<SearchAnswer>, ApiError> {
+    let user = user_of(&state, &headers)?;
+    let filter = search_filter(user, &params)?;
+    let k = params.k.unwrap_or(10);
+    let Some(retriever) = &state.retriever else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "search_unavailable",
+            "this gateway runs without a vector store",
+        ));
+    };
+    let hits =
+        retriever.search(&params.q, &filter, k).instrument(info_span!("gateway.search", k)).await.map_err(|error| {
+            warn!(%error, "search failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "search_unavailable",
+                "the vector store did not answer; retry",
+            )
+        })?;
+    Ok(Json(SearchAnswer { hits }))
+}
+
+/// The filter of a search request: always the caller's own data, narrowed by the parameters.
+fn search_filter(user: String, params: &SearchParams) -> Result<SearchFilter, ApiError> {
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_search", message);
+    let chars = params.q.chars().count();
+    if params.q.trim().is_empty() || chars > MAX_QUERY_CHARS {
+        return Err(bad(format!("q must be 1 to {MAX_QUERY_CHARS} characters")));
+    }
+    if params.k.is_some_and(|k| k == 0 || k > MAX_K) {
+        return Err(bad(format!("k must be 1 to {MAX_K}")));
+    }
+    let mut kind = match params.kind.as_deref() {
+        None => None,
+        Some(value) => {
+            Some(SourceKind::parse(value).ok_or_else(|| bad(format!("kind {value:?}: use document or message")))?)
+        }
+    };
+    let mut source_ids = Vec::new();
+    for (id, implied) in [(&params.document, SourceKind::Document), (&params.conversation, SourceKind::Message)] {
+        if let Some(id) = id {
+            if kind.is_some_and(|k| k != implied) {
+                return Err(bad("document= and conversation= each imply their kind".into()));
+            }
+            kind = Some(implied);
+            source_ids.push(id.clone());
+        }
+    }
+    Ok(SearchFilter { owner: user, kind, source_ids, exclude_source_ids: vec![] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(q: &str) -> SearchParams {
+        SearchParams { q: q.into(), k: None, kind: None, document: None, conversation: None }
+    }
+
+    #[test]
+    fn the_owner_is_always_the_caller() {
+        let filter = search_filter("alice".into(), &params("kafka")).unwrap();
+        assert_eq!(filter, SearchFilter::owner("alice"));
+    }
+
+    #[test]
+    fn document_and_conversation_narrow_the_kind() {
+        let p = SearchParams { document: Some("d1".into()), ..params("kafka") };
+        let filter = search_filter("alice".into(), &p).unwrap();
+        assert_eq!((filter.kind, filter.source_ids), (Some(SourceKind::Document), vec!["d1".to_owned()]));
+        let clash = SearchParams { kind: Some("message".into()), document: Some("d1".into()), ..params("kafka") };
+        assert!(search_filter("alice".into(), &clash).is_err());
+    }
+
+    #[test]
+    fn bad_parameters_are_refused() {
+        assert!(search_filter("a".into(), &params(" ")).is_err());
+        assert!(search_filter("a".into(), &SearchParams { k: Some(0), ..params("x") }).is_err());
+        assert!(search_filter("a".into(), &SearchParams { k: Some(MAX_K + 1), ..params("x") }).is_err());
+        assert!(search_filter("a".into(), &SearchParams { kind: Some("pdf".into()), ..params("x") }).is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! Appends many documents quickly: every event is put on the idempotent producer's queue
+//! at once (librdkafka batches them), and acknowledgements are awaited as they come, with
+//! a progress callback per acknowledged document.
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use parley_eventlog::{EventLogError, EventProducer, LogPosition};
+use parley_events::DocumentSubmitted;
+
+/// Outcome of one document: where it landed, or why not.
+pub type Acknowledged = Result<LogPosition, EventLogError>;
+
+/// Appends `documents` to `topic`, calling `progress(index, outcome)` as each is acknowledged.
+pub async fn submit_all(
+    producer: &EventProducer,
+    topic: &str,
+    documents: &[DocumentSubmitted],
+    mut progress: impl FnMut(usize, &Acknowledged),
+) -> Vec<Acknowledged> {
+    let mut outcomes: Vec<Option<Acknowledged>> = documents.iter().map(|_| None).collect();
+    let mut pending = FuturesUnordered::new();
+    for (index, document) in documents.iter().enumerate() {
+        let traceparent = document.envelope.traceparent.as_deref();
+        match producer.enqueue(topic, &document.document_id, document, traceparent).await {
+            Ok(delivery) => pending.push(async move { (index, delivery.await) }),
+            Err(error) => {
+                let outcome = Err(error);
+                progress(index, &outcome);
+                outcomes[index] = Some(outcome);
+            }
+        }
+    }
+    while let Some((index, outcome)) = pending.next().await {
+        progress(index, &outcome);
+        outcomes[index] = Some(outcome);
+    }
+    // Every slot was filled above: by the enqueue error or by the acknowledgement.
+    outcomes.into_iter().flatten().collect()
+}

@@ -1,0 +1,32 @@
+//! Text in, nearest stored chunks and messages out: the embedding backend and the vector
+//! store together, as the search API and inference use them.
+
+use std::sync::Arc;
+
+use crate::embedding::EmbeddingBackend;
+use crate::error::RetrievalError;
+use crate::filter::SearchFilter;
+use crate::store::{Hit, VectorStore};
+
+#[derive(Debug, Clone)]
+pub struct Retriever {
+    backend: Arc<dyn EmbeddingBackend>,
+    store: VectorStore,
+}
+
+impl Retriever {
+    pub fn new(backend: Arc<dyn EmbeddingBackend>, store: VectorStore) -> Self {
+        Self { backend, store }
+    }
+
+    /// The `limit` stored texts nearest to `text` among those `filter` admits, best first.
+    pub async fn search(&self, text: &str, filter: &SearchFilter, limit: usize) -> Result<Vec<Hit>, RetrievalError> {
+        let vector = self
+            .backend
+            .embed(&[text.to_owned()])
+            .await?
+            .pop()
+            .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
+        self.store.search(vector, filter, limit).await
+    }
+}
