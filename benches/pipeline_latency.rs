@@ -21,14 +21,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn summary(name: &str, mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
-    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    let (p50, p99) = (support::percentile(&samples, 50.0), support::percentile(&samples, 99.0));
     println!("| {name} | {} | {p50:.2} | {p99:.2} | {:.2} |", samples.len(), samples[samples.len() - 1]);
     (p50, p99)
 }

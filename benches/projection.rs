@@ -24,13 +24,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[(((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize).min(sorted.len() - 1)]
-}
-
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
-    percentile(&samples, 50.0)
+    support::percentile(&samples, 50.0)
 }
 
 /// Reads every record of `topic` with a bare consumer (no decoding): the raw limit.
@@ -168,8 +164,8 @@ async fn main() {
     println!(
         "| query path GET 50-turn conversation, p50 / p99 (n={}) | {:.2} / {:.2} ms |",
         query_ms.len(),
-        percentile(&query_ms, 50.0),
-        percentile(&query_ms, 99.0)
+        support::percentile(&query_ms, 50.0),
+        support::percentile(&query_ms, 99.0)
     );
 
     support::drop_keyspace(&stack.cql, &keyspace).await;

@@ -334,6 +334,11 @@ pub fn milvus_settings(collection: &str) -> MilvusSettings {
     <Cli as clap::Parser>::parse_from(["test", "--milvus-collection", collection]).milvus
 }
 
+/// The `p`th percentile (0–100) of ascending `sorted` samples, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[(((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize).min(sorted.len() - 1)]
+}
+
 /// Percent-encodes a query-string value.
 pub fn urlencode(value: &str) -> String {
     value
