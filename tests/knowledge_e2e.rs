@@ -98,6 +98,8 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
     let conversation_id = ack["conversation_id"].as_str().unwrap().to_owned();
     let outcome = client.until_outcome().await.pop().unwrap();
     assert_eq!(outcome["type"], "answer", "{outcome}");
+    let shown = outcome["retrieved"].as_array().unwrap();
+    assert!(shown.iter().any(|r| r["vector_id"] == fact_hit["id"]), "the answer frame names its sources: {outcome}");
     let events =
         log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), Some(&conversation_id), 3).await;
     let answer = events

@@ -49,6 +49,13 @@ pub struct EmbedderArgs {
           value_parser = clap::value_parser!(u32).range(0..=50_000))]
     pub chunk_overlap: u32,
 
+    /// Flush the collection (seal its rows into indexed segments) once this many vectors
+    /// were stored since the last flush, and whenever the embedder is idle with unflushed
+    /// vectors. 0 leaves sealing to the server (a Milvus cluster seals on its own; Milvus
+    /// Lite searches unsealed rows by brute force).
+    #[arg(long, env = "PARLEY_MILVUS_FLUSH_THRESHOLD", default_value_t = 2048)]
+    pub milvus_flush_threshold: u32,
+
     #[arg(long, env = "PARLEY_EMBEDDER_GROUP", default_value = "parley-embedder")]
     pub embedder_group: String,
 
@@ -111,6 +118,8 @@ pub async fn run(
         chunk_chars: usize::try_from(args.chunk_chars).unwrap_or(usize::MAX),
         chunk_overlap: usize::try_from(args.chunk_overlap).unwrap_or(0),
         owners: Owners::default(),
+        flush_threshold: usize::try_from(args.milvus_flush_threshold).unwrap_or(usize::MAX),
+        unflushed: 0,
     };
     let mut uncommitted = Uncommitted::default();
     loop {
@@ -147,9 +156,23 @@ struct Worker {
     chunk_chars: usize,
     chunk_overlap: usize,
     owners: Owners,
+    flush_threshold: usize,
+    unflushed: usize,
 }
 
 impl Worker {
+    /// Flushes the collection when `due(unflushed vectors)` holds (never with threshold 0).
+    /// A failed flush only delays sealing: the vectors are stored and searchable already.
+    async fn flush_if(&mut self, due: impl Fn(usize) -> bool) {
+        if self.flush_threshold == 0 || !due(self.unflushed) {
+            return;
+        }
+        match self.store.flush().await {
+            Ok(()) => self.unflushed = 0,
+            Err(error) => warn!(%error, "flush failed; retried later"),
+        }
+    }
+
     /// Embeds and stores a batch: the records to append for it (EmbeddingsIndexed, dead letters).
     async fn process(
         &mut self,
@@ -193,6 +216,9 @@ impl Worker {
             }
             until_done(shutdown, "milvus upsert", || self.store.upsert(&records)).await?;
             info!(vectors = records.len(), "stored");
+            self.unflushed += records.len();
+            let threshold = self.flush_threshold;
+            self.flush_if(|unflushed| unflushed >= threshold).await;
             for event in indexed_events(&records, self.backend.model(), self.store.collection()) {
                 outgoing.push(Outgoing {
                     topic: self.topics.embeddings.clone(),

@@ -28,7 +28,7 @@ struct Slot {
 }
 
 /// How a query was admitted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
     /// A new turn: write `ConversationStarted` first if `new_conversation`, then the query at `sequence`.
     Accepted { conversation_id: Uuid, query_id: Uuid, sequence: i64, new_conversation: bool },

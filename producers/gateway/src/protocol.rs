@@ -1,6 +1,7 @@
 //! The WebSocket protocol (JSON text frames), as plain types with validation and no I/O.
 //! docs/protocol.md is its reference.
 
+use parley_events::RetrievedContext;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -17,7 +18,7 @@ pub enum ClientFrame {
 }
 
 /// What the server sends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Ready {
@@ -53,6 +54,8 @@ pub enum ServerFrame {
         prompt_tokens: i32,
         completion_tokens: i32,
         llm_latency_ms: i64,
+        /// Chunks and earlier messages the prompt carried, best first.
+        retrieved: Vec<RetrievedContext>,
     },
     Failed {
         conversation_id: String,
