@@ -12,24 +12,12 @@ use parley_events::ConversationEvent;
 use parley_retrieval::{SearchFilter, VectorStore};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{Pipeline, log_events, stack};
 
 /// The fact only the test's own document contains.
 const FACT: &str = "The maintenance password of the Zephyr-9 reactor is blue-harmonica-42.";
 const QUESTION: &str = "What is the maintenance password of the Zephyr-9 reactor?";
-
-async fn session(pipeline: &Pipeline) -> (String, String) {
-    let session: Value = reqwest::Client::new()
-        .post(format!("{}/api/session", pipeline.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
-}
 
 /// A small corpus: the fact buried in a document of filler, and two unrelated documents.
 fn write_corpus(dir: &std::path::Path) {
@@ -50,8 +38,8 @@ fn write_corpus(dir: &std::path::Path) {
 async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_used() {
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let (alice, alice_token) = session(&pipeline).await;
-    let (_bob, bob_token) = session(&pipeline).await;
+    let (alice, alice_token) = pipeline.session_user().await;
+    let (_bob, bob_token) = pipeline.session_user().await;
 
     let corpus = tempfile::tempdir().unwrap();
     write_corpus(corpus.path());
@@ -132,7 +120,7 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
 async fn redelivered_events_overwrite_their_vectors_instead_of_adding() {
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let (alice, alice_token) = session(&pipeline).await;
+    let (alice, alice_token) = pipeline.session_user().await;
     let corpus = tempfile::tempdir().unwrap();
     write_corpus(corpus.path());
     assert!(pipeline.cli(&["ingest", corpus.path().to_str().unwrap(), "--owner", &alice]).status.success());

@@ -55,6 +55,30 @@ impl Uncommitted {
     }
 }
 
+/// The consumer of a consume-transform-produce loop: group `group_id`, offsets committed
+/// only through the transaction, committed records only.
+pub fn transactional_consumer(
+    kafka: &KafkaSettings,
+    group_id: &str,
+    topics: &[&str],
+) -> Result<StreamConsumer, EventLogError> {
+    let consumer: StreamConsumer = kafka
+        .client_config()
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(topics)?;
+    Ok(consumer)
+}
+
+/// The configured transactional id, or the group id with a random suffix: unique per
+/// running instance, as fencing through the group generation (KIP-447) allows.
+pub fn instance_transactional_id(group_id: &str, configured: Option<&str>) -> String {
+    configured.map_or_else(|| format!("{group_id}-{}", uuid::Uuid::new_v4().simple()), str::to_owned)
+}
+
 /// What [`next_batch`] found.
 #[derive(Debug)]
 pub enum Poll {

@@ -184,6 +184,11 @@ impl Pipeline {
 
     /// A new anonymous user's token.
     pub async fn session(&self) -> String {
+        self.session_user().await.1
+    }
+
+    /// A new anonymous user: (user id, token).
+    pub async fn session_user(&self) -> (String, String) {
         let session: Value = reqwest::Client::new()
             .post(format!("{}/api/session", self.http))
             .send()
@@ -192,7 +197,7 @@ impl Pipeline {
             .json()
             .await
             .unwrap();
-        session["token"].as_str().unwrap().to_owned()
+        (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
     }
 
     /// A socket of `token`'s user on the gateway at `http`, past its `ready` frame.

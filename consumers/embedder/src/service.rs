@@ -12,18 +12,18 @@ use clap::Args;
 use parley_eventlog::dead_letter::dead_letter_for;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
-use parley_eventlog::transaction::{Outgoing, Poll, TransactionalProducer, Uncommitted, next_batch};
+use parley_eventlog::transaction::{
+    Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
+};
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{DocumentSubmitted, EventCodec, EventsError};
 use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorRecord, VectorStore};
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
-use uuid::Uuid;
 
 use crate::sources::{Owners, Skipped, document_records, indexed_events, message_record};
 
@@ -93,18 +93,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EmbedderError> {
     let topics = kafka.topics();
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", &args.embedder_group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(&[&topics.events, &topics.documents])?;
-    let transactional_id = args
-        .embedder_transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", args.embedder_group, Uuid::new_v4().simple()));
+    let consumer = transactional_consumer(kafka, &args.embedder_group, &[&topics.events, &topics.documents])?;
+    let transactional_id = instance_transactional_id(&args.embedder_group, args.embedder_transactional_id.as_deref());
     let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
     info!(group = %args.embedder_group, %transactional_id, model = backend.model(), collection = store.collection(),
           "embedder started");

@@ -14,7 +14,9 @@ use parley_eventlog::dead_letter::dead_letter_for;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::child_of;
-use parley_eventlog::transaction::{Outgoing, Poll, TransactionalProducer, Uncommitted, next_batch};
+use parley_eventlog::transaction::{
+    Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
+};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
@@ -25,7 +27,6 @@ use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::{Hit, Retriever, SearchFilter};
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use thiserror::Error;
@@ -158,16 +159,8 @@ pub async fn run(
     let topics = kafka.topics();
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", &args.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(&[&topics.events])?;
-    let transactional_id =
-        args.transactional_id.clone().unwrap_or_else(|| format!("{}-{}", args.group_id, Uuid::new_v4().simple()));
+    let consumer = transactional_consumer(kafka, &args.group_id, &[&topics.events])?;
+    let transactional_id = instance_transactional_id(&args.group_id, args.transactional_id.as_deref());
     let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
     let worker = Worker {
         tokens: EventProducer::new(kafka.client_config(), codec.clone())?,
