@@ -118,6 +118,7 @@ pub async fn run(
                 Poll::Shutdown => break,
                 Poll::Idle => {
                     transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
+                    worker.flush_if(|unflushed| unflushed > 0).await;
                     continue;
                 }
                 Poll::Batch(batch) => batch,
