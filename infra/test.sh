@@ -7,6 +7,9 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 "$REPO_ROOT/infra/install.sh"
+# A full disk shows up as brokers timing out, not as an error of its own: say so first.
+free_gib=$(df -Pk "$PARLEY_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
+((free_gib >= 8)) || log "warning: only ${free_gib} GiB free under $PARLEY_CACHE; the build and the stack need about 8"
 if ! "$REPO_ROOT/infra/stack.sh" status | grep -q "stopped"; then
   log "reusing the running local stack"
 else
@@ -20,8 +23,21 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test (end-to-end tests use the stack at $PARLEY_KAFKA_BROKERS)"
 results="$(mktemp)"
-PARLEY_REQUIRE_STACK=1 cargo test --workspace --locked 2>&1 | tee "$results"
+# Every suite runs even when one fails, so a red run shows all that is wrong at once.
+status=0
+PARLEY_REQUIRE_STACK=1 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$results" || status=$?
 # cargo's last line is a doc-test summary of one crate; sum every suite into one line.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
 rm -f "$results"
+if ((status != 0)); then
+  # What a failed run needs to be understood from its output alone: the machine and the stack.
+  log "tests failed; disk, stack and the end of each service log follow"
+  df -h "$PARLEY_CACHE" /tmp >&2 || true
+  "$REPO_ROOT/infra/stack.sh" status >&2 || true
+  for service_log in "$PARLEY_RUN"/logs/*.log; do
+    printf '\n--- %s (last 15 lines)\n' "$service_log" >&2
+    tail -n 15 "$service_log" >&2 || true
+  done
+  exit "$status"
+fi

@@ -8,8 +8,8 @@ pub enum EventLogError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Events(#[from] EventsError),
-    #[error("creating topic {topic}: {reason}")]
-    TopicCreation { topic: String, reason: String },
+    #[error("creating topic {topic}: {code}")]
+    TopicCreation { topic: String, code: rdkafka::types::RDKafkaErrorCode },
     #[error("the consumer has no group metadata to commit offsets in a transaction")]
     NoGroupMetadata,
     #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::error::EventLogError;
@@ -87,13 +88,49 @@ pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new_topics, &options).await? {
+    let mut attempt = 1;
+    loop {
+        match create_missing(&admin, &new_topics, &options).await {
+            Err(error) if attempt < CREATE_ATTEMPTS && is_transient(&error) => {
+                tracing::warn!(%error, attempt, "creating topics timed out; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// A broker that is still electing its controller or catching up with its metadata log
+/// times out requests for a while; start-up rides that out rather than failing at once.
+const CREATE_ATTEMPTS: u32 = 4;
+
+async fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    new_topics: &[NewTopic<'_>],
+    options: &AdminOptions,
+) -> Result<(), EventLogError> {
+    for result in admin.create_topics(new_topics, options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(EventLogError::TopicCreation { topic, reason: code.to_string() });
+                return Err(EventLogError::TopicCreation { topic, code });
             }
         }
     }
     Ok(())
+}
+
+fn is_transient(error: &EventLogError) -> bool {
+    let timed_out = |code: &RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut | RDKafkaErrorCode::NotController
+        )
+    };
+    match error {
+        EventLogError::Kafka(KafkaError::AdminOp(code)) => timed_out(code),
+        EventLogError::TopicCreation { code, .. } => timed_out(code),
+        _ => false,
+    }
 }

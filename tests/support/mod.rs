@@ -139,14 +139,16 @@ impl Pipeline {
     }
 
     async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Generous: a cold stack creates its first topics, tables and collections here.
+        let deadline = Instant::now() + Duration::from_secs(180);
         let client = reqwest::Client::new();
         while client.get(format!("{}/healthz", self.http)).send().await.is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                panic!("parley all exited with {status}:\n{log}");
+                panic!("parley all exited with {status}:\n{}", log_tail(&self.log_path()));
             }
-            assert!(Instant::now() < deadline, "parley all did not come up; see {}", self.log_path());
+            if Instant::now() >= deadline {
+                panic!("parley all did not come up in 180 s; its log ends:\n{}", log_tail(&self.log_path()));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -353,6 +355,13 @@ pub fn urlencode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The last lines of a process log, for failure messages that explain themselves in CI.
+pub fn log_tail(path: &str) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_else(|error| format!("({path}: {error})"));
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
