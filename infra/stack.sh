@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts, stops or reports the real local stack on 127.0.0.1: Kafka (KRaft), Apicurio
-# Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp, Milvus Lite. `start` reuses services that are already up, so tests can call it
-# freely. Data and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
+# Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp, Milvus Lite and
+# Jaeger. `start` reuses services that are already up, so tests can call it freely. Data
+# and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
 #   infra/stack.sh start|stop|status
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -13,6 +14,7 @@ kafka_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && \
 registry_healthy() { curl -sf "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
 cql_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$CQL_PORT") 2>/dev/null; }
 llm_healthy() { curl -sf "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
+jaeger_healthy() { curl -sf "http://127.0.0.1:$JAEGER_HEALTH_PORT/status" >/dev/null; }
 milvus_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$MILVUS_PORT") 2>/dev/null; }
 
 start_kafka() {
@@ -103,6 +105,17 @@ start_milvus() {
   echo $! >"$pidf"
 }
 
+start_jaeger() {
+  local pidf="$PARLEY_RUN/pids/jaeger.pid" conf="$PARLEY_RUN/jaeger.yaml"
+  pid_alive "$pidf" && return
+  sed -e "s|@OTLP_PORT@|$JAEGER_OTLP_PORT|g" -e "s|@QUERY_PORT@|$JAEGER_QUERY_PORT|g" \
+    -e "s|@QUERY_GRPC_PORT@|$JAEGER_QUERY_GRPC_PORT|g" -e "s|@HEALTH_PORT@|$JAEGER_HEALTH_PORT|g" \
+    "$REPO_ROOT/infra/jaeger/config.yaml.template" >"$conf"
+  log "starting Jaeger (OTLP in on 127.0.0.1:$JAEGER_OTLP_PORT, query API on 127.0.0.1:$JAEGER_QUERY_PORT)"
+  nohup "$JAEGER_BIN" --config "$conf" >"$PARLEY_RUN/logs/jaeger.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
 stop_one() {
   local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
   if pid_alive "$pidf"; then
@@ -117,18 +130,19 @@ stop_one() {
 
 case "${1:-}" in
   start)
-    start_kafka; start_registry; start_cassandra; start_llm; start_milvus
+    start_kafka; start_registry; start_cassandra; start_llm; start_milvus; start_jaeger
+    wait_for jaeger 30 jaeger_healthy
     wait_for llm 60 llm_healthy
     wait_for milvus 60 milvus_healthy
     wait_for cassandra 180 cql_healthy
     wait_for registry 120 registry_healthy
     wait_for kafka 120 kafka_healthy
-    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL"
+    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $PARLEY_JAEGER_QUERY_URL"
     ;;
   stop)
-    stop_one milvus; stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
+    stop_one jaeger; stop_one milvus; stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
   status)
-    for s in kafka registry cassandra llm milvus; do
+    for s in kafka registry cassandra llm milvus jaeger; do
       if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(cat "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
     done ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;

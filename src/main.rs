@@ -23,8 +23,11 @@ use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
 use parley_retrieval::{EmbeddingBackend, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
+
+use crate::telemetry::Telemetry;
+
+mod telemetry;
 
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
@@ -65,6 +68,10 @@ struct Common {
     /// Log format: text for people, json for log pipelines.
     #[arg(long, global = true, env = "PARLEY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+
+    /// OTLP/HTTP collector to export spans to (Jaeger: its OTLP port, 4318); none: no export.
+    #[arg(long, global = true, env = "PARLEY_OTLP_ENDPOINT", value_parser = telemetry::parse_endpoint)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,7 +175,14 @@ enum SchemasCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.common.log_format);
+    let service = service_name(&cli.command);
+    let telemetry = match Telemetry::init(&cli.common.log_format, cli.common.otlp_endpoint.as_deref(), service) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: cannot set up logging and tracing: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -176,12 +190,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    };
+    telemetry.shutdown();
+    code
+}
+
+/// The service name spans are exported under.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Gateway(_) => "parley-gateway",
+        Command::Inference(_) => "parley-inference",
+        Command::Projection => "parley-projection",
+        Command::Embedder(_) => "parley-embedder",
+        Command::All { .. } => "parley",
+        _ => "parley-cli",
     }
 }
 
@@ -560,14 +588,4 @@ fn shutdown_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
-}
-
-fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -72,7 +72,7 @@ async fn follow_ups_carry_earlier_turns_from_the_projection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_projection_the_history_comes_from_the_log() {
     let Some(stack) = stack() else { return };
-    let Stack { brokers, registry, llm, cql } = &stack;
+    let Stack { brokers, registry, llm, cql, .. } = &stack;
     let prefix = format!("test-{}.", Uuid::new_v4().simple());
     let keyspace = format!("parley_ctx_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let common: Vec<String> = [

@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::turn::{Applied, ConversationHead};
 use parley_events::{ConversationEvent, EventCodec};
@@ -22,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
@@ -150,46 +151,64 @@ async fn apply_conversation(
     }
     for logged in events {
         let envelope = logged.event.envelope();
-        let location = EventLocation {
-            sequence: envelope.sequence,
-            event_id: envelope.event_id.clone(),
-            event_type: logged.event.type_name().to_owned(),
-            topic: topic.to_owned(),
-            partition: logged.partition,
-            offset: logged.offset,
-        };
-        store.insert_location(generation, id, &location).await?;
-        match (&mut known, &logged.event) {
-            (None, ConversationEvent::Started(started)) => {
-                store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
-                known =
-                    Some(Known { head: ConversationHead::started(&started.user_id), started_at: envelope.occurred_at });
-            }
-            (None, event) => {
-                warn!(%id, sequence = envelope.sequence, kind = event.type_name(), "event before the conversation's start; not projected");
-            }
-            (Some(k), event) => {
-                let applied = k.head.apply_over_gaps(event);
-                if applied == Applied::AlreadyApplied {
-                    continue;
-                }
-                if let Applied::Gap { expected, got } = applied {
-                    warn!(%id, expected, got, "sequence gap: an event of this conversation is missing from the log");
-                }
-                if let Some(message) = message_of(event) {
-                    store.insert_message(generation, id, &message).await?;
-                    if message.kind == MessageKind::UserQuery
-                        && message.sequence == parley_events::turn::STARTED_SEQUENCE + 1
-                    {
-                        let title: String = message.text.chars().take(TITLE_CHARS).collect();
-                        store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
-                    }
-                }
-                store.advance_conversation(generation, id, &k.head, envelope.occurred_at).await?;
-            }
-        }
+        let span = info_span!(parent: None, "projection.apply", conversation_id = %id, sequence = envelope.sequence,
+                              kind = logged.event.type_name(), offset = logged.offset);
+        continue_trace(&span, envelope.traceparent.as_deref());
+        apply_event(store, generation, topic, id, &mut known, logged).instrument(span).await?;
     }
     Ok(known)
+}
+
+/// Applies one event: its location always, its effect on the conversation unless the
+/// conversation has it already.
+async fn apply_event(
+    store: &Store,
+    generation: &Generation,
+    topic: &str,
+    id: Uuid,
+    known: &mut Option<Known>,
+    logged: &LoggedEvent,
+) -> Result<(), ProjectionError> {
+    let envelope = logged.event.envelope();
+    let location = EventLocation {
+        sequence: envelope.sequence,
+        event_id: envelope.event_id.clone(),
+        event_type: logged.event.type_name().to_owned(),
+        topic: topic.to_owned(),
+        partition: logged.partition,
+        offset: logged.offset,
+    };
+    store.insert_location(generation, id, &location).await?;
+    match (known, &logged.event) {
+        (known @ None, ConversationEvent::Started(started)) => {
+            store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
+            *known =
+                Some(Known { head: ConversationHead::started(&started.user_id), started_at: envelope.occurred_at });
+        }
+        (None, event) => {
+            warn!(%id, sequence = envelope.sequence, kind = event.type_name(), "event before the conversation's start; not projected");
+        }
+        (Some(k), event) => {
+            let applied = k.head.apply_over_gaps(event);
+            if applied == Applied::AlreadyApplied {
+                return Ok(());
+            }
+            if let Applied::Gap { expected, got } = applied {
+                warn!(%id, expected, got, "sequence gap: an event of this conversation is missing from the log");
+            }
+            if let Some(message) = message_of(event) {
+                store.insert_message(generation, id, &message).await?;
+                if message.kind == MessageKind::UserQuery
+                    && message.sequence == parley_events::turn::STARTED_SEQUENCE + 1
+                {
+                    let title: String = message.text.chars().take(TITLE_CHARS).collect();
+                    store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
+                }
+            }
+            store.advance_conversation(generation, id, &k.head, envelope.occurred_at).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Decodes a fetched record; None for records that are not conversation events (they are

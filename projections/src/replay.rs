@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
-use parley_eventlog::trace::{TRACEPARENT_HEADER, trace_id};
+use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_events::conversation::{ConversationState, Message};
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
 use uuid::Uuid;
@@ -200,12 +200,7 @@ impl LogReader {
     async fn audit_record(&self, message: &OwnedMessage) -> Result<AuditRecord, ProjectionError> {
         let decoded = self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await?;
         let envelope = decoded.event.envelope().clone();
-        let header_trace = message
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == TRACEPARENT_HEADER).and_then(|h| h.value))
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(trace_id)
-            .map(str::to_owned);
+        let header_trace = header_traceparent(message).and_then(trace_id).map(str::to_owned);
         let retrieved = match &decoded.event {
             ConversationEvent::ResponseGenerated(answer) => answer.retrieved.clone(),
             _ => vec![],

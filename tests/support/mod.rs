@@ -24,6 +24,8 @@ pub struct Stack {
     pub registry: String,
     pub llm: String,
     pub cql: String,
+    /// Jaeger's query API; `parley` exports its spans to PARLEY_OTLP_ENDPOINT.
+    pub jaeger: String,
 }
 
 /// Keyspace shared by the tests: their conversations and topics never collide.
@@ -31,20 +33,23 @@ pub const TEST_KEYSPACE: &str = "parley_test";
 
 pub fn stack() -> Option<Stack> {
     let var = |name: &str| std::env::var(name).ok();
-    // The vector store and the embedding model reach `parley` through the environment.
-    let retrieval = var("PARLEY_MILVUS_URL").is_some() && var("PARLEY_EMBEDDING_MODEL_DIR").is_some();
+    // The vector store, the embedding model and the trace collector reach `parley` through
+    // the environment.
+    let inherited = ["PARLEY_MILVUS_URL", "PARLEY_EMBEDDING_MODEL_DIR", "PARLEY_OTLP_ENDPOINT"];
+    let inherited = inherited.iter().all(|name| var(name).is_some());
     match (
         var("PARLEY_KAFKA_BROKERS"),
         var("PARLEY_SCHEMA_REGISTRY_URL"),
         var("PARLEY_LLM_BASE_URL"),
         var("PARLEY_CQL_NODES"),
+        var("PARLEY_JAEGER_QUERY_URL"),
     ) {
-        (Some(brokers), Some(registry), Some(llm), Some(cql)) if retrieval => {
-            Some(Stack { brokers, registry, llm, cql })
+        (Some(brokers), Some(registry), Some(llm), Some(cql), Some(jaeger)) if inherited => {
+            Some(Stack { brokers, registry, llm, cql, jaeger })
         }
         _ if var("PARLEY_REQUIRE_STACK").as_deref() == Some("1") => {
             panic!(
-                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL/PARLEY_CQL_NODES/PARLEY_MILVUS_URL/PARLEY_EMBEDDING_MODEL_DIR are not all set"
+                "PARLEY_REQUIRE_STACK=1 but PARLEY_KAFKA_BROKERS/PARLEY_SCHEMA_REGISTRY_URL/PARLEY_LLM_BASE_URL/PARLEY_CQL_NODES/PARLEY_MILVUS_URL/PARLEY_EMBEDDING_MODEL_DIR/PARLEY_OTLP_ENDPOINT/PARLEY_JAEGER_QUERY_URL are not all set"
             )
         }
         _ => {

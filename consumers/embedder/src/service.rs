@@ -12,6 +12,7 @@ use clap::Args;
 use parley_eventlog::dead_letter::dead_letter_for;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
+use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
 use parley_eventlog::transaction::{
     Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
 };
@@ -196,7 +197,12 @@ impl Worker {
         if records.is_empty() {
             return Ok(outgoing);
         }
-        let span = info_span!("embedder.batch", records = batch.len(), vectors = records.len());
+        // One batch serves many turns' traces: linked to each, parented by none.
+        let span = info_span!(parent: None, "embedder.batch", records = batch.len(), vectors = records.len());
+        for message in batch {
+            link_trace(&span, header_traceparent(message));
+        }
+        let traceparent = traceparent_of(&span, None);
         async {
             for group in records.chunks_mut(self.batch_size) {
                 let texts: Vec<String> = group.iter().map(|r| r.text.clone()).collect();
@@ -210,12 +216,13 @@ impl Worker {
             self.unflushed += records.len();
             let threshold = self.flush_threshold;
             self.flush_if(|unflushed| unflushed >= threshold).await;
-            for event in indexed_events(&records, self.backend.model(), self.store.collection()) {
+            for mut event in indexed_events(&records, self.backend.model(), self.store.collection()) {
+                event.envelope.traceparent = Some(traceparent.clone());
                 outgoing.push(Outgoing {
                     topic: self.topics.embeddings.clone(),
                     key: event.source_id.clone(),
                     payload: self.codec.encode(&event).await?,
-                    traceparent: None,
+                    traceparent: Some(traceparent.clone()),
                 });
             }
             Ok(outgoing)

@@ -13,6 +13,7 @@ use async_openai::types::chat::{
 };
 use futures::StreamExt;
 use thiserror::Error;
+use tracing::{Instrument, info_span};
 
 use crate::prompt::{ChatMessage, Role};
 use crate::retry::{CircuitBreaker, backoff_delay};
@@ -108,7 +109,10 @@ impl ChatModel {
             if !self.breaker_allows() {
                 return (Err(LlmError::CircuitOpen), attempt - 1);
             }
-            let result = self.stream_once(messages, |index, text| on_delta(attempt, index, text)).await;
+            let result = self
+                .stream_once(messages, |index, text| on_delta(attempt, index, text))
+                .instrument(info_span!("inference.llm_attempt", attempt))
+                .await;
             self.record(&result);
             match result {
                 Err(error) if error.is_retryable() && attempt < max_attempts => {

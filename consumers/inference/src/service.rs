@@ -13,7 +13,7 @@ use futures::future::join_all;
 use parley_eventlog::dead_letter::dead_letter_for;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
-use parley_eventlog::trace::child_of;
+use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::{
     Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
 };
@@ -32,6 +32,7 @@ use rdkafka::message::OwnedMessage;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
@@ -278,9 +279,11 @@ impl Worker {
 
     /// Asks the model and returns the encoded outcome event (generated or failed).
     async fn answer(&self, query: &UserQueryReceived, partition: i32, offset: i64) -> Result<Outgoing, InferenceError> {
-        let traceparent = child_of(query.envelope.traceparent.as_deref());
-        let span = info_span!("inference.answer", conversation_id = %query.envelope.conversation_id,
-                              query_event_id = %query.envelope.event_id, %traceparent);
+        let span = info_span!(parent: None, "inference.answer", conversation_id = %query.envelope.conversation_id,
+                              query_event_id = %query.envelope.event_id, traceparent = Empty);
+        continue_trace(&span, query.envelope.traceparent.as_deref());
+        let traceparent = traceparent_of(&span, query.envelope.traceparent.as_deref());
+        span.record("traceparent", traceparent.as_str());
         async {
             let query_id: Uuid = query.envelope.event_id.parse().unwrap_or_else(|_| Uuid::new_v4());
             // Deterministic: a re-delivered query produces an outcome with the same event id.
@@ -293,7 +296,8 @@ impl Worker {
             )
             .caused_by(&query.envelope)
             .with_traceparent(Some(traceparent.clone()));
-            let history = self.context.history(query, partition, offset).await?;
+            let history =
+                self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
             let retrieved = self.retrieve(query).await;
             let prompt = build_prompt(&self.system_prompt, &history, query, &retrieved, self.context_token_budget);
             let conversation_id = &query.envelope.conversation_id;
@@ -303,6 +307,7 @@ impl Worker {
                 .complete(&prompt.messages, |_, index, delta| {
                     let _ = deltas.sender.send((index, delta.to_owned()));
                 })
+                .instrument(info_span!("inference.llm", prompt_messages = prompt.messages.len()))
                 .await;
             // Deltas reach the log before the outcome is committed, so a reader that sees
             // the outcome has had every delta offered first.

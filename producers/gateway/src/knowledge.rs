@@ -13,12 +13,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use parley_eventlog::trace::new_traceparent;
+use parley_eventlog::trace::traceparent_of;
 use parley_ingest::Submission;
 use parley_ingest::document::media_type_of;
 use parley_retrieval::{Hit, SearchFilter, SourceKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::query::{ApiError, user_of};
@@ -44,8 +45,9 @@ pub(crate) async fn submit_document(
     Json(body): Json<DocumentBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers)?;
-    let traceparent = new_traceparent();
-    let span = info_span!("gateway.document", user = %user, %traceparent);
+    let span = info_span!(parent: None, "gateway.document", user = %user, traceparent = Empty);
+    let traceparent = traceparent_of(&span, None);
+    span.record("traceparent", traceparent.as_str());
     async {
         let media_type = body.media_type.unwrap_or_else(|| media_type_of(&body.title).to_owned());
         let submission =

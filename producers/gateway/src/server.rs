@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use parley_eventlog::settings::parse_duration;
-use parley_eventlog::trace::new_traceparent;
+use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::STARTED_SEQUENCE;
 use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
@@ -28,6 +28,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
@@ -331,8 +332,10 @@ async fn accept_query(
             return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
         }
     };
-    let traceparent = new_traceparent();
-    let span = info_span!("gateway.query", %conversation_id, %query_id, sequence, %traceparent);
+    // A root span: each turn is its own trace, not part of the socket's lifetime.
+    let span = info_span!(parent: None, "gateway.query", %conversation_id, %query_id, sequence, traceparent = Empty);
+    let traceparent = traceparent_of(&span, None);
+    span.record("traceparent", traceparent.as_str());
     let written = async {
         if new_conversation {
             let started = ConversationStarted {
