@@ -63,8 +63,10 @@ install_jaeger() {
   local work="$PARLEY_CACHE/go"
   rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$JAEGER_BIN")"
   cp "$REPO_ROOT"/infra/jaeger/go.mod "$REPO_ROOT"/infra/jaeger/go.sum "$REPO_ROOT"/infra/jaeger/tools.go "$work/src/"
+  local build_log="$PARLEY_CACHE/jaeger-build.log"
   (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
-    go build -trimpath -ldflags=-s -o "$JAEGER_BIN.part" github.com/jaegertracing/jaeger/cmd/jaeger)
+    go build -trimpath -ldflags=-s -o "$JAEGER_BIN.part" github.com/jaegertracing/jaeger/cmd/jaeger) >"$build_log" 2>&1 \
+    || { tail -n 20 "$build_log" >&2; die "building Jaeger failed; see $build_log"; }
   mv "$JAEGER_BIN.part" "$JAEGER_BIN"
   chmod -R u+w "$work" && rm -rf "$work"
 }

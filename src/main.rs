@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::telemetry::Telemetry;
 
 mod telemetry;
+mod trace_view;
 
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
@@ -124,6 +125,14 @@ enum Command {
         /// `table` for people, `json` for one JSON object per line.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
+    },
+    /// One trace from Jaeger as a tree of spans (a turn's trace id: `parley audit`).
+    Trace {
+        #[arg(value_parser = trace_view::parse_trace_id)]
+        trace_id: String,
+        /// Jaeger's query API.
+        #[arg(long, env = "PARLEY_JAEGER_QUERY_URL", default_value = "http://127.0.0.1:16686")]
+        jaeger_url: String,
     },
     /// Manage projections: rebuild one into a new generation, drop the replaced one.
     #[command(subcommand)]
@@ -391,6 +400,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
+        }
+        Command::Trace { trace_id, jaeger_url } => {
+            print!("{}", trace_view::render(&trace_view::fetch(&jaeger_url, &trace_id).await?));
         }
         Command::Projections(command) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;

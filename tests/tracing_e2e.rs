@@ -96,6 +96,23 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
     assert!(projected.iter().any(|s| s.parent.as_ref() == Some(&answer.span_id)), "the answer, projected");
     assert!(spans.iter().all(|s| s.service == "parley"), "{spans:#?}");
 
+    // `parley trace` prints the same trace as a tree.
+    let shown = pipeline.cli(&["trace", &trace_id, "--jaeger-url", &stack.jaeger]);
+    let tree = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(lines[0].starts_with(&format!("trace {trace_id} (")), "{tree}");
+    // Children are indented two columns per level under their parent.
+    let column = |operation: &str| {
+        let line = lines.iter().find(|l| l.contains(&format!(" {operation} [parley]"))).unwrap();
+        line.find(operation).unwrap()
+    };
+    assert_eq!(column("inference.answer"), column("gateway.query") + 2, "{tree}");
+    assert_eq!(column("inference.llm_attempt"), column("gateway.query") + 6, "{tree}");
+    let unknown = pipeline.cli(&["trace", "0123456789abcdef0123456789abcdef", "--jaeger-url", &stack.jaeger]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("is not in Jaeger"), "{unknown:?}");
+
     // The embedder's batch has its own trace, linked to this one (FOLLOWS_FROM in Jaeger).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
