@@ -75,4 +75,14 @@ wait_for() {
   done
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file holds "<pid> <start time>" (field 22 of /proc/<pid>/stat, counted after the
+# parenthesised command name), so a recycled pid never passes for the service it replaced.
+proc_start_time() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $20 }'; }
+record_pid() { echo "$1 $(proc_start_time "$1")" >"$2"; }
+pid_of() { awk '{ print $1 }' "$1"; }
+pid_alive() {
+  [ -f "$1" ] || return 1
+  local pid started
+  read -r pid started <"$1"
+  kill -0 "$pid" 2>/dev/null && [ -n "$started" ] && [ "$(proc_start_time "$pid")" = "$started" ]
+}

@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # Starts, stops or reports the real local stack on 127.0.0.1: Kafka (KRaft), Apicurio
 # Registry, Cassandra (the CQL store standing in for ScyllaDB), llama.cpp, Milvus Lite and
-# Jaeger. `start` reuses services that are already up, so tests can call it freely. Data
-# and logs live under $PARLEY_RUN; pids in $PARLEY_RUN/pids.
+# Jaeger. `start` reuses services that are up and answering (and restarts any that are up
+# but not answering), so tests can call it freely. Data and logs live under $PARLEY_RUN;
+# pids in $PARLEY_RUN/pids.
 #   infra/stack.sh start|stop|status
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$PARLEY_RUN/logs" "$PARLEY_RUN/pids"
 
-kafka_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && \
-  java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" org.apache.kafka.tools.BrokerApiVersionsCommand \
-    --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
-registry_healthy() { curl -sf "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
-cql_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$CQL_PORT") 2>/dev/null; }
-llm_healthy() { curl -sf "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
-jaeger_healthy() { curl -sf "http://127.0.0.1:$JAEGER_HEALTH_PORT/status" >/dev/null; }
-milvus_healthy() { (exec 3<>"/dev/tcp/127.0.0.1/$MILVUS_PORT") 2>/dev/null; }
+# Health probes ask each service a real question, each bounded in time: a process that is
+# alive but frozen or wedged (it happened: a stack left stopped by an ended session, reused
+# by the next test run) must read as unhealthy, not hang the probe or pass a port check.
+kafka_healthy() { timeout 30 java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" \
+  org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
+registry_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+# A CQL v4 OPTIONS request; a live node answers SUPPORTED (response version 0x84, opcode 0x06).
+cassandra_healthy() {
+  [ "$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "\x04\x00\x00\x00\x05\x00\x00\x00\x00" >&3; head -c 5 <&3' \
+    _ "$CQL_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 8400000006 ]
+}
+llm_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
+jaeger_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$JAEGER_HEALTH_PORT/status" >/dev/null; }
+milvus_healthy() { timeout 20 "$VENV/bin/python" -c 'import sys; from pymilvus import MilvusClient
+MilvusClient(sys.argv[1], timeout=10).list_collections()' "http://127.0.0.1:$MILVUS_PORT" >/dev/null 2>&1; }
 
 start_kafka() {
   local pidf="$PARLEY_RUN/pids/kafka.pid" data="$PARLEY_RUN/kafka-data"
-  pid_alive "$pidf" && return
   local conf="$PARLEY_RUN/kafka.properties"
   cat >"$conf" <<CONF
 process.roles=broker,controller
@@ -50,12 +57,11 @@ CONF
   log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT"
   nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
     -cp "$cp" kafka.Kafka "$conf" >"$PARLEY_RUN/logs/kafka.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 start_registry() {
   local pidf="$PARLEY_RUN/pids/registry.pid"
-  pid_alive "$pidf" && return
   local java21
   java21=$(java_at_least 21) || die "Apicurio Registry $APICURIO_VERSION needs Java 21+; none found (set PARLEY_JAVA21=/path/to/java)"
   log "starting Apicurio Registry $APICURIO_VERSION on 127.0.0.1:$REGISTRY_PORT"
@@ -65,12 +71,11 @@ start_registry() {
     -Dquarkus.datasource.jdbc.url="jdbc:h2:file:$PARLEY_RUN/registry-data/registry" \
     -Dapicurio.ccompat.legacy-id-mode.enabled=true \
     -jar "$PARLEY_CACHE/apicurio-$APICURIO_VERSION/quarkus-run.jar" >"$PARLEY_RUN/logs/registry.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 start_cassandra() {
   local pidf="$PARLEY_RUN/pids/cassandra.pid" data="$PARLEY_RUN/cassandra-data" conf="$PARLEY_RUN/cassandra.yaml"
-  pid_alive "$pidf" && return
   mkdir -p "$data"
   sed -e "s|@DATA@|$data|g" -e "s|@STORAGE_PORT@|$CASSANDRA_STORAGE_PORT|g" -e "s|@CQL_PORT@|$CQL_PORT|g" \
     "$REPO_ROOT/infra/cassandra/cassandra.yaml.template" >"$conf"
@@ -84,66 +89,77 @@ start_cassandra() {
     -Dcassandra.jmx.local.port="$CASSANDRA_JMX_PORT" -Dcassandra.skip_wait_for_gossip_to_settle=0 -Dcassandra.ring_delay_ms=100 \
     -cp "$PARLEY_CACHE/cassandra-$CASSANDRA_VERSION/libs/*" org.apache.cassandra.service.CassandraDaemon \
     >"$PARLEY_RUN/logs/cassandra.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 start_llm() {
   local pidf="$PARLEY_RUN/pids/llm.pid"
-  pid_alive "$pidf" && return
   log "starting llama.cpp (SmolLM2-135M-Instruct) on 127.0.0.1:$LLM_PORT"
   nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$LLM_PORT" \
     >"$PARLEY_RUN/logs/llm.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 start_milvus() {
   local pidf="$PARLEY_RUN/pids/milvus.pid"
-  pid_alive "$pidf" && return
   log "starting Milvus Lite $MILVUS_LITE_VERSION on 127.0.0.1:$MILVUS_PORT"
   nohup "$VENV/bin/milvus-lite" server --data-dir "$PARLEY_RUN/milvus-data" --host 127.0.0.1 --port "$MILVUS_PORT" \
     >"$PARLEY_RUN/logs/milvus.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 start_jaeger() {
   local pidf="$PARLEY_RUN/pids/jaeger.pid" conf="$PARLEY_RUN/jaeger.yaml"
-  pid_alive "$pidf" && return
   sed -e "s|@OTLP_PORT@|$JAEGER_OTLP_PORT|g" -e "s|@QUERY_PORT@|$JAEGER_QUERY_PORT|g" \
     -e "s|@QUERY_GRPC_PORT@|$JAEGER_QUERY_GRPC_PORT|g" -e "s|@HEALTH_PORT@|$JAEGER_HEALTH_PORT|g" \
     "$REPO_ROOT/infra/jaeger/config.yaml.template" >"$conf"
   log "starting Jaeger (OTLP in on 127.0.0.1:$JAEGER_OTLP_PORT, query API on 127.0.0.1:$JAEGER_QUERY_PORT)"
   nohup "$JAEGER_BIN" --config "$conf" >"$PARLEY_RUN/logs/jaeger.log" 2>&1 &
-  echo $! >"$pidf"
+  record_pid $! "$pidf"
 }
 
 stop_one() {
   local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
   if pid_alive "$pidf"; then
-    local pid; pid=$(cat "$pidf")
+    local pid; pid=$(pid_of "$pidf")
     log "stopping $name (pid $pid)"
-    kill "$pid"
+    # CONT first: a stopped process would hold a TERM until it is resumed.
+    kill -CONT "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
   fi
   rm -f "$pidf"
 }
 
+SERVICES=(kafka registry cassandra llm milvus jaeger)
+declare -A STARTUP_SECONDS=([kafka]=120 [registry]=120 [cassandra]=180 [llm]=60 [milvus]=60 [jaeger]=30)
+
+# ensure NAME: keeps a running NAME that answers its probe, or one still inside its start-up
+# time; restarts one that has been up longer without answering; starts a missing one.
+ensure() {
+  local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
+  if pid_alive "$pidf"; then
+    "${name}_healthy" && return
+    local pid; pid=$(pid_of "$pidf")
+    (($(ps -o etimes= -p "$pid") < STARTUP_SECONDS[$name])) && return
+    log "$name (pid $pid) is running but does not answer; restarting it"
+    stop_one "$name"
+  fi
+  "start_$name"
+}
+
 case "${1:-}" in
   start)
-    start_kafka; start_registry; start_cassandra; start_llm; start_milvus; start_jaeger
-    wait_for jaeger 30 jaeger_healthy
-    wait_for llm 60 llm_healthy
-    wait_for milvus 60 milvus_healthy
-    wait_for cassandra 180 cql_healthy
-    wait_for registry 120 registry_healthy
-    wait_for kafka 120 kafka_healthy
+    for s in "${SERVICES[@]}"; do ensure "$s"; done
+    for s in "${SERVICES[@]}"; do wait_for "$s" "${STARTUP_SECONDS[$s]}" "${s}_healthy"; done
     log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $PARLEY_JAEGER_QUERY_URL"
     ;;
   stop)
-    stop_one jaeger; stop_one milvus; stop_one llm; stop_one cassandra; stop_one registry; stop_one kafka ;;
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[i]}"; done ;;
   status)
-    for s in kafka registry cassandra llm milvus jaeger; do
-      if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(cat "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
+    for s in "${SERVICES[@]}"; do
+      if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(pid_of "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
     done ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -10,12 +10,14 @@ cd "$REPO_ROOT"
 # A full disk shows up as brokers timing out, not as an error of its own: say so first.
 free_gib=$(df -Pk "$PARLEY_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
 ((free_gib >= 8)) || log "warning: only ${free_gib} GiB free under $PARLEY_CACHE; the build and the stack need about 8"
-if ! "$REPO_ROOT/infra/stack.sh" status | grep -q "stopped"; then
-  log "reusing the running local stack"
-else
-  "$REPO_ROOT/infra/stack.sh" start
+# A stack that was fully up before stays up afterwards; `start` still probes every service
+# and restarts any that is up but does not answer, so a wedged leftover never fails the run.
+if "$REPO_ROOT/infra/stack.sh" status | grep -q "stopped"; then
   trap '"$REPO_ROOT/infra/stack.sh" stop' EXIT
+else
+  log "reusing the running local stack after probing it"
 fi
+"$REPO_ROOT/infra/stack.sh" start
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
