@@ -1,7 +1,9 @@
 //! Pipeline overhead: time from sending a query on the WebSocket to receiving its answer,
 //! minus the LLM call's own time (`llm_latency_ms` in the answer), against the raw limit
 //! measured in the same run: two bare Kafka hops (produce → consume with rdkafka, no
-//! processing), since a turn crosses the log twice (query in, answer out).
+//! processing), since a turn crosses the log twice (query in, answer out); and against the
+//! naive reference design (benches/reference/naive_chat.py: one Python process with a
+//! WebSocket server and a Kafka client, JSON, no transactions) driven by the same client.
 //!
 //! Needs the local stack (infra/stack.sh start; PARLEY_* variables as infra/lib.sh sets).
 //! Run: `infra/bench.sh pipeline_latency` (or `cargo bench --bench pipeline_latency`).
@@ -64,18 +66,18 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize) -> Vec<f64> {
     samples
 }
 
-#[tokio::main]
-async fn main() {
-    let stack = support::stack()
-        .expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
-    let turns: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let pipeline = support::Pipeline::start(&stack, &["--llm-max-tokens", "16"]).await;
-    let mut client = pipeline.client().await;
+/// Per-turn timings (ms) of sequential turns on one socket.
+#[derive(Default)]
+struct Turns {
+    ack: Vec<f64>,
+    total: Vec<f64>,
+    llm: Vec<f64>,
+    overhead: Vec<f64>,
+}
 
-    let mut ack_ms = Vec::new();
-    let mut total_ms = Vec::new();
-    let mut llm_ms = Vec::new();
-    let mut overhead_ms = Vec::new();
+/// `turns` sequential question → answer turns (after 5 warm-up turns), timed at the client.
+async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
+    let mut timings = Turns::default();
     let mut conversation: Option<String> = None;
     for i in 0..turns + 5 {
         let started = Instant::now();
@@ -96,25 +98,83 @@ async fn main() {
             continue; // warm-up
         }
         let llm = answer["llm_latency_ms"].as_f64().unwrap();
-        ack_ms.push(acked.unwrap().as_secs_f64() * 1000.0);
-        total_ms.push(total);
-        llm_ms.push(llm);
-        overhead_ms.push(total - llm);
+        timings.ack.push(acked.unwrap().as_secs_f64() * 1000.0);
+        timings.total.push(total);
+        timings.llm.push(llm);
+        timings.overhead.push(total - llm);
     }
+    timings
+}
+
+/// The naive reference design (benches/reference/naive_chat.py) on its own topics.
+async fn run_reference(pipeline: &support::Pipeline, stack: &support::Stack, turns: usize) -> Turns {
+    let python = std::env::var("PARLEY_PYTHON").expect("PARLEY_PYTHON: the venv's python (infra/bench.sh sets it)");
+    let port = support::free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/reference/naive_chat.py");
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}naive.log", pipeline.prefix))).unwrap();
+    let mut reference = std::process::Command::new(python)
+        .arg(script)
+        .args(["--port", &port.to_string(), "--brokers", &stack.brokers, "--llm", &stack.llm])
+        .args(["--topic-prefix", &pipeline.prefix, "--max-tokens", "16"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "the naive reference did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut client = pipeline.connect(&format!("http://127.0.0.1:{port}"), "naive").await;
+    let timings = run_turns(&mut client, turns).await;
+    let _ = reference.kill();
+    let _ = reference.wait();
+    timings
+}
+
+#[tokio::main]
+async fn main() {
+    let stack = support::stack()
+        .expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
+    let turns: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    // The pipeline alone (no retrieval, no embedder), as the reference design does the job.
+    let pipeline = support::Pipeline::start(&stack, &["--llm-max-tokens", "16", "--without-retrieval"]).await;
+    let parley = run_turns(&mut pipeline.client().await, turns).await;
     let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns).await;
+    let naive = run_reference(&pipeline, &stack, turns).await;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let naive_topics = [format!("{}naive-queries", pipeline.prefix), format!("{}naive-answers", pipeline.prefix)];
+    let naive_topics: Vec<&str> = naive_topics.iter().map(String::as_str).collect();
+    admin.delete_topics(&naive_topics, &AdminOptions::new()).await.unwrap();
     pipeline.stop().await;
+    // The default configuration: each question is embedded and searched in Milvus before
+    // the LLM call, and the embedder indexes every message beside it.
+    let with_retrieval = support::Pipeline::start(&stack, &["--llm-max-tokens", "16"]).await;
+    let rag = run_turns(&mut with_retrieval.client().await, turns).await;
+    with_retrieval.stop().await;
 
     println!("| measure (ms) | n | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
-    summary("query sent → ack (event durable)", ack_ms);
-    summary("query sent → final answer", total_ms);
-    summary("LLM call (llm_latency_ms)", llm_ms);
-    let (overhead_p50, overhead_p99) = summary("pipeline overhead (answer − LLM)", overhead_ms);
+    summary("Parley: query sent → ack (event durable)", parley.ack);
+    summary("Parley: query sent → final answer", parley.total);
+    summary("Parley: LLM call (llm_latency_ms)", parley.llm);
+    let (overhead_p50, overhead_p99) = summary("Parley: pipeline overhead (answer − LLM)", parley.overhead);
     let (raw_p50, raw_p99) = summary("raw rdkafka hop (produce → consume)", raw);
+    summary("naive Python reference: query sent → ack", naive.ack);
+    summary("naive Python reference: LLM call", naive.llm);
+    let (naive_p50, naive_p99) = summary("naive Python reference: overhead (answer − LLM)", naive.overhead);
+    summary("Parley with retrieval: LLM call", rag.llm);
+    summary("Parley with retrieval: overhead (answer − LLM)", rag.overhead);
     println!();
     println!(
         "overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",
         overhead_p50 / (2.0 * raw_p50),
         overhead_p99 / (2.0 * raw_p99)
+    );
+    println!(
+        "Parley overhead / naive reference overhead: p50 {:.2}, p99 {:.2}",
+        overhead_p50 / naive_p50,
+        overhead_p99 / naive_p99
     );
 }

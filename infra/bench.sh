@@ -6,4 +6,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 "$REPO_ROOT/infra/install.sh"
 "$REPO_ROOT/infra/stack.sh" start
+# The naive Python reference design the latency benchmark compares with.
+"$VENV/bin/python" -c 'import confluent_kafka, websockets, openai' 2>/dev/null \
+  || "$VENV/bin/pip" install -q confluent-kafka websockets openai
+export PARLEY_PYTHON="$VENV/bin/python"
 exec cargo bench --locked --bench "${1:?usage: infra/bench.sh <bench name>}"

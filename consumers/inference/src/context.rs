@@ -13,7 +13,10 @@ use tokio::sync::Mutex;
 use tracing::warn;
 use uuid::Uuid;
 
-const POLL: Duration = Duration::from_millis(50);
+/// The projection usually trails the answer the client saw by a millisecond or two, so the
+/// first re-reads come quickly; the pause doubles up to a cap to keep CQL load bounded.
+const FIRST_PAUSE: Duration = Duration::from_millis(2);
+const MAX_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub struct ContextSource {
@@ -41,10 +44,14 @@ impl ContextSource {
         }
         let Ok(id) = query.envelope.conversation_id.parse::<Uuid>() else { return Ok(vec![]) };
         let deadline = Instant::now() + self.wait;
+        let mut pause = FIRST_PAUSE;
         loop {
             match self.projected_history(id, sequence).await {
                 Ok(Some(messages)) => return Ok(messages),
-                Ok(None) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
                 Ok(None) => {
                     warn!(%id, sequence, wait = ?self.wait, "projection behind; reading the history from the log");
                     break;

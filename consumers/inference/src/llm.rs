@@ -230,7 +230,37 @@ fn classify(error: OpenAIError) -> LlmError {
         }
         OpenAIError::Reqwest(e) => LlmError::Unavailable(e.to_string()),
         OpenAIError::ApiError(e) => LlmError::Rejected(e.to_string()),
-        OpenAIError::JSONDeserialize(e, _) => LlmError::InvalidResponse(e.to_string()),
+        OpenAIError::JSONDeserialize(e, body) => {
+            api_error_in(&body).unwrap_or(LlmError::InvalidResponse(e.to_string()))
+        }
         other => LlmError::Unavailable(other.to_string()),
+    }
+}
+
+/// An error object the client could not parse as OpenAI's (llama.cpp sends a numeric
+/// `code`): a 4xx other than 429 is a rejection (not retried), anything else unavailability.
+fn api_error_in(body: &str) -> Option<LlmError> {
+    let error = serde_json::from_str::<serde_json::Value>(body).ok()?.get("error")?.clone();
+    let message = error.get("message")?.as_str()?.to_owned();
+    let code = error.get("code").and_then(|c| c.as_u64().or_else(|| c.as_str()?.parse().ok()));
+    Some(match code {
+        Some(code) if (400..500).contains(&code) && code != 429 => LlmError::Rejected(message),
+        _ => LlmError::Unavailable(message),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_the_client_cannot_parse_are_still_classified() {
+        let overflow = r#"{"error":{"code":400,"message":"request (2056 tokens) exceeds the available context size (2048 tokens), try increasing it","type":"exceed_context_size_error"}}"#;
+        let error = api_error_in(overflow).unwrap();
+        assert!(!error.is_retryable(), "the same prompt overflows again");
+        assert!(error.to_string().contains("exceeds the available context size"), "{error}");
+        assert!(api_error_in(r#"{"error":{"code":"503","message":"loading model"}}"#).unwrap().is_retryable());
+        assert!(api_error_in(r#"{"error":{"code":429,"message":"slow down"}}"#).unwrap().is_retryable());
+        assert!(api_error_in("not json").is_none());
     }
 }

@@ -33,10 +33,12 @@ pub struct Prompt {
     pub retrieved: Vec<RetrievedContext>,
 }
 
-/// A cheap, model-independent token estimate (about four characters a token for English),
-/// used only to stay within the budget; the model's own count is in the response usage.
+/// A cheap, model-independent token estimate, used only to stay within the budget; the
+/// model's own count is in the response usage. Three characters a token, not GPT's four:
+/// small models split English finer (SmolLM2 made 19 tokens of 68 characters), and at four
+/// a 1,536-token budget became a 2,056-token prompt that overflowed a 2,048-token context.
 pub fn estimate_tokens(text: &str) -> usize {
-    text.chars().count().div_ceil(4) + 4 // + per-message overhead of the chat template
+    text.chars().count().div_ceil(3) + 6 // + per-message overhead of the chat template
 }
 
 /// The prompt for `query`: the system prompt with the retrieved hits that fit their share
