@@ -79,7 +79,14 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
     let trace_id = records[0]["trace_id"].as_str().unwrap().to_owned();
     assert!(records.iter().all(|r| r["trace_id"] == trace_id.as_str()), "one turn, one trace: {records:#?}");
 
-    let wanted = ["gateway.query", "inference.answer", "inference.context", "inference.llm", "inference.llm_attempt"];
+    let wanted = [
+        "gateway.query",
+        "inference.answer",
+        "inference.context",
+        "inference.llm",
+        "inference.llm_attempt",
+        "eventlog.transaction",
+    ];
     let spans = trace_until(&stack.jaeger, &trace_id, |spans| {
         wanted.iter().all(|w| spans.iter().any(|s| s.operation == *w))
             && spans.iter().filter(|s| s.operation == "projection.apply").count() >= records.len()
@@ -91,6 +98,7 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
     assert_eq!(answer.parent.as_ref(), Some(&gateway.span_id), "inference continues the query's span");
     assert_eq!(llm.parent.as_ref(), Some(&answer.span_id));
     assert_eq!(one("inference.llm_attempt").parent.as_ref(), Some(&llm.span_id));
+    assert_eq!(one("eventlog.transaction").parent.as_ref(), Some(&answer.span_id), "the answer's commit");
     let projected: Vec<_> = spans.iter().filter(|s| s.operation == "projection.apply").collect();
     assert!(projected.iter().any(|s| s.parent.as_ref() == Some(&gateway.span_id)), "the query, projected");
     assert!(projected.iter().any(|s| s.parent.as_ref() == Some(&answer.span_id)), "the answer, projected");

@@ -4,8 +4,9 @@
 //! batch; read_committed readers never see the output of an aborted attempt.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
@@ -13,12 +14,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info_span, warn};
 
 use crate::error::EventLogError;
 use crate::producer::idempotent_config;
 use crate::settings::KafkaSettings;
-use crate::trace::TRACEPARENT_HEADER;
+use crate::trace::{TRACEPARENT_HEADER, continue_trace, link_trace};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -151,6 +153,9 @@ impl TransactionalProducer {
             // Transactional requests answered CONCURRENT_TRANSACTIONS (the previous commit's
             // markers are still being written) are retried after this backoff; 100 ms default.
             .set("retry.backoff.ms", "10")
+            // A transaction's records are enqueued together and flushed by the commit, so
+            // lingering for more would only delay them.
+            .set("linger.ms", "0")
             .create()?;
         tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))?;
         Ok(Self { producer })
@@ -169,7 +174,8 @@ impl TransactionalProducer {
             return Ok(());
         }
         let done = std::mem::take(uncommitted);
-        if let Err(error) = self.transact(consumer, &done.next, outgoing).await {
+        let span = transaction_span(&outgoing, done.next.len());
+        if let Err(error) = self.transact(consumer, &done.next, outgoing).instrument(span).await {
             warn!(%error, "transaction failed; aborting and re-processing");
             tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
             for ((topic, partition), offset) in done.first {
@@ -185,24 +191,52 @@ impl TransactionalProducer {
         next_offsets: &HashMap<(String, i32), i64>,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), EventLogError> {
+        let started = Instant::now();
         self.producer.begin_transaction()?;
-        for record in &outgoing {
+        // All records in flight at once (one round trip, not one per record), in order per
+        // partition as the idempotent producer keeps them.
+        let deliveries = outgoing.iter().map(|record| {
             let headers = record.traceparent.as_deref().map_or_else(OwnedHeaders::new, |tp| {
                 OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(tp) })
             });
             let future_record =
                 FutureRecord::to(&record.topic).key(&record.key).payload(&record.payload).headers(headers);
-            self.producer.send(future_record, KAFKA_TIMEOUT).await.map_err(|(error, _)| error)?;
+            self.producer.send(future_record, KAFKA_TIMEOUT)
+        });
+        for delivery in join_all(deliveries).await {
+            delivery.map_err(|(error, _)| error)?;
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), offset) in next_offsets {
             offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
         let group = consumer.group_metadata().ok_or(EventLogError::NoGroupMetadata)?;
-        tokio::task::block_in_place(|| {
-            self.producer.send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
-            self.producer.commit_transaction(KAFKA_TIMEOUT)
-        })?;
+        let span = Span::current();
+        span.record("append_ms", millis(started.elapsed()));
+        let offsets_started = Instant::now();
+        tokio::task::block_in_place(|| self.producer.send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT))?;
+        span.record("offsets_ms", millis(offsets_started.elapsed()));
+        let commit_started = Instant::now();
+        tokio::task::block_in_place(|| self.producer.commit_transaction(KAFKA_TIMEOUT))?;
+        span.record("commit_ms", millis(commit_started.elapsed()));
         Ok(())
     }
+}
+
+/// The span of one transaction, with the time of each phase (appends, offsets, commit) as
+/// fields. It continues the trace of the first record it appends (so a one-turn batch
+/// shows up inside that turn's trace) and links the traces of the others.
+fn transaction_span(outgoing: &[Outgoing], partitions: usize) -> Span {
+    let span = info_span!(parent: None, "eventlog.transaction", records = outgoing.len(), partitions,
+        append_ms = Empty, offsets_ms = Empty, commit_ms = Empty);
+    let mut traceparents = outgoing.iter().filter_map(|record| record.traceparent.as_deref());
+    continue_trace(&span, traceparents.next());
+    for traceparent in traceparents {
+        link_trace(&span, Some(traceparent));
+    }
+    span
+}
+
+fn millis(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1000.0
 }
