@@ -4,6 +4,7 @@
 //! processing), since a turn crosses the log twice (query in, answer out); and against the
 //! naive reference design (benches/reference/naive_chat.py: one Python process with a
 //! WebSocket server and a Kafka client, JSON, no transactions) driven by the same client.
+//! Then it splits Parley's overhead into its parts, from the turns' spans in Jaeger.
 //!
 //! Needs the local stack (infra/stack.sh start; PARLEY_* variables as infra/lib.sh sets).
 //! Run: `infra/bench.sh pipeline_latency` (or `cargo bench --bench pipeline_latency`).
@@ -69,17 +70,21 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize) -> Vec<f64> {
 /// Per-turn timings (ms) of sequential turns on one socket.
 #[derive(Default)]
 struct Turns {
+    conversation: Option<String>,
     ack: Vec<f64>,
     total: Vec<f64>,
     llm: Vec<f64>,
     overhead: Vec<f64>,
 }
 
-/// `turns` sequential question → answer turns (after 5 warm-up turns), timed at the client.
+/// Turns run first and left out of every measure (connections, group joins, caches).
+const WARM_UP: usize = 5;
+
+/// `turns` sequential question → answer turns (after the warm-up turns), timed at the client.
 async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
     let mut timings = Turns::default();
     let mut conversation: Option<String> = None;
-    for i in 0..turns + 5 {
+    for i in 0..turns + WARM_UP {
         let started = Instant::now();
         client.ask(&format!("bench-{i}"), conversation.as_deref(), "Say one word.").await;
         let mut acked = None;
@@ -94,8 +99,8 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
         };
         let total = started.elapsed().as_secs_f64() * 1000.0;
         conversation = answer["conversation_id"].as_str().map(str::to_owned);
-        if i < 5 {
-            continue; // warm-up
+        if i < WARM_UP {
+            continue;
         }
         let llm = answer["llm_latency_ms"].as_f64().unwrap();
         timings.ack.push(acked.unwrap().as_secs_f64() * 1000.0);
@@ -103,7 +108,76 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
         timings.llm.push(llm);
         timings.overhead.push(total - llm);
     }
+    timings.conversation = conversation;
     timings
+}
+
+/// Where the overhead goes, from the turns' spans in Jaeger: per part, the milliseconds of
+/// each turn (parts missing from a trace are left out).
+async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(&'static str, Vec<f64>)> {
+    let url = format!("{}/api/traces", jaeger.trim_end_matches('/'));
+    let tags = serde_json::json!({ "conversation_id": conversation }).to_string();
+    let limit = (turns + WARM_UP).to_string();
+    let query = [("service", "parley"), ("operation", "gateway.query"), ("tags", &tags), ("limit", &limit)];
+    // Spans arrive in Jaeger in batches: wait until every turn's transaction is there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let traces = loop {
+        let found: serde_json::Value =
+            reqwest::Client::new().get(&url).query(&query).send().await.unwrap().json().await.unwrap();
+        let traces = found["data"].as_array().cloned().unwrap_or_default();
+        let complete = traces.iter().filter(|t| span_of(t, "eventlog.transaction").is_some()).count();
+        if complete >= turns + WARM_UP || Instant::now() > deadline {
+            break traces;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut parts: Vec<(&'static str, Vec<f64>)> = [
+        "gateway.query: validate, append the query, acks=all",
+        "query hop to the inference consumer",
+        "inference.context: earlier turns from the projection",
+        "inference.retrieve: embed the question, search Milvus",
+        "eventlog.transaction: begin + append the answer",
+        "… send_offsets_to_transaction",
+        "… commit_transaction",
+    ]
+    .into_iter()
+    .map(|name| (name, vec![]))
+    .collect();
+    let started = |trace: &serde_json::Value| span_of(trace, "gateway.query").and_then(|s| s["startTime"].as_i64());
+    let mut traces = traces;
+    traces.sort_by_key(|trace| started(trace));
+    for trace in traces.iter().skip(WARM_UP) {
+        let (Some(query), Some(answer), Some(transaction)) = (
+            span_of(trace, "gateway.query"),
+            span_of(trace, "inference.answer"),
+            span_of(trace, "eventlog.transaction"),
+        ) else {
+            continue;
+        };
+        let micros = |span: &serde_json::Value, field: &str| span[field].as_f64().unwrap();
+        let field = |span: &serde_json::Value, key: &str| {
+            span["tags"].as_array().unwrap().iter().find(|t| t["key"] == key).and_then(|t| t["value"].as_f64())
+        };
+        let query_end = micros(query, "startTime") + micros(query, "duration");
+        let values = [
+            Some(micros(query, "duration") / 1000.0),
+            Some((micros(answer, "startTime") - query_end) / 1000.0),
+            span_of(trace, "inference.context").map(|s| micros(s, "duration") / 1000.0),
+            span_of(trace, "inference.retrieve").map(|s| micros(s, "duration") / 1000.0),
+            field(transaction, "append_ms"),
+            field(transaction, "offsets_ms"),
+            field(transaction, "commit_ms"),
+        ];
+        for ((_, samples), value) in parts.iter_mut().zip(values) {
+            samples.extend(value);
+        }
+    }
+    parts.retain(|(_, samples)| !samples.is_empty());
+    parts
+}
+
+fn span_of<'a>(trace: &'a serde_json::Value, operation: &str) -> Option<&'a serde_json::Value> {
+    trace["spans"].as_array()?.iter().find(|span| span["operationName"] == operation)
 }
 
 /// The naive reference design (benches/reference/naive_chat.py) on its own topics.
@@ -140,6 +214,7 @@ async fn main() {
     // The pipeline alone (no retrieval, no embedder), as the reference design does the job.
     let pipeline = support::Pipeline::start(&stack, &["--llm-max-tokens", "16", "--without-retrieval"]).await;
     let parley = run_turns(&mut pipeline.client().await, turns).await;
+    let parley_parts = span_breakdown(&stack.jaeger, parley.conversation.as_deref().unwrap(), turns).await;
     let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns).await;
     let naive = run_reference(&pipeline, &stack, turns).await;
     let admin: AdminClient<DefaultClientContext> =
@@ -152,6 +227,7 @@ async fn main() {
     // the LLM call, and the embedder indexes every message beside it.
     let with_retrieval = support::Pipeline::start(&stack, &["--llm-max-tokens", "16"]).await;
     let rag = run_turns(&mut with_retrieval.client().await, turns).await;
+    let rag_parts = span_breakdown(&stack.jaeger, rag.conversation.as_deref().unwrap(), turns).await;
     with_retrieval.stop().await;
 
     println!("| measure (ms) | n | p50 | p99 | max |");
@@ -177,4 +253,13 @@ async fn main() {
         overhead_p50 / naive_p50,
         overhead_p99 / naive_p99
     );
+    for (title, parts) in [("Parley", parley_parts), ("Parley with retrieval", rag_parts)] {
+        println!();
+        println!("{title}, parts of a turn from its spans in Jaeger:");
+        println!("| part (ms) | n | p50 | p99 | max |");
+        println!("|---|---|---|---|---|");
+        for (name, samples) in parts {
+            summary(name, samples);
+        }
+    }
 }
