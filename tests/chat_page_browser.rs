@@ -1,0 +1,199 @@
+//! The bundled chat page in a real browser: Debian's Chromium, headless, driven over
+//! WebDriver by chromedriver. A person types a question and presses Enter, watches the
+//! answer stream in, reloads the page, finds the conversation again (served by the
+//! projection) and goes on with it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::key::Key;
+use fantoccini::{ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use support::{ANSWER_TIMEOUT, Pipeline, free_port, stack};
+
+/// Chromium's flags for a closed network: without the background-networking ones it keeps
+/// trying to reach Google's hosts.
+const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
+/// chromedriver plus one browser session with its own empty profile.
+struct Browser {
+    driver: Child,
+    client: fantoccini::Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// None (test skipped) when no browser is configured, unless the stack is required.
+    async fn start() -> Option<Browser> {
+        let (chromium, chromedriver) = match (std::env::var("PARLEY_CHROMIUM"), std::env::var("PARLEY_CHROMEDRIVER")) {
+            (Ok(chromium), Ok(chromedriver)) => (chromium, chromedriver),
+            _ if std::env::var("PARLEY_REQUIRE_STACK").as_deref() == Ok("1") => {
+                panic!("PARLEY_REQUIRE_STACK=1 but PARLEY_CHROMIUM/PARLEY_CHROMEDRIVER are not set")
+            }
+            _ => {
+                eprintln!("skipped: no browser configured (run infra/test.sh)");
+                return None;
+            }
+        };
+        let port = free_port();
+        let driver = Command::new(&chromedriver)
+            .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".to_owned()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {chromedriver}: {e}"));
+        let profile = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|flag| (*flag).to_owned()).collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        let capabilities = json!({ "goog:chromeOptions": { "binary": chromium, "args": args } });
+        let capabilities = capabilities.as_object().unwrap().clone();
+        let webdriver = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(capabilities);
+        // chromedriver takes a moment to listen; the session then starts the browser.
+        let client = loop {
+            match builder.connect(&webdriver).await {
+                Ok(client) => break client,
+                Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("no WebDriver session from {chromedriver} with {chromium}: {e}"),
+            }
+        };
+        Some(Browser { driver, client, _profile: profile })
+    }
+
+    async fn script(&self, body: &str) -> Value {
+        self.client.execute(body, vec![]).await.unwrap()
+    }
+
+    /// Polls a script until it returns something other than null or false.
+    async fn until(&self, what: &str, body: &str) -> Value {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let value = self.script(body).await;
+            if !(value.is_null() || value == Value::Bool(false)) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn until_connected(&self) {
+        let connected = "return document.getElementById('status').textContent === 'connected'";
+        self.until("the page's WebSocket", connected).await;
+    }
+
+    /// Every bubble on the page: its class, its text and its meta line.
+    async fn bubbles(&self) -> Vec<(String, String, String)> {
+        let bubbles = self
+            .script(
+                "return [...document.querySelectorAll('#log .msg')].map(b => [b.className, \
+                 b.firstChild ? b.firstChild.textContent : '', b.querySelector('.meta')?.textContent ?? ''])",
+            )
+            .await;
+        serde_json::from_value(bubbles).unwrap()
+    }
+
+    /// Ends the session (and with it the browser); dropping stops chromedriver.
+    async fn stop(self) {
+        self.client.clone().close().await.unwrap();
+    }
+}
+
+/// A failed assertion must not leave chromedriver running.
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Types into the page's box and presses Enter, as a person would.
+async fn type_question(browser: &Browser, text: &str) {
+    let input = browser.client.find(Locator::Id("input")).await.unwrap();
+    input.send_keys(&format!("{text}{}", char::from(Key::Enter))).await.unwrap();
+}
+
+/// Waits until the page shows the answer's meta line under the `nth` bot bubble.
+async fn until_answered(browser: &Browser, nth: usize) {
+    let answered = format!("return document.querySelectorAll('#log .msg.bot:not(.streaming) .meta').length > {nth}");
+    browser.until("the answer", &answered).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_chats_in_the_browser_reloads_and_goes_on() {
+    let Some(stack) = stack() else { return };
+    let Some(browser) = Browser::start().await else { return };
+    let pipeline = Pipeline::start(&stack, &["--llm-max-tokens", "24"]).await;
+
+    browser.client.goto(&format!("{}/", pipeline.http)).await.unwrap();
+    browser.until_connected().await;
+    // Records every text the answer bubble shows while it is still streaming.
+    browser
+        .script(
+            "window.streamed = []; new MutationObserver(() => { for (const b of document.querySelectorAll('.msg.bot.streaming')) \
+             window.streamed.push(b.textContent); }).observe(document.getElementById('log'), \
+             { subtree: true, childList: true, characterData: true }); return null",
+        )
+        .await;
+    type_question(&browser, "Name a primary color.").await;
+    until_answered(&browser, 0).await;
+
+    let shown = browser.bubbles().await;
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert_eq!(shown[0].0, "msg user");
+    assert_eq!(shown[0].1, "Name a primary color.");
+    let (class, answer, meta) = &shown[1];
+    assert_eq!(class, "msg bot");
+    assert!(!answer.trim().is_empty(), "{shown:?}");
+    assert!(meta.contains(" tokens · "), "the meta line names model, tokens and latency: {meta:?}");
+    // The answer arrived token by token: the bubble showed growing prefixes of it first.
+    let streamed: Vec<String> = serde_json::from_value(browser.script("return window.streamed").await).unwrap();
+    let mut partial: Vec<&String> = streamed.iter().filter(|text| !text.is_empty()).collect();
+    partial.dedup();
+    assert!(partial.len() >= 2, "the answer streamed in several steps: {streamed:?}");
+    for text in &partial {
+        assert!(answer.starts_with(text.as_str()), "{text:?} is a prefix of {answer:?}");
+    }
+
+    // The page's own session: what the query API holds is what the page showed.
+    let token = browser.script("return localStorage.getItem('parley.token')").await;
+    let conversation = browser.script("return localStorage.getItem('parley.conversation')").await;
+    let (token, conversation) = (token.as_str().unwrap().to_owned(), conversation.as_str().unwrap().to_owned());
+    let stored = pipeline.conversation_when(&token, &conversation, 2).await;
+    assert_eq!(stored["messages"][1]["text"], answer.as_str(), "{stored}");
+
+    // A reload rebuilds the page from the projection, and the conversation goes on.
+    browser.client.refresh().await.unwrap();
+    browser.until_connected().await;
+    let reloaded = browser.until("the history", "return document.querySelectorAll('#log .msg').length >= 2").await;
+    assert_eq!(reloaded, Value::Bool(true));
+    assert_eq!(browser.bubbles().await, shown, "the reloaded page shows the same conversation");
+    type_question(&browser, "And another one?").await;
+    until_answered(&browser, 1).await;
+    let stored = pipeline.conversation_when(&token, &conversation, 4).await;
+    let kinds: Vec<&str> = stored["messages"].as_array().unwrap().iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["user_query", "answer", "user_query", "answer"], "{stored}");
+    assert_eq!(browser.bubbles().await.len(), 4);
+
+    browser.stop().await;
+    pipeline.stop().await;
+}
