@@ -4,7 +4,9 @@
 //! processing), since a turn crosses the log twice (query in, answer out); and against the
 //! naive reference design (benches/reference/naive_chat.py: one Python process with a
 //! WebSocket server and a Kafka client, JSON, no transactions) driven by the same client.
-//! Then it splits Parley's overhead into its parts, from the turns' spans in Jaeger.
+//! The same for the first token a person sees: first `token` frame minus the LLM's own
+//! time to first token. Then it splits Parley's overhead into its parts, from the turns'
+//! spans in Jaeger.
 //!
 //! Needs the local stack (infra/stack.sh start; PARLEY_* variables as infra/lib.sh sets).
 //! Run: `infra/bench.sh pipeline_latency` (or `cargo bench --bench pipeline_latency`).
@@ -75,6 +77,10 @@ struct Turns {
     total: Vec<f64>,
     llm: Vec<f64>,
     overhead: Vec<f64>,
+    /// Query sent → first `token` frame, and that minus the LLM's own time to first token
+    /// (only a server that streams tokens has them).
+    first_token: Vec<f64>,
+    first_token_overhead: Vec<f64>,
 }
 
 /// Turns run first and left out of every measure (connections, group joins, caches).
@@ -87,11 +93,12 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
     for i in 0..turns + WARM_UP {
         let started = Instant::now();
         client.ask(&format!("bench-{i}"), conversation.as_deref(), "Say one word.").await;
-        let mut acked = None;
+        let (mut acked, mut first_token) = (None, None);
         let answer = loop {
             let frame = client.next_frame().await;
             match frame["type"].as_str() {
                 Some("ack") => acked = Some(started.elapsed()),
+                Some("token") => first_token = first_token.or(Some(started.elapsed())),
                 Some("answer") => break frame,
                 Some("failed" | "error") => panic!("turn {i} failed: {frame}"),
                 _ => {}
@@ -107,6 +114,11 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
         timings.total.push(total);
         timings.llm.push(llm);
         timings.overhead.push(total - llm);
+        if let (Some(first_token), Some(llm_first_token)) = (first_token, answer["time_to_first_token_ms"].as_f64()) {
+            let first_token = first_token.as_secs_f64() * 1000.0;
+            timings.first_token.push(first_token);
+            timings.first_token_overhead.push(first_token - llm_first_token);
+        }
     }
     timings.conversation = conversation;
     timings
@@ -236,17 +248,26 @@ async fn main() {
     summary("Parley: query sent → final answer", parley.total);
     summary("Parley: LLM call (llm_latency_ms)", parley.llm);
     let (overhead_p50, overhead_p99) = summary("Parley: pipeline overhead (answer − LLM)", parley.overhead);
+    summary("Parley: query sent → first token", parley.first_token);
+    let (first_p50, first_p99) =
+        summary("Parley: first-token overhead (first token − LLM's first token)", parley.first_token_overhead);
     let (raw_p50, raw_p99) = summary("raw rdkafka hop (produce → consume)", raw);
     summary("naive Python reference: query sent → ack", naive.ack);
     summary("naive Python reference: LLM call", naive.llm);
     let (naive_p50, naive_p99) = summary("naive Python reference: overhead (answer − LLM)", naive.overhead);
     summary("Parley with retrieval: LLM call", rag.llm);
     summary("Parley with retrieval: overhead (answer − LLM)", rag.overhead);
+    summary("Parley with retrieval: first-token overhead", rag.first_token_overhead);
     println!();
     println!(
         "overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",
         overhead_p50 / (2.0 * raw_p50),
         overhead_p99 / (2.0 * raw_p99)
+    );
+    println!(
+        "first-token overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",
+        first_p50 / (2.0 * raw_p50),
+        first_p99 / (2.0 * raw_p99)
     );
     println!(
         "Parley overhead / naive reference overhead: p50 {:.2}, p99 {:.2}",

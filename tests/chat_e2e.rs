@@ -35,6 +35,8 @@ async fn a_question_gets_the_models_answer_pushed_back() {
     assert_eq!(answer["sequence"], 3);
     assert!(!answer["text"].as_str().unwrap().trim().is_empty(), "{answer}");
     assert!(answer["completion_tokens"].as_i64().unwrap() > 0, "{answer}");
+    let first_token = answer["time_to_first_token_ms"].as_i64().unwrap();
+    assert!((0..=answer["llm_latency_ms"].as_i64().unwrap()).contains(&first_token), "{answer}");
 
     // Deltas stream before the answer and spell (a prefix of) it; none comes after it.
     let tokens = only(&frames, "token");

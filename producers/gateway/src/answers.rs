@@ -114,6 +114,7 @@ pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
             prompt_tokens: e.prompt_tokens,
             completion_tokens: e.completion_tokens,
             llm_latency_ms: e.llm_latency_ms,
+            time_to_first_token_ms: e.time_to_first_token_ms,
             retrieved: e.retrieved.clone(),
         }),
         ConversationEvent::ResponseFailed(e) => Some(ServerFrame::Failed {

@@ -54,6 +54,8 @@ pub enum ServerFrame {
         prompt_tokens: i32,
         completion_tokens: i32,
         llm_latency_ms: i64,
+        /// From the (last) LLM call's start to its first generated text; none without text.
+        time_to_first_token_ms: Option<i64>,
         /// Chunks and earlier messages the prompt carried, best first.
         retrieved: Vec<RetrievedContext>,
     },
