@@ -12,7 +12,7 @@ use parley_events::ConversationEvent;
 use parley_retrieval::{SearchFilter, VectorStore};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{Pipeline, log_events, stack};
 
 /// The fact only the test's own document contains.
@@ -103,6 +103,13 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
     assert_eq!((used.source_kind.as_str(), used.source_id.as_str()), ("document", document_id));
     assert!(used.score > 0.3, "{used:?}");
     assert!(answer.retrieved.windows(2).all(|w| w[0].score >= w[1].score), "best first: {:?}", answer.retrieved);
+
+    // The query API keeps it with the answer, so a reloaded chat page still shows it.
+    let stored = pipeline.conversation_when(&alice_token, &conversation_id, 2).await;
+    let stored_ids: Vec<&Value> =
+        stored["messages"][1]["retrieved"].as_array().unwrap().iter().map(|r| &r["vector_id"]).collect();
+    let shown_ids: Vec<&Value> = shown.iter().map(|r| &r["vector_id"]).collect();
+    assert_eq!(stored_ids, shown_ids, "{stored}");
 
     // `parley audit` shows what the model saw.
     let audit = pipeline.cli(&["audit", &conversation_id]);

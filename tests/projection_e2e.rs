@@ -8,7 +8,9 @@ mod support;
 
 use std::time::Duration;
 
+use parley_events::RetrievedContext;
 use parley_events::conversation::ConversationState;
+use parley_projections::{CqlSettings, Store};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use support::{Pipeline, stack};
@@ -206,4 +208,52 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
     assert_eq!((answer["kind"].as_str(), answer["text"].as_str()), (Some("answer"), Some("old answer")), "{body}");
     assert_eq!(body["last_sequence"], 3);
     pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_created_by_an_older_version_gains_the_retrieved_column() {
+    let Some(stack) = stack() else { return };
+    let keyspace = format!("test_migrate_{}", uuid::Uuid::new_v4().simple());
+    // messages_g1 as versions before `retrieved` created it, with one answer in it.
+    let session = scylla::client::session_builder::SessionBuilder::new().known_node(&stack.cql).build().await.unwrap();
+    let conversation = uuid::Uuid::new_v4();
+    for cql in [
+        format!("CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+        format!(
+            "CREATE TABLE {keyspace}.messages_g1 (conversation_id uuid, sequence bigint, event_id text, kind text, \
+             text text, occurred_at bigint, query_event_id text, model text, prompt_tokens int, completion_tokens int, \
+             llm_latency_ms bigint, error_kind text, PRIMARY KEY ((conversation_id), sequence))"
+        ),
+        format!(
+            "INSERT INTO {keyspace}.messages_g1 (conversation_id, sequence, event_id, kind, text, occurred_at) \
+             VALUES ({conversation}, 3, 'e3', 'answer', 'old', 1)"
+        ),
+    ] {
+        session.query_unpaged(cql, ()).await.unwrap();
+    }
+
+    let settings = CqlSettings {
+        nodes: stack.cql.clone(),
+        keyspace: keyspace.clone(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+    };
+    let store = Store::connect(&settings).await.unwrap();
+    let generation = store.generation(1).await.unwrap();
+    let mut answer = store.messages(&generation, conversation).await.unwrap().remove(0);
+    assert_eq!((answer.text.as_str(), answer.retrieved.len()), ("old", 0), "an older row reads with nothing retrieved");
+    answer.sequence = 5;
+    answer.retrieved = vec![RetrievedContext {
+        vector_id: "v1".into(),
+        source_kind: "document".into(),
+        source_id: "d1".into(),
+        source_event_id: "e1".into(),
+        position: 2,
+        score: 0.75,
+    }];
+    store.insert_message(&generation, conversation, &answer).await.unwrap();
+    let stored = store.messages(&generation, conversation).await.unwrap();
+    assert_eq!(stored.last(), Some(&answer));
+    // Preparing the generation again (another process, a restart) leaves it as it is.
+    store.generation(1).await.unwrap();
+    support::drop_keyspace(&stack.cql, &keyspace).await;
 }

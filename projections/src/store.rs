@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use clap::Args;
+use parley_events::RetrievedContext;
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::turn::{ConversationHead, OpenQuery};
 use scylla::client::session::Session;
@@ -139,7 +140,16 @@ type MessageColumns = (
     Option<i32>,
     Option<i64>,
     Option<String>,
+    Option<Vec<RetrievedColumns>>,
 );
+
+/// One retrieved context of an answer: vector_id, source_kind, source_id, source_event_id,
+/// position, score.
+type RetrievedColumns = (String, String, String, String, i64, f32);
+
+/// Frozen, so an answer's list is one cell (a non-frozen empty list would be a tombstone
+/// on every insert).
+const RETRIEVED_TYPE: &str = "frozen<list<frozen<tuple<text, text, text, text, bigint, float>>>>";
 
 impl Store {
     /// Connects and makes sure the keyspace and the generations table exist.
@@ -261,7 +271,8 @@ impl Store {
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.messages_g{n} (conversation_id uuid, sequence bigint, event_id text, \
                  kind text, text text, occurred_at bigint, query_event_id text, model text, prompt_tokens int, \
-                 completion_tokens int, llm_latency_ms bigint, error_kind text, PRIMARY KEY ((conversation_id), sequence))"
+                 completion_tokens int, llm_latency_ms bigint, error_kind text, retrieved {RETRIEVED_TYPE}, \
+                 PRIMARY KEY ((conversation_id), sequence))"
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.event_locations_g{n} (conversation_id uuid, sequence bigint, \
@@ -275,7 +286,31 @@ impl Store {
         ] {
             self.ddl(&statement).await?;
         }
-        Ok(())
+        // Generations created before answers kept their retrieved context.
+        self.add_missing_column(&format!("messages_g{n}"), "retrieved", RETRIEVED_TYPE).await
+    }
+
+    /// Adds a column that a table created by an older version lacks (CREATE TABLE IF NOT
+    /// EXISTS leaves an existing table as it is). Rows written before have it null.
+    async fn add_missing_column(&self, table: &str, column: &str, cql_type: &str) -> Result<(), ProjectionError> {
+        if self.column_exists(table, column).await? {
+            return Ok(());
+        }
+        match self.ddl(&format!("ALTER TABLE {}.{table} ADD {column} {cql_type}", self.keyspace)).await {
+            // Another process may have added it in between.
+            Err(_) if self.column_exists(table, column).await? => Ok(()),
+            added => added,
+        }
+    }
+
+    async fn column_exists(&self, table: &str, column: &str) -> Result<bool, ProjectionError> {
+        const CQL: &str = "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?";
+        let result = self
+            .session
+            .query_unpaged(CQL, (&self.keyspace, table, column))
+            .await
+            .map_err(|e| ProjectionError::cql(CQL, e))?;
+        Ok(result.into_rows_result().map_err(|e| ProjectionError::cql(CQL, e))?.rows_num() > 0)
     }
 
     /// Prepares the statements of a generation, creating its tables if they do not exist
@@ -288,7 +323,7 @@ impl Store {
             async move { session.prepare(cql.as_str()).await.map_err(|e| ProjectionError::cql(&cql, e)) }
         };
         const MESSAGE_COLUMNS: &str = "sequence, event_id, kind, text, occurred_at, query_event_id, model, \
-                                       prompt_tokens, completion_tokens, llm_latency_ms, error_kind";
+                                       prompt_tokens, completion_tokens, llm_latency_ms, error_kind, retrieved";
         Ok(Generation {
             number: n,
             insert_conversation: prepare(format!(
@@ -305,7 +340,7 @@ impl Store {
                  WHERE conversation_id = ?"
             ))
             .await?,
-            insert_message: prepare(format!("INSERT INTO {ks}.messages_g{n} (conversation_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_message: prepare(format!("INSERT INTO {ks}.messages_g{n} (conversation_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             insert_location: prepare(format!(
                 "INSERT INTO {ks}.event_locations_g{n} (conversation_id, sequence, event_id, event_type, log_topic, \
                  log_partition, log_offset) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -395,6 +430,7 @@ impl Store {
             m.completion_tokens,
             m.llm_latency_ms,
             &m.error_kind,
+            m.retrieved.iter().map(retrieved_columns).collect::<Vec<_>>(),
         );
         self.exec(&g.insert_message, values).await
     }
@@ -478,6 +514,7 @@ impl Store {
                     completion_tokens,
                     llm_latency_ms,
                     error_kind,
+                    retrieved,
                 )| {
                     let kind = MessageKind::parse(&kind)
                         .ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
@@ -493,6 +530,7 @@ impl Store {
                         completion_tokens,
                         llm_latency_ms,
                         error_kind,
+                        retrieved: retrieved.unwrap_or_default().into_iter().map(retrieved_context).collect(),
                     })
                 },
             )
@@ -538,3 +576,13 @@ impl Store {
 
 /// The tables of one generation, without the `_g<N>` suffix.
 const TABLES: [&str; 5] = ["conversations", "conversations_by_user", "messages", "event_locations", "progress"];
+
+fn retrieved_columns(r: &RetrievedContext) -> RetrievedColumns {
+    (r.vector_id.clone(), r.source_kind.clone(), r.source_id.clone(), r.source_event_id.clone(), r.position, r.score)
+}
+
+fn retrieved_context(
+    (vector_id, source_kind, source_id, source_event_id, position, score): RetrievedColumns,
+) -> RetrievedContext {
+    RetrievedContext { vector_id, source_kind, source_id, source_event_id, position, score }
+}

@@ -2,7 +2,7 @@
 //! projection (which stores it) and by replay (which rebuilds it from the log), so the
 //! two cannot drift. Pure: no I/O.
 
-use crate::event::ConversationEvent;
+use crate::event::{ConversationEvent, RetrievedContext};
 use crate::turn::{Applied, ConversationHead};
 
 /// Who said a message, or that the model failed to.
@@ -29,7 +29,7 @@ impl MessageKind {
 }
 
 /// One turn half: what the user asked, or what came back.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Message {
     pub sequence: i64,
     pub event_id: String,
@@ -44,6 +44,8 @@ pub struct Message {
     pub completion_tokens: Option<i32>,
     pub llm_latency_ms: Option<i64>,
     pub error_kind: Option<String>,
+    /// For answers: the chunks and earlier messages the prompt carried, best first.
+    pub retrieved: Vec<RetrievedContext>,
 }
 
 /// The message an event adds to its conversation, if it adds one.
@@ -60,6 +62,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
         completion_tokens: None,
         llm_latency_ms: None,
         error_kind: None,
+        retrieved: Vec::new(),
     };
     match event {
         ConversationEvent::Started(_) => None,
@@ -70,6 +73,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
             prompt_tokens: Some(e.prompt_tokens),
             completion_tokens: Some(e.completion_tokens),
             llm_latency_ms: Some(e.llm_latency_ms),
+            retrieved: e.retrieved.clone(),
             ..base(&e.envelope, MessageKind::Answer, &e.text)
         }),
         ConversationEvent::ResponseFailed(e) => Some(Message {
@@ -81,7 +85,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
 }
 
 /// A conversation as its events describe it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConversationState {
     pub conversation_id: String,
     pub head: ConversationHead,
@@ -165,7 +169,14 @@ mod tests {
                 attempts: 1,
                 context_event_ids: vec![],
                 user_id: String::new(),
-                retrieved: vec![],
+                retrieved: vec![RetrievedContext {
+                    vector_id: "v".into(),
+                    source_kind: "document".into(),
+                    source_id: "d".into(),
+                    source_event_id: "e".into(),
+                    position: 0,
+                    score: 0.5,
+                }],
             }),
         ]
     }
@@ -178,6 +189,7 @@ mod tests {
         let kinds: Vec<_> = state.messages.iter().map(|m| (m.sequence, m.kind, m.text.as_str())).collect();
         assert_eq!(kinds, [(2, MessageKind::UserQuery, "hi"), (3, MessageKind::Answer, "hello")]);
         assert_eq!(state.messages[1].model.as_deref(), Some("m"));
+        assert_eq!(state.messages[1].retrieved[0].vector_id, "v", "the answer keeps what its prompt carried");
         assert!(state.gaps.is_empty());
     }
 

@@ -160,6 +160,7 @@ mod tests {
             completion_tokens: None,
             llm_latency_ms: None,
             error_kind: None,
+            retrieved: vec![],
         }
     }
 

@@ -14,6 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use parley_eventlog::LogPosition;
+use parley_events::RetrievedContext;
 use parley_events::conversation::Message;
 use parley_projections::ProjectionError;
 use parley_projections::reader::Freshness;
@@ -85,6 +86,8 @@ pub struct MessageView {
     completion_tokens: Option<i32>,
     llm_latency_ms: Option<i64>,
     error_kind: Option<String>,
+    /// For answers: the chunks and earlier messages the prompt carried.
+    retrieved: Vec<RetrievedContext>,
 }
 
 impl From<Message> for MessageView {
@@ -101,6 +104,7 @@ impl From<Message> for MessageView {
             completion_tokens: m.completion_tokens,
             llm_latency_ms: m.llm_latency_ms,
             error_kind: m.error_kind,
+            retrieved: m.retrieved,
         }
     }
 }
