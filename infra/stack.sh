@@ -126,7 +126,7 @@ stop_one() {
     # CONT first: a stopped process would hold a TERM until it is resumed.
     kill -CONT "$pid" 2>/dev/null || true
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
   fi
   rm -f "$pidf"
