@@ -307,7 +307,8 @@ impl Store {
         const CQL: &str = "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?";
         let result = self
             .session
-            .query_unpaged(CQL, (&self.keyspace, table, column))
+            // Unquoted CQL names are stored in lower case.
+            .query_unpaged(CQL, (self.keyspace.to_lowercase(), table, column))
             .await
             .map_err(|e| ProjectionError::cql(CQL, e))?;
         Ok(result.into_rows_result().map_err(|e| ProjectionError::cql(CQL, e))?.rows_num() > 0)
