@@ -210,3 +210,69 @@ async fn wait_for_stable_count(store: &VectorStore, filter: &SearchFilter) -> u6
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete_it() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let (_alice, alice_token) = pipeline.session_user().await;
+    let (_bob, bob_token) = pipeline.session_user().await;
+    let (status, submitted) =
+        pipeline.post("/api/documents", &alice_token, &json!({"title": "zephyr.md", "text": FACT})).await;
+    assert_eq!(status, 202, "{submitted}");
+    let document_id = submitted["document_id"].as_str().unwrap().to_owned();
+    let is_the_fact = |h: &Value| h["source_id"] == document_id.as_str();
+    pipeline.search_until(&alice_token, QUESTION, is_the_fact).await;
+
+    let path = format!("/api/documents/{document_id}");
+    let (status, _) = pipeline.delete("/api/documents/not-a-uuid", &alice_token).await;
+    assert_eq!(status, 400);
+    let (status, _) = pipeline.delete(&path, "not-a-token").await;
+    assert_eq!(status, 401);
+
+    // Bob names Alice's document: accepted (it says nothing about whose it is), and once the
+    // embedder has committed past his deletion, Alice still finds her document.
+    let (status, bobs) = pipeline.delete(&path, &bob_token).await;
+    assert_eq!(status, 202, "{bobs}");
+    wait_until_embedder_passed(&pipeline, bobs["position"].as_str().unwrap()).await;
+    pipeline.search_until(&alice_token, QUESTION, is_the_fact).await;
+
+    let (status, alices) = pipeline.delete(&path, &alice_token).await;
+    assert_eq!((status, alices["document_id"].as_str()), (202, Some(document_id.as_str())), "{alices}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, found) =
+            pipeline.get(&format!("/api/search?q={}&kind=document", support::urlencode(QUESTION)), &alice_token).await;
+        if !found["hits"].as_array().unwrap().iter().any(is_the_fact) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deleted document is still found: {found}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pipeline.stop().await;
+}
+
+/// Waits until the embedder group's committed offset on the position's partition is past it.
+async fn wait_until_embedder_passed(pipeline: &Pipeline, position: &str) {
+    let mut parts = position.rsplitn(3, '/');
+    let offset: i64 = parts.next().unwrap().parse().unwrap();
+    let partition: i32 = parts.next().unwrap().parse().unwrap();
+    let topic = parts.next().unwrap().to_owned();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .set("group.id", format!("{}embedder", pipeline.prefix))
+        .create()
+        .unwrap();
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    wanted.add_partition(&topic, partition);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = consumer.committed_offsets(wanted.clone(), Duration::from_secs(10)).unwrap();
+        let next = committed.find_partition(&topic, partition).and_then(|p| p.offset().to_raw());
+        if next.is_some_and(|next| next > offset) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the embedder never committed past {position}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

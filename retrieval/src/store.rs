@@ -200,6 +200,16 @@ impl VectorStore {
         Ok(())
     }
 
+    /// Removes every vector `filter` admits (the owner is always part of it).
+    pub async fn delete(&self, filter: &SearchFilter) -> Result<(), RetrievalError> {
+        let request = sdk::request::dml::DeleteRequest::builder()
+            .collection_name(&self.collection)
+            .filter(filter.expression())
+            .build()?;
+        self.client.delete(request).await?;
+        Ok(())
+    }
+
     /// Seals what was upserted into indexed segments. Milvus Lite searches unsealed rows by
     /// brute force in Python (20,000 rows: ~0.9 s a search against ~40 ms once sealed), so
     /// the embedder flushes after enough vectors or when idle; a cluster seals on its own.

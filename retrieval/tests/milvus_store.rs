@@ -77,6 +77,19 @@ async fn upserts_are_idempotent_and_searches_stay_inside_the_owner() {
     assert_eq!(store.search(unit(0.0, 1.0), &one_document, 10).await.unwrap().len(), 1);
     assert!(store.search(unit(1.0, 0.0), &SearchFilter::owner("carol"), 10).await.unwrap().is_empty());
 
+    // A deletion names its owner: Alice's filter for Bob's document removes nothing.
+    let documents = |owner: &str, id: &str| SearchFilter {
+        kind: Some(SourceKind::Document),
+        source_ids: vec![id.into()],
+        ..SearchFilter::owner(owner)
+    };
+    store.delete(&documents("alice", "doc-b")).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::owner("bob")).await.unwrap(), 1);
+    store.delete(&documents("alice", "doc-a")).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::owner("alice")).await.unwrap(), 1, "only the document's vector goes");
+    let hits = store.search(unit(1.0, 0.0), &SearchFilter::owner("alice"), 10).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
+
     VectorStore::drop_collection(&settings).await.unwrap();
 }
 

@@ -102,6 +102,22 @@ impl EventCodec {
         Ok(Decoded { schema_id, event })
     }
 
+    /// Decodes a record of the `documents` topic.
+    pub async fn decode_document_event(&self, bytes: &[u8]) -> Result<Decoded<DocumentEvent>, EventsError> {
+        let (schema_id, name, value) = self.decode_value(bytes).await?;
+        let event = match name.as_str() {
+            DocumentSubmitted::FULL_NAME => DocumentEvent::Submitted(self.typed(schema_id, &name, value)?),
+            DocumentDeleted::FULL_NAME => DocumentEvent::Deleted(self.typed(schema_id, &name, value)?),
+            other => {
+                return Err(EventsError::Undecodable {
+                    schema_id: Some(schema_id),
+                    reason: format!("{other} is not a document event"),
+                });
+            }
+        };
+        Ok(Decoded { schema_id, event })
+    }
+
     /// Decodes a record that must be of type `T` (topics that carry one type).
     pub async fn decode<T: AvroEvent>(&self, bytes: &[u8]) -> Result<Decoded<T>, EventsError> {
         let (schema_id, name, value) = self.decode_value(bytes).await?;

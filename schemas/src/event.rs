@@ -128,6 +128,21 @@ pub struct DocumentSubmitted {
     pub metadata: std::collections::HashMap<String, String>,
 }
 
+/// A document taken out of a user's knowledge base (the `documents` topic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentDeleted {
+    pub envelope: Envelope,
+    pub document_id: String,
+    pub owner: String,
+}
+
+/// What the `documents` topic carries, in the order it happened per document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocumentEvent {
+    Submitted(DocumentSubmitted),
+    Deleted(DocumentDeleted),
+}
+
 /// Vectors stored for one source (the `embeddings` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmbeddingsIndexed {
@@ -201,6 +216,9 @@ impl AvroEvent for DeadLetter {
 }
 impl AvroEvent for DocumentSubmitted {
     const FULL_NAME: &'static str = "io.parley.events.DocumentSubmitted";
+}
+impl AvroEvent for DocumentDeleted {
+    const FULL_NAME: &'static str = "io.parley.events.DocumentDeleted";
 }
 impl AvroEvent for EmbeddingsIndexed {
     const FULL_NAME: &'static str = "io.parley.events.EmbeddingsIndexed";

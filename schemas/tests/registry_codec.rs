@@ -119,6 +119,15 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         codec.decode::<DocumentSubmitted>(&codec.encode(&document).await.unwrap()).await.unwrap().event,
         document
     );
+    // The documents topic carries submissions and deletions, told apart by record name.
+    let deleted =
+        DocumentDeleted { envelope: envelope(2), document_id: document.document_id.clone(), owner: "u-1".into() };
+    let decoded = codec.decode_document_event(&codec.encode(&deleted).await.unwrap()).await.unwrap().event;
+    assert_eq!(decoded, DocumentEvent::Deleted(deleted));
+    let decoded = codec.decode_document_event(&codec.encode(&document).await.unwrap()).await.unwrap().event;
+    assert_eq!(decoded, DocumentEvent::Submitted(document.clone()));
+    let not_a_document = codec.decode_document_event(&codec.encode(&letter).await.unwrap()).await.unwrap_err();
+    assert!(not_a_document.to_string().contains("not a document event"), "{not_a_document}");
 
     let indexed = EmbeddingsIndexed {
         envelope: envelope(0),

@@ -230,8 +230,20 @@ impl Pipeline {
 
     /// GET on the query API as `token`'s user: (status, JSON body).
     pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let response =
-            reqwest::Client::new().get(format!("{}{path}", self.http)).bearer_auth(token).send().await.unwrap();
+        self.request(reqwest::Method::GET, path, token, None).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
+        self.request(reqwest::Method::DELETE, path, token, None).await
+    }
+
+    /// One HTTP call to this pipeline's gateway as `token`: status and JSON body (or null).
+    async fn request(&self, method: reqwest::Method, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.http)).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -275,15 +287,7 @@ impl Pipeline {
 
     /// POST of a JSON body as `token`'s user: (status, JSON body).
     pub async fn post(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{path}", self.http))
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::POST, path, token, Some(body)).await
     }
 
     /// Polls the search API until `q` finds a hit for which `found` holds; returns the hits.

@@ -1,6 +1,6 @@
 //! The embedder's batch loop. A batch of records (conversation events and documents) is
 //! decoded and turned into vector records, embedded `batch_size` texts at a time, and
-//! upserted into Milvus. Only after Milvus acknowledged are the EmbeddingsIndexed events
+//! upserted into Milvus (after the batch's document deletions). Only after Milvus acknowledged are the EmbeddingsIndexed events
 //! and the batch's offsets committed, in one Kafka transaction: a crash in between
 //! re-delivers the batch, and the deterministic vector ids make the second upsert overwrite
 //! the first, so no vector is ever stored twice and none is lost.
@@ -17,8 +17,8 @@ use parley_eventlog::transaction::{
     Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
 };
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
-use parley_events::{DocumentSubmitted, EventCodec, EventsError};
-use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorRecord, VectorStore};
+use parley_events::{DocumentEvent, EventCodec, EventsError};
+use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorStore};
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
@@ -26,7 +26,9 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::sources::{Owners, Skipped, document_records, indexed_events, message_record};
+use crate::sources::{
+    Change, Owners, Skipped, document_deletion, document_records, indexed_events, message_record, plan,
+};
 
 /// Options of `parley embedder`.
 #[derive(Debug, Clone, Args)]
@@ -172,10 +174,10 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<Vec<Outgoing>, EmbedderError> {
         let mut outgoing = Vec::new();
-        let mut records = Vec::new();
+        let mut changes = Vec::new();
         for message in batch {
-            match self.records_of(message, shutdown).await? {
-                Ok(found) => records.extend(found),
+            match self.change_of(message, shutdown).await? {
+                Ok(change) => changes.push(change),
                 Err(error) => {
                     warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
                           %error, "undecodable record sent to the dead-letter topic");
@@ -189,21 +191,25 @@ impl Worker {
                 }
             }
         }
-        // The same document submitted twice in one batch is stored once.
-        let mut seen = std::collections::HashSet::new();
-        records.reverse();
-        records.retain(|r| seen.insert(r.id.clone()));
-        records.reverse();
-        if records.is_empty() {
+        let (deletions, mut records) = plan(changes);
+        if deletions.is_empty() && records.is_empty() {
             return Ok(outgoing);
         }
         // One batch serves many turns' traces: linked to each, parented by none.
-        let span = info_span!(parent: None, "embedder.batch", records = batch.len(), vectors = records.len());
+        let span = info_span!(parent: None, "embedder.batch", records = batch.len(), vectors = records.len(),
+                              deletions = deletions.len());
         for message in batch {
             link_trace(&span, header_traceparent(message));
         }
         let traceparent = traceparent_of(&span, None);
         async {
+            for deletion in &deletions {
+                until_done(shutdown, "milvus delete", || self.store.delete(deletion)).await?;
+                info!(filter = %deletion.expression(), "document vectors deleted");
+            }
+            if records.is_empty() {
+                return Ok(outgoing);
+            }
             for group in records.chunks_mut(self.batch_size) {
                 let texts: Vec<String> = group.iter().map(|r| r.text.clone()).collect();
                 let vectors = until_done(shutdown, "embedding", || self.backend.embed(&texts)).await?;
@@ -231,26 +237,31 @@ impl Worker {
         .await
     }
 
-    /// The vector records of one Kafka record, or why it cannot be decoded (a poison
-    /// record). Registry outages are waited out, never treated as poison.
-    async fn records_of(
+    /// What one Kafka record asks of the vector store, or why it cannot be decoded (a
+    /// poison record). Registry outages are waited out, never treated as poison.
+    async fn change_of(
         &mut self,
         message: &OwnedMessage,
         shutdown: &CancellationToken,
-    ) -> Result<Result<Vec<VectorRecord>, EventsError>, EmbedderError> {
+    ) -> Result<Result<Change, EventsError>, EmbedderError> {
         let payload = message.payload().unwrap_or_default();
         if message.topic() == self.topics.documents {
-            let decoded = retry_while_registry_down(shutdown, || self.codec.decode::<DocumentSubmitted>(payload)).await;
+            let decoded = retry_while_registry_down(shutdown, || self.codec.decode_document_event(payload)).await;
             let Some(decoded) = decoded else { return Err(EmbedderError::ShutDown) };
-            return Ok(decoded.map(|d| document_records(&d.event, self.chunk_chars, self.chunk_overlap)));
+            return Ok(decoded.map(|d| match d.event {
+                DocumentEvent::Submitted(document) => {
+                    Change::Upsert(document_records(&document, self.chunk_chars, self.chunk_overlap))
+                }
+                DocumentEvent::Deleted(deleted) => document_deletion(&deleted),
+            }));
         }
         let decoded = retry_while_registry_down(shutdown, || self.codec.decode_conversation_event(payload)).await;
         let Some(decoded) = decoded else { return Err(EmbedderError::ShutDown) };
         Ok(decoded.map(|d| match message_record(&d.event, &mut self.owners) {
-            Ok(record) => record.into_iter().collect(),
+            Ok(record) => Change::Upsert(record.into_iter().collect()),
             Err(Skipped::UnknownOwner { event_id }) => {
                 warn!(%event_id, "answer of a conversation whose owner is unknown is not embedded");
-                vec![]
+                Change::Upsert(vec![])
             }
         }))
     }

@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use parley_events::{
-    ConversationEvent, DocumentSubmitted, EmbeddingsIndexed, Envelope, IndexedVector, Producer as EventSource,
+    ConversationEvent, DocumentDeleted, DocumentSubmitted, EmbeddingsIndexed, Envelope, IndexedVector,
+    Producer as EventSource,
 };
-use parley_retrieval::{SourceKind, VectorRecord};
+use parley_retrieval::{SearchFilter, SourceKind, VectorRecord};
 use uuid::Uuid;
 
 use crate::chunking::chunk_text;
@@ -100,6 +101,46 @@ pub fn document_records(document: &DocumentSubmitted, max_chars: usize, overlap:
             embedding: vec![],
         })
         .collect()
+}
+
+/// What one record asks of the vector store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Store these vectors (replacing any of the same id).
+    Upsert(Vec<VectorRecord>),
+    /// Remove what the filter admits: a document's vectors, of its owner only.
+    Delete(SearchFilter),
+}
+
+/// The change a DocumentDeleted asks for: that owner's vectors of that document.
+pub fn document_deletion(deleted: &DocumentDeleted) -> Change {
+    Change::Delete(SearchFilter {
+        kind: Some(SourceKind::Document),
+        source_ids: vec![deleted.document_id.clone()],
+        ..SearchFilter::owner(deleted.owner.clone())
+    })
+}
+
+/// A batch's changes, in log order, as what to delete and then what to upsert. A deletion
+/// drops the vectors of the same owner's document queued before it in the batch (they would
+/// be removed anyway); a later resubmission stays queued and is upserted after the
+/// deletions. The same vector queued twice is stored once, as its last version.
+pub fn plan(changes: Vec<Change>) -> (Vec<SearchFilter>, Vec<VectorRecord>) {
+    let (mut deletions, mut upserts): (Vec<SearchFilter>, Vec<VectorRecord>) = (vec![], vec![]);
+    for change in changes {
+        match change {
+            Change::Upsert(records) => upserts.extend(records),
+            Change::Delete(filter) => {
+                upserts.retain(|r| !(r.owner == filter.owner && filter.source_ids.contains(&r.source_id)));
+                deletions.push(filter);
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    upserts.reverse();
+    upserts.retain(|r| seen.insert(r.id.clone()));
+    upserts.reverse();
+    (deletions, upserts)
 }
 
 /// The vector id of chunk `position` of a document.
@@ -212,15 +253,7 @@ mod tests {
 
     #[test]
     fn document_chunks_get_stable_ids_and_one_indexed_event() {
-        let document = DocumentSubmitted {
-            envelope: envelope(Uuid::new_v4(), 1),
-            document_id: Uuid::new_v4().to_string(),
-            owner: "alice".into(),
-            title: "notes.md".into(),
-            media_type: "text/markdown".into(),
-            text: "One fact.\n\nAnother fact.\n\nA third fact.".into(),
-            metadata: HashMap::new(),
-        };
+        let document = submitted("alice");
         let mut records = document_records(&document, 16, 0);
         assert_eq!(records.len(), 3);
         assert_eq!(records, document_records(&document, 16, 0), "deterministic");
@@ -232,5 +265,54 @@ mod tests {
         assert_eq!(events[0].vectors.len(), 3);
         assert_eq!((events[0].dimension, events[0].source_kind.as_str()), (384, "document"));
         assert_eq!(events[0].envelope.event_id, indexed_events(&records, "all-MiniLM-L6-v2", "c")[0].envelope.event_id);
+    }
+
+    fn submitted(owner: &str) -> DocumentSubmitted {
+        DocumentSubmitted {
+            envelope: envelope(Uuid::new_v4(), 1),
+            document_id: Uuid::new_v4().to_string(),
+            owner: owner.into(),
+            title: "notes.md".into(),
+            media_type: "text/markdown".into(),
+            text: "One fact.\n\nAnother fact.\n\nA third fact.".into(),
+            metadata: HashMap::new(),
+        }
+    }
+
+    fn deleted(document: &DocumentSubmitted, owner: &str) -> Change {
+        document_deletion(&DocumentDeleted {
+            envelope: envelope(Uuid::new_v4(), 2),
+            document_id: document.document_id.clone(),
+            owner: owner.into(),
+        })
+    }
+
+    #[test]
+    fn a_deletion_drops_what_its_owner_queued_before_it_and_runs_before_later_upserts() {
+        let document = submitted("alice");
+        let upsert = || Change::Upsert(document_records(&document, 16, 0));
+
+        let (deletions, upserts) = plan(vec![upsert(), deleted(&document, "alice")]);
+        assert_eq!(deletions.len(), 1);
+        assert!(upserts.is_empty(), "submitted then deleted in one batch: nothing stored");
+        let expression = deletions[0].expression();
+        assert!(expression.contains("\"alice\"") && expression.contains(&document.document_id), "{expression}");
+
+        let (deletions, upserts) = plan(vec![upsert(), deleted(&document, "alice"), upsert()]);
+        assert_eq!((deletions.len(), upserts.len()), (1, 3), "deleted then submitted again: stored after the deletion");
+
+        let (deletions, upserts) = plan(vec![upsert(), deleted(&document, "bob")]);
+        assert_eq!((deletions.len(), upserts.len()), (1, 3), "another user's deletion leaves Alice's vectors queued");
+        assert!(deletions[0].expression().contains("\"bob\""));
+    }
+
+    #[test]
+    fn the_same_vector_queued_twice_is_stored_once() {
+        let document = submitted("alice");
+        let (_, upserts) = plan(vec![
+            Change::Upsert(document_records(&document, 16, 0)),
+            Change::Upsert(document_records(&document, 16, 0)),
+        ]);
+        assert_eq!(upserts.len(), 3);
     }
 }

@@ -3,6 +3,9 @@
 //! - `POST /api/documents` `{title, text, media_type?, metadata?}`: appends a
 //!   DocumentSubmitted for the caller and answers 202 at once with the document id and log
 //!   position; chunking and embedding happen asynchronously in the embedder.
+//! - `DELETE /api/documents/{id}`: appends a DocumentDeleted for the caller (202); the
+//!   embedder removes the caller's vectors of that document, so no search or answer
+//!   retrieves it any more.
 //! - `GET /api/search?q=TEXT&k=N&kind=document|message&document=ID&conversation=ID`: the
 //!   caller's top-k chunks and messages nearest to `q`, best first. The owner filter is
 //!   always the caller; the other parameters narrow it further.
@@ -11,16 +14,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use parley_eventlog::LogPosition;
 use parley_eventlog::trace::traceparent_of;
+use parley_events::AvroEvent;
 use parley_ingest::Submission;
-use parley_ingest::document::media_type_of;
+use parley_ingest::document::{deletion_event, media_type_of};
 use parley_retrieval::{Hit, SearchFilter, SourceKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
+use uuid::Uuid;
 
 use crate::query::{ApiError, user_of};
 use crate::server::AppState;
@@ -55,30 +61,56 @@ pub(crate) async fn submit_document(
         let event = submission
             .into_event(Some(traceparent.clone()))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document", e.to_string()))?;
-        let position = state
-            .producer
-            .append(&state.topics.documents, &event.document_id, &event, Some(&traceparent))
-            .await
-            .map_err(|error| {
-                warn!(%error, "document not appended");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "log_unavailable",
-                    "the event log did not accept the document; retry",
-                )
-            })?;
+        let position = append_document_event(&state, &event.document_id, &event, &traceparent).await?;
         info!(document_id = %event.document_id, %position, "document submitted");
-        Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({
-                "document_id": event.document_id,
-                "event_id": event.envelope.event_id,
-                "position": position.to_string(),
-            })),
-        ))
+        Ok(accepted(&event.document_id, &event.envelope.event_id, &position))
     }
     .instrument(span)
     .await
+}
+
+/// `DELETE /api/documents/{id}`: appends a DocumentDeleted for the caller and answers 202;
+/// the embedder then removes the caller's vectors of that document. Naming a document of
+/// another user (or none) removes nothing, and the answer does not tell which it was.
+pub(crate) async fn delete_document(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let user = user_of(&state, &headers)?;
+    let document_id = id
+        .parse::<Uuid>()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document_id", "a document id is a UUID"))?;
+    let span = info_span!(parent: None, "gateway.document_delete", user = %user, %document_id, traceparent = Empty);
+    let traceparent = traceparent_of(&span, None);
+    span.record("traceparent", traceparent.as_str());
+    async {
+        let event = deletion_event(&user, document_id, Some(traceparent.clone()));
+        let position = append_document_event(&state, &event.document_id, &event, &traceparent).await?;
+        info!(%position, "document deletion accepted");
+        Ok(accepted(&event.document_id, &event.envelope.event_id, &position))
+    }
+    .instrument(span)
+    .await
+}
+
+/// Appends a document event keyed by its document id, so a deletion follows the submission
+/// it undoes in the same partition.
+async fn append_document_event<T: AvroEvent>(
+    state: &AppState,
+    document_id: &str,
+    event: &T,
+    traceparent: &str,
+) -> Result<LogPosition, ApiError> {
+    state.producer.append(&state.topics.documents, document_id, event, Some(traceparent)).await.map_err(|error| {
+        warn!(%error, "document event not appended");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", "the event log did not accept it; retry")
+    })
+}
+
+fn accepted(document_id: &str, event_id: &str, position: &LogPosition) -> (StatusCode, Json<serde_json::Value>) {
+    let body = json!({ "document_id": document_id, "event_id": event_id, "position": position.to_string() });
+    (StatusCode::ACCEPTED, Json(body))
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,7 +11,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use parley_eventlog::settings::parse_duration;
@@ -160,6 +160,7 @@ impl Gateway {
                 "/api/documents",
                 post(knowledge::submit_document).layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES + 64 * 1024)),
             )
+            .route("/api/documents/{id}", delete(knowledge::delete_document))
             .route("/api/search", get(knowledge::search))
             .with_state(state);
         let listener = TcpListener::bind(args.listen)

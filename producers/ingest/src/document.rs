@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use parley_events::{DocumentSubmitted, Envelope, Producer as EventSource};
+use parley_events::{DocumentDeleted, DocumentSubmitted, Envelope, Producer as EventSource};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -68,6 +68,16 @@ impl Submission {
             text: self.text,
             metadata: self.metadata,
         })
+    }
+}
+
+/// The event that takes `document_id` out of `owner`'s knowledge base (sequence 2 of the
+/// document's stream). Each request is a fact of its own, so its event id is new.
+pub fn deletion_event(owner: &str, document_id: Uuid, traceparent: Option<String>) -> DocumentDeleted {
+    DocumentDeleted {
+        envelope: Envelope::new(Uuid::new_v4(), document_id, 2, SOURCE).with_traceparent(traceparent),
+        document_id: document_id.to_string(),
+        owner: owner.to_owned(),
     }
 }
 
