@@ -223,6 +223,16 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
     let document_id = submitted["document_id"].as_str().unwrap().to_owned();
     let is_the_fact = |h: &Value| h["source_id"] == document_id.as_str();
     pipeline.search_until(&alice_token, QUESTION, is_the_fact).await;
+    // Once indexed, the document is listed for Alice, under its title, and never for Bob.
+    let (status, listed) = pipeline.get("/api/documents", &alice_token).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["documents"],
+        json!([{"document_id": document_id, "title": "zephyr.md", "event_id": submitted["event_id"]}])
+    );
+    let (_, bobs_documents) = pipeline.get("/api/documents", &bob_token).await;
+    assert_eq!(bobs_documents["documents"], json!([]));
+    assert_eq!(pipeline.get("/api/documents?limit=0", &alice_token).await.0, 400);
 
     let path = format!("/api/documents/{document_id}");
     let (status, _) = pipeline.delete("/api/documents/not-a-uuid", &alice_token).await;
@@ -249,6 +259,7 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
         assert!(Instant::now() < deadline, "the deleted document is still found: {found}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(pipeline.get("/api/documents", &alice_token).await.1["documents"], json!([]));
     pipeline.stop().await;
 }
 

@@ -18,4 +18,4 @@ pub use embedding::{EmbeddingBackend, EmbeddingSettings};
 pub use error::RetrievalError;
 pub use filter::{SearchFilter, SourceKind};
 pub use retriever::Retriever;
-pub use store::{Hit, MilvusSettings, VectorRecord, VectorStore};
+pub use store::{Hit, MilvusSettings, StoredDocument, VectorRecord, VectorStore};

@@ -29,4 +29,8 @@ impl Retriever {
             .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
         self.store.search(vector, filter, limit).await
     }
+
+    pub fn store(&self) -> &VectorStore {
+        &self.store
+    }
 }

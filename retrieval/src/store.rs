@@ -119,6 +119,15 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// A searchable document, as its first chunk in the store describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredDocument {
+    pub document_id: String,
+    pub title: String,
+    /// The DocumentSubmitted it was indexed from.
+    pub event_id: String,
+}
+
 #[derive(Clone)]
 pub struct VectorStore {
     client: ClientV2,
@@ -267,6 +276,30 @@ impl VectorStore {
             None => 0,
         };
         Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    /// `owner`'s searchable documents by title, at most `limit`: one row each, its first chunk
+    /// (so a document shows up once it is indexed, and not after it was deleted).
+    pub async fn documents(&self, owner: &str, limit: usize) -> Result<Vec<StoredDocument>, RetrievalError> {
+        let filter = SearchFilter { kind: Some(SourceKind::Document), ..SearchFilter::owner(owner) };
+        let request = QueryRequest::builder()
+            .collection_name(&self.collection)
+            .filter(format!("{} && {POSITION} == 0", filter.expression()))
+            .output_fields([SOURCE_ID, LABEL, SOURCE_EVENT_ID])
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .consistency_level(ConsistencyLevel::Strong)
+            .build()?;
+        let response = self.client.query(request).await?;
+        let mut documents = Vec::new();
+        for row in response.results().rows()? {
+            documents.push(StoredDocument {
+                document_id: row.get_str(SOURCE_ID)?.to_owned(),
+                title: row.get_str(LABEL)?.to_owned(),
+                event_id: row.get_str(SOURCE_EVENT_ID)?.to_owned(),
+            });
+        }
+        documents.sort_by(|a, b| (&a.title, &a.document_id).cmp(&(&b.title, &b.document_id)));
+        Ok(documents)
     }
 
     /// Drops the collection named in `settings` (tests and benchmarks clean up with it).

@@ -3,6 +3,7 @@
 //! - `POST /api/documents` `{title, text, media_type?, metadata?}`: appends a
 //!   DocumentSubmitted for the caller and answers 202 at once with the document id and log
 //!   position; chunking and embedding happen asynchronously in the embedder.
+//! - `GET /api/documents?limit=N`: the caller's searchable documents, by title.
 //! - `DELETE /api/documents/{id}`: appends a DocumentDeleted for the caller (202); the
 //!   embedder removes the caller's vectors of that document, so no search or answer
 //!   retrieves it any more.
@@ -21,7 +22,7 @@ use parley_eventlog::trace::traceparent_of;
 use parley_events::AvroEvent;
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
-use parley_retrieval::{Hit, SearchFilter, SourceKind};
+use parley_retrieval::{Hit, RetrievalError, Retriever, SearchFilter, SourceKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::field::Empty;
@@ -33,6 +34,8 @@ use crate::server::AppState;
 
 /// Most results one search returns.
 pub const MAX_K: usize = 50;
+/// Most documents one listing returns.
+const MAX_LISTED: usize = 1_000;
 /// Longest search text, in characters.
 const MAX_QUERY_CHARS: usize = 2_000;
 
@@ -135,23 +138,50 @@ pub(crate) async fn search(
     let user = user_of(&state, &headers)?;
     let filter = search_filter(user, &params)?;
     let k = params.k.unwrap_or(10);
-    let Some(retriever) = &state.retriever else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "search_unavailable",
-            "this gateway runs without a vector store",
-        ));
-    };
-    let hits =
-        retriever.search(&params.q, &filter, k).instrument(info_span!("gateway.search", k)).await.map_err(|error| {
-            warn!(%error, "search failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "search_unavailable",
-                "the vector store did not answer; retry",
-            )
-        })?;
+    let hits = retriever_of(&state)?
+        .search(&params.q, &filter, k)
+        .instrument(info_span!("gateway.search", k))
+        .await
+        .map_err(store_unavailable)?;
     Ok(Json(SearchAnswer { hits }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    limit: Option<usize>,
+}
+
+/// `GET /api/documents?limit=N`: the caller's searchable documents by title (id, title, the
+/// submission's event id), at most `limit` (100 by default, up to 1,000).
+pub(crate) async fn list_documents(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user = user_of(&state, &headers)?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=MAX_LISTED).contains(&limit) {
+        let message = format!("limit must be 1 to {MAX_LISTED}");
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", message));
+    }
+    let documents = retriever_of(&state)?
+        .store()
+        .documents(&user, limit)
+        .instrument(info_span!("gateway.documents", limit))
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Json(json!({ "documents": documents })))
+}
+
+fn retriever_of(state: &AppState) -> Result<&Retriever, ApiError> {
+    state.retriever.as_ref().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "search_unavailable", "this gateway runs without a vector store")
+    })
+}
+
+fn store_unavailable(error: RetrievalError) -> ApiError {
+    warn!(%error, "vector store call failed");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "search_unavailable", "the vector store did not answer; retry")
 }
 
 /// The filter of a search request: always the caller's own data, narrowed by the parameters.

@@ -158,7 +158,9 @@ impl Gateway {
             .route("/api/conversations/{id}", get(query::conversation))
             .route(
                 "/api/documents",
-                post(knowledge::submit_document).layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES + 64 * 1024)),
+                post(knowledge::submit_document)
+                    .layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES + 64 * 1024))
+                    .get(knowledge::list_documents),
             )
             .route("/api/documents/{id}", delete(knowledge::delete_document))
             .route("/api/search", get(knowledge::search))
