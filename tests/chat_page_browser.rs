@@ -197,3 +197,40 @@ async fn a_person_chats_in_the_browser_reloads_and_goes_on() {
     browser.stop().await;
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_added_on_the_page_is_used_in_answers_until_removed() {
+    let Some(stack) = stack() else { return };
+    let Some(browser) = Browser::start().await else { return };
+    let pipeline = Pipeline::start(&stack, &["--llm-max-tokens", "24"]).await;
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("zephyr.md");
+    std::fs::write(&file, "The maintenance password of the Zephyr-9 reactor is blue-harmonica-42.").unwrap();
+    let question = "What is the maintenance password of the Zephyr-9 reactor?";
+
+    browser.client.goto(&format!("{}/", pipeline.http)).await.unwrap();
+    browser.until_connected().await;
+    browser.client.find(Locator::Id("docs-toggle")).await.unwrap().click().await.unwrap();
+    let picker = browser.client.find(Locator::Id("doc-files")).await.unwrap();
+    picker.send_keys(file.to_str().unwrap()).await.unwrap();
+    // Listed with a Remove button once the embedder has stored it (until then: "indexing…").
+    let listed = "const li = document.querySelector('#doc-list li'); \
+                  return li && li.querySelector('button') ? li.firstChild.textContent : null";
+    assert_eq!(browser.until("the document to be indexed", listed).await, "zephyr.md");
+
+    type_question(&browser, question).await;
+    until_answered(&browser, 0).await;
+    let meta = &browser.bubbles().await[1].2;
+    assert!(meta.contains("used 1 document chunk(s)"), "the answer used the document: {meta:?}");
+
+    browser.client.find(Locator::Css("#doc-list li button")).await.unwrap().click().await.unwrap();
+    let removed = "return document.querySelectorAll('#doc-list li').length === 0";
+    browser.until("the document to be removed", removed).await;
+    type_question(&browser, question).await;
+    until_answered(&browser, 1).await;
+    let meta = &browser.bubbles().await[3].2;
+    assert!(!meta.contains("document chunk"), "a removed document is not used: {meta:?}");
+
+    browser.stop().await;
+    pipeline.stop().await;
+}
