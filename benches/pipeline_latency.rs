@@ -151,6 +151,7 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
         "eventlog.transaction: begin + append the answer",
         "… send_offsets_to_transaction",
         "… commit_transaction",
+        "first token's hop: inference enqueue → gateway push",
     ]
     .into_iter()
     .map(|name| (name, vec![]))
@@ -179,6 +180,9 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
             field(transaction, "append_ms"),
             field(transaction, "offsets_ms"),
             field(transaction, "commit_ms"),
+            span_of(trace, "inference.first_token")
+                .zip(span_of(trace, "gateway.first_token"))
+                .map(|(sent, pushed)| (micros(pushed, "startTime") - micros(sent, "startTime")) / 1000.0),
         ];
         for ((_, samples), value) in parts.iter_mut().zip(values) {
             samples.extend(value);

@@ -26,11 +26,14 @@ impl std::fmt::Debug for EventProducer {
     }
 }
 
-/// Producer settings for durable, ordered appends with small-batch latency.
+/// Producer settings for durable, ordered appends with small-batch latency (a `linger.ms`
+/// already in `base` is kept: a latency-first stream sets 0).
 pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
+    if base.get("linger.ms").is_none() {
+        base.set("linger.ms", "2");
+    }
     base.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "2")
         .set("compression.type", "lz4")
         .set("message.timeout.ms", "30000")
         // Documents are up to 1 MB of text; the topics cap records at 2 MiB.

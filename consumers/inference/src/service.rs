@@ -33,7 +33,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, Span, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::context::ContextSource;
@@ -164,7 +164,8 @@ pub async fn run(
     let transactional_id = instance_transactional_id(&args.group_id, args.transactional_id.as_deref());
     let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
     let worker = Worker {
-        tokens: EventProducer::new(kafka.client_config(), codec.clone())?,
+        // A delta is shown the moment it arrives: each goes out at once instead of lingering.
+        tokens: EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?,
         model: ChatModel::new(args.llm_settings()),
         codec,
         topics,
@@ -400,8 +401,13 @@ impl Worker {
                     delta,
                     traceparent: Some(traceparent.clone()),
                 };
+                // The first delta is what a person waits for: its hop is traced (with the
+                // gateway's `gateway.first_token`), the others are not worth a span each.
+                let span = if index == 0 { info_span!("inference.first_token") } else { Span::none() };
+                continue_trace(&span, Some(&traceparent));
                 // Enqueued one at a time, in order; delivery is awaited at the end.
-                match tokens.enqueue(&topic, &conversation_id, &token, Some(&traceparent)).await {
+                let enqueued = tokens.enqueue(&topic, &conversation_id, &token, Some(&traceparent));
+                match enqueued.instrument(span).await {
                     Ok(delivery) => deliveries.push(delivery),
                     Err(error) => warn!(%error, "token delta not sent"),
                 }

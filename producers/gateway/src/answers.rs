@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Span, debug, info_span, warn};
 use uuid::Uuid;
 
 use crate::hub::{Hub, Outbox};
@@ -72,6 +73,10 @@ pub async fn run(
             match codec.decode::<LLMTokenDelta>(payload).await {
                 Ok(decoded) => {
                     let token = decoded.event;
+                    // Pairs with the inference's `inference.first_token`: the first delta's hop.
+                    let span = if token.index == 0 { info_span!("gateway.first_token") } else { Span::none() };
+                    continue_trace(&span, token.traceparent.as_deref());
+                    let _pushing = span.enter();
                     let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
                     let frame = ServerFrame::Token {
                         conversation_id: token.conversation_id,
