@@ -1,9 +1,10 @@
 //! The embedder's batch loop. A batch of records (conversation events and documents) is
-//! decoded and turned into vector records, embedded `batch_size` texts at a time, and
-//! upserted into Milvus (after the batch's document deletions). Only after Milvus acknowledged are the EmbeddingsIndexed events
-//! and the batch's offsets committed, in one Kafka transaction: a crash in between
-//! re-delivers the batch, and the deterministic vector ids make the second upsert overwrite
-//! the first, so no vector is ever stored twice and none is lost.
+//! decoded into deletions and vector records; the deletions are applied, the records
+//! embedded `batch_size` texts at a time and upserted into Milvus. Only after Milvus
+//! acknowledged are the EmbeddingsIndexed events and the batch's offsets committed, in one
+//! Kafka transaction: a crash in between re-delivers the batch, the deletions are applied
+//! again (harmless) and the deterministic vector ids make the second upsert overwrite the
+//! first, so no vector is ever stored twice and none is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
