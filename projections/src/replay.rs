@@ -245,6 +245,19 @@ pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &
     for m in &replayed.messages {
         match messages.iter().find(|p| p.sequence == m.sequence) {
             None => differences.push(format!("sequence {}: missing from the projection", m.sequence)),
+            // Rows written before the projection kept `retrieved` differ only there: say so.
+            Some(p)
+                if p.retrieved.is_empty()
+                    && !m.retrieved.is_empty()
+                    && *p == Message { retrieved: vec![], ..m.clone() } =>
+            {
+                differences.push(format!(
+                    "sequence {}: the projection lacks the retrieved context ({} entries in the log); it was \
+                     written before the projection kept it, `parley projections rebuild context` fills it",
+                    m.sequence,
+                    m.retrieved.len()
+                ));
+            }
             Some(p) if p != m => differences.push(format!("sequence {}: projection {p:?}, log {m:?}", m.sequence)),
             Some(_) => {}
         }
@@ -334,5 +347,22 @@ mod tests {
         extra.push(Message { sequence: 9, ..state.messages[0].clone() });
         assert_eq!(diff(&state, Some((&row, &extra))), ["sequence 9: in the projection but not in the log"]);
         assert_eq!(diff(&state, None).len(), 1);
+    }
+
+    #[test]
+    fn a_row_from_before_retrieved_was_kept_is_named_as_such() {
+        let mut state = state();
+        state.messages[0].retrieved = vec![RetrievedContext {
+            vector_id: "v".into(),
+            source_kind: "document".into(),
+            source_id: "d".into(),
+            source_event_id: "e".into(),
+            position: 0,
+            score: 0.5,
+        }];
+        let older = vec![Message { retrieved: vec![], ..state.messages[0].clone() }];
+        let differences = diff(&state, Some((&row_of(&state), &older)));
+        assert_eq!(differences.len(), 1);
+        assert!(differences[0].contains("lacks the retrieved context (1 entries in the log)"), "{differences:?}");
     }
 }
