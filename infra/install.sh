@@ -82,8 +82,10 @@ install_browser() {
   ((EUID == 0)) || as_root=(sudo -n)
   log "installing Chromium and ChromeDriver (Debian packages chromium, chromium-driver) for the browser test"
   local install_log="$PARLEY_CACHE/browser-install.log"
-  { "${as_root[@]}" apt-get update -q && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -q --no-install-recommends chromium chromium-driver; } >"$install_log" 2>&1 \
+  # Waits for a dpkg lock another apt run holds instead of failing at once.
+  local apt=(apt-get -q -o DPkg::Lock::Timeout=300)
+  { "${as_root[@]}" "${apt[@]}" update && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+      "${apt[@]}" install -y --no-install-recommends chromium chromium-driver; } >"$install_log" 2>&1 \
     || { tail -n 20 "$install_log" >&2; die "could not install chromium and chromium-driver (run as root: apt-get install chromium chromium-driver)"; }
 }
 
