@@ -16,7 +16,7 @@ use parley_events::{EventCodec, SchemaCatalog};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_ingest::Submission;
-use parley_ingest::document::media_type_of;
+use parley_ingest::document::{deletion_event, media_type_of};
 use parley_ingest::submit::submit_all;
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
@@ -137,6 +137,10 @@ enum Command {
     /// Manage projections: rebuild one into a new generation, drop the replaced one.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// List or remove a user's documents (what the HTTP API does for a signed-in user, for
+    /// operators acting on a user's behalf).
+    #[command(subcommand)]
+    Documents(DocumentsCommand),
     /// Create Parley's topics (existing ones are left alone).
     Topics {
         /// Replication factor of new topics.
@@ -166,6 +170,23 @@ enum ProjectionsCommand {
     Status {
         #[arg(value_parser = ["context"])]
         projection: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DocumentsCommand {
+    /// The user's searchable documents: id, title.
+    List {
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Append a DocumentDeleted: the embedder then removes the owner's vectors of it.
+    Delete {
+        document_id: Uuid,
+        #[arg(long)]
+        owner: String,
     },
 }
 
@@ -250,6 +271,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parley_embedder::run(&kafka, &registry, backend, vectors, args, shutdown).await?;
         }
         Command::Ingest { paths, owner, labels } => return ingest(&kafka, &registry, &paths, &owner, &labels).await,
+        Command::Documents(DocumentsCommand::List { owner, limit }) => {
+            let (_, vectors) = open_retrieval(&embedding, &milvus).await?;
+            for document in vectors.documents(&owner, limit).await.context("listing documents")? {
+                println!("{}  {}", document.document_id, document.title);
+            }
+        }
+        Command::Documents(DocumentsCommand::Delete { document_id, owner }) => {
+            let producer = EventProducer::new(kafka.client_config(), Arc::new(EventCodec::new(&registry)?))?;
+            let event = deletion_event(&owner, document_id, None);
+            let position = producer
+                .append(&kafka.topics().documents, &event.document_id, &event, None)
+                .await
+                .context("appending DocumentDeleted")?;
+            println!(
+                "deletion of {document_id} for {owner} accepted at {position} (event {})",
+                event.envelope.event_id
+            );
+        }
         Command::All { gateway, inference, embedder } => {
             ensure_topics(&kafka, 1).await.context("creating topics")?;
             SchemaRegistry::new(&registry)?

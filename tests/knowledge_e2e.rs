@@ -215,7 +215,7 @@ async fn wait_for_stable_count(store: &VectorStore, filter: &SearchFilter) -> u6
 async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete_it() {
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let (_alice, alice_token) = pipeline.session_user().await;
+    let (alice, alice_token) = pipeline.session_user().await;
     let (_bob, bob_token) = pipeline.session_user().await;
     let (status, submitted) =
         pipeline.post("/api/documents", &alice_token, &json!({"title": "zephyr.md", "text": FACT})).await;
@@ -233,6 +233,8 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
     let (_, bobs_documents) = pipeline.get("/api/documents", &bob_token).await;
     assert_eq!(bobs_documents["documents"], json!([]));
     assert_eq!(pipeline.get("/api/documents?limit=0", &alice_token).await.0, 400);
+    let listed = pipeline.cli(&["documents", "list", "--owner", &alice]);
+    assert_eq!(String::from_utf8_lossy(&listed.stdout), format!("{document_id}  zephyr.md\n"), "{listed:?}");
 
     let path = format!("/api/documents/{document_id}");
     let (status, _) = pipeline.delete("/api/documents/not-a-uuid", &alice_token).await;
@@ -260,6 +262,21 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(pipeline.get("/api/documents", &alice_token).await.1["documents"], json!([]));
+
+    // An operator removes a document on a user's behalf from the command line.
+    let (_, second) = pipeline
+        .post("/api/documents", &alice_token, &json!({"title": "second.md", "text": "Tides turn twice a day."}))
+        .await;
+    let second_id = second["document_id"].as_str().unwrap().to_owned();
+    pipeline.search_until(&alice_token, "tides", |h| h["source_id"] == second_id.as_str()).await;
+    let deleted = pipeline.cli(&["documents", "delete", &second_id, "--owner", &alice]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(String::from_utf8_lossy(&deleted.stdout).contains("documents/"), "{deleted:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipeline.get("/api/documents", &alice_token).await.1["documents"] != json!([]) {
+        assert!(Instant::now() < deadline, "the document deleted from the command line is still listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     pipeline.stop().await;
 }
 
