@@ -232,7 +232,8 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
     );
     let (_, bobs_documents) = pipeline.get("/api/documents", &bob_token).await;
     assert_eq!(bobs_documents["documents"], json!([]));
-    assert_eq!(pipeline.get("/api/documents?limit=0", &alice_token).await.0, 400);
+    let (status, refused) = pipeline.get("/api/documents?limit=0", &alice_token).await;
+    assert_eq!((status, refused["error"].as_str()), (400, Some("invalid_parameter")), "{refused}");
     let listed = pipeline.cli(&["documents", "list", "--owner", &alice]);
     assert_eq!(String::from_utf8_lossy(&listed.stdout), format!("{document_id}  zephyr.md\n"), "{listed:?}");
 

@@ -403,8 +403,13 @@ impl Worker {
                 };
                 // The first delta is what a person waits for: its hop is traced (with the
                 // gateway's `gateway.first_token`), the others are not worth a span each.
-                let span = if index == 0 { info_span!("inference.first_token") } else { Span::none() };
-                continue_trace(&span, Some(&traceparent));
+                let span = if index == 0 {
+                    let span = info_span!("inference.first_token");
+                    continue_trace(&span, Some(&traceparent));
+                    span
+                } else {
+                    Span::none()
+                };
                 // Enqueued one at a time, in order; delivery is awaited at the end.
                 let enqueued = tokens.enqueue(&topic, &conversation_id, &token, Some(&traceparent));
                 match enqueued.instrument(span).await {

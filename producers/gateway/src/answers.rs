@@ -74,8 +74,13 @@ pub async fn run(
                 Ok(decoded) => {
                     let token = decoded.event;
                     // Pairs with the inference's `inference.first_token`: the first delta's hop.
-                    let span = if token.index == 0 { info_span!("gateway.first_token") } else { Span::none() };
-                    continue_trace(&span, token.traceparent.as_deref());
+                    let span = if token.index == 0 {
+                        let span = info_span!("gateway.first_token");
+                        continue_trace(&span, token.traceparent.as_deref());
+                        span
+                    } else {
+                        Span::none()
+                    };
                     let _pushing = span.enter();
                     let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
                     let frame = ServerFrame::Token {

@@ -162,7 +162,7 @@ pub(crate) async fn list_documents(
     let limit = params.limit.unwrap_or(100);
     if !(1..=MAX_LISTED).contains(&limit) {
         let message = format!("limit must be 1 to {MAX_LISTED}");
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", message));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", message));
     }
     let documents = retriever_of(&state)?
         .store()
