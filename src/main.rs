@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
 use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
+use parley_events::invariants::{Violation, violations};
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_events::{EventCodec, SchemaCatalog};
 use parley_gateway::{Gateway, GatewayArgs};
@@ -332,6 +333,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("no events of conversation {conversation_id} in the log");
                 return Ok(ExitCode::FAILURE);
             };
+            let violations = violations(records.iter().map(|r| &r.event));
             if format == "json" {
                 println!(
                     "{}",
@@ -346,6 +348,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         "method": format!("{method:?}"),
                         "fetch_ms": elapsed.as_secs_f64() * 1000.0,
                         "diff": differences,
+                        "violations": violations,
                     })
                 );
             } else {
@@ -375,8 +378,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!("diff against the projection ({}):", differences.len());
                     differences.iter().for_each(|d| println!("  {d}"));
                 }
+                print_violations(&violations);
             }
-            if !differences.is_empty() {
+            if !differences.is_empty() || !violations.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -438,6 +442,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         );
                     }
                 }
+            }
+            let violations = violations(records.iter().map(|r| &r.event));
+            if format == "json" {
+                violations.iter().for_each(|v| println!("{}", serde_json::json!(v)));
+            } else {
+                print_violations(&violations);
+            }
+            if !violations.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Trace { trace_id, jaeger_url } => {
@@ -639,4 +652,17 @@ fn shutdown_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+/// Invariant violations as replay and audit print them (to stderr too, so a pipe sees them).
+fn print_violations(violations: &[Violation]) {
+    if violations.is_empty() {
+        println!("invariants: hold (each event id once, one outcome per query)");
+        return;
+    }
+    println!("invariants violated ({}):", violations.len());
+    for violation in violations {
+        println!("  {violation}");
+        eprintln!("invariant violated: {violation}");
+    }
 }

@@ -197,9 +197,13 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
     let topic = pipeline.events_topic();
     let key = id.to_string();
-    for payload in &payloads {
-        let record = rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(payload);
-        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    // Enqueued together, so the inference consumer (which answers the query too) cannot
+    // write its own outcome at sequence 3 between the old producer's query and answer.
+    let sends = payloads.iter().map(|payload| {
+        producer.send(rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(payload), Duration::from_secs(10))
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.unwrap();
     }
 
     let token = parley_gateway::auth::TokenSigner::new(b"test-secret").token_for(&user);

@@ -81,3 +81,45 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     assert!(text(&unknown).contains("no events"), "{}", text(&unknown));
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_written_twice_is_an_invariant_violation_for_replay_and_audit() {
+    use parley_events::ConversationEvent;
+
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let topic = pipeline.events_topic();
+    let written = support::write_synthetic(&pipeline.brokers, &pipeline.registry, &topic, 1, 2).await;
+    let (conversation, events) = &written[0];
+    // The log of the duplicate-turn bug: turn 1's query and answer again, same event ids,
+    // at sequences 6 and 7.
+    let codec = std::sync::Arc::new(parley_events::EventCodec::new(&pipeline.registry).unwrap());
+    let config = rdkafka::ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).clone();
+    let producer = parley_eventlog::EventProducer::new(config, codec).unwrap();
+    let key = conversation.to_string();
+    let (ConversationEvent::QueryReceived(query), ConversationEvent::ResponseGenerated(answer)) =
+        (&events[1], &events[2])
+    else {
+        panic!("{events:?}")
+    };
+    let mut repeated_query = query.clone();
+    repeated_query.envelope.sequence = 6;
+    let mut repeated_answer = answer.clone();
+    repeated_answer.envelope.sequence = 7;
+    producer.append(&topic, &key, &repeated_query, None).await.unwrap();
+    producer.append(&topic, &key, &repeated_answer, None).await.unwrap();
+
+    // Scan: the index may not have the repeated records yet; the log has them either way.
+    let replayed = pipeline.cli(&["replay", &key, "--scan"]);
+    let out = text(&replayed);
+    assert_eq!(replayed.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!("event id {} appears 2 times, at sequences [2, 6]", query.envelope.event_id)),
+        "{out}"
+    );
+    assert!(out.contains(&format!("query {} has 2 outcomes", query.envelope.event_id)), "{out}");
+    let audit = pipeline.cli(&["audit", &key, "--scan"]);
+    assert_eq!(audit.status.code(), Some(1), "{}", text(&audit));
+    assert!(text(&audit).contains("invariant violated: event id"), "{}", text(&audit));
+    pipeline.stop().await;
+}

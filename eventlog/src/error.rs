@@ -14,4 +14,18 @@ pub enum EventLogError {
     NoGroupMetadata,
     #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
     InvalidPosition(String),
+    #[error("processing a record failed")]
+    Processor(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl EventLogError {
+    /// Whether the client that failed is unusable (a fatal librdkafka error, or a fenced
+    /// or otherwise dead transactional producer): retrying with it cannot succeed.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Self::Kafka(KafkaError::Transaction(error)) => error.is_fatal(),
+            Self::Kafka(error) => error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Fatal),
+            _ => false,
+        }
+    }
 }

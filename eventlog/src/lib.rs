@@ -3,13 +3,19 @@
 //! - [`settings`]: broker and topic options (clap, each with an env fallback);
 //! - [`topics`]: the topics Parley owns, with explicit partitions and configs;
 //! - [`position`]: log positions handed to clients as consistency tokens;
+//! - [`partitioner`]: the partition a key lands on, computed like the producers do;
 //! - [`producer`]: the idempotent producer that appends events keyed by conversation;
+//! - [`consumer`]: the one consumer builder (committed records, no auto commit, quiet EOF);
 //! - [`dead_letter`]: the record a consumer writes when it must give up on a message;
 //! - [`registry_wait`]: retrying decodes through schema-registry outages;
-//! - [`transaction`]: consume-transform-produce loops that commit output and offsets together.
+//! - [`driver`]: the one consume-transform-produce driver (continuous, one per key, commit rule);
+//! - [`transaction`]: the transactional producer that commits output and offsets together.
 
+pub mod consumer;
 pub mod dead_letter;
+pub mod driver;
 pub mod error;
+pub mod partitioner;
 pub mod position;
 pub mod producer;
 pub mod registry_wait;

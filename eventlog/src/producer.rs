@@ -9,6 +9,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::error::EventLogError;
+use crate::partitioner::PARTITIONER;
 use crate::position::LogPosition;
 use crate::trace::TRACEPARENT_HEADER;
 
@@ -32,7 +33,8 @@ pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
     if base.get("linger.ms").is_none() {
         base.set("linger.ms", "2");
     }
-    base.set("enable.idempotence", "true")
+    base.set(PARTITIONER.0, PARTITIONER.1)
+        .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
         .set("message.timeout.ms", "30000")
@@ -85,6 +87,18 @@ impl EventProducer {
                 Err(_canceled) => Err(EventLogError::Kafka(rdkafka::error::KafkaError::Canceled)),
             }
         })
+    }
+
+    /// The offset the next record appended to `topic`/`partition` will get (its high
+    /// watermark): everything before it is in the log.
+    pub async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, EventLogError> {
+        let (producer, topic) = (self.producer.clone(), topic.to_owned());
+        let watermarks = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_watermarks(&topic, partition, Duration::from_secs(5))
+        })
+        .await
+        .map_err(|_| EventLogError::Kafka(rdkafka::error::KafkaError::Canceled))??;
+        Ok(watermarks.1)
     }
 
     /// Waits until everything sent has been acknowledged (used on shutdown).

@@ -1,21 +1,17 @@
-//! Consume-transform-produce, exactly once from the log's point of view: a consumer takes
-//! a batch, works out the records to append for it, then appends them and commits the
-//! batch's offsets in one Kafka transaction. A crash before the commit re-delivers the
-//! batch; read_committed readers never see the output of an aborted attempt.
+//! The transactional producer of consume-transform-produce (driven by [`crate::driver`]):
+//! records to append and the consumer's next offsets go out in one Kafka transaction. A
+//! crash before the commit re-delivers the records; read_committed readers never see the
+//! output of an aborted attempt.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::field::Empty;
-use tracing::{Instrument, Span, info_span, warn};
+use tracing::{Instrument, Span, info_span};
 
 use crate::error::EventLogError;
 use crate::producer::idempotent_config;
@@ -33,104 +29,10 @@ pub struct Outgoing {
     pub traceparent: Option<String>,
 }
 
-/// Records processed but not yet committed: per partition, the offset to commit next and
-/// the first offset to rewind to if the transaction that should commit them aborts.
-#[derive(Debug, Default)]
-pub struct Uncommitted {
-    next: HashMap<(String, i32), i64>,
-    first: HashMap<(String, i32), i64>,
-}
-
-impl Uncommitted {
-    pub fn add(&mut self, batch: &[OwnedMessage]) {
-        for message in batch {
-            let partition = (message.topic().to_owned(), message.partition());
-            let next = self.next.entry(partition.clone()).or_insert(0);
-            *next = (*next).max(message.offset() + 1);
-            let first = self.first.entry(partition).or_insert(i64::MAX);
-            *first = (*first).min(message.offset());
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.next.is_empty()
-    }
-}
-
-/// The consumer of a consume-transform-produce loop: group `group_id`, offsets committed
-/// only through the transaction, committed records only.
-pub fn transactional_consumer(
-    kafka: &KafkaSettings,
-    group_id: &str,
-    topics: &[&str],
-) -> Result<StreamConsumer, EventLogError> {
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(topics)?;
-    Ok(consumer)
-}
-
 /// The configured transactional id, or the group id with a random suffix: unique per
 /// running instance, as fencing through the group generation (KIP-447) allows.
 pub fn instance_transactional_id(group_id: &str, configured: Option<&str>) -> String {
     configured.map_or_else(|| format!("{group_id}-{}", uuid::Uuid::new_v4().simple()), str::to_owned)
-}
-
-/// What [`next_batch`] found.
-#[derive(Debug)]
-pub enum Poll {
-    /// Shutdown was requested; nothing was taken.
-    Shutdown,
-    /// Nothing arrived within the idle interval: a good moment to flush.
-    Idle,
-    Batch(Vec<OwnedMessage>),
-}
-
-/// Waits up to `idle` for a first record, then gathers more until the batch holds
-/// `max_records` or `max_wait` has passed since the first (zero: only what is already fetched).
-pub async fn next_batch(
-    consumer: &StreamConsumer,
-    max_records: usize,
-    max_wait: Duration,
-    idle: Duration,
-    shutdown: &CancellationToken,
-) -> Result<Poll, EventLogError> {
-    let first = tokio::select! {
-        () = shutdown.cancelled() => return Ok(Poll::Shutdown),
-        received = tokio::time::timeout(idle, consumer.recv()) => match received {
-            Err(_idle) => return Ok(Poll::Idle),
-            Ok(received) => match tolerate(received)? {
-                Some(message) => message.detach(),
-                None => return Ok(Poll::Batch(vec![])),
-            },
-        },
-    };
-    let deadline = tokio::time::Instant::now() + max_wait;
-    let mut batch = vec![first];
-    while batch.len() < max_records {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(received) => batch.extend(tolerate(received)?.map(|m| m.detach())),
-            Err(_) => break,
-        }
-    }
-    Ok(Poll::Batch(batch))
-}
-
-/// A consumer error is logged and skipped unless it is fatal (the client is unusable).
-fn tolerate<T>(received: Result<T, KafkaError>) -> Result<Option<T>, EventLogError> {
-    match received {
-        Ok(message) => Ok(Some(message)),
-        Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => Err(error.into()),
-        Err(error) => {
-            warn!(%error, "consumer error; continuing");
-            Ok(None)
-        }
-    }
 }
 
 /// The producer side of a consume-transform-produce loop.
@@ -161,34 +63,30 @@ impl TransactionalProducer {
         Ok(Self { producer })
     }
 
-    /// Appends `outgoing` and commits every uncommitted offset in one transaction. On
-    /// failure the transaction is aborted and the consumer rewound to the first uncommitted
-    /// record, so that work is done again.
-    pub async fn commit(
+    /// Appends `outgoing` and commits `next_offsets` (per partition, the next offset to
+    /// read) in one transaction. On failure the transaction is aborted and the error
+    /// returned: nothing of it is visible, and the caller may try the same again.
+    pub async fn commit_offsets<C: ConsumerContext + 'static>(
         &self,
-        consumer: &StreamConsumer,
-        uncommitted: &mut Uncommitted,
+        consumer: &StreamConsumer<C>,
+        next_offsets: &std::collections::BTreeMap<(String, i32), i64>,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), EventLogError> {
-        if uncommitted.is_empty() && outgoing.is_empty() {
+        if next_offsets.is_empty() && outgoing.is_empty() {
             return Ok(());
         }
-        let done = std::mem::take(uncommitted);
-        let span = transaction_span(&outgoing, done.next.len());
-        if let Err(error) = self.transact(consumer, &done.next, outgoing).instrument(span).await {
-            warn!(%error, "transaction failed; aborting and re-processing");
+        let span = transaction_span(&outgoing, next_offsets.len());
+        let result = self.transact(consumer, next_offsets.iter(), outgoing).instrument(span).await;
+        if result.is_err() {
             tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
-            for ((topic, partition), offset) in done.first {
-                consumer.seek(&topic, partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
-            }
         }
-        Ok(())
+        result
     }
 
-    async fn transact(
+    async fn transact<'a, C: ConsumerContext + 'static>(
         &self,
-        consumer: &StreamConsumer,
-        next_offsets: &HashMap<(String, i32), i64>,
+        consumer: &StreamConsumer<C>,
+        next_offsets: impl IntoIterator<Item = (&'a (String, i32), &'a i64)>,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), EventLogError> {
         let started = Instant::now();

@@ -18,7 +18,8 @@ use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::turn::{Applied, ConversationHead};
 use parley_events::{ConversationEvent, EventCodec};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -73,15 +74,9 @@ impl Projector {
     }
 
     /// A consumer assigned every partition of the topic at this generation's progress.
-    pub async fn consumer(&self, kafka: &KafkaSettings, eof_events: bool) -> Result<StreamConsumer, ProjectionError> {
-        let consumer: StreamConsumer = kafka
-            .client_config()
-            .set("group.id", format!("parley-projection-context-g{}", self.generation.number))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", if eof_events { "true" } else { "false" })
-            .set("fetch.wait.max.ms", "50")
-            .create()?;
+    pub async fn consumer(&self, kafka: &KafkaSettings, eof_events: bool) -> Result<LogConsumer, ProjectionError> {
+        let group = format!("parley-projection-context-g{}", self.generation.number);
+        let consumer = reader(reader_config(kafka, &group, eof_events).set("fetch.wait.max.ms", "50"))?;
         let progress: HashMap<i32, i64> =
             self.store.progress(&self.generation, &self.topic).await?.into_iter().collect();
         let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(30))?;
@@ -131,6 +126,21 @@ impl Projector {
         }
         for (partition, next) in next_offsets {
             self.store.store_progress(&self.generation, &self.topic, partition, next).await?;
+        }
+        Ok(())
+    }
+
+    /// Records that the consumer read `partition` to its end: progress moves to the
+    /// consumer's position, which is past the transaction markers that follow the last
+    /// record (a reader waiting for "everything up to the partition's end" needs that).
+    pub async fn reached_end(&self, consumer: &LogConsumer, partition: i32) -> Result<(), ProjectionError> {
+        let position = consumer.position()?;
+        let end = position.find_partition(&self.topic, partition).and_then(|p| match p.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        });
+        if let Some(end) = end {
+            self.store.store_progress(&self.generation, &self.topic, partition, end).await?;
         }
         Ok(())
     }
@@ -243,7 +253,7 @@ pub async fn run(
     'generations: loop {
         let (live, _, _) = store.generations(CONTEXT).await?;
         let mut projector = Projector::new(store.clone(), live, &topic).await?;
-        let consumer = projector.consumer(kafka, false).await?;
+        let consumer = projector.consumer(kafka, true).await?;
         info!(generation = live, %topic, "context projection following the log");
         let mut generation_check = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -258,10 +268,15 @@ pub async fn run(
                 }
                 received = consumer.recv() => match received {
                     Ok(message) => message.detach(),
+                    Err(KafkaError::PartitionEOF(partition)) => {
+                        projector.reached_end(&consumer, partition).await?;
+                        continue;
+                    }
                     Err(error) => { warn!(%error, "projection consumer error"); continue; }
                 },
             };
             let mut batch = Vec::new();
+            let mut at_end = Vec::new();
             let mut pending = Some(first);
             while let Some(message) = pending.take() {
                 match decode(&codec, &message, &shutdown).await {
@@ -271,12 +286,19 @@ pub async fn run(
                 if batch.len() < MAX_BATCH {
                     pending = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                         Ok(Ok(next)) => Some(next.detach()),
+                        Ok(Err(KafkaError::PartitionEOF(partition))) => {
+                            at_end.push(partition);
+                            None
+                        }
                         Ok(Err(error)) => tolerate(error),
                         Err(_) => None,
                     };
                 }
             }
             projector.apply_batch(batch).await?;
+            for partition in at_end {
+                projector.reached_end(&consumer, partition).await?;
+            }
         }
     }
 }

@@ -9,7 +9,8 @@ use parley_eventlog::KafkaSettings;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_events::conversation::{ConversationState, Message};
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -50,7 +51,7 @@ pub enum Method {
 
 /// Reads one conversation's records from the log.
 pub struct LogReader {
-    consumer: StreamConsumer,
+    consumer: LogConsumer,
     codec: EventCodec,
     topic: String,
 }
@@ -63,16 +64,10 @@ impl std::fmt::Debug for LogReader {
 
 impl LogReader {
     pub fn new(kafka: &KafkaSettings, registry_url: &str) -> Result<Self, ProjectionError> {
-        let consumer: StreamConsumer = kafka
-            .client_config()
-            .set("group.id", format!("parley-replay-{}", Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            // A re-assigned partition's first fetch queues behind the previous long poll:
-            // keep that poll short (librdkafka waits 500 ms by default).
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
+        let group = format!("parley-replay-{}", Uuid::new_v4().simple());
+        // A re-assigned partition's first fetch queues behind the previous long poll: keep
+        // that poll short (librdkafka waits 500 ms by default).
+        let consumer = reader(reader_config(kafka, &group, true).set("fetch.wait.max.ms", "10"))?;
         Ok(Self { consumer, codec: EventCodec::new(registry_url)?, topic: kafka.topics().events })
     }
 

@@ -11,6 +11,11 @@ use uuid::Uuid;
 pub trait AvroEvent: Serialize + DeserializeOwned {
     /// Full Avro record name; also the registry subject (RecordNameStrategy).
     const FULL_NAME: &'static str;
+
+    /// The record name without its namespace, as audit and the projection's index show it.
+    fn short_name() -> &'static str {
+        Self::FULL_NAME.rsplit('.').next().unwrap_or(Self::FULL_NAME)
+    }
 }
 
 /// Who wrote an event: name and version of the service.
@@ -245,12 +250,11 @@ impl ConversationEvent {
 
     /// The Avro record name, e.g. `UserQueryReceived`.
     pub fn type_name(&self) -> &'static str {
-        let full = match self {
-            Self::Started(_) => ConversationStarted::FULL_NAME,
-            Self::QueryReceived(_) => UserQueryReceived::FULL_NAME,
-            Self::ResponseGenerated(_) => LLMResponseGenerated::FULL_NAME,
-            Self::ResponseFailed(_) => LLMResponseFailed::FULL_NAME,
-        };
-        full.rsplit('.').next().unwrap_or(full)
+        match self {
+            Self::Started(_) => ConversationStarted::short_name(),
+            Self::QueryReceived(_) => UserQueryReceived::short_name(),
+            Self::ResponseGenerated(_) => LLMResponseGenerated::short_name(),
+            Self::ResponseFailed(_) => LLMResponseFailed::short_name(),
+        }
     }
 }

@@ -3,13 +3,15 @@
 //! The `.avsc` files in `schemas/avro/` are the source of truth; this crate compiles them in
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
-//! evolution against the registry ([`registry`]).
+//! evolution against the registry ([`registry`]). [`conversation`], [`turn`] and
+//! [`invariants`] are the domain rules over those events, as plain functions.
 
 pub mod catalog;
 pub mod codec;
 pub mod conversation;
 pub mod error;
 pub mod event;
+pub mod invariants;
 pub mod registry;
 pub mod turn;
 

@@ -1,27 +1,25 @@
-//! The embedder's batch loop. A batch of records (conversation events and documents) is
-//! decoded into deletions and vector records; the deletions are applied, the records
+//! The embedder: a [`Processor`] of the event log's driver, over units of up to
+//! `--embedder-batch-size` records. A unit of records (conversation events and documents)
+//! is turned into deletions and vector records; the deletions are applied, the records
 //! embedded `batch_size` texts at a time and upserted into Milvus. Only after Milvus
 //! acknowledged are the EmbeddingsIndexed events and the batch's offsets committed, in one
 //! Kafka transaction: a crash in between re-delivers the batch, the deletions are applied
 //! again (harmless) and the deterministic vector ids make the second upsert overwrite the
 //! first, so no vector is ever stored twice and none is lost.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::Args;
-use parley_eventlog::dead_letter::dead_letter_for;
+use parley_eventlog::driver::{Decoded, DriverSettings, Processor};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
-use parley_eventlog::transaction::{
-    Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
-};
+use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
-use parley_events::{DocumentEvent, EventCodec, EventsError};
+use parley_events::{ConversationEvent, DocumentEvent, EventCodec, EventsError};
 use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorStore};
 use rdkafka::Message;
-use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -74,16 +72,12 @@ pub enum EmbedderError {
     EventLog(#[from] EventLogError),
     #[error(transparent)]
     Events(#[from] EventsError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
     #[error(transparent)]
     Retrieval(#[from] RetrievalError),
     #[error("shut down before the batch was stored")]
     ShutDown,
 }
 
-/// How long the consumer may sit idle before offsets of output-less batches are committed.
-const IDLE_FLUSH: Duration = Duration::from_secs(1);
 /// Longest pause between attempts while Milvus or the embedding service is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -97,101 +91,111 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EmbedderError> {
     let topics = kafka.topics();
-    let consumer = transactional_consumer(kafka, &args.embedder_group, &[&topics.events, &topics.documents])?;
-    let transactional_id = instance_transactional_id(&args.embedder_group, args.embedder_transactional_id.as_deref());
-    let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
-    info!(group = %args.embedder_group, %transactional_id, model = backend.model(), collection = store.collection(),
-          "embedder started");
-    let mut worker = Worker {
-        codec: EventCodec::new(registry_url)?,
+    let codec = Arc::new(EventCodec::new(registry_url)?);
+    let settings = DriverSettings {
+        group_id: args.embedder_group.clone(),
+        transactional_id: instance_transactional_id(&args.embedder_group, args.embedder_transactional_id.as_deref()),
+        topics: vec![topics.events.clone(), topics.documents.clone()],
+        dead_letter_topic: topics.dead_letter.clone(),
+        batch_size: usize::from(args.embedder_batch_size),
+        batch_wait: args.embedder_max_wait,
+        // One unit at a time: a document's deletion and its resubmission stay in order.
+        concurrency: 1,
+        one_per_key: false,
+    };
+    info!(group = %args.embedder_group, model = backend.model(), collection = store.collection(), "embedder started");
+    let worker = Arc::new(Worker {
+        codec: codec.clone(),
         backend,
         store,
         topics,
-        group_id: args.embedder_group.clone(),
         batch_size: usize::from(args.embedder_batch_size),
         chunk_chars: usize::try_from(args.chunk_chars).unwrap_or(usize::MAX),
         chunk_overlap: usize::try_from(args.chunk_overlap).unwrap_or(0),
-        owners: Owners::default(),
+        owners: Mutex::new(Owners::default()),
         flush_threshold: usize::try_from(args.milvus_flush_threshold).unwrap_or(usize::MAX),
-        unflushed: 0,
-    };
-    let mut uncommitted = Uncommitted::default();
-    loop {
-        let batch =
-            match next_batch(&consumer, worker.batch_size, args.embedder_max_wait, IDLE_FLUSH, &shutdown).await? {
-                Poll::Shutdown => break,
-                Poll::Idle => {
-                    transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
-                    worker.flush_if(|unflushed| unflushed > 0).await;
-                    continue;
-                }
-                Poll::Batch(batch) => batch,
-            };
-        let outgoing = match worker.process(&batch, &shutdown).await {
-            Err(EmbedderError::ShutDown) => break, // not committed: re-delivered
-            outgoing => outgoing?,
-        };
-        uncommitted.add(&batch);
-        if !outgoing.is_empty() {
-            transactions.commit(&consumer, &mut uncommitted, outgoing).await?;
-        }
-    }
-    transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
-    info!("embedder stopping");
+        unflushed: tokio::sync::Mutex::new(0),
+        shutdown: shutdown.clone(),
+    });
+    parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await?;
+    info!("embedder stopped");
     Ok(())
 }
 
+/// A record the embedder reads: a conversation event or a document event.
+#[derive(Debug)]
+enum Source {
+    Conversation(ConversationEvent),
+    Document(DocumentEvent),
+}
+
 struct Worker {
-    codec: EventCodec,
+    codec: Arc<EventCodec>,
     backend: Arc<dyn EmbeddingBackend>,
     store: VectorStore,
     topics: Topics,
-    group_id: String,
     batch_size: usize,
     chunk_chars: usize,
     chunk_overlap: usize,
-    owners: Owners,
+    owners: Mutex<Owners>,
     flush_threshold: usize,
-    unflushed: usize,
+    /// Vectors stored since the last flush.
+    unflushed: tokio::sync::Mutex<usize>,
+    shutdown: CancellationToken,
+}
+
+impl Processor for Worker {
+    type Item = Source;
+    type Error = EmbedderError;
+
+    async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<Source>> {
+        let payload = record.payload().unwrap_or_default();
+        if record.topic() == self.topics.documents {
+            let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_document_event(payload));
+            return decoded.await.map(|r| r.map(|d| Source::Document(d.event)));
+        }
+        let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
+        decoded.await.map(|r| r.map(|d| Source::Conversation(d.event)))
+    }
+
+    fn wants(&self, _source: &Source) -> bool {
+        true // every message and document is embedded (or learnt from: owners)
+    }
+
+    async fn process(self: Arc<Self>, unit: Vec<(OwnedMessage, Source)>) -> Result<Vec<Outgoing>, EmbedderError> {
+        let changes = unit.iter().map(|(_, source)| self.change_of(source)).collect();
+        let messages: Vec<&OwnedMessage> = unit.iter().map(|(message, _)| message).collect();
+        self.store_changes(&messages, changes).await
+    }
+
+    async fn idle(&self) {
+        self.flush_if(|unflushed| unflushed > 0).await;
+    }
 }
 
 impl Worker {
     /// Flushes the collection when `due(unflushed vectors)` holds (never with threshold 0).
     /// A failed flush only delays sealing: the vectors are stored and searchable already.
-    async fn flush_if(&mut self, due: impl Fn(usize) -> bool) {
-        if self.flush_threshold == 0 || !due(self.unflushed) {
+    async fn flush_if(&self, due: impl Fn(usize) -> bool) {
+        let mut unflushed = self.unflushed.lock().await;
+        if self.flush_threshold == 0 || !due(*unflushed) {
             return;
         }
         match self.store.flush().await {
-            Ok(()) => self.unflushed = 0,
+            Ok(()) => *unflushed = 0,
             Err(error) => warn!(%error, "flush failed; retried later"),
         }
     }
 
-    /// Embeds and stores a batch: the records to append for it (EmbeddingsIndexed, dead letters).
-    async fn process(
-        &mut self,
-        batch: &[OwnedMessage],
-        shutdown: &CancellationToken,
+    /// Applies a unit's changes: deletions, then embeddings upserted; the records to
+    /// append for it (EmbeddingsIndexed).
+    async fn store_changes(
+        &self,
+        batch: &[&OwnedMessage],
+        changes: Vec<Change>,
     ) -> Result<Vec<Outgoing>, EmbedderError> {
         let mut outgoing = Vec::new();
-        let mut changes = Vec::new();
-        for message in batch {
-            match self.change_of(message, shutdown).await? {
-                Ok(change) => changes.push(change),
-                Err(error) => {
-                    warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                          %error, "undecodable record sent to the dead-letter topic");
-                    let letter = dead_letter_for(message, &self.group_id, &error.to_string());
-                    outgoing.push(Outgoing {
-                        topic: self.topics.dead_letter.clone(),
-                        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                        payload: self.codec.encode(&letter).await?,
-                        traceparent: None,
-                    });
-                }
-            }
-        }
+        let shutdown = &self.shutdown;
         let (deletions, mut records) = plan(changes);
         if deletions.is_empty() && records.is_empty() {
             return Ok(outgoing);
@@ -200,7 +204,7 @@ impl Worker {
         let span = info_span!(parent: None, "embedder.batch", records = batch.len(), vectors = records.len(),
                               deletions = deletions.len());
         for message in batch {
-            link_trace(&span, header_traceparent(message));
+            link_trace(&span, header_traceparent(*message));
         }
         let traceparent = traceparent_of(&span, None);
         async {
@@ -220,7 +224,7 @@ impl Worker {
             }
             until_done(shutdown, "milvus upsert", || self.store.upsert(&records)).await?;
             info!(vectors = records.len(), "stored");
-            self.unflushed += records.len();
+            *self.unflushed.lock().await += records.len();
             let threshold = self.flush_threshold;
             self.flush_if(|unflushed| unflushed >= threshold).await;
             for mut event in indexed_events(&records, self.backend.model(), self.store.collection()) {
@@ -238,33 +242,24 @@ impl Worker {
         .await
     }
 
-    /// What one Kafka record asks of the vector store, or why it cannot be decoded (a
-    /// poison record). Registry outages are waited out, never treated as poison.
-    async fn change_of(
-        &mut self,
-        message: &OwnedMessage,
-        shutdown: &CancellationToken,
-    ) -> Result<Result<Change, EventsError>, EmbedderError> {
-        let payload = message.payload().unwrap_or_default();
-        if message.topic() == self.topics.documents {
-            let decoded = retry_while_registry_down(shutdown, || self.codec.decode_document_event(payload)).await;
-            let Some(decoded) = decoded else { return Err(EmbedderError::ShutDown) };
-            return Ok(decoded.map(|d| match d.event {
-                DocumentEvent::Submitted(document) => {
-                    Change::Upsert(document_records(&document, self.chunk_chars, self.chunk_overlap))
-                }
-                DocumentEvent::Deleted(deleted) => document_deletion(&deleted),
-            }));
-        }
-        let decoded = retry_while_registry_down(shutdown, || self.codec.decode_conversation_event(payload)).await;
-        let Some(decoded) = decoded else { return Err(EmbedderError::ShutDown) };
-        Ok(decoded.map(|d| match message_record(&d.event, &mut self.owners) {
-            Ok(record) => Change::Upsert(record.into_iter().collect()),
-            Err(Skipped::UnknownOwner { event_id }) => {
-                warn!(%event_id, "answer of a conversation whose owner is unknown is not embedded");
-                Change::Upsert(vec![])
+    /// What one record asks of the vector store.
+    fn change_of(&self, source: &Source) -> Change {
+        match source {
+            Source::Document(DocumentEvent::Submitted(document)) => {
+                Change::Upsert(document_records(document, self.chunk_chars, self.chunk_overlap))
             }
-        }))
+            Source::Document(DocumentEvent::Deleted(deleted)) => document_deletion(deleted),
+            Source::Conversation(event) => {
+                let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+                match message_record(event, &mut owners) {
+                    Ok(record) => Change::Upsert(record.into_iter().collect()),
+                    Err(Skipped::UnknownOwner { event_id }) => {
+                        warn!(%event_id, "answer of a conversation whose owner is unknown is not embedded");
+                        Change::Upsert(vec![])
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -1,22 +1,24 @@
-//! The inference loop, exactly once from the log's point of view: a batch of queries is
-//! answered concurrently, then the outcome events and the consumer offsets are committed
-//! in one Kafka transaction. A crash before the commit re-delivers the batch (the model may
-//! be called again, but only one outcome per query is ever visible to read_committed
-//! readers); a crash after it moves on. Token deltas go to the tokens topic outside the
-//! transaction, because the gateway must see them while the answer is being generated.
+//! The inference consumer: a [`Processor`] of the event log's driver. Each query starts
+//! as soon as it is fetched and a slot is free (`--concurrency`), one per conversation at
+//! a time; its outcome is appended in the next Kafka transaction after it is done,
+//! together with offsets that never pass an unanswered query (see
+//! [`parley_eventlog::driver`]). After a crash or a rebalance, a query whose outcome is
+//! already in the log is not sent to the model again: the driver shows every record read
+//! while catching up to [`Processor::observe`], and those outcomes are remembered until
+//! their queries come back. Token deltas go to the tokens topic outside any transaction,
+//! because the gateway must see them while the answer is being generated.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::Args;
 use futures::future::join_all;
-use parley_eventlog::dead_letter::dead_letter_for;
+use parley_eventlog::driver::{Decoded, DriverSettings, Processor};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{continue_trace, traceparent_of};
-use parley_eventlog::transaction::{
-    Outgoing, Poll, TransactionalProducer, Uncommitted, instance_transactional_id, next_batch, transactional_consumer,
-};
+use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
@@ -27,7 +29,6 @@ use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::{Hit, Retriever, SearchFilter};
 use rdkafka::Message;
-use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -104,7 +105,8 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
 
-    /// Queries answered concurrently; their outcomes commit in one transaction.
+    /// Queries answered at once (each starts as soon as it is fetched and a slot is free);
+    /// match it to the model servers' slots.
     #[arg(long, env = "PARLEY_INFERENCE_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
@@ -140,10 +142,6 @@ pub enum InferenceError {
     EventLog(#[from] EventLogError),
     #[error(transparent)]
     Events(#[from] EventsError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("shut down while waiting for the schema registry")]
-    ShutDown,
     #[error(transparent)]
     Context(#[from] ProjectionError),
 }
@@ -160,55 +158,36 @@ pub async fn run(
     let topics = kafka.topics();
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
-    let consumer = transactional_consumer(kafka, &args.group_id, &[&topics.events])?;
-    let transactional_id = instance_transactional_id(&args.group_id, args.transactional_id.as_deref());
-    let transactions = TransactionalProducer::new(kafka, &transactional_id)?;
-    let worker = Worker {
+    let settings = DriverSettings {
+        group_id: args.group_id.clone(),
+        transactional_id: instance_transactional_id(&args.group_id, args.transactional_id.as_deref()),
+        topics: vec![topics.events.clone()],
+        dead_letter_topic: topics.dead_letter.clone(),
+        batch_size: 1,
+        batch_wait: Duration::ZERO,
+        concurrency: usize::from(args.concurrency),
+        one_per_key: true,
+    };
+    let worker = Arc::new(Worker {
         // A delta is shown the moment it arrives: each goes out at once instead of lingering.
         tokens: EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?,
         model: ChatModel::new(args.llm_settings()),
-        codec,
+        codec: codec.clone(),
         topics,
-        group_id: args.group_id.clone(),
         system_prompt: args.system_prompt.clone(),
         context,
         context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
         retriever: retriever.filter(|_| args.retrieval_top_k > 0),
         retrieval_top_k: usize::from(args.retrieval_top_k),
         retrieval_min_score: args.retrieval_min_score,
-    };
-    info!(group = %args.group_id, %transactional_id, llm = %args.llm_base_url, "inference consumer started");
-
-    let max_batch = usize::from(args.concurrency);
-    let mut uncommitted = Uncommitted::default();
-    loop {
-        // Queries already fetched are answered together; none is held back to fill a batch.
-        let batch = match next_batch(&consumer, max_batch, Duration::ZERO, IDLE_FLUSH, &shutdown).await? {
-            Poll::Shutdown => break,
-            Poll::Idle => {
-                transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
-                continue;
-            }
-            Poll::Batch(batch) => batch,
-        };
-        let outgoing = match worker.process(&batch, &shutdown).await {
-            Err(InferenceError::ShutDown) => break, // the batch is not committed: re-delivered
-            outgoing => outgoing?,
-        };
-        uncommitted.add(&batch);
-        // A batch with nothing to append commits its offsets with the next transaction
-        // (or the idle flush): back-to-back offset-only transactions only add latency.
-        if !outgoing.is_empty() {
-            transactions.commit(&consumer, &mut uncommitted, outgoing).await?;
-        }
-    }
-    transactions.commit(&consumer, &mut uncommitted, vec![]).await?;
-    info!("inference consumer stopping");
+        answered: Mutex::new(HashSet::new()),
+        shutdown: shutdown.clone(),
+    });
+    info!(group = %args.group_id, llm = %args.llm_base_url, "inference consumer started");
+    parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await?;
+    info!("inference consumer stopped");
     Ok(())
 }
-
-/// How long the consumer may sit idle before offsets of output-less batches are committed.
-const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 struct TokenStream {
@@ -229,55 +208,64 @@ struct Worker {
     tokens: EventProducer,
     model: ChatModel,
     topics: Topics,
-    group_id: String,
     system_prompt: String,
     context: ContextSource,
     context_token_budget: usize,
     retriever: Option<Retriever>,
     retrieval_top_k: usize,
     retrieval_min_score: f32,
+    /// Queries whose outcome was read while catching up: answered already.
+    answered: Mutex<HashSet<String>>,
+    shutdown: CancellationToken,
 }
 
-impl Worker {
-    /// Decodes a batch and answers its queries: the records to append for it.
-    async fn process(
-        &self,
-        batch: &[OwnedMessage],
-        shutdown: &CancellationToken,
-    ) -> Result<Vec<Outgoing>, InferenceError> {
-        let mut outgoing = Vec::new();
-        let mut queries = Vec::new();
-        for message in batch {
-            let payload = message.payload().unwrap_or_default();
-            let decoded = retry_while_registry_down(shutdown, || self.codec.decode_conversation_event(payload)).await;
-            let Some(decoded) = decoded else {
-                return Err(InferenceError::ShutDown);
-            };
-            match decoded.map(|d| d.event) {
-                Ok(ConversationEvent::QueryReceived(query)) => {
-                    queries.push((query, message.partition(), message.offset()))
-                }
-                Ok(_) => {} // other events on the topic are not this consumer's work
-                Err(error) => {
-                    warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                          %error, "undecodable record sent to the dead-letter topic");
-                    let letter = dead_letter_for(message, &self.group_id, &error.to_string());
-                    outgoing.push(Outgoing {
-                        topic: self.topics.dead_letter.clone(),
-                        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                        payload: self.codec.encode(&letter).await?,
-                        traceparent: None,
-                    });
-                }
-            }
+impl Processor for Worker {
+    type Item = ConversationEvent;
+    type Error = InferenceError;
+
+    async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<ConversationEvent>> {
+        let payload = record.payload().unwrap_or_default();
+        let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
+        decoded.await.map(|result| result.map(|d| d.event))
+    }
+
+    fn observe(&self, event: &ConversationEvent, catching_up: bool) {
+        let query_event_id = match event {
+            ConversationEvent::ResponseGenerated(outcome) => &outcome.query_event_id,
+            ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
+            ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return,
+        };
+        // Outcomes read in normal operation answer queries read before them: only those
+        // read while catching up can be of queries still to come.
+        if catching_up {
+            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(query_event_id.clone());
         }
-        for outcome in join_all(queries.iter().map(|(q, partition, offset)| self.answer(q, *partition, *offset))).await
-        {
-            outgoing.push(outcome?);
+    }
+
+    fn wants(&self, event: &ConversationEvent) -> bool {
+        matches!(event, ConversationEvent::QueryReceived(_))
+    }
+
+    async fn process(
+        self: Arc<Self>,
+        unit: Vec<(OwnedMessage, ConversationEvent)>,
+    ) -> Result<Vec<Outgoing>, InferenceError> {
+        let mut outgoing = Vec::with_capacity(unit.len());
+        for (message, event) in unit {
+            let ConversationEvent::QueryReceived(query) = event else { continue };
+            let answered =
+                self.answered.lock().unwrap_or_else(PoisonError::into_inner).remove(&query.envelope.event_id);
+            if answered {
+                info!(query_event_id = %query.envelope.event_id, "outcome already in the log; not asking the model again");
+                continue;
+            }
+            outgoing.push(self.answer(&query, message.partition(), message.offset()).await?);
         }
         Ok(outgoing)
     }
+}
 
+impl Worker {
     /// Asks the model and returns the encoded outcome event (generated or failed).
     async fn answer(&self, query: &UserQueryReceived, partition: i32, offset: i64) -> Result<Outgoing, InferenceError> {
         let span = info_span!(parent: None, "inference.answer", conversation_id = %query.envelope.conversation_id,
@@ -289,14 +277,17 @@ impl Worker {
             let query_id: Uuid = query.envelope.event_id.parse().unwrap_or_else(|_| Uuid::new_v4());
             // Deterministic: a re-delivered query produces an outcome with the same event id.
             let outcome_id = Uuid::new_v5(&query_id, b"outcome");
-            let envelope = Envelope::new(
-                outcome_id,
-                &query.envelope.conversation_id,
-                outcome_sequence(query.envelope.sequence),
-                SOURCE,
-            )
-            .caused_by(&query.envelope)
-            .with_traceparent(Some(traceparent.clone()));
+            // Made when the outcome is known: its occurred_at is when the answer was done.
+            let envelope = || {
+                Envelope::new(
+                    outcome_id,
+                    &query.envelope.conversation_id,
+                    outcome_sequence(query.envelope.sequence),
+                    SOURCE,
+                )
+                .caused_by(&query.envelope)
+                .with_traceparent(Some(traceparent.clone()))
+            };
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
             let retrieved = self.retrieve(query).await;
@@ -323,7 +314,7 @@ impl Worker {
                     );
                     self.codec
                         .encode(&LLMResponseGenerated {
-                            envelope,
+                            envelope: envelope(),
                             query_event_id: query.envelope.event_id.clone(),
                             text: completion.text,
                             model: completion.model,
@@ -343,7 +334,7 @@ impl Worker {
                     warn!(%error, attempts, "LLM failed; writing LLMResponseFailed");
                     self.codec
                         .encode(&LLMResponseFailed {
-                            envelope,
+                            envelope: envelope(),
                             query_event_id: query.envelope.event_id.clone(),
                             error_kind: error.kind().to_owned(),
                             error_message: error.to_string(),

@@ -9,7 +9,8 @@ use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info_span, warn};
@@ -18,15 +19,11 @@ use uuid::Uuid;
 use crate::hub::{Hub, Outbox};
 use crate::protocol::ServerFrame;
 
-/// A consumer positioned at the end of the events and tokens topics.
-pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<StreamConsumer, EventLogError> {
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", format!("parley-gateway-{}", Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
+/// A consumer positioned at the end of the events and tokens topics, and the number of
+/// partitions of the events topic.
+pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<(LogConsumer, i32), EventLogError> {
+    let group = format!("parley-gateway-{}", Uuid::new_v4().simple());
+    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
     let mut assignment = TopicPartitionList::new();
     for topic in [&topics.events, &topics.tokens] {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
@@ -35,12 +32,13 @@ pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<StreamConsumer
         }
     }
     consumer.assign(&assignment)?;
-    Ok(consumer)
+    let event_partitions = assignment.elements_for_topic(&topics.events).len();
+    Ok((consumer, i32::try_from(event_partitions).unwrap_or(i32::MAX)))
 }
 
 /// Routes outcomes and token deltas to subscribed sockets until `shutdown`.
 pub async fn run(
-    consumer: StreamConsumer,
+    consumer: LogConsumer,
     topics: Topics,
     codec: Arc<EventCodec>,
     hub: Arc<Hub>,
@@ -97,8 +95,10 @@ pub async fn run(
         }
         match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(decoded)) => {
-                if let Some(frame) = outcome_frame(&decoded.event) {
-                    send_all(hub.apply_outcome(&decoded.event, frame.clone()), &frame);
+                let frame = outcome_frame(&decoded.event);
+                let subscribers = hub.apply(&decoded.event, message.partition(), message.offset(), frame.clone());
+                if let Some(frame) = frame {
+                    send_all(subscribers, &frame);
                 }
             }
             // The inference consumer dead-letters poison records; the gateway only reads.

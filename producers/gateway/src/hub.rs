@@ -1,12 +1,14 @@
 //! What one gateway instance knows: the conversations its sockets write to (their heads,
-//! so it can assign sequence numbers), which sockets want which conversation's answers,
-//! and each conversation's latest outcome (to answer a duplicate query again).
+//! so it can assign sequence numbers, and every query written to them, so a resent one is
+//! recognised whichever turn it was), which sockets want which conversation's answers,
+//! and each conversation's latest outcome (to answer a duplicate of the open turn again).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use parley_eventlog::LogPosition;
 use parley_events::ConversationEvent;
-use parley_events::turn::{Applied, ConversationHead, TurnRejection, query_event_id};
+use parley_events::turn::{Applied, ConversationHead, OpenQuery, STARTED_SEQUENCE, TurnRejection, query_event_id};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -18,13 +20,29 @@ pub type ConnectionId = u64;
 /// A socket's outbox. Bounded: a client that stops reading loses its socket, not the server.
 pub type Outbox = mpsc::Sender<ServerFrame>;
 
-#[derive(Debug, Default)]
+/// Where a query of the conversation sits in the log (its partition is the conversation's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenQuery {
+    pub sequence: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug)]
 struct Slot {
-    head: Option<ConversationHead>,
+    head: ConversationHead,
+    /// The conversation's partition of the events topic, once known.
+    partition: Option<i32>,
     subscribers: HashMap<ConnectionId, Outbox>,
-    /// Ack and outcome frames of the latest turn, by query event id.
-    last_ack: Option<(String, ServerFrame)>,
+    /// Every query of the conversation, by event id: a resend of any turn is a duplicate.
+    queries: HashMap<Uuid, WrittenQuery>,
+    /// The outcome frame of the latest answered turn, by query event id.
     last_outcome: Option<(String, ServerFrame)>,
+}
+
+impl Slot {
+    fn new(head: ConversationHead) -> Self {
+        Self { head, partition: None, subscribers: HashMap::new(), queries: HashMap::new(), last_outcome: None }
+    }
 }
 
 /// How a query was admitted.
@@ -32,86 +50,141 @@ struct Slot {
 pub enum Admission {
     /// A new turn: write `ConversationStarted` first if `new_conversation`, then the query at `sequence`.
     Accepted { conversation_id: Uuid, query_id: Uuid, sequence: i64, new_conversation: bool },
-    /// The same client message id again: resend these frames, write nothing.
-    Duplicate { frames: Vec<ServerFrame> },
+    /// The same client message id again: resend the original ack (marked duplicate) and the
+    /// outcome, write nothing.
+    Duplicate { ack: Box<ServerFrame>, outcome: DuplicateOutcome },
+}
+
+/// What a duplicate's client gets after the repeated ack.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DuplicateOutcome {
+    /// The outcome, known here.
+    Known(ServerFrame),
+    /// The turn is still open: the outcome will be pushed when it comes.
+    Pending,
+    /// An earlier turn: its outcome is in the projection once it has applied `after`.
+    InProjection { after: LogPosition },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// This instance does not hold the conversation: look it up in the projection, adopt
+    /// it, and admit again.
+    NotHeld,
     UnknownConversation,
     TurnInProgress,
 }
 
-#[derive(Debug, Default)]
+/// The conversations held by one gateway instance.
+#[derive(Debug)]
 pub struct Hub {
     slots: Mutex<HashMap<Uuid, Slot>>,
+    events_topic: String,
 }
 
 /// Namespace for conversation ids derived from (user, client message id): a retried first
 /// message maps to the same new conversation.
 const NEW_CONVERSATION_NAMESPACE: Uuid = Uuid::from_u128(0x6d1f_0c3a_9b1e_4a47_8f5e_2b0d_7c41_aa01);
 
+/// The conversation a first message (sent without a conversation id) starts.
+pub fn new_conversation_id(user: &str, client_message_id: &str) -> Uuid {
+    Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, format!("{user}/{client_message_id}").as_bytes())
+}
+
 impl Hub {
+    /// A hub whose conversations' events are on `events_topic`.
+    pub fn new(events_topic: impl Into<String>) -> Self {
+        Self { slots: Mutex::default(), events_topic: events_topic.into() }
+    }
+
     /// Admits `user`'s query and reserves its sequence number, subscribing `outbox` to the
-    /// conversation's answers.
+    /// conversation's answers. `new_conversation`: the client sent no conversation id.
     pub fn admit(
         &self,
         user: &str,
-        conversation_id: Option<Uuid>,
+        conversation_id: Uuid,
+        new_conversation: bool,
         client_message_id: &str,
         connection: ConnectionId,
         outbox: &Outbox,
     ) -> Result<Admission, Refusal> {
-        let new_conversation = conversation_id.is_none();
-        let conversation_id = conversation_id.unwrap_or_else(|| {
-            Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, format!("{user}/{client_message_id}").as_bytes())
-        });
         let query_id = query_event_id(conversation_id, client_message_id);
         let mut slots = self.lock();
-        let slot = slots.entry(conversation_id).or_default();
-        if slot.head.is_none() && new_conversation {
-            slot.head = Some(ConversationHead::started(user));
-        }
-        let Some(head) = slot.head.as_mut().filter(|h| h.owner == user) else {
+        let slot = slots.get_mut(&conversation_id).ok_or(Refusal::NotHeld)?;
+        if slot.head.owner != user {
             return Err(Refusal::UnknownConversation);
-        };
-        slot.subscribers.insert(connection, outbox.clone());
-        let query_key = query_id.to_string();
-        if let Some((id, ack)) = &slot.last_ack
-            && *id == query_key
-        {
-            let mut frames = vec![mark_duplicate(ack.clone())];
-            frames.extend(slot.last_outcome.iter().filter(|(q, _)| *q == query_key).map(|(_, f)| f.clone()));
-            return Ok(Admission::Duplicate { frames });
         }
-        let sequence = head.admit(user).map_err(|rejection| match rejection {
+        slot.subscribers.insert(connection, outbox.clone());
+        if let Some(written) = slot.queries.get(&query_id) {
+            let ack = Box::new(ServerFrame::Ack {
+                client_message_id: client_message_id.to_owned(),
+                conversation_id: conversation_id.to_string(),
+                event_id: query_id.to_string(),
+                sequence: written.sequence,
+                position: self.position(slot, written.offset).to_string(),
+                duplicate: true,
+            });
+            return Ok(Admission::Duplicate { ack, outcome: self.outcome_of(slot, query_id, written.sequence) });
+        }
+        let sequence = slot.head.admit(user).map_err(|rejection| match rejection {
             TurnRejection::NotOwner => Refusal::UnknownConversation,
             TurnRejection::TurnInProgress { .. } => Refusal::TurnInProgress,
         })?;
-        head.last_sequence = sequence;
-        head.open_query = Some(parley_events::turn::OpenQuery {
-            event_id: query_key,
+        slot.head.last_sequence = sequence;
+        slot.head.open_query = Some(OpenQuery {
+            event_id: query_id.to_string(),
             sequence,
             client_message_id: client_message_id.to_owned(),
         });
-        let new_conversation = sequence == parley_events::turn::STARTED_SEQUENCE + 1 && new_conversation;
+        let new_conversation = new_conversation && sequence == STARTED_SEQUENCE + 1;
         Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation })
     }
 
-    /// Takes over a conversation this instance did not hold (e.g. after a restart), with its
-    /// head as the projection knows it. A conversation already held is left as it is.
-    pub fn adopt(&self, conversation_id: Uuid, head: ConversationHead) {
-        let mut slots = self.lock();
-        let slot = slots.entry(conversation_id).or_default();
-        if slot.head.is_none() {
-            slot.head = Some(head);
-        }
+    fn position(&self, slot: &Slot, offset: i64) -> LogPosition {
+        LogPosition { topic: self.events_topic.clone(), partition: slot.partition.unwrap_or(0), offset }
     }
 
-    /// Records the ack of a written query, for duplicates.
-    pub fn record_ack(&self, conversation_id: Uuid, query_id: Uuid, ack: ServerFrame) {
+    /// Where the outcome of a repeated query comes from.
+    fn outcome_of(&self, slot: &Slot, query_id: Uuid, sequence: i64) -> DuplicateOutcome {
+        let query_key = query_id.to_string();
+        if let Some((_, frame)) = slot.last_outcome.as_ref().filter(|(q, _)| *q == query_key) {
+            return DuplicateOutcome::Known(frame.clone());
+        }
+        if slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query_key) {
+            return DuplicateOutcome::Pending;
+        }
+        // A closed turn whose outcome this instance did not see (an earlier turn, or one
+        // from before it adopted the conversation): the outcome precedes every later query
+        // in the partition, and an adopted head was read after the projection caught up.
+        let latest = slot.queries.values().filter(|q| q.sequence >= sequence).map(|q| q.offset).max();
+        let offset = latest.unwrap_or_default();
+        DuplicateOutcome::InProjection { after: self.position(slot, offset) }
+    }
+
+    /// Takes over a conversation this instance did not hold (a restart, another instance's
+    /// conversation, or a first message that may have been written before), with its head
+    /// and queries as the log shows them. A conversation already held is left as it is.
+    pub fn adopt(
+        &self,
+        conversation_id: Uuid,
+        head: ConversationHead,
+        partition: i32,
+        queries: impl IntoIterator<Item = (Uuid, WrittenQuery)>,
+    ) {
+        let mut slots = self.lock();
+        slots.entry(conversation_id).or_insert_with(|| {
+            let mut slot = Slot::new(head);
+            slot.partition = Some(partition);
+            slot.queries.extend(queries);
+            slot
+        });
+    }
+
+    /// Records where a written query landed, for duplicates.
+    pub fn record_written(&self, conversation_id: Uuid, query_id: Uuid, sequence: i64, position: &LogPosition) {
         if let Some(slot) = self.lock().get_mut(&conversation_id) {
-            slot.last_ack = Some((query_id.to_string(), ack));
+            slot.partition = Some(position.partition);
+            slot.queries.insert(query_id, WrittenQuery { sequence, offset: position.offset });
         }
     }
 
@@ -121,11 +194,11 @@ impl Hub {
         let Some(slot) = slots.get_mut(&conversation_id) else {
             return;
         };
-        if let Some(head) = slot.head.as_mut().filter(|h| h.last_sequence == sequence) {
-            head.last_sequence = sequence - 1;
-            head.open_query = None;
+        if slot.head.last_sequence == sequence {
+            slot.head.last_sequence = sequence - 1;
+            slot.head.open_query = None;
         }
-        if sequence == parley_events::turn::STARTED_SEQUENCE + 1 {
+        if sequence == STARTED_SEQUENCE + 1 {
             slots.remove(&conversation_id); // its ConversationStarted may not exist either
         }
     }
@@ -134,7 +207,7 @@ impl Hub {
     pub fn subscribe(&self, user: &str, conversation_id: Uuid, connection: ConnectionId, outbox: &Outbox) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(&conversation_id) {
-            Some(slot) if slot.head.as_ref().is_some_and(|h| h.owner == user) => {
+            Some(slot) if slot.head.owner == user => {
                 slot.subscribers.insert(connection, outbox.clone());
                 true
             }
@@ -154,8 +227,16 @@ impl Hub {
         self.lock().contains_key(conversation_id)
     }
 
-    /// Applies an event from the log and returns the subscribers to notify with `frame`.
-    pub fn apply_outcome(&self, event: &ConversationEvent, frame: ServerFrame) -> Vec<Outbox> {
+    /// Applies an event read from the log at `partition`/`offset` (a query another
+    /// instance wrote, or an outcome) and returns the subscribers to notify with `frame`
+    /// (none for an event already applied, or one that ends no turn).
+    pub fn apply(
+        &self,
+        event: &ConversationEvent,
+        partition: i32,
+        offset: i64,
+        frame: Option<ServerFrame>,
+    ) -> Vec<Outbox> {
         let Ok(conversation_id) = event.envelope().conversation_id.parse::<Uuid>() else {
             return vec![];
         };
@@ -163,15 +244,23 @@ impl Hub {
         let Some(slot) = slots.get_mut(&conversation_id) else {
             return vec![];
         };
-        let applied = slot.head.as_mut().map(|head| head.apply(event));
-        if applied == Some(Applied::AlreadyApplied) {
-            return vec![]; // re-delivered: the sockets have it
+        slot.partition = Some(partition);
+        if let ConversationEvent::QueryReceived(query) = event
+            && let Ok(query_id) = query.envelope.event_id.parse::<Uuid>()
+        {
+            let written = WrittenQuery { sequence: query.envelope.sequence, offset };
+            slot.queries.entry(query_id).or_insert(written);
         }
-        if let ConversationEvent::ResponseGenerated(e) = event {
-            slot.last_outcome = Some((e.query_event_id.clone(), frame));
-        } else if let ConversationEvent::ResponseFailed(e) = event {
-            slot.last_outcome = Some((e.query_event_id.clone(), frame));
+        if slot.head.apply_over_gaps(event) == Applied::AlreadyApplied {
+            return vec![]; // re-delivered, or this instance's own query: the sockets have it
         }
+        let query_event_id = match event {
+            ConversationEvent::ResponseGenerated(e) => &e.query_event_id,
+            ConversationEvent::ResponseFailed(e) => &e.query_event_id,
+            ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return vec![],
+        };
+        let Some(frame) = frame else { return vec![] };
+        slot.last_outcome = Some((query_event_id.clone(), frame));
         slot.subscribers.values().cloned().collect()
     }
 
@@ -194,23 +283,23 @@ impl Hub {
     }
 }
 
-fn mark_duplicate(frame: ServerFrame) -> ServerFrame {
-    match frame {
-        ServerFrame::Ack { client_message_id, conversation_id, event_id, sequence, position, .. } => {
-            ServerFrame::Ack { client_message_id, conversation_id, event_id, sequence, position, duplicate: true }
-        }
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use parley_events::{Envelope, LLMResponseFailed, Producer};
+    use parley_events::{Envelope, LLMResponseFailed, Producer, UserQueryReceived};
 
     use super::*;
 
+    const TOPIC: &str = "t.events";
+
     fn outbox() -> (Outbox, mpsc::Receiver<ServerFrame>) {
         mpsc::channel(8)
+    }
+
+    fn hub_holding_new(user: &str, client_message_id: &str) -> (Hub, Uuid) {
+        let hub = Hub::new(TOPIC);
+        let conversation = new_conversation_id(user, client_message_id);
+        hub.adopt(conversation, ConversationHead::started(user), 0, []);
+        (hub, conversation)
     }
 
     fn accepted(admission: Result<Admission, Refusal>) -> (Uuid, Uuid, i64, bool) {
@@ -232,75 +321,121 @@ mod tests {
         })
     }
 
+    fn frame_of(query: Uuid) -> ServerFrame {
+        ServerFrame::Failed {
+            conversation_id: String::new(),
+            query_event_id: query.to_string(),
+            event_id: String::new(),
+            error_kind: "timeout".into(),
+            message: "slow".into(),
+        }
+    }
+
+    /// Admits, records the write at `offset` and applies a failed outcome: one whole turn.
+    fn turn(hub: &Hub, conversation: Uuid, new: bool, client_message_id: &str, offset: i64) -> Uuid {
+        let (tx, _rx) = outbox();
+        let (_, query, sequence, _) = accepted(hub.admit("alice", conversation, new, client_message_id, 1, &tx));
+        let position = LogPosition { topic: TOPIC.into(), partition: 2, offset };
+        hub.record_written(conversation, query, sequence, &position);
+        hub.apply(&failed_outcome(conversation, query, sequence + 1), 2, offset + 1, Some(frame_of(query)));
+        query
+    }
+
     #[test]
     fn a_new_conversation_then_one_turn_at_a_time() {
-        let hub = Hub::default();
+        let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (conversation, query, sequence, new) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        let (_, query, sequence, new) = accepted(hub.admit("alice", conversation, true, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, true));
-        assert_eq!(hub.admit("alice", Some(conversation), "m2", 1, &tx), Err(Refusal::TurnInProgress));
+        assert_eq!(hub.admit("alice", conversation, false, "m2", 1, &tx), Err(Refusal::TurnInProgress));
 
-        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
-        assert_eq!(hub.apply_outcome(&failed_outcome(conversation, query, 3), frame.clone()).len(), 1);
-        assert!(
-            hub.apply_outcome(&failed_outcome(conversation, query, 3), frame).is_empty(),
-            "re-delivery is not pushed twice"
-        );
-        let (_, _, sequence, new) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        let outcome = failed_outcome(conversation, query, 3);
+        assert_eq!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).len(), 1);
+        assert!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).is_empty(), "re-delivery is not pushed twice");
+        let (_, _, sequence, new) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
         assert_eq!((sequence, new), (4, false));
     }
 
     #[test]
-    fn other_users_and_unknown_conversations_are_refused_alike() {
-        let hub = Hub::default();
+    fn conversations_not_held_are_looked_up_and_other_users_refused() {
+        let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (conversation, ..) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        assert_eq!(hub.admit("mallory", Some(conversation), "x", 2, &tx), Err(Refusal::UnknownConversation));
-        assert_eq!(hub.admit("alice", Some(Uuid::new_v4()), "x", 1, &tx), Err(Refusal::UnknownConversation));
+        assert_eq!(hub.admit("mallory", conversation, false, "x", 2, &tx), Err(Refusal::UnknownConversation));
+        assert_eq!(hub.admit("alice", Uuid::new_v4(), false, "x", 1, &tx), Err(Refusal::NotHeld));
         assert!(!hub.subscribe("mallory", conversation, 2, &tx));
         assert!(hub.subscribe("alice", conversation, 3, &tx));
     }
 
     #[test]
-    fn a_repeated_client_message_id_is_a_duplicate_with_its_ack() {
-        let hub = Hub::default();
+    fn a_resent_earlier_turn_is_a_duplicate_whose_outcome_is_read_after_the_later_turns() {
+        let (hub, conversation) = hub_holding_new("alice", "a");
+        let first = turn(&hub, conversation, true, "a", 10);
+        turn(&hub, conversation, false, "b", 20);
         let (tx, _rx) = outbox();
-        let (conversation, query, sequence, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        let ack = ServerFrame::Ack {
-            client_message_id: "m1".into(),
-            conversation_id: conversation.to_string(),
-            event_id: query.to_string(),
-            sequence,
-            position: "t/0/1".into(),
-            duplicate: false,
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, false, "a", 1, &tx) else {
+            panic!("turn 1 resent after turn 2 must be a duplicate")
         };
-        hub.record_ack(conversation, query, ack);
-        // The same first message again (no conversation id yet) lands in the same conversation.
-        let Ok(Admission::Duplicate { frames }) = hub.admit("alice", None, "m1", 1, &tx) else { panic!() };
-        assert!(matches!(&frames[..], [ServerFrame::Ack { duplicate: true, .. }]), "{frames:?}");
+        let ServerFrame::Ack { event_id, sequence, position, duplicate, .. } = *ack else { panic!("{ack:?}") };
+        assert_eq!((event_id, sequence, position.as_str(), duplicate), (first.to_string(), 2, "t.events/2/10", true));
+        let after = LogPosition { topic: TOPIC.into(), partition: 2, offset: 20 };
+        assert_eq!(outcome, DuplicateOutcome::InProjection { after });
+        // The latest turn's outcome is known in memory.
+        let Ok(Admission::Duplicate { outcome, .. }) = hub.admit("alice", conversation, false, "b", 1, &tx) else {
+            panic!()
+        };
+        assert!(matches!(outcome, DuplicateOutcome::Known(ServerFrame::Failed { .. })), "{outcome:?}");
+    }
+
+    #[test]
+    fn an_adopted_conversation_knows_its_queries_and_those_other_instances_write() {
+        let hub = Hub::new(TOPIC);
+        let conversation = Uuid::new_v4();
+        let earlier = query_event_id(conversation, "a");
+        let head = ConversationHead { owner: "alice".into(), last_sequence: 3, open_query: None };
+        hub.adopt(conversation, head, 4, [(earlier, WrittenQuery { sequence: 2, offset: 7 })]);
+        let (tx, _rx) = outbox();
+        assert!(matches!(hub.admit("alice", conversation, false, "a", 1, &tx), Ok(Admission::Duplicate { .. })));
+
+        // Another instance writes turn 2: this one sees it on the log and treats a resend
+        // as a duplicate of a turn still open.
+        let query = ConversationEvent::QueryReceived(UserQueryReceived {
+            envelope: Envelope::new(
+                query_event_id(conversation, "b"),
+                conversation,
+                4,
+                Producer { name: "t", version: "0" },
+            ),
+            user_id: "alice".into(),
+            client_message_id: "b".into(),
+            text: "hi".into(),
+        });
+        assert!(hub.apply(&query, 4, 9, None).is_empty());
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, false, "b", 1, &tx) else {
+            panic!()
+        };
+        assert!(matches!(*ack, ServerFrame::Ack { sequence: 4, .. }), "{ack:?}");
+        assert_eq!(outcome, DuplicateOutcome::Pending);
+        assert_eq!(hub.admit("alice", conversation, false, "c", 1, &tx), Err(Refusal::TurnInProgress));
     }
 
     #[test]
     fn late_token_deltas_of_a_finished_answer_are_not_pushed() {
-        let hub = Hub::default();
+        let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
+        let (_, query, _, _) = accepted(hub.admit("alice", conversation, true, "m1", 1, &tx));
         assert_eq!(hub.token_subscribers(&conversation, &query.to_string()).len(), 1);
-        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
-        hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
+        hub.apply(&failed_outcome(conversation, query, 3), 0, 1, Some(frame_of(query)));
         assert!(hub.token_subscribers(&conversation, &query.to_string()).is_empty());
     }
 
     #[test]
     fn a_released_reservation_frees_the_turn() {
-        let hub = Hub::default();
+        let (hub, conversation) = hub_holding_new("alice", "m1");
+        turn(&hub, conversation, true, "m1", 1);
         let (tx, _rx) = outbox();
-        let (conversation, query, _, _) = accepted(hub.admit("alice", None, "m1", 1, &tx));
-        let frame = ServerFrame::Subscribed { conversation_id: conversation.to_string() };
-        hub.apply_outcome(&failed_outcome(conversation, query, 3), frame);
-        let (_, _, sequence, _) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        let (_, _, sequence, _) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
         hub.release(conversation, sequence);
-        let (_, _, again, _) = accepted(hub.admit("alice", Some(conversation), "m2", 1, &tx));
+        let (_, _, again, _) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
         assert_eq!(again, sequence);
     }
 }

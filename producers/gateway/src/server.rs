@@ -14,13 +14,17 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
+use parley_eventlog::LogPosition;
+use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
-use parley_events::turn::STARTED_SEQUENCE;
+use parley_events::event::AvroEvent;
+use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
 use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
 use parley_ingest::MAX_DOCUMENT_BYTES;
-use parley_projections::reader::LiveReader;
+use parley_projections::reader::{Freshness, LiveReader};
+use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::Retriever;
 use serde::Deserialize;
@@ -33,7 +37,7 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::auth::TokenSigner;
-use crate::hub::{Admission, ConnectionId, Hub, Outbox, Refusal};
+use crate::hub::{Admission, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id};
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
@@ -97,7 +101,11 @@ pub(crate) struct AppState {
     pub(crate) read_wait: Duration,
     pub(crate) retriever: Option<Retriever>,
     pub(crate) producer: EventProducer,
+    /// Reads single events back from the log (the outcome of a resent earlier query).
+    log: tokio::sync::Mutex<LogReader>,
     pub(crate) topics: Topics,
+    /// Partitions of the events topic: where a conversation's events are.
+    event_partitions: i32,
     next_connection: AtomicU64,
 }
 
@@ -127,8 +135,8 @@ impl Gateway {
         let topics = kafka.topics();
         let reader = Arc::new(LiveReader::new(store).await?);
         let codec = Arc::new(EventCodec::new(registry_url)?);
-        let hub = Arc::new(Hub::default());
-        let consumer = answers::listener(kafka, &topics)?;
+        let hub = Arc::new(Hub::new(&topics.events));
+        let (consumer, event_partitions) = answers::listener(kafka, &topics)?;
         let answers =
             tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
         let secret = args.auth_secret.clone().unwrap_or_else(|| {
@@ -139,6 +147,8 @@ impl Gateway {
             hub,
             producer: EventProducer::new(kafka.client_config(), codec)?,
             topics,
+            event_partitions,
+            log: tokio::sync::Mutex::new(LogReader::new(kafka, registry_url)?),
             limits: Limits {
                 max_frame_bytes: args.max_frame_bytes as usize,
                 max_text_chars: args.max_text_chars as usize,
@@ -274,7 +284,7 @@ async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, out
     let frames = match parse_frame(text, state.limits) {
         Err(rejection) => vec![rejection.into_frame()],
         Ok(ClientFrame::Subscribe { conversation_id }) => {
-            vec![subscribe(state, user, connection, outbox, &conversation_id)]
+            vec![subscribe(state, user, connection, outbox, &conversation_id).await]
         }
         Ok(ClientFrame::Query { client_message_id, conversation_id, text }) => {
             match validate_query(client_message_id, conversation_id, text, state.limits) {
@@ -288,22 +298,34 @@ async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, out
     }
 }
 
-fn subscribe(
+/// Subscribes the socket to a conversation of the user's, held here or adopted from the
+/// log (any instance serves any conversation, also right after it started).
+async fn subscribe(
     state: &AppState,
     user: &str,
     connection: ConnectionId,
     outbox: &Outbox,
     conversation_id: &str,
 ) -> ServerFrame {
-    match conversation_id.parse::<Uuid>() {
-        Ok(id) if state.hub.subscribe(user, id, connection, outbox) => {
-            ServerFrame::Subscribed { conversation_id: id.to_string() }
+    let unknown = || ServerFrame::Error {
+        code: ErrorCode::UnknownConversation,
+        message: format!("no conversation {conversation_id} for this user"),
+        client_message_id: None,
+    };
+    let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
+    if !state.hub.holds(&id) {
+        match adopt(state, user, id, false).await {
+            Adopted::Held => {}
+            Adopted::Unknown => return unknown(),
+            Adopted::Unavailable(message) => {
+                return ServerFrame::Error { code: ErrorCode::Unavailable, message, client_message_id: None };
+            }
         }
-        _ => ServerFrame::Error {
-            code: ErrorCode::UnknownConversation,
-            message: format!("no conversation {conversation_id} for this user on this gateway"),
-            client_message_id: None,
-        },
+    }
+    if state.hub.subscribe(user, id, connection, outbox) {
+        ServerFrame::Subscribed { conversation_id: id.to_string() }
+    } else {
+        unknown()
     }
 }
 
@@ -317,19 +339,24 @@ async fn accept_query(
     let error = |code, message: String| {
         vec![ServerFrame::Error { code, message, client_message_id: Some(query.client_message_id.clone()) }]
     };
-    let mut admission = state.hub.admit(user, query.conversation_id, &query.client_message_id, connection, outbox);
-    if let (Err(Refusal::UnknownConversation), Some(id)) = (&admission, query.conversation_id)
-        && adopt_from_projection(state, user, id).await
-    {
-        admission = state.hub.admit(user, Some(id), &query.client_message_id, connection, outbox);
+    let requested_new = query.conversation_id.is_none();
+    let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
+    let admit = || state.hub.admit(user, conversation_id, requested_new, &query.client_message_id, connection, outbox);
+    let mut admission = admit();
+    if admission == Err(Refusal::NotHeld) {
+        match adopt(state, user, conversation_id, requested_new).await {
+            Adopted::Held => admission = admit(),
+            Adopted::Unknown => admission = Err(Refusal::UnknownConversation),
+            Adopted::Unavailable(message) => return error(ErrorCode::Unavailable, message),
+        }
     }
     let (conversation_id, query_id, sequence, new_conversation) = match admission {
         Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation }) => {
             (conversation_id, query_id, sequence, new_conversation)
         }
-        Ok(Admission::Duplicate { frames }) => return frames,
-        Err(Refusal::UnknownConversation) => {
-            return error(ErrorCode::UnknownConversation, "no such conversation for this user on this gateway".into());
+        Ok(Admission::Duplicate { ack, outcome }) => return duplicate_frames(state, ack, outcome).await,
+        Err(Refusal::UnknownConversation | Refusal::NotHeld) => {
+            return error(ErrorCode::UnknownConversation, "no such conversation for this user".into());
         }
         Err(Refusal::TurnInProgress) => {
             return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
@@ -373,7 +400,7 @@ async fn accept_query(
                 position: position.to_string(),
                 duplicate: false,
             };
-            state.hub.record_ack(conversation_id, query_id, ack.clone());
+            state.hub.record_written(conversation_id, query_id, sequence, &position);
             vec![ack]
         }
         Err(e) => {
@@ -384,22 +411,129 @@ async fn accept_query(
     }
 }
 
-/// Loads a conversation this instance does not hold from the projection, if it is the
-/// user's. A turn the projection shows as open stays refused until its outcome arrives.
-async fn adopt_from_projection(state: &AppState, user: &str, conversation_id: Uuid) -> bool {
-    let row = match state.reader.generation().await {
-        Ok(generation) => state.reader.store().conversation(&generation, conversation_id).await,
-        Err(error) => Err(error),
-    };
-    match row {
-        Ok(Some(row)) if row.user_id == user => {
-            state.hub.adopt(conversation_id, row.head());
-            true
+/// What adopting a conversation came to.
+enum Adopted {
+    /// This instance holds it now.
+    Held,
+    /// Not the user's (or no such conversation): indistinguishable to the client.
+    Unknown,
+    /// The store did not answer or is behind: nothing was decided; the client retries.
+    Unavailable(String),
+}
+
+/// Makes this instance hold a conversation of `user`'s (or the new one their first message
+/// starts) as the log has it. First waits, bounded, until the projection has applied
+/// every event of the conversation's partition, so a turn written through another instance
+/// or before a restart is known and a resend of it is recognised as a duplicate.
+async fn adopt(state: &AppState, user: &str, conversation_id: Uuid, new_conversation: bool) -> Adopted {
+    let partition = partition_for_key(conversation_id.to_string().as_bytes(), state.event_partitions);
+    match load_conversation(state, conversation_id, partition).await {
+        Ok(Some((head, queries))) if head.owner == user => {
+            state.hub.adopt(conversation_id, head, partition, queries);
+            Adopted::Held
         }
-        Ok(_) => false,
-        Err(error) => {
-            warn!(%error, %conversation_id, "could not look the conversation up in the projection");
-            false
+        Ok(Some(_)) => Adopted::Unknown,
+        Ok(None) if new_conversation => {
+            state.hub.adopt(conversation_id, ConversationHead::started(user), partition, []);
+            Adopted::Held
+        }
+        Ok(None) => Adopted::Unknown,
+        Err(message) => {
+            warn!(%conversation_id, %message, "could not adopt the conversation");
+            Adopted::Unavailable(message)
         }
     }
+}
+
+/// A conversation's head and queries from the projection, once it has caught up with the
+/// conversation's partition.
+async fn load_conversation(
+    state: &AppState,
+    conversation_id: Uuid,
+    partition: i32,
+) -> Result<Option<(ConversationHead, Vec<(Uuid, WrittenQuery)>)>, String> {
+    let end = state
+        .producer
+        .end_offset(&state.topics.events, partition)
+        .await
+        .map_err(|e| format!("the event log did not answer; retry: {e}"))?;
+    if end > 0 {
+        let last = LogPosition { topic: state.topics.events.clone(), partition, offset: end - 1 };
+        let freshness = state.reader.wait_for(&last, state.read_wait).await.map_err(|e| e.to_string())?;
+        if freshness != Freshness::Applied {
+            return Err(format!(
+                "the conversation store has not caught up with {last} within {:?}; retry",
+                state.read_wait
+            ));
+        }
+    }
+    let store = state.reader.store();
+    let generation = state.reader.generation().await.map_err(|e| e.to_string())?;
+    let Some(row) = store.conversation(&generation, conversation_id).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let queries = store
+        .locations(&generation, conversation_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|l| l.event_type == UserQueryReceived::short_name())
+        .filter_map(|l| Some((l.event_id.parse().ok()?, WrittenQuery { sequence: l.sequence, offset: l.offset })))
+        .collect();
+    Ok(Some((row.head(), queries)))
+}
+
+/// The frames a duplicate query gets: its original ack, marked duplicate, then its outcome
+/// if it has one (an earlier turn's is read from the log once the projection, which
+/// indexes it, has caught up).
+async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: DuplicateOutcome) -> Vec<ServerFrame> {
+    let outcome = match (outcome, ack.as_ref()) {
+        (DuplicateOutcome::Known(frame), _) => Some(frame),
+        (DuplicateOutcome::Pending, _) => None,
+        (DuplicateOutcome::InProjection { after }, ServerFrame::Ack { conversation_id, event_id, sequence, .. }) => {
+            match earlier_outcome(state, conversation_id, event_id, *sequence, &after).await {
+                Ok(frame) => frame,
+                // The ack alone is still right; the client reads the answer from the history.
+                Err(error) => {
+                    warn!(%error, "outcome of a resent earlier query not read");
+                    None
+                }
+            }
+        }
+        (DuplicateOutcome::InProjection { .. }, _) => None,
+    };
+    std::iter::once(*ack).chain(outcome).collect()
+}
+
+/// The outcome event of an earlier turn, read from the log where the projection's index
+/// says it is, as the frame it was first pushed as.
+async fn earlier_outcome(
+    state: &AppState,
+    conversation_id: &str,
+    query_event_id: &str,
+    query_sequence: i64,
+    after: &LogPosition,
+) -> Result<Option<ServerFrame>, ProjectionError> {
+    if state.reader.wait_for(after, state.read_wait).await? != Freshness::Applied {
+        return Ok(None);
+    }
+    let Ok(conversation_id) = conversation_id.parse::<Uuid>() else { return Ok(None) };
+    let generation = state.reader.generation().await?;
+    let outcome_sequence = parley_events::turn::outcome_sequence(query_sequence);
+    let locations: Vec<_> = state
+        .reader
+        .store()
+        .locations(&generation, conversation_id)
+        .await?
+        .into_iter()
+        .filter(|l| l.sequence == outcome_sequence)
+        .collect();
+    if locations.is_empty() {
+        return Ok(None);
+    }
+    let (records, _, _) = state.log.lock().await.read(conversation_id, &locations, false).await?;
+    Ok(records
+        .iter()
+        .filter_map(|r| answers::outcome_frame(&r.event))
+        .find(|frame| matches!(frame, ServerFrame::Answer { query_event_id: q, .. } | ServerFrame::Failed { query_event_id: q, .. } if q == query_event_id)))
 }

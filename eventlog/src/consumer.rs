@@ -1,0 +1,46 @@
+//! The one way Parley's services build a Kafka consumer: committed records only, no
+//! automatic offset commits (each reader keeps its position where its effect is), and
+//! end-of-partition events, which the readers ask for, not reported as errors.
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use tracing::warn;
+
+use crate::error::EventLogError;
+use crate::settings::KafkaSettings;
+
+/// A consumer built by [`reader`].
+pub type LogConsumer = StreamConsumer<ReaderContext>;
+
+/// Reports client errors as warnings, except the end-of-partition events a reader asked for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// Settings of a reader in group `group_id`: read_committed, no automatic commits, and
+/// `enable.partition.eof` as asked. Callers add what is theirs (fetch waits, strategy).
+pub fn reader_config(kafka: &KafkaSettings, group_id: &str, eof_events: bool) -> ClientConfig {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", if eof_events { "true" } else { "false" });
+    config
+}
+
+/// A reader built from [`reader_config`] (possibly extended).
+pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
+    Ok(config.create_with_context(ReaderContext)?)
+}

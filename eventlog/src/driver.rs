@@ -1,0 +1,523 @@
+//! The one consume-transform-produce driver: records in, records to append out, exactly
+//! once from the log's point of view. Inference and the embedder are [`Processor`]s; the
+//! driver owns everything else: the consumer and its group, decoding failures (dead
+//! letters, built here only), concurrency, the commit rule, and what is fatal.
+//!
+//! - **Continuous**: a unit of work (one record, or a batch of up to `batch_size`) starts
+//!   as soon as it is fetched and one of `concurrency` slots is free, on its own task, so
+//!   a slow unit never delays another one's start or its outcome.
+//! - **One per key** (optional): a record waits while an earlier record of its key is in
+//!   flight (one conversation, one turn).
+//! - **Commit rule**: outputs are appended as units finish, grouped into one Kafka
+//!   transaction per commit (what finished while the previous commit ran goes into the
+//!   next); the transaction also commits, per partition, the offset of the first record
+//!   not finished yet. A committed offset never passes unanswered work.
+//! - **Catch-up after an assignment**: output may already be in the log for records past
+//!   the committed offset (a later record finished before an earlier one, then the member
+//!   died). Records read before the partition's end as of the assignment are held until
+//!   that end is reached, and every record is shown to [`Processor::observe`] first, so a
+//!   processor learns which work is done before any of it is started again.
+//! - **Fatal**: a processor error, an unusable consumer, or a transaction that fails
+//!   [`COMMIT_ATTEMPTS`] times in a row stops the driver with the error (the process
+//!   exits and is restarted; nothing is committed past unfinished work, so nothing is lost).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use parley_events::{EventCodec, EventsError};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::consumer::{ReaderContext, reader_config};
+use crate::dead_letter::dead_letter_for;
+use crate::error::EventLogError;
+use crate::settings::KafkaSettings;
+use crate::transaction::{Outgoing, TransactionalProducer};
+
+/// A failed transaction is aborted and its outputs and offsets retried this often, with a
+/// growing pause, before the driver gives up.
+pub const COMMIT_ATTEMPTS: u32 = 5;
+
+/// How long the consumer may sit idle before [`Processor::idle`] runs.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// What a processor says about one record once decoded.
+pub type Decoded<T> = Result<T, EventsError>;
+
+/// A service's work: decode a record, do what it asks, say what to append.
+pub trait Processor: Send + Sync + 'static {
+    /// A decoded record.
+    type Item: Send + 'static;
+    /// Why a unit could not be done (fatal for the driver).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Decodes a record (riding out registry outages). `None`: shutdown came while
+    /// waiting. `Some(Err)`: the record is poison and goes to the dead-letter topic.
+    fn decode(&self, record: &OwnedMessage) -> impl Future<Output = Option<Decoded<Self::Item>>> + Send;
+
+    /// Sees every decoded record in log order as it is read, before any work on it starts;
+    /// `catching_up` while the partition is read up to its end as of the assignment.
+    fn observe(&self, _item: &Self::Item, _catching_up: bool) {}
+
+    /// Whether the record is work for this processor (other records complete at once).
+    fn wants(&self, item: &Self::Item) -> bool;
+
+    /// Does the work of a unit (its records in log order) and returns what to append for
+    /// it. Transient failures are the processor's to retry; an error here is fatal.
+    fn process(
+        self: Arc<Self>,
+        unit: Vec<(OwnedMessage, Self::Item)>,
+    ) -> impl Future<Output = Result<Vec<Outgoing>, Self::Error>> + Send;
+
+    /// Runs when no record arrived for a while (e.g. flush a buffer).
+    fn idle(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// How a driver consumes and schedules.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    pub group_id: String,
+    pub transactional_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    /// Records per unit of work (1: each record on its own).
+    pub batch_size: usize,
+    /// Longest wait for a unit to fill once its first record arrived.
+    pub batch_wait: Duration,
+    /// Units in flight at once.
+    pub concurrency: usize,
+    /// Whether a record waits while an earlier record with its key is in flight.
+    pub one_per_key: bool,
+}
+
+/// Runs `processor` over the settings' topics until `shutdown` (or a fatal error).
+pub async fn run<P: Processor>(
+    kafka: &KafkaSettings,
+    settings: DriverSettings,
+    processor: Arc<P>,
+    codec: Arc<EventCodec>,
+    shutdown: CancellationToken,
+) -> Result<(), EventLogError> {
+    let context = RebalanceLog::default();
+    let assignments = context.changes.clone();
+    let consumer: StreamConsumer<RebalanceLog> = reader_config(kafka, &settings.group_id, true)
+        .set("auto.offset.reset", "earliest")
+        // Only partitions that move are revoked: work on the others goes on through a rebalance.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create_with_context(context)?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let consumer = Arc::new(consumer);
+    let transactions = TransactionalProducer::new(kafka, &settings.transactional_id)?;
+    info!(group = %settings.group_id, transactional_id = %settings.transactional_id,
+          concurrency = settings.concurrency, batch_size = settings.batch_size, "driver started");
+
+    let (commits, commit_queue) = mpsc::unbounded_channel::<Commit>();
+    let committer = tokio::spawn(commit_loop(transactions, consumer.clone(), commit_queue));
+    let mut driver = Driver {
+        settings,
+        processor,
+        codec,
+        assignments,
+        consumer: consumer.clone(),
+        partitions: HashMap::new(),
+        last_commit: Instant::now(),
+        busy_keys: HashSet::new(),
+        parked: HashMap::new(),
+        ready: VecDeque::new(),
+        ready_since: None,
+        running: JoinSet::new(),
+        commits,
+    };
+    let outcome = driver.drive(&shutdown).await;
+    // Work not finished is not committed: it is redone by whoever gets its partition.
+    driver.running.abort_all();
+    driver.enqueue_commit(vec![]);
+    drop(driver);
+    let committed = committer.await.unwrap_or(Err(EventLogError::Kafka(KafkaError::Canceled)));
+    info!("driver stopped");
+    outcome.and(committed)
+}
+
+/// Partitions assigned or revoked since the driver last looked.
+#[derive(Default)]
+struct RebalanceLog {
+    changes: Arc<Mutex<Vec<Change>>>,
+}
+
+enum Change {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect()
+}
+
+impl ClientContext for RebalanceLog {
+    fn error(&self, error: KafkaError, reason: &str) {
+        ReaderContext.error(error, reason);
+    }
+}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let change = match rebalance {
+            Rebalance::Assign(list) => Change::Assigned(partitions_of(list)),
+            Rebalance::Revoke(list) => Change::Revoked(partitions_of(list)),
+            Rebalance::Error(error) => {
+                warn!(%error, "rebalance error");
+                return;
+            }
+        };
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner).push(change);
+    }
+}
+
+/// One partition's bookkeeping.
+struct PartitionState<I> {
+    /// Offsets read and not finished (held, parked, waiting or running).
+    unfinished: BTreeSet<i64>,
+    /// One past the highest offset read.
+    read_up_to: Option<i64>,
+    /// The offset last sent to be committed.
+    committed: Option<i64>,
+    /// While catching up: the partition's end as of the assignment, and the records held
+    /// until it is reached.
+    catch_up: Option<(i64, Vec<(OwnedMessage, I)>)>,
+}
+
+impl<I> Default for PartitionState<I> {
+    fn default() -> Self {
+        Self { unfinished: BTreeSet::new(), read_up_to: None, committed: None, catch_up: None }
+    }
+}
+
+impl<I> PartitionState<I> {
+    /// The offset to commit: the first unfinished record, or one past the last read.
+    fn commit_position(&self) -> Option<i64> {
+        self.unfinished.first().copied().or(self.read_up_to)
+    }
+}
+
+type PartitionKey = (String, i32);
+
+/// Outputs and offsets for the committer.
+#[derive(Debug, Default)]
+struct Commit {
+    outgoing: Vec<Outgoing>,
+    offsets: BTreeMap<PartitionKey, i64>,
+}
+
+/// A unit of work that finished.
+struct Finished {
+    records: Vec<(PartitionKey, i64, Option<Vec<u8>>)>,
+    outgoing: Result<Vec<Outgoing>, EventLogError>,
+}
+
+struct Driver<P: Processor> {
+    settings: DriverSettings,
+    processor: Arc<P>,
+    codec: Arc<EventCodec>,
+    assignments: Arc<Mutex<Vec<Change>>>,
+    consumer: Arc<StreamConsumer<RebalanceLog>>,
+    partitions: HashMap<PartitionKey, PartitionState<P::Item>>,
+    /// When outputs or offsets were last sent to the committer.
+    last_commit: Instant,
+    /// Keys with a record in flight, and the records of those keys waiting their turn.
+    busy_keys: HashSet<Vec<u8>>,
+    parked: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
+    /// Records ready to start, in log order, and since when the oldest has waited.
+    ready: VecDeque<(OwnedMessage, P::Item)>,
+    ready_since: Option<Instant>,
+    running: JoinSet<Finished>,
+    commits: mpsc::UnboundedSender<Commit>,
+}
+
+impl<P: Processor> Driver<P> {
+    async fn drive(&mut self, shutdown: &CancellationToken) -> Result<(), EventLogError> {
+        loop {
+            self.apply_rebalances().await?;
+            self.start_ready();
+            let has_room = self.running.len() < self.settings.concurrency;
+            // Read ahead while a slot is free, or to fill the next unit.
+            let can_read = has_room || self.ready.len() < self.settings.batch_size;
+            // A unit that is not full starts once its first record has waited `batch_wait`.
+            let fill_deadline = self.ready_since.filter(|_| has_room).map(|since| since + self.settings.batch_wait);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                Some(finished) = self.running.join_next(), if !self.running.is_empty() => {
+                    let finished = finished.map_err(|_| EventLogError::Kafka(KafkaError::Canceled))?;
+                    if finished.outgoing.is_err() && shutdown.is_cancelled() {
+                        return Ok(()); // interrupted by the shutdown: redone after the restart
+                    }
+                    self.finish(finished)?;
+                }
+                () = tokio::time::sleep_until(fill_deadline.unwrap_or_else(Instant::now).into()), if fill_deadline.is_some() => {}
+                received = tokio::time::timeout(IDLE, self.consumer.recv()), if can_read => match received {
+                    Err(_idle) => {
+                        self.enqueue_commit(vec![]); // offsets of records that were no work
+                        if self.running.is_empty() {
+                            self.processor.idle().await;
+                        }
+                    }
+                    Ok(Ok(message)) => {
+                        let message = message.detach();
+                        self.read(message).await?;
+                    }
+                    Ok(Err(KafkaError::PartitionEOF(partition))) => self.reached_end_of(partition),
+                    Ok(Err(error)) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+                        return Err(error.into());
+                    }
+                    Ok(Err(error)) => warn!(%error, "consumer error; continuing"),
+                },
+            }
+        }
+    }
+
+    /// Takes note of assignments (catch-up ends) and revocations (forget the partition:
+    /// its unfinished work is redone by its new owner, so its outputs are dropped).
+    async fn apply_rebalances(&mut self) -> Result<(), EventLogError> {
+        let changes = std::mem::take(&mut *self.assignments.lock().unwrap_or_else(PoisonError::into_inner));
+        for change in changes {
+            match change {
+                Change::Assigned(partitions) => {
+                    for (topic, partition) in partitions {
+                        let end = self.end_offset(&topic, partition).await?;
+                        info!(%topic, partition, end, "partition assigned; catching up to its end before new work");
+                        let state = PartitionState { catch_up: Some((end, Vec::new())), ..PartitionState::default() };
+                        self.partitions.insert((topic, partition), state);
+                    }
+                }
+                Change::Revoked(partitions) => {
+                    for key in partitions {
+                        info!(topic = %key.0, partition = key.1, "partition revoked; its unfinished work is left to its new owner");
+                        self.partitions.remove(&key);
+                        self.ready.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
+                        for queue in self.parked.values_mut() {
+                            queue.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, EventLogError> {
+        let (consumer, topic) = (self.consumer.clone(), topic.to_owned());
+        let watermarks =
+            tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30)))
+                .await
+                .map_err(|_| EventLogError::Kafka(KafkaError::Canceled))??;
+        Ok(watermarks.1)
+    }
+
+    /// Decodes a record read from the log and files it: dead letter, nothing to do, held
+    /// while catching up, or ready.
+    async fn read(&mut self, message: OwnedMessage) -> Result<(), EventLogError> {
+        // A rebalance callback runs inside the poll that returned this record.
+        self.apply_rebalances().await?;
+        let key = (message.topic().to_owned(), message.partition());
+        let offset = message.offset();
+        let Some(decoded) = self.processor.decode(&message).await else {
+            return Ok(()); // shutting down: the record is read again after the restart
+        };
+        let state = self.partitions.entry(key.clone()).or_default();
+        state.read_up_to = Some(state.read_up_to.map_or(offset + 1, |r| r.max(offset + 1)));
+        let catch_up_end = state.catch_up.as_ref().map(|(end, _)| *end);
+        let catching_up = catch_up_end.is_some_and(|end| offset < end);
+        match decoded {
+            Err(error) => {
+                warn!(topic = message.topic(), partition = message.partition(), offset, %error,
+                      "undecodable record sent to the dead-letter topic");
+                let letter = dead_letter_for(&message, &self.settings.group_id, &error.to_string());
+                let outgoing = Outgoing {
+                    topic: self.settings.dead_letter_topic.clone(),
+                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                    payload: self.codec.encode(&letter).await?,
+                    traceparent: None,
+                };
+                self.enqueue_commit(vec![outgoing]);
+            }
+            Ok(item) => {
+                self.processor.observe(&item, catching_up);
+                if self.processor.wants(&item) {
+                    state.unfinished.insert(offset);
+                    match state.catch_up.as_mut() {
+                        Some((_, held)) if catching_up => held.push((message, item)),
+                        _ => {
+                            self.ready_since.get_or_insert_with(Instant::now);
+                            self.ready.push_back((message, item));
+                        }
+                    }
+                } else if self.last_commit.elapsed() >= IDLE {
+                    // Records that are no work ride with the next commit; under a steady
+                    // stream of them, their offsets still advance every IDLE.
+                    self.enqueue_commit(vec![]);
+                }
+            }
+        }
+        if catch_up_end.is_some_and(|end| offset + 1 >= end) {
+            self.release_caught_up(&key);
+        }
+        Ok(())
+    }
+
+    fn reached_end_of(&mut self, partition: i32) {
+        let caught_up: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(key, state)| key.1 == partition && state.catch_up.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in caught_up {
+            self.release_caught_up(&key);
+        }
+    }
+
+    /// The partition is read up to its end as of the assignment: its held records start.
+    fn release_caught_up(&mut self, key: &PartitionKey) {
+        let Some(state) = self.partitions.get_mut(key) else { return };
+        let Some((_, held)) = state.catch_up.take() else { return };
+        if !held.is_empty() {
+            self.ready_since.get_or_insert_with(Instant::now);
+        }
+        self.ready.extend(held);
+    }
+
+    /// Starts ready records while slots are free, a unit once it is full or its first
+    /// record has waited `batch_wait`: with `one_per_key`, a record whose key is busy is
+    /// parked behind the one in flight.
+    fn start_ready(&mut self) {
+        while self.running.len() < self.settings.concurrency && !self.ready.is_empty() {
+            let full = self.ready.len() >= self.settings.batch_size;
+            let waited = self.ready_since.is_none_or(|since| since.elapsed() >= self.settings.batch_wait);
+            if !full && !waited {
+                return;
+            }
+            let mut unit = Vec::new();
+            while unit.len() < self.settings.batch_size {
+                let Some((message, item)) = self.ready.pop_front() else { break };
+                if self.settings.one_per_key {
+                    let key = message.key().unwrap_or_default().to_vec();
+                    if !self.busy_keys.insert(key.clone()) {
+                        self.parked.entry(key).or_default().push_back((message, item));
+                        continue;
+                    }
+                }
+                unit.push((message, item));
+            }
+            self.ready_since = (!self.ready.is_empty()).then(Instant::now);
+            if unit.is_empty() {
+                continue;
+            }
+            let records = unit
+                .iter()
+                .map(|(m, _)| ((m.topic().to_owned(), m.partition()), m.offset(), m.key().map(<[u8]>::to_vec)))
+                .collect();
+            let processor = self.processor.clone();
+            self.running.spawn(async move {
+                let outgoing = processor.process(unit).await.map_err(|e| EventLogError::Processor(Box::new(e)));
+                Finished { records, outgoing }
+            });
+        }
+    }
+
+    /// A unit finished: its records are done, its outputs go to the next commit (unless
+    /// its partition was revoked meanwhile), and parked records of its keys may start.
+    fn finish(&mut self, finished: Finished) -> Result<(), EventLogError> {
+        let outgoing = finished.outgoing?;
+        let mut revoked = false;
+        for (partition, offset, key) in finished.records {
+            match self.partitions.get_mut(&partition) {
+                Some(state) => {
+                    state.unfinished.remove(&offset);
+                }
+                None => revoked = true,
+            }
+            if let Some(key) = key.filter(|_| self.settings.one_per_key) {
+                self.busy_keys.remove(&key);
+                if let Some(queue) = self.parked.get_mut(&key) {
+                    if let Some(next) = queue.pop_front() {
+                        self.ready_since.get_or_insert_with(Instant::now);
+                        self.ready.push_front(next);
+                    }
+                    if queue.is_empty() {
+                        self.parked.remove(&key);
+                    }
+                }
+            }
+        }
+        if revoked {
+            warn!("a unit of a revoked partition finished; its outputs are left to the partition's new owner");
+            return Ok(());
+        }
+        self.enqueue_commit(outgoing);
+        Ok(())
+    }
+
+    /// Sends outputs and every partition's advanced commit position to the committer.
+    fn enqueue_commit(&mut self, outgoing: Vec<Outgoing>) {
+        let mut offsets = BTreeMap::new();
+        for (key, state) in &mut self.partitions {
+            if let Some(position) = state.commit_position()
+                && state.committed.is_none_or(|c| c < position)
+            {
+                state.committed = Some(position);
+                offsets.insert(key.clone(), position);
+            }
+        }
+        if outgoing.is_empty() && offsets.is_empty() {
+            return;
+        }
+        self.last_commit = Instant::now();
+        // The committer only stops after the driver: a send cannot fail while it runs.
+        let _ = self.commits.send(Commit { outgoing, offsets });
+    }
+}
+
+/// Commits what the driver sends, grouping everything queued while the previous
+/// transaction ran into the next one.
+async fn commit_loop(
+    transactions: TransactionalProducer,
+    consumer: Arc<StreamConsumer<RebalanceLog>>,
+    mut queue: mpsc::UnboundedReceiver<Commit>,
+) -> Result<(), EventLogError> {
+    while let Some(first) = queue.recv().await {
+        let mut commit = first;
+        while let Ok(more) = queue.try_recv() {
+            commit.outgoing.extend(more.outgoing);
+            for (partition, offset) in more.offsets {
+                let entry = commit.offsets.entry(partition).or_insert(offset);
+                *entry = (*entry).max(offset);
+            }
+        }
+        let mut attempt = 1;
+        loop {
+            match transactions.commit_offsets(consumer.as_ref(), &commit.offsets, commit.outgoing.clone()).await {
+                Ok(()) => break,
+                Err(error) if attempt < COMMIT_ATTEMPTS && !error.is_fatal() => {
+                    let pause = Duration::from_millis(50 << attempt);
+                    warn!(%error, attempt, ?pause, "transaction aborted; retrying its outputs and offsets");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    Ok(())
+}
