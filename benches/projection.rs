@@ -66,7 +66,7 @@ async fn main() {
         std::env::var("PARLEY_BENCH_CONVERSATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let keyspace = format!("parley_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let kafka = KafkaSettings { brokers: stack.brokers.clone(), topic_prefix: prefix.clone() };
+    let kafka = KafkaSettings { brokers: stack.brokers.clone(), topic_prefix: prefix.clone(), instance_id: None };
     ensure_topics(&kafka, 1).await.unwrap();
     let topic = kafka.topics().events;
     let cql = CqlSettings {

@@ -112,11 +112,18 @@ pub async fn run<P: Processor>(
 ) -> Result<(), EventLogError> {
     let context = RebalanceLog::default();
     let assignments = context.changes.clone();
-    let consumer: StreamConsumer<RebalanceLog> = reader_config(kafka, &settings.group_id, true)
+    let mut config = reader_config(kafka, &settings.group_id, true);
+    config
         .set("auto.offset.reset", "earliest")
         // Only partitions that move are revoked: work on the others goes on through a rebalance.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .create_with_context(context)?;
+        // A member that died without leaving holds its partitions this long.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    if let Some(instance) = &kafka.instance_id {
+        config.set("group.instance.id", instance);
+    }
+    let consumer: StreamConsumer<RebalanceLog> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let consumer = Arc::new(consumer);

@@ -16,6 +16,14 @@ pub struct KafkaSettings {
     /// Prefix for every topic name, to run several isolated pipelines on one cluster.
     #[arg(long, env = "PARLEY_TOPIC_PREFIX", default_value = "", value_parser = parse_topic_prefix)]
     pub topic_prefix: String,
+
+    /// A stable name for this process among the instances of its service (e.g. a
+    /// StatefulSet's pod name). With it, a restarted consumer gets its partitions back at
+    /// once (static group membership) and its transactional id fences the previous
+    /// incarnation's open transaction; without it, a crashed member's partitions move only
+    /// when its session (10 s) expires.
+    #[arg(long, env = "PARLEY_INSTANCE_ID", global = true, value_parser = parse_topic_prefix)]
+    pub instance_id: Option<String>,
 }
 
 impl KafkaSettings {

@@ -29,10 +29,16 @@ pub struct Outgoing {
     pub traceparent: Option<String>,
 }
 
-/// The configured transactional id, or the group id with a random suffix: unique per
-/// running instance, as fencing through the group generation (KIP-447) allows.
-pub fn instance_transactional_id(group_id: &str, configured: Option<&str>) -> String {
-    configured.map_or_else(|| format!("{group_id}-{}", uuid::Uuid::new_v4().simple()), str::to_owned)
+/// The configured transactional id, else the group id with the instance id (stable across
+/// restarts: the new incarnation aborts the old one's open transaction at once), else with
+/// a random suffix: unique per running instance, as fencing through the group generation
+/// (KIP-447) allows.
+pub fn instance_transactional_id(group_id: &str, configured: Option<&str>, instance_id: Option<&str>) -> String {
+    match (configured, instance_id) {
+        (Some(configured), _) => configured.to_owned(),
+        (None, Some(instance)) => format!("{group_id}-{instance}"),
+        (None, None) => format!("{group_id}-{}", uuid::Uuid::new_v4().simple()),
+    }
 }
 
 /// The producer side of a consume-transform-produce loop.

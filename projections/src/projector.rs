@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::turn::{Applied, ConversationHead};
 use parley_events::{ConversationEvent, EventCodec};
-use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;

@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_events::conversation::{ConversationState, Message};
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
-use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};

@@ -94,7 +94,11 @@ pub async fn run(
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let settings = DriverSettings {
         group_id: args.embedder_group.clone(),
-        transactional_id: instance_transactional_id(&args.embedder_group, args.embedder_transactional_id.as_deref()),
+        transactional_id: instance_transactional_id(
+            &args.embedder_group,
+            args.embedder_transactional_id.as_deref(),
+            kafka.instance_id.as_deref(),
+        ),
         topics: vec![topics.events.clone(), topics.documents.clone()],
         dead_letter_topic: topics.dead_letter.clone(),
         batch_size: usize::from(args.embedder_batch_size),

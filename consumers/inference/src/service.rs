@@ -160,7 +160,11 @@ pub async fn run(
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let settings = DriverSettings {
         group_id: args.group_id.clone(),
-        transactional_id: instance_transactional_id(&args.group_id, args.transactional_id.as_deref()),
+        transactional_id: instance_transactional_id(
+            &args.group_id,
+            args.transactional_id.as_deref(),
+            kafka.instance_id.as_deref(),
+        ),
         topics: vec![topics.events.clone()],
         dead_letter_topic: topics.dead_letter.clone(),
         batch_size: 1,

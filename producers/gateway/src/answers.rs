@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
-use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
