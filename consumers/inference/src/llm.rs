@@ -1,7 +1,9 @@
-//! The LLM endpoint: any OpenAI-compatible chat completions API, streamed, behind a
-//! timeout, bounded retries with backoff and jitter, and a circuit breaker.
+//! The LLM: a pool of OpenAI-compatible chat completions endpoints, streamed, behind a
+//! timeout, bounded retries with backoff and jitter, and a balancer (least outstanding
+//! requests, a circuit breaker per endpoint, a failed attempt retried on another
+//! endpoint, a health probe that brings a broken endpoint back).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -13,10 +15,11 @@ use async_openai::types::chat::{
 };
 use futures::StreamExt;
 use thiserror::Error;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info, info_span};
 
+use crate::balancer::{Balancer, EndpointSpec};
 use crate::prompt::{ChatMessage, Role};
-use crate::retry::{CircuitBreaker, backoff_delay};
+use crate::retry::backoff_delay;
 
 /// A finished answer, with what the response event records about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +68,8 @@ impl LlmError {
 /// How to reach and call the model.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
-    pub base_url: String,
+    pub endpoints: Vec<EndpointSpec>,
+    /// Key and model name of endpoints that do not name their own.
     pub api_key: String,
     pub model: String,
     pub max_tokens: u32,
@@ -76,97 +80,153 @@ pub struct LlmSettings {
     pub breaker_cool_down: Duration,
 }
 
+/// One endpoint of the pool.
+#[derive(Debug)]
+struct Endpoint {
+    base_url: String,
+    model: String,
+    api_key: String,
+    client: Client<OpenAIConfig>,
+}
+
 #[derive(Debug)]
 pub struct ChatModel {
-    client: Client<OpenAIConfig>,
+    endpoints: Vec<Endpoint>,
     settings: LlmSettings,
-    breaker: Mutex<CircuitBreaker>,
+    balancer: Mutex<Balancer>,
+    probe: reqwest::Client,
+}
+
+/// A configuration the pool cannot be built from.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("LLM endpoint {endpoint}: environment variable {variable} (its api_key_env) is not set")]
+pub struct MissingKey {
+    pub endpoint: String,
+    pub variable: String,
 }
 
 impl ChatModel {
-    pub fn new(settings: LlmSettings) -> Self {
-        let config = OpenAIConfig::new().with_api_base(&settings.base_url).with_api_key(&settings.api_key);
-        let breaker = Mutex::new(CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cool_down));
-        Self { client: Client::with_config(config), settings, breaker }
+    pub fn new(settings: LlmSettings) -> Result<Self, MissingKey> {
+        let mut endpoints = Vec::with_capacity(settings.endpoints.len());
+        for spec in &settings.endpoints {
+            let key = match &spec.api_key_env {
+                None => settings.api_key.clone(),
+                Some(variable) => std::env::var(variable)
+                    .map_err(|_| MissingKey { endpoint: spec.base_url.clone(), variable: variable.clone() })?,
+            };
+            let config = OpenAIConfig::new().with_api_base(&spec.base_url).with_api_key(&key);
+            endpoints.push(Endpoint {
+                api_key: key,
+                base_url: spec.base_url.clone(),
+                model: spec.model.clone().unwrap_or_else(|| settings.model.clone()),
+                client: Client::with_config(config),
+            });
+        }
+        let balancer = Balancer::new(
+            settings.endpoints.iter().map(|e| e.slots),
+            settings.breaker_threshold,
+            settings.breaker_cool_down,
+        );
+        Ok(Self { endpoints, settings, balancer: Mutex::new(balancer), probe: reqwest::Client::new() })
     }
 
-    pub fn model_name(&self) -> &str {
-        &self.settings.model
+    fn balancer(&self) -> std::sync::MutexGuard<'_, Balancer> {
+        self.balancer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Answers `messages`, retrying transient failures. `on_delta(attempt, index, text)` sees
-    /// every piece of text as it arrives; a retry starts again at index 0.
-    /// Returns the outcome and the number of calls made.
+    /// Answers `messages`, retrying transient failures (on another endpoint when there is
+    /// one). `on_delta(attempt, index, text)` sees every piece of text as it arrives; a
+    /// retry starts again at index 0. Returns the outcome and the number of calls made.
     pub async fn complete(
         &self,
         messages: &[ChatMessage],
         mut on_delta: impl FnMut(u32, i32, &str),
     ) -> (Result<Completion, LlmError>, u32) {
         let max_attempts = self.settings.max_attempts.max(1);
+        let mut failed_on = Vec::new();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if !self.breaker_allows() {
+            let Some(index) = self.balancer().pick(Instant::now(), &failed_on) else {
                 return (Err(LlmError::CircuitOpen), attempt - 1);
-            }
-            let result = self
-                .stream_once(messages, |index, text| on_delta(attempt, index, text))
-                .instrument(info_span!("inference.llm_attempt", attempt))
-                .await;
-            self.record(&result);
+            };
+            let endpoint = &self.endpoints[index];
+            let span = info_span!("inference.llm_attempt", attempt, endpoint = %endpoint.base_url);
+            let result =
+                self.stream_once(endpoint, messages, |i, text| on_delta(attempt, i, text)).instrument(span).await;
+            let healthy = matches!(result, Ok(_) | Err(LlmError::Rejected(_)));
+            self.balancer().finish(index, healthy, Instant::now());
             match result {
                 Err(error) if error.is_retryable() && attempt < max_attempts => {
-                    let delay =
-                        backoff_delay(attempt, self.settings.retry_backoff, self.settings.timeout, rand::random());
-                    tracing::warn!(%error, attempt, ?delay, "LLM call failed; retrying");
+                    failed_on.push(index);
+                    // Another endpoint is tried at once; the same one after a backoff.
+                    let elsewhere = self.endpoints.len() > failed_on.len();
+                    let delay = if elsewhere {
+                        Duration::ZERO
+                    } else {
+                        backoff_delay(attempt, self.settings.retry_backoff, self.settings.timeout, rand::random())
+                    };
+                    tracing::warn!(%error, attempt, endpoint = %endpoint.base_url, ?delay, "LLM call failed; retrying");
                     tokio::time::sleep(delay).await;
+                    if !elsewhere {
+                        failed_on.clear();
+                    }
                 }
                 outcome => return (outcome, attempt),
             }
         }
     }
 
-    fn breaker_allows(&self) -> bool {
-        self.breaker.lock().map(|b| b.allows(Instant::now())).unwrap_or(true)
-    }
-
-    fn record(&self, result: &Result<Completion, LlmError>) {
-        if let Ok(mut breaker) = self.breaker.lock() {
-            match result {
-                Ok(_) | Err(LlmError::Rejected(_)) => breaker.record_success(),
-                Err(_) => breaker.record_failure(Instant::now()),
+    /// Asks every endpoint whose breaker is open for its model list; one that answers takes
+    /// calls again. Run every few seconds.
+    pub async fn probe_open_endpoints(&self) {
+        let open = self.balancer().open(Instant::now());
+        for index in open {
+            let endpoint = &self.endpoints[index];
+            let answered = self
+                .probe
+                .get(format!("{}/models", endpoint.base_url))
+                .bearer_auth(&endpoint.api_key)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if answered.is_ok_and(|response| response.status().is_success()) {
+                info!(endpoint = %endpoint.base_url, "LLM endpoint answers again; back in the pool");
+                self.balancer().healed(index);
             }
         }
     }
 
     async fn stream_once(
         &self,
+        endpoint: &Endpoint,
         messages: &[ChatMessage],
         on_delta: impl FnMut(i32, &str),
     ) -> Result<Completion, LlmError> {
         let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.stream_unbounded(messages, on_delta))
+        tokio::time::timeout(timeout, self.stream_unbounded(endpoint, messages, on_delta))
             .await
             .unwrap_or(Err(LlmError::Timeout(timeout)))
     }
 
     async fn stream_unbounded(
         &self,
+        endpoint: &Endpoint,
         messages: &[ChatMessage],
         mut on_delta: impl FnMut(i32, &str),
     ) -> Result<Completion, LlmError> {
         let started = Instant::now();
         let request = CreateChatCompletionRequest {
-            model: self.settings.model.clone(),
+            model: endpoint.model.clone(),
             messages: messages.iter().map(to_request_message).collect(),
             max_completion_tokens: Some(self.settings.max_tokens),
             stream_options: Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None }),
             ..Default::default()
         };
-        let mut stream = self.client.chat().create_stream(request).await.map_err(classify)?;
+        let mut stream = endpoint.client.chat().create_stream(request).await.map_err(classify)?;
         let mut completion = Completion {
             text: String::new(),
-            model: self.settings.model.clone(),
+            model: endpoint.model.clone(),
             finish_reason: "unknown".into(),
             prompt_tokens: 0,
             completion_tokens: 0,

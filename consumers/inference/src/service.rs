@@ -37,8 +37,9 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::balancer::EndpointSpec;
 use crate::context::ContextSource;
-use crate::llm::{ChatModel, LlmSettings};
+use crate::llm::{ChatModel, LlmSettings, MissingKey};
 use crate::prompt::build_prompt;
 
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
@@ -46,9 +47,17 @@ pub const SOURCE: EventSource = EventSource { name: "parley-inference", version:
 /// Options of `parley inference`.
 #[derive(Debug, Clone, Args)]
 pub struct InferenceArgs {
-    /// Base URL of the OpenAI-compatible API, up to and including /v1.
+    /// Base URL of the OpenAI-compatible API, up to and including /v1 (the pool's only
+    /// endpoint when no --llm-endpoint is given).
     #[arg(long, env = "PARLEY_LLM_BASE_URL", default_value = "http://127.0.0.1:18080/v1")]
     pub llm_base_url: String,
+
+    /// An endpoint of the LLM pool, `URL[;model=NAME][;slots=N][;api_key_env=VAR]`;
+    /// repeat for several (the environment variable separates them with spaces). Calls go
+    /// to the least loaded endpoint whose breaker is closed; a failed one is retried on
+    /// another.
+    #[arg(long = "llm-endpoint", env = "PARLEY_LLM_ENDPOINTS", value_delimiter = ' ')]
+    pub llm_endpoints: Vec<EndpointSpec>,
 
     /// Model name sent to the API and recorded when the API does not name one.
     #[arg(long, env = "PARLEY_LLM_MODEL", default_value = "SmolLM2-135M-Instruct")]
@@ -122,8 +131,14 @@ pub struct InferenceArgs {
 
 impl InferenceArgs {
     fn llm_settings(&self) -> LlmSettings {
-        LlmSettings {
+        let single = || EndpointSpec {
             base_url: self.llm_base_url.clone(),
+            model: None,
+            api_key_env: None,
+            slots: u32::from(self.concurrency),
+        };
+        LlmSettings {
+            endpoints: if self.llm_endpoints.is_empty() { vec![single()] } else { self.llm_endpoints.clone() },
             api_key: self.llm_api_key.clone(),
             model: self.llm_model.clone(),
             max_tokens: self.llm_max_tokens,
@@ -144,6 +159,8 @@ pub enum InferenceError {
     Events(#[from] EventsError),
     #[error(transparent)]
     Context(#[from] ProjectionError),
+    #[error(transparent)]
+    Config(#[from] MissingKey),
 }
 
 /// Runs the inference consumer until `shutdown` is cancelled.
@@ -175,7 +192,7 @@ pub async fn run(
     let worker = Arc::new(Worker {
         // A delta is shown the moment it arrives: each goes out at once instead of lingering.
         tokens: EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?,
-        model: ChatModel::new(args.llm_settings()),
+        model: ChatModel::new(args.llm_settings())?,
         codec: codec.clone(),
         topics,
         system_prompt: args.system_prompt.clone(),
@@ -187,11 +204,26 @@ pub async fn run(
         answered: Mutex::new(HashSet::new()),
         shutdown: shutdown.clone(),
     });
-    info!(group = %args.group_id, llm = %args.llm_base_url, "inference consumer started");
-    parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await?;
+    let endpoints: Vec<String> = args.llm_settings().endpoints.into_iter().map(|e| e.base_url).collect();
+    info!(group = %args.group_id, llm = ?endpoints, "inference consumer started");
+    let probe = tokio::spawn({
+        let (worker, shutdown) = (worker.clone(), shutdown.clone());
+        async move {
+            let mut every = tokio::time::interval(HEALTH_PROBE);
+            while tokio::select! { () = shutdown.cancelled() => false, _ = every.tick() => true } {
+                worker.model.probe_open_endpoints().await;
+            }
+        }
+    });
+    let driven = parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await;
+    probe.abort();
+    driven?;
     info!("inference consumer stopped");
     Ok(())
 }
+
+/// How often endpoints with an open breaker are asked whether they answer again.
+const HEALTH_PROBE: Duration = Duration::from_secs(2);
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 struct TokenStream {

@@ -1,0 +1,98 @@
+//! The LLM pool against real llama.cpp servers: the test starts its own server as the
+//! first endpoint (the stack's is the second), kills it in the middle of a generation and
+//! still gets the answer from the other; the killed endpoint is taken out, and comes back
+//! once it answers again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Pipeline, free_port, stack};
+
+/// A llama.cpp server of the test's own on `port`, answering as model `alias`.
+fn start_model_server(port: u16, alias: &str) -> Child {
+    let command = std::env::var("PARLEY_LLM_SERVER_COMMAND").expect("PARLEY_LLM_SERVER_COMMAND (infra/lib.sh)");
+    let mut words = command.split_whitespace();
+    Command::new(words.next().unwrap())
+        .args(words)
+        .args(["--port", &port.to_string(), "--alias", alias, "--parallel", "2", "--ctx", "4096"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_until_serving(base_url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base_url}/models")).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "model server at {base_url} did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn answered_by(frames: &[Value]) -> String {
+    let answer = frames.last().unwrap();
+    assert_eq!(answer["type"], "answer", "{frames:?}");
+    answer["model"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_endpoint_fails_over_and_comes_back_when_healthy() {
+    let Some(stack) = stack() else { return };
+    let port = free_port();
+    let own = format!("http://127.0.0.1:{port}/v1");
+    let mut server = start_model_server(port, "pool-own");
+    wait_until_serving(&own).await;
+    let pool = [format!("{own};model=pool-own;slots=2"), format!("{};slots=4", stack.llm)];
+    let pipeline = Pipeline::start(
+        &stack,
+        &[
+            "--llm-endpoint",
+            &pool[0],
+            "--llm-endpoint",
+            &pool[1],
+            "--llm-breaker-threshold",
+            "1",
+            "--llm-breaker-cool-down",
+            "10m",
+        ],
+    )
+    .await;
+    let mut client = pipeline.client().await;
+
+    // An idle pool sends the call to the first endpoint; it dies while generating.
+    client.ask("long", None, "List 100 animals, one per line, numbered.").await;
+    let before = client.until("token").await;
+    let conversation = before[0]["conversation_id"].as_str().unwrap().to_owned();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let frames = client.until_outcome().await;
+    assert!(answered_by(&frames) != "pool-own", "answered by the other endpoint: {frames:?}");
+    let restarts = frames.iter().filter(|f| f["type"] == "token" && f["index"] == 0).count();
+    assert_eq!(restarts, 1, "the answer starts over at index 0 on the other endpoint: {frames:?}");
+
+    // Its breaker is open: the next question goes straight to the other endpoint.
+    client.ask("next", Some(&conversation), "Say hello.").await;
+    assert!(answered_by(&client.until_outcome().await) != "pool-own");
+
+    // Back up: the health probe returns it to the pool (long before the 10 minute
+    // cool-down), and as the less loaded first endpoint it answers again.
+    let mut server = start_model_server(port, "pool-own");
+    wait_until_serving(&own).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for turn in 0.. {
+        client.ask(&format!("back-{turn}"), Some(&conversation), "Say yes.").await;
+        if answered_by(&client.until_outcome().await) == "pool-own" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted endpoint never took a call again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    pipeline.stop().await;
+}
