@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark against the real local stack (started if needed, left running).
-#   infra/bench.sh pipeline_latency
+#   infra/bench.sh pipeline_latency|projection|knowledge|crowd
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
@@ -10,4 +10,7 @@ cd "$REPO_ROOT"
 "$VENV/bin/python" -c 'import confluent_kafka, websockets, openai' 2>/dev/null \
   || "$VENV/bin/pip" install -q confluent-kafka websockets openai
 export PARLEY_PYTHON="$VENV/bin/python"
+# The crowd benchmark holds thousands of sockets on both ends (this shell's children).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ "${1:-}" == crowd ]] && ((EUID == 0)); then ulimit -n 1048576 2>/dev/null || true; fi
 exec cargo bench --locked --bench "${1:?usage: infra/bench.sh <bench name>}"

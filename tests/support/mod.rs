@@ -306,6 +306,11 @@ impl Pipeline {
     }
 
     /// Stops the processes and deletes this test's topics and vector collection.
+    /// The `parley all` process's id (for its memory and CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn stop(mut self) {
         self.kill_all();
         let _ = VectorStore::drop_collection(&self.milvus()).await;

@@ -1,13 +1,32 @@
 //! Prompt assembly: what the model is asked, as plain data. Retrieved knowledge (document
 //! chunks and messages of other conversations, best first) may take up to half of the
 //! budget left after the system prompt and the question; earlier turns of this
-//! conversation go in newest first with the rest, then are put back in chronological order.
+//! conversation take the rest.
+//!
+//! The layout keeps a conversation's prompt prefix stable from turn to turn (see
+//! [`PromptLayout::Stable`]), so a model server that caches prompts (llama.cpp, vLLM)
+//! evaluates only what is new: the last answer and the new question.
 
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::{RetrievedContext, UserQueryReceived};
 use parley_retrieval::{Hit, SourceKind};
 
-/// Introduces retrieved knowledge in the system message.
+/// How the parts of a prompt are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptLayout {
+    /// System prompt, then the history, then the retrieved knowledge with the question;
+    /// old turns are dropped [`HISTORY_BLOCK`] at a time, so the prefix changes only when
+    /// a block goes.
+    Stable,
+    /// Retrieved knowledge in the system message and the oldest turn dropped one at a
+    /// time: every turn changes the prompt's beginning. Kept to measure the difference.
+    Sliding,
+}
+
+/// Turns dropped together when the history outgrows its budget (stable layout).
+pub const HISTORY_BLOCK: usize = 4;
+
+/// Introduces retrieved knowledge.
 pub const KNOWLEDGE_HEADER: &str = "Use this context from the user's documents and earlier conversations if it helps:";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,16 +60,17 @@ pub fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(3) + 6 // + per-message overhead of the chat template
 }
 
-/// The prompt for `query`: the system prompt with the retrieved hits that fit their share
-/// of `budget` tokens, as many earlier turns (question and answer together) as fit the
-/// rest, newest first, then the question. Failures are not dialogue and are left out; a
-/// turn or a hit is never cut in half.
+/// The prompt for `query`: the system prompt, the retrieved hits that fit their share of
+/// `budget` tokens, as many earlier turns (question and answer together) as fit the rest,
+/// then the question, placed as `layout` says. Failures are not dialogue and are left out;
+/// a turn or a hit is never cut in half.
 pub fn build_prompt(
     system_prompt: &str,
     history: &[Message],
     query: &UserQueryReceived,
     retrieved: &[Hit],
     budget: usize,
+    layout: PromptLayout,
 ) -> Prompt {
     let system_cost = if system_prompt.is_empty() { 0 } else { estimate_tokens(system_prompt) };
     let mut spent = system_cost + estimate_tokens(&query.text);
@@ -67,36 +87,24 @@ pub fn build_prompt(
     if !hits.is_empty() {
         spent += knowledge_cost;
     }
-    let mut turns: Vec<(&Message, &Message)> = Vec::new();
-    let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < query.envelope.sequence).collect();
-    for pair in dialogue.windows(2).rev() {
-        let (question, answer) = (pair[0], pair[1]);
-        let is_turn = question.kind == MessageKind::UserQuery
-            && answer.kind == MessageKind::Answer
-            && answer.query_event_id.as_deref() == Some(question.event_id.as_str());
-        if !is_turn {
-            continue;
-        }
-        let cost = estimate_tokens(&question.text) + estimate_tokens(&answer.text);
-        if spent + cost > budget {
-            break;
-        }
-        spent += cost;
-        turns.push((question, answer));
-    }
-    turns.reverse();
+    let turns = earlier_turns(history, query.envelope.sequence, budget.saturating_sub(spent), layout);
+    let knowledge = (!hits.is_empty()).then(|| {
+        let lines = hits.iter().enumerate().map(|(i, hit)| knowledge_line(i + 1, hit));
+        std::iter::once(KNOWLEDGE_HEADER.to_owned()).chain(lines).collect::<Vec<_>>().join("\n")
+    });
 
     let mut messages = Vec::with_capacity(2 + 2 * turns.len());
     let mut system = system_prompt.to_owned();
-    if !hits.is_empty() {
-        if !system.is_empty() {
-            system.push_str("\n\n");
+    let mut question = query.text.clone();
+    match (layout, knowledge) {
+        (PromptLayout::Sliding, Some(knowledge)) => {
+            if !system.is_empty() {
+                system.push_str("\n\n");
+            }
+            system.push_str(&knowledge);
         }
-        system.push_str(KNOWLEDGE_HEADER);
-        for (i, hit) in hits.iter().enumerate() {
-            system.push('\n');
-            system.push_str(&knowledge_line(i + 1, hit));
-        }
+        (PromptLayout::Stable, Some(knowledge)) => question = format!("{knowledge}\n\n{question}"),
+        (_, None) => {}
     }
     if !system.is_empty() {
         messages.push(ChatMessage { role: Role::System, content: system });
@@ -107,7 +115,7 @@ pub fn build_prompt(
         messages.push(ChatMessage { role: Role::Assistant, content: answer.text.clone() });
         context_event_ids.extend([question.event_id.clone(), answer.event_id.clone()]);
     }
-    messages.push(ChatMessage { role: Role::User, content: query.text.clone() });
+    messages.push(ChatMessage { role: Role::User, content: question });
     let retrieved = hits
         .iter()
         .map(|hit| RetrievedContext {
@@ -120,6 +128,37 @@ pub fn build_prompt(
         })
         .collect();
     Prompt { messages, context_event_ids, retrieved }
+}
+
+/// The whole turns before `sequence` that go into the prompt within `budget`, in order:
+/// the newest that fit (sliding), or the shortest suffix starting at a multiple of
+/// [`HISTORY_BLOCK`] that fits (stable), falling back to the newest that fit when even the
+/// last block is too long.
+fn earlier_turns(history: &[Message], sequence: i64, budget: usize, layout: PromptLayout) -> Vec<(&Message, &Message)> {
+    let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < sequence).collect();
+    let turns: Vec<(&Message, &Message)> = dialogue
+        .windows(2)
+        .map(|pair| (pair[0], pair[1]))
+        .filter(|(question, answer)| {
+            question.kind == MessageKind::UserQuery
+                && answer.kind == MessageKind::Answer
+                && answer.query_event_id.as_deref() == Some(question.event_id.as_str())
+        })
+        .collect();
+    let cost = |turn: &(&Message, &Message)| estimate_tokens(&turn.0.text) + estimate_tokens(&turn.1.text);
+    if layout == PromptLayout::Stable {
+        let fits = |start: usize| turns[start..].iter().map(cost).sum::<usize>() <= budget;
+        if let Some(start) = (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| fits(*start)) {
+            return turns[start..].to_vec();
+        }
+    }
+    let mut spent = 0;
+    let newest = turns.iter().rev().take_while(|turn| {
+        spent += cost(turn);
+        spent <= budget
+    });
+    let count = newest.count();
+    turns[turns.len() - count..].to_vec()
 }
 
 /// One retrieved hit as the model sees it, e.g. `[1] (notes.md) Kafka keeps...`.
@@ -177,17 +216,17 @@ mod tests {
 
     #[test]
     fn a_first_question_is_system_then_user() {
-        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), &[], 1000);
+        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), &[], 1000, PromptLayout::Stable);
         assert_eq!(prompt.messages.len(), 2);
         assert_eq!(prompt.messages[0].role, Role::System);
         assert_eq!(prompt.messages[1], ChatMessage { role: Role::User, content: "What is Kafka?".into() });
         assert!(prompt.context_event_ids.is_empty());
-        assert_eq!(build_prompt("", &[], &query(2, "x"), &[], 1000).messages.len(), 1);
+        assert_eq!(build_prompt("", &[], &query(2, "x"), &[], 1000, PromptLayout::Stable).messages.len(), 1);
     }
 
     #[test]
     fn earlier_turns_come_in_order_and_failures_are_left_out() {
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], 1000);
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], 1000, PromptLayout::Stable);
         let roles: Vec<_> = prompt.messages.iter().map(|m| (m.role, m.content.as_str())).collect();
         assert_eq!(
             roles,
@@ -206,16 +245,16 @@ mod tests {
     fn the_budget_keeps_the_newest_whole_turns() {
         let newest_turn = estimate_tokens("What is my name?") + estimate_tokens("Ada.");
         let budget = estimate_tokens("And my drink?") + newest_turn;
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget);
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget, PromptLayout::Sliding);
         assert_eq!(prompt.context_event_ids, ["e6", "e7"]);
-        let none = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1);
+        let none = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1, PromptLayout::Sliding);
         assert!(none.context_event_ids.is_empty());
         assert_eq!(none.messages.len(), 1, "the question itself always goes in");
     }
 
     #[test]
     fn only_turns_before_the_query_are_context() {
-        let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000);
+        let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000, PromptLayout::Stable);
         assert_eq!(prompt.context_event_ids, ["e2", "e3"]);
     }
 
@@ -233,9 +272,16 @@ mod tests {
     }
 
     #[test]
-    fn retrieved_hits_go_into_the_system_message_and_are_recorded() {
+    fn sliding_layout_puts_retrieved_hits_into_the_system_message_and_records_them() {
         let hits = [hit("v1", "The launch code is 7421.", 0.8), hit("v2", "Tea is a drink.", 0.4)];
-        let prompt = build_prompt("Be brief.", &history(), &query(8, "What is the launch code?"), &hits, 1000);
+        let prompt = build_prompt(
+            "Be brief.",
+            &history(),
+            &query(8, "What is the launch code?"),
+            &hits,
+            1000,
+            PromptLayout::Sliding,
+        );
         let system = &prompt.messages[0].content;
         assert!(system.starts_with("Be brief.\n\n") && system.contains(KNOWLEDGE_HEADER), "{system}");
         assert!(system.contains("[1] (notes.md) The launch code is 7421.\n[2] (notes.md) Tea is a drink."), "{system}");
@@ -250,9 +296,55 @@ mod tests {
         let base = estimate_tokens("q");
         let long = "x".repeat(400); // ~100 tokens
         let hits = [hit("big", &long, 0.9), hit("small", "short fact", 0.5)];
-        let prompt = build_prompt("", &[], &question, &hits, base + 120);
+        let prompt = build_prompt("", &[], &question, &hits, base + 120, PromptLayout::Stable);
         assert_eq!(prompt.retrieved.iter().map(|r| r.vector_id.as_str()).collect::<Vec<_>>(), ["small"]);
-        let none = build_prompt("", &[], &question, &hits, base + 10);
+        let none = build_prompt("", &[], &question, &hits, base + 10, PromptLayout::Stable);
         assert!(none.retrieved.is_empty() && none.messages.len() == 1, "no system message without knowledge");
+    }
+
+    #[test]
+    fn stable_layout_puts_retrieved_hits_with_the_question_after_the_history() {
+        let hits = [hit("v1", "The launch code is 7421.", 0.8)];
+        let prompt =
+            build_prompt("Be brief.", &history(), &query(8, "What is the code?"), &hits, 1000, PromptLayout::Stable);
+        assert_eq!(prompt.messages[0], ChatMessage { role: Role::System, content: "Be brief.".into() });
+        let last = &prompt.messages.last().unwrap().content;
+        assert!(
+            last.starts_with(KNOWLEDGE_HEADER)
+                && last.ends_with("[1] (notes.md) The launch code is 7421.\n\nWhat is the code?"),
+            "{last}"
+        );
+        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"]);
+    }
+
+    /// A conversation of `turns` answered turns, each question and answer ~10 tokens.
+    fn long_history(turns: i64) -> Vec<Message> {
+        (0..turns)
+            .flat_map(|t| {
+                let q = 2 + 2 * t;
+                [
+                    message(q, MessageKind::UserQuery, &format!("question number {t:04} here"), None),
+                    message(q + 1, MessageKind::Answer, &format!("answer number {t:04} there"), Some(&format!("e{q}"))),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stable_layout_drops_old_turns_in_blocks_so_the_prefix_stays_put() {
+        let turn_cost = estimate_tokens("question number 0000 here") + estimate_tokens("answer number 0000 there");
+        let budget = estimate_tokens("next") + 10 * turn_cost; // room for 10 turns
+        let first_kept = |turns: i64, layout| {
+            let history = long_history(turns);
+            let prompt = build_prompt("", &history, &query(2 + 2 * turns, "next"), &[], budget, layout);
+            prompt.context_event_ids.first().cloned()
+        };
+        // Sliding: from the 11th turn on, the first kept turn moves every turn.
+        let sliding: Vec<_> = (11..=14).map(|t| first_kept(t, PromptLayout::Sliding)).collect();
+        assert_eq!(sliding.iter().collect::<std::collections::HashSet<_>>().len(), 4, "{sliding:?}");
+        // Stable: it moves by a block, then stays for the next turns.
+        let stable: Vec<_> = (11..=14).map(|t| first_kept(t, PromptLayout::Stable)).collect();
+        assert_eq!(stable, vec![Some("e10".to_owned()); 4], "block of 4 dropped at once: {stable:?}");
+        assert_eq!(first_kept(15, PromptLayout::Stable), Some("e18".to_owned()), "the next block goes when it must");
     }
 }

@@ -40,7 +40,7 @@ use uuid::Uuid;
 use crate::balancer::EndpointSpec;
 use crate::context::ContextSource;
 use crate::llm::{ChatModel, LlmSettings, MissingKey};
-use crate::prompt::build_prompt;
+use crate::prompt::{PromptLayout, build_prompt};
 
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
 
@@ -113,6 +113,11 @@ pub struct InferenceArgs {
 
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
+
+    /// Prompt layout: `stable` keeps a conversation's prompt prefix from turn to turn (the
+    /// model server's prompt cache reuses it); `sliding` is the older layout, for comparison.
+    #[arg(long, env = "PARLEY_PROMPT_LAYOUT", value_enum, default_value = "stable")]
+    pub prompt_layout: PromptLayout,
 
     /// Queries answered at once (each starts as soon as it is fetched and a slot is free);
     /// match it to the model servers' slots.
@@ -201,6 +206,7 @@ pub async fn run(
         retriever: retriever.filter(|_| args.retrieval_top_k > 0),
         retrieval_top_k: usize::from(args.retrieval_top_k),
         retrieval_min_score: args.retrieval_min_score,
+        prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
         shutdown: shutdown.clone(),
     });
@@ -250,6 +256,7 @@ struct Worker {
     retriever: Option<Retriever>,
     retrieval_top_k: usize,
     retrieval_min_score: f32,
+    prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<String>>,
     shutdown: CancellationToken,
@@ -327,7 +334,14 @@ impl Worker {
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
             let retrieved = self.retrieve(query).await;
-            let prompt = build_prompt(&self.system_prompt, &history, query, &retrieved, self.context_token_budget);
+            let prompt = build_prompt(
+                &self.system_prompt,
+                &history,
+                query,
+                &retrieved,
+                self.context_token_budget,
+                self.prompt_layout,
+            );
             let conversation_id = &query.envelope.conversation_id;
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self

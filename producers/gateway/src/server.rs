@@ -49,6 +49,9 @@ pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("C
 /// frames between the protocol limit and this one get an error frame and the socket lives.
 pub const TRANSPORT_FRAME_LIMIT: usize = 1024 * 1024;
 
+/// Initial read buffer of a socket.
+const SOCKET_READ_BUFFER: usize = 4 * 1024;
+
 /// Frames queued per socket; a client that stops reading stops receiving.
 const OUTBOX_CAPACITY: usize = 1024;
 
@@ -225,6 +228,11 @@ async fn upgrade(
     };
     ws.max_message_size(TRANSPORT_FRAME_LIMIT)
         .max_frame_size(TRANSPORT_FRAME_LIMIT)
+        // The library's default 128 KiB read buffer per socket made an idle socket cost
+        // ~143 KiB; protocol frames are small, and the buffer still grows for a large one.
+        .read_buffer_size(SOCKET_READ_BUFFER)
+        // Frames are written as they come (each is a token or an answer a person waits for).
+        .write_buffer_size(0)
         .on_upgrade(move |socket| serve_socket(state, user, socket))
 }
 

@@ -1,0 +1,459 @@
+//! Parley under a crowd: simulated users over real WebSockets, open-loop arrivals at a set
+//! rate, each user in its own conversation (3 turns, up to 1 s of think time between them).
+//! Per load step: sustained turns/s, first-token and answer latency p50/p99 with the
+//! model's own time subtracted, errors, gateway RSS and CPU seconds per turn.
+//!
+//! 1. With a fixed-latency streaming stub model (benches/stub/model.rs): the pipeline's own
+//!    capacity, side by side with the naive reference design (benches/reference) under the
+//!    same load.
+//! 2. Idle sockets: N connections that only received `ready`; gateway RSS per socket.
+//! 3. With the real llama.cpp server: the crowd of 16 users, against the same load sent
+//!    straight to the model server (no pipeline, no history).
+//!
+//! Run: `infra/bench.sh crowd`. PARLEY_CROWD_RATES (turns/s, comma separated, default
+//! 10,25,50,100), PARLEY_CROWD_SECONDS (arrivals per step, default 15), PARLEY_CROWD_IDLE
+//! (idle sockets, default 10000), PARLEY_CROWD_REAL=0 skips the real-model part.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "stub/model.rs"]
+mod stub_model;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use parley_gateway::auth::TokenSigner;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+const TURNS_PER_USER: usize = 3;
+const THINK_MAX: Duration = Duration::from_secs(1);
+const QUESTIONS: [&str; 4] = ["What is 2+2?", "Name a color.", "Say hello.", "What day comes after Monday?"];
+
+/// One turn as a client saw it (ms).
+#[derive(Debug, Clone, Default)]
+struct Turn {
+    first_token: Option<f64>,
+    answer: f64,
+    llm: f64,
+    llm_first_token: Option<f64>,
+    sent_at: f64,
+    done_at: f64,
+}
+
+/// What one load step produced.
+#[derive(Debug, Default)]
+struct StepResult {
+    turns: Vec<Turn>,
+    errors: usize,
+    rss_mib: Option<f64>,
+    cpu_seconds: Option<f64>,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(mut samples: Vec<f64>, p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    support::percentile(&samples, p)
+}
+
+/// A WebSocket with small buffers (thousands of them live in this process).
+async fn connect(url: &str, source: Option<IpAddr>) -> Option<WebSocket> {
+    let address: SocketAddr = url.trim_start_matches("ws://").split('/').next()?.parse().ok()?;
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0)).ok()?;
+    }
+    let stream = socket.connect(address).await.ok()?;
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let (socket, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await.ok()?;
+    Some(socket)
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn next_json(socket: &mut WebSocket) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(120), socket.next()).await.ok()?? {
+            Ok(Message::Text(text)) => return serde_json::from_str(text.as_str()).ok(),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One simulated user: its own socket and conversation, `TURNS_PER_USER` turns with think time.
+async fn user(url: String, id: usize, epoch: Instant, results: mpsc::UnboundedSender<Result<Turn, String>>) {
+    let Some(mut socket) = connect(&url, None).await else {
+        let _ = results.send(Err("connect".into()));
+        return;
+    };
+    if next_json(&mut socket).await.is_none_or(|f| f["type"] != "ready") {
+        let _ = results.send(Err("no ready frame".into()));
+        return;
+    }
+    let mut conversation: Option<String> = None;
+    for turn in 0..TURNS_PER_USER {
+        let mut frame = json!({"type": "query", "client_message_id": format!("u{id}-t{turn}"),
+                               "text": QUESTIONS[(id + turn) % QUESTIONS.len()]});
+        if let Some(id) = &conversation {
+            frame["conversation_id"] = json!(id);
+        }
+        let sent = Instant::now();
+        if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
+            let _ = results.send(Err("send".into()));
+            return;
+        }
+        let mut first_token = None;
+        let outcome = loop {
+            let Some(frame) = next_json(&mut socket).await else { break Err("no answer within 120 s".to_owned()) };
+            match frame["type"].as_str() {
+                Some("ack") => conversation = frame["conversation_id"].as_str().map(str::to_owned),
+                Some("token") => first_token = first_token.or(Some(sent.elapsed().as_secs_f64() * 1000.0)),
+                Some("answer") => {
+                    break Ok(Turn {
+                        first_token,
+                        answer: sent.elapsed().as_secs_f64() * 1000.0,
+                        llm: frame["llm_latency_ms"].as_f64().unwrap_or(0.0),
+                        llm_first_token: frame["time_to_first_token_ms"].as_f64(),
+                        sent_at: (sent - epoch).as_secs_f64(),
+                        done_at: epoch.elapsed().as_secs_f64(),
+                    });
+                }
+                Some(kind @ ("failed" | "error")) => break Err(format!("{kind}: {}", frame["message"])),
+                _ => {}
+            }
+        };
+        let failed = outcome.is_err();
+        let _ = results.send(outcome);
+        if failed {
+            return;
+        }
+        tokio::time::sleep(THINK_MAX.mul_f64(rand_unit())).await;
+    }
+    let _ = socket.close(None).await;
+}
+
+fn rand_unit() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    let bits = RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// CPU seconds (user + system) and RSS (MiB) of a process, from /proc.
+fn process_usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    (ticks / 100.0, rss_kib / 1024.0)
+}
+
+/// Users arrive at `rate / TURNS_PER_USER` per second for `seconds` (open loop: arrivals do
+/// not wait for answers); returns every turn once all users are done.
+async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: Option<u32>) -> StepResult {
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let users = ((rate * seconds) / TURNS_PER_USER as f64).ceil() as usize;
+    let interval = Duration::from_secs_f64(TURNS_PER_USER as f64 / rate);
+    let before = pid.map(process_usage);
+    let epoch = Instant::now();
+    let mut tasks = Vec::with_capacity(users);
+    for id in 0..users {
+        tokio::time::sleep_until((epoch + interval * u32::try_from(id).unwrap()).into()).await;
+        tasks.push(tokio::spawn(user(url_for(id), id, epoch, sender.clone())));
+    }
+    let peak_rss = pid.map(|pid| process_usage(pid).1);
+    drop(sender);
+    let mut result = StepResult::default();
+    while let Some(turn) = receiver.recv().await {
+        match turn {
+            Ok(turn) => result.turns.push(turn),
+            Err(_) => result.errors += 1,
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    if let (Some(pid), Some((cpu_before, _))) = (pid, before) {
+        let (cpu_after, _) = process_usage(pid);
+        result.cpu_seconds = Some(cpu_after - cpu_before);
+        result.rss_mib = peak_rss;
+    }
+    result
+}
+
+fn report(name: &str, rate: f64, step: &StepResult) -> (f64, f64) {
+    let turns = &step.turns;
+    let span = turns.iter().map(|t| t.done_at).fold(0.0, f64::max)
+        - turns.iter().map(|t| t.sent_at).fold(f64::INFINITY, f64::min);
+    let throughput = turns.len() as f64 / span.max(1e-9);
+    let answer_overhead: Vec<f64> = turns.iter().map(|t| t.answer - t.llm).collect();
+    let first_overhead: Vec<f64> =
+        turns.iter().filter_map(|t| Some(t.first_token? - t.llm_first_token.unwrap_or(t.llm))).collect();
+    let first: Vec<f64> = turns.iter().map(|t| t.first_token.unwrap_or(t.answer)).collect();
+    let p99 = percentile(answer_overhead.clone(), 99.0);
+    println!(
+        "| {name} | {rate:.0} | {throughput:.1} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {} |",
+        turns.len(),
+        step.errors,
+        percentile(first.clone(), 50.0),
+        percentile(first, 99.0),
+        percentile(first_overhead.clone(), 50.0),
+        percentile(first_overhead, 99.0),
+        percentile(answer_overhead.clone(), 50.0),
+        p99,
+        step.rss_mib.map_or("-".into(), |r| format!("{r:.0}")),
+        step.cpu_seconds.map_or("-".into(), |c| format!("{:.2}", 1000.0 * c / turns.len().max(1) as f64)),
+    );
+    (throughput, p99)
+}
+
+fn table_header() {
+    println!(
+        "| system | offered turns/s | sustained turns/s | turns | errors | first token p50 / p99 (ms) | first-token overhead p50 / p99 | answer overhead p50 / p99 | RSS MiB | CPU ms/turn |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+}
+
+/// The naive reference design on its own topics, answering with `llm`.
+fn start_reference(pipeline: &support::Pipeline, llm: &str, max_tokens: u32) -> (std::process::Child, u16) {
+    let python = std::env::var("PARLEY_PYTHON").expect("PARLEY_PYTHON: the venv's python (infra/bench.sh sets it)");
+    let port = support::free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/reference/naive_chat.py");
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}naive.log", pipeline.prefix))).unwrap();
+    let child = std::process::Command::new(python)
+        .arg(script)
+        .args(["--port", &port.to_string(), "--brokers", &pipeline.brokers, "--llm", llm])
+        .args(["--topic-prefix", &pipeline.prefix, "--max-tokens", &max_tokens.to_string()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+async fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn socket_url(http: &str, token: &str) -> String {
+    format!("{}/ws?token={token}", http.replace("http://", "ws://"))
+}
+
+/// Opens `count` sockets that receive `ready` and then stay idle; returns the gateway RSS
+/// growth per socket (KiB) and how many connected.
+async fn idle_sockets(pipeline: &support::Pipeline, count: usize) -> (f64, usize, f64, f64) {
+    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    let (_, rss_before) = process_usage(pipeline.pid());
+    let mut sockets = Vec::with_capacity(count);
+    let mut pending = futures::stream::iter(0..count)
+        .map(|i| {
+            let url = socket_url(&pipeline.http, &signer.token_for(&format!("idle-{i}")));
+            // 20,000 ephemeral ports per source address.
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, u8::try_from(1 + i / 20_000).unwrap()));
+            async move {
+                let mut socket = connect(&url, Some(source)).await?;
+                next_json(&mut socket).await.filter(|f| f["type"] == "ready").map(|_| socket)
+            }
+        })
+        .buffer_unordered(256);
+    while let Some(socket) = pending.next().await {
+        sockets.extend(socket);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, rss_after) = process_usage(pipeline.pid());
+    let per_socket = (rss_after - rss_before) * 1024.0 / sockets.len().max(1) as f64;
+    let connected = sockets.len();
+    drop(sockets);
+    (per_socket, connected, rss_before, rss_after)
+}
+
+/// The same users sent straight to the model server: one streamed call per turn, no history.
+async fn direct_turn(llm: &str, question: &str, epoch: Instant) -> Result<Turn, String> {
+    let sent = Instant::now();
+    let body =
+        json!({"model": "m", "stream": true, "max_tokens": 256, "messages": [{"role": "user", "content": question}]});
+    let mut response = reqwest::Client::new()
+        .post(format!("{llm}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut first_token = None;
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if first_token.is_none() && String::from_utf8_lossy(&chunk).contains("\"content\":\"") {
+            first_token = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let answer = sent.elapsed().as_secs_f64() * 1000.0;
+    Ok(Turn {
+        first_token,
+        answer,
+        llm: answer,
+        llm_first_token: first_token,
+        sent_at: (sent - epoch).as_secs_f64(),
+        done_at: epoch.elapsed().as_secs_f64(),
+    })
+}
+
+async fn direct_crowd(llm: &str, users: usize) -> StepResult {
+    let epoch = Instant::now();
+    let tasks: Vec<_> = (0..users)
+        .map(|id| {
+            let llm = llm.to_owned();
+            tokio::spawn(async move {
+                let mut turns = Vec::new();
+                for turn in 0..TURNS_PER_USER {
+                    turns.push(direct_turn(&llm, QUESTIONS[(id + turn) % QUESTIONS.len()], epoch).await);
+                    tokio::time::sleep(THINK_MAX.mul_f64(rand_unit())).await;
+                }
+                turns
+            })
+        })
+        .collect();
+    let mut result = StepResult::default();
+    for task in tasks {
+        for turn in task.await.unwrap() {
+            match turn {
+                Ok(turn) => result.turns.push(turn),
+                Err(_) => result.errors += 1,
+            }
+        }
+    }
+    result
+}
+
+/// The real-model crowd: `users` users arrive at once (each 3 turns, think time), as the
+/// issue measured it.
+async fn real_crowd(pipeline: &support::Pipeline, users: usize) -> StepResult {
+    let signer = TokenSigner::new(b"test-secret");
+    let tokens: Vec<String> = (0..users).map(|i| signer.token_for(&format!("real-{i}"))).collect();
+    let http = pipeline.http.clone();
+    let rate = users as f64 * TURNS_PER_USER as f64 * 100.0; // all arrive within ~10 ms
+    crowd(
+        move |i| socket_url(&http, &tokens[i]),
+        rate,
+        users as f64 * TURNS_PER_USER as f64 / rate,
+        Some(pipeline.pid()),
+    )
+    .await
+}
+
+#[tokio::main]
+async fn main() {
+    let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
+    let rates: Vec<f64> = std::env::var("PARLEY_CROWD_RATES")
+        .unwrap_or_else(|_| "10,25,50,100".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let seconds: f64 = env_or("PARLEY_CROWD_SECONDS", 15.0);
+    let idle: usize = env_or("PARLEY_CROWD_IDLE", 10_000);
+    let stub = stub_model::StubModel {
+        first_token: Duration::from_millis(50),
+        per_token: Duration::from_millis(5),
+        tokens: 16,
+    };
+    let stub_url = stub.serve().await;
+    println!(
+        "stub model: first token after {:?}, {} tokens {:?} apart ({:?} per answer); {seconds} s of arrivals per step, {TURNS_PER_USER} turns per user, think time up to {THINK_MAX:?}",
+        stub.first_token,
+        stub.tokens,
+        stub.per_token,
+        stub.answer_time()
+    );
+
+    // 1. The pipeline's own capacity (the model is a stub), and the naive design.
+    let concurrency = "256";
+    let pipeline = support::Pipeline::start(
+        &stack,
+        &["--llm-base-url", &stub_url, "--without-retrieval", "--concurrency", concurrency, "--llm-max-tokens", "16"],
+    )
+    .await;
+    let (reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
+    wait_for_port(reference_port).await;
+    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    table_header();
+    let mut summary = Vec::new();
+    for &rate in &rates {
+        let http = pipeline.http.clone();
+        let signer = signer.clone();
+        let step = crowd(
+            move |i| socket_url(&http, &signer.token_for(&format!("crowd-{rate}-{i}"))),
+            rate,
+            seconds,
+            Some(pipeline.pid()),
+        )
+        .await;
+        let parley = report("Parley (stub model)", rate, &step);
+        let naive_url = format!("ws://127.0.0.1:{reference_port}/");
+        let step = crowd(move |_| naive_url.clone(), rate, seconds, Some(reference.id())).await;
+        let naive = report("naive reference (stub model)", rate, &step);
+        summary.push((rate, parley, naive));
+    }
+    println!();
+    for (rate, (parley_tps, parley_p99), (naive_tps, naive_p99)) in &summary {
+        println!(
+            "offered {rate:.0} turns/s: sustained Parley {parley_tps:.1} / naive {naive_tps:.1} = {:.2}×; answer-overhead p99 Parley {parley_p99:.1} ms, naive {naive_p99:.1} ms",
+            parley_tps / naive_tps
+        );
+    }
+
+    // 2. Idle sockets.
+    println!();
+    let (per_socket, connected, before, after) = idle_sockets(&pipeline, idle).await;
+    println!(
+        "idle sockets: {connected} of {idle} connected; gateway RSS {before:.0} → {after:.0} MiB = {per_socket:.1} KiB per idle socket"
+    );
+    let mut reference = reference;
+    let _ = reference.kill();
+    let _ = reference.wait();
+    pipeline.stop().await;
+
+    // 3. The real model, against the model server alone.
+    if env_or("PARLEY_CROWD_REAL", 1) == 1 {
+        println!();
+        println!(
+            "real model (llama.cpp, SmolLM2-135M, 4 slots): 16 users × {TURNS_PER_USER} turns, think time up to {THINK_MAX:?}"
+        );
+        table_header();
+        let direct = direct_crowd(&stack.llm, 16).await;
+        let (direct_tps, _) = report("direct to the model server", 16.0, &direct);
+        let direct_first = percentile(direct.turns.iter().filter_map(|t| t.first_token).collect(), 50.0);
+        for (name, args) in
+            [("Parley, no retrieval", vec!["--without-retrieval"]), ("Parley, with retrieval + embedder", vec![])]
+        {
+            let pipeline = support::Pipeline::start(&stack, &args).await;
+            let step = real_crowd(&pipeline, 16).await;
+            let (tps, _) = report(name, 16.0, &step);
+            let first = percentile(step.turns.iter().filter_map(|t| t.first_token).collect(), 50.0);
+            println!(
+                "| {name} vs direct | | {:.2}× throughput | | | first token p50 {:.2}× | | | | |",
+                tps / direct_tps,
+                first / direct_first
+            );
+            pipeline.stop().await;
+        }
+    }
+}
