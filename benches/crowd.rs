@@ -185,7 +185,12 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     while let Some(turn) = receiver.recv().await {
         match turn {
             Ok(turn) => result.turns.push(turn),
-            Err(_) => result.errors += 1,
+            Err(error) => {
+                if result.errors == 0 {
+                    eprintln!("first error of the step: {error}");
+                }
+                result.errors += 1;
+            }
         }
     }
     for task in tasks {
@@ -269,7 +274,7 @@ async fn idle_sockets(pipeline: &support::Pipeline, count: usize) -> (f64, usize
     let mut sockets = Vec::with_capacity(count);
     let mut pending = futures::stream::iter(0..count)
         .map(|i| {
-            let url = socket_url(&pipeline.http, &signer.token_for(&format!("idle-{i}")));
+            let url = socket_url(&pipeline.http, &signer.token_for(&format!("{}idle-{i}", pipeline.prefix)));
             // 20,000 ephemeral ports per source address.
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, u8::try_from(1 + i / 20_000).unwrap()));
             async move {
@@ -348,7 +353,7 @@ async fn direct_crowd(llm: &str, users: usize) -> StepResult {
 /// issue measured it.
 async fn real_crowd(pipeline: &support::Pipeline, users: usize) -> StepResult {
     let signer = TokenSigner::new(b"test-secret");
-    let tokens: Vec<String> = (0..users).map(|i| signer.token_for(&format!("real-{i}"))).collect();
+    let tokens: Vec<String> = (0..users).map(|i| signer.token_for(&format!("{}real-{i}", pipeline.prefix))).collect();
     let http = pipeline.http.clone();
     let rate = users as f64 * TURNS_PER_USER as f64 * 100.0; // all arrive within ~10 ms
     crowd(
@@ -394,13 +399,18 @@ async fn main() {
     let (reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
     wait_for_port(reference_port).await;
     let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    // Warm-up, not measured: group joins, first connections, caches, on both systems.
+    let (http, warm_signer, prefix) = (pipeline.http.clone(), signer.clone(), pipeline.prefix.clone());
+    crowd(move |i| socket_url(&http, &warm_signer.token_for(&format!("{prefix}warm-{i}"))), 5.0, 2.0, None).await;
+    let naive_url = format!("ws://127.0.0.1:{reference_port}/");
+    crowd(move |_| naive_url.clone(), 5.0, 2.0, None).await;
     table_header();
     let mut summary = Vec::new();
     for &rate in &rates {
-        let http = pipeline.http.clone();
-        let signer = signer.clone();
+        let (http, signer, prefix) = (pipeline.http.clone(), signer.clone(), pipeline.prefix.clone());
         let step = crowd(
-            move |i| socket_url(&http, &signer.token_for(&format!("crowd-{rate}-{i}"))),
+            // Users of this run only: the test keyspace outlives runs.
+            move |i| socket_url(&http, &signer.token_for(&format!("{prefix}crowd-{rate}-{i}"))),
             rate,
             seconds,
             Some(pipeline.pid()),
