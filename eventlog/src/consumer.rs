@@ -47,3 +47,9 @@ pub fn reader_config(kafka: &KafkaSettings, group_id: &str, eof_events: bool) ->
 pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
     Ok(config.create_with_context(ReaderContext)?)
 }
+
+/// Whether a consumer error means the client is unusable (every reader stops on it
+/// instead of logging and polling a dead client forever).
+pub fn is_fatal(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}

@@ -31,14 +31,13 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::consumer::{ReaderContext, reader_config};
+use crate::consumer::{ReaderContext, is_fatal, reader_config};
 use crate::dead_letter::dead_letter_for;
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
@@ -141,6 +140,7 @@ pub async fn run<P: Processor>(
         consumer: consumer.clone(),
         partitions: HashMap::new(),
         last_commit: Instant::now(),
+        assignments_made: 0,
         busy_keys: HashSet::new(),
         parked: HashMap::new(),
         ready: VecDeque::new(),
@@ -201,6 +201,8 @@ struct PartitionState<I> {
     read_up_to: Option<i64>,
     /// The offset last sent to be committed.
     committed: Option<i64>,
+    /// Which assignment of the partition this is (units remember it).
+    assignment: u64,
     /// While catching up: the partition's end as of the assignment, and the records held
     /// until it is reached.
     catch_up: Option<(i64, Vec<(OwnedMessage, I)>)>,
@@ -208,7 +210,7 @@ struct PartitionState<I> {
 
 impl<I> Default for PartitionState<I> {
     fn default() -> Self {
-        Self { unfinished: BTreeSet::new(), read_up_to: None, committed: None, catch_up: None }
+        Self { unfinished: BTreeSet::new(), read_up_to: None, committed: None, assignment: 0, catch_up: None }
     }
 }
 
@@ -230,7 +232,8 @@ struct Commit {
 
 /// A unit of work that finished.
 struct Finished {
-    records: Vec<(PartitionKey, i64, Option<Vec<u8>>)>,
+    /// Partition, its assignment, offset and key of each record of the unit.
+    records: Vec<(PartitionKey, u64, i64, Option<Vec<u8>>)>,
     outgoing: Result<Vec<Outgoing>, EventLogError>,
 }
 
@@ -243,6 +246,8 @@ struct Driver<P: Processor> {
     partitions: HashMap<PartitionKey, PartitionState<P::Item>>,
     /// When outputs or offsets were last sent to the committer.
     last_commit: Instant,
+    /// Partition assignments so far.
+    assignments_made: u64,
     /// Keys with a record in flight, and the records of those keys waiting their turn.
     busy_keys: HashSet<Vec<u8>>,
     parked: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
@@ -285,9 +290,7 @@ impl<P: Processor> Driver<P> {
                         self.read(message).await?;
                     }
                     Ok(Err(KafkaError::PartitionEOF(partition))) => self.reached_end_of(partition),
-                    Ok(Err(error)) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
-                        return Err(error.into());
-                    }
+                    Ok(Err(error)) if is_fatal(&error) => return Err(error.into()),
                     Ok(Err(error)) => warn!(%error, "consumer error; continuing"),
                 },
             }
@@ -304,7 +307,12 @@ impl<P: Processor> Driver<P> {
                     for (topic, partition) in partitions {
                         let end = self.end_offset(&topic, partition).await?;
                         info!(%topic, partition, end, "partition assigned; catching up to its end before new work");
-                        let state = PartitionState { catch_up: Some((end, Vec::new())), ..PartitionState::default() };
+                        self.assignments_made += 1;
+                        let state = PartitionState {
+                            catch_up: Some((end, Vec::new())),
+                            assignment: self.assignments_made,
+                            ..PartitionState::default()
+                        };
                         self.partitions.insert((topic, partition), state);
                     }
                 }
@@ -433,7 +441,11 @@ impl<P: Processor> Driver<P> {
             }
             let records = unit
                 .iter()
-                .map(|(m, _)| ((m.topic().to_owned(), m.partition()), m.offset(), m.key().map(<[u8]>::to_vec)))
+                .map(|(m, _)| {
+                    let partition = (m.topic().to_owned(), m.partition());
+                    let assignment = self.partitions.get(&partition).map_or(0, |state| state.assignment);
+                    (partition, assignment, m.offset(), m.key().map(<[u8]>::to_vec))
+                })
                 .collect();
             let processor = self.processor.clone();
             self.running.spawn(async move {
@@ -448,8 +460,10 @@ impl<P: Processor> Driver<P> {
     fn finish(&mut self, finished: Finished) -> Result<(), EventLogError> {
         let outgoing = finished.outgoing?;
         let mut revoked = false;
-        for (partition, offset, key) in finished.records {
-            match self.partitions.get_mut(&partition) {
+        for (partition, assignment, offset, key) in finished.records {
+            // Revoked meanwhile (and perhaps assigned again: then the record was read anew
+            // and is that assignment's to finish).
+            match self.partitions.get_mut(&partition).filter(|state| state.assignment == assignment) {
                 Some(state) => {
                     state.unfinished.remove(&offset);
                 }

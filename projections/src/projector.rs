@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
-use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
@@ -272,6 +272,7 @@ pub async fn run(
                         projector.reached_end(&consumer, partition).await?;
                         continue;
                     }
+                    Err(error) if is_fatal(&error) => return Err(error.into()),
                     Err(error) => { warn!(%error, "projection consumer error"); continue; }
                 },
             };
