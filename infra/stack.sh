@@ -21,6 +21,7 @@ cassandra_healthy() {
     _ "$CQL_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 8400000006 ]
 }
 llm_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
+llm2_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$LLM2_PORT/health" >/dev/null; }
 jaeger_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$JAEGER_HEALTH_PORT/status" >/dev/null; }
 milvus_healthy() { timeout 20 "$VENV/bin/python" -c 'import sys; from pymilvus import MilvusClient
 MilvusClient(sys.argv[1], timeout=10).list_collections()' "http://127.0.0.1:$MILVUS_PORT" >/dev/null 2>&1; }
@@ -100,6 +101,14 @@ start_llm() {
   record_pid $! "$pidf"
 }
 
+start_llm2() {
+  local pidf="$PARLEY_RUN/pids/llm2.pid"
+  log "starting a second llama.cpp server on 127.0.0.1:$LLM2_PORT (PARLEY_LLM_SERVERS=2)"
+  nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$LLM2_PORT" \
+    >"$PARLEY_RUN/logs/llm2.log" 2>&1 &
+  record_pid $! "$pidf"
+}
+
 start_milvus() {
   local pidf="$PARLEY_RUN/pids/milvus.pid"
   log "starting Milvus Lite $MILVUS_LITE_VERSION on 127.0.0.1:$MILVUS_PORT"
@@ -135,7 +144,11 @@ stop_one() {
 }
 
 SERVICES=(kafka registry cassandra llm milvus jaeger)
-declare -A STARTUP_SECONDS=([kafka]=120 [registry]=120 [cassandra]=180 [llm]=60 [milvus]=60 [jaeger]=30)
+# A second model server for the LLM pool: started on request, always stopped and shown.
+if [[ "${PARLEY_LLM_SERVERS:-1}" == 2 || ("${1:-}" != start && -f "$PARLEY_RUN/pids/llm2.pid") ]]; then
+  SERVICES+=(llm2)
+fi
+declare -A STARTUP_SECONDS=([kafka]=120 [registry]=120 [cassandra]=180 [llm]=60 [milvus]=60 [jaeger]=30 [llm2]=60)
 
 # ensure NAME: keeps a running NAME that answers its probe, or one still inside its start-up
 # time; restarts one that has been up longer without answering; starts a missing one.

@@ -380,7 +380,12 @@ pub fn log_tail(path: &str) -> String {
 
 pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_parley")).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    // A test that names its model server means that one, not the stack's pool.
+    if args.iter().any(|a| a == "--llm-base-url" || a == "--llm-endpoint") {
+        command.env_remove("PARLEY_LLM_ENDPOINTS");
+    }
+    command.args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
 pub struct Client {
