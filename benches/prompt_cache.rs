@@ -8,7 +8,8 @@
 //! layout (knowledge in the system message, history sliding a turn at a time) and the
 //! `stable` one (the default).
 //!
-//! Run: `infra/bench.sh prompt_cache` (PARLEY_PROMPT_TURNS turns per conversation, default 12).
+//! Run: `infra/bench.sh prompt_cache` (PARLEY_PROMPT_TURNS turns per conversation, default 12;
+//! PARLEY_PROMPT_RETRIEVAL=0 runs without retrieval).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,8 +39,11 @@ struct LayoutResult {
     prompt_tokens: Vec<f64>,
 }
 
-async fn run(stack: &support::Stack, layout: &str, turns: usize) -> LayoutResult {
-    let args = ["--prompt-layout", layout, "--context-token-budget", "600", "--llm-max-tokens", "48"];
+async fn run(stack: &support::Stack, layout: &str, turns: usize, retrieval: bool) -> LayoutResult {
+    let mut args = vec!["--prompt-layout", layout, "--context-token-budget", "600", "--llm-max-tokens", "48"];
+    if !retrieval {
+        args.push("--without-retrieval");
+    }
     let pipeline = support::Pipeline::start(stack, &args).await;
     let mut client = pipeline.client().await;
     let mut conversations: Vec<Option<String>> = vec![None; CONVERSATIONS];
@@ -72,13 +76,15 @@ async fn run(stack: &support::Stack, layout: &str, turns: usize) -> LayoutResult
 async fn main() {
     let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
     let turns: usize = std::env::var("PARLEY_PROMPT_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let retrieval = std::env::var("PARLEY_PROMPT_RETRIEVAL").as_deref() != Ok("0");
+    let with = if retrieval { "on" } else { "off" };
     println!(
-        "{CONVERSATIONS} conversations × {turns} turns, round robin, retrieval on, context budget 600 tokens; turns from the third on"
+        "{CONVERSATIONS} conversations × {turns} turns, round robin, retrieval {with}, context budget 600 tokens; turns from the third on"
     );
     println!("| layout | turns | prompt tokens p50 | evaluated afresh (mean share) | model time p50 / p99 (ms) |");
     println!("|---|---|---|---|---|");
     for layout in ["sliding", "stable"] {
-        let mut result = run(&stack, layout, turns).await;
+        let mut result = run(&stack, layout, turns, retrieval).await;
         let mean = result.evaluated_share.iter().sum::<f64>() / result.evaluated_share.len().max(1) as f64;
         result.model_ms.sort_by(f64::total_cmp);
         result.prompt_tokens.sort_by(f64::total_cmp);
