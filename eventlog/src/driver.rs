@@ -151,7 +151,7 @@ pub async fn run<P: Processor>(
     let outcome = driver.drive(&shutdown).await;
     // Work not finished is not committed: it is redone by whoever gets its partition.
     driver.running.abort_all();
-    driver.enqueue_commit(vec![]);
+    driver.enqueue_commit(vec![], vec![]);
     drop(driver);
     let committed = committer.await.unwrap_or(Err(EventLogError::Kafka(KafkaError::Canceled)));
     info!("driver stopped");
@@ -227,7 +227,20 @@ type PartitionKey = (String, i32);
 #[derive(Debug, Default)]
 struct Commit {
     outgoing: Vec<Outgoing>,
+    /// The partitions the outputs come from: while one of them is not assigned any more,
+    /// the outputs are its new owner's to make.
+    sources: Vec<PartitionKey>,
     offsets: BTreeMap<PartitionKey, i64>,
+}
+
+impl Commit {
+    /// Drops what belongs to partitions this member no longer owns.
+    fn keep_assigned(&mut self, assigned: &HashSet<PartitionKey>) {
+        if self.sources.iter().any(|source| !assigned.contains(source)) {
+            self.outgoing.clear();
+        }
+        self.offsets.retain(|partition, _| assigned.contains(partition));
+    }
 }
 
 /// A unit of work that finished.
@@ -280,7 +293,7 @@ impl<P: Processor> Driver<P> {
                 () = tokio::time::sleep_until(fill_deadline.unwrap_or_else(Instant::now).into()), if fill_deadline.is_some() => {}
                 received = tokio::time::timeout(IDLE, self.consumer.recv()), if can_read => match received {
                     Err(_idle) => {
-                        self.enqueue_commit(vec![]); // offsets of records that were no work
+                        self.enqueue_commit(vec![], vec![]); // offsets of records that were no work
                         if self.running.is_empty() {
                             self.processor.idle().await;
                         }
@@ -365,7 +378,7 @@ impl<P: Processor> Driver<P> {
                     payload: self.codec.encode(&letter).await?,
                     traceparent: None,
                 };
-                self.enqueue_commit(vec![outgoing]);
+                self.enqueue_commit(vec![outgoing], vec![key.clone()]);
             }
             Ok(item) => {
                 self.processor.observe(&item, catching_up);
@@ -381,7 +394,7 @@ impl<P: Processor> Driver<P> {
                 } else if self.last_commit.elapsed() >= IDLE {
                     // Records that are no work ride with the next commit; under a steady
                     // stream of them, their offsets still advance every IDLE.
-                    self.enqueue_commit(vec![]);
+                    self.enqueue_commit(vec![], vec![]);
                 }
             }
         }
@@ -460,7 +473,9 @@ impl<P: Processor> Driver<P> {
     fn finish(&mut self, finished: Finished) -> Result<(), EventLogError> {
         let outgoing = finished.outgoing?;
         let mut revoked = false;
+        let mut sources = Vec::new();
         for (partition, assignment, offset, key) in finished.records {
+            sources.push(partition.clone());
             // Revoked meanwhile (and perhaps assigned again: then the record was read anew
             // and is that assignment's to finish).
             match self.partitions.get_mut(&partition).filter(|state| state.assignment == assignment) {
@@ -486,12 +501,14 @@ impl<P: Processor> Driver<P> {
             warn!("a unit of a revoked partition finished; its outputs are left to the partition's new owner");
             return Ok(());
         }
-        self.enqueue_commit(outgoing);
+        sources.sort_unstable();
+        sources.dedup();
+        self.enqueue_commit(outgoing, sources);
         Ok(())
     }
 
     /// Sends outputs and every partition's advanced commit position to the committer.
-    fn enqueue_commit(&mut self, outgoing: Vec<Outgoing>) {
+    fn enqueue_commit(&mut self, outgoing: Vec<Outgoing>, sources: Vec<PartitionKey>) {
         let mut offsets = BTreeMap::new();
         for (key, state) in &mut self.partitions {
             if let Some(position) = state.commit_position()
@@ -506,7 +523,7 @@ impl<P: Processor> Driver<P> {
         }
         self.last_commit = Instant::now();
         // The committer only stops after the driver: a send cannot fail while it runs.
-        let _ = self.commits.send(Commit { outgoing, offsets });
+        let _ = self.commits.send(Commit { outgoing, sources, offsets });
     }
 }
 
@@ -518,17 +535,27 @@ async fn commit_loop(
     mut queue: mpsc::UnboundedReceiver<Commit>,
 ) -> Result<(), EventLogError> {
     while let Some(first) = queue.recv().await {
-        let mut commit = first;
+        let mut queued = vec![first];
         while let Ok(more) = queue.try_recv() {
-            commit.outgoing.extend(more.outgoing);
-            for (partition, offset) in more.offsets {
-                let entry = commit.offsets.entry(partition).or_insert(offset);
-                *entry = (*entry).max(offset);
-            }
+            queued.push(more);
         }
         let mut attempt = 1;
         loop {
-            match transactions.commit_offsets(consumer.as_ref(), &commit.offsets, commit.outgoing.clone()).await {
+            // A partition revoked while its commit waited (or failed: a rebalance fences the
+            // transaction of the old generation) is its new owner's; with the new
+            // generation, the broker would take this member's offsets for it.
+            let assigned: HashSet<PartitionKey> =
+                consumer.assignment().map(|list| partitions_of(&list).into_iter().collect())?;
+            let (mut outgoing, mut offsets) = (Vec::new(), BTreeMap::new());
+            for commit in &mut queued {
+                commit.keep_assigned(&assigned);
+                outgoing.extend(commit.outgoing.iter().cloned());
+                for (partition, offset) in &commit.offsets {
+                    let entry = offsets.entry(partition.clone()).or_insert(*offset);
+                    *entry = (*entry).max(*offset);
+                }
+            }
+            match transactions.commit_offsets(consumer.as_ref(), &offsets, outgoing).await {
                 Ok(()) => break,
                 Err(error) if attempt < COMMIT_ATTEMPTS && !error.is_fatal() => {
                     let pause = Duration::from_millis(50 << attempt);
