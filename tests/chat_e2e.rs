@@ -314,6 +314,15 @@ async fn a_resent_earlier_turn_is_a_duplicate_on_any_gateway_and_after_a_restart
     expect_duplicate(&elsewhere.until_outcome().await, &ack_a, &answer_a, "first turn, another gateway");
 
     pipeline.restart().await;
+    // A just-started instance takes a subscription to the conversation, too.
+    let mut watcher = pipeline.connect(&pipeline.http, &token).await;
+    watcher.send(serde_json::json!({"type": "subscribe", "conversation_id": conversation})).await;
+    let subscribed = watcher.next_frame().await;
+    assert_eq!(
+        (subscribed["type"].as_str(), subscribed["conversation_id"].as_str()),
+        (Some("subscribed"), Some(conversation.as_str())),
+        "{subscribed}"
+    );
     let mut again = pipeline.connect(&pipeline.http, &token).await;
     again.ask("turn-a", Some(&conversation), "Name a fruit.").await;
     expect_duplicate(&again.until_outcome().await, &ack_a, &answer_a, "earlier turn after a restart");
@@ -322,6 +331,12 @@ async fn a_resent_earlier_turn_is_a_duplicate_on_any_gateway_and_after_a_restart
     again.ask("turn-c", Some(&conversation), "Name a tree.").await;
     let third = again.until_outcome().await;
     assert_eq!(only(&third, "ack")[0]["sequence"], 6, "{third:?}");
+    let watched = watcher.until_outcome().await;
+    assert_eq!(
+        watched.last().unwrap()["event_id"],
+        third.last().unwrap()["event_id"],
+        "the subscriber gets the answer"
+    );
     let events = read_topic_of(&pipeline, 7).await;
     let sequences: Vec<_> = events.iter().map(|(e, _)| e.envelope().sequence).collect();
     assert_eq!(sequences, [1, 2, 3, 4, 5, 6, 7]);
