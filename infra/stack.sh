@@ -93,21 +93,16 @@ start_cassandra() {
   record_pid $! "$pidf"
 }
 
-start_llm() {
-  local pidf="$PARLEY_RUN/pids/llm.pid"
-  log "starting llama.cpp (SmolLM2-135M-Instruct) on 127.0.0.1:$LLM_PORT"
-  nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$LLM_PORT" \
-    >"$PARLEY_RUN/logs/llm.log" 2>&1 &
-  record_pid $! "$pidf"
+# start_model_server NAME PORT: a llama.cpp server with SmolLM2-135M-Instruct.
+start_model_server() {
+  log "starting llama.cpp (SmolLM2-135M-Instruct) as $1 on 127.0.0.1:$2"
+  nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$2" \
+    >"$PARLEY_RUN/logs/$1.log" 2>&1 &
+  record_pid $! "$PARLEY_RUN/pids/$1.pid"
 }
+start_llm() { start_model_server llm "$LLM_PORT"; }
 
-start_llm2() {
-  local pidf="$PARLEY_RUN/pids/llm2.pid"
-  log "starting a second llama.cpp server on 127.0.0.1:$LLM2_PORT (PARLEY_LLM_SERVERS=2)"
-  nohup "$VENV/bin/python" "$REPO_ROOT/infra/llm_server.py" --model "$LLM_MODEL" --port "$LLM2_PORT" \
-    >"$PARLEY_RUN/logs/llm2.log" 2>&1 &
-  record_pid $! "$pidf"
-}
+start_llm2() { start_model_server llm2 "$LLM2_PORT"; }
 
 start_milvus() {
   local pidf="$PARLEY_RUN/pids/milvus.pid"

@@ -82,18 +82,8 @@ mod tests {
 
     use super::*;
     use crate::event::*;
+    use crate::test_events::{P, query};
     use crate::turn::query_event_id;
-
-    const P: Producer = Producer { name: "t", version: "0" };
-
-    fn query(conversation: Uuid, sequence: i64, client_message_id: &str) -> ConversationEvent {
-        ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: Envelope::new(query_event_id(conversation, client_message_id), conversation, sequence, P),
-            user_id: "alice".into(),
-            client_message_id: client_message_id.into(),
-            text: "hi".into(),
-        })
-    }
 
     fn outcome(conversation: Uuid, sequence: i64, client_message_id: &str) -> ConversationEvent {
         let query_id = query_event_id(conversation, client_message_id);

@@ -13,6 +13,8 @@ pub mod error;
 pub mod event;
 pub mod invariants;
 pub mod registry;
+#[cfg(test)]
+mod test_events;
 pub mod turn;
 
 pub use catalog::{SchemaCatalog, SchemaEntry};

@@ -127,17 +127,7 @@ impl ConversationHead {
 mod tests {
     use super::*;
     use crate::event::*;
-
-    const P: Producer = Producer { name: "test", version: "0" };
-
-    fn query(conversation: Uuid, sequence: i64, client_id: &str) -> ConversationEvent {
-        ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: Envelope::new(query_event_id(conversation, client_id), conversation, sequence, P),
-            user_id: "alice".into(),
-            client_message_id: client_id.into(),
-            text: "hi".into(),
-        })
-    }
+    use crate::test_events::{P, query};
 
     fn failed(conversation: Uuid, sequence: i64) -> ConversationEvent {
         ConversationEvent::ResponseFailed(LLMResponseFailed {

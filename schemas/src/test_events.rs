@@ -1,0 +1,18 @@
+//! Events for the domain rules' unit tests.
+
+use uuid::Uuid;
+
+use crate::event::{ConversationEvent, Envelope, Producer, UserQueryReceived};
+use crate::turn::query_event_id;
+
+pub(crate) const P: Producer = Producer { name: "test", version: "0" };
+
+/// Alice's query `client_message_id` at `sequence`, with the id the gateway gives it.
+pub(crate) fn query(conversation: Uuid, sequence: i64, client_message_id: &str) -> ConversationEvent {
+    ConversationEvent::QueryReceived(UserQueryReceived {
+        envelope: Envelope::new(query_event_id(conversation, client_message_id), conversation, sequence, P),
+        user_id: "alice".into(),
+        client_message_id: client_message_id.into(),
+        text: "hi".into(),
+    })
+}
