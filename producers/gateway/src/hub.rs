@@ -37,11 +37,20 @@ struct Slot {
     queries: HashMap<Uuid, WrittenQuery>,
     /// The outcome frame of the latest answered turn, by query event id.
     last_outcome: Option<(String, ServerFrame)>,
+    /// The log has no `ConversationStarted` for it yet: its first query writes one.
+    unstarted: bool,
 }
 
 impl Slot {
-    fn new(head: ConversationHead) -> Self {
-        Self { head, partition: None, subscribers: HashMap::new(), queries: HashMap::new(), last_outcome: None }
+    fn new(head: ConversationHead, unstarted: bool) -> Self {
+        Self {
+            head,
+            partition: None,
+            subscribers: HashMap::new(),
+            queries: HashMap::new(),
+            last_outcome: None,
+            unstarted,
+        }
     }
 }
 
@@ -98,12 +107,11 @@ impl Hub {
     }
 
     /// Admits `user`'s query and reserves its sequence number, subscribing `outbox` to the
-    /// conversation's answers. `new_conversation`: the client sent no conversation id.
+    /// conversation's answers.
     pub fn admit(
         &self,
         user: &str,
         conversation_id: Uuid,
-        new_conversation: bool,
         client_message_id: &str,
         connection: ConnectionId,
         outbox: &Outbox,
@@ -136,7 +144,7 @@ impl Hub {
             sequence,
             client_message_id: client_message_id.to_owned(),
         });
-        let new_conversation = new_conversation && sequence == STARTED_SEQUENCE + 1;
+        let new_conversation = slot.unstarted && sequence == STARTED_SEQUENCE + 1;
         Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation })
     }
 
@@ -162,8 +170,8 @@ impl Hub {
     }
 
     /// Takes over a conversation this instance did not hold (a restart, another instance's
-    /// conversation, or a first message that may have been written before), with its head
-    /// and queries as the log shows them. A conversation already held is left as it is.
+    /// conversation), with its head and queries as the log shows them. A conversation
+    /// already held is left as it is.
     pub fn adopt(
         &self,
         conversation_id: Uuid,
@@ -171,9 +179,25 @@ impl Hub {
         partition: i32,
         queries: impl IntoIterator<Item = (Uuid, WrittenQuery)>,
     ) {
+        self.hold(conversation_id, head, partition, queries, false);
+    }
+
+    /// Holds a conversation the log does not have yet: `user`'s first message starts it.
+    pub fn adopt_new(&self, conversation_id: Uuid, user: &str, partition: i32) {
+        self.hold(conversation_id, ConversationHead::started(user), partition, [], true);
+    }
+
+    fn hold(
+        &self,
+        conversation_id: Uuid,
+        head: ConversationHead,
+        partition: i32,
+        queries: impl IntoIterator<Item = (Uuid, WrittenQuery)>,
+        unstarted: bool,
+    ) {
         let mut slots = self.lock();
         slots.entry(conversation_id).or_insert_with(|| {
-            let mut slot = Slot::new(head);
+            let mut slot = Slot::new(head, unstarted);
             slot.partition = Some(partition);
             slot.queries.extend(queries);
             slot
@@ -183,6 +207,7 @@ impl Hub {
     /// Records where a written query landed, for duplicates.
     pub fn record_written(&self, conversation_id: Uuid, query_id: Uuid, sequence: i64, position: &LogPosition) {
         if let Some(slot) = self.lock().get_mut(&conversation_id) {
+            slot.unstarted = false;
             slot.partition = Some(position.partition);
             slot.queries.insert(query_id, WrittenQuery { sequence, offset: position.offset });
         }
@@ -298,7 +323,7 @@ mod tests {
     fn hub_holding_new(user: &str, client_message_id: &str) -> (Hub, Uuid) {
         let hub = Hub::new(TOPIC);
         let conversation = new_conversation_id(user, client_message_id);
-        hub.adopt(conversation, ConversationHead::started(user), 0, []);
+        hub.adopt_new(conversation, user, 0);
         (hub, conversation)
     }
 
@@ -332,9 +357,9 @@ mod tests {
     }
 
     /// Admits, records the write at `offset` and applies a failed outcome: one whole turn.
-    fn turn(hub: &Hub, conversation: Uuid, new: bool, client_message_id: &str, offset: i64) -> Uuid {
+    fn turn(hub: &Hub, conversation: Uuid, client_message_id: &str, offset: i64) -> Uuid {
         let (tx, _rx) = outbox();
-        let (_, query, sequence, _) = accepted(hub.admit("alice", conversation, new, client_message_id, 1, &tx));
+        let (_, query, sequence, _) = accepted(hub.admit("alice", conversation, client_message_id, 1, &tx));
         let position = LogPosition { topic: TOPIC.into(), partition: 2, offset };
         hub.record_written(conversation, query, sequence, &position);
         hub.apply(&failed_outcome(conversation, query, sequence + 1), 2, offset + 1, Some(frame_of(query)));
@@ -345,14 +370,14 @@ mod tests {
     fn a_new_conversation_then_one_turn_at_a_time() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (_, query, sequence, new) = accepted(hub.admit("alice", conversation, true, "m1", 1, &tx));
+        let (_, query, sequence, new) = accepted(hub.admit("alice", conversation, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, true));
-        assert_eq!(hub.admit("alice", conversation, false, "m2", 1, &tx), Err(Refusal::TurnInProgress));
+        assert_eq!(hub.admit("alice", conversation, "m2", 1, &tx), Err(Refusal::TurnInProgress));
 
         let outcome = failed_outcome(conversation, query, 3);
         assert_eq!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).len(), 1);
         assert!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).is_empty(), "re-delivery is not pushed twice");
-        let (_, _, sequence, new) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
+        let (_, _, sequence, new) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
         assert_eq!((sequence, new), (4, false));
     }
 
@@ -360,8 +385,8 @@ mod tests {
     fn conversations_not_held_are_looked_up_and_other_users_refused() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        assert_eq!(hub.admit("mallory", conversation, false, "x", 2, &tx), Err(Refusal::UnknownConversation));
-        assert_eq!(hub.admit("alice", Uuid::new_v4(), false, "x", 1, &tx), Err(Refusal::NotHeld));
+        assert_eq!(hub.admit("mallory", conversation, "x", 2, &tx), Err(Refusal::UnknownConversation));
+        assert_eq!(hub.admit("alice", Uuid::new_v4(), "x", 1, &tx), Err(Refusal::NotHeld));
         assert!(!hub.subscribe("mallory", conversation, 2, &tx));
         assert!(hub.subscribe("alice", conversation, 3, &tx));
     }
@@ -369,10 +394,10 @@ mod tests {
     #[test]
     fn a_resent_earlier_turn_is_a_duplicate_whose_outcome_is_read_after_the_later_turns() {
         let (hub, conversation) = hub_holding_new("alice", "a");
-        let first = turn(&hub, conversation, true, "a", 10);
-        turn(&hub, conversation, false, "b", 20);
+        let first = turn(&hub, conversation, "a", 10);
+        turn(&hub, conversation, "b", 20);
         let (tx, _rx) = outbox();
-        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, false, "a", 1, &tx) else {
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, "a", 1, &tx) else {
             panic!("turn 1 resent after turn 2 must be a duplicate")
         };
         let ServerFrame::Ack { event_id, sequence, position, duplicate, .. } = *ack else { panic!("{ack:?}") };
@@ -380,9 +405,7 @@ mod tests {
         let after = LogPosition { topic: TOPIC.into(), partition: 2, offset: 20 };
         assert_eq!(outcome, DuplicateOutcome::InProjection { after });
         // The latest turn's outcome is known in memory.
-        let Ok(Admission::Duplicate { outcome, .. }) = hub.admit("alice", conversation, false, "b", 1, &tx) else {
-            panic!()
-        };
+        let Ok(Admission::Duplicate { outcome, .. }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
         assert!(matches!(outcome, DuplicateOutcome::Known(ServerFrame::Failed { .. })), "{outcome:?}");
     }
 
@@ -394,7 +417,7 @@ mod tests {
         let head = ConversationHead { owner: "alice".into(), last_sequence: 3, open_query: None };
         hub.adopt(conversation, head, 4, [(earlier, WrittenQuery { sequence: 2, offset: 7 })]);
         let (tx, _rx) = outbox();
-        assert!(matches!(hub.admit("alice", conversation, false, "a", 1, &tx), Ok(Admission::Duplicate { .. })));
+        assert!(matches!(hub.admit("alice", conversation, "a", 1, &tx), Ok(Admission::Duplicate { .. })));
 
         // Another instance writes turn 2: this one sees it on the log and treats a resend
         // as a duplicate of a turn still open.
@@ -410,19 +433,17 @@ mod tests {
             text: "hi".into(),
         });
         assert!(hub.apply(&query, 4, 9, None).is_empty());
-        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, false, "b", 1, &tx) else {
-            panic!()
-        };
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
         assert!(matches!(*ack, ServerFrame::Ack { sequence: 4, .. }), "{ack:?}");
         assert_eq!(outcome, DuplicateOutcome::Pending);
-        assert_eq!(hub.admit("alice", conversation, false, "c", 1, &tx), Err(Refusal::TurnInProgress));
+        assert_eq!(hub.admit("alice", conversation, "c", 1, &tx), Err(Refusal::TurnInProgress));
     }
 
     #[test]
     fn late_token_deltas_of_a_finished_answer_are_not_pushed() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (_, query, _, _) = accepted(hub.admit("alice", conversation, true, "m1", 1, &tx));
+        let (_, query, _, _) = accepted(hub.admit("alice", conversation, "m1", 1, &tx));
         assert_eq!(hub.token_subscribers(&conversation, &query.to_string()).len(), 1);
         hub.apply(&failed_outcome(conversation, query, 3), 0, 1, Some(frame_of(query)));
         assert!(hub.token_subscribers(&conversation, &query.to_string()).is_empty());
@@ -431,11 +452,25 @@ mod tests {
     #[test]
     fn a_released_reservation_frees_the_turn() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
-        turn(&hub, conversation, true, "m1", 1);
+        turn(&hub, conversation, "m1", 1);
         let (tx, _rx) = outbox();
-        let (_, _, sequence, _) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
+        let (_, _, sequence, _) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
         hub.release(conversation, sequence);
-        let (_, _, again, _) = accepted(hub.admit("alice", conversation, false, "m2", 1, &tx));
+        let (_, _, again, _) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
         assert_eq!(again, sequence);
+    }
+
+    #[test]
+    fn only_a_conversation_the_log_lacks_gets_a_conversation_started() {
+        let (tx, _rx) = outbox();
+        let (fresh, conversation) = hub_holding_new("alice", "m1");
+        let (_, _, _, new) = accepted(fresh.admit("alice", conversation, "m1", 1, &tx));
+        assert!(new, "a new conversation's first query writes ConversationStarted");
+        // Its ConversationStarted reached the log but the query did not: adopted again
+        // from the log, its first query must not start it a second time.
+        let adopted = Hub::new(TOPIC);
+        adopted.adopt(conversation, ConversationHead::started("alice"), 0, []);
+        let (_, _, sequence, new) = accepted(adopted.admit("alice", conversation, "m1", 1, &tx));
+        assert_eq!((sequence, new), (2, false));
     }
 }

@@ -349,7 +349,7 @@ async fn accept_query(
     };
     let requested_new = query.conversation_id.is_none();
     let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
-    let admit = || state.hub.admit(user, conversation_id, requested_new, &query.client_message_id, connection, outbox);
+    let admit = || state.hub.admit(user, conversation_id, &query.client_message_id, connection, outbox);
     let mut admission = admit();
     if admission == Err(Refusal::NotHeld) {
         match adopt(state, user, conversation_id, requested_new).await {
@@ -442,7 +442,7 @@ async fn adopt(state: &AppState, user: &str, conversation_id: Uuid, new_conversa
         }
         Ok(Some(_)) => Adopted::Unknown,
         Ok(None) if new_conversation => {
-            state.hub.adopt(conversation_id, ConversationHead::started(user), partition, []);
+            state.hub.adopt_new(conversation_id, user, partition);
             Adopted::Held
         }
         Ok(None) => Adopted::Unknown,
