@@ -322,7 +322,7 @@ async fn subscribe(
     };
     let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
     if !state.hub.holds(&id) {
-        match adopt(state, user, id, false).await {
+        match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
             Adopted::Held => {}
             Adopted::Unknown => return unknown(),
             Adopted::Unavailable(message) => {
@@ -352,7 +352,8 @@ async fn accept_query(
     let admit = || state.hub.admit(user, conversation_id, &query.client_message_id, connection, outbox);
     let mut admission = admit();
     if admission == Err(Refusal::NotHeld) {
-        match adopt(state, user, conversation_id, requested_new).await {
+        let adopting = info_span!("gateway.adopt", %conversation_id);
+        match adopt(state, user, conversation_id, requested_new).instrument(adopting).await {
             Adopted::Held => admission = admit(),
             Adopted::Unknown => admission = Err(Refusal::UnknownConversation),
             Adopted::Unavailable(message) => return error(ErrorCode::Unavailable, message),
