@@ -23,8 +23,9 @@ use parley_gateway::hub::new_conversation_id;
 use serde_json::Value;
 use support::{Pipeline, stack};
 
-/// Chat completion calls per last user message, forwarded to the real model; the stream
-/// of an answer to `slow` is slowed down (so it is surely still generating at the crash).
+/// Chat completion calls per last user message, forwarded to the real model; the first
+/// answer to `slow` is held open after its last chunk (so it is surely unfinished at the
+/// crash, however short the model made it).
 #[derive(Clone, Default)]
 struct CallCounter {
     calls: Arc<Mutex<HashMap<String, usize>>>,
@@ -40,8 +41,13 @@ async fn forward(State(counter): State<CallCounter>, body: axum::body::Bytes) ->
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
         .to_owned();
-    let pause = if question == counter.slow { Duration::from_millis(20) } else { Duration::ZERO };
-    *counter.calls.lock().unwrap().entry(question).or_default() += 1;
+    let calls = {
+        let mut counts = counter.calls.lock().unwrap();
+        let count = counts.entry(question.clone()).or_default();
+        *count += 1;
+        *count
+    };
+    let hold = if question == counter.slow && calls == 1 { Duration::from_secs(60) } else { Duration::ZERO };
     let upstream = reqwest::Client::new()
         .post(format!("{}/chat/completions", counter.upstream))
         .header("content-type", "application/json")
@@ -51,10 +57,12 @@ async fn forward(State(counter): State<CallCounter>, body: axum::body::Bytes) ->
         .unwrap();
     let status = upstream.status().as_u16();
     let chunks = futures::stream::unfold(upstream, move |mut response| async move {
-        tokio::time::sleep(pause).await;
         match response.chunk().await {
             Ok(Some(chunk)) => Some((Ok::<_, std::io::Error>(chunk), response)),
-            _ => None,
+            _ => {
+                tokio::time::sleep(hold).await;
+                None
+            }
         }
     });
     Response::builder()
