@@ -48,6 +48,16 @@ pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
     Ok(config.create_with_context(ReaderContext)?)
 }
 
+/// Runs a librdkafka query that blocks (watermarks, metadata) on tokio's blocking pool.
+pub(crate) async fn blocking_query<T: Send + 'static>(
+    query: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, EventLogError> {
+    tokio::task::spawn_blocking(query)
+        .await
+        .map_err(|_| EventLogError::Kafka(KafkaError::Canceled))?
+        .map_err(Into::into)
+}
+
 /// Whether a consumer error means the client is unusable (every reader stops on it
 /// instead of logging and polling a dead client forever).
 pub fn is_fatal(error: &KafkaError) -> bool {

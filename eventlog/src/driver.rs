@@ -37,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::consumer::{ReaderContext, is_fatal, reader_config};
+use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
 use crate::dead_letter::dead_letter_for;
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
@@ -346,11 +346,8 @@ impl<P: Processor> Driver<P> {
 
     async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, EventLogError> {
         let (consumer, topic) = (self.consumer.clone(), topic.to_owned());
-        let watermarks =
-            tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30)))
-                .await
-                .map_err(|_| EventLogError::Kafka(KafkaError::Canceled))??;
-        Ok(watermarks.1)
+        let watermarks = blocking_query(move || consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30)));
+        Ok(watermarks.await?.1)
     }
 
     /// Decodes a record read from the log and files it: dead letter, nothing to do, held

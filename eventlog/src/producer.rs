@@ -8,6 +8,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::consumer::blocking_query;
 use crate::error::EventLogError;
 use crate::partitioner::PARTITIONER;
 use crate::position::LogPosition;
@@ -93,12 +94,9 @@ impl EventProducer {
     /// watermark): everything before it is in the log.
     pub async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, EventLogError> {
         let (producer, topic) = (self.producer.clone(), topic.to_owned());
-        let watermarks = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_watermarks(&topic, partition, Duration::from_secs(5))
-        })
-        .await
-        .map_err(|_| EventLogError::Kafka(rdkafka::error::KafkaError::Canceled))??;
-        Ok(watermarks.1)
+        let watermarks =
+            blocking_query(move || producer.client().fetch_watermarks(&topic, partition, Duration::from_secs(5)));
+        Ok(watermarks.await?.1)
     }
 
     /// Waits until everything sent has been acknowledged (used on shutdown).

@@ -82,17 +82,17 @@ impl TransactionalProducer {
             return Ok(());
         }
         let span = transaction_span(&outgoing, next_offsets.len());
-        let result = self.transact(consumer, next_offsets.iter(), outgoing).instrument(span).await;
+        let result = self.transact(consumer, next_offsets, outgoing).instrument(span).await;
         if result.is_err() {
             tokio::task::block_in_place(|| self.producer.abort_transaction(KAFKA_TIMEOUT))?;
         }
         result
     }
 
-    async fn transact<'a, C: ConsumerContext + 'static>(
+    async fn transact<C: ConsumerContext + 'static>(
         &self,
         consumer: &StreamConsumer<C>,
-        next_offsets: impl IntoIterator<Item = (&'a (String, i32), &'a i64)>,
+        next_offsets: &std::collections::BTreeMap<(String, i32), i64>,
         outgoing: Vec<Outgoing>,
     ) -> Result<(), EventLogError> {
         let started = Instant::now();

@@ -194,10 +194,12 @@ pub async fn run(
         concurrency: usize::from(args.concurrency),
         one_per_key: true,
     };
+    let llm = args.llm_settings();
+    let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
     let worker = Arc::new(Worker {
         // A delta is shown the moment it arrives: each goes out at once instead of lingering.
         tokens: EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?,
-        model: ChatModel::new(args.llm_settings())?,
+        model: ChatModel::new(llm)?,
         codec: codec.clone(),
         topics,
         system_prompt: args.system_prompt.clone(),
@@ -210,7 +212,6 @@ pub async fn run(
         answered: Mutex::new(HashSet::new()),
         shutdown: shutdown.clone(),
     });
-    let endpoints: Vec<String> = args.llm_settings().endpoints.into_iter().map(|e| e.base_url).collect();
     info!(group = %args.group_id, llm = ?endpoints, "inference consumer started");
     let probe = tokio::spawn({
         let (worker, shutdown) = (worker.clone(), shutdown.clone());

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use parley_eventlog::LogPosition;
 use parley_events::ConversationEvent;
-use parley_events::turn::{Applied, ConversationHead, OpenQuery, STARTED_SEQUENCE, TurnRejection, query_event_id};
+use parley_events::turn::{
+    Applied, ConversationHead, OpenQuery, STARTED_SEQUENCE, TurnRejection, outcome_sequence, query_event_id,
+};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -72,7 +74,7 @@ pub enum DuplicateOutcome {
     /// The turn is still open: the outcome will be pushed when it comes.
     Pending,
     /// An earlier turn: its outcome is in the projection once it has applied `after`.
-    InProjection { after: LogPosition },
+    InProjection { conversation_id: Uuid, query_id: Uuid, outcome_sequence: i64, after: LogPosition },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +134,10 @@ impl Hub {
                 position: self.position(slot, written.offset).to_string(),
                 duplicate: true,
             });
-            return Ok(Admission::Duplicate { ack, outcome: self.outcome_of(slot, query_id, written.sequence) });
+            return Ok(Admission::Duplicate {
+                ack,
+                outcome: self.outcome_of(slot, conversation_id, query_id, written.sequence),
+            });
         }
         let sequence = slot.head.admit(user).map_err(|rejection| match rejection {
             TurnRejection::NotOwner => Refusal::UnknownConversation,
@@ -153,7 +158,7 @@ impl Hub {
     }
 
     /// Where the outcome of a repeated query comes from.
-    fn outcome_of(&self, slot: &Slot, query_id: Uuid, sequence: i64) -> DuplicateOutcome {
+    fn outcome_of(&self, slot: &Slot, conversation_id: Uuid, query_id: Uuid, sequence: i64) -> DuplicateOutcome {
         let query_key = query_id.to_string();
         if let Some((_, frame)) = slot.last_outcome.as_ref().filter(|(q, _)| *q == query_key) {
             return DuplicateOutcome::Known(frame.clone());
@@ -166,7 +171,12 @@ impl Hub {
         // in the partition, and an adopted head was read after the projection caught up.
         let latest = slot.queries.values().filter(|q| q.sequence >= sequence).map(|q| q.offset).max();
         let offset = latest.unwrap_or_default();
-        DuplicateOutcome::InProjection { after: self.position(slot, offset) }
+        DuplicateOutcome::InProjection {
+            conversation_id,
+            query_id,
+            outcome_sequence: outcome_sequence(sequence),
+            after: self.position(slot, offset),
+        }
     }
 
     /// Takes over a conversation this instance did not hold (a restart, another instance's
@@ -403,7 +413,15 @@ mod tests {
         let ServerFrame::Ack { event_id, sequence, position, duplicate, .. } = *ack else { panic!("{ack:?}") };
         assert_eq!((event_id, sequence, position.as_str(), duplicate), (first.to_string(), 2, "t.events/2/10", true));
         let after = LogPosition { topic: TOPIC.into(), partition: 2, offset: 20 };
-        assert_eq!(outcome, DuplicateOutcome::InProjection { after });
+        assert_eq!(
+            outcome,
+            DuplicateOutcome::InProjection {
+                conversation_id: conversation,
+                query_id: first,
+                outcome_sequence: 3,
+                after
+            }
+        );
         // The latest turn's outcome is known in memory.
         let Ok(Admission::Duplicate { outcome, .. }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
         assert!(matches!(outcome, DuplicateOutcome::Known(ServerFrame::Failed { .. })), "{outcome:?}");

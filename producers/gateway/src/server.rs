@@ -496,11 +496,11 @@ async fn load_conversation(
 /// if it has one (an earlier turn's is read from the log once the projection, which
 /// indexes it, has caught up).
 async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: DuplicateOutcome) -> Vec<ServerFrame> {
-    let outcome = match (outcome, ack.as_ref()) {
-        (DuplicateOutcome::Known(frame), _) => Some(frame),
-        (DuplicateOutcome::Pending, _) => None,
-        (DuplicateOutcome::InProjection { after }, ServerFrame::Ack { conversation_id, event_id, sequence, .. }) => {
-            match earlier_outcome(state, conversation_id, event_id, *sequence, &after).await {
+    let outcome = match outcome {
+        DuplicateOutcome::Known(frame) => Some(frame),
+        DuplicateOutcome::Pending => None,
+        DuplicateOutcome::InProjection { conversation_id, query_id, outcome_sequence, after } => {
+            match earlier_outcome(state, conversation_id, query_id, outcome_sequence, &after).await {
                 Ok(frame) => frame,
                 // The ack alone is still right; the client reads the answer from the history.
                 Err(error) => {
@@ -509,7 +509,6 @@ async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: Dupl
                 }
             }
         }
-        (DuplicateOutcome::InProjection { .. }, _) => None,
     };
     std::iter::once(*ack).chain(outcome).collect()
 }
@@ -518,17 +517,15 @@ async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: Dupl
 /// says it is, as the frame it was first pushed as.
 async fn earlier_outcome(
     state: &AppState,
-    conversation_id: &str,
-    query_event_id: &str,
-    query_sequence: i64,
+    conversation_id: Uuid,
+    query_id: Uuid,
+    outcome_sequence: i64,
     after: &LogPosition,
 ) -> Result<Option<ServerFrame>, ProjectionError> {
     if state.reader.wait_for(after, state.read_wait).await? != Freshness::Applied {
         return Ok(None);
     }
-    let Ok(conversation_id) = conversation_id.parse::<Uuid>() else { return Ok(None) };
     let generation = state.reader.generation().await?;
-    let outcome_sequence = parley_events::turn::outcome_sequence(query_sequence);
     let locations: Vec<_> = state
         .reader
         .store()
@@ -538,11 +535,12 @@ async fn earlier_outcome(
         .filter(|l| l.sequence == outcome_sequence)
         .collect();
     if locations.is_empty() {
-        return Ok(None);
+        return Ok(None); // (an empty index would make the reader scan every partition)
     }
     let (records, _, _) = state.log.lock().await.read(conversation_id, &locations, false).await?;
+    let query_event_id = query_id.to_string();
     Ok(records
         .iter()
         .filter_map(|r| answers::outcome_frame(&r.event))
-        .find(|frame| matches!(frame, ServerFrame::Answer { query_event_id: q, .. } | ServerFrame::Failed { query_event_id: q, .. } if q == query_event_id)))
+        .find(|frame| matches!(frame, ServerFrame::Answer { query_event_id: q, .. } | ServerFrame::Failed { query_event_id: q, .. } if *q == query_event_id)))
 }
