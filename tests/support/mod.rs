@@ -59,8 +59,16 @@ pub fn stack() -> Option<Stack> {
     }
 }
 
+/// A free port below Linux's ephemeral range (32768 and up): a pipeline restarted on the
+/// same port must find it free, and an ephemeral port can meanwhile become the local end
+/// of any client's connection (it happened: a restart failed with "address in use").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = 20_000 + u16::try_from(uuid::Uuid::new_v4().as_u128() % 12_000).unwrap();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A `parley all` process on its own topics, plus any extra gateway instances.
