@@ -23,9 +23,9 @@ use parley_gateway::hub::new_conversation_id;
 use serde_json::Value;
 use support::{Pipeline, stack};
 
-/// Chat completion calls per last user message, forwarded to the real model; the first
-/// answer to `slow` is held open after its last chunk (so it is surely unfinished at the
-/// crash, however short the model made it).
+/// Chat completion calls per last user message, forwarded to the real model; the end of
+/// the first answer to `slow` (its finish reason and `[DONE]`) is held back, so it is
+/// surely unfinished at the crash, however short the model made it.
 #[derive(Clone, Default)]
 struct CallCounter {
     calls: Arc<Mutex<HashMap<String, usize>>>,
@@ -57,13 +57,12 @@ async fn forward(State(counter): State<CallCounter>, body: axum::body::Bytes) ->
         .unwrap();
     let status = upstream.status().as_u16();
     let chunks = futures::stream::unfold(upstream, move |mut response| async move {
-        match response.chunk().await {
-            Ok(Some(chunk)) => Some((Ok::<_, std::io::Error>(chunk), response)),
-            _ => {
-                tokio::time::sleep(hold).await;
-                None
-            }
+        let chunk = response.chunk().await.ok().flatten()?;
+        let ends = |marker: &[u8]| chunk.windows(marker.len()).any(|w| w == marker);
+        if ends(b"[DONE]") || ends(b"\"finish_reason\":\"") {
+            tokio::time::sleep(hold).await;
         }
+        Some((Ok::<_, std::io::Error>(chunk), response))
     });
     Response::builder()
         .status(status)
