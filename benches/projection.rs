@@ -67,7 +67,7 @@ async fn main() {
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let keyspace = format!("parley_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let kafka = KafkaSettings { brokers: stack.brokers.clone(), topic_prefix: prefix.clone(), instance_id: None };
-    ensure_topics(&kafka, 1).await.unwrap();
+    ensure_topics(&kafka, None).await.unwrap();
     let topic = kafka.topics().events;
     let cql = CqlSettings {
         nodes: stack.cql.clone(),

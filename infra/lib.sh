@@ -29,7 +29,13 @@ JAEGER_QUERY_PORT="${JAEGER_QUERY_PORT:-16686}"
 JAEGER_QUERY_GRPC_PORT="${JAEGER_QUERY_GRPC_PORT:-16685}"
 JAEGER_HEALTH_PORT="${JAEGER_HEALTH_PORT:-13133}"
 
-export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+# PARLEY_KAFKA_NODES=3 runs Kafka as a three-node cluster (infra/stack.sh): nodes on
+# KAFKA_PORT, KAFKA_PORT+2 and KAFKA_PORT+4.
+if [[ "${PARLEY_KAFKA_NODES:-1}" == 3 ]]; then
+  export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT,127.0.0.1:$((KAFKA_PORT + 2)),127.0.0.1:$((KAFKA_PORT + 4))}"
+else
+  export PARLEY_KAFKA_BROKERS="${PARLEY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+fi
 export PARLEY_SCHEMA_REGISTRY_URL="${PARLEY_SCHEMA_REGISTRY_URL:-http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7}"
 export PARLEY_CQL_NODES="${PARLEY_CQL_NODES:-127.0.0.1:$CQL_PORT}"
 export PARLEY_LLM_BASE_URL="${PARLEY_LLM_BASE_URL:-http://127.0.0.1:$LLM_PORT/v1}"
@@ -92,9 +98,12 @@ wait_for() {
 proc_start_time() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $20 }'; }
 record_pid() { echo "$1 $(proc_start_time "$1")" >"$2"; }
 pid_of() { awk '{ print $1 }' "$1"; }
+# A zombie (killed, not yet reaped by whoever inherited it) is not alive, though `kill -0`
+# succeeds on it: a service killed with -9 must read as stopped, so it is started again.
+running() { kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $1 }')" != Z ]; }
 pid_alive() {
   [ -f "$1" ] || return 1
   local pid started
   read -r pid started <"$1"
-  kill -0 "$pid" 2>/dev/null && [ -n "$started" ] && [ "$(proc_start_time "$pid")" = "$started" ]
+  running "$pid" && [ -n "$started" ] && [ "$(proc_start_time "$pid")" = "$started" ]
 }

@@ -4,7 +4,7 @@
 # Jaeger. `start` reuses services that are up and answering (and restarts any that are up
 # but not answering), so tests can call it freely. Data and logs live under $PARLEY_RUN;
 # pids in $PARLEY_RUN/pids.
-#   infra/stack.sh start|stop|status
+#   infra/stack.sh start|stop|status [service...]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$PARLEY_RUN/logs" "$PARLEY_RUN/pids"
@@ -12,8 +12,12 @@ mkdir -p "$PARLEY_RUN/logs" "$PARLEY_RUN/pids"
 # Health probes ask each service a real question, each bounded in time: a process that is
 # alive but frozen or wedged (it happened: a stack left stopped by an ended session, reused
 # by the next test run) must read as unhealthy, not hang the probe or pass a port check.
-kafka_healthy() { timeout 30 java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" \
-  org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
+kafka_port_healthy() { timeout 30 java -cp "$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*" \
+  org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "127.0.0.1:$1" >/dev/null 2>&1; }
+kafka_healthy() { kafka_port_healthy "$KAFKA_PORT"; }
+kafka1_healthy() { kafka_port_healthy "$(kafka_node_port 1)"; }
+kafka2_healthy() { kafka_port_healthy "$(kafka_node_port 2)"; }
+kafka3_healthy() { kafka_port_healthy "$(kafka_node_port 3)"; }
 registry_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
 # A CQL v4 OPTIONS request; a live node answers SUPPORTED (response version 0x84, opcode 0x06).
 cassandra_healthy() {
@@ -26,40 +30,70 @@ jaeger_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$JAEGER_HEALTH_PORT/s
 milvus_healthy() { timeout 20 "$VENV/bin/python" -c 'import sys; from pymilvus import MilvusClient
 MilvusClient(sys.argv[1], timeout=10).list_collections()' "http://127.0.0.1:$MILVUS_PORT" >/dev/null 2>&1; }
 
-start_kafka() {
-  local pidf="$PARLEY_RUN/pids/kafka.pid" data="$PARLEY_RUN/kafka-data"
-  local conf="$PARLEY_RUN/kafka.properties"
+# Kafka runs as one KRaft node ("kafka", the default) or, with PARLEY_KAFKA_NODES=3, as a
+# cluster of three combined broker+controller nodes ("kafka1".."kafka3") on 127.0.0.1:
+# node N listens on KAFKA_PORT+2(N-1) and its controller on the port after. The cluster
+# replicates Kafka's own topics (offsets, transactions) three times with min.insync 2, so
+# losing one node loses nothing; `parley` creates its topics the same way on it.
+kafka_node_port() { echo $((KAFKA_PORT + 2 * ($1 - 1))); }
+
+start_kafka_node() {
+  local name=$1 node=$2 nodes=$3
+  local port; port=$(kafka_node_port "$node")
+  local data="$PARLEY_RUN/$name-data" conf="$PARLEY_RUN/$name.properties"
+  local quorum controller=$((port + 1)) format_mode="--standalone" voters=() i
+  # One node formats itself as a standalone controller (dynamic quorum); a cluster names
+  # its three voters.
+  if ((nodes == 1)); then
+    controller=$KAFKA_CONTROLLER_PORT
+    quorum="controller.quorum.bootstrap.servers=127.0.0.1:$controller"
+  else
+    for ((i = 1; i <= nodes; i++)); do voters+=("$i@127.0.0.1:$(($(kafka_node_port "$i") + 1))"); done
+    quorum="controller.quorum.voters=$(IFS=,; echo "${voters[*]}")" format_mode=""
+  fi
+  local replicas=$((nodes >= 3 ? 3 : 1)) min_isr=$((nodes >= 3 ? 2 : 1))
   cat >"$conf" <<CONF
 process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+node.id=$node
+$quorum
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$data
 num.partitions=6
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+default.replication.factor=$replicas
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$replicas
 offsets.topic.num.partitions=6
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$replicas
+transaction.state.log.min.isr=$min_isr
 transaction.state.log.num.partitions=6
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$replicas
+share.coordinator.state.topic.min.isr=$min_isr
 group.initial.rebalance.delay.ms=0
 CONF
   local cp="$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs/*"
   if [ ! -f "$data/meta.properties" ]; then
-    java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid)" \
-      -c "$conf" --standalone >"$PARLEY_RUN/logs/kafka-format.log" 2>&1 \
-      || die "formatting Kafka storage failed; see $PARLEY_RUN/logs/kafka-format.log"
+    # Every node of a cluster is formatted with the same cluster id.
+    local cluster_id_file="$PARLEY_RUN/kafka-cluster-id-$nodes"
+    [ -f "$cluster_id_file" ] || java -cp "$cp" kafka.tools.StorageTool random-uuid >"$cluster_id_file"
+    # shellcheck disable=SC2086 # format_mode is one flag or none
+    java -cp "$cp" kafka.tools.StorageTool format -t "$(cat "$cluster_id_file")" -c "$conf" $format_mode \
+      >"$PARLEY_RUN/logs/$name-format.log" 2>&1 \
+      || die "formatting Kafka storage failed; see $PARLEY_RUN/logs/$name-format.log"
   fi
-  log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT"
-  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
-    -cp "$cp" kafka.Kafka "$conf" >"$PARLEY_RUN/logs/kafka.log" 2>&1 &
-  record_pid $! "$pidf"
+  log "starting Kafka $KAFKA_VERSION ($name) on 127.0.0.1:$port"
+  local heap=$((nodes >= 3 ? 512 : 1024))
+  nohup java -Xms256m -Xmx${heap}m -XX:+UseG1GC -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+    -cp "$cp" kafka.Kafka "$conf" >"$PARLEY_RUN/logs/$name.log" 2>&1 &
+  record_pid $! "$PARLEY_RUN/pids/$name.pid"
 }
+start_kafka() { start_kafka_node kafka 1 1; }
+start_kafka1() { start_kafka_node kafka1 1 3; }
+start_kafka2() { start_kafka_node kafka2 2 3; }
+start_kafka3() { start_kafka_node kafka3 3 3; }
 
 start_registry() {
   local pidf="$PARLEY_RUN/pids/registry.pid"
@@ -132,18 +166,36 @@ stop_one() {
     # CONT first: a stopped process would hold a TERM until it is resumed.
     kill -CONT "$pid" 2>/dev/null || true
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    for _ in $(seq 1 150); do running "$pid" || break; sleep 0.2; done
+    running "$pid" && kill -9 "$pid"
   fi
   rm -f "$pidf"
 }
 
-SERVICES=(kafka registry cassandra llm milvus jaeger)
+# PARLEY_KAFKA_NODES=3: Kafka as a three-node cluster instead of one node. Stop and status
+# cover whichever of the two ran (their pid files say).
+case "${PARLEY_KAFKA_NODES:-1}" in
+  1) KAFKA_SERVICES=(kafka) ;;
+  3) KAFKA_SERVICES=(kafka1 kafka2 kafka3) ;;
+  *) die "PARLEY_KAFKA_NODES=${PARLEY_KAFKA_NODES}: expected 1 or 3" ;;
+esac
+if [[ "${1:-}" != start ]]; then
+  for other in kafka kafka1 kafka2 kafka3; do
+    if [[ -f "$PARLEY_RUN/pids/$other.pid" && ! " ${KAFKA_SERVICES[*]} " =~ " $other " ]]; then KAFKA_SERVICES+=("$other"); fi
+  done
+fi
+SERVICES=("${KAFKA_SERVICES[@]}" registry cassandra llm milvus jaeger)
 # A second model server for the LLM pool: started on request, always stopped and shown.
 if [[ "${PARLEY_LLM_SERVERS:-1}" == 2 || ("${1:-}" != start && -f "$PARLEY_RUN/pids/llm2.pid") ]]; then
   SERVICES+=(llm2)
 fi
-declare -A STARTUP_SECONDS=([kafka]=120 [registry]=120 [cassandra]=180 [llm]=60 [milvus]=60 [jaeger]=30 [llm2]=60)
+declare -A STARTUP_SECONDS=([kafka]=120 [kafka1]=120 [kafka2]=120 [kafka3]=120 [registry]=120 [cassandra]=180 [llm]=60
+  [milvus]=60 [jaeger]=30 [llm2]=60)
+# `start` and `stop` may name some services (e.g. `start kafka`): only those.
+if (($# > 1)); then
+  for s in "${@:2}"; do [[ " ${SERVICES[*]} " =~ " $s " ]] || die "unknown service $s (one of: ${SERVICES[*]})"; done
+  SERVICES=("${@:2}")
+fi
 
 # ensure NAME: keeps a running NAME that answers its probe, or one still inside its start-up
 # time; restarts one that has been up longer without answering; starts a missing one.
@@ -163,7 +215,7 @@ case "${1:-}" in
   start)
     for s in "${SERVICES[@]}"; do ensure "$s"; done
     for s in "${SERVICES[@]}"; do wait_for "$s" "${STARTUP_SECONDS[$s]}" "${s}_healthy"; done
-    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $PARLEY_JAEGER_QUERY_URL"
+    log "stack up: kafka $PARLEY_KAFKA_BROKERS, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $PARLEY_JAEGER_QUERY_URL"
     ;;
   stop)
     for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[i]}"; done ;;
@@ -171,5 +223,5 @@ case "${1:-}" in
     for s in "${SERVICES[@]}"; do
       if pid_alive "$PARLEY_RUN/pids/$s.pid"; then echo "$s: running (pid $(pid_of "$PARLEY_RUN/pids/$s.pid"))"; else echo "$s: stopped"; fi
     done ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status [service...]" >&2; exit 2 ;;
 esac

@@ -144,10 +144,10 @@ enum Command {
     Documents(DocumentsCommand),
     /// Create Parley's topics (existing ones are left alone).
     Topics {
-        /// Replication factor of new topics.
-        #[arg(long, env = "PARLEY_TOPIC_REPLICATION", default_value_t = 1,
-              value_parser = clap::value_parser!(i32).range(1..=16))]
-        replication: i32,
+        /// Replication factor of new topics [default: the number of brokers, at most 3;
+        /// min.insync.replicas 2 at 3 copies or more, else 1].
+        #[arg(long, env = "PARLEY_TOPIC_REPLICATION", value_parser = clap::value_parser!(i32).range(1..=16))]
+        replication: Option<i32>,
     },
     /// Register or check the Avro schemas.
     #[command(subcommand)]
@@ -291,7 +291,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::All { gateway, inference, embedder } => {
-            ensure_topics(&kafka, 1).await.context("creating topics")?;
+            ensure_topics(&kafka, None).await.context("creating topics")?;
             SchemaRegistry::new(&registry)?
                 .register_all(&SchemaCatalog::embedded())
                 .await
@@ -484,8 +484,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Topics { replication } => {
-            ensure_topics(&kafka, replication).await?;
-            println!("topics ready: {:?}", kafka.topics());
+            let durability = ensure_topics(&kafka, replication).await?;
+            println!("topics ready: {:?}, {durability:?}", kafka.topics());
         }
         Command::Schemas(SchemasCommand::Register) => {
             for (subject, id) in SchemaRegistry::new(&registry)?.register_all(&SchemaCatalog::embedded()).await? {

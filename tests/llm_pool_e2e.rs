@@ -7,32 +7,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Pipeline, free_port, stack};
-
-/// A llama.cpp server of the test's own on `port`, answering as model `alias`.
-fn start_model_server(port: u16, alias: &str) -> Child {
-    let command = std::env::var("PARLEY_LLM_SERVER_COMMAND").expect("PARLEY_LLM_SERVER_COMMAND (infra/lib.sh)");
-    let mut words = command.split_whitespace();
-    Command::new(words.next().unwrap())
-        .args(words)
-        .args(["--port", &port.to_string(), "--alias", alias, "--parallel", "2", "--ctx", "4096"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_until_serving(base_url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("{base_url}/models")).await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "model server at {base_url} did not come up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use support::{Pipeline, free_port, stack, start_model_server, wait_until_serving};
 
 fn answered_by(frames: &[Value]) -> String {
     let answer = frames.last().unwrap();

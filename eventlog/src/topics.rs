@@ -1,6 +1,7 @@
 //! The topics Parley owns, created by the project with explicit partitions and configs
 //! (brokers run with `auto.create.topics.enable=false`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -8,6 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::consumer::blocking_query;
 use crate::error::EventLogError;
 use crate::settings::{KafkaSettings, Topics};
 
@@ -74,15 +76,41 @@ impl Topics {
     }
 }
 
-/// Creates every missing topic; existing ones are left as they are.
-pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result<(), EventLogError> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+/// How many copies of a topic's records the cluster keeps, and how many must have a write
+/// before it is acknowledged (every Parley producer writes with `acks=all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub replication: i32,
+    pub min_insync_replicas: i32,
+}
+
+impl Durability {
+    /// For a cluster of `brokers`, unless the operator chose a replication factor: three
+    /// copies where there are three brokers or more, written to two before the ack, so one
+    /// broker can be lost without losing an acknowledged event or stopping writes.
+    pub fn for_cluster(brokers: usize, chosen: Option<i32>) -> Self {
+        let replication = chosen.unwrap_or_else(|| i32::try_from(brokers.clamp(1, 3)).unwrap_or(1));
+        Self { replication, min_insync_replicas: if replication >= 3 { 2 } else { 1 } }
+    }
+}
+
+/// Creates every missing topic (existing ones are left as they are) at the replication
+/// `chosen`, or, when None, at what the cluster's size allows ([`Durability::for_cluster`]).
+pub async fn ensure_topics(settings: &KafkaSettings, chosen: Option<i32>) -> Result<Durability, EventLogError> {
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(settings.client_config().create()?);
+    let brokers = {
+        let admin = Arc::clone(&admin);
+        blocking_query(move || admin.inner().fetch_metadata(None, Duration::from_secs(30))).await?.brokers().len()
+    };
+    let durability = Durability::for_cluster(brokers, chosen);
+    let min_insync = durability.min_insync_replicas.to_string();
     let specs = settings.topics().specs();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|spec| {
             spec.configs.iter().fold(
-                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(replication)),
+                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(durability.replication))
+                    .set("min.insync.replicas", &min_insync),
                 |topic, (key, value)| topic.set(key, value),
             )
         })
@@ -96,7 +124,7 @@ pub async fn ensure_topics(settings: &KafkaSettings, replication: i32) -> Result
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 attempt += 1;
             }
-            result => return result,
+            result => return result.map(|()| durability),
         }
     }
 }
@@ -132,5 +160,24 @@ fn is_transient(error: &EventLogError) -> bool {
         EventLogError::Kafka(KafkaError::AdminOp(code)) => timed_out(code),
         EventLogError::TopicCreation { code, .. } => timed_out(code),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Durability;
+
+    #[test]
+    fn a_cluster_of_three_keeps_three_copies_and_acknowledges_after_two() {
+        let durability = |brokers, chosen| {
+            let Durability { replication, min_insync_replicas } = Durability::for_cluster(brokers, chosen);
+            (replication, min_insync_replicas)
+        };
+        assert_eq!(durability(1, None), (1, 1));
+        assert_eq!(durability(2, None), (2, 1));
+        assert_eq!(durability(3, None), (3, 2));
+        assert_eq!(durability(5, None), (3, 2));
+        assert_eq!(durability(5, Some(5)), (5, 2));
+        assert_eq!(durability(3, Some(1)), (1, 1), "an operator's choice wins");
     }
 }

@@ -278,6 +278,28 @@ impl VectorStore {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
+    /// The id and source event id of every vector `filter` admits, at most `limit`
+    /// (strongly consistent): what an audit compares with the log.
+    pub async fn vector_sources(
+        &self,
+        filter: &SearchFilter,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, RetrievalError> {
+        let request = QueryRequest::builder()
+            .collection_name(&self.collection)
+            .filter(filter.expression())
+            .output_fields([ID, SOURCE_EVENT_ID])
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .consistency_level(ConsistencyLevel::Strong)
+            .build()?;
+        let response = self.client.query(request).await?;
+        let mut sources = Vec::new();
+        for row in response.results().rows()? {
+            sources.push((row.get_str(ID)?.to_owned(), row.get_str(SOURCE_EVENT_ID)?.to_owned()));
+        }
+        Ok(sources)
+    }
+
     /// `owner`'s searchable documents by title, at most `limit`: one row each, its first chunk
     /// (so a document shows up once it is indexed, and not after it was deleted).
     pub async fn documents(&self, owner: &str, limit: usize) -> Result<Vec<StoredDocument>, RetrievalError> {

@@ -396,6 +396,29 @@ pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
     command.args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
+/// A llama.cpp server of the test's own on `port`, answering as model `alias`
+/// (PARLEY_LLM_SERVER_COMMAND, set by infra/lib.sh).
+pub fn start_model_server(port: u16, alias: &str) -> Child {
+    let command = std::env::var("PARLEY_LLM_SERVER_COMMAND").expect("PARLEY_LLM_SERVER_COMMAND (infra/lib.sh)");
+    let mut words = command.split_whitespace();
+    Command::new(words.next().unwrap())
+        .args(words)
+        .args(["--port", &port.to_string(), "--alias", alias, "--parallel", "2", "--ctx", "4096"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to a minute) until the model server at `base_url` lists its models.
+pub async fn wait_until_serving(base_url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base_url}/models")).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "model server at {base_url} did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub struct Client {
     pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
@@ -535,6 +558,40 @@ pub async fn write_synthetic(
 pub async fn drop_keyspace(cql: &str, keyspace: &str) {
     let session = scylla::client::session_builder::SessionBuilder::new().known_node(cql).build().await.unwrap();
     session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.unwrap();
+}
+
+/// Every committed event of `topic`, read from the start to the end of each partition.
+pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parley_events::ConversationEvent> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let codec = parley_events::EventCodec::new(registry).unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut open = assignment.count();
+    let mut events = Vec::new();
+    while open > 0 {
+        match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("the topic's end") {
+            Ok(message) => {
+                events.push(codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event);
+            }
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => open -= 1,
+            Err(error) => panic!("reading {topic}: {error}"),
+        }
+    }
+    events
 }
 
 /// The first `count` events of `topic` (read_committed, from the start) whose key is
