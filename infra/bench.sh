@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark against the real local stack (started if needed, left running).
-#   infra/bench.sh pipeline_latency|projection|knowledge|crowd
+#   infra/bench.sh pipeline_latency|projection|knowledge|crowd|prompt_cache|short_after_long|faults
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"

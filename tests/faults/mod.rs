@@ -266,6 +266,14 @@ impl Kafka {
         let pid = std::fs::read_to_string(&pid_file).unwrap();
         let pid = pid.split_whitespace().next().unwrap();
         assert!(Command::new("kill").args(["-9", pid]).status().unwrap().success(), "kill -9 {service} ({pid})");
+        // Gone or a zombie (nobody may reap it): until then it would pass for a node still
+        // starting, and infra/stack.sh would not start a new one.
+        let stat = format!("/proc/{pid}/stat");
+        while std::fs::read_to_string(&stat)
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         service
     }
 
@@ -276,6 +284,25 @@ impl Kafka {
     async fn stop(self) {
         self.stack(&["stop"]).await;
         let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+impl Drop for Kafka {
+    /// A failed run still stops its brokers (by the pid files infra/stack.sh wrote).
+    fn drop(&mut self) {
+        for service in self.services() {
+            let pid_file = self.run_dir.join("pids").join(format!("{service}.pid"));
+            let pid =
+                std::fs::read_to_string(pid_file).ok().and_then(|p| p.split_whitespace().next().map(str::to_owned));
+            // Only a process of this run (its command line names the run's directory).
+            let ours = |pid: &str| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.run_dir.to_string_lossy()))
+            };
+            if let Some(pid) = pid.filter(|pid| ours(pid)) {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
+        }
     }
 }
 
