@@ -30,7 +30,12 @@ impl KafkaSettings {
     /// Base client config for every producer, consumer and admin client.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers).set("client.dns.lookup", "use_all_dns_ips");
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.dns.lookup", "use_all_dns_ips")
+            // librdkafka backs off reconnecting up to 10 s by default: a broker back after
+            // a restart would wait that long for clients. One attempt a second at most.
+            .set("reconnect.backoff.max.ms", "1000");
         config
     }
 
