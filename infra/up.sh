@@ -16,4 +16,5 @@ secret_file="$PARLEY_CACHE/auth-secret"
 [ -s "$secret_file" ] || (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret_file")
 export PARLEY_AUTH_SECRET="${PARLEY_AUTH_SECRET:-$(cat "$secret_file")}"
 export PARLEY_GATEWAY_LISTEN="${PARLEY_GATEWAY_LISTEN:-127.0.0.1:$GATEWAY_PORT}"
-exec "$CARGO_TARGET_DIR/release/parley" all
+# A stable instance id: restarted after a crash, it takes its partitions back at once.
+PARLEY_INSTANCE_ID="${PARLEY_INSTANCE_ID:-local}" exec "$CARGO_TARGET_DIR/release/parley" all

@@ -142,24 +142,54 @@ impl std::fmt::Debug for VectorStore {
     }
 }
 
+/// Attempts to open the collection before start-up fails (see [`VectorStore::open`]).
+pub const OPEN_ATTEMPTS: u32 = 20;
+
 impl VectorStore {
     /// Connects, creating, indexing and loading the collection if it does not exist. An
     /// existing collection whose dimension differs from `dimension` is a start-up error.
+    /// Services starting together race to create it: the loser of the race (an error from
+    /// Milvus Lite: the collection's directory exists) tries again until the winner's
+    /// collection is complete, for up to [`OPEN_ATTEMPTS`] × 250 ms.
     pub async fn open(settings: &MilvusSettings, dimension: usize, model: &str) -> Result<Self, RetrievalError> {
         let mut config = ConnectConfig::new().uri(settings.milvus_url.clone());
         if let Some(token) = &settings.milvus_token {
             config = config.token(token.clone());
         }
         let client = ClientV2::new(&config).await?;
-        let collection = settings.milvus_collection.clone();
-        if !exists(&client, &collection).await?
-            && let Err(error) = create(&client, settings, dimension).await
-            // Another service may have created it at the same moment.
-            && !exists(&client, &collection).await?
-        {
-            return Err(error);
+        let mut attempt = 1;
+        loop {
+            match Self::open_with(&client, settings, dimension, model).await {
+                Err(error) if attempt < OPEN_ATTEMPTS && !matches!(error, RetrievalError::DimensionMismatch { .. }) => {
+                    tracing::warn!(%error, attempt, "opening the vector collection failed; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+                Ok(search_params) => {
+                    return Ok(Self {
+                        client,
+                        collection: settings.milvus_collection.clone(),
+                        search_params,
+                        dimension,
+                    });
+                }
+            }
         }
-        let existing = collection_dimension(&client, &collection).await?;
+    }
+
+    /// One attempt of [`Self::open`]; returns the search parameters of the index.
+    async fn open_with(
+        client: &ClientV2,
+        settings: &MilvusSettings,
+        dimension: usize,
+        model: &str,
+    ) -> Result<HashMap<String, String>, RetrievalError> {
+        let collection = settings.milvus_collection.clone();
+        if !exists(client, &collection).await? {
+            create(client, settings, dimension).await?;
+        }
+        let existing = collection_dimension(client, &collection).await?;
         if existing != dimension {
             return Err(RetrievalError::DimensionMismatch {
                 collection,
@@ -169,12 +199,11 @@ impl VectorStore {
             });
         }
         client.load_collection(LoadCollectionRequest::builder().collection_name(&collection).build()?).await?;
-        let search_params = match settings.milvus_index {
+        Ok(match settings.milvus_index {
             IndexKind::Hnsw => HashMap::from([("ef".to_owned(), settings.milvus_search_ef.to_string())]),
             IndexKind::IvfFlat => HashMap::from([("nprobe".to_owned(), settings.milvus_ivf_nprobe.to_string())]),
             IndexKind::Flat => HashMap::new(),
-        };
-        Ok(Self { client, collection, search_params, dimension })
+        })
     }
 
     pub fn collection(&self) -> &str {

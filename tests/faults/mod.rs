@@ -99,6 +99,9 @@ pub struct Report {
     /// Events written twice, queries answered twice, answers shown twice on one socket,
     /// or a client given an outcome other than the log's.
     pub duplicated: usize,
+    /// Frames a client did not expect: errors other than `unavailable`, acks or outcomes
+    /// of messages it never sent.
+    pub surprises: usize,
     /// Conversations whose projection differs from the fold of their events.
     pub projection_mismatches: usize,
     pub vectors_missing: usize,
@@ -111,6 +114,7 @@ impl Report {
     pub fn clean(&self) -> bool {
         self.lost == 0
             && self.duplicated == 0
+            && self.surprises == 0
             && self.projection_mismatches == 0
             && self.vectors_missing == 0
             && self.vectors_extra == 0
@@ -129,14 +133,15 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
-            "\nfaults {}, turns {}, answered {}, failed {}, lost {}, duplicated {}, projection mismatches {}, \
-             vectors missing {}, vectors extra {}, resends {}, reconnects {}",
+            "\nfaults {}, turns {}, answered {}, failed {}, lost {}, duplicated {}, surprises {}, \
+             projection mismatches {}, vectors missing {}, vectors extra {}, resends {}, reconnects {}",
             self.faults.len(),
             self.turns,
             self.answered,
             self.failed,
             self.lost,
             self.duplicated,
+            self.surprises,
             self.projection_mismatches,
             self.vectors_missing,
             self.vectors_extra,
@@ -174,6 +179,8 @@ struct Turn {
     query_event_id: Option<String>,
     position: Option<String>,
     acked_at: Option<Instant>,
+    /// How often the query was sent (more than once: resent).
+    sends: usize,
     outcomes: Vec<Received>,
 }
 
@@ -184,7 +191,6 @@ struct Transcript {
     token: String,
     conversation_id: Option<String>,
     turns: Vec<Turn>,
-    resends: usize,
     sockets: usize,
     /// Error frames other than `unavailable`, and outcomes for queries it never sent.
     surprises: Vec<String>,
@@ -409,22 +415,14 @@ impl Pipeline {
         let id = uuid::Uuid::new_v4().simple();
         let prefix = format!("faults-{id}.");
         let collection = format!("faults_{id}");
-        let common: Vec<String> = [
-            "--kafka-brokers",
+        let common = support::global_args(
             &kafka.brokers(),
-            "--schema-registry-url",
             &stack.registry,
-            "--topic-prefix",
             &prefix,
-            "--cql-nodes",
             &stack.cql,
-            "--cql-keyspace",
             support::TEST_KEYSPACE,
-            "--milvus-collection",
             &collection,
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        );
         let cli = |args: &[&str]| -> Output {
             Command::new(env!("CARGO_BIN_EXE_parley")).args(&common).args(args).output().unwrap()
         };
@@ -526,9 +524,7 @@ async fn chat(index: usize, transcript: Shared, gateways: Vec<String>, stop: Arc
                 if let Some(conversation) = &t.conversation_id {
                     frame["conversation_id"] = json!(conversation);
                 }
-                if turn.query_event_id.is_some() || t.sockets > 1 {
-                    t.resends += 1;
-                }
+                t.turns[open.unwrap()].sends += 1;
                 frame
             };
             if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
@@ -835,10 +831,10 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
     // never twice on one socket.
     for t in transcripts {
         let t = t.lock().unwrap();
-        report.resends += t.resends;
+        report.resends += t.turns.iter().map(|turn| turn.sends.saturating_sub(1)).sum::<usize>();
         report.reconnects += t.sockets.saturating_sub(1);
         for surprise in &t.surprises {
-            report.duplicated += 1;
+            report.surprises += 1;
             report.findings.push(format!("user {}: {surprise}", t.user_id));
         }
         for turn in &t.turns {

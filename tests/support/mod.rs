@@ -71,6 +71,34 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The options before a `parley` subcommand that put it on a test's own topics, keyspace
+/// and vector collection.
+pub fn global_args(
+    brokers: &str,
+    registry: &str,
+    prefix: &str,
+    cql: &str,
+    keyspace: &str,
+    collection: &str,
+) -> Vec<String> {
+    [
+        "--kafka-brokers",
+        brokers,
+        "--schema-registry-url",
+        registry,
+        "--topic-prefix",
+        prefix,
+        "--cql-nodes",
+        cql,
+        "--cql-keyspace",
+        keyspace,
+        "--milvus-collection",
+        collection,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A `parley all` process on its own topics, plus any extra gateway instances.
 pub struct Pipeline {
     child: Child,
@@ -97,32 +125,21 @@ impl Pipeline {
         let prefix = format!("test-{id}.");
         let collection = format!("test_{id}");
         let port = free_port();
-        let mut args: Vec<String> = [
-            "--kafka-brokers",
-            &stack.brokers,
-            "--schema-registry-url",
-            &stack.registry,
-            "--topic-prefix",
-            &prefix,
-            "--cql-nodes",
-            &stack.cql,
-            "--cql-keyspace",
-            keyspace,
-            "--milvus-collection",
-            &collection,
-            "all",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--group-id",
-            &format!("{prefix}inference"),
-            "--embedder-group",
-            &format!("{prefix}embedder"),
-            "--auth-secret",
-            "test-secret",
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
+        let mut args = global_args(&stack.brokers, &stack.registry, &prefix, &stack.cql, keyspace, &collection);
+        args.extend(
+            [
+                "all",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--group-id",
+                &format!("{prefix}inference"),
+                "--embedder-group",
+                &format!("{prefix}embedder"),
+                "--auth-secret",
+                "test-secret",
+            ]
+            .map(str::to_owned),
+        );
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         if !extra_args.contains(&"--llm-base-url") {
             args.extend(["--llm-base-url".to_owned(), stack.llm.clone()]);
@@ -169,28 +186,11 @@ impl Pipeline {
     /// Starts another gateway instance on the same topics and secret; returns its base URL.
     pub async fn extra_gateway(&mut self) -> String {
         let port = free_port();
-        let args: Vec<String> = [
-            "--kafka-brokers",
-            &self.brokers,
-            "--schema-registry-url",
-            &self.registry,
-            "--topic-prefix",
-            &self.prefix,
-            "--cql-nodes",
-            &self.cql,
-            "--cql-keyspace",
-            &self.keyspace,
-            "--milvus-collection",
-            &self.collection,
-            "gateway",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--auth-secret",
-            "test-secret",
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
+        let mut args =
+            global_args(&self.brokers, &self.registry, &self.prefix, &self.cql, &self.keyspace, &self.collection);
+        args.extend(
+            ["gateway", "--listen", &format!("127.0.0.1:{port}"), "--auth-secret", "test-secret"].map(str::to_owned),
+        );
         self.extra_gateways.push(spawn(&args, &self.prefix, &format!("gateway-{port}.log")));
         let http = format!("http://127.0.0.1:{port}");
         wait_healthy(&http).await;
@@ -560,18 +560,17 @@ pub async fn drop_keyspace(cql: &str, keyspace: &str) {
     session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.unwrap();
 }
 
-/// Every committed event of `topic`, read from the start to the end of each partition.
-pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parley_events::ConversationEvent> {
-    use rdkafka::Message;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
+/// A read_committed consumer of every partition of `topic` from its start (reporting each
+/// partition's end when `eof`), and the number of partitions.
+fn reader_from_start(brokers: &str, topic: &str, eof: bool) -> (rdkafka::consumer::StreamConsumer, usize) {
+    use rdkafka::consumer::Consumer;
 
-    let codec = parley_events::EventCodec::new(registry).unwrap();
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
+        .set("enable.partition.eof", if eof { "true" } else { "false" })
         .create()
         .unwrap();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
@@ -580,7 +579,15 @@ pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parle
         assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).unwrap();
     }
     consumer.assign(&assignment).unwrap();
-    let mut open = assignment.count();
+    (consumer, assignment.count())
+}
+
+/// Every committed event of `topic`, read from the start to the end of each partition.
+pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parley_events::ConversationEvent> {
+    use rdkafka::Message;
+
+    let codec = parley_events::EventCodec::new(registry).unwrap();
+    let (consumer, mut open) = reader_from_start(brokers, topic, true);
     let mut events = Vec::new();
     while open > 0 {
         match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("the topic's end") {
@@ -605,23 +612,10 @@ pub async fn log_events(
     count: usize,
 ) -> Vec<(parley_events::ConversationEvent, Option<String>)> {
     use rdkafka::Message;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
 
     let codec = parley_events::EventCodec::new(registry).unwrap();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
+    let (consumer, _) = reader_from_start(brokers, topic, false);
     let mut events = Vec::new();
     while events.len() < count {
         let message =
