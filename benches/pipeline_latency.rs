@@ -228,7 +228,11 @@ async fn main() {
         .expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
     let turns: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     // The pipeline alone (no retrieval, no embedder), as the reference design does the job.
-    let pipeline = support::Pipeline::start(&stack, &["--llm-max-tokens", "16", "--without-retrieval"]).await;
+    let pipeline = support::Pipeline::start(
+        &stack,
+        &[&["--llm-max-tokens", "16", "--without-retrieval"][..], &support::NO_RATE_LIMITS].concat(),
+    )
+    .await;
     let parley = run_turns(&mut pipeline.client().await, turns).await;
     let parley_parts = span_breakdown(&stack.jaeger, parley.conversation.as_deref().unwrap(), turns).await;
     let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns).await;
@@ -241,7 +245,8 @@ async fn main() {
     pipeline.stop().await;
     // The default configuration: each question is embedded and searched in Milvus before
     // the LLM call, and the embedder indexes every message beside it.
-    let with_retrieval = support::Pipeline::start(&stack, &["--llm-max-tokens", "16"]).await;
+    let with_retrieval =
+        support::Pipeline::start(&stack, &[&["--llm-max-tokens", "16"][..], &support::NO_RATE_LIMITS].concat()).await;
     let rag = run_turns(&mut with_retrieval.client().await, turns).await;
     let rag_parts = span_breakdown(&stack.jaeger, rag.conversation.as_deref().unwrap(), turns).await;
     with_retrieval.stop().await;

@@ -44,6 +44,7 @@ async fn run(stack: &support::Stack, layout: &str, turns: usize, retrieval: bool
     if !retrieval {
         args.push("--without-retrieval");
     }
+    args.extend(support::NO_RATE_LIMITS);
     let pipeline = support::Pipeline::start(stack, &args).await;
     let mut client = pipeline.client().await;
     let mut conversations: Vec<Option<String>> = vec![None; CONVERSATIONS];

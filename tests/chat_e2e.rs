@@ -203,7 +203,7 @@ async fn a_query_while_the_llm_is_down_fails_clearly_and_service_goes_on() {
 async fn every_gateway_instance_pushes_the_answers_of_its_own_sockets() {
     let Some(stack) = stack() else { return };
     let mut pipeline = Pipeline::start(&stack, &[]).await;
-    let second = pipeline.extra_gateway().await;
+    let second = pipeline.extra_gateway(&[]).await;
     let mut on_first = pipeline.client().await;
     let mut on_second = pipeline.client_at(&second).await;
     on_first.ask("g1", None, "Say one.").await;
@@ -305,7 +305,7 @@ async fn a_resent_earlier_turn_is_a_duplicate_on_any_gateway_and_after_a_restart
     client.ask("turn-a", None, "Name a fruit.").await;
     expect_duplicate(&client.until_outcome().await, &ack_a, &answer_a, "first message without its conversation");
 
-    let other = pipeline.extra_gateway().await;
+    let other = pipeline.extra_gateway(&[]).await;
     let mut elsewhere = pipeline.connect(&other, &token).await;
     elsewhere.ask("turn-b", Some(&conversation), "Name a vegetable.").await;
     let ack_b = only(&second, "ack")[0].clone();
@@ -366,5 +366,54 @@ async fn an_answer_occurs_when_it_was_generated_not_when_it_was_asked() {
         "answer {between} ms after its question, but the model took {} ms",
         answer.llm_latency_ms
     );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_holds_across_gateways_and_restarts_and_spares_duplicates() {
+    let Some(stack) = stack() else { return };
+    let limit = ["--user-turns-per-minute", "3"];
+    let mut pipeline = Pipeline::start(&stack, &limit).await;
+    let second = pipeline.extra_gateway(&limit).await;
+    let (user, token) = pipeline.session_user().await;
+    let mut on_first = pipeline.connect(&pipeline.http, &token).await;
+    let mut on_second = pipeline.connect(&second, &token).await;
+    // Each turn starts a conversation of its own (no turn_in_progress); the pause lets the
+    // other instance read the query from the log, as it would between a person's turns.
+    let mut frames = Vec::new();
+    for turn in 0..5 {
+        let socket = if turn % 2 == 0 { &mut on_first } else { &mut on_second };
+        let id = format!("r{turn}");
+        socket.ask(&id, None, "Say OK.").await;
+        frames.push(socket.reply_to(&id).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ack", "ack", "ack", "error", "error"], "{frames:?}");
+    for refused in &frames[3..] {
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+        let wait = refused["retry_after_ms"].as_u64().unwrap();
+        assert!(wait > 0 && wait <= 20_000, "one turn refills in 20 s: {refused}");
+        assert!(refused["message"].as_str().unwrap().contains("too many questions"), "{refused}");
+    }
+    // A resend of an admitted turn is its duplicate, not a new turn.
+    on_second.ask("r0", None, "Say OK.").await;
+    let resent = on_second.reply_to("r0").await;
+    assert_eq!(resent["duplicate"], true, "{resent}");
+    assert_eq!(resent["event_id"], frames[0]["event_id"]);
+    // Another user has a bucket of their own.
+    let mut other = pipeline.client_at(&second).await;
+    other.ask("o0", None, "Say OK.").await;
+    assert_eq!(other.reply_to("o0").await["type"], "ack");
+    // A restarted instance reads the last minute back from the log.
+    pipeline.restart().await;
+    let mut after_restart = pipeline.connect(&pipeline.http, &token).await;
+    after_restart.ask("r5", None, "Say OK.").await;
+    let refused = after_restart.reply_to("r5").await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    let events = support::log_to_end(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic()).await;
+    let queries =
+        events.iter().filter(|e| matches!(e, ConversationEvent::QueryReceived(q) if q.user_id == user)).count();
+    assert_eq!(queries, 3, "only admitted turns are in the log");
     pipeline.stop().await;
 }

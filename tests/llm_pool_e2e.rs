@@ -37,6 +37,9 @@ async fn a_killed_endpoint_fails_over_and_comes_back_when_healthy() {
             "1",
             "--llm-breaker-cool-down",
             "10m",
+            // It asks again and again until the restarted endpoint answers.
+            support::NO_RATE_LIMITS[0],
+            support::NO_RATE_LIMITS[1],
         ],
     )
     .await;

@@ -437,7 +437,11 @@ impl Pipeline {
         let mut gateway_urls = Vec::new();
         for n in 0..2 {
             let listen = format!("127.0.0.1:{}", free_port());
-            let args = with(&["gateway", "--listen", &listen, "--auth-secret", "test-secret"]);
+            // Its users ask as fast as the model answers, faster than the default limits allow.
+            let args = with(
+                &[&["gateway", "--listen", &listen, "--auth-secret", "test-secret"][..], &support::NO_RATE_LIMITS]
+                    .concat(),
+            );
             gateways.push(Service::start(&format!("gateway-{n}"), args, &prefix));
             gateway_urls.push(format!("http://{listen}"));
         }

@@ -28,6 +28,10 @@ pub struct Stack {
     pub jaeger: String,
 }
 
+/// Gateway options that turn the per-user rate limits off, for tests and benchmarks whose
+/// one user asks faster than a person would.
+pub const NO_RATE_LIMITS: [&str; 4] = ["--user-turns-per-minute", "0", "--user-tokens-per-minute", "0"];
+
 /// Keyspace shared by the tests: their conversations and topics never collide.
 pub const TEST_KEYSPACE: &str = "parley_test";
 
@@ -183,14 +187,16 @@ impl Pipeline {
         }
     }
 
-    /// Starts another gateway instance on the same topics and secret; returns its base URL.
-    pub async fn extra_gateway(&mut self) -> String {
+    /// Starts another gateway instance on the same topics and secret, with `extra_args`;
+    /// returns its base URL.
+    pub async fn extra_gateway(&mut self, extra_args: &[&str]) -> String {
         let port = free_port();
         let mut args =
             global_args(&self.brokers, &self.registry, &self.prefix, &self.cql, &self.keyspace, &self.collection);
         args.extend(
             ["gateway", "--listen", &format!("127.0.0.1:{port}"), "--auth-secret", "test-secret"].map(str::to_owned),
         );
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         self.extra_gateways.push(spawn(&args, &self.prefix, &format!("gateway-{port}.log")));
         let http = format!("http://127.0.0.1:{port}");
         wait_healthy(&http).await;
@@ -452,6 +458,17 @@ impl Client {
                 .expect("socket error");
             if let Message::Text(text) = message {
                 return serde_json::from_str(text.as_str()).unwrap();
+            }
+        }
+    }
+
+    /// The `ack` or `error` frame that answers the query `client_message_id` (skipping the
+    /// tokens and outcomes of earlier turns).
+    pub async fn reply_to(&mut self, client_message_id: &str) -> Value {
+        loop {
+            let frame = self.next_frame().await;
+            if (frame["type"] == "ack" || frame["type"] == "error") && frame["client_message_id"] == client_message_id {
+                return frame;
             }
         }
     }

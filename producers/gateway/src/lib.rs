@@ -4,6 +4,7 @@
 //! - [`auth`]: signed user tokens (pure);
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes outcomes and token deltas to sockets;
+//! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
 //! - [`server`]: axum routes, the socket loop, query → event.
@@ -14,6 +15,8 @@ pub mod hub;
 pub mod knowledge;
 pub mod protocol;
 pub mod query;
+pub mod rate;
+pub mod rate_feed;
 pub mod server;
 
 pub use server::{Gateway, GatewayArgs, GatewayError};

@@ -73,6 +73,9 @@ pub enum ServerFrame {
         code: ErrorCode,
         message: String,
         client_message_id: Option<String>,
+        /// When the same frame may pass (`rate_limited`); absent otherwise.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -91,6 +94,8 @@ pub enum ErrorCode {
     TurnInProgress,
     /// The log could not take the event; nothing was written, retry later.
     Unavailable,
+    /// A rate limit refused the query; nothing was written; `retry_after_ms` says when.
+    RateLimited,
 }
 
 /// Bounds on what a client may send.
@@ -122,7 +127,12 @@ impl Rejection {
     }
 
     pub fn into_frame(self) -> ServerFrame {
-        ServerFrame::Error { code: self.code, message: self.message, client_message_id: self.client_message_id }
+        ServerFrame::Error {
+            code: self.code,
+            message: self.message,
+            client_message_id: self.client_message_id,
+            retry_after_ms: None,
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! turns queries into events and pushes answers back.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -41,7 +41,9 @@ use crate::hub::{Admission, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
-use crate::{answers, knowledge, query};
+use crate::rate::{RateLimiter, RateSettings};
+use crate::rate_feed::now_ms;
+use crate::{answers, knowledge, query, rate_feed};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -80,6 +82,9 @@ pub struct GatewayArgs {
     /// process (tokens then die with the process).
     #[arg(long, env = "PARLEY_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
+
+    #[command(flatten)]
+    pub rates: RateSettings,
 }
 
 #[derive(Debug, Error)]
@@ -99,6 +104,8 @@ pub enum GatewayError {
 pub(crate) struct AppState {
     hub: Arc<Hub>,
     limits: Limits,
+    /// Rate limits, fed from the log by [`rate_feed`].
+    rate: Arc<Mutex<RateLimiter>>,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
@@ -117,6 +124,7 @@ pub struct Gateway {
     listener: TcpListener,
     router: Router,
     answers: tokio::task::JoinHandle<()>,
+    rate_feed: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
 }
 
@@ -142,12 +150,20 @@ impl Gateway {
         let (consumer, event_partitions) = answers::listener(kafka, &topics)?;
         let answers =
             tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
+        let rate = Arc::new(Mutex::new(RateLimiter::new(args.rates, now_ms())));
+        let rate_feed = tokio::spawn(rate_feed::run(
+            rate_feed::follower(kafka, &topics)?,
+            codec.clone(),
+            rate.clone(),
+            shutdown.clone(),
+        ));
         let secret = args.auth_secret.clone().unwrap_or_else(|| {
             warn!("no --auth-secret given: user tokens are valid for this process only");
             Uuid::new_v4().to_string()
         });
         let state = Arc::new(AppState {
             hub,
+            rate,
             producer: EventProducer::new(kafka.client_config(), codec)?,
             topics,
             event_partitions,
@@ -181,7 +197,7 @@ impl Gateway {
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|source| GatewayError::Listen { addr: args.listen, source })?;
-        Ok(Self { listener, router, answers, shutdown })
+        Ok(Self { listener, router, answers, rate_feed, shutdown })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -198,6 +214,7 @@ impl Gateway {
             .map_err(GatewayError::Serve);
         self.shutdown.cancel();
         let _ = self.answers.await;
+        let _ = self.rate_feed.await;
         result
     }
 }
@@ -319,6 +336,7 @@ async fn subscribe(
         code: ErrorCode::UnknownConversation,
         message: format!("no conversation {conversation_id} for this user"),
         client_message_id: None,
+        retry_after_ms: None,
     };
     let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
     if !state.hub.holds(&id) {
@@ -326,7 +344,8 @@ async fn subscribe(
             Adopted::Held => {}
             Adopted::Unknown => return unknown(),
             Adopted::Unavailable(message) => {
-                return ServerFrame::Error { code: ErrorCode::Unavailable, message, client_message_id: None };
+                let code = ErrorCode::Unavailable;
+                return ServerFrame::Error { code, message, client_message_id: None, retry_after_ms: None };
             }
         }
     }
@@ -344,8 +363,9 @@ async fn accept_query(
     outbox: &Outbox,
     query: crate::protocol::ValidQuery,
 ) -> Vec<ServerFrame> {
+    let client_message_id = Some(query.client_message_id.clone());
     let error = |code, message: String| {
-        vec![ServerFrame::Error { code, message, client_message_id: Some(query.client_message_id.clone()) }]
+        vec![ServerFrame::Error { code, message, client_message_id: client_message_id.clone(), retry_after_ms: None }]
     };
     let requested_new = query.conversation_id.is_none();
     let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
@@ -371,6 +391,19 @@ async fn accept_query(
             return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
         }
     };
+    // Limits apply to new turns only: a resent one (a duplicate) was admitted before.
+    let admitted =
+        state.rate.lock().unwrap_or_else(PoisonError::into_inner).admit(user, &query_id.to_string(), now_ms());
+    if let Err(limited) = admitted {
+        state.hub.release(conversation_id, sequence);
+        let seconds = limited.retry_after_ms.div_ceil(1000);
+        return vec![ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: format!("{}; try again in {seconds} s", limited.limit.describe()),
+            client_message_id,
+            retry_after_ms: Some(limited.retry_after_ms),
+        }];
+    }
     // A root span: each turn is its own trace, not part of the socket's lifetime.
     let span = info_span!(parent: None, "gateway.query", %conversation_id, %query_id, sequence, traceparent = Empty);
     let traceparent = traceparent_of(&span, None);
@@ -415,6 +448,7 @@ async fn accept_query(
         Err(e) => {
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
+            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
         }
     }

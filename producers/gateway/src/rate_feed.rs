@@ -1,0 +1,94 @@
+//! Feeds the rate limiter ([`crate::rate`]) from the log: every instance reads every
+//! query and outcome of the events topic, starting one window (a minute) back, so a
+//! restarted instance knows what the last minute spent.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_eventlog::{EventLogError, KafkaSettings, Topics};
+use parley_events::{ConversationEvent, EventCodec};
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+use uuid::Uuid;
+
+use crate::rate::RateLimiter;
+
+/// How far back a starting instance reads: the buckets refill fully in a minute.
+const WINDOW: Duration = Duration::from_secs(60);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A consumer of every partition of the events topic, from one window ago.
+pub fn follower(kafka: &KafkaSettings, topics: &Topics) -> Result<LogConsumer, EventLogError> {
+    let group = format!("parley-gateway-rate-{}", Uuid::new_v4().simple());
+    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
+    let metadata = consumer.fetch_metadata(Some(&topics.events), Duration::from_secs(30))?;
+    let since = now_ms() - i64::try_from(WINDOW.as_millis()).unwrap_or(0);
+    let mut times = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        times.add_partition_offset(&topics.events, partition.id(), Offset::Offset(since))?;
+    }
+    // Partitions with nothing that recent answer "end": nothing to read there.
+    let positions = consumer.offsets_for_times(times, Duration::from_secs(30))?;
+    consumer.assign(&positions)?;
+    Ok(consumer)
+}
+
+/// Charges every query and outcome it reads to the limiter until `shutdown`.
+pub async fn run(
+    consumer: LogConsumer,
+    codec: Arc<EventCodec>,
+    limiter: Arc<Mutex<RateLimiter>>,
+    shutdown: CancellationToken,
+) {
+    let mut rest = tokio::time::interval(WINDOW);
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = rest.tick() => {
+                limiter.lock().unwrap_or_else(PoisonError::into_inner).forget_rested(now_ms());
+                continue;
+            }
+            message = consumer.recv() => message,
+        };
+        let payload = match message {
+            Ok(message) => rdkafka::Message::payload(&message).unwrap_or_default().to_vec(),
+            Err(error) if is_fatal(&error) => {
+                error!(%error, "rate feed: fatal kafka error; shutting the gateway down");
+                shutdown.cancel();
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "rate feed: kafka error");
+                continue;
+            }
+        };
+        let event = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(&payload)).await {
+            Some(Ok(decoded)) => decoded.event,
+            Some(Err(error)) => {
+                warn!(%error, "rate feed: undecodable conversation event skipped");
+                continue;
+            }
+            None => return,
+        };
+        // Charged when it happened: a starting instance replays the last minute as it was.
+        let at = event.envelope().occurred_at;
+        let mut limiter = limiter.lock().unwrap_or_else(PoisonError::into_inner);
+        match &event {
+            ConversationEvent::QueryReceived(query) => {
+                limiter.observe_query(&query.user_id, &query.envelope.event_id, at)
+            }
+            ConversationEvent::ResponseGenerated(answer) if !answer.user_id.is_empty() => {
+                let tokens = i64::from(answer.prompt_tokens) + i64::from(answer.completion_tokens);
+                limiter.observe_usage(&answer.user_id, u64::try_from(tokens).unwrap_or(0), at);
+            }
+            _ => {}
+        }
+    }
+}
