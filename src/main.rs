@@ -19,6 +19,7 @@ use parley_inference::service::InferenceArgs;
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
 use parley_ingest::submit::submit_all;
+use parley_projections::budget::BudgetSettings;
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
@@ -62,6 +63,9 @@ struct Common {
 
     #[command(flatten)]
     milvus: MilvusSettings,
+
+    #[command(flatten)]
+    budgets: BudgetSettings,
 
     /// Run the gateway and inference without the vector store: no search, no retrieval.
     #[arg(long, global = true, env = "PARLEY_WITHOUT_RETRIEVAL")]
@@ -245,7 +249,8 @@ fn service_name(command: &Command) -> &'static str {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Common { kafka, cql, schema_registry_url: registry, embedding, milvus, without_retrieval, .. } = cli.common;
+    let Common { kafka, cql, schema_registry_url: registry, embedding, milvus, without_retrieval, budgets, .. } =
+        cli.common;
     let shutdown = shutdown_on_signal();
     let retrieval = async || -> Result<Option<(Arc<dyn EmbeddingBackend>, VectorStore)>> {
         if without_retrieval { Ok(None) } else { Ok(Some(open_retrieval(&embedding, &milvus).await?)) }
@@ -254,14 +259,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gateway(args) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let retriever = retrieval().await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
-            let gateway = Gateway::bind(&kafka, &registry, &args, store, retriever, shutdown).await?;
+            let gateway = Gateway::bind(&kafka, &registry, &args, budgets, store, retriever, shutdown).await?;
             print_chat_url(&gateway);
             gateway.serve().await?;
         }
         Command::Inference(args) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let retriever = retrieval().await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
-            parley_inference::service::run(&kafka, &registry, store, retriever, args, shutdown).await?;
+            parley_inference::service::run(&kafka, &registry, store, retriever, args, budgets, shutdown).await?;
         }
         Command::Projection => {
             let store = Store::connect(&cql).await?;
@@ -300,11 +305,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let retrieval = retrieval().await?;
             let retriever = retrieval.clone().map(|(backend, vectors)| Retriever::new(backend, vectors));
             let gateway =
-                Gateway::bind(&kafka, &registry, &gateway, store.clone(), retriever.clone(), shutdown.clone()).await?;
+                Gateway::bind(&kafka, &registry, &gateway, budgets, store.clone(), retriever.clone(), shutdown.clone())
+                    .await?;
             let inference = spawn_linked(&shutdown, {
                 let (kafka, registry, shutdown, store) =
                     (kafka.clone(), registry.clone(), shutdown.clone(), store.clone());
-                async move { parley_inference::service::run(&kafka, &registry, store, retriever, inference, shutdown).await }
+                async move {
+                    parley_inference::service::run(&kafka, &registry, store, retriever, inference, budgets, shutdown)
+                        .await
+                }
             });
             let embedder = retrieval.map(|(backend, vectors)| {
                 let (kafka, registry, shutdown_) = (kafka.clone(), registry.clone(), shutdown.clone());

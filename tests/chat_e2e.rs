@@ -417,3 +417,69 @@ async fn a_rate_limit_holds_across_gateways_and_restarts_and_spares_duplicates()
     assert_eq!(queries, 3, "only admitted turns are in the log");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_turns_across_gateways_never_overspend_a_token_budget() {
+    let Some(stack) = stack() else { return };
+    // "Say OK." reserves 2 + 1000 tokens: the daily budget has room for two such turns.
+    const RESERVATION: u64 = 1_002;
+    const DAILY: u64 = 2_100;
+    let budget = ["--daily-token-budget", "2100", "--turn-reserve-tokens", "1000"];
+    let mut pipeline = Pipeline::start(&stack, &budget).await;
+    let second = pipeline.extra_gateway(&budget).await;
+    let (user, token) = pipeline.session_user().await;
+    let mut sockets = Vec::new();
+    for n in 0..6 {
+        let http = if n % 2 == 0 { pipeline.http.clone() } else { second.clone() };
+        sockets.push(pipeline.connect(&http, &token).await);
+    }
+    let replies = futures::future::join_all(sockets.iter_mut().enumerate().map(|(n, socket)| async move {
+        let id = format!("b{n}");
+        socket.ask(&id, None, "Say OK.").await;
+        socket.reply_to(&id).await
+    }))
+    .await;
+    let admitted: Vec<usize> = (0..6).filter(|&n| replies[n]["type"] == "ack").collect();
+    assert_eq!(admitted.len(), 2, "room for two reservations, whichever gateway: {replies:?}");
+    for refused in replies.iter().filter(|r| r["type"] == "error") {
+        assert_eq!(refused["code"], "budget_exceeded", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("daily token budget"), "{refused}");
+        assert!(refused["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"), "midnight UTC: {refused}");
+    }
+    let mut used = 0;
+    for n in &admitted {
+        let frames = sockets[*n].until_outcome().await;
+        let answer = frames.last().unwrap();
+        assert_eq!(answer["type"], "answer", "{frames:?}");
+        used += answer["prompt_tokens"].as_u64().unwrap() + answer["completion_tokens"].as_u64().unwrap();
+    }
+    // A gateway without budgets lets turns through; inference reserves for them itself and
+    // fails those that do not fit. The two answers above are settled at their real usage.
+    let unchecked = pipeline.extra_gateway(&["--daily-token-budget", "0"]).await;
+    let fit = (0..2u64).filter(|k| used + (k + 1) * RESERVATION <= DAILY).count();
+    let mut late = Vec::new();
+    for n in 0..2 {
+        let mut socket = pipeline.connect(&unchecked, &token).await;
+        socket.ask(&format!("late{n}"), None, "Say OK.").await;
+        late.push(socket);
+    }
+    let outcomes = futures::future::join_all(late.iter_mut().map(|s| s.until_outcome())).await;
+    let answered = outcomes.iter().filter(|f| f.last().unwrap()["type"] == "answer").count();
+    assert_eq!(answered, fit, "the first two used {used} tokens: {outcomes:?}");
+    for failed in outcomes.iter().map(|f| f.last().unwrap()).filter(|f| f["type"] == "failed") {
+        assert_eq!(failed["error_kind"], "budget_exceeded", "{failed}");
+    }
+    // What the model really spent stays within the budget plus one turn's reservation.
+    let events = support::log_to_end(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic()).await;
+    let spent: u64 = events
+        .iter()
+        .filter_map(|e| match e {
+            ConversationEvent::ResponseGenerated(a) if a.user_id == user => {
+                Some(u64::try_from(a.prompt_tokens + a.completion_tokens).unwrap())
+            }
+            _ => None,
+        })
+        .sum();
+    assert!(spent <= DAILY + RESERVATION, "spent {spent}");
+    pipeline.stop().await;
+}

@@ -18,6 +18,8 @@ pub enum ProjectionError {
     Interrupted { generation: i32 },
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0} kept changing under every attempt to update it")]
+    Contention(String),
 }
 
 impl ProjectionError {

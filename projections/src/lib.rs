@@ -5,8 +5,10 @@
 //! - [`reader`]: the query side over the live generation, with position waits;
 //! - [`rebuild`]: a new generation from offset 0, then an atomic switch;
 //! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
+//! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`error`]: this crate's error type.
 
+pub mod budget;
 pub mod error;
 pub mod projector;
 pub mod reader;

@@ -176,6 +176,14 @@ impl Store {
         Ok(store)
     }
 
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    pub(crate) fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
     async fn ddl(&self, statement: &str) -> Result<(), ProjectionError> {
         self.session.query_unpaged(statement, ()).await.map_err(|e| ProjectionError::cql(statement, e))?;
         Ok(())

@@ -3,9 +3,10 @@
 //! The `.avsc` files in `schemas/avro/` are the source of truth; this crate compiles them in
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
-//! evolution against the registry ([`registry`]). [`conversation`], [`turn`] and
-//! [`invariants`] are the domain rules over those events, as plain functions.
+//! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
+//! [`invariants`] and [`budget`] are the domain rules over those events, as plain functions.
 
+pub mod budget;
 pub mod catalog;
 pub mod codec;
 pub mod conversation;

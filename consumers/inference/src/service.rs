@@ -25,6 +25,7 @@ use parley_events::{
     ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
     Producer as EventSource, UserQueryReceived,
 };
+use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::{Hit, Retriever, SearchFilter};
@@ -175,9 +176,11 @@ pub async fn run(
     store: Store,
     retriever: Option<Retriever>,
     args: InferenceArgs,
+    budgets: BudgetSettings,
     shutdown: CancellationToken,
 ) -> Result<(), InferenceError> {
     let topics = kafka.topics();
+    let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let settings = DriverSettings {
@@ -210,6 +213,7 @@ pub async fn run(
         retrieval_min_score: args.retrieval_min_score,
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
+        budget,
         shutdown: shutdown.clone(),
     });
     info!(group = %args.group_id, llm = ?endpoints, "inference consumer started");
@@ -260,6 +264,9 @@ struct Worker {
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<String>>,
+    /// The token budget ledger, when budgets are on: checked before the model is called
+    /// (a turn that slipped past the gateway's reservation), settled after.
+    budget: Option<(BudgetLedger, BudgetSettings)>,
     shutdown: CancellationToken,
 }
 
@@ -332,6 +339,17 @@ impl Worker {
                 .caused_by(&query.envelope)
                 .with_traceparent(Some(traceparent.clone()))
             };
+            let conversation_id = &query.envelope.conversation_id;
+            let outgoing = |payload| Outgoing {
+                topic: self.topics.events.clone(),
+                key: conversation_id.clone(),
+                payload,
+                traceparent: Some(traceparent.clone()),
+            };
+            if let Some(exceeded) = self.over_budget(query).await {
+                warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
+                return Ok(outgoing(self.failed(envelope(), query, "budget_exceeded", exceeded, 0).await?));
+            }
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
             let retrieved = self.retrieve(query).await;
@@ -343,7 +361,6 @@ impl Worker {
                 self.context_token_budget,
                 self.prompt_layout,
             );
-            let conversation_id = &query.envelope.conversation_id;
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let (result, attempts) = self
                 .model
@@ -356,6 +373,8 @@ impl Worker {
             // the outcome has had every delta offered first.
             deltas.finish().await;
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+            let used = result.as_ref().map_or(0, |c| i64::from(c.prompt_tokens) + i64::from(c.completion_tokens));
+            self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
             let payload = match result {
                 Ok(completion) => {
                     info!(
@@ -383,26 +402,60 @@ impl Worker {
                 }
                 Err(error) => {
                     warn!(%error, attempts, "LLM failed; writing LLMResponseFailed");
-                    self.codec
-                        .encode(&LLMResponseFailed {
-                            envelope: envelope(),
-                            query_event_id: query.envelope.event_id.clone(),
-                            error_kind: error.kind().to_owned(),
-                            error_message: error.to_string(),
-                            attempts,
-                        })
-                        .await?
+                    self.failed(envelope(), query, error.kind(), error.to_string(), attempts).await?
                 }
             };
-            Ok(Outgoing {
-                topic: self.topics.events.clone(),
-                key: conversation_id.clone(),
-                payload,
-                traceparent: Some(traceparent.clone()),
-            })
+            Ok(outgoing(payload))
         }
         .instrument(span)
         .await
+    }
+
+    /// The encoded `LLMResponseFailed` of `query`.
+    async fn failed(
+        &self,
+        envelope: Envelope,
+        query: &UserQueryReceived,
+        kind: &str,
+        message: String,
+        attempts: i32,
+    ) -> Result<Vec<u8>, InferenceError> {
+        let failed = LLMResponseFailed {
+            envelope,
+            query_event_id: query.envelope.event_id.clone(),
+            error_kind: kind.to_owned(),
+            error_message: message,
+            attempts,
+        };
+        Ok(self.codec.encode(&failed).await?)
+    }
+
+    /// Why `query` may not go to the model, if it is over a token budget: the gateway
+    /// reserved for it (then this finds the reservation), or it slipped through (an older
+    /// gateway, budgets turned on meanwhile) and is reserved here. A ledger that cannot be
+    /// reached does not stop answers: the failure is logged and the turn goes ahead.
+    async fn over_budget(&self, query: &UserQueryReceived) -> Option<String> {
+        let (ledger, budgets) = self.budget.as_ref()?;
+        let envelope = &query.envelope;
+        let chars = query.text.chars().count();
+        let now = parley_events::event::now_millis();
+        match ledger.reserve(budgets, &query.user_id, &envelope.conversation_id, &envelope.event_id, chars, now).await {
+            Ok(Reserved::Yes) => None,
+            Ok(Reserved::No(exceeded)) => Some(exceeded.describe()),
+            Err(error) => {
+                warn!(%error, "token budget not checked: the ledger is unreachable");
+                None
+            }
+        }
+    }
+
+    /// Replaces the turn's reservation with what the model really used (0 when it failed).
+    async fn settle_budget(&self, query: &UserQueryReceived, used: u64) {
+        if let Some((ledger, _)) = &self.budget
+            && let Err(error) = ledger.settle(&query.user_id, &query.envelope.event_id, used).await
+        {
+            warn!(%error, "token budget not settled: the ledger is unreachable");
+        }
     }
 
     /// The user's stored chunks and messages of other conversations nearest to the question

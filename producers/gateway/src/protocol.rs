@@ -76,6 +76,10 @@ pub enum ServerFrame {
         /// When the same frame may pass (`rate_limited`); absent otherwise.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// When the exhausted budget starts again (`budget_exceeded`; RFC 3339, UTC);
+        /// absent otherwise, and for a conversation's budget, which never does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resets_at: Option<String>,
     },
 }
 
@@ -96,6 +100,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A rate limit refused the query; nothing was written; `retry_after_ms` says when.
     RateLimited,
+    /// A token budget has no room for the turn; nothing was written; `resets_at` says when.
+    BudgetExceeded,
 }
 
 /// Bounds on what a client may send.
@@ -132,6 +138,7 @@ impl Rejection {
             message: self.message,
             client_message_id: self.client_message_id,
             retry_after_ms: None,
+            resets_at: None,
         }
     }
 }

@@ -3,11 +3,12 @@
 //! restarted instance knows what the last minute spent.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
+use parley_events::event::now_millis as now_ms;
 use parley_events::{ConversationEvent, EventCodec};
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
@@ -19,10 +20,6 @@ use crate::rate::RateLimiter;
 
 /// How far back a starting instance reads: the buckets refill fully in a minute.
 const WINDOW: Duration = Duration::from_secs(60);
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 /// A consumer of every partition of the events topic, from one window ago.
 pub fn follower(kafka: &KafkaSettings, topics: &Topics) -> Result<LogConsumer, EventLogError> {

@@ -42,8 +42,9 @@ use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
 use crate::rate::{RateLimiter, RateSettings};
-use crate::rate_feed::now_ms;
 use crate::{answers, knowledge, query, rate_feed};
+use parley_events::event::now_millis as now_ms;
+use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -106,6 +107,8 @@ pub(crate) struct AppState {
     limits: Limits,
     /// Rate limits, fed from the log by [`rate_feed`].
     rate: Arc<Mutex<RateLimiter>>,
+    /// The token budget ledger, when budgets are on.
+    budget: Option<(BudgetLedger, BudgetSettings)>,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
@@ -139,11 +142,13 @@ impl Gateway {
         kafka: &KafkaSettings,
         registry_url: &str,
         args: &GatewayArgs,
+        budgets: BudgetSettings,
         store: Store,
         retriever: Option<Retriever>,
         shutdown: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
+        let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
         let reader = Arc::new(LiveReader::new(store).await?);
         let codec = Arc::new(EventCodec::new(registry_url)?);
         let hub = Arc::new(Hub::new(&topics.events));
@@ -164,6 +169,7 @@ impl Gateway {
         let state = Arc::new(AppState {
             hub,
             rate,
+            budget,
             producer: EventProducer::new(kafka.client_config(), codec)?,
             topics,
             event_partitions,
@@ -337,6 +343,7 @@ async fn subscribe(
         message: format!("no conversation {conversation_id} for this user"),
         client_message_id: None,
         retry_after_ms: None,
+        resets_at: None,
     };
     let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
     if !state.hub.holds(&id) {
@@ -345,7 +352,13 @@ async fn subscribe(
             Adopted::Unknown => return unknown(),
             Adopted::Unavailable(message) => {
                 let code = ErrorCode::Unavailable;
-                return ServerFrame::Error { code, message, client_message_id: None, retry_after_ms: None };
+                return ServerFrame::Error {
+                    code,
+                    message,
+                    client_message_id: None,
+                    retry_after_ms: None,
+                    resets_at: None,
+                };
             }
         }
     }
@@ -365,7 +378,8 @@ async fn accept_query(
 ) -> Vec<ServerFrame> {
     let client_message_id = Some(query.client_message_id.clone());
     let error = |code, message: String| {
-        vec![ServerFrame::Error { code, message, client_message_id: client_message_id.clone(), retry_after_ms: None }]
+        let client_message_id = client_message_id.clone();
+        vec![ServerFrame::Error { code, message, client_message_id, retry_after_ms: None, resets_at: None }]
     };
     let requested_new = query.conversation_id.is_none();
     let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
@@ -402,7 +416,28 @@ async fn accept_query(
             message: format!("{}; try again in {seconds} s", limited.limit.describe()),
             client_message_id,
             retry_after_ms: Some(limited.retry_after_ms),
+            resets_at: None,
         }];
+    }
+    if let Some((ledger, budgets)) = &state.budget {
+        let chars = query.text.chars().count();
+        let reserved =
+            ledger.reserve(budgets, user, &conversation_id.to_string(), &query_id.to_string(), chars, now_ms()).await;
+        let refusal = match reserved {
+            Ok(Reserved::Yes) => None,
+            Ok(Reserved::No(exceeded)) => {
+                let resets_at = exceeded.resets_at_ms.map(format_time);
+                let when = resets_at.as_ref().map_or(String::new(), |at| format!("; it starts again at {at}"));
+                Some((ErrorCode::BudgetExceeded, format!("{}{when}", exceeded.describe()), resets_at))
+            }
+            Err(e) => Some((ErrorCode::Unavailable, format!("the token budget could not be checked: {e}"), None)),
+        };
+        if let Some((code, message, resets_at)) = refusal {
+            state.hub.release(conversation_id, sequence);
+            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
+            let client_message_id = client_message_id.clone();
+            return vec![ServerFrame::Error { code, message, client_message_id, retry_after_ms: None, resets_at }];
+        }
     }
     // A root span: each turn is its own trace, not part of the socket's lifetime.
     let span = info_span!(parent: None, "gateway.query", %conversation_id, %query_id, sequence, traceparent = Empty);
@@ -449,6 +484,11 @@ async fn accept_query(
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
             state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
+            if let Some((ledger, _)) = &state.budget
+                && let Err(error) = ledger.settle(user, &query_id.to_string(), 0).await
+            {
+                warn!(%error, %query_id, "the reservation of an unwritten query was not released");
+            }
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
         }
     }
@@ -577,4 +617,10 @@ async fn earlier_outcome(
         .iter()
         .filter_map(|r| answers::outcome_frame(&r.event))
         .find(|frame| matches!(frame, ServerFrame::Answer { query_event_id: q, .. } | ServerFrame::Failed { query_event_id: q, .. } if *q == query_event_id)))
+}
+
+/// An instant (ms since the epoch) as RFC 3339 UTC, to the second.
+fn format_time(millis: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
 }

@@ -1,0 +1,281 @@
+//! The token budget ledger in the CQL store: reservations at admission, settlement with
+//! the model's real usage (rules in [`parley_events::budget`]).
+//!
+//! One partition per user, one row per budget period (`day:…`, `month:…`,
+//! `conversation:…`) holding what is committed (spent + reserved), and one row per turn
+//! (`turn:<query id>`) holding its reservation, the periods it is charged to and whether
+//! it is settled. Every change is one conditional batch over that partition (a Paxos
+//! round; Cassandra and ScyllaDB allow conditions on several rows of one partition), so
+//! gateways and inference instances racing for the same budget never both win: the loser
+//! reads again and decides again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use clap::Args;
+use parley_events::budget::{BudgetLimits, Exceeded, check, periods, reservation, settled, turn_key};
+use scylla::client::session::Session;
+use scylla::statement::Consistency;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, Row};
+
+use crate::error::ProjectionError;
+use crate::store::Store;
+
+/// Token budgets (0: off) and what a turn reserves, for the gateway (which reserves at
+/// admission) and inference (which checks again and settles). Defaults are off: an
+/// operator sets what their model pool and price allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct BudgetSettings {
+    /// Model tokens (prompt + completion) a user may spend per UTC day.
+    #[arg(long, global = true, env = "PARLEY_DAILY_TOKEN_BUDGET", default_value_t = 0)]
+    pub daily_token_budget: u64,
+
+    /// Model tokens a user may spend per UTC month.
+    #[arg(long, global = true, env = "PARLEY_MONTHLY_TOKEN_BUDGET", default_value_t = 0)]
+    pub monthly_token_budget: u64,
+
+    /// Model tokens one conversation may spend.
+    #[arg(long, global = true, env = "PARLEY_CONVERSATION_TOKEN_BUDGET", default_value_t = 0)]
+    pub conversation_token_budget: u64,
+
+    /// What a turn reserves besides its question: the worst case of its prompt's context
+    /// and its answer (the context token budget plus the answer's max tokens).
+    #[arg(long, global = true, env = "PARLEY_TURN_RESERVE_TOKENS", default_value_t = 2_048)]
+    pub turn_reserve_tokens: u64,
+}
+
+impl BudgetSettings {
+    pub fn limits(&self) -> BudgetLimits {
+        BudgetLimits {
+            daily: self.daily_token_budget,
+            monthly: self.monthly_token_budget,
+            per_conversation: self.conversation_token_budget,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.limits() != BudgetLimits::default()
+    }
+}
+
+/// A turn's reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// Reserved now, or by an earlier call for the same turn.
+    Yes,
+    No(Exceeded),
+}
+
+/// Tries before a reservation or settlement gives up on a budget others keep changing.
+const CAS_ATTEMPTS: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct BudgetLedger {
+    session: Arc<Session>,
+    select: PreparedStatement,
+    select_turn: PreparedStatement,
+    update: PreparedStatement,
+    insert: PreparedStatement,
+    insert_turn: PreparedStatement,
+    settle_turn: PreparedStatement,
+}
+
+impl BudgetLedger {
+    pub async fn open(store: &Store) -> Result<Self, ProjectionError> {
+        let ks = store.keyspace();
+        let session = store.session();
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.token_budget (user_id text, period text, committed bigint, \
+             reserved bigint, periods list<text>, settled boolean, PRIMARY KEY (user_id, period))"
+        );
+        session.query_unpaged(create.as_str(), ()).await.map_err(|e| ProjectionError::cql(&create, e))?;
+        let prepare = async |cql: String, serial: bool| {
+            let mut statement = session.prepare(cql.as_str()).await.map_err(|e| ProjectionError::cql(&cql, e))?;
+            if serial {
+                // Reads what the last Paxos round decided, not a replica's older value.
+                statement.set_consistency(Consistency::Serial);
+            }
+            Ok::<_, ProjectionError>(statement)
+        };
+        Ok(Self {
+            select: prepare(
+                format!("SELECT period, committed FROM {ks}.token_budget WHERE user_id = ? AND period IN ?"),
+                true,
+            )
+            .await?,
+            select_turn: prepare(
+                format!("SELECT reserved, periods, settled FROM {ks}.token_budget WHERE user_id = ? AND period = ?"),
+                true,
+            )
+            .await?,
+            update: prepare(
+                format!("UPDATE {ks}.token_budget SET committed = ? WHERE user_id = ? AND period = ? IF committed = ?"),
+                false,
+            )
+            .await?,
+            insert: prepare(
+                format!("INSERT INTO {ks}.token_budget (user_id, period, committed) VALUES (?, ?, ?) IF NOT EXISTS"),
+                false,
+            )
+            .await?,
+            insert_turn: prepare(
+                format!(
+                    "INSERT INTO {ks}.token_budget (user_id, period, reserved, periods, settled) \
+                     VALUES (?, ?, ?, ?, false) IF NOT EXISTS"
+                ),
+                false,
+            )
+            .await?,
+            settle_turn: prepare(
+                format!(
+                    "UPDATE {ks}.token_budget SET settled = true, committed = ? WHERE user_id = ? AND period = ? \
+                     IF settled = false"
+                ),
+                false,
+            )
+            .await?,
+            session: Arc::clone(session),
+        })
+    }
+
+    /// Reserves what turn `query_id` (of `question_chars`) may spend in each budget of
+    /// `user` that is on, or says which budget it does not fit. Idempotent per turn.
+    pub async fn reserve(
+        &self,
+        settings: &BudgetSettings,
+        user: &str,
+        conversation_id: &str,
+        query_id: &str,
+        question_chars: usize,
+        now_ms: i64,
+    ) -> Result<Reserved, ProjectionError> {
+        let periods = periods(settings.limits(), conversation_id, now_ms);
+        if periods.is_empty() {
+            return Ok(Reserved::Yes);
+        }
+        let amount = reservation(question_chars, settings.turn_reserve_tokens);
+        let turn = turn_key(query_id);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut keys: Vec<String> = periods.iter().map(|p| p.key.clone()).collect();
+            keys.push(turn.clone());
+            let committed = self.committed(user, keys).await?;
+            if committed.contains_key(&turn) {
+                return Ok(Reserved::Yes);
+            }
+            if let Err(exceeded) = check(&periods, &committed, amount) {
+                return Ok(Reserved::No(exceeded));
+            }
+            let mut batch = Batch::new(BatchType::Logged);
+            let mut values: Vec<Vec<CqlValue>> = Vec::new();
+            let charged: Vec<String> = periods.iter().map(|p| p.key.clone()).collect();
+            self.add_changes(&mut batch, &mut values, user, &charged, &committed, |old| old + amount);
+            batch.append_statement(self.insert_turn.clone());
+            values.push(vec![
+                text(user),
+                text(&turn),
+                bigint(amount),
+                CqlValue::List(periods.iter().map(|p| text(&p.key)).collect()),
+            ]);
+            if self.applied(&batch, values).await? {
+                return Ok(Reserved::Yes);
+            }
+        }
+        Err(ProjectionError::Contention(format!("the token budget of {user}")))
+    }
+
+    /// Replaces turn `query_id`'s reservation with `used` tokens in each budget it was
+    /// charged to. False when the turn had no reservation or was settled already (a
+    /// re-delivered outcome settles nothing twice).
+    pub async fn settle(&self, user: &str, query_id: &str, used: u64) -> Result<bool, ProjectionError> {
+        let turn = turn_key(query_id);
+        for _ in 0..CAS_ATTEMPTS {
+            let statement = &self.select_turn;
+            let row = self
+                .session
+                .execute_unpaged(statement, (user, &turn))
+                .await
+                .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?
+                .into_rows_result()
+                .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?
+                .maybe_first_row::<(Option<i64>, Option<Vec<String>>, Option<bool>)>()
+                .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+            let Some((Some(reserved), Some(keys), Some(false))) = row else { return Ok(false) };
+            let reserved = u64::try_from(reserved).unwrap_or(0);
+            let committed = self.committed(user, keys.clone()).await?;
+            let mut batch = Batch::new(BatchType::Logged);
+            let mut values: Vec<Vec<CqlValue>> = Vec::new();
+            self.add_changes(&mut batch, &mut values, user, &keys, &committed, |old| settled(old, reserved, used));
+            batch.append_statement(self.settle_turn.clone());
+            values.push(vec![bigint(used), text(user), text(&turn)]);
+            if self.applied(&batch, values).await? {
+                return Ok(true);
+            }
+        }
+        Err(ProjectionError::Contention(format!("the token budget of {user}")))
+    }
+
+    /// What each of `keys` has committed (absent: no row yet).
+    pub async fn committed(&self, user: &str, keys: Vec<String>) -> Result<HashMap<String, u64>, ProjectionError> {
+        let statement = &self.select;
+        let rows = self
+            .session
+            .execute_unpaged(statement, (user, keys))
+            .await
+            .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+        let mut committed = HashMap::new();
+        for row in
+            rows.rows::<(String, Option<i64>)>().map_err(|e| ProjectionError::cql(statement.get_statement(), e))?
+        {
+            let (period, value) = row.map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+            committed.insert(period, u64::try_from(value.unwrap_or(0)).unwrap_or(0));
+        }
+        Ok(committed)
+    }
+
+    /// Adds to `batch` the change of each period's committed tokens, conditional on the
+    /// value read (or on the row still not existing).
+    fn add_changes(
+        &self,
+        batch: &mut Batch,
+        values: &mut Vec<Vec<CqlValue>>,
+        user: &str,
+        periods: &[String],
+        committed: &HashMap<String, u64>,
+        change: impl Fn(u64) -> u64,
+    ) {
+        for period in periods {
+            match committed.get(period) {
+                Some(&old) => {
+                    batch.append_statement(self.update.clone());
+                    values.push(vec![bigint(change(old)), text(user), text(period), bigint(old)]);
+                }
+                None => {
+                    batch.append_statement(self.insert.clone());
+                    values.push(vec![text(user), text(period), bigint(change(0))]);
+                }
+            }
+        }
+    }
+
+    /// Runs a conditional batch: whether every condition held (and so it was applied).
+    async fn applied(&self, batch: &Batch, values: Vec<Vec<CqlValue>>) -> Result<bool, ProjectionError> {
+        const WHAT: &str = "conditional batch on token_budget";
+        let result = self.session.batch(batch, values).await.map_err(|e| ProjectionError::cql(WHAT, e))?;
+        let rows = result.into_rows_result().map_err(|e| ProjectionError::cql(WHAT, e))?;
+        // `[applied]` comes first; a failed condition adds the rows' current values after it.
+        let first = rows.first_row::<Row>().map_err(|e| ProjectionError::cql(WHAT, e))?;
+        Ok(matches!(first.columns.first(), Some(Some(CqlValue::Boolean(true)))))
+    }
+}
+
+fn text(value: &str) -> CqlValue {
+    CqlValue::Text(value.to_owned())
+}
+
+fn bigint(value: u64) -> CqlValue {
+    CqlValue::BigInt(i64::try_from(value).unwrap_or(i64::MAX))
+}

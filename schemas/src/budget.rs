@@ -1,0 +1,197 @@
+//! Token budgets (pure rules; the ledger that applies them lives with the CQL store).
+//!
+//! A turn is admitted only if its worst case fits every budget it falls under: the user's
+//! day and month (UTC) and its conversation. Admission *reserves* that worst case in each
+//! budget; the turn's outcome *settles* it, replacing the reservation with the model's
+//! real usage. So parallel turns at the edge of a budget cannot overspend it: each sees the
+//! others' reservations. A turn can overspend only by what its real usage exceeds its
+//! reservation.
+
+use std::collections::HashMap;
+
+/// Token budgets; 0 turns one off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetLimits {
+    pub daily: u64,
+    pub monthly: u64,
+    pub per_conversation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodKind {
+    Day,
+    Month,
+    Conversation,
+}
+
+impl PeriodKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeriodKind::Day => "daily",
+            PeriodKind::Month => "monthly",
+            PeriodKind::Conversation => "conversation",
+        }
+    }
+}
+
+/// One budget a turn is charged to: its ledger key, its limit and when it starts again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Period {
+    pub kind: PeriodKind,
+    /// `day:2026-11-28`, `month:2026-11`, `conversation:<id>`.
+    pub key: String,
+    pub limit: u64,
+    /// Milliseconds since the epoch when this budget is full again (none: never).
+    pub resets_at_ms: Option<i64>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The budgets a turn of `conversation_id` at `now_ms` is charged to (those turned on).
+pub fn periods(limits: BudgetLimits, conversation_id: &str, now_ms: i64) -> Vec<Period> {
+    let days = now_ms.div_euclid(DAY_MS);
+    let (year, month, day) = civil_from_days(days);
+    let next_month = if month == 12 { days_from_civil(year + 1, 1, 1) } else { days_from_civil(year, month + 1, 1) };
+    let all = [
+        (PeriodKind::Day, format!("day:{year:04}-{month:02}-{day:02}"), limits.daily, Some((days + 1) * DAY_MS)),
+        (PeriodKind::Month, format!("month:{year:04}-{month:02}"), limits.monthly, Some(next_month * DAY_MS)),
+        (PeriodKind::Conversation, format!("conversation:{conversation_id}"), limits.per_conversation, None),
+    ];
+    all.into_iter()
+        .filter(|(_, _, limit, _)| *limit > 0)
+        .map(|(kind, key, limit, resets_at_ms)| Period { kind, key, limit, resets_at_ms })
+        .collect()
+}
+
+/// The ledger key of one turn's reservation.
+pub fn turn_key(query_id: &str) -> String {
+    format!("turn:{query_id}")
+}
+
+/// What a turn reserves: its question (≈ 4 characters a token) plus `reserve_tokens`, the
+/// worst case of everything else (earlier turns and retrieved context in the prompt, and
+/// the longest answer).
+pub fn reservation(question_chars: usize, reserve_tokens: u64) -> u64 {
+    u64::try_from(question_chars.div_ceil(4)).unwrap_or(u64::MAX).saturating_add(reserve_tokens)
+}
+
+/// A budget a turn does not fit in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    pub kind: PeriodKind,
+    pub limit: u64,
+    /// Spent and reserved so far in that budget.
+    pub committed: u64,
+    pub resets_at_ms: Option<i64>,
+}
+
+impl Exceeded {
+    /// In words a person understands.
+    pub fn describe(&self) -> String {
+        let what = match self.kind {
+            PeriodKind::Day => "your daily token budget is used up",
+            PeriodKind::Month => "your monthly token budget is used up",
+            PeriodKind::Conversation => "this conversation has used its token budget; start a new one",
+        };
+        format!("{what} ({} of {} tokens)", self.committed, self.limit)
+    }
+}
+
+/// Whether `reservation` fits every period, given what each has committed (spent plus
+/// reserved; a period absent from `committed` has nothing yet).
+pub fn check(periods: &[Period], committed: &HashMap<String, u64>, reservation: u64) -> Result<(), Exceeded> {
+    for period in periods {
+        let so_far = committed.get(&period.key).copied().unwrap_or(0);
+        if so_far.saturating_add(reservation) > period.limit {
+            return Err(Exceeded {
+                kind: period.kind,
+                limit: period.limit,
+                committed: so_far,
+                resets_at_ms: period.resets_at_ms,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A period's committed tokens once a turn that reserved `reserved` really used `used`.
+pub fn settled(committed: u64, reserved: u64, used: u64) -> u64 {
+    committed.saturating_sub(reserved).saturating_add(used)
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian; H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let month = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a civil date (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOV_28_2026_NOON: i64 = 1_795_867_200_000; // 2026-11-28T12:00:00Z
+
+    #[test]
+    fn a_turn_falls_under_its_day_month_and_conversation_with_their_resets() {
+        let limits = BudgetLimits { daily: 10, monthly: 100, per_conversation: 5 };
+        let periods = periods(limits, "c1", NOV_28_2026_NOON);
+        let keys: Vec<&str> = periods.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["day:2026-11-28", "month:2026-11", "conversation:c1"]);
+        assert_eq!(periods[0].resets_at_ms, Some(NOV_28_2026_NOON + 12 * 3_600_000));
+        assert_eq!(periods[1].resets_at_ms, Some(1_796_083_200_000), "2026-12-01T00:00:00Z");
+        assert_eq!(periods[2].resets_at_ms, None);
+        let december = super::periods(limits, "c1", 1_798_675_200_000 + 1); // 2026-12-31T00:00:00Z
+        assert_eq!(december[1].key, "month:2026-12");
+        assert_eq!(december[1].resets_at_ms, Some(1_798_761_600_000), "2027-01-01T00:00:00Z");
+        assert!(super::periods(BudgetLimits::default(), "c1", 0).is_empty(), "0 turns a budget off");
+    }
+
+    #[test]
+    fn civil_dates_round_trip_across_leap_years() {
+        for days in [-1, 0, 59, 10_956, 11_016, 20_785, 47_541] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn a_reservation_must_fit_beside_what_is_spent_and_reserved() {
+        let limits = BudgetLimits { daily: 1_000, monthly: 0, per_conversation: 0 };
+        let periods = periods(limits, "c", NOV_28_2026_NOON);
+        let mut committed = HashMap::new();
+        assert_eq!(check(&periods, &committed, 1_000), Ok(()));
+        committed.insert("day:2026-11-28".to_owned(), 600);
+        assert_eq!(check(&periods, &committed, 400), Ok(()));
+        let refused = check(&periods, &committed, 401).unwrap_err();
+        assert_eq!((refused.kind, refused.committed, refused.limit), (PeriodKind::Day, 600, 1_000));
+        assert!(refused.describe().contains("daily token budget"), "{}", refused.describe());
+    }
+
+    #[test]
+    fn settling_replaces_the_reservation_with_the_real_usage() {
+        assert_eq!(reservation(10, 2_000), 2_003);
+        assert_eq!(settled(5_000, 2_003, 350), 3_347);
+        assert_eq!(settled(100, 2_003, 50), 50, "never below what was really used");
+    }
+}
