@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
 use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
+use parley_events::budget::{self, BudgetLimits};
 use parley_events::invariants::{Violation, violations};
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_events::{EventCodec, SchemaCatalog};
@@ -19,7 +20,7 @@ use parley_inference::service::InferenceArgs;
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
 use parley_ingest::submit::submit_all;
-use parley_projections::budget::BudgetSettings;
+use parley_projections::budget::{BudgetLedger, BudgetSettings};
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
 use parley_projections::{CqlSettings, Store};
@@ -146,6 +147,20 @@ enum Command {
     /// operators acting on a user's behalf).
     #[command(subcommand)]
     Documents(DocumentsCommand),
+    /// A user's model token spend this day and month and by conversation (from the log),
+    /// against their budgets, and the turns inference refused for want of budget.
+    Usage { user: String },
+    /// Set a user's own token budgets (0: unlimited for them); unnamed ones are kept.
+    #[command(name = "budget")]
+    Budget {
+        user: String,
+        #[arg(long)]
+        daily: Option<u64>,
+        #[arg(long)]
+        monthly: Option<u64>,
+        #[arg(long)]
+        conversation: Option<u64>,
+    },
     /// Create Parley's topics (existing ones are left alone).
     Topics {
         /// Replication factor of new topics [default: the number of brokers, at most 3;
@@ -277,6 +292,43 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parley_embedder::run(&kafka, &registry, backend, vectors, args, shutdown).await?;
         }
         Command::Ingest { paths, owner, labels } => return ingest(&kafka, &registry, &paths, &owner, &labels).await,
+        Command::Usage { user } => {
+            let now = parley_events::event::now_millis();
+            let reader = LogReader::new(&kafka, &registry)?;
+            let events = reader.events_since(budget::month_start_ms(now)).await.context("reading the log")?;
+            let usage = budget::usage(&events, &user, now);
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let limits = BudgetLedger::open(&store).await?.limits_of(&user, &budgets).await?;
+            let line = |what: &str, used: u64, limit: u64| {
+                let room = if limit == 0 {
+                    "no budget".to_owned()
+                } else {
+                    format!("{} left of {limit}", limit.saturating_sub(used))
+                };
+                println!("  {what:<38} {used:>10} tokens   {room}");
+            };
+            println!("user {user}: model tokens spent, from the log ({} events this month)", events.len());
+            line("today (UTC)", usage.today, limits.daily);
+            line("this month (UTC)", usage.this_month, limits.monthly);
+            for (conversation, used) in &usage.by_conversation {
+                line(&format!("conversation {conversation}"), *used, limits.per_conversation);
+            }
+            for (query, why) in &usage.refused {
+                println!("  refused by inference: query {query}: {why}");
+            }
+        }
+        Command::Budget { user, daily, monthly, conversation } => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let ledger = BudgetLedger::open(&store).await?;
+            let current = ledger.limits_of(&user, &budgets).await?;
+            let limits = BudgetLimits {
+                daily: daily.unwrap_or(current.daily),
+                monthly: monthly.unwrap_or(current.monthly),
+                per_conversation: conversation.unwrap_or(current.per_conversation),
+            };
+            ledger.set_limits(&user, limits).await?;
+            println!("budgets of {user}: {limits:?} (0: unlimited)");
+        }
         Command::Documents(DocumentsCommand::List { owner, limit }) => {
             let (_, vectors) = open_retrieval(&embedding, &milvus).await?;
             for document in vectors.documents(&owner, limit).await.context("listing documents")? {

@@ -481,5 +481,19 @@ async fn parallel_turns_across_gateways_never_overspend_a_token_budget() {
         })
         .sum();
     assert!(spent <= DAILY + RESERVATION, "spent {spent}");
+    // `parley usage` tells the same from the log, with what is left and what was refused.
+    let usage = pipeline.cli(&["--daily-token-budget", "2100", "usage", &user]);
+    let report = String::from_utf8_lossy(&usage.stdout);
+    assert!(usage.status.success(), "{report}{}", String::from_utf8_lossy(&usage.stderr));
+    let today = report.lines().find(|l| l.contains("today")).unwrap();
+    assert!(today.contains(&format!(" {spent} tokens")), "{report}");
+    assert!(today.contains(&format!("{} left of 2100", DAILY.saturating_sub(spent))), "{report}");
+    assert_eq!(report.matches("refused by inference").count(), 2 - fit, "{report}");
+    // A user's own budget wins over the default: 0 lifts the daily one for them.
+    let set = pipeline.cli(&["budget", &user, "--daily", "0"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let mut lifted = pipeline.connect(&pipeline.http, &token).await;
+    lifted.ask("lifted", None, "Say OK.").await;
+    assert_eq!(lifted.reply_to("lifted").await["type"], "ack");
     pipeline.stop().await;
 }

@@ -74,6 +74,8 @@ const CAS_ATTEMPTS: usize = 20;
 #[derive(Debug, Clone)]
 pub struct BudgetLedger {
     session: Arc<Session>,
+    select_limits: PreparedStatement,
+    upsert_limits: PreparedStatement,
     select: PreparedStatement,
     select_turn: PreparedStatement,
     update: PreparedStatement,
@@ -91,6 +93,11 @@ impl BudgetLedger {
              reserved bigint, periods list<text>, settled boolean, PRIMARY KEY (user_id, period))"
         );
         session.query_unpaged(create.as_str(), ()).await.map_err(|e| ProjectionError::cql(&create, e))?;
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.token_budget_limits (user_id text PRIMARY KEY, daily bigint, \
+             monthly bigint, conversation bigint)"
+        );
+        session.query_unpaged(create.as_str(), ()).await.map_err(|e| ProjectionError::cql(&create, e))?;
         let prepare = async |cql: String, serial: bool| {
             let mut statement = session.prepare(cql.as_str()).await.map_err(|e| ProjectionError::cql(&cql, e))?;
             if serial {
@@ -100,6 +107,18 @@ impl BudgetLedger {
             Ok::<_, ProjectionError>(statement)
         };
         Ok(Self {
+            select_limits: prepare(
+                format!("SELECT daily, monthly, conversation FROM {ks}.token_budget_limits WHERE user_id = ?"),
+                false,
+            )
+            .await?,
+            upsert_limits: prepare(
+                format!(
+                    "UPDATE {ks}.token_budget_limits SET daily = ?, monthly = ?, conversation = ? WHERE user_id = ?"
+                ),
+                false,
+            )
+            .await?,
             select: prepare(
                 format!("SELECT period, committed FROM {ks}.token_budget WHERE user_id = ? AND period IN ?"),
                 true,
@@ -151,7 +170,7 @@ impl BudgetLedger {
         question_chars: usize,
         now_ms: i64,
     ) -> Result<Reserved, ProjectionError> {
-        let periods = periods(settings.limits(), conversation_id, now_ms);
+        let periods = periods(self.limits_of(user, settings).await?, conversation_id, now_ms);
         if periods.is_empty() {
             return Ok(Reserved::Yes);
         }
@@ -214,6 +233,43 @@ impl BudgetLedger {
             }
         }
         Err(ProjectionError::Contention(format!("the token budget of {user}")))
+    }
+
+    /// `user`'s budgets: their own where an operator set them, else the defaults.
+    pub async fn limits_of(&self, user: &str, settings: &BudgetSettings) -> Result<BudgetLimits, ProjectionError> {
+        let statement = &self.select_limits;
+        let cql = statement.get_statement();
+        let row = self
+            .session
+            .execute_unpaged(statement, (user,))
+            .await
+            .map_err(|e| ProjectionError::cql(cql, e))?
+            .into_rows_result()
+            .map_err(|e| ProjectionError::cql(cql, e))?
+            .maybe_first_row::<(Option<i64>, Option<i64>, Option<i64>)>()
+            .map_err(|e| ProjectionError::cql(cql, e))?;
+        let defaults = settings.limits();
+        let own = |value: Option<i64>, default: u64| value.map_or(default, |v| u64::try_from(v).unwrap_or(0));
+        Ok(match row {
+            Some((daily, monthly, conversation)) => BudgetLimits {
+                daily: own(daily, defaults.daily),
+                monthly: own(monthly, defaults.monthly),
+                per_conversation: own(conversation, defaults.per_conversation),
+            },
+            None => defaults,
+        })
+    }
+
+    /// Sets `user`'s own budgets (0: unlimited for that user).
+    pub async fn set_limits(&self, user: &str, limits: BudgetLimits) -> Result<(), ProjectionError> {
+        let as_cql = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let values = (as_cql(limits.daily), as_cql(limits.monthly), as_cql(limits.per_conversation), user);
+        let statement = &self.upsert_limits;
+        self.session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+        Ok(())
     }
 
     /// What each of `keys` has committed (absent: no row yet).

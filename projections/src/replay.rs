@@ -165,20 +165,43 @@ impl LogReader {
     }
 
     async fn scan(&self, conversation_id: Uuid) -> Result<Vec<OwnedMessage>, ProjectionError> {
+        let key = conversation_id.to_string();
+        self.scan_from(Offset::Beginning, |message| message.key() == Some(key.as_bytes())).await
+    }
+
+    /// Every event written since `since_ms` (by record timestamp), from every partition.
+    pub async fn events_since(&self, since_ms: i64) -> Result<Vec<ConversationEvent>, ProjectionError> {
+        let mut events = Vec::new();
+        for message in self.scan_from(Offset::Offset(since_ms), |_| true).await? {
+            events.push(self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await?.event);
+        }
+        Ok(events)
+    }
+
+    /// The records `keep` admits of every partition, from `start` (a position, or with
+    /// `Offset::Offset`, a timestamp) to the partition's end.
+    async fn scan_from(
+        &self,
+        start: Offset,
+        keep: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> bool,
+    ) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let metadata = self.consumer.fetch_metadata(Some(&self.topic), FETCH_TIMEOUT)?;
         let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
         let mut assignment = TopicPartitionList::new();
         for partition in &partitions {
-            assignment.add_partition_offset(&self.topic, *partition, Offset::Beginning)?;
+            assignment.add_partition_offset(&self.topic, *partition, start)?;
+        }
+        if let Offset::Offset(_) = start {
+            // A timestamp: where each partition's records from then on begin.
+            assignment = self.consumer.offsets_for_times(assignment, FETCH_TIMEOUT)?;
         }
         self.consumer.assign(&assignment)?;
-        let key = conversation_id.to_string();
         let mut at_end = std::collections::HashSet::new();
         let mut messages = Vec::new();
         while at_end.len() < partitions.len() {
             match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
                 Ok(Ok(message)) => {
-                    if message.key() == Some(key.as_bytes()) {
+                    if keep(&message) {
                         messages.push(message.detach());
                     }
                 }

@@ -7,7 +7,9 @@
 //! others' reservations. A turn can overspend only by what its real usage exceeds its
 //! reservation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::event::ConversationEvent;
 
 /// Token budgets; 0 turns one off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,6 +121,62 @@ pub fn settled(committed: u64, reserved: u64, used: u64) -> u64 {
     committed.saturating_sub(reserved).saturating_add(used)
 }
 
+/// When the UTC month of `now_ms` began (ms since the epoch).
+pub fn month_start_ms(now_ms: i64) -> i64 {
+    let (year, month, _) = civil_from_days(now_ms.div_euclid(DAY_MS));
+    days_from_civil(year, month, 1) * DAY_MS
+}
+
+/// What a user spent according to the log: model tokens of their answers by budget, and
+/// the turns inference refused for want of budget.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub today: u64,
+    pub this_month: u64,
+    pub by_conversation: BTreeMap<String, u64>,
+    /// (query event id, why), for outcomes with error kind `budget_exceeded`.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Error kind of the outcome of a turn inference refused for want of budget.
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+
+/// `user`'s usage in the day and month of `now_ms`, folded from `events` (which must hold
+/// the month's queries and outcomes).
+pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: &str, now_ms: i64) -> Usage {
+    let all = BudgetLimits { daily: 1, monthly: 1, per_conversation: 1 };
+    let keys = |at: i64| periods(all, "", at).into_iter().map(|p| p.key).collect::<Vec<_>>();
+    let now = keys(now_ms);
+    let mut theirs = HashSet::new();
+    let mut usage = Usage::default();
+    for event in events {
+        match event {
+            ConversationEvent::QueryReceived(query) if query.user_id == user => {
+                theirs.insert(query.envelope.event_id.clone());
+            }
+            ConversationEvent::ResponseGenerated(answer) if theirs.contains(&answer.query_event_id) => {
+                let used =
+                    u64::try_from(i64::from(answer.prompt_tokens) + i64::from(answer.completion_tokens)).unwrap_or(0);
+                let at = keys(answer.envelope.occurred_at);
+                if at[0] == now[0] {
+                    usage.today += used;
+                }
+                if at[1] == now[1] {
+                    usage.this_month += used;
+                }
+                *usage.by_conversation.entry(answer.envelope.conversation_id.clone()).or_default() += used;
+            }
+            ConversationEvent::ResponseFailed(failed)
+                if failed.error_kind == BUDGET_EXCEEDED && theirs.contains(&failed.query_event_id) =>
+            {
+                usage.refused.push((failed.query_event_id.clone(), failed.error_message.clone()));
+            }
+            _ => {}
+        }
+    }
+    usage
+}
+
 /// (year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian; H. Hinnant's
 /// `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -148,6 +206,53 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Envelope, LLMResponseFailed, LLMResponseGenerated, Producer, UserQueryReceived};
+
+    const P: Producer = Producer { name: "test", version: "0" };
+
+    fn envelope(conversation: &str, event_id: &str, at: i64) -> Envelope {
+        let mut envelope = Envelope::new(uuid::Uuid::new_v4(), conversation, 2, P);
+        envelope.event_id = event_id.to_owned();
+        envelope.occurred_at = at;
+        envelope
+    }
+
+    fn query(conversation: &str, id: &str, user: &str, at: i64) -> ConversationEvent {
+        ConversationEvent::QueryReceived(UserQueryReceived {
+            envelope: envelope(conversation, id, at),
+            user_id: user.into(),
+            client_message_id: id.into(),
+            text: "hi".into(),
+        })
+    }
+
+    fn answer(conversation: &str, query: &str, prompt: i32, completion: i32, at: i64) -> ConversationEvent {
+        ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            envelope: envelope(conversation, &format!("{query}-answer"), at),
+            query_event_id: query.into(),
+            text: "ok".into(),
+            model: "m".into(),
+            finish_reason: "stop".into(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            llm_latency_ms: 1,
+            time_to_first_token_ms: None,
+            attempts: 1,
+            context_event_ids: vec![],
+            user_id: String::new(), // as events before schema v2: attributed through the query
+            retrieved: vec![],
+        })
+    }
+
+    fn failed(conversation: &str, query: &str, kind: &str, at: i64) -> ConversationEvent {
+        ConversationEvent::ResponseFailed(LLMResponseFailed {
+            envelope: envelope(conversation, &format!("{query}-failed"), at),
+            query_event_id: query.into(),
+            error_kind: kind.into(),
+            error_message: "your daily token budget is used up".into(),
+            attempts: 0,
+        })
+    }
 
     const NOV_28_2026_NOON: i64 = 1_795_867_200_000; // 2026-11-28T12:00:00Z
 
@@ -186,6 +291,31 @@ mod tests {
         let refused = check(&periods, &committed, 401).unwrap_err();
         assert_eq!((refused.kind, refused.committed, refused.limit), (PeriodKind::Day, 600, 1_000));
         assert!(refused.describe().contains("daily token budget"), "{}", refused.describe());
+    }
+
+    #[test]
+    fn usage_counts_the_users_answers_by_day_month_and_conversation_and_lists_refusals() {
+        let yesterday = NOV_28_2026_NOON - DAY_MS;
+        let last_month = NOV_28_2026_NOON - 40 * DAY_MS;
+        let events = [
+            query("c1", "q1", "ann", yesterday),
+            answer("c1", "q1", 100, 20, yesterday),
+            query("c1", "q2", "ann", NOV_28_2026_NOON),
+            answer("c1", "q2", 200, 30, NOV_28_2026_NOON),
+            query("c2", "q3", "ann", last_month),
+            answer("c2", "q3", 1_000, 0, last_month),
+            query("c3", "q4", "bob", NOV_28_2026_NOON),
+            answer("c3", "q4", 5_000, 0, NOV_28_2026_NOON),
+            query("c1", "q5", "ann", NOV_28_2026_NOON),
+            failed("c1", "q5", BUDGET_EXCEEDED, NOV_28_2026_NOON),
+        ];
+        let usage = usage(&events, "ann", NOV_28_2026_NOON);
+        assert_eq!((usage.today, usage.this_month), (230, 350));
+        assert_eq!(usage.by_conversation.get("c1"), Some(&350));
+        assert_eq!(usage.by_conversation.get("c2"), Some(&1_000));
+        assert_eq!(usage.by_conversation.get("c3"), None, "bob's");
+        assert_eq!(usage.refused.len(), 1);
+        assert_eq!(month_start_ms(NOV_28_2026_NOON), 1_793_491_200_000, "2026-11-01T00:00:00Z");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
+use parley_events::budget::BUDGET_EXCEEDED;
 use parley_events::turn::outcome_sequence;
 use parley_events::{
     ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
@@ -348,7 +349,7 @@ impl Worker {
             };
             if let Some(exceeded) = self.over_budget(query).await {
                 warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
-                return Ok(outgoing(self.failed(envelope(), query, "budget_exceeded", exceeded, 0).await?));
+                return Ok(outgoing(self.failed(envelope(), query, BUDGET_EXCEEDED, exceeded, 0).await?));
             }
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
