@@ -497,3 +497,53 @@ async fn parallel_turns_across_gateways_never_overspend_a_token_budget() {
     assert_eq!(lifted.reply_to("lifted").await["type"], "ack");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_queue_age_threshold_new_turns_are_refused_and_admitted_ones_finish() {
+    let Some(stack) = stack() else { return };
+    let mut args = vec!["--concurrency", "1", "--shed-queue-age", "1s", "--without-retrieval"];
+    args.extend(support::NO_RATE_LIMITS);
+    let pipeline = Pipeline::start(&stack, &args).await;
+    // Six long questions for one model slot: the last of them waits for seconds.
+    let mut crowd = Vec::new();
+    for n in 0..6 {
+        let mut client = pipeline.client().await;
+        let id = format!("crowd{n}");
+        client.ask(&id, None, "List 20 animals, one per line.").await;
+        let reply = client.reply_to(&id).await;
+        crowd.push((client, reply));
+    }
+    let mut probe = pipeline.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut admitted_probes = Vec::new();
+    let refused = loop {
+        let id = format!("probe{}", admitted_probes.len());
+        probe.ask(&id, None, "Say OK.").await;
+        let reply = probe.reply_to(&id).await;
+        if reply["type"] == "error" {
+            break reply;
+        }
+        admitted_probes.push(reply);
+        assert!(std::time::Instant::now() < deadline, "never shed while the queue grew");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(refused["code"], "overloaded", "{refused}");
+    assert!(refused["retry_after_ms"].as_u64().unwrap() >= 1_000, "{refused}");
+    // Every turn admitted before finishes: shedding refuses new work, it drops none.
+    for (client, reply) in crowd.iter_mut().filter(|(_, reply)| reply["type"] == "ack") {
+        let frames = client.until_outcome().await;
+        assert_eq!(frames.last().unwrap()["type"], "answer", "{reply} {frames:?}");
+    }
+    // Drained, it takes turns again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    for n in 0.. {
+        let id = format!("after{n}");
+        probe.ask(&id, None, "Say OK.").await;
+        if probe.reply_to(&id).await["type"] == "ack" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still shedding after the queue drained");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pipeline.stop().await;
+}

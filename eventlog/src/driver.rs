@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,36 @@ pub struct DriverSettings {
     pub concurrency: usize,
     /// Whether a record waits while an earlier record with its key is in flight.
     pub one_per_key: bool,
+    /// Where the driver shows how long its oldest waiting record has waited.
+    pub queue: QueueAge,
+}
+
+/// The write time (record timestamp, ms) of the oldest record a driver has read and not
+/// yet started: the head of its queue. Shared with whoever reports load (inference
+/// publishes it so gateways can shed turns before the queue grows long).
+#[derive(Debug, Clone)]
+pub struct QueueAge(Arc<AtomicI64>);
+
+impl Default for QueueAge {
+    fn default() -> Self {
+        Self(Arc::new(AtomicI64::new(NOTHING_WAITS)))
+    }
+}
+
+const NOTHING_WAITS: i64 = i64::MAX;
+
+impl QueueAge {
+    /// How long the oldest waiting record has waited at `now_ms` (0: nothing waits).
+    pub fn age_ms(&self, now_ms: i64) -> u64 {
+        match self.0.load(Ordering::Relaxed) {
+            NOTHING_WAITS => 0,
+            since => u64::try_from(now_ms - since).unwrap_or(0),
+        }
+    }
+
+    fn set_oldest(&self, since_ms: Option<i64>) {
+        self.0.store(since_ms.unwrap_or(NOTHING_WAITS), Ordering::Relaxed);
+    }
 }
 
 /// Runs `processor` over the settings' topics until `shutdown` (or a fatal error).
@@ -277,6 +308,7 @@ impl<P: Processor> Driver<P> {
         loop {
             self.apply_rebalances().await?;
             self.start_ready();
+            self.show_queue_age();
             let has_room = self.running.len() < self.settings.concurrency;
             // Read ahead while a slot is free, or to fill the next unit.
             let can_read = has_room || self.ready.len() < self.settings.batch_size;
@@ -426,6 +458,14 @@ impl<P: Processor> Driver<P> {
             self.ready_since.get_or_insert_with(Instant::now);
         }
         self.ready.extend(held);
+    }
+
+    /// Publishes the write time of the oldest record waiting (ready, or parked behind its
+    /// key): the fronts are the oldest of each queue.
+    fn show_queue_age(&self) {
+        let fronts = self.ready.iter().chain(self.parked.values().filter_map(VecDeque::front));
+        let oldest = fronts.filter_map(|(message, _)| message.timestamp().to_millis()).min();
+        self.settings.queue.set_oldest(oldest);
     }
 
     /// Starts ready records while slots are free, a unit once it is full or its first

@@ -15,6 +15,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod driver;
 pub mod error;
+pub mod load;
 pub mod partitioner;
 pub mod position;
 pub mod producer;

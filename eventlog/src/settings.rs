@@ -57,6 +57,9 @@ pub struct Topics {
     pub documents: String,
     /// What the embedder stored in the vector store, keyed by source id (audit trail).
     pub embeddings: String,
+    /// Load reports of the inference instances (queue age), read by every gateway to shed
+    /// turns; operational signals, not events, kept an hour.
+    pub load: String,
 }
 
 impl Topics {
@@ -67,6 +70,7 @@ impl Topics {
             dead_letter: format!("{prefix}dead-letter"),
             documents: format!("{prefix}documents"),
             embeddings: format!("{prefix}embeddings"),
+            load: format!("{prefix}inference-load"),
         }
     }
 }

@@ -64,6 +64,12 @@ impl Topics {
                 configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
             },
             TopicSpec {
+                name: self.load.clone(),
+                partitions: 1,
+                // Only the latest report of each instance matters, and only for seconds.
+                configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
+            },
+            TopicSpec {
                 name: self.dead_letter.clone(),
                 partitions: 1,
                 configs: vec![

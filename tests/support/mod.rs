@@ -330,8 +330,9 @@ impl Pipeline {
         let _ = VectorStore::drop_collection(&self.milvus()).await;
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
-        let topics = ["conversation-events", "conversation-tokens", "dead-letter", "documents", "embeddings"]
-            .map(|t| format!("{}{t}", self.prefix));
+        let topics =
+            ["conversation-events", "conversation-tokens", "dead-letter", "documents", "embeddings", "inference-load"]
+                .map(|t| format!("{}{t}", self.prefix));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::Args;
-use parley_eventlog::driver::{Decoded, DriverSettings, Processor};
+use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
@@ -105,6 +105,7 @@ pub async fn run(
         batch_wait: args.embedder_max_wait,
         // One unit at a time: a document's deletion and its resubmission stay in order.
         concurrency: 1,
+        queue: QueueAge::default(),
         one_per_key: false,
     };
     info!(group = %args.embedder_group, model = backend.model(), collection = store.collection(), "embedder started");

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use clap::Args;
 use futures::future::join_all;
-use parley_eventlog::driver::{Decoded, DriverSettings, Processor};
+use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
+use parley_eventlog::load;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{continue_trace, traceparent_of};
@@ -197,7 +198,15 @@ pub async fn run(
         batch_wait: Duration::ZERO,
         concurrency: usize::from(args.concurrency),
         one_per_key: true,
+        queue: QueueAge::default(),
     };
+    // Gateways shed turns on this instance's queue age.
+    let reporter = tokio::spawn(load::publish(
+        kafka.clone(),
+        settings.transactional_id.clone(),
+        settings.queue.clone(),
+        shutdown.clone(),
+    ));
     let llm = args.llm_settings();
     let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
     let worker = Arc::new(Worker {
@@ -229,6 +238,7 @@ pub async fn run(
     });
     let driven = parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await;
     probe.abort();
+    reporter.abort();
     driven?;
     info!("inference consumer stopped");
     Ok(())

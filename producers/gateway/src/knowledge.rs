@@ -54,6 +54,10 @@ pub(crate) async fn submit_document(
     Json(body): Json<DocumentBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers)?;
+    if let Some(retry_after_ms) = state.overloaded() {
+        let message = "Parley is answering more than it can right now; the document can wait";
+        return Err(ApiError::too_many("overloaded", message, retry_after_ms));
+    }
     let span = info_span!(parent: None, "gateway.document", user = %user, traceparent = Empty);
     let traceparent = traceparent_of(&span, None);
     span.record("traceparent", traceparent.as_str());

@@ -73,7 +73,7 @@ pub enum ServerFrame {
         code: ErrorCode,
         message: String,
         client_message_id: Option<String>,
-        /// When the same frame may pass (`rate_limited`); absent otherwise.
+        /// When the same frame may pass (`rate_limited`, `overloaded`); absent otherwise.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
         /// When the exhausted budget starts again (`budget_exceeded`; RFC 3339, UTC);
@@ -102,6 +102,9 @@ pub enum ErrorCode {
     RateLimited,
     /// A token budget has no room for the turn; nothing was written; `resets_at` says when.
     BudgetExceeded,
+    /// More turns wait for the model than it can answer soon; nothing was written;
+    /// `retry_after_ms` says when to try again.
+    Overloaded,
 }
 
 /// Bounds on what a client may send.

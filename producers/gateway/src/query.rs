@@ -32,20 +32,32 @@ pub const MAX_PAGE: i32 = 100;
 pub struct ApiError {
     status: StatusCode,
     body: serde_json::Value,
+    /// Seconds until the same request may pass (429), when known.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: json!({ "error": code, "message": message.into() }) }
+        Self { status, body: json!({ "error": code, "message": message.into() }), retry_after: None }
+    }
+
+    /// 429 with `Retry-After`.
+    pub(crate) fn too_many(code: &str, message: impl Into<String>, retry_after_ms: u64) -> Self {
+        let retry_after = retry_after_ms.div_ceil(1000);
+        let body = json!({ "error": code, "message": message.into(), "retry_after_ms": retry_after_ms });
+        Self { status: StatusCode::TOO_MANY_REQUESTS, body, retry_after: Some(retry_after) }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
+        let retry_after = match self.retry_after {
+            Some(seconds) => Some(seconds.to_string()),
+            None => (self.status == StatusCode::SERVICE_UNAVAILABLE).then(|| "1".to_owned()),
+        };
         let mut response = (self.status, Json(self.body)).into_response();
-        if retry {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        if let Some(value) = retry_after.and_then(|v| header::HeaderValue::from_str(&v).ok()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }
@@ -140,6 +152,7 @@ pub(crate) async fn conversation(
                     "requested": position.to_string(),
                     "applied_up_to": applied_up_to,
                 }),
+                retry_after: None,
             });
         }
     }

@@ -15,6 +15,7 @@ use axum::routing::{delete, get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use parley_eventlog::LogPosition;
+use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
@@ -86,6 +87,11 @@ pub struct GatewayArgs {
 
     #[command(flatten)]
     pub rates: RateSettings,
+
+    /// Refuse new turns (`overloaded`) and documents (429) while an inference instance's
+    /// oldest waiting query has waited longer than this (0: never).
+    #[arg(long, env = "PARLEY_SHED_QUEUE_AGE", default_value = "10s", value_parser = parse_duration)]
+    pub shed_queue_age: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -109,6 +115,9 @@ pub(crate) struct AppState {
     rate: Arc<Mutex<RateLimiter>>,
     /// The token budget ledger, when budgets are on.
     budget: Option<(BudgetLedger, BudgetSettings)>,
+    /// The inference instances' queue ages, fed by [`load::follow`].
+    load: Arc<Mutex<LoadBoard>>,
+    shed_queue_age: Duration,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
@@ -128,12 +137,23 @@ pub struct Gateway {
     router: Router,
     answers: tokio::task::JoinHandle<()>,
     rate_feed: tokio::task::JoinHandle<()>,
+    load_feed: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway").field("addr", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// When the inference queue is older than the shedding threshold: how long to wait
+    /// before trying again (one threshold: what the queue needs to drain that far).
+    pub(crate) fn overloaded(&self) -> Option<u64> {
+        let threshold = u64::try_from(self.shed_queue_age.as_millis()).unwrap_or(u64::MAX);
+        let age = self.load.lock().unwrap_or_else(PoisonError::into_inner).queue_age_ms(now_ms());
+        (threshold > 0 && age > threshold).then_some(threshold.max(1_000))
     }
 }
 
@@ -166,10 +186,14 @@ impl Gateway {
             warn!("no --auth-secret given: user tokens are valid for this process only");
             Uuid::new_v4().to_string()
         });
+        let load = Arc::new(Mutex::new(LoadBoard::default()));
+        let load_feed = tokio::spawn(load::follow(load::follower(kafka)?, load.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
             hub,
             rate,
             budget,
+            load,
+            shed_queue_age: args.shed_queue_age,
             producer: EventProducer::new(kafka.client_config(), codec)?,
             topics,
             event_partitions,
@@ -203,7 +227,7 @@ impl Gateway {
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|source| GatewayError::Listen { addr: args.listen, source })?;
-        Ok(Self { listener, router, answers, rate_feed, shutdown })
+        Ok(Self { listener, router, answers, rate_feed, load_feed, shutdown })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -221,6 +245,7 @@ impl Gateway {
         self.shutdown.cancel();
         let _ = self.answers.await;
         let _ = self.rate_feed.await;
+        let _ = self.load_feed.await;
         result
     }
 }
@@ -405,7 +430,19 @@ async fn accept_query(
             return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
         }
     };
-    // Limits apply to new turns only: a resent one (a duplicate) was admitted before.
+    // Shedding and limits apply to new turns only: a resent one (a duplicate) was admitted
+    // before. Shedding comes first: a refused turn costs no rate or budget.
+    if let Some(retry_after_ms) = state.overloaded() {
+        state.hub.release(conversation_id, sequence);
+        let seconds = retry_after_ms.div_ceil(1000);
+        return vec![ServerFrame::Error {
+            code: ErrorCode::Overloaded,
+            message: format!("Parley has more questions than it can answer right now; try again in {seconds} s"),
+            client_message_id,
+            retry_after_ms: Some(retry_after_ms),
+            resets_at: None,
+        }];
+    }
     let admitted =
         state.rate.lock().unwrap_or_else(PoisonError::into_inner).admit(user, &query_id.to_string(), now_ms());
     if let Err(limited) = admitted {

@@ -1,0 +1,140 @@
+//! Load shedding's signal: each inference instance publishes how long its oldest waiting
+//! query has waited (its driver's [`QueueAge`]) to the load topic twice a second; every
+//! gateway reads all reports and refuses new turns while the worst fresh one is past its
+//! threshold. Reports are small JSON records: an operational signal, not a conversation
+//! event, so they stay out of the Avro contract.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::consumer::{LogConsumer, reader, reader_config};
+use crate::driver::QueueAge;
+use crate::error::EventLogError;
+use crate::settings::KafkaSettings;
+
+/// How often an instance reports.
+pub const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// One instance's queue at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub instance: String,
+    pub queue_age_ms: u64,
+    pub at_ms: i64,
+}
+
+/// The latest report of each instance, as a gateway knows them.
+#[derive(Debug, Default)]
+pub struct LoadBoard {
+    latest: HashMap<String, LoadReport>,
+}
+
+/// Reports older than this are of an instance that stopped (or cannot reach Kafka): they
+/// no longer count.
+const FRESH_MS: i64 = 3_000;
+
+impl LoadBoard {
+    pub fn record(&mut self, report: LoadReport) {
+        self.latest.insert(report.instance.clone(), report);
+    }
+
+    /// The longest queue age of the instances that reported lately, as of `now_ms` (a
+    /// report's age grows by the time since it was made).
+    pub fn queue_age_ms(&self, now_ms: i64) -> u64 {
+        self.latest
+            .values()
+            .filter(|r| now_ms - r.at_ms <= FRESH_MS)
+            .map(
+                |r| if r.queue_age_ms == 0 { 0 } else { r.queue_age_ms + u64::try_from(now_ms - r.at_ms).unwrap_or(0) },
+            )
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Publishes `queue`'s age as `instance` until `shutdown`. A report that cannot be sent
+/// is dropped (the next one follows in half a second).
+pub async fn publish(kafka: KafkaSettings, instance: String, queue: QueueAge, shutdown: CancellationToken) {
+    let producer: FutureProducer = match kafka.client_config().set("linger.ms", "0").create() {
+        Ok(producer) => producer,
+        Err(error) => {
+            warn!(%error, "no load reports: cannot create a producer");
+            return;
+        }
+    };
+    let topic = kafka.topics().load;
+    let mut every = tokio::time::interval(REPORT_EVERY);
+    while tokio::select! { () = shutdown.cancelled() => false, _ = every.tick() => true } {
+        let now = parley_events::event::now_millis();
+        let report = LoadReport { instance: instance.clone(), queue_age_ms: queue.age_ms(now), at_ms: now };
+        let payload = serde_json::to_vec(&report).unwrap_or_default();
+        let record = FutureRecord::to(&topic).key(&instance).payload(&payload);
+        if let Err((error, _)) = producer.send(record, Duration::from_secs(1)).await {
+            warn!(%error, "load report not sent");
+        }
+    }
+}
+
+/// A consumer of the load topic from its end (only what is reported from now on counts).
+pub fn follower(kafka: &KafkaSettings) -> Result<LogConsumer, EventLogError> {
+    let group = format!("parley-load-{}", uuid::Uuid::new_v4().simple());
+    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "50"))?;
+    let topic = kafka.topics().load;
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        assignment.add_partition_offset(&topic, partition.id(), Offset::End)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
+/// Records every report `consumer` reads on `board` until `shutdown`.
+pub async fn follow(
+    consumer: LogConsumer,
+    board: std::sync::Arc<std::sync::Mutex<LoadBoard>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            message = consumer.recv() => message,
+        };
+        match message {
+            Ok(message) => match serde_json::from_slice::<LoadReport>(message.payload().unwrap_or_default()) {
+                Ok(report) => board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(report),
+                Err(error) => warn!(%error, "undecodable load report skipped"),
+            },
+            Err(error) => warn!(%error, "load reports: kafka error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(instance: &str, queue_age_ms: u64, at_ms: i64) -> LoadReport {
+        LoadReport { instance: instance.into(), queue_age_ms, at_ms }
+    }
+
+    #[test]
+    fn the_worst_fresh_report_counts_and_ages_with_time() {
+        let mut board = LoadBoard::default();
+        assert_eq!(board.queue_age_ms(0), 0, "no reports: no load");
+        board.record(report("a", 800, 10_000));
+        board.record(report("b", 0, 10_000));
+        assert_eq!(board.queue_age_ms(10_200), 1_000, "a's queue has waited 200 ms more since");
+        board.record(report("a", 100, 10_500));
+        assert_eq!(board.queue_age_ms(10_500), 100, "the latest report of an instance replaces its older one");
+        board.record(report("c", 5_000, 1_000));
+        assert_eq!(board.queue_age_ms(10_500), 100, "a stale report (an instance gone) does not count");
+    }
+}
