@@ -9,10 +9,14 @@
 //! 2. Idle sockets: N connections that only received `ready`; gateway RSS per socket.
 //! 3. With the real llama.cpp server: the crowd of 16 users, against the same load sent
 //!    straight to the model server (no pipeline, no history).
+//! 4. Beyond capacity (4 inference slots, a 400 ms stub: 10 turns/s) at 3× that, with load
+//!    shedding off and at two queue-age thresholds: admitted turns' first token against
+//!    the unloaded pipeline's, and how fast `overloaded` refusals arrive.
 //!
 //! Run: `infra/bench.sh crowd`. PARLEY_CROWD_RATES (turns/s, comma separated, default
 //! 10,25,50,100), PARLEY_CROWD_SECONDS (arrivals per step, default 15), PARLEY_CROWD_IDLE
-//! (idle sockets, default 10000), PARLEY_CROWD_REAL=0 skips the real-model part.
+//! (idle sockets, default 10000), PARLEY_CROWD_REAL=0 skips the real-model part,
+//! PARLEY_CROWD_OVERLOAD=0 the beyond-capacity part.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,6 +56,8 @@ struct Turn {
 struct StepResult {
     turns: Vec<Turn>,
     errors: usize,
+    /// How long each `overloaded` refusal took to arrive (ms).
+    refusals: Vec<f64>,
     rss_mib: Option<f64>,
     cpu_seconds: Option<f64>,
 }
@@ -94,7 +100,13 @@ async fn next_json(socket: &mut WebSocket) -> Option<Value> {
 }
 
 /// One simulated user: its own socket and conversation, `TURNS_PER_USER` turns with think time.
-async fn user(url: String, id: usize, epoch: Instant, results: mpsc::UnboundedSender<Result<Turn, String>>) {
+async fn user(
+    url: String,
+    id: usize,
+    epoch: Instant,
+    results: mpsc::UnboundedSender<Result<Turn, String>>,
+    refusals: mpsc::UnboundedSender<f64>,
+) {
     let Some(mut socket) = connect(&url, None).await else {
         let _ = results.send(Err("connect".into()));
         return;
@@ -130,6 +142,11 @@ async fn user(url: String, id: usize, epoch: Instant, results: mpsc::UnboundedSe
                         sent_at: (sent - epoch).as_secs_f64(),
                         done_at: epoch.elapsed().as_secs_f64(),
                     });
+                }
+                // Shed at once: noted with how long the refusal took; the user goes away.
+                Some("error") if frame["code"] == "overloaded" => {
+                    let _ = refusals.send(sent.elapsed().as_secs_f64() * 1000.0);
+                    return;
                 }
                 Some(kind @ ("failed" | "error")) => break Err(format!("{kind}: {}", frame["message"])),
                 _ => {}
@@ -170,6 +187,7 @@ fn process_usage(pid: u32) -> (f64, f64) {
 /// not wait for answers); returns every turn once all users are done.
 async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: Option<u32>) -> StepResult {
     let (sender, mut receiver) = mpsc::unbounded_channel();
+    let (refused, mut refusals) = mpsc::unbounded_channel();
     let users = ((rate * seconds) / TURNS_PER_USER as f64).ceil() as usize;
     let interval = Duration::from_secs_f64(TURNS_PER_USER as f64 / rate);
     let before = pid.map(process_usage);
@@ -177,10 +195,10 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     let mut tasks = Vec::with_capacity(users);
     for id in 0..users {
         tokio::time::sleep_until((epoch + interval * u32::try_from(id).unwrap()).into()).await;
-        tasks.push(tokio::spawn(user(url_for(id), id, epoch, sender.clone())));
+        tasks.push(tokio::spawn(user(url_for(id), id, epoch, sender.clone(), refused.clone())));
     }
     let peak_rss = pid.map(|pid| process_usage(pid).1);
-    drop(sender);
+    drop((sender, refused));
     let mut result = StepResult::default();
     while let Some(turn) = receiver.recv().await {
         match turn {
@@ -195,6 +213,9 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     }
     for task in tasks {
         let _ = task.await;
+    }
+    while let Some(refusal) = refusals.recv().await {
+        result.refusals.push(refusal);
     }
     if let (Some(pid), Some((cpu_before, _))) = (pid, before) {
         let (cpu_after, _) = process_usage(pid);
@@ -480,5 +501,63 @@ async fn main() {
             );
             pipeline.stop().await;
         }
+    }
+
+    // 4. Beyond capacity: shedding against none.
+    if env_or("PARLEY_CROWD_OVERLOAD", 1) == 1 {
+        overload(&stack, seconds).await;
+    }
+}
+
+/// A pipeline with a capacity (4 inference slots, a stub answering in 400 ms: 10 turns/s)
+/// offered 3× that, with shedding off and at two thresholds, against the same pipeline
+/// unloaded: first-token latency of the admitted turns, and how fast refusals come.
+async fn overload(stack: &support::Stack, seconds: f64) {
+    let stub = stub_model::StubModel {
+        first_token: Duration::from_millis(100),
+        per_token: Duration::from_millis(20),
+        tokens: 16,
+    };
+    let stub_url = stub.serve().await;
+    println!();
+    println!(
+        "beyond capacity: 4 inference slots, stub answers in {:?} (capacity 10 turns/s); {seconds} s of arrivals per step",
+        stub.answer_time()
+    );
+    println!(
+        "| shedding | offered turns/s | admitted turns | refused | errors | first token p50 / p99 (ms) | refusal p50 / p99 (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    let mut unloaded_p99 = f64::NAN;
+    for (threshold, rate) in [("0", 5.0), ("0", 30.0), ("1s", 30.0), ("250ms", 30.0)] {
+        let args =
+            ["--llm-base-url", &stub_url, "--without-retrieval", "--concurrency", "4", "--shed-queue-age", threshold];
+        let pipeline = support::Pipeline::start(stack, &[&args[..], &support::NO_RATE_LIMITS].concat()).await;
+        let (http, signer, prefix) = (pipeline.http.clone(), signer.clone(), pipeline.prefix.clone());
+        let step = crowd(
+            move |i| socket_url(&http, &signer.token_for(&format!("{prefix}over-{threshold}-{rate}-{i}"))),
+            rate,
+            seconds,
+            None,
+        )
+        .await;
+        let first: Vec<f64> = step.turns.iter().map(|t| t.first_token.unwrap_or(t.answer)).collect();
+        let p99 = percentile(first.clone(), 99.0);
+        if rate < 10.0 {
+            unloaded_p99 = p99;
+        }
+        let shedding = if threshold == "0" { "off".to_owned() } else { format!("queue age > {threshold}") };
+        println!(
+            "| {shedding} | {rate:.0} | {} | {} | {} | {:.0} / {p99:.0} ({:.1}× unloaded p99) | {:.1} / {:.1} |",
+            step.turns.len(),
+            step.refusals.len(),
+            step.errors,
+            percentile(first, 50.0),
+            p99 / unloaded_p99,
+            percentile(step.refusals.clone(), 50.0),
+            percentile(step.refusals, 99.0),
+        );
+        pipeline.stop().await;
     }
 }
