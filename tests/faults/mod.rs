@@ -91,8 +91,10 @@ pub struct Report {
     pub answered: usize,
     /// Turns whose outcome is a `ResponseFailed` (the model was unreachable for all retries).
     pub failed: usize,
-    /// Resends a client made (after a reconnect, an `unavailable`, or 30 s of silence).
+    /// Resends a client made (after a reconnect, a refusal, or 30 s of silence).
     pub resends: usize,
+    /// Turns the gateway refused as `overloaded` (shed) or `rate_limited`, then resent.
+    pub refusals: usize,
     pub reconnects: usize,
     /// Acknowledged queries without an outcome in the log or at their client.
     pub lost: usize,
@@ -134,7 +136,8 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "\nfaults {}, turns {}, answered {}, failed {}, lost {}, duplicated {}, surprises {}, \
-             projection mismatches {}, vectors missing {}, vectors extra {}, resends {}, reconnects {}",
+             projection mismatches {}, vectors missing {}, vectors extra {}, resends {}, reconnects {}, \
+             refused (overloaded or rate limited) {}",
             self.faults.len(),
             self.turns,
             self.answered,
@@ -146,7 +149,8 @@ impl fmt::Display for Report {
             self.vectors_missing,
             self.vectors_extra,
             self.resends,
-            self.reconnects
+            self.reconnects,
+            self.refusals
         )?;
         for finding in &self.findings {
             writeln!(f, "  {finding}")?;
@@ -192,6 +196,8 @@ struct Transcript {
     conversation_id: Option<String>,
     turns: Vec<Turn>,
     sockets: usize,
+    /// `overloaded` or `rate_limited` answers (each followed by a resend).
+    refusals: usize,
     /// Error frames other than `unavailable`, and outcomes for queries it never sent.
     surprises: Vec<String>,
 }
@@ -549,10 +555,10 @@ async fn chat(index: usize, transcript: Shared, gateways: Vec<String>, stop: Arc
             Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Value>(text.as_str()).unwrap(),
             Ok(Some(Ok(_))) => continue,
         };
-        // `unavailable`: nothing was written; the same query may be sent again.
+        // Refused (nothing was written): the same query is sent again after the pause.
         let refused = record(&mut transcript.lock().unwrap(), &frame, &mut open, socket_opened);
-        if refused {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(pause) = refused {
+            tokio::time::sleep(pause).await;
             send = true;
         }
     }
@@ -561,9 +567,11 @@ async fn chat(index: usize, transcript: Shared, gateways: Vec<String>, stop: Arc
     }
 }
 
-/// Notes one frame in the transcript; closes the open turn on its outcome. True when the
-/// gateway refused the query as `unavailable`.
-fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_opened: Instant) -> bool {
+/// Notes one frame in the transcript; closes the open turn on its outcome. When the
+/// gateway refused the query and said it may be sent again (`unavailable`, `overloaded`:
+/// a stalled pipeline sheds load; `rate_limited`), how long to wait first, as
+/// docs/protocol.md tells a client.
+fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_opened: Instant) -> Option<Duration> {
     match frame["type"].as_str().unwrap_or_default() {
         "ack" => {
             t.conversation_id = frame["conversation_id"].as_str().map(str::to_owned);
@@ -583,7 +591,7 @@ fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_op
                 .position(|turn| turn.query_event_id.as_deref().is_some_and(|id| frame["query_event_id"] == id));
             let Some(n) = turn else {
                 t.surprises.push(format!("an outcome for a query it never sent: {frame}"));
-                return false;
+                return None;
             };
             let socket = t.sockets - 1;
             t.turns[n].outcomes.push(Received {
@@ -597,11 +605,15 @@ fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_op
                 *open = None;
             }
         }
-        "error" if frame["code"] == "unavailable" => return true,
+        "error" if frame["code"] == "unavailable" => return Some(Duration::from_millis(500)),
+        "error" if frame["code"] == "overloaded" || frame["code"] == "rate_limited" => {
+            t.refusals += 1;
+            return Some(Duration::from_millis(frame["retry_after_ms"].as_u64().unwrap_or(1_000)));
+        }
         "error" => t.surprises.push(format!("error frame: {frame}")),
         _ => {}
     }
-    false
+    None
 }
 
 /// Runs the suite: load, faults, drain, checks.
@@ -837,6 +849,7 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
         let t = t.lock().unwrap();
         report.resends += t.turns.iter().map(|turn| turn.sends.saturating_sub(1)).sum::<usize>();
         report.reconnects += t.sockets.saturating_sub(1);
+        report.refusals += t.refusals;
         for surprise in &t.surprises {
             report.surprises += 1;
             report.findings.push(format!("user {}: {surprise}", t.user_id));

@@ -430,51 +430,17 @@ async fn accept_query(
             return error(ErrorCode::TurnInProgress, "the previous question has no answer yet".into());
         }
     };
-    // Shedding and limits apply to new turns only: a resent one (a duplicate) was admitted
-    // before. Shedding comes first: a refused turn costs no rate or budget.
-    if let Some(retry_after_ms) = state.overloaded() {
+    // Shedding, rate limits and budgets apply to new turns only: a resent one (a
+    // duplicate) was admitted before.
+    if let Err(refused) = admission_control(state, user, conversation_id, query_id, &query.text).await {
         state.hub.release(conversation_id, sequence);
-        let seconds = retry_after_ms.div_ceil(1000);
         return vec![ServerFrame::Error {
-            code: ErrorCode::Overloaded,
-            message: format!("Parley has more questions than it can answer right now; try again in {seconds} s"),
+            code: refused.code,
+            message: refused.message,
             client_message_id,
-            retry_after_ms: Some(retry_after_ms),
-            resets_at: None,
+            retry_after_ms: refused.retry_after_ms,
+            resets_at: refused.resets_at,
         }];
-    }
-    let admitted =
-        state.rate.lock().unwrap_or_else(PoisonError::into_inner).admit(user, &query_id.to_string(), now_ms());
-    if let Err(limited) = admitted {
-        state.hub.release(conversation_id, sequence);
-        let seconds = limited.retry_after_ms.div_ceil(1000);
-        return vec![ServerFrame::Error {
-            code: ErrorCode::RateLimited,
-            message: format!("{}; try again in {seconds} s", limited.limit.describe()),
-            client_message_id,
-            retry_after_ms: Some(limited.retry_after_ms),
-            resets_at: None,
-        }];
-    }
-    if let Some((ledger, budgets)) = &state.budget {
-        let chars = query.text.chars().count();
-        let reserved =
-            ledger.reserve(budgets, user, &conversation_id.to_string(), &query_id.to_string(), chars, now_ms()).await;
-        let refusal = match reserved {
-            Ok(Reserved::Yes) => None,
-            Ok(Reserved::No(exceeded)) => {
-                let resets_at = exceeded.resets_at_ms.map(format_time);
-                let when = resets_at.as_ref().map_or(String::new(), |at| format!("; it starts again at {at}"));
-                Some((ErrorCode::BudgetExceeded, format!("{}{when}", exceeded.describe()), resets_at))
-            }
-            Err(e) => Some((ErrorCode::Unavailable, format!("the token budget could not be checked: {e}"), None)),
-        };
-        if let Some((code, message, resets_at)) = refusal {
-            state.hub.release(conversation_id, sequence);
-            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
-            let client_message_id = client_message_id.clone();
-            return vec![ServerFrame::Error { code, message, client_message_id, retry_after_ms: None, resets_at }];
-        }
     }
     // A root span: each turn is its own trace, not part of the socket's lifetime.
     let span = info_span!(parent: None, "gateway.query", %conversation_id, %query_id, sequence, traceparent = Empty);
@@ -529,6 +495,63 @@ async fn accept_query(
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
         }
     }
+}
+
+/// Why admission control refused a new turn (nothing of it was charged or written).
+struct Refused {
+    code: ErrorCode,
+    message: String,
+    retry_after_ms: Option<u64>,
+    resets_at: Option<String>,
+}
+
+/// Load shedding, then rate limits, then the token budget reservation: the first that
+/// refuses decides, and what the earlier ones charged is given back. Shedding comes first
+/// so a shed turn costs the user nothing.
+async fn admission_control(
+    state: &AppState,
+    user: &str,
+    conversation_id: Uuid,
+    query_id: Uuid,
+    text: &str,
+) -> Result<(), Refused> {
+    if let Some(retry_after_ms) = state.overloaded() {
+        let seconds = retry_after_ms.div_ceil(1000);
+        return Err(Refused {
+            code: ErrorCode::Overloaded,
+            message: format!("Parley has more questions than it can answer right now; try again in {seconds} s"),
+            retry_after_ms: Some(retry_after_ms),
+            resets_at: None,
+        });
+    }
+    let query_id = query_id.to_string();
+    let rate = || state.rate.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Err(limited) = rate().admit(user, &query_id, now_ms()) {
+        let seconds = limited.retry_after_ms.div_ceil(1000);
+        return Err(Refused {
+            code: ErrorCode::RateLimited,
+            message: format!("{}; try again in {seconds} s", limited.limit.describe()),
+            retry_after_ms: Some(limited.retry_after_ms),
+            resets_at: None,
+        });
+    }
+    let Some((ledger, budgets)) = &state.budget else { return Ok(()) };
+    let chars = text.chars().count();
+    let refused = match ledger.reserve(budgets, user, &conversation_id.to_string(), &query_id, chars, now_ms()).await {
+        Ok(Reserved::Yes) => return Ok(()),
+        Ok(Reserved::No(exceeded)) => {
+            let resets_at = exceeded.resets_at_ms.map(format_time);
+            let when = resets_at.as_ref().map_or(String::new(), |at| format!("; it starts again at {at}"));
+            let message = format!("{}{when}", exceeded.describe());
+            Refused { code: ErrorCode::BudgetExceeded, message, retry_after_ms: None, resets_at }
+        }
+        Err(e) => {
+            let message = format!("the token budget could not be checked: {e}");
+            Refused { code: ErrorCode::Unavailable, message, retry_after_ms: None, resets_at: None }
+        }
+    };
+    rate().refund(user, &query_id, now_ms());
+    Err(refused)
 }
 
 /// What adopting a conversation came to.
