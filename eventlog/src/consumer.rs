@@ -6,8 +6,10 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
 
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
@@ -46,6 +48,32 @@ pub fn reader_config(kafka: &KafkaSettings, group_id: &str, eof_events: bool) ->
 /// A reader built from [`reader_config`] (possibly extended).
 pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
     Ok(config.create_with_context(ReaderContext)?)
+}
+
+/// The next record of a reader that follows a topic until `shutdown`, or None once
+/// `shutdown` is cancelled. One policy for a dead client: it cancels `shutdown` (the process
+/// stops, and its orchestrator restarts it) rather than follow nothing forever; other
+/// errors are logged under `follower`'s name and reading goes on.
+pub async fn next_record<'a>(
+    consumer: &'a LogConsumer,
+    shutdown: &CancellationToken,
+    follower: &str,
+) -> Option<BorrowedMessage<'a>> {
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            received = consumer.recv() => received,
+        };
+        match received {
+            Ok(message) => return Some(message),
+            Err(failure) if is_fatal(&failure) => {
+                error!(error = %failure, follower, "fatal kafka error; shutting the process down");
+                shutdown.cancel();
+                return None;
+            }
+            Err(failure) => warn!(error = %failure, follower, "kafka error"),
+        }
+    }
 }
 
 /// Runs a librdkafka query that blocks (watermarks, metadata) on tokio's blocking pool.

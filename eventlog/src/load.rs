@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::consumer::{LogConsumer, reader, reader_config};
+use crate::consumer::{LogConsumer, next_record, reader, reader_config};
 use crate::driver::QueueAge;
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
@@ -102,17 +102,10 @@ pub async fn follow(
     board: std::sync::Arc<std::sync::Mutex<LoadBoard>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return,
-            message = consumer.recv() => message,
-        };
-        match message {
-            Ok(message) => match serde_json::from_slice::<LoadReport>(message.payload().unwrap_or_default()) {
-                Ok(report) => board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(report),
-                Err(error) => warn!(%error, "undecodable load report skipped"),
-            },
-            Err(error) => warn!(%error, "load reports: kafka error"),
+    while let Some(message) = next_record(&consumer, &shutdown, "load reports").await {
+        match serde_json::from_slice::<LoadReport>(message.payload().unwrap_or_default()) {
+            Ok(report) => board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(report),
+            Err(error) => warn!(%error, "undecodable load report skipped"),
         }
     }
 }

@@ -619,22 +619,10 @@ fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_op
 /// Runs the suite: load, faults, drain, checks.
 pub async fn run(stack: &Stack, settings: &Settings) -> Report {
     let mut pipeline = Pipeline::start(stack, settings).await;
-    let client = reqwest::Client::new();
     let mut transcripts: Vec<Shared> = Vec::new();
     for _ in 0..settings.clients {
-        let session: Value = client
-            .post(format!("{}/api/session", pipeline.gateway_urls[0]))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        transcripts.push(Arc::new(Mutex::new(Transcript {
-            user_id: session["user_id"].as_str().unwrap().to_owned(),
-            token: session["token"].as_str().unwrap().to_owned(),
-            ..Transcript::default()
-        })));
+        let (user_id, token) = support::new_session(&pipeline.gateway_urls[0]).await;
+        transcripts.push(Arc::new(Mutex::new(Transcript { user_id, token, ..Transcript::default() })));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = transcripts

@@ -210,15 +210,7 @@ impl Pipeline {
 
     /// A new anonymous user: (user id, token).
     pub async fn session_user(&self) -> (String, String) {
-        let session: Value = reqwest::Client::new()
-            .post(format!("{}/api/session", self.http))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
+        new_session(&self.http).await
     }
 
     /// A socket of `token`'s user on the gateway at `http`, past its `ready` frame.
@@ -349,6 +341,13 @@ impl Drop for Pipeline {
     fn drop(&mut self) {
         self.kill_all(); // a failed test still stops its processes
     }
+}
+
+/// A new anonymous user of the gateway at `http`: (user id, token).
+pub async fn new_session(http: &str) -> (String, String) {
+    let session: Value =
+        reqwest::Client::new().post(format!("{http}/api/session")).send().await.unwrap().json().await.unwrap();
+    (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
 }
 
 /// Waits (up to a minute) until the gateway at `http` answers `/healthz`.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, next_record, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
@@ -13,7 +13,7 @@ use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, debug, error, info_span, warn};
+use tracing::{Span, debug, info_span, warn};
 use uuid::Uuid;
 
 use crate::hub::{Hub, Outbox};
@@ -44,25 +44,8 @@ pub async fn run(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return,
-            message = consumer.recv() => message,
-        };
-        let message = match message {
-            Ok(message) => message,
-            // One policy for a dead client: stop the gateway (its orchestrator restarts it)
-            // rather than serve sockets that would never get an answer.
-            Err(error) if is_fatal(&error) => {
-                error!(%error, "answer listener: fatal kafka error; shutting the gateway down");
-                shutdown.cancel();
-                return;
-            }
-            Err(error) => {
-                warn!(%error, "answer listener: kafka error");
-                continue;
-            }
-        };
+    // A dead client stops the gateway rather than serve sockets that would never get an answer.
+    while let Some(message) = next_record(&consumer, &shutdown, "answer listener").await {
         // Cheap filter first: most records belong to conversations held elsewhere.
         let Some(conversation_id) =
             message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok())

@@ -83,6 +83,13 @@ pub enum ServerFrame {
     },
 }
 
+impl ServerFrame {
+    /// An error frame without retry hints (`retry_after_ms`, `resets_at`).
+    pub fn error(code: ErrorCode, message: String, client_message_id: Option<String>) -> Self {
+        Self::Error { code, message, client_message_id, retry_after_ms: None, resets_at: None }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -136,13 +143,7 @@ impl Rejection {
     }
 
     pub fn into_frame(self) -> ServerFrame {
-        ServerFrame::Error {
-            code: self.code,
-            message: self.message,
-            client_message_id: self.client_message_id,
-            retry_after_ms: None,
-            resets_at: None,
-        }
+        ServerFrame::error(self.code, self.message, self.client_message_id)
     }
 }
 

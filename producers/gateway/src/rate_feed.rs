@@ -5,15 +5,15 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, next_record, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::event::now_millis as now_ms;
 use parley_events::{ConversationEvent, EventCodec};
 use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::rate::RateLimiter;
@@ -47,26 +47,15 @@ pub async fn run(
     let mut rest = tokio::time::interval(WINDOW);
     loop {
         let message = tokio::select! {
-            () = shutdown.cancelled() => return,
             _ = rest.tick() => {
                 limiter.lock().unwrap_or_else(PoisonError::into_inner).forget_rested(now_ms());
                 continue;
             }
-            message = consumer.recv() => message,
+            message = next_record(&consumer, &shutdown, "rate feed") => message,
         };
-        let payload = match message {
-            Ok(message) => rdkafka::Message::payload(&message).unwrap_or_default().to_vec(),
-            Err(error) if is_fatal(&error) => {
-                error!(%error, "rate feed: fatal kafka error; shutting the gateway down");
-                shutdown.cancel();
-                return;
-            }
-            Err(error) => {
-                warn!(%error, "rate feed: kafka error");
-                continue;
-            }
-        };
-        let event = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(&payload)).await {
+        let Some(message) = message else { return };
+        let payload = message.payload().unwrap_or_default();
+        let event = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(decoded)) => decoded.event,
             Some(Err(error)) => {
                 warn!(%error, "rate feed: undecodable conversation event skipped");

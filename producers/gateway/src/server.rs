@@ -20,10 +20,11 @@ use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
-use parley_events::event::AvroEvent;
+use parley_events::event::{AvroEvent, now_millis as now_ms};
 use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
 use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
 use parley_ingest::MAX_DOCUMENT_BYTES;
+use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::reader::{Freshness, LiveReader};
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
@@ -44,8 +45,6 @@ use crate::protocol::{
 };
 use crate::rate::{RateLimiter, RateSettings};
 use crate::{answers, knowledge, query, rate_feed};
-use parley_events::event::now_millis as now_ms;
-use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -363,28 +362,19 @@ async fn subscribe(
     outbox: &Outbox,
     conversation_id: &str,
 ) -> ServerFrame {
-    let unknown = || ServerFrame::Error {
-        code: ErrorCode::UnknownConversation,
-        message: format!("no conversation {conversation_id} for this user"),
-        client_message_id: None,
-        retry_after_ms: None,
-        resets_at: None,
+    let unknown = || {
+        ServerFrame::error(
+            ErrorCode::UnknownConversation,
+            format!("no conversation {conversation_id} for this user"),
+            None,
+        )
     };
     let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
     if !state.hub.holds(&id) {
         match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
             Adopted::Held => {}
             Adopted::Unknown => return unknown(),
-            Adopted::Unavailable(message) => {
-                let code = ErrorCode::Unavailable;
-                return ServerFrame::Error {
-                    code,
-                    message,
-                    client_message_id: None,
-                    retry_after_ms: None,
-                    resets_at: None,
-                };
-            }
+            Adopted::Unavailable(message) => return ServerFrame::error(ErrorCode::Unavailable, message, None),
         }
     }
     if state.hub.subscribe(user, id, connection, outbox) {
@@ -402,10 +392,7 @@ async fn accept_query(
     query: crate::protocol::ValidQuery,
 ) -> Vec<ServerFrame> {
     let client_message_id = Some(query.client_message_id.clone());
-    let error = |code, message: String| {
-        let client_message_id = client_message_id.clone();
-        vec![ServerFrame::Error { code, message, client_message_id, retry_after_ms: None, resets_at: None }]
-    };
+    let error = |code, message: String| vec![ServerFrame::error(code, message, client_message_id.clone())];
     let requested_new = query.conversation_id.is_none();
     let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
     let admit = || state.hub.admit(user, conversation_id, &query.client_message_id, connection, outbox);
