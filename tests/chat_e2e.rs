@@ -232,9 +232,16 @@ async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
         producer.send(record, Duration::from_secs(10)).await.unwrap();
     }
 
-    let letters = read_all::<DeadLetter>(&pipeline, &format!("{}dead-letter", pipeline.prefix), 2).await;
-    let payloads: Vec<_> = letters.iter().map(|l| l.payload.clone().unwrap()).collect();
-    assert!(payloads.contains(&garbage) && payloads.contains(&unknown_schema), "{letters:?}");
+    // Inference and the embedder each read the topic, so each letters both records.
+    let letters = read_all::<DeadLetter>(&pipeline, &format!("{}dead-letter", pipeline.prefix), 4).await;
+    for consumer in ["inference", "embedder"] {
+        let payloads: Vec<_> = letters
+            .iter()
+            .filter(|l| l.consumer == format!("{}{consumer}", pipeline.prefix))
+            .map(|l| l.payload.clone().unwrap())
+            .collect();
+        assert!(payloads.contains(&garbage) && payloads.contains(&unknown_schema), "{consumer}: {letters:?}");
+    }
     for letter in &letters {
         assert_eq!(letter.key.as_deref(), Some(&b"poison"[..]));
         assert_eq!(letter.source_topic, pipeline.events_topic());
