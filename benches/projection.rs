@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::topics::ensure_topics;
+use parley_events::lanes::LaneLayout;
 use parley_gateway::auth::TokenSigner;
 use parley_projections::rebuild::rebuild_context;
 use parley_projections::replay::LogReader;
@@ -66,7 +67,12 @@ async fn main() {
         std::env::var("PARLEY_BENCH_CONVERSATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let keyspace = format!("parley_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let kafka = KafkaSettings { brokers: stack.brokers.clone(), topic_prefix: prefix.clone(), instance_id: None };
+    let kafka = KafkaSettings {
+        brokers: stack.brokers.clone(),
+        topic_prefix: prefix.clone(),
+        instance_id: None,
+        lanes: LaneLayout::default(),
+    };
     ensure_topics(&kafka, None).await.unwrap();
     let topic = kafka.topics().events;
     let cql = CqlSettings {

@@ -13,6 +13,7 @@ use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::budget::{self, BudgetLimits};
 use parley_events::invariants::{Violation, violations};
+use parley_events::lanes::Lane;
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_events::{EventCodec, SchemaCatalog};
 use parley_gateway::{Gateway, GatewayArgs};
@@ -23,6 +24,7 @@ use parley_ingest::submit::submit_all;
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use parley_projections::replay::{LogReader, replay};
+use parley_projections::tiers::TierBook;
 use parley_projections::{CqlSettings, Store};
 use parley_retrieval::{EmbeddingBackend, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
@@ -161,6 +163,9 @@ enum Command {
         #[arg(long)]
         conversation: Option<u64>,
     },
+    /// Show a user's tier, or set it: the lane their new conversations are served in
+    /// (premium before standard before batch; see --lanes).
+    Tier { user: String, tier: Option<Lane> },
     /// Create Parley's topics (existing ones are left alone).
     Topics {
         /// Replication factor of new topics [default: the number of brokers, at most 3;
@@ -292,6 +297,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parley_embedder::run(&kafka, &registry, backend, vectors, args, shutdown).await?;
         }
         Command::Ingest { paths, owner, labels } => return ingest(&kafka, &registry, &paths, &owner, &labels).await,
+        Command::Tier { user, tier } => {
+            let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
+            let tiers = TierBook::open(&store).await?;
+            if let Some(tier) = tier {
+                tiers.set(&user, tier).await?;
+            }
+            let tier = tiers.tier_of(&user).await?;
+            println!("{user}: {tier} (new conversations; lanes: {})", kafka.lanes);
+        }
         Command::Usage { user } => {
             let now = parley_events::event::now_millis();
             let reader = LogReader::new(&kafka, &registry)?;

@@ -19,6 +19,7 @@ use axum::response::Response;
 use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::topics::CONVERSATION_PARTITIONS;
 use parley_events::ConversationEvent;
+use parley_events::lanes::{DEFAULT_LANES, Lane, LaneLayout};
 use parley_gateway::hub::new_conversation_id;
 use serde_json::Value;
 use support::{Pipeline, stack};
@@ -83,10 +84,12 @@ async fn start_proxy(upstream: &str, slow: &str) -> (String, CallCounter) {
 
 /// A client message id whose new conversation of `user` lands on `partition`.
 fn message_id_on(user: &str, partition: i32, prefix: &str) -> String {
+    let lanes: LaneLayout = DEFAULT_LANES.parse().unwrap();
     (0..)
         .map(|i| format!("{prefix}-{i}"))
         .find(|id| {
-            let conversation = new_conversation_id(user, id).to_string();
+            let conversation =
+                new_conversation_id(user, id, Lane::Standard, &lanes, CONVERSATION_PARTITIONS).to_string();
             partition_for_key(conversation.as_bytes(), CONVERSATION_PARTITIONS) == partition
         })
         .unwrap()
@@ -100,8 +103,8 @@ async fn after_a_crash_only_unanswered_queries_go_to_the_model_again() {
     let (proxy, counter) = start_proxy(&stack.llm, long_question).await;
     let mut pipeline = Pipeline::start(&stack, &["--llm-base-url", &proxy, "--instance-id", "crash-test"]).await;
     let (user, token) = pipeline.session_user().await;
-    let long_id = message_id_on(&user, 0, "long");
-    let short_id = message_id_on(&user, 0, "short");
+    let long_id = message_id_on(&user, 1, "long");
+    let short_id = message_id_on(&user, 1, "short");
 
     let mut long = pipeline.connect(&pipeline.http, &token).await;
     long.ask(&long_id, None, long_question).await;

@@ -8,6 +8,9 @@
 //!   a slow unit never delays another one's start or its outcome.
 //! - **One per key** (optional): a record waits while an earlier record of its key is in
 //!   flight (one conversation, one turn).
+//! - **Lanes** (optional, [`Lanes`]): each partition is in a lane; a lane reads ahead a
+//!   unit's worth of records and its partitions are paused while those wait, so the
+//!   consumer keeps fetching the other lanes; a free slot goes to a lane by weight.
 //! - **Commit rule**: outputs are appended as units finish, grouped into one Kafka
 //!   transaction per commit (what finished while the previous commit ran goes into the
 //!   next); the transaction also commits, per partition, the offset of the first record
@@ -42,6 +45,7 @@ use tracing::{info, warn};
 use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
 use crate::dead_letter::dead_letter_for;
 use crate::error::EventLogError;
+use crate::lanes::{Lanes, Stride};
 use crate::settings::KafkaSettings;
 use crate::transaction::{Outgoing, TransactionalProducer};
 
@@ -101,37 +105,44 @@ pub struct DriverSettings {
     pub concurrency: usize,
     /// Whether a record waits while an earlier record with its key is in flight.
     pub one_per_key: bool,
-    /// Where the driver shows how long its oldest waiting record has waited.
+    /// Which lane each partition's records are served in.
+    pub lanes: Lanes,
+    /// Where the driver shows how long the oldest waiting record of each lane has waited.
     pub queue: QueueAge,
 }
 
-/// The write time (record timestamp, ms) of the oldest record a driver has read and not
-/// yet started: the head of its queue. Shared with whoever reports load (inference
-/// publishes it so gateways can shed turns before the queue grows long).
+/// Per lane, the write time (record timestamp, ms) of the oldest record a driver has read
+/// and not yet started: the head of the lane's queue. Shared with whoever reports load
+/// (inference publishes it so gateways can shed turns before a queue grows long).
 #[derive(Debug, Clone)]
-pub struct QueueAge(Arc<AtomicI64>);
-
-impl Default for QueueAge {
-    fn default() -> Self {
-        Self(Arc::new(AtomicI64::new(NOTHING_WAITS)))
-    }
-}
-
-const NOTHING_WAITS: i64 = i64::MAX;
+pub struct QueueAge(Arc<[AtomicI64]>);
 
 impl QueueAge {
-    /// How long the oldest waiting record has waited at `now_ms` (0: nothing waits).
+    pub fn new(lanes: usize) -> Self {
+        Self((0..lanes.max(1)).map(|_| AtomicI64::new(NOTHING_WAITS)).collect())
+    }
+
+    /// How long the oldest waiting record of any lane has waited at `now_ms` (0: none waits).
     pub fn age_ms(&self, now_ms: i64) -> u64 {
-        match self.0.load(Ordering::Relaxed) {
+        (0..self.0.len()).map(|lane| self.lane_age_ms(lane, now_ms)).max().unwrap_or(0)
+    }
+
+    /// How long the oldest waiting record of `lane` has waited at `now_ms`.
+    pub fn lane_age_ms(&self, lane: usize, now_ms: i64) -> u64 {
+        match self.0.get(lane).map_or(NOTHING_WAITS, |since| since.load(Ordering::Relaxed)) {
             NOTHING_WAITS => 0,
             since => u64::try_from(now_ms - since).unwrap_or(0),
         }
     }
 
-    fn set_oldest(&self, since_ms: Option<i64>) {
-        self.0.store(since_ms.unwrap_or(NOTHING_WAITS), Ordering::Relaxed);
+    fn set_oldest(&self, lane: usize, since_ms: Option<i64>) {
+        if let Some(slot) = self.0.get(lane) {
+            slot.store(since_ms.unwrap_or(NOTHING_WAITS), Ordering::Relaxed);
+        }
     }
 }
+
+const NOTHING_WAITS: i64 = i64::MAX;
 
 /// Runs `processor` over the settings' topics until `shutdown` (or a fatal error).
 pub async fn run<P: Processor>(
@@ -164,7 +175,10 @@ pub async fn run<P: Processor>(
 
     let (commits, commit_queue) = mpsc::unbounded_channel::<Commit>();
     let committer = tokio::spawn(commit_loop(transactions, consumer.clone(), commit_queue));
+    let lanes = settings.lanes.count();
     let mut driver = Driver {
+        queues: (0..lanes).map(|_| LaneQueue::default()).collect(),
+        stride: Stride::new(lanes),
         settings,
         processor,
         codec,
@@ -175,8 +189,6 @@ pub async fn run<P: Processor>(
         assignments_made: 0,
         busy_keys: HashSet::new(),
         parked: HashMap::new(),
-        ready: VecDeque::new(),
-        ready_since: None,
         running: JoinSet::new(),
         commits,
     };
@@ -275,6 +287,28 @@ impl Commit {
     }
 }
 
+/// One lane's records ready to start, in log order.
+struct LaneQueue<I> {
+    ready: VecDeque<(OwnedMessage, I)>,
+    /// Since when the oldest ready record has waited (a unit fills until `batch_wait`).
+    since: Option<Instant>,
+    /// Whether the lane's partitions are paused (its read-ahead is full).
+    paused: bool,
+}
+
+impl<I> Default for LaneQueue<I> {
+    fn default() -> Self {
+        Self { ready: VecDeque::new(), since: None, paused: false }
+    }
+}
+
+impl<I> LaneQueue<I> {
+    fn push_back(&mut self, record: (OwnedMessage, I)) {
+        self.since.get_or_insert_with(Instant::now);
+        self.ready.push_back(record);
+    }
+}
+
 /// A unit of work that finished.
 struct Finished {
     /// Partition, its assignment, offset and key of each record of the unit.
@@ -296,9 +330,10 @@ struct Driver<P: Processor> {
     /// Keys with a record in flight, and the records of those keys waiting their turn.
     busy_keys: HashSet<Vec<u8>>,
     parked: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
-    /// Records ready to start, in log order, and since when the oldest has waited.
-    ready: VecDeque<(OwnedMessage, P::Item)>,
-    ready_since: Option<Instant>,
+    /// Each lane's records ready to start.
+    queues: Vec<LaneQueue<P::Item>>,
+    /// Which lane gets the next free slot.
+    stride: Stride,
     running: JoinSet<Finished>,
     commits: mpsc::UnboundedSender<Commit>,
 }
@@ -309,11 +344,18 @@ impl<P: Processor> Driver<P> {
             self.apply_rebalances().await?;
             self.start_ready();
             self.show_queue_age();
+            self.pause_full_lanes();
             let has_room = self.running.len() < self.settings.concurrency;
-            // Read ahead while a slot is free, or to fill the next unit.
-            let can_read = has_room || self.ready.len() < self.settings.batch_size;
+            // Read ahead while a lane has less than a unit's worth waiting.
+            let can_read = self.queues.iter().any(|queue| queue.ready.len() < self.settings.batch_size);
             // A unit that is not full starts once its first record has waited `batch_wait`.
-            let fill_deadline = self.ready_since.filter(|_| has_room).map(|since| since + self.settings.batch_wait);
+            let fill_deadline = self
+                .queues
+                .iter()
+                .filter_map(|queue| queue.since)
+                .min()
+                .filter(|_| has_room)
+                .map(|since| since + self.settings.batch_wait);
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 Some(finished) = self.running.join_next(), if !self.running.is_empty() => {
@@ -363,6 +405,10 @@ impl<P: Processor> Driver<P> {
                             assignment: self.assignments_made,
                             ..PartitionState::default()
                         };
+                        let lane = self.settings.lanes.of(&topic, partition);
+                        if self.queues[lane].paused {
+                            self.pause_or_resume(&[(topic.clone(), partition)], true);
+                        }
                         self.partitions.insert((topic, partition), state);
                     }
                 }
@@ -370,7 +416,12 @@ impl<P: Processor> Driver<P> {
                     for key in partitions {
                         info!(topic = %key.0, partition = key.1, "partition revoked; its unfinished work is left to its new owner");
                         self.partitions.remove(&key);
-                        self.ready.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
+                        let lane = self.settings.lanes.of(&key.0, key.1);
+                        let queue = &mut self.queues[lane];
+                        queue.ready.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
+                        if queue.ready.is_empty() {
+                            queue.since = None;
+                        }
                         for queue in self.parked.values_mut() {
                             queue.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
                         }
@@ -421,8 +472,8 @@ impl<P: Processor> Driver<P> {
                     match state.catch_up.as_mut() {
                         Some((_, held)) if catching_up => held.push((message, item)),
                         _ => {
-                            self.ready_since.get_or_insert_with(Instant::now);
-                            self.ready.push_back((message, item));
+                            let lane = self.settings.lanes.of(&key.0, key.1);
+                            self.queues[lane].push_back((message, item));
                         }
                     }
                 } else if self.last_commit.elapsed() >= IDLE {
@@ -454,33 +505,77 @@ impl<P: Processor> Driver<P> {
     fn release_caught_up(&mut self, key: &PartitionKey) {
         let Some(state) = self.partitions.get_mut(key) else { return };
         let Some((_, held)) = state.catch_up.take() else { return };
-        if !held.is_empty() {
-            self.ready_since.get_or_insert_with(Instant::now);
+        let lane = self.settings.lanes.of(&key.0, key.1);
+        for record in held {
+            self.queues[lane].push_back(record);
         }
-        self.ready.extend(held);
     }
 
-    /// Publishes the write time of the oldest record waiting (ready, or parked behind its
-    /// key): the fronts are the oldest of each queue.
+    /// Publishes, per lane, the write time of the oldest record waiting (ready, or parked
+    /// behind its key): the fronts are the oldest of each queue.
     fn show_queue_age(&self) {
-        let fronts = self.ready.iter().chain(self.parked.values().filter_map(VecDeque::front));
-        let oldest = fronts.filter_map(|(message, _)| message.timestamp().to_millis()).min();
-        self.settings.queue.set_oldest(oldest);
+        let lanes = &self.settings.lanes;
+        let lane_of = |message: &OwnedMessage| lanes.of(message.topic(), message.partition());
+        for (lane, queue) in self.queues.iter().enumerate() {
+            let parked = self.parked.values().filter_map(VecDeque::front).filter(|(m, _)| lane_of(m) == lane);
+            let oldest = queue.ready.iter().chain(parked).filter_map(|(m, _)| m.timestamp().to_millis()).min();
+            self.settings.queue.set_oldest(lane, oldest);
+        }
     }
 
-    /// Starts ready records while slots are free, a unit once it is full or its first
-    /// record has waited `batch_wait`: with `one_per_key`, a record whose key is busy is
-    /// parked behind the one in flight.
-    fn start_ready(&mut self) {
-        while self.running.len() < self.settings.concurrency && !self.ready.is_empty() {
-            let full = self.ready.len() >= self.settings.batch_size;
-            let waited = self.ready_since.is_none_or(|since| since.elapsed() >= self.settings.batch_wait);
-            if !full && !waited {
-                return;
+    /// With several lanes, pauses the partitions of a lane with a unit's worth of records
+    /// waiting (the rest waits in Kafka, and the consumer keeps fetching the other lanes),
+    /// and resumes them once it has room. With one lane, not reading is enough.
+    fn pause_full_lanes(&mut self) {
+        if self.queues.len() < 2 {
+            return;
+        }
+        for lane in 0..self.queues.len() {
+            let full = self.queues[lane].ready.len() >= self.settings.batch_size;
+            if full == self.queues[lane].paused {
+                continue;
             }
+            let partitions: Vec<PartitionKey> = self
+                .partitions
+                .keys()
+                .filter(|(topic, partition)| self.settings.lanes.of(topic, *partition) == lane)
+                .cloned()
+                .collect();
+            self.pause_or_resume(&partitions, full);
+            self.queues[lane].paused = full;
+        }
+    }
+
+    fn pause_or_resume(&self, partitions: &[PartitionKey], pause: bool) {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
+        }
+        let done = if pause { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
+        if let Err(error) = done {
+            // Not fatal: a lane not paused only reads ahead more than it needs.
+            warn!(%error, pause, "pausing or resuming a lane's partitions failed");
+        }
+    }
+
+    /// Starts ready records while slots are free, the next unit from the lane the weights
+    /// choose among those that may start one: full, or its first record has waited
+    /// `batch_wait`. With `one_per_key`, a record whose key is busy is parked behind the
+    /// one in flight.
+    fn start_ready(&mut self) {
+        while self.running.len() < self.settings.concurrency {
+            let (running, concurrency) = (self.running.len(), self.settings.concurrency);
+            let (batch_size, batch_wait) = (self.settings.batch_size, self.settings.batch_wait);
+            let (queues, lanes) = (&self.queues, &self.settings.lanes);
+            let startable = |lane: usize| {
+                let queue = &queues[lane];
+                let due = queue.ready.len() >= batch_size || queue.since.is_none_or(|s| s.elapsed() >= batch_wait);
+                !queue.ready.is_empty() && due && lanes.may_start(lane, running, concurrency)
+            };
+            let Some(lane) = self.stride.pick(lanes, startable) else { return };
             let mut unit = Vec::new();
-            while unit.len() < self.settings.batch_size {
-                let Some((message, item)) = self.ready.pop_front() else { break };
+            while unit.len() < batch_size {
+                let Some((message, item)) = self.queues[lane].ready.pop_front() else { break };
                 if self.settings.one_per_key {
                     let key = message.key().unwrap_or_default().to_vec();
                     if !self.busy_keys.insert(key.clone()) {
@@ -490,7 +585,8 @@ impl<P: Processor> Driver<P> {
                 }
                 unit.push((message, item));
             }
-            self.ready_since = (!self.ready.is_empty()).then(Instant::now);
+            let queue = &mut self.queues[lane];
+            queue.since = (!queue.ready.is_empty()).then(Instant::now);
             if unit.is_empty() {
                 continue;
             }
@@ -530,8 +626,10 @@ impl<P: Processor> Driver<P> {
                 self.busy_keys.remove(&key);
                 if let Some(queue) = self.parked.get_mut(&key) {
                     if let Some(next) = queue.pop_front() {
-                        self.ready_since.get_or_insert_with(Instant::now);
-                        self.ready.push_front(next);
+                        let lane = self.settings.lanes.of(next.0.topic(), next.0.partition());
+                        let lane = &mut self.queues[lane];
+                        lane.since.get_or_insert_with(Instant::now);
+                        lane.ready.push_front(next);
                     }
                     if queue.is_empty() {
                         self.parked.remove(&key);

@@ -9,12 +9,14 @@
 //! - [`dead_letter`]: the record a consumer writes when it must give up on a message;
 //! - [`registry_wait`]: retrying decodes through schema-registry outages;
 //! - [`driver`]: the one consume-transform-produce driver (continuous, one per key, commit rule);
+//! - [`lanes`]: how a driver ranks its partitions' work (priority lanes, weights, a kept slot);
 //! - [`transaction`]: the transactional producer that commits output and offsets together.
 
 pub mod consumer;
 pub mod dead_letter;
 pub mod driver;
 pub mod error;
+pub mod lanes;
 pub mod load;
 pub mod partitioner;
 pub mod position;

@@ -1,4 +1,5 @@
 use clap::Args;
+use parley_events::lanes::LaneLayout;
 use rdkafka::ClientConfig;
 
 /// How to reach Kafka. Shared by every service's command line.
@@ -24,6 +25,13 @@ pub struct KafkaSettings {
     /// when its session (10 s) expires.
     #[arg(long, env = "PARLEY_INSTANCE_ID", global = true, value_parser = parse_topic_prefix)]
     pub instance_id: Option<String>,
+
+    /// Which conversation-events partitions serve the premium and batch lanes (every other
+    /// one is standard), e.g. `premium=0,batch=5` or `premium=0+1,batch=5`; `none`: one
+    /// lane, no priorities. Gateways and inference must agree: a new conversation gets an
+    /// id that hashes into its lane's partitions, and inference serves lanes by weight.
+    #[arg(long, env = "PARLEY_LANES", default_value = parley_events::lanes::DEFAULT_LANES)]
+    pub lanes: LaneLayout,
 }
 
 impl KafkaSettings {

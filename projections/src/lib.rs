@@ -6,6 +6,7 @@
 //! - [`rebuild`]: a new generation from offset 0, then an atomic switch;
 //! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
+//! - [`tiers`]: each user's tier, the lane of their new conversations;
 //! - [`error`]: this crate's error type.
 
 pub mod budget;
@@ -15,6 +16,7 @@ pub mod reader;
 pub mod rebuild;
 pub mod replay;
 pub mod store;
+pub mod tiers;
 
 pub use error::ProjectionError;
 pub use store::{CqlSettings, Store};

@@ -4,7 +4,7 @@
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
-//! [`invariants`] and [`budget`] are the domain rules over those events, as plain functions.
+//! [`invariants`], [`budget`] and [`lanes`] are the domain rules over those events, as plain functions.
 
 pub mod budget;
 pub mod catalog;
@@ -13,6 +13,7 @@ pub mod conversation;
 pub mod error;
 pub mod event;
 pub mod invariants;
+pub mod lanes;
 pub mod registry;
 #[cfg(test)]
 mod test_events;

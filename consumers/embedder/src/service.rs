@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
+use parley_eventlog::lanes::Lanes;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
@@ -105,7 +106,12 @@ pub async fn run(
         batch_wait: args.embedder_max_wait,
         // One unit at a time: a document's deletion and its resubmission stay in order.
         concurrency: 1,
-        queue: QueueAge::default(),
+        // Messages of conversations going on before documents (bulk), 4:1 when both wait.
+        lanes: Lanes::new(vec!["messages", "documents"], 4, {
+            let documents = topics.documents.clone();
+            move |topic, _| usize::from(topic == documents)
+        }),
+        queue: QueueAge::new(2),
         one_per_key: false,
     };
     info!(group = %args.embedder_group, model = backend.model(), collection = store.collection(), "embedder started");

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::Args;
 use futures::future::join_all;
 use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
+use parley_eventlog::lanes::Lanes;
 use parley_eventlog::load;
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::settings::parse_duration;
@@ -22,6 +23,7 @@ use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::budget::BUDGET_EXCEEDED;
+use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
     ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
@@ -122,6 +124,13 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_PROMPT_LAYOUT", value_enum, default_value = "stable")]
     pub prompt_layout: PromptLayout,
 
+    /// Each lane's share of free slots when several lanes have turns waiting, relative to
+    /// the lane below it (premium : standard : batch = R² : R : 1). Batch work never takes
+    /// the last free slot, so a chat turn does not wait for a batch answer to finish.
+    #[arg(long, env = "PARLEY_LANE_RATIO", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub lane_ratio: u32,
+
     /// Queries answered at once (each starts as soon as it is fetched and a slot is free);
     /// match it to the model servers' slots.
     #[arg(long, env = "PARLEY_INFERENCE_CONCURRENCY", default_value_t = 4,
@@ -171,6 +180,13 @@ pub enum InferenceError {
     Config(#[from] MissingKey),
 }
 
+/// The driver's lanes: an events partition's lane, served by weight, batch capped.
+fn lanes(layout: &LaneLayout, ratio: u32) -> Lanes {
+    let names = Lane::ALL.iter().map(|lane| lane.as_str()).collect();
+    let layout = layout.clone();
+    Lanes::new(names, ratio, move |_, partition| layout.lane_of(partition).index()).cap(Lane::Batch.index())
+}
+
 /// Runs the inference consumer until `shutdown` is cancelled.
 pub async fn run(
     kafka: &KafkaSettings,
@@ -198,13 +214,15 @@ pub async fn run(
         batch_wait: Duration::ZERO,
         concurrency: usize::from(args.concurrency),
         one_per_key: true,
-        queue: QueueAge::default(),
+        lanes: lanes(&kafka.lanes, args.lane_ratio),
+        queue: QueueAge::new(Lane::ALL.len()),
     };
     // Gateways shed turns on this instance's queue age.
     let reporter = tokio::spawn(load::publish(
         kafka.clone(),
         settings.transactional_id.clone(),
         settings.queue.clone(),
+        settings.lanes.names().to_vec(),
         shutdown.clone(),
     ));
     let llm = args.llm_settings();

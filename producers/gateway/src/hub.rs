@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use parley_eventlog::LogPosition;
+use parley_eventlog::partitioner::partition_for_key;
 use parley_events::ConversationEvent;
+use parley_events::lanes::{Lane, LaneLayout, pick_in_lane};
 use parley_events::turn::{
     Applied, ConversationHead, OpenQuery, STARTED_SEQUENCE, TurnRejection, outcome_sequence, query_event_id,
 };
@@ -97,9 +99,27 @@ pub struct Hub {
 /// message maps to the same new conversation.
 const NEW_CONVERSATION_NAMESPACE: Uuid = Uuid::from_u128(0x6d1f_0c3a_9b1e_4a47_8f5e_2b0d_7c41_aa01);
 
-/// The conversation a first message (sent without a conversation id) starts.
-pub fn new_conversation_id(user: &str, client_message_id: &str) -> Uuid {
-    Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, format!("{user}/{client_message_id}").as_bytes())
+/// Candidate ids tried for a new conversation before its lane is given up (each lands in
+/// a lane of one partition in six with probability 1/6: 256 misses are ~1e-20).
+const LANE_TRIES: u32 = 256;
+
+/// The conversation a first message (sent without a conversation id) starts, in `lane`:
+/// the first of a fixed series of candidate ids that hashes into one of the lane's
+/// partitions, so a resent first message names the same conversation on any gateway.
+pub fn new_conversation_id(
+    user: &str,
+    client_message_id: &str,
+    lane: Lane,
+    layout: &LaneLayout,
+    partitions: i32,
+) -> Uuid {
+    let candidate = |n: u32| {
+        let name =
+            if n == 0 { format!("{user}/{client_message_id}") } else { format!("{user}/{client_message_id}/{n}") };
+        Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, name.as_bytes())
+    };
+    let partition_of = |id: &Uuid| partition_for_key(id.to_string().as_bytes(), partitions);
+    pick_in_lane(layout, layout.effective(lane, partitions), LANE_TRIES, candidate, partition_of)
 }
 
 impl Hub {
@@ -332,7 +352,7 @@ mod tests {
 
     fn hub_holding_new(user: &str, client_message_id: &str) -> (Hub, Uuid) {
         let hub = Hub::new(TOPIC);
-        let conversation = new_conversation_id(user, client_message_id);
+        let conversation = new_conversation_id(user, client_message_id, Lane::Standard, &LaneLayout::default(), 6);
         hub.adopt_new(conversation, user, 0);
         (hub, conversation)
     }
@@ -490,5 +510,21 @@ mod tests {
         adopted.adopt(conversation, ConversationHead::started("alice"), 0, []);
         let (_, _, sequence, new) = accepted(adopted.admit("alice", conversation, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, false));
+    }
+
+    #[test]
+    fn a_new_conversation_lands_in_its_lane_and_a_resend_names_it_again() {
+        let layout: LaneLayout = "premium=0,batch=5".parse().unwrap();
+        for lane in Lane::ALL {
+            for n in 0..20 {
+                let message = format!("m-{n}");
+                let id = new_conversation_id("alice", &message, lane, &layout, 6);
+                assert_eq!(layout.lane_of(partition_for_key(id.to_string().as_bytes(), 6)), lane);
+                assert_eq!(new_conversation_id("alice", &message, lane, &layout, 6), id);
+            }
+        }
+        // One lane: the first candidate, as before lanes existed.
+        let single = new_conversation_id("alice", "m-1", Lane::Premium, &LaneLayout::default(), 6);
+        assert_eq!(single, Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, b"alice/m-1"));
     }
 }

@@ -54,7 +54,8 @@ pub(crate) async fn submit_document(
     Json(body): Json<DocumentBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers)?;
-    if let Some(retry_after_ms) = state.overloaded() {
+    // Bulk work: refused while any lane's queue is past the threshold.
+    if let Some(retry_after_ms) = state.overloaded(None) {
         let message = "Parley is answering more than it can right now; the document can wait";
         return Err(ApiError::too_many("overloaded", message, retry_after_ms));
     }

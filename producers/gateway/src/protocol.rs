@@ -2,6 +2,7 @@
 //! docs/protocol.md is its reference.
 
 use parley_events::RetrievedContext;
+use parley_events::lanes::Lane;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -11,8 +12,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
-    /// Ask a question; without `conversation_id` it starts a new conversation.
-    Query { client_message_id: String, conversation_id: Option<String>, text: String },
+    /// Ask a question; without `conversation_id` it starts a new conversation, served in
+    /// `lane` when that is below the user's tier (`batch` for bulk work).
+    Query { client_message_id: String, conversation_id: Option<String>, text: String, lane: Option<String> },
     /// Receive the answers of an existing conversation on this socket (after a reconnect).
     Subscribe { conversation_id: String },
 }
@@ -127,6 +129,8 @@ pub struct ValidQuery {
     pub client_message_id: String,
     pub conversation_id: Option<Uuid>,
     pub text: String,
+    /// The lane asked for (a new conversation's; never above the user's tier).
+    pub lane: Option<Lane>,
 }
 
 /// A rejected frame: the error frame to send back.
@@ -165,6 +169,7 @@ pub fn validate_query(
     client_message_id: String,
     conversation_id: Option<String>,
     text: String,
+    lane: Option<String>,
     limits: Limits,
 ) -> Result<ValidQuery, Rejection> {
     let invalid = |message: String| Rejection {
@@ -191,7 +196,8 @@ pub fn validate_query(
     if chars > limits.max_text_chars {
         return Err(invalid(format!("text of {chars} characters exceeds the limit of {}", limits.max_text_chars)));
     }
-    Ok(ValidQuery { client_message_id, conversation_id, text })
+    let lane = lane.map(|lane| lane.parse::<Lane>().map_err(|e| invalid(format!("lane: {e}")))).transpose()?;
+    Ok(ValidQuery { client_message_id, conversation_id, text, lane })
 }
 
 #[cfg(test)]
@@ -203,10 +209,14 @@ mod tests {
     #[test]
     fn a_query_frame_parses_and_validates() {
         let frame = parse_frame(r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#, LIMITS).unwrap();
-        let ClientFrame::Query { client_message_id, conversation_id, text } = frame else { panic!("{frame:?}") };
-        let valid = validate_query(client_message_id, conversation_id, text, LIMITS).unwrap();
+        let ClientFrame::Query { client_message_id, conversation_id, text, lane } = frame else { panic!("{frame:?}") };
+        let valid = validate_query(client_message_id, conversation_id, text, lane, LIMITS).unwrap();
         assert_eq!(valid.text, "hello");
         assert_eq!(valid.conversation_id, None);
+        assert_eq!(valid.lane, None);
+        let frame = parse_frame(r#"{"type":"query","client_message_id":"m-2","text":"hi","lane":"batch"}"#, LIMITS);
+        let Ok(ClientFrame::Query { lane, .. }) = frame else { panic!("{frame:?}") };
+        assert_eq!(validate_query("m-2".into(), None, "hi".into(), lane, LIMITS).unwrap().lane, Some(Lane::Batch));
     }
 
     #[test]
@@ -222,15 +232,17 @@ mod tests {
 
     #[test]
     fn invalid_fields_name_the_field_and_keep_the_client_id() {
-        let err = validate_query("m 1".into(), None, "hi".into(), LIMITS).unwrap_err();
+        let err = validate_query("m1".into(), None, "hi".into(), Some("gold".into()), LIMITS).unwrap_err();
+        assert!(err.message.contains("lane") && err.message.contains("not a lane"), "{}", err.message);
+        let err = validate_query("m 1".into(), None, "hi".into(), None, LIMITS).unwrap_err();
         assert!(err.message.contains("client_message_id"), "{err:?}");
-        let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), LIMITS).unwrap_err();
+        let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), None, LIMITS).unwrap_err();
         assert_eq!((err.code, err.client_message_id.as_deref()), (ErrorCode::InvalidField, Some("m1")));
-        assert!(validate_query("m1".into(), None, "   ".into(), LIMITS).unwrap_err().message.contains("empty"));
-        let err = validate_query("m1".into(), None, "é".repeat(21), LIMITS).unwrap_err();
+        assert!(validate_query("m1".into(), None, "   ".into(), None, LIMITS).unwrap_err().message.contains("empty"));
+        let err = validate_query("m1".into(), None, "é".repeat(21), None, LIMITS).unwrap_err();
         assert!(err.message.contains("21 characters"), "{err:?}");
         assert!(
-            validate_query("m1".into(), None, "é".repeat(20), LIMITS).is_ok(),
+            validate_query("m1".into(), None, "é".repeat(20), None, LIMITS).is_ok(),
             "the limit counts characters, not bytes"
         );
     }

@@ -21,12 +21,14 @@ use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::event::{AvroEvent, now_millis as now_ms};
+use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
 use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
 use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::reader::{Freshness, LiveReader};
 use parley_projections::replay::LogReader;
+use parley_projections::tiers::TierBook;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::Retriever;
 use serde::Deserialize;
@@ -105,6 +107,8 @@ pub enum GatewayError {
     Serve(std::io::Error),
     #[error(transparent)]
     Projection(#[from] ProjectionError),
+    #[error("--lanes: {0}")]
+    Lanes(String),
 }
 
 pub(crate) struct AppState {
@@ -127,6 +131,10 @@ pub(crate) struct AppState {
     pub(crate) topics: Topics,
     /// Partitions of the events topic: where a conversation's events are.
     event_partitions: i32,
+    /// Which partitions serve which lane, and each user's tier (the lane of their new
+    /// conversations).
+    lanes: LaneLayout,
+    tiers: TierBook,
     next_connection: AtomicU64,
 }
 
@@ -147,11 +155,13 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl AppState {
-    /// When the inference queue is older than the shedding threshold: how long to wait
-    /// before trying again (one threshold: what the queue needs to drain that far).
-    pub(crate) fn overloaded(&self) -> Option<u64> {
+    /// When `lane`'s inference queue (any lane's: `None`) is older than the shedding
+    /// threshold: how long to wait before trying again (one threshold: what the queue
+    /// needs to drain that far).
+    pub(crate) fn overloaded(&self, lane: Option<Lane>) -> Option<u64> {
         let threshold = u64::try_from(self.shed_queue_age.as_millis()).unwrap_or(u64::MAX);
-        let age = self.load.lock().unwrap_or_else(PoisonError::into_inner).queue_age_ms(now_ms());
+        let age =
+            self.load.lock().unwrap_or_else(PoisonError::into_inner).queue_age_ms(lane.map(Lane::as_str), now_ms());
         (threshold > 0 && age > threshold).then_some(threshold.max(1_000))
     }
 }
@@ -168,10 +178,12 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
         let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
+        let tiers = TierBook::open(&store).await?;
         let reader = Arc::new(LiveReader::new(store).await?);
         let codec = Arc::new(EventCodec::new(registry_url)?);
         let hub = Arc::new(Hub::new(&topics.events));
         let (consumer, event_partitions) = answers::listener(kafka, &topics)?;
+        kafka.lanes.check(event_partitions).map_err(GatewayError::Lanes)?;
         let answers =
             tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
         let rate = Arc::new(Mutex::new(RateLimiter::new(args.rates, now_ms())));
@@ -196,6 +208,8 @@ impl Gateway {
             producer: EventProducer::new(kafka.client_config(), codec)?,
             topics,
             event_partitions,
+            lanes: kafka.lanes.clone(),
+            tiers,
             log: tokio::sync::Mutex::new(LogReader::new(kafka, registry_url)?),
             limits: Limits {
                 max_frame_bytes: args.max_frame_bytes as usize,
@@ -341,8 +355,8 @@ async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, out
         Ok(ClientFrame::Subscribe { conversation_id }) => {
             vec![subscribe(state, user, connection, outbox, &conversation_id).await]
         }
-        Ok(ClientFrame::Query { client_message_id, conversation_id, text }) => {
-            match validate_query(client_message_id, conversation_id, text, state.limits) {
+        Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane }) => {
+            match validate_query(client_message_id, conversation_id, text, lane, state.limits) {
                 Err(rejection) => vec![rejection.into_frame()],
                 Ok(query) => accept_query(state, user, connection, outbox, query).await,
             }
@@ -394,7 +408,13 @@ async fn accept_query(
     let client_message_id = Some(query.client_message_id.clone());
     let error = |code, message: String| vec![ServerFrame::error(code, message, client_message_id.clone())];
     let requested_new = query.conversation_id.is_none();
-    let conversation_id = query.conversation_id.unwrap_or_else(|| new_conversation_id(user, &query.client_message_id));
+    let conversation_id = match query.conversation_id {
+        Some(id) => id,
+        None => match lane_of_new_conversation(state, user, query.lane).await {
+            Ok(lane) => new_conversation_id(user, &query.client_message_id, lane, &state.lanes, state.event_partitions),
+            Err(e) => return error(ErrorCode::Unavailable, format!("the user's tier could not be read: {e}")),
+        },
+    };
     let admit = || state.hub.admit(user, conversation_id, &query.client_message_id, connection, outbox);
     let mut admission = admit();
     if admission == Err(Refusal::NotHeld) {
@@ -492,6 +512,16 @@ struct Refused {
     resets_at: Option<String>,
 }
 
+/// The lane a new conversation of `user`'s is served in: their tier, or the lower lane the
+/// client asked for (never a higher one).
+async fn lane_of_new_conversation(state: &AppState, user: &str, asked: Option<Lane>) -> Result<Lane, ProjectionError> {
+    if state.lanes.is_single_lane() {
+        return Ok(Lane::Standard);
+    }
+    let tier = state.tiers.tier_of(user).await?;
+    Ok(asked.map_or(tier, |asked| asked.max(tier)))
+}
+
 /// Load shedding, then rate limits, then the token budget reservation: the first that
 /// refuses decides, and what the earlier ones charged is given back. Shedding comes first
 /// so a shed turn costs the user nothing.
@@ -502,7 +532,8 @@ async fn admission_control(
     query_id: Uuid,
     text: &str,
 ) -> Result<(), Refused> {
-    if let Some(retry_after_ms) = state.overloaded() {
+    let partition = partition_for_key(conversation_id.to_string().as_bytes(), state.event_partitions);
+    if let Some(retry_after_ms) = state.overloaded(Some(state.lanes.lane_of(partition))) {
         let seconds = retry_after_ms.div_ceil(1000);
         return Err(Refused {
             code: ErrorCode::Overloaded,
