@@ -624,14 +624,15 @@ async fn lanes(stack: &support::Stack) {
         stub.answer_time()
     );
     println!(
-        "| lanes | flooded lane | higher lane | higher-lane first token p50 / p99 (ms) | × unloaded p99 | flood answered in (s) | errors |"
+        "| lanes | premium slots | flooded lane | higher lane | higher-lane first token p50 / p99 (ms) | × unloaded p99 | flood answered in (s) | errors |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (layout, low, high) in [
-        ("premium=0,batch=5", "batch", "standard"),
-        ("none", "batch", "standard"),
-        ("premium=0,batch=5", "standard", "premium"),
-        ("none", "standard", "premium"),
+    println!("|---|---|---|---|---|---|---|---|");
+    for (layout, premium_slots, low, high) in [
+        ("premium=0,batch=5", "0", "batch", "standard"),
+        ("none", "0", "batch", "standard"),
+        ("premium=0,batch=5", "0", "standard", "premium"),
+        ("premium=0,batch=5", "1", "standard", "premium"),
+        ("none", "0", "standard", "premium"),
     ] {
         let args = [
             "--llm-base-url",
@@ -643,6 +644,8 @@ async fn lanes(stack: &support::Stack) {
             "0",
             "--lanes",
             layout,
+            "--premium-slots",
+            premium_slots,
         ];
         let pipeline = support::Pipeline::start(stack, &[&args[..], &support::NO_RATE_LIMITS].concat()).await;
         let high_users: Vec<String> = (0..4).map(|u| format!("{}{high}-{u}", pipeline.prefix)).collect();
@@ -658,7 +661,7 @@ async fn lanes(stack: &support::Stack) {
         let unloaded_p99 = percentile(unloaded.high, 99.0);
         let p99 = percentile(loaded.high.clone(), 99.0);
         println!(
-            "| {layout} | {low} | {high} | {:.0} / {p99:.0} | {:.1}× (unloaded p99 {unloaded_p99:.0}) | {:.1} | {} |",
+            "| {layout} | {premium_slots} | {low} | {high} | {:.0} / {p99:.0} | {:.1}× (unloaded p99 {unloaded_p99:.0}) | {:.1} | {} |",
             percentile(loaded.high, 50.0),
             p99 / unloaded_p99,
             loaded.flood_done.iter().copied().fold(0.0, f64::max),

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
+use parley_eventlog::load::{self, LoadBoard};
+use parley_eventlog::settings::parse_duration;
 use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::budget::{self, BudgetLimits};
@@ -104,6 +106,10 @@ enum Command {
         /// A label copied onto every document, as key=value; repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Pause between documents while an inference queue is older than this, as the
+        /// gateways refuse documents then (0: never pause).
+        #[arg(long, env = "PARLEY_SHED_QUEUE_AGE", default_value = "10s", value_parser = parse_duration)]
+        shed_queue_age: Duration,
     },
     /// Create topics, register schemas and run every service in one process (quick start).
     All {
@@ -296,7 +302,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let (backend, vectors) = open_retrieval(&embedding, &milvus).await?;
             parley_embedder::run(&kafka, &registry, backend, vectors, args, shutdown).await?;
         }
-        Command::Ingest { paths, owner, labels } => return ingest(&kafka, &registry, &paths, &owner, &labels).await,
+        Command::Ingest { paths, owner, labels, shed_queue_age } => {
+            return ingest(&kafka, &registry, &paths, &owner, &labels, shed_queue_age).await;
+        }
         Command::Tier { user, tier } => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let tiers = TierBook::open(&store).await?;
@@ -617,6 +625,7 @@ async fn ingest(
     paths: &[PathBuf],
     owner: &str,
     labels: &[(String, String)],
+    shed_queue_age: Duration,
 ) -> Result<ExitCode> {
     let files = parley_ingest::files::collect(paths)?;
     let mut failures = 0;
@@ -649,7 +658,17 @@ async fn ingest(
     let started = Instant::now();
     let total = documents.len() as u64;
     let mut done = 0;
-    let outcomes = submit_all(&producer, &topic, &documents, |index, outcome| {
+    // The gateways' shedding signal: while it is on, the next document waits.
+    let board = Arc::new(std::sync::Mutex::new(LoadBoard::default()));
+    let shutdown = CancellationToken::new();
+    let follower = tokio::spawn(load::follow(load::follower(kafka)?, board.clone(), shutdown.clone()));
+    let pace = || {
+        let board = board.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let wait = board.overloaded(None, shed_queue_age, parley_events::event::now_millis())?;
+        eprint!("\rParley is shedding load: the next document waits {wait} ms ");
+        Some(Duration::from_millis(wait))
+    };
+    let outcomes = submit_all(&producer, &topic, &documents, pace, |index, outcome| {
         done += 1;
         if let Err(error) = outcome {
             eprintln!("\nfailed {}: {error}", names[index]);
@@ -657,6 +676,8 @@ async fn ingest(
         progress_bar(done, total, "documents", started.elapsed());
     })
     .await;
+    shutdown.cancel();
+    let _ = follower.await;
     eprintln!();
     failures += outcomes.iter().filter(|o| o.is_err()).count();
     let elapsed = started.elapsed().as_secs_f64();

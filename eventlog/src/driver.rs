@@ -161,6 +161,8 @@ pub async fn run<P: Processor>(
         .set("partition.assignment.strategy", "cooperative-sticky")
         // A member that died without leaving holds its partitions this long.
         .set("session.timeout.ms", "10000")
+        // A resumed lane's partitions join the next fetch: the broker holds one this long.
+        .set("fetch.wait.max.ms", "100")
         .set("heartbeat.interval.ms", "1000");
     if let Some(instance) = &kafka.instance_id {
         config.set("group.instance.id", instance);
@@ -346,15 +348,18 @@ impl<P: Processor> Driver<P> {
             self.show_queue_age();
             self.pause_full_lanes();
             let has_room = self.running.len() < self.settings.concurrency;
-            // Read ahead while a lane has less than a unit's worth waiting.
-            let can_read = self.queues.iter().any(|queue| queue.ready.len() < self.settings.batch_size);
-            // A unit that is not full starts once its first record has waited `batch_wait`.
+            // Read ahead while a lane has room.
+            let can_read = self.queues.iter().any(|queue| queue.ready.len() < self.read_ahead());
+            // A unit that is not full starts once its first record has waited `batch_wait`
+            // (only in a lane that may start one now: else this would spin).
+            let (running, lanes) = (self.running.len(), &self.settings.lanes);
             let fill_deadline = self
                 .queues
                 .iter()
-                .filter_map(|queue| queue.since)
+                .enumerate()
+                .filter(|(lane, _)| has_room && lanes.may_start(*lane, running, self.settings.concurrency))
+                .filter_map(|(_, queue)| queue.since)
                 .min()
-                .filter(|_| has_room)
                 .map(|since| since + self.settings.batch_wait);
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -523,15 +528,23 @@ impl<P: Processor> Driver<P> {
         }
     }
 
-    /// With several lanes, pauses the partitions of a lane with a unit's worth of records
-    /// waiting (the rest waits in Kafka, and the consumer keeps fetching the other lanes),
-    /// and resumes them once it has room. With one lane, not reading is enough.
+    /// Records a lane reads ahead: a unit, or one per slot (so a resumed lane refills in
+    /// one fetch rather than one round trip per record).
+    fn read_ahead(&self) -> usize {
+        self.settings.batch_size.max(self.settings.concurrency)
+    }
+
+    /// With several lanes, pauses the partitions of a lane whose read-ahead is full (the
+    /// rest waits in Kafka, and the consumer keeps fetching the other lanes), and resumes
+    /// them once it is half empty. With one lane, not reading is enough.
     fn pause_full_lanes(&mut self) {
         if self.queues.len() < 2 {
             return;
         }
+        let read_ahead = self.read_ahead();
         for lane in 0..self.queues.len() {
-            let full = self.queues[lane].ready.len() >= self.settings.batch_size;
+            let waiting = self.queues[lane].ready.len();
+            let full = if self.queues[lane].paused { waiting > read_ahead / 2 } else { waiting >= read_ahead };
             if full == self.queues[lane].paused {
                 continue;
             }

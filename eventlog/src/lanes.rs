@@ -1,7 +1,7 @@
 //! How a driver ranks its work: each partition belongs to a lane (0 is served first), the
 //! next free slot goes to a lane with work by weight (stride scheduling, each lane `ratio`
-//! times the weight of the lane below it), and one lane may be kept off the last slot so
-//! a higher lane's work never waits for a slot to free. Pure; the driver applies it.
+//! times the weight of the lane below it), and a lane may be kept off the last slots so a
+//! higher lane's work does not wait for a slot to free. Pure; the driver applies it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,8 +16,8 @@ pub struct Lanes {
     of: LaneOf,
     /// Each lane's weight is `ratio` times the next lower lane's.
     ratio: u32,
-    /// A lane that may not take the last free slot.
-    capped: Option<usize>,
+    /// Per lane, how many of the last free slots it may not take.
+    reserved: Vec<usize>,
 }
 
 impl fmt::Debug for Lanes {
@@ -35,24 +35,27 @@ impl Default for Lanes {
 impl Lanes {
     /// Every record in one lane: served in log order.
     pub fn single() -> Self {
-        Self { names: vec!["all"], of: Arc::new(|_, _| 0), ratio: 1, capped: None }
+        Self { names: vec!["all"], of: Arc::new(|_, _| 0), ratio: 1, reserved: vec![0] }
     }
 
     /// `names` highest first; `of(topic, partition)` is a lane's index in `names`.
     pub fn new(names: Vec<&'static str>, ratio: u32, of: impl Fn(&str, i32) -> usize + Send + Sync + 'static) -> Self {
         let last = names.len().saturating_sub(1);
+        let reserved = vec![0; names.len()];
         Self {
             names,
             of: Arc::new(move |topic, partition| of(topic, partition).min(last)),
             ratio: ratio.max(1),
-            capped: None,
+            reserved,
         }
     }
 
-    /// Keeps `lane` off the last free slot (when there is more than one slot).
+    /// Keeps `lane` off the last `slots` free slots (it may always take one).
     #[must_use]
-    pub fn cap(mut self, lane: usize) -> Self {
-        self.capped = Some(lane);
+    pub fn reserve(mut self, lane: usize, slots: usize) -> Self {
+        if let Some(reserved) = self.reserved.get_mut(lane) {
+            *reserved = slots;
+        }
         self
     }
 
@@ -70,8 +73,8 @@ impl Lanes {
 
     /// Whether `lane` may start a unit while `running` of `concurrency` slots are taken.
     pub fn may_start(&self, lane: usize, running: usize, concurrency: usize) -> bool {
-        let last_slot = concurrency > 1 && running + 1 >= concurrency;
-        !(last_slot && self.capped == Some(lane))
+        let reserved = self.reserved.get(lane).copied().unwrap_or(0);
+        running < concurrency.saturating_sub(reserved).max(1)
     }
 
     fn weight(&self, lane: usize) -> u64 {
@@ -144,13 +147,16 @@ mod tests {
     }
 
     #[test]
-    fn a_capped_lane_leaves_the_last_slot_free() {
-        let lanes = three().cap(2);
-        assert!(lanes.may_start(2, 2, 4));
-        assert!(!lanes.may_start(2, 3, 4));
-        assert!(lanes.may_start(1, 3, 4));
-        // One slot only: the cap would starve the lane.
+    fn a_lane_kept_off_the_last_slots_leaves_them_free() {
+        let lanes = three().reserve(1, 1).reserve(2, 2);
+        assert!(lanes.may_start(2, 1, 4));
+        assert!(!lanes.may_start(2, 2, 4));
+        assert!(lanes.may_start(1, 2, 4));
+        assert!(!lanes.may_start(1, 3, 4));
+        assert!(lanes.may_start(0, 3, 4));
+        // Fewer slots than reserved: the lane still gets one, or it would starve.
         assert!(lanes.may_start(2, 0, 1));
+        assert!(!lanes.may_start(2, 1, 2));
         assert_eq!(lanes.of("t", 7), 2, "out of range: the lowest lane");
         assert_eq!(Lanes::single().of("t", 3), 0);
     }

@@ -63,6 +63,14 @@ impl LoadBoard {
             .max()
             .unwrap_or(0)
     }
+
+    /// While `lane`'s queue (any lane's: `None`) is older than `threshold` (zero: never):
+    /// how long to wait before trying again, in ms (one threshold, at least a second: what
+    /// the queue needs to drain that far).
+    pub fn overloaded(&self, lane: Option<&str>, threshold: Duration, now_ms: i64) -> Option<u64> {
+        let threshold = u64::try_from(threshold.as_millis()).unwrap_or(u64::MAX);
+        (threshold > 0 && self.queue_age_ms(lane, now_ms) > threshold).then_some(threshold.max(1_000))
+    }
 }
 
 /// Publishes `queue`'s age (its lanes named by `lanes`) as `instance` until `shutdown`. A
@@ -147,6 +155,10 @@ mod tests {
         assert_eq!(board.queue_age_ms(None, 10_500), 100, "the latest report of an instance replaces its older one");
         board.record(report("c", 5_000, 1_000));
         assert_eq!(board.queue_age_ms(None, 10_500), 100, "a stale report (an instance gone) does not count");
+        let second = Duration::from_secs(1);
+        assert_eq!(board.overloaded(None, Duration::from_millis(50), 10_500), Some(1_000), "wait at least 1 s");
+        assert_eq!(board.overloaded(None, second, 10_500), None);
+        assert_eq!(board.overloaded(None, Duration::ZERO, 10_500), None, "0: never shed");
     }
 
     #[test]

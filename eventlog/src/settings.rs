@@ -30,7 +30,7 @@ pub struct KafkaSettings {
     /// one is standard), e.g. `premium=0,batch=5` or `premium=0+1,batch=5`; `none`: one
     /// lane, no priorities. Gateways and inference must agree: a new conversation gets an
     /// id that hashes into its lane's partitions, and inference serves lanes by weight.
-    #[arg(long, env = "PARLEY_LANES", default_value = parley_events::lanes::DEFAULT_LANES)]
+    #[arg(long, env = "PARLEY_LANES", global = true, default_value = parley_events::lanes::DEFAULT_LANES)]
     pub lanes: LaneLayout,
 }
 

@@ -131,6 +131,13 @@ pub struct InferenceArgs {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub lane_ratio: u32,
 
+    /// Slots kept free for premium turns: standard turns never take the last N (batch
+    /// turns never the last N + 1), so a premium turn does not wait for an answer to
+    /// finish; 0 lets standard use every slot while no premium turn waits.
+    #[arg(long, env = "PARLEY_PREMIUM_SLOTS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=255))]
+    pub premium_slots: u16,
+
     /// Queries answered at once (each starts as soon as it is fetched and a slot is free);
     /// match it to the model servers' slots.
     #[arg(long, env = "PARLEY_INFERENCE_CONCURRENCY", default_value_t = 4,
@@ -180,11 +187,14 @@ pub enum InferenceError {
     Config(#[from] MissingKey),
 }
 
-/// The driver's lanes: an events partition's lane, served by weight, batch capped.
-fn lanes(layout: &LaneLayout, ratio: u32) -> Lanes {
+/// The driver's lanes: an events partition's lane, served by weight; standard kept off
+/// `premium_slots` last slots, batch off one more.
+fn lanes(layout: &LaneLayout, ratio: u32, premium_slots: usize) -> Lanes {
     let names = Lane::ALL.iter().map(|lane| lane.as_str()).collect();
     let layout = layout.clone();
-    Lanes::new(names, ratio, move |_, partition| layout.lane_of(partition).index()).cap(Lane::Batch.index())
+    Lanes::new(names, ratio, move |_, partition| layout.lane_of(partition).index())
+        .reserve(Lane::Standard.index(), premium_slots)
+        .reserve(Lane::Batch.index(), premium_slots + 1)
 }
 
 /// Runs the inference consumer until `shutdown` is cancelled.
@@ -214,7 +224,7 @@ pub async fn run(
         batch_wait: Duration::ZERO,
         concurrency: usize::from(args.concurrency),
         one_per_key: true,
-        lanes: lanes(&kafka.lanes, args.lane_ratio),
+        lanes: lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots)),
         queue: QueueAge::new(Lane::ALL.len()),
     };
     // Gateways shed turns on this instance's queue age.

@@ -155,14 +155,11 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl AppState {
-    /// When `lane`'s inference queue (any lane's: `None`) is older than the shedding
-    /// threshold: how long to wait before trying again (one threshold: what the queue
-    /// needs to drain that far).
+    /// When `lane`'s inference queue (any lane's: `None`) is past the shedding threshold:
+    /// how long to wait before trying again.
     pub(crate) fn overloaded(&self, lane: Option<Lane>) -> Option<u64> {
-        let threshold = u64::try_from(self.shed_queue_age.as_millis()).unwrap_or(u64::MAX);
-        let age =
-            self.load.lock().unwrap_or_else(PoisonError::into_inner).queue_age_ms(lane.map(Lane::as_str), now_ms());
-        (threshold > 0 && age > threshold).then_some(threshold.max(1_000))
+        let board = self.load.lock().unwrap_or_else(PoisonError::into_inner);
+        board.overloaded(lane.map(Lane::as_str), self.shed_queue_age, now_ms())
     }
 }
 
