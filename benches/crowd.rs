@@ -515,9 +515,17 @@ async fn main() {
     }
 }
 
+/// One turn on a socket of its own, as its client saw it.
+struct LaneTurn {
+    first_token_ms: f64,
+    /// When the ack and the answer came (s since the step began).
+    acked_at: f64,
+    answered_at: f64,
+}
+
 /// One turn on a socket of its own, starting a conversation in `lane` (the user's tier
-/// when `None`): (first token ms, when the answer came, s since `epoch`).
-async fn lane_turn(url: &str, id: &str, lane: Option<&str>, epoch: Instant) -> Result<(f64, f64), String> {
+/// when `None`).
+async fn lane_turn(url: &str, id: &str, lane: Option<&str>, epoch: Instant) -> Result<LaneTurn, String> {
     let mut socket = connect(url, None).await.ok_or("connect")?;
     next_json(&mut socket).await.filter(|f| f["type"] == "ready").ok_or("no ready frame")?;
     let mut frame = json!({"type": "query", "client_message_id": id, "text": QUESTIONS[0]});
@@ -526,15 +534,17 @@ async fn lane_turn(url: &str, id: &str, lane: Option<&str>, epoch: Instant) -> R
     }
     let sent = Instant::now();
     socket.send(Message::Text(frame.to_string().into())).await.map_err(|e| e.to_string())?;
-    let mut first_token = None;
+    let (mut first_token, mut acked_at) = (None, 0.0);
     loop {
         let frame = next_json(&mut socket).await.ok_or("no answer within 120 s")?;
         match frame["type"].as_str() {
+            Some("ack") => acked_at = epoch.elapsed().as_secs_f64(),
             Some("token") => first_token = first_token.or(Some(sent.elapsed().as_secs_f64() * 1000.0)),
             Some("answer") => {
                 let _ = socket.close(None).await;
                 let answered = sent.elapsed().as_secs_f64() * 1000.0;
-                return Ok((first_token.unwrap_or(answered), epoch.elapsed().as_secs_f64()));
+                let answered_at = epoch.elapsed().as_secs_f64();
+                return Ok(LaneTurn { first_token_ms: first_token.unwrap_or(answered), acked_at, answered_at });
             }
             Some(kind @ ("failed" | "error")) => return Err(format!("{kind}: {}", frame["message"])),
             _ => {}
@@ -546,8 +556,8 @@ async fn lane_turn(url: &str, id: &str, lane: Option<&str>, epoch: Instant) -> R
 struct LaneStep {
     /// First-token latency of the higher lane's turns (ms).
     high: Vec<f64>,
-    /// When each flood turn was answered (s since the flood began).
-    flood_done: Vec<f64>,
+    /// Each flood turn as its client saw it.
+    flood: Vec<LaneTurn>,
     errors: usize,
 }
 
@@ -586,10 +596,10 @@ async fn lane_step(
             latencies
         }));
     }
-    let mut step = LaneStep { high: Vec::new(), flood_done: Vec::new(), errors: 0 };
+    let mut step = LaneStep { high: Vec::new(), flood: Vec::new(), errors: 0 };
     for task in floods {
         match task.await.unwrap() {
-            Ok((_, done)) => step.flood_done.push(done),
+            Ok(turn) => step.flood.push(turn),
             Err(_) => step.errors += 1,
         }
     }
@@ -597,7 +607,7 @@ async fn lane_step(
     for task in highs {
         for turn in task.await.unwrap() {
             match turn {
-                Ok((first_token, _)) => step.high.push(first_token),
+                Ok(turn) => step.high.push(turn.first_token_ms),
                 Err(_) => step.errors += 1,
             }
         }
@@ -624,9 +634,9 @@ async fn lanes(stack: &support::Stack) {
         stub.answer_time()
     );
     println!(
-        "| lanes | premium slots | flooded lane | higher lane | higher-lane first token p50 / p99 (ms) | × unloaded p99 | flood answered in (s) | errors |"
+        "| lanes | premium slots | flooded lane | higher lane | higher-lane first token p50 / p99 (ms) | × unloaded p99 | higher-lane turns meanwhile | flood acked in (s) | flood answered in (s) | errors |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (layout, premium_slots, low, high) in [
         ("premium=0,batch=5", "0", "batch", "standard"),
         ("none", "0", "batch", "standard"),
@@ -661,10 +671,12 @@ async fn lanes(stack: &support::Stack) {
         let unloaded_p99 = percentile(unloaded.high, 99.0);
         let p99 = percentile(loaded.high.clone(), 99.0);
         println!(
-            "| {layout} | {premium_slots} | {low} | {high} | {:.0} / {p99:.0} | {:.1}× (unloaded p99 {unloaded_p99:.0}) | {:.1} | {} |",
-            percentile(loaded.high, 50.0),
+            "| {layout} | {premium_slots} | {low} | {high} | {:.0} / {p99:.0} | {:.1}× (unloaded p99 {unloaded_p99:.0}) | {} | {:.1} | {:.1} | {} |",
+            percentile(loaded.high.clone(), 50.0),
             p99 / unloaded_p99,
-            loaded.flood_done.iter().copied().fold(0.0, f64::max),
+            loaded.high.len(),
+            loaded.flood.iter().map(|t| t.acked_at).fold(0.0, f64::max),
+            loaded.flood.iter().map(|t| t.answered_at).fold(0.0, f64::max),
             loaded.errors + unloaded.errors,
         );
         pipeline.stop().await;
