@@ -2,12 +2,15 @@
 //! automatic offset commits (each reader keeps its position where its effect is), and
 //! end-of-partition events, which the readers ask for, not reported as errors.
 
-use rdkafka::ClientConfig;
+use std::time::Duration;
+
 use rdkafka::client::ClientContext;
+use rdkafka::consumer::Consumer;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -48,6 +51,22 @@ pub fn reader_config(kafka: &KafkaSettings, group_id: &str, eof_events: bool) ->
 /// A reader built from [`reader_config`] (possibly extended).
 pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
     Ok(config.create_with_context(ReaderContext)?)
+}
+
+/// A reader of every partition of `topics` from their ends: a process that follows what
+/// is written from now on (a group of its own named after `name`; it commits nothing).
+pub fn tail(kafka: &KafkaSettings, name: &str, topics: &[&str]) -> Result<LogConsumer, EventLogError> {
+    let group = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            assignment.add_partition_offset(topic, partition.id(), Offset::End)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 /// The next record of a reader that follows a topic until `shutdown`, or None once

@@ -7,14 +7,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
+use rdkafka::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::consumer::{LogConsumer, next_record, reader, reader_config};
+use crate::consumer::{LogConsumer, next_record, tail};
 use crate::driver::QueueAge;
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
@@ -110,16 +109,7 @@ pub async fn publish(
 
 /// A consumer of the load topic from its end (only what is reported from now on counts).
 pub fn follower(kafka: &KafkaSettings) -> Result<LogConsumer, EventLogError> {
-    let group = format!("parley-load-{}", uuid::Uuid::new_v4().simple());
-    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "50"))?;
-    let topic = kafka.topics().load;
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        assignment.add_partition_offset(&topic, partition.id(), Offset::End)?;
-    }
-    consumer.assign(&assignment)?;
-    Ok(consumer)
+    tail(kafka, "parley-load", &[&kafka.topics().load])
 }
 
 /// Records every report `consumer` reads on `board` until `shutdown`.

@@ -92,6 +92,7 @@ impl EventCodec {
                 ConversationEvent::ResponseGenerated(self.typed(schema_id, &name, value)?)
             }
             LLMResponseFailed::FULL_NAME => ConversationEvent::ResponseFailed(self.typed(schema_id, &name, value)?),
+            TurnCancelRequested::FULL_NAME => ConversationEvent::CancelRequested(self.typed(schema_id, &name, value)?),
             other => {
                 return Err(EventsError::Undecodable {
                     schema_id: Some(schema_id),

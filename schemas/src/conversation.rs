@@ -65,7 +65,8 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
         retrieved: Vec::new(),
     };
     match event {
-        ConversationEvent::Started(_) => None,
+        // A cancel changes no message: the answer it leads to is marked cancelled.
+        ConversationEvent::Started(_) | ConversationEvent::CancelRequested(_) => None,
         ConversationEvent::QueryReceived(e) => Some(base(&e.envelope, MessageKind::UserQuery, &e.text)),
         ConversationEvent::ResponseGenerated(e) => Some(Message {
             query_event_id: Some(e.query_event_id.clone()),

@@ -178,6 +178,15 @@ pub struct LLMResponseFailed {
     pub attempts: i32,
 }
 
+/// The user asked to stop the answer to a query (it annotates the query's turn: same
+/// sequence number, advances nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnCancelRequested {
+    pub envelope: Envelope,
+    pub query_event_id: String,
+    pub user_id: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LLMTokenDelta {
     pub conversation_id: String,
@@ -213,6 +222,9 @@ impl AvroEvent for LLMResponseGenerated {
 impl AvroEvent for LLMResponseFailed {
     const FULL_NAME: &'static str = "io.parley.events.LLMResponseFailed";
 }
+impl AvroEvent for TurnCancelRequested {
+    const FULL_NAME: &'static str = "io.parley.events.TurnCancelRequested";
+}
 impl AvroEvent for LLMTokenDelta {
     const FULL_NAME: &'static str = "io.parley.events.LLMTokenDelta";
 }
@@ -236,6 +248,7 @@ pub enum ConversationEvent {
     QueryReceived(UserQueryReceived),
     ResponseGenerated(LLMResponseGenerated),
     ResponseFailed(LLMResponseFailed),
+    CancelRequested(TurnCancelRequested),
 }
 
 impl ConversationEvent {
@@ -245,6 +258,7 @@ impl ConversationEvent {
             Self::QueryReceived(e) => &e.envelope,
             Self::ResponseGenerated(e) => &e.envelope,
             Self::ResponseFailed(e) => &e.envelope,
+            Self::CancelRequested(e) => &e.envelope,
         }
     }
 
@@ -255,6 +269,7 @@ impl ConversationEvent {
             Self::QueryReceived(_) => UserQueryReceived::short_name(),
             Self::ResponseGenerated(_) => LLMResponseGenerated::short_name(),
             Self::ResponseFailed(_) => LLMResponseFailed::short_name(),
+            Self::CancelRequested(_) => TurnCancelRequested::short_name(),
         }
     }
 }

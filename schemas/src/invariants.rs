@@ -58,7 +58,8 @@ pub fn violations<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>) -
                 outcomes.entry(&outcome.query_event_id).or_default().push(envelope.sequence);
                 open = None;
             }
-            ConversationEvent::Started(_) => {}
+            // A cancel asks for an outcome; the outcome (cancelled or not) is what counts.
+            ConversationEvent::Started(_) | ConversationEvent::CancelRequested(_) => {}
         }
     }
     found.extend(

@@ -10,6 +10,10 @@ use crate::event::ConversationEvent;
 
 pub const STARTED_SEQUENCE: i64 = 1;
 
+/// The `finish_reason` of an answer stopped by a `TurnCancelRequested`: its text is what
+/// was generated until then. It ends the turn like any answer.
+pub const CANCELLED: &str = "cancelled";
+
 /// The id of the query a client message becomes: a repeat of the same client message id in
 /// the same conversation maps to the same event id, so duplicates are recognisable anywhere.
 pub fn query_event_id(conversation_id: Uuid, client_message_id: &str) -> Uuid {

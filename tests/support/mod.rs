@@ -560,6 +560,9 @@ pub async fn write_synthetic(
                     Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap())
                 }
                 ConversationEvent::ResponseFailed(e) => Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap()),
+                ConversationEvent::CancelRequested(e) => {
+                    Box::pin(producer.enqueue(topic, &key, e, None).await.unwrap())
+                }
             };
             pending.push(delivery);
         }

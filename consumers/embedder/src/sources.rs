@@ -67,7 +67,7 @@ pub fn message_record(event: &ConversationEvent, owners: &mut Owners) -> Result<
             };
             (&answer.envelope, owner, "assistant", &answer.text)
         }
-        ConversationEvent::ResponseFailed(_) => return Ok(None),
+        ConversationEvent::ResponseFailed(_) | ConversationEvent::CancelRequested(_) => return Ok(None),
     };
     if text.trim().is_empty() {
         return Ok(None);

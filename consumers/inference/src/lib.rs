@@ -8,6 +8,7 @@
 //! - [`service`]: the processor the event log's driver runs.
 
 pub mod balancer;
+pub mod cancel;
 pub mod context;
 pub mod llm;
 pub mod prompt;

@@ -10,10 +10,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures::future::join_all;
+use parley_eventlog::consumer::tail;
 use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
 use parley_eventlog::lanes::Lanes;
 use parley_eventlog::load;
@@ -43,9 +44,10 @@ use tracing::{Instrument, Span, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::balancer::EndpointSpec;
+use crate::cancel::{self, Cancels, Partial};
 use crate::context::ContextSource;
 use crate::llm::{ChatModel, LlmSettings, MissingKey};
-use crate::prompt::{PromptLayout, build_prompt};
+use crate::prompt::{PromptLayout, build_prompt, estimate_tokens};
 
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
 
@@ -235,6 +237,13 @@ pub async fn run(
         settings.lanes.names().to_vec(),
         shutdown.clone(),
     ));
+    let cancels = Arc::new(Cancels::default());
+    let cancel_follower = tokio::spawn(cancel::follow(
+        tail(kafka, "parley-inference-cancels", &[&topics.events])?,
+        codec.clone(),
+        cancels.clone(),
+        shutdown.clone(),
+    ));
     let llm = args.llm_settings();
     let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
     let worker = Arc::new(Worker {
@@ -251,6 +260,8 @@ pub async fn run(
         retrieval_min_score: args.retrieval_min_score,
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
+        model_name: args.llm_model.clone(),
+        cancels: cancels.clone(),
         budget,
         shutdown: shutdown.clone(),
     });
@@ -267,6 +278,7 @@ pub async fn run(
     let driven = parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await;
     probe.abort();
     reporter.abort();
+    cancel_follower.abort();
     driven?;
     info!("inference consumer stopped");
     Ok(())
@@ -303,6 +315,10 @@ struct Worker {
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<String>>,
+    /// Cancels requested, and the answers a cancel stops.
+    cancels: Arc<Cancels>,
+    /// The model named in a cancelled answer (no response named one).
+    model_name: String,
     /// The token budget ledger, when budgets are on: checked before the model is called
     /// (a turn that slipped past the gateway's reservation), settled after.
     budget: Option<(BudgetLedger, BudgetSettings)>,
@@ -323,6 +339,11 @@ impl Processor for Worker {
         let query_event_id = match event {
             ConversationEvent::ResponseGenerated(outcome) => &outcome.query_event_id,
             ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
+            // Usually known from the follower already; not when written while none ran.
+            ConversationEvent::CancelRequested(cancel) => {
+                self.cancels.request(&cancel.query_event_id, Instant::now());
+                return;
+            }
             ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return,
         };
         // Outcomes read in normal operation answer queries read before them: only those
@@ -349,7 +370,9 @@ impl Processor for Worker {
                 info!(query_event_id = %query.envelope.event_id, "outcome already in the log; not asking the model again");
                 continue;
             }
-            outgoing.push(self.answer(&query, message.partition(), message.offset()).await?);
+            let answered = self.answer(&query, message.partition(), message.offset()).await;
+            self.cancels.finish(&query.envelope.event_id);
+            outgoing.push(answered?);
         }
         Ok(outgoing)
     }
@@ -385,6 +408,12 @@ impl Worker {
                 payload,
                 traceparent: Some(traceparent.clone()),
             };
+            let Ok(cancel) = self.cancels.start(&query.envelope.event_id) else {
+                info!("cancelled before its answer started; writing an empty cancelled answer");
+                self.settle_budget(query, 0).await;
+                let cancelled = Partial::default().into_answer(envelope(), query, &self.model_name, 0, Vec::new());
+                return Ok(outgoing(self.codec.encode(&cancelled).await?));
+            };
             if let Some(exceeded) = self.over_budget(query).await {
                 warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
                 return Ok(outgoing(self.failed(envelope(), query, BUDGET_EXCEEDED, exceeded, 0).await?));
@@ -401,16 +430,34 @@ impl Worker {
                 self.prompt_layout,
             );
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
-            let (result, attempts) = self
+            let partial = Mutex::new(Partial::started());
+            let call = self
                 .model
                 .complete(&prompt.messages, |_, index, delta| {
+                    partial.lock().unwrap_or_else(PoisonError::into_inner).add(index, delta);
                     let _ = deltas.sender.send((index, delta.to_owned()));
                 })
-                .instrument(info_span!("inference.llm", prompt_messages = prompt.messages.len()))
-                .await;
+                .instrument(info_span!("inference.llm", prompt_messages = prompt.messages.len()));
+            // A cancel drops the call: its stream closes and the model server frees the slot.
+            let called = tokio::select! {
+                called = call => Some(called),
+                () = cancel.cancelled() => None,
+            };
             // Deltas reach the log before the outcome is committed, so a reader that sees
             // the outcome has had every delta offered first.
             deltas.finish().await;
+            let Some((result, attempts)) = called else {
+                let partial = partial.into_inner().unwrap_or_else(PoisonError::into_inner);
+                let prompt_tokens = prompt.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<usize>();
+                let prompt_tokens = i32::try_from(prompt_tokens).unwrap_or(i32::MAX);
+                let cancelled =
+                    partial.into_answer(envelope(), query, &self.model_name, prompt_tokens, prompt.retrieved);
+                info!(tokens = cancelled.completion_tokens, "cancelled while generating");
+                let used = i64::from(cancelled.prompt_tokens) + i64::from(cancelled.completion_tokens);
+                self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
+                let cancelled = LLMResponseGenerated { context_event_ids: prompt.context_event_ids, ..cancelled };
+                return Ok(outgoing(self.codec.encode(&cancelled).await?));
+            };
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
             let used = result.as_ref().map_or(0, |c| i64::from(c.prompt_tokens) + i64::from(c.completion_tokens));
             self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;

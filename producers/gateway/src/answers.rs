@@ -3,15 +3,14 @@
 //! keeps only what its own sockets wait for: any instance can hold any conversation.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, next_record, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, next_record, tail};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
+use rdkafka::Message;
 use rdkafka::consumer::Consumer;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info_span, warn};
 use uuid::Uuid;
@@ -22,17 +21,8 @@ use crate::protocol::ServerFrame;
 /// A consumer positioned at the end of the events and tokens topics, and the number of
 /// partitions of the events topic.
 pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<(LogConsumer, i32), EventLogError> {
-    let group = format!("parley-gateway-{}", Uuid::new_v4().simple());
-    let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
-    let mut assignment = TopicPartitionList::new();
-    for topic in [&topics.events, &topics.tokens] {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            assignment.add_partition_offset(topic, partition.id(), Offset::End)?;
-        }
-    }
-    consumer.assign(&assignment)?;
-    let event_partitions = assignment.elements_for_topic(&topics.events).len();
+    let consumer = tail(kafka, "parley-gateway", &[&topics.events, &topics.tokens])?;
+    let event_partitions = consumer.assignment()?.elements_for_topic(&topics.events).len();
     Ok((consumer, i32::try_from(event_partitions).unwrap_or(i32::MAX)))
 }
 
@@ -124,7 +114,9 @@ pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
             error_kind: e.error_kind.clone(),
             message: e.error_message.clone(),
         }),
-        ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => None,
+        ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) | ConversationEvent::CancelRequested(_) => {
+            None
+        }
     }
 }
 

@@ -79,6 +79,21 @@ pub enum DuplicateOutcome {
     InProjection { conversation_id: Uuid, query_id: Uuid, outcome_sequence: i64, after: LogPosition },
 }
 
+/// What a cancel would stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelTarget {
+    /// The turn waiting for its answer: a cancel is written for it.
+    Open { query_event_id: Uuid, sequence: i64 },
+    /// The query was answered already: nothing to stop.
+    Complete,
+    /// No turn is open (a cancel of "whatever is open").
+    NothingOpen,
+    /// No such query in the conversation.
+    UnknownQuery,
+    /// No such conversation of the user's (or not held here).
+    UnknownConversation,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// This instance does not hold the conversation: look it up in the projection, adopt
@@ -282,6 +297,24 @@ impl Hub {
         self.lock().contains_key(conversation_id)
     }
 
+    /// What a cancel by `user` of `query` (the open one: `None`) of a held conversation
+    /// would stop.
+    pub fn cancel_target(&self, user: &str, conversation_id: Uuid, query: Option<Uuid>) -> CancelTarget {
+        let slots = self.lock();
+        let Some(slot) = slots.get(&conversation_id).filter(|slot| slot.head.owner == user) else {
+            return CancelTarget::UnknownConversation;
+        };
+        let open =
+            slot.head.open_query.as_ref().and_then(|open| Some((open.event_id.parse::<Uuid>().ok()?, open.sequence)));
+        match (query, open) {
+            (None, Some((id, sequence))) => CancelTarget::Open { query_event_id: id, sequence },
+            (None, None) => CancelTarget::NothingOpen,
+            (Some(asked), Some((id, sequence))) if asked == id => CancelTarget::Open { query_event_id: id, sequence },
+            (Some(asked), _) if slot.queries.contains_key(&asked) => CancelTarget::Complete,
+            (Some(_), _) => CancelTarget::UnknownQuery,
+        }
+    }
+
     /// Applies an event read from the log at `partition`/`offset` (a query another
     /// instance wrote, or an outcome) and returns the subscribers to notify with `frame`
     /// (none for an event already applied, or one that ends no turn).
@@ -312,7 +345,11 @@ impl Hub {
         let query_event_id = match event {
             ConversationEvent::ResponseGenerated(e) => &e.query_event_id,
             ConversationEvent::ResponseFailed(e) => &e.query_event_id,
-            ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return vec![],
+            ConversationEvent::Started(_)
+            | ConversationEvent::QueryReceived(_)
+            | ConversationEvent::CancelRequested(_) => {
+                return vec![];
+            }
         };
         let Some(frame) = frame else { return vec![] };
         slot.last_outcome = Some((query_event_id.clone(), frame));

@@ -6,7 +6,8 @@ use parley_events::lanes::Lane;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2 added `cancel` (version 1 clients never send it and see no new frame).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a client may send.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -17,6 +18,8 @@ pub enum ClientFrame {
     Query { client_message_id: String, conversation_id: Option<String>, text: String, lane: Option<String> },
     /// Receive the answers of an existing conversation on this socket (after a reconnect).
     Subscribe { conversation_id: String },
+    /// Stop the answer to a query being generated (its text so far becomes the answer).
+    Cancel { conversation_id: String, query_event_id: String },
 }
 
 /// What the server sends.
@@ -71,6 +74,13 @@ pub enum ServerFrame {
     Subscribed {
         conversation_id: String,
     },
+    /// What a `cancel` did: `requested` (the answer, marked `cancelled`, follows) or
+    /// `already_complete` (nothing to stop: the answer exists).
+    CancelResult {
+        conversation_id: String,
+        query_event_id: String,
+        status: String,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -105,6 +115,8 @@ pub enum ErrorCode {
     UnknownConversation,
     /// The previous question of the conversation has no answer yet.
     TurnInProgress,
+    /// No such query in the conversation (a `cancel`).
+    UnknownQuery,
     /// The log could not take the event; nothing was written, retry later.
     Unavailable,
     /// A rate limit refused the query; nothing was written; `retry_after_ms` says when.

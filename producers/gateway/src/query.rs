@@ -23,6 +23,7 @@ use serde_json::json;
 use tracing::warn;
 use uuid::Uuid;
 
+use crate::protocol::ErrorCode;
 use crate::server::AppState;
 
 pub const MAX_PAGE: i32 = 100;
@@ -203,6 +204,27 @@ pub(crate) async fn conversations(
         .map(|(at, id, title)| json!({"conversation_id": id, "started_at": at, "title": title}))
         .collect();
     Ok(Json(json!({ "conversations": items, "next": next })))
+}
+
+/// `POST /api/conversations/{id}/cancel`: stops the answer of the open turn. 202 with
+/// `status: requested` and its `query_event_id`; 200 `nothing_to_cancel` when no turn is
+/// open; 404 for a conversation that is not the user's.
+pub(crate) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let user = user_of(&state, &headers)?;
+    match crate::server::cancel(&state, &user, &id, None).await {
+        Ok((Some(query), status)) => {
+            Ok((StatusCode::ACCEPTED, Json(json!({"status": status, "query_event_id": query.to_string()}))))
+        }
+        Ok((None, status)) => Ok((StatusCode::OK, Json(json!({"status": status})))),
+        Err((ErrorCode::UnknownConversation, message)) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message))
+        }
+        Err((_, message)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)),
+    }
 }
 
 /// A page cursor `<started_at>:<conversation id>`.

@@ -23,7 +23,9 @@ use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::event::{AvroEvent, now_millis as now_ms};
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
-use parley_events::{ConversationStarted, Envelope, EventCodec, EventsError, Producer, UserQueryReceived};
+use parley_events::{
+    ConversationStarted, Envelope, EventCodec, EventsError, Producer, TurnCancelRequested, UserQueryReceived,
+};
 use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::reader::{Freshness, LiveReader};
@@ -41,7 +43,9 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::auth::TokenSigner;
-use crate::hub::{Admission, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id};
+use crate::hub::{
+    Admission, CancelTarget, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id,
+};
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
@@ -225,6 +229,7 @@ impl Gateway {
             .route("/ws", get(upgrade))
             .route("/api/conversations", get(query::conversations))
             .route("/api/conversations/{id}", get(query::conversation))
+            .route("/api/conversations/{id}/cancel", post(query::cancel))
             .route(
                 "/api/documents",
                 post(knowledge::submit_document)
@@ -352,6 +357,18 @@ async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, out
         Ok(ClientFrame::Subscribe { conversation_id }) => {
             vec![subscribe(state, user, connection, outbox, &conversation_id).await]
         }
+        Ok(ClientFrame::Cancel { conversation_id, query_event_id }) => {
+            let frame = match query_event_id.parse::<Uuid>() {
+                Err(_) => ServerFrame::error(ErrorCode::InvalidField, "query_event_id is not a UUID".into(), None),
+                Ok(query) => match cancel(state, user, &conversation_id, Some(query)).await {
+                    Ok((_, status)) => {
+                        ServerFrame::CancelResult { conversation_id, query_event_id, status: status.to_owned() }
+                    }
+                    Err((code, message)) => ServerFrame::error(code, message, None),
+                },
+            };
+            vec![frame]
+        }
         Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane }) => {
             match validate_query(client_message_id, conversation_id, text, lane, state.limits) {
                 Err(rejection) => vec![rejection.into_frame()],
@@ -361,6 +378,55 @@ async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, out
     };
     for frame in frames {
         let _ = outbox.send(frame).await;
+    }
+}
+
+/// Asks to stop the answer to `query` (the open turn's: `None`) of a conversation of the
+/// user's, held here or adopted from the log: writes a `TurnCancelRequested` for it.
+/// Returns the query and `requested`, `already_complete` or `nothing_to_cancel`.
+pub(crate) async fn cancel(
+    state: &AppState,
+    user: &str,
+    conversation_id: &str,
+    query: Option<Uuid>,
+) -> Result<(Option<Uuid>, &'static str), (ErrorCode, String)> {
+    let unknown = || (ErrorCode::UnknownConversation, format!("no conversation {conversation_id} for this user"));
+    let Ok(id) = conversation_id.parse::<Uuid>() else { return Err(unknown()) };
+    if !state.hub.holds(&id) {
+        match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
+            Adopted::Held => {}
+            Adopted::Unknown => return Err(unknown()),
+            Adopted::Unavailable(message) => return Err((ErrorCode::Unavailable, message)),
+        }
+    }
+    let (query_event_id, sequence) = match state.hub.cancel_target(user, id, query) {
+        CancelTarget::Open { query_event_id, sequence } => (query_event_id, sequence),
+        CancelTarget::Complete => return Ok((query, "already_complete")),
+        CancelTarget::NothingOpen => return Ok((None, "nothing_to_cancel")),
+        CancelTarget::UnknownQuery => {
+            return Err((
+                ErrorCode::UnknownQuery,
+                format!("no query {} in this conversation", query.unwrap_or_default()),
+            ));
+        }
+        CancelTarget::UnknownConversation => return Err(unknown()),
+    };
+    let span = info_span!(parent: None, "gateway.cancel", conversation_id = %id, %query_event_id, traceparent = Empty);
+    let traceparent = traceparent_of(&span, None);
+    span.record("traceparent", traceparent.as_str());
+    // The query's sequence: a cancel annotates its turn and advances nothing.
+    let event = TurnCancelRequested {
+        envelope: Envelope::new(Uuid::new_v4(), id, sequence, SOURCE)
+            .with_correlation(query_event_id.to_string())
+            .with_traceparent(Some(traceparent.clone())),
+        query_event_id: query_event_id.to_string(),
+        user_id: user.to_owned(),
+    };
+    let key = id.to_string();
+    let written = state.producer.append(&state.topics.events, &key, &event, Some(&traceparent));
+    match written.instrument(span).await {
+        Ok(_) => Ok((Some(query_event_id), "requested")),
+        Err(e) => Err((ErrorCode::Unavailable, format!("the event log did not take the cancel; retry: {e}"))),
     }
 }
 
