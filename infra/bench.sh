@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark against the real local stack (started if needed, left running).
-#   infra/bench.sh pipeline_latency|projection|knowledge|crowd|prompt_cache|short_after_long|faults
+#   infra/bench.sh pipeline_latency|projection|knowledge|crowd|prompt_cache|short_after_long|faults|cancel
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
