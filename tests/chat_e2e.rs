@@ -707,3 +707,59 @@ async fn a_cancel_stops_the_answer_keeps_its_text_so_far_and_closes_the_turn() {
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stdout));
     pipeline.stop().await;
 }
+
+/// Frames of one turn as a following socket sees them: the question (when it was asked
+/// elsewhere), then the deltas and the outcome.
+async fn follow_turn(client: &mut support::Client) -> (Option<Value>, String, Value) {
+    let (mut question, mut streamed) = (None, String::new());
+    loop {
+        let frame = client.next_frame().await;
+        match frame["type"].as_str() {
+            Some("question") => question = Some(frame),
+            Some("token") => {
+                if frame["index"] == 0 {
+                    streamed.clear();
+                }
+                streamed.push_str(frame["delta"].as_str().unwrap());
+            }
+            Some("answer" | "failed") => return (question, streamed, frame),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_tab_of_a_user_sees_the_question_the_stream_and_the_answer_on_any_gateway() {
+    let Some(stack) = stack() else { return };
+    let mut args = vec!["--without-retrieval"];
+    args.extend(support::NO_RATE_LIMITS);
+    let mut pipeline = Pipeline::start(&stack, &args).await;
+    let (_, token) = pipeline.session_user().await;
+    let mut asking = pipeline.connect(&pipeline.http, &token).await;
+    asking.ask("first", None, "Say hello.").await;
+    let conversation = asking.reply_to("first").await["conversation_id"].as_str().unwrap().to_owned();
+    asking.until_outcome().await;
+
+    // Another tab on the same gateway, and a phone on a gateway started after the question.
+    let second_gateway = pipeline.extra_gateway(&args).await;
+    let mut tab = pipeline.connect(&pipeline.http, &token).await;
+    let mut phone = pipeline.connect(&second_gateway, &token).await;
+    for follower in [&mut tab, &mut phone] {
+        follower.send(json!({"type": "subscribe", "conversation_id": conversation})).await;
+        assert_eq!(follower.until("subscribed").await.pop().unwrap()["conversation_id"], conversation.as_str());
+    }
+    asking.ask("second", Some(&conversation), "Name three colors.").await;
+    let ack = asking.reply_to("second").await;
+    let (_, asked_stream, answer) = follow_turn(&mut asking).await;
+    assert_eq!(answer["type"], "answer", "{answer}");
+    assert_eq!(asked_stream, answer["text"].as_str().unwrap());
+    for follower in [&mut tab, &mut phone] {
+        let (question, streamed, outcome) = follow_turn(follower).await;
+        let question = question.expect("the question asked in the other tab");
+        assert_eq!(question["event_id"], ack["event_id"]);
+        assert_eq!(question["text"], "Name three colors.");
+        assert_eq!(outcome["event_id"], answer["event_id"], "the same answer everywhere");
+        assert_eq!(streamed, answer["text"].as_str().unwrap(), "the whole stream, in every tab");
+    }
+    pipeline.stop().await;
+}

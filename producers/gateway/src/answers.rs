@@ -8,7 +8,7 @@ use parley_eventlog::consumer::{LogConsumer, next_record, tail};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
-use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta};
+use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,10 @@ pub async fn run(
         }
         match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(decoded)) => {
-                let frame = outcome_frame(&decoded.event);
+                let frame = match &decoded.event {
+                    ConversationEvent::QueryReceived(query) => Some(question_frame(query)),
+                    event => outcome_frame(event),
+                };
                 let subscribers = hub.apply(&decoded.event, message.partition(), message.offset(), frame.clone());
                 if let Some(frame) = frame {
                     send_all(subscribers, &frame);
@@ -87,6 +90,17 @@ pub async fn run(
             }
             None => return, // shut down while waiting
         }
+    }
+}
+
+/// What the other sockets of a conversation show of a question.
+pub fn question_frame(query: &UserQueryReceived) -> ServerFrame {
+    ServerFrame::Question {
+        conversation_id: query.envelope.conversation_id.clone(),
+        event_id: query.envelope.event_id.clone(),
+        sequence: query.envelope.sequence,
+        client_message_id: query.client_message_id.clone(),
+        text: query.text.clone(),
     }
 }
 

@@ -250,12 +250,26 @@ impl Hub {
     }
 
     /// Records where a written query landed, for duplicates.
-    pub fn record_written(&self, conversation_id: Uuid, query_id: Uuid, sequence: i64, position: &LogPosition) {
-        if let Some(slot) = self.lock().get_mut(&conversation_id) {
-            slot.unstarted = false;
-            slot.partition = Some(position.partition);
-            slot.queries.insert(query_id, WrittenQuery { sequence, offset: position.offset });
-        }
+    /// The query is in the log: returns the conversation's other sockets here (besides
+    /// `asker`), which show the question too.
+    pub fn record_written(
+        &self,
+        conversation_id: Uuid,
+        query_id: Uuid,
+        sequence: i64,
+        position: &LogPosition,
+        asker: ConnectionId,
+    ) -> Vec<Outbox> {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(&conversation_id) else { return vec![] };
+        slot.unstarted = false;
+        slot.partition = Some(position.partition);
+        slot.queries.insert(query_id, WrittenQuery { sequence, offset: position.offset });
+        slot.subscribers
+            .iter()
+            .filter(|(connection, _)| **connection != asker)
+            .map(|(_, outbox)| outbox.clone())
+            .collect()
     }
 
     /// Undoes a reservation whose query could not be written.
@@ -345,11 +359,9 @@ impl Hub {
         let query_event_id = match event {
             ConversationEvent::ResponseGenerated(e) => &e.query_event_id,
             ConversationEvent::ResponseFailed(e) => &e.query_event_id,
-            ConversationEvent::Started(_)
-            | ConversationEvent::QueryReceived(_)
-            | ConversationEvent::CancelRequested(_) => {
-                return vec![];
-            }
+            // Asked through another instance: every socket here shows the question.
+            ConversationEvent::QueryReceived(_) => return slot.subscribers.values().cloned().collect(),
+            ConversationEvent::Started(_) | ConversationEvent::CancelRequested(_) => return vec![],
         };
         let Some(frame) = frame else { return vec![] };
         slot.last_outcome = Some((query_event_id.clone(), frame));

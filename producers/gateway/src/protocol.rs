@@ -74,6 +74,15 @@ pub enum ServerFrame {
     Subscribed {
         conversation_id: String,
     },
+    /// A question asked on another socket of the user's (another tab or device) in a
+    /// conversation this socket follows (v2).
+    Question {
+        conversation_id: String,
+        event_id: String,
+        sequence: i64,
+        client_message_id: String,
+        text: String,
+    },
     /// What a `cancel` did: `requested` (the answer, marked `cancelled`, follows) or
     /// `already_complete` (nothing to stop: the answer exists).
     CancelResult {

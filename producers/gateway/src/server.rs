@@ -550,7 +550,17 @@ async fn accept_query(
                 position: position.to_string(),
                 duplicate: false,
             };
-            state.hub.record_written(conversation_id, query_id, sequence, &position);
+            let other_tabs = state.hub.record_written(conversation_id, query_id, sequence, &position, connection);
+            let question = ServerFrame::Question {
+                conversation_id: conversation_id.to_string(),
+                event_id: query_id.to_string(),
+                sequence,
+                client_message_id: query.client_message_id.clone(),
+                text: query.text.clone(),
+            };
+            for outbox in other_tabs {
+                let _ = outbox.try_send(question.clone());
+            }
             vec![ack]
         }
         Err(e) => {
