@@ -763,3 +763,85 @@ async fn every_tab_of_a_user_sees_the_question_the_stream_and_the_answer_on_any_
     }
     pipeline.stop().await;
 }
+
+/// The frames of a resumed answer up to its outcome: (status, token indices, text, outcome).
+async fn resumed_turn(client: &mut support::Client) -> (String, Vec<i64>, String, Value) {
+    let status = client.until("resumed").await.pop().unwrap()["status"].as_str().unwrap().to_owned();
+    let (mut indices, mut text) = (Vec::new(), String::new());
+    loop {
+        let frame = client.next_frame().await;
+        match frame["type"].as_str() {
+            Some("token") => {
+                indices.push(frame["index"].as_i64().unwrap());
+                text.push_str(frame["delta"].as_str().unwrap());
+            }
+            Some("answer" | "failed") => return (status, indices, text, frame),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnected_client_resumes_the_answer_with_no_gap_and_no_repeat_on_any_gateway() {
+    let Some(stack) = stack() else { return };
+    let mut args = vec!["--without-retrieval", "--llm-max-tokens", "512"];
+    args.extend(support::NO_RATE_LIMITS);
+    let mut pipeline = Pipeline::start(&stack, &args).await;
+    let second_gateway =
+        pipeline.extra_gateway(&[&["--without-retrieval"][..], &support::NO_RATE_LIMITS].concat()).await;
+    let (_, token) = pipeline.session_user().await;
+    let mut first = pipeline.connect(&pipeline.http, &token).await;
+    first.ask("story", None, "Write a long story about a dragon and a knight, at least 400 words.").await;
+    let ack = first.reply_to("story").await;
+    let (conversation, query) = (ack["conversation_id"].clone(), ack["event_id"].clone());
+    let mut had = String::new();
+    let last_position = loop {
+        let frame = first.next_frame().await;
+        assert_eq!(frame["type"], "token", "{frame}");
+        had.push_str(frame["delta"].as_str().unwrap());
+        if frame["index"] == 4 {
+            break frame["position"].clone();
+        }
+    };
+    drop(first); // the network drops mid-answer
+
+    // Back on the other gateway, from the last delta it has.
+    let mut phone = pipeline.connect(&second_gateway, &token).await;
+    let resume = json!({"type": "resume", "conversation_id": conversation, "query_event_id": query,
+                        "last_index": 4, "position": last_position});
+    phone.send(resume).await;
+    // A reloaded page that has nothing of the answer yet.
+    let mut reloaded = pipeline.connect(&pipeline.http, &token).await;
+    reloaded
+        .send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": query, "last_index": -1}))
+        .await;
+
+    let (status, indices, rest, answer) = resumed_turn(&mut phone).await;
+    assert_eq!(status, "streaming");
+    assert_eq!(answer["finish_reason"], "length", "the answer was still being generated: {status}");
+    let expected: Vec<i64> = (5..5 + i64::try_from(indices.len()).unwrap()).collect();
+    assert_eq!(indices, expected, "no gap, no repeat");
+    assert_eq!(format!("{had}{rest}"), answer["text"].as_str().unwrap());
+    let (status, indices, all, again) = resumed_turn(&mut reloaded).await;
+    assert_eq!(status, "streaming");
+    assert_eq!(indices, (0..i64::try_from(indices.len()).unwrap()).collect::<Vec<_>>());
+    assert_eq!((all.as_str(), &again["event_id"]), (answer["text"].as_str().unwrap(), &answer["event_id"]));
+
+    // Once the answer exists, a resume gets it whole; unknown queries and strangers get errors.
+    phone
+        .send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": query, "last_index": 2}))
+        .await;
+    let (status, indices, _, done) = resumed_turn(&mut phone).await;
+    assert_eq!((status.as_str(), indices.len(), &done["event_id"]), ("complete", 0, &answer["event_id"]));
+    let unknown = uuid::Uuid::new_v4().to_string();
+    phone
+        .send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": unknown, "last_index": -1}))
+        .await;
+    assert_eq!(phone.until("error").await.pop().unwrap()["code"], "unknown_query");
+    let mut stranger = pipeline.client().await;
+    stranger
+        .send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": query, "last_index": -1}))
+        .await;
+    assert_eq!(stranger.until("error").await.pop().unwrap()["code"], "unknown_conversation");
+    pipeline.stop().await;
+}

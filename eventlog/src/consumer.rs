@@ -2,8 +2,10 @@
 //! automatic offset commits (each reader keeps its position where its effect is), and
 //! end-of-partition events, which the readers ask for, not reported as errors.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::Message;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
@@ -109,4 +111,53 @@ pub(crate) async fn blocking_query<T: Send + 'static>(
 /// instead of logging and polling a dead client forever).
 pub fn is_fatal(error: &KafkaError) -> bool {
     error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
+/// How long a read-back waits for the records it was told exist.
+const READ_BACK_WAIT: Duration = Duration::from_secs(10);
+
+/// A bounded read-back of one partition (e.g. the token deltas a reconnecting client
+/// missed): `from` is an offset, or a write time (ms) when `at_time` is set; at most `max`
+/// records up to the partition's end as of the call. `None`: `from` is older than what
+/// the partition still holds (retention removed it).
+pub async fn read_back(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    at_time: bool,
+    max: usize,
+) -> Result<Option<Vec<rdkafka::message::OwnedMessage>>, EventLogError> {
+    let group = format!("parley-read-back-{}", uuid::Uuid::new_v4().simple());
+    let consumer = Arc::new(reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?);
+    let (query, name) = (consumer.clone(), topic.to_owned());
+    let (low, high) = blocking_query(move || query.fetch_watermarks(&name, partition, READ_BACK_WAIT)).await?;
+    let start = if at_time {
+        let (query, name) = (consumer.clone(), topic.to_owned());
+        let mut times = TopicPartitionList::new();
+        times.add_partition_offset(&name, partition, Offset::Offset(from))?;
+        let found = blocking_query(move || query.offsets_for_times(times, READ_BACK_WAIT)).await?;
+        match found.find_partition(topic, partition).map(|p| p.offset()) {
+            Some(Offset::Offset(offset)) => offset,
+            _ => high, // nothing written since then
+        }
+    } else {
+        from
+    };
+    if start < low {
+        return Ok(None);
+    }
+    let mut records = Vec::new();
+    if start >= high {
+        return Ok(Some(records));
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&assignment)?;
+    while records.len() < max && records.last().is_none_or(|r: &rdkafka::message::OwnedMessage| r.offset() + 1 < high) {
+        // A transaction marker at the end is never delivered: stop when nothing more comes.
+        let Ok(message) = tokio::time::timeout(READ_BACK_WAIT, consumer.recv()).await else { break };
+        records.push(message?.detach());
+    }
+    Ok(Some(records))
 }

@@ -70,6 +70,11 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             error_message: "slow".into(),
             attempts: 3,
         }),
+        ConversationEvent::CancelRequested(TurnCancelRequested {
+            envelope: envelope(2),
+            query_event_id: Uuid::new_v4().to_string(),
+            user_id: "alice".into(),
+        }),
     ];
     for event in events {
         let bytes = match &event {
@@ -77,6 +82,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             ConversationEvent::QueryReceived(e) => codec.encode(e).await,
             ConversationEvent::ResponseGenerated(e) => codec.encode(e).await,
             ConversationEvent::ResponseFailed(e) => codec.encode(e).await,
+            ConversationEvent::CancelRequested(e) => codec.encode(e).await,
         }
         .unwrap();
         assert_eq!(bytes[0], 0, "Confluent magic byte");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use parley_eventlog::consumer::{LogConsumer, next_record, tail};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
-use parley_eventlog::{EventLogError, KafkaSettings, Topics};
+use parley_eventlog::{EventLogError, KafkaSettings, LogPosition, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
@@ -66,6 +66,14 @@ pub async fn run(
                         query_event_id: token.query_event_id,
                         index: token.index,
                         delta: token.delta,
+                        position: Some(
+                            LogPosition {
+                                topic: coordinates.0.clone(),
+                                partition: coordinates.1,
+                                offset: coordinates.2,
+                            }
+                            .to_string(),
+                        ),
                     };
                     send_all(subscribers, &frame);
                 }

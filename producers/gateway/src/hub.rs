@@ -311,6 +311,22 @@ impl Hub {
         self.lock().contains_key(conversation_id)
     }
 
+    /// Where a resumed answer stands: its outcome (known, pending, or in the projection)
+    /// and its query's place in the events topic; `None` for a query the conversation
+    /// (held, the user's) does not have.
+    pub fn resume_target(
+        &self,
+        user: &str,
+        conversation_id: Uuid,
+        query: Uuid,
+    ) -> Option<(DuplicateOutcome, LogPosition)> {
+        let slots = self.lock();
+        let slot = slots.get(&conversation_id).filter(|slot| slot.head.owner == user)?;
+        let written = slot.queries.get(&query)?;
+        let outcome = self.outcome_of(slot, conversation_id, query, written.sequence);
+        Some((outcome, self.position(slot, written.offset)))
+    }
+
     /// What a cancel by `user` of `query` (the open one: `None`) of a held conversation
     /// would stop.
     pub fn cancel_target(&self, user: &str, conversation_id: Uuid, query: Option<Uuid>) -> CancelTarget {
@@ -440,7 +456,8 @@ mod tests {
         let (tx, _rx) = outbox();
         let (_, query, sequence, _) = accepted(hub.admit("alice", conversation, client_message_id, 1, &tx));
         let position = LogPosition { topic: TOPIC.into(), partition: 2, offset };
-        hub.record_written(conversation, query, sequence, &position);
+        let others = hub.record_written(conversation, query, sequence, &position, 1);
+        assert!(others.is_empty(), "the asking socket is not sent its own question");
         hub.apply(&failed_outcome(conversation, query, sequence + 1), 2, offset + 1, Some(frame_of(query)));
         query
     }
@@ -519,7 +536,7 @@ mod tests {
             client_message_id: "b".into(),
             text: "hi".into(),
         });
-        assert!(hub.apply(&query, 4, 9, None).is_empty());
+        assert_eq!(hub.apply(&query, 4, 9, None).len(), 1, "its socket here is shown the question");
         let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
         assert!(matches!(*ack, ServerFrame::Ack { sequence: 4, .. }), "{ack:?}");
         assert_eq!(outcome, DuplicateOutcome::Pending);

@@ -5,6 +5,7 @@
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes outcomes and token deltas to sockets;
 //! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
+//! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
 //! - [`server`]: axum routes, the socket loop, query → event.
@@ -17,6 +18,7 @@ pub mod protocol;
 pub mod query;
 pub mod rate;
 pub mod rate_feed;
+pub mod resume;
 pub mod server;
 
 pub use server::{Gateway, GatewayArgs, GatewayError};

@@ -20,6 +20,9 @@ pub enum ClientFrame {
     Subscribe { conversation_id: String },
     /// Stop the answer to a query being generated (its text so far becomes the answer).
     Cancel { conversation_id: String, query_event_id: String },
+    /// After a reconnect: the deltas of an answer after `last_index` (-1: none yet), read
+    /// back from `position` (the last token frame's) or from the question, then live.
+    Resume { conversation_id: String, query_event_id: String, last_index: i32, position: Option<String> },
 }
 
 /// What the server sends.
@@ -47,6 +50,9 @@ pub enum ServerFrame {
         query_event_id: String,
         index: i32,
         delta: String,
+        /// Where the delta is in the tokens topic (v2): what `resume` starts after.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<String>,
     },
     Answer {
         conversation_id: String,
@@ -82,6 +88,17 @@ pub enum ServerFrame {
         sequence: i64,
         client_message_id: String,
         text: String,
+    },
+    /// A `resume` was accepted (v2): `streaming` (the missing deltas follow, then live
+    /// ones and the answer), `complete` (the answer follows: no deltas) or `tokens_expired`
+    /// (the deltas aged out of the tokens topic: the answer follows when it exists).
+    Resumed {
+        conversation_id: String,
+        query_event_id: String,
+        status: String,
+        /// The deltas read back, sent right after this frame (not a field on the wire).
+        #[serde(skip)]
+        replay: Vec<ServerFrame>,
     },
     /// What a `cancel` did: `requested` (the answer, marked `cancelled`, follows) or
     /// `already_complete` (nothing to stop: the answer exists).

@@ -15,6 +15,7 @@ use axum::routing::{delete, get, post};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use parley_eventlog::LogPosition;
+use parley_eventlog::consumer::read_back;
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::settings::parse_duration;
@@ -24,7 +25,8 @@ use parley_events::event::{AvroEvent, now_millis as now_ms};
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
 use parley_events::{
-    ConversationStarted, Envelope, EventCodec, EventsError, Producer, TurnCancelRequested, UserQueryReceived,
+    ConversationStarted, Envelope, EventCodec, EventsError, LLMTokenDelta, Producer, TurnCancelRequested,
+    UserQueryReceived,
 };
 use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
@@ -33,6 +35,7 @@ use parley_projections::replay::LogReader;
 use parley_projections::tiers::TierBook;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::Retriever;
+use rdkafka::Message as _;
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -50,6 +53,7 @@ use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
 use crate::rate::{RateLimiter, RateSettings};
+use crate::resume::TokenOrder;
 use crate::{answers, knowledge, query, rate_feed};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
@@ -117,6 +121,9 @@ pub enum GatewayError {
 
 pub(crate) struct AppState {
     hub: Arc<Hub>,
+    /// For read-backs of the tokens topic (a resumed answer).
+    kafka: KafkaSettings,
+    codec: Arc<EventCodec>,
     limits: Limits,
     /// Rate limits, fed from the log by [`rate_feed`].
     rate: Arc<Mutex<RateLimiter>>,
@@ -206,7 +213,9 @@ impl Gateway {
             budget,
             load,
             shed_queue_age: args.shed_queue_age,
-            producer: EventProducer::new(kafka.client_config(), codec)?,
+            producer: EventProducer::new(kafka.client_config(), codec.clone())?,
+            codec,
+            kafka: kafka.clone(),
             topics,
             event_partitions,
             lanes: kafka.lanes.clone(),
@@ -305,16 +314,24 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
     async {
         let (mut sink, mut stream) = socket.split();
         let (outbox, mut inbox) = mpsc::channel::<ServerFrame>(OUTBOX_CAPACITY);
-        let writer = tokio::spawn(async move {
-            while let Some(frame) = inbox.recv().await {
-                let Ok(text) = serde_json::to_string(&frame) else {
-                    continue;
-                };
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break;
+        // Deltas of a resumed answer come read back and live: sent once each, in order.
+        let order = Arc::new(Mutex::new(TokenOrder::default()));
+        let writer = tokio::spawn({
+            let order = order.clone();
+            async move {
+                'frames: while let Some(frame) = inbox.recv().await {
+                    let frames = order.lock().unwrap_or_else(PoisonError::into_inner).admit(frame);
+                    for frame in frames {
+                        let Ok(text) = serde_json::to_string(&frame) else {
+                            continue;
+                        };
+                        if sink.send(Message::Text(text.into())).await.is_err() {
+                            break 'frames;
+                        }
+                    }
                 }
+                let _ = sink.close().await;
             }
-            let _ = sink.close().await;
         });
         let _ = outbox
             .send(ServerFrame::Ready {
@@ -326,7 +343,10 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
             .await;
         while let Some(message) = stream.next().await {
             match message {
-                Ok(Message::Text(text)) => handle_text(&state, &user, connection, &outbox, text.as_str()).await,
+                Ok(Message::Text(text)) => {
+                    let socket = Socket { connection, outbox: &outbox, order: &order };
+                    handle_text(&state, &user, &socket, text.as_str()).await;
+                }
                 Ok(Message::Binary(_)) => {
                     let rejection = Rejection {
                         code: ErrorCode::MalformedFrame,
@@ -351,11 +371,23 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
     .await;
 }
 
-async fn handle_text(state: &AppState, user: &str, connection: ConnectionId, outbox: &Outbox, text: &str) {
+/// One client's socket as its frames' handlers see it.
+struct Socket<'a> {
+    connection: ConnectionId,
+    outbox: &'a Outbox,
+    order: &'a Mutex<TokenOrder>,
+}
+
+async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &str) {
+    let (connection, outbox) = (socket.connection, socket.outbox);
     let frames = match parse_frame(text, state.limits) {
         Err(rejection) => vec![rejection.into_frame()],
         Ok(ClientFrame::Subscribe { conversation_id }) => {
             vec![subscribe(state, user, connection, outbox, &conversation_id).await]
+        }
+        Ok(ClientFrame::Resume { conversation_id, query_event_id, last_index, position }) => {
+            let resumed = resume(state, user, socket, &conversation_id, &query_event_id, last_index, position);
+            resumed.await.unwrap_or_else(|(code, message)| vec![ServerFrame::error(code, message, None)])
         }
         Ok(ClientFrame::Cancel { conversation_id, query_event_id }) => {
             let frame = match query_event_id.parse::<Uuid>() {
@@ -721,7 +753,12 @@ async fn load_conversation(
 /// if it has one (an earlier turn's is read from the log once the projection, which
 /// indexes it, has caught up).
 async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: DuplicateOutcome) -> Vec<ServerFrame> {
-    let outcome = match outcome {
+    std::iter::once(*ack).chain(resolve_outcome(state, outcome).await).collect()
+}
+
+/// The outcome frame of a turn, when it has one: known here, or read from the log.
+async fn resolve_outcome(state: &AppState, outcome: DuplicateOutcome) -> Option<ServerFrame> {
+    match outcome {
         DuplicateOutcome::Known(frame) => Some(frame),
         DuplicateOutcome::Pending => None,
         DuplicateOutcome::InProjection { conversation_id, query_id, outcome_sequence, after } => {
@@ -729,13 +766,86 @@ async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: Dupl
                 Ok(frame) => frame,
                 // The ack alone is still right; the client reads the answer from the history.
                 Err(error) => {
-                    warn!(%error, "outcome of a resent earlier query not read");
+                    warn!(%error, "outcome of an earlier query not read");
                     None
                 }
             }
         }
+    }
+}
+
+/// Picks an answer up on this socket after a reconnect: subscribes it to the conversation,
+/// then sends the deltas after `last_index`, read back from the tokens topic (from after
+/// `position`, else from when the question was asked), while live ones keep coming (the
+/// socket's [`TokenOrder`] sends each once, in order), and the answer after them.
+async fn resume(
+    state: &AppState,
+    user: &str,
+    socket: &Socket<'_>,
+    conversation_id: &str,
+    query_event_id: &str,
+    last_index: i32,
+    position: Option<String>,
+) -> Result<Vec<ServerFrame>, (ErrorCode, String)> {
+    let subscribed = subscribe(state, user, socket.connection, socket.outbox, conversation_id).await;
+    if !matches!(subscribed, ServerFrame::Subscribed { .. }) {
+        return Ok(vec![subscribed]);
+    }
+    let unknown_query = || (ErrorCode::UnknownQuery, format!("no query {query_event_id} in this conversation"));
+    let (Ok(conversation), Ok(query)) = (conversation_id.parse::<Uuid>(), query_event_id.parse::<Uuid>()) else {
+        return Err(unknown_query());
     };
-    std::iter::once(*ack).chain(outcome).collect()
+    let (outcome, asked_at) = state.hub.resume_target(user, conversation, query).ok_or_else(unknown_query)?;
+    socket.order.lock().unwrap_or_else(PoisonError::into_inner).resume(query_event_id, last_index);
+    let resumed = |status: &str, replay: Vec<ServerFrame>| ServerFrame::Resumed {
+        conversation_id: conversation_id.to_owned(),
+        query_event_id: query_event_id.to_owned(),
+        status: status.to_owned(),
+        replay,
+    };
+    if outcome != DuplicateOutcome::Pending {
+        let outcome = resolve_outcome(state, outcome).await;
+        return Ok(std::iter::once(resumed("complete", Vec::new())).chain(outcome).collect());
+    }
+    let unavailable =
+        |e: EventLogError| (ErrorCode::Unavailable, format!("the tokens could not be read back; retry: {e}"));
+    let partition = partition_for_key(conversation_id.as_bytes(), state.event_partitions);
+    let after = position
+        .and_then(|p| p.parse::<LogPosition>().ok())
+        .filter(|p| p.topic == state.topics.tokens && p.partition == partition);
+    let from = match after {
+        Some(after) => (after.offset + 1, false),
+        None => {
+            let question = read_back(&state.kafka, &asked_at.topic, asked_at.partition, asked_at.offset, false, 1);
+            let written_at =
+                question.await.map_err(unavailable)?.and_then(|records| records.first()?.timestamp().to_millis());
+            let gone = || (ErrorCode::Unavailable, "the question is not in the log any more".to_owned());
+            (written_at.ok_or_else(gone)?, true)
+        }
+    };
+    let tokens = &state.topics.tokens;
+    let read = read_back(&state.kafka, tokens, partition, from.0, from.1, usize::MAX).await.map_err(unavailable)?;
+    let Some(records) = read else {
+        return Ok(vec![resumed("tokens_expired", Vec::new())]);
+    };
+    let mut replay = Vec::new();
+    for record in records {
+        let Ok(decoded) = state.codec.decode::<LLMTokenDelta>(record.payload().unwrap_or_default()).await else {
+            continue;
+        };
+        let delta = decoded.event;
+        if delta.query_event_id == query_event_id && delta.index > last_index {
+            let at = LogPosition { topic: tokens.clone(), partition, offset: record.offset() };
+            replay.push(ServerFrame::Token {
+                conversation_id: delta.conversation_id,
+                query_event_id: delta.query_event_id,
+                index: delta.index,
+                delta: delta.delta,
+                position: Some(at.to_string()),
+            });
+        }
+    }
+    Ok(vec![resumed("streaming", replay)])
 }
 
 /// The outcome event of an earlier turn, read from the log where the projection's index
