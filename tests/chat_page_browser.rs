@@ -234,3 +234,64 @@ async fn a_document_added_on_the_page_is_used_in_answers_until_removed() {
     browser.stop().await;
     pipeline.stop().await;
 }
+
+/// Waits until the page's streaming bubble shows more than `chars` characters.
+async fn until_streaming(browser: &Browser, chars: usize) {
+    let streaming = format!("return (document.querySelector('.msg.bot.streaming')?.textContent.length ?? 0) > {chars}");
+    browser.until("the answer streaming", &streaming).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_page_resumes_the_answer_stop_keeps_what_was_said_and_earlier_chats_reopen() {
+    let Some(stack) = stack() else { return };
+    let Some(browser) = Browser::start().await else { return };
+    let pipeline = Pipeline::start(&stack, &["--llm-max-tokens", "400"]).await;
+    let long = "Write a long story about a dragon and a knight, at least 300 words.";
+    browser.client.goto(&format!("{}/", pipeline.http)).await.unwrap();
+    browser.until_connected().await;
+
+    // Reload in the middle of a long answer: the page picks it up and shows all of it.
+    type_question(&browser, long).await;
+    until_streaming(&browser, 20).await;
+    browser.client.refresh().await.unwrap();
+    browser.until_connected().await;
+    until_answered(&browser, 0).await;
+    let token = browser.script("return localStorage.getItem('parley.token')").await.as_str().unwrap().to_owned();
+    let conversation =
+        browser.script("return localStorage.getItem('parley.conversation')").await.as_str().unwrap().to_owned();
+    let stored = pipeline.conversation_when(&token, &conversation, 2).await;
+    let shown = browser.bubbles().await;
+    assert_eq!(shown.len(), 2, "one question, one answer: {shown:?}");
+    assert_eq!(shown[1].1, stored["messages"][1]["text"].as_str().unwrap(), "the whole answer after the reload");
+
+    // Stop: the answer so far stays, marked stopped, and the next question is answered.
+    type_question(&browser, long).await;
+    until_streaming(&browser, 20).await;
+    browser.client.find(Locator::Id("stop")).await.unwrap().click().await.unwrap();
+    let stopped =
+        "return [...document.querySelectorAll('.msg.bot .meta')].some(m => m.textContent.startsWith('stopped'))";
+    browser.until("the stopped answer", stopped).await;
+    let stored = pipeline.conversation_when(&token, &conversation, 4).await;
+    let shown = browser.bubbles().await;
+    assert_eq!(shown[3].1, stored["messages"][3]["text"].as_str().unwrap(), "what was said before the stop");
+    assert!(shown[3].1.len() < stored["messages"][1]["text"].as_str().unwrap().len() * 2, "{shown:?}");
+    type_question(&browser, "Say OK.").await;
+    until_answered(&browser, 2).await;
+
+    // A new chat, then the earlier one reopened from the list (newest first).
+    browser.client.find(Locator::Id("new")).await.unwrap().click().await.unwrap();
+    type_question(&browser, "Name a fruit.").await;
+    until_answered(&browser, 0).await;
+    browser.client.find(Locator::Id("convs-toggle")).await.unwrap().click().await.unwrap();
+    let listed = "return [...document.querySelectorAll('#conv-list li')].map(li => li.dataset.conversationId)";
+    let ids = browser
+        .until("two conversations", &format!("const ids = (() => {{ {listed} }})(); return ids.length === 2 && ids"))
+        .await;
+    assert_eq!(ids[1], conversation.as_str(), "the earlier conversation is listed second: {ids}");
+    browser.client.find(Locator::Css("#conv-list li:nth-child(2) button")).await.unwrap().click().await.unwrap();
+    browser.until("the reopened history", "return document.querySelectorAll('#log .msg').length === 6").await;
+    assert_eq!(browser.bubbles().await[3].1, shown[3].1, "the stopped answer, reopened");
+
+    browser.stop().await;
+    pipeline.stop().await;
+}
