@@ -17,7 +17,8 @@ use parley_events::budget::{self, BudgetLimits};
 use parley_events::invariants::{Violation, violations};
 use parley_events::lanes::Lane;
 use parley_events::registry::{SchemaRegistry, Verdict};
-use parley_events::{EventCodec, SchemaCatalog};
+use parley_events::turn::CANCELLED;
+use parley_events::{ConversationEvent, EventCodec, SchemaCatalog};
 use parley_gateway::{Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_ingest::Submission;
@@ -517,6 +518,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         println!("     caused by {cause}, written by {}", r.producer);
                     } else {
                         println!("     written by {}", r.producer);
+                    }
+                    match &r.event {
+                        ConversationEvent::CancelRequested(cancel) => {
+                            println!(
+                                "     asks to stop the answer to {} (asked by {})",
+                                cancel.query_event_id, cancel.user_id
+                            );
+                        }
+                        ConversationEvent::ResponseGenerated(answer) if answer.finish_reason == CANCELLED => {
+                            println!("     stopped by a cancel after {} tokens", answer.completion_tokens);
+                        }
+                        _ => {}
                     }
                     for hit in &r.retrieved {
                         println!(

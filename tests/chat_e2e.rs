@@ -705,6 +705,9 @@ async fn a_cancel_stops_the_answer_keeps_its_text_so_far_and_closes_the_turn() {
     assert_eq!((cancel.query_event_id.as_str(), cancel.envelope.sequence), (query, 2));
     let replay = pipeline.cli(&["replay", conversation]);
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stdout));
+    let audit = pipeline.cli(&["audit", conversation, "--scan"]);
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.contains("TurnCancelRequested") && audit.contains("stopped by a cancel after"), "{audit}");
     pipeline.stop().await;
 }
 
