@@ -452,6 +452,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         )
                     });
                     println!("  #{:<4} {:<10} {usage}{}", m.sequence, m.kind.as_str(), m.text.replace('\n', " "));
+                    // A cancel carries its query's sequence: shown under the question.
+                    for record in &records {
+                        if let ConversationEvent::CancelRequested(cancel) = &record.event
+                            && cancel.envelope.sequence == m.sequence
+                        {
+                            println!("  #{:<4} {:<10} asked by {}", m.sequence, "cancel", cancel.user_id);
+                        }
+                    }
                 }
                 for (expected, got) in &state.gaps {
                     println!("  gap: expected sequence {expected}, log continues at {got}");

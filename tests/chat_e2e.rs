@@ -703,8 +703,9 @@ async fn a_cancel_stops_the_answer_keeps_its_text_so_far_and_closes_the_turn() {
     );
     let ConversationEvent::CancelRequested(cancel) = &events[2].0 else { panic!("{events:?}") };
     assert_eq!((cancel.query_event_id.as_str(), cancel.envelope.sequence), (query, 2));
-    let replay = pipeline.cli(&["replay", conversation]);
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stdout));
+    let replay = pipeline.cli(&["replay", conversation, "--scan"]);
+    let shown = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success() && shown.contains("cancel     asked by"), "{shown}");
     let audit = pipeline.cli(&["audit", conversation, "--scan"]);
     let audit = String::from_utf8_lossy(&audit.stdout);
     assert!(audit.contains("TurnCancelRequested") && audit.contains("stopped by a cancel after"), "{audit}");
