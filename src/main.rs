@@ -114,8 +114,9 @@ enum Command {
     },
     /// Create topics, register schemas and run every service in one process (quick start).
     All {
+        // Boxed: the one large variant (clippy's large_enum_variant).
         #[command(flatten)]
-        gateway: GatewayArgs,
+        gateway: Box<GatewayArgs>,
         #[command(flatten)]
         inference: InferenceArgs,
         #[command(flatten)]

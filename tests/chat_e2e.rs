@@ -824,6 +824,7 @@ async fn a_reconnected_client_resumes_the_answer_with_no_gap_and_no_repeat_on_an
     let (status, indices, rest, answer) = resumed_turn(&mut phone).await;
     assert_eq!(status, "streaming", "the answer was still being generated");
     assert_eq!(answer["type"], "answer", "{answer}");
+    assert_ne!(answer["finish_reason"], "cancelled", "disconnecting does not cancel");
     let expected: Vec<i64> = (5..5 + i64::try_from(indices.len()).unwrap()).collect();
     assert_eq!(indices, expected, "no gap, no repeat");
     assert_eq!(format!("{had}{rest}"), answer["text"].as_str().unwrap());
@@ -848,5 +849,28 @@ async fn a_reconnected_client_resumes_the_answer_with_no_gap_and_no_repeat_on_an
         .send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": query, "last_index": -1}))
         .await;
     assert_eq!(stranger.until("error").await.pop().unwrap()["code"], "unknown_conversation");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_cancel_after_disconnect_an_answer_nobody_follows_is_stopped() {
+    let Some(stack) = stack() else { return };
+    let mut args = vec!["--without-retrieval", "--llm-max-tokens", "512", "--cancel-after-disconnect", "300ms"];
+    args.extend(support::NO_RATE_LIMITS);
+    let pipeline = Pipeline::start(&stack, &args).await;
+    let (_, token) = pipeline.session_user().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("story", None, "Write a long story about a dragon and a knight, at least 400 words.").await;
+    let ack = client.reply_to("story").await;
+    while client.next_frame().await["index"] != 2 {}
+    drop(client);
+    // Well after the grace period, the answer was stopped where it was.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut back = pipeline.connect(&pipeline.http, &token).await;
+    let resume = json!({"type": "resume", "conversation_id": ack["conversation_id"], "query_event_id": ack["event_id"],
+                        "last_index": -1});
+    back.send(resume).await;
+    let (status, _, _, answer) = resumed_turn(&mut back).await;
+    assert_eq!((status.as_str(), &answer["finish_reason"]), ("complete", &json!("cancelled")), "{answer}");
     pipeline.stop().await;
 }

@@ -300,10 +300,28 @@ impl Hub {
     }
 
     /// Forgets a closed socket.
-    pub fn disconnect(&self, connection: ConnectionId) {
-        for slot in self.lock().values_mut() {
-            slot.subscribers.remove(&connection);
+    /// Forgets a closed socket; returns the open turns it followed, as (conversation,
+    /// query, owner), for a caller that stops answers nobody follows any more.
+    pub fn disconnect(&self, connection: ConnectionId) -> Vec<(Uuid, Uuid, String)> {
+        let mut followed = Vec::new();
+        for (conversation, slot) in self.lock().iter_mut() {
+            if slot.subscribers.remove(&connection).is_some()
+                && let Some(open) = slot.head.open_query.as_ref()
+                && let Ok(query) = open.event_id.parse::<Uuid>()
+            {
+                followed.push((*conversation, query, slot.head.owner.clone()));
+            }
         }
+        followed
+    }
+
+    /// Whether `query` is still the open turn of `conversation` and no socket here follows it.
+    pub fn abandoned(&self, conversation_id: Uuid, query: Uuid) -> bool {
+        let slots = self.lock();
+        slots.get(&conversation_id).is_some_and(|slot| {
+            slot.subscribers.is_empty()
+                && slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query.to_string())
+        })
     }
 
     /// Whether this instance holds the conversation (a cheap filter before decoding).

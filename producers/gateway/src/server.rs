@@ -101,6 +101,12 @@ pub struct GatewayArgs {
     /// oldest waiting query has waited longer than this (0: never).
     #[arg(long, env = "PARLEY_SHED_QUEUE_AGE", default_value = "10s", value_parser = parse_duration)]
     pub shed_queue_age: Duration,
+
+    /// Stop an answer once no socket on this instance has followed it for this long after
+    /// the last one closed (0: never; disconnecting does not cancel). A client that comes
+    /// back on another instance within the time is not seen here.
+    #[arg(long, env = "PARLEY_CANCEL_AFTER_DISCONNECT", default_value = "0s", value_parser = parse_duration)]
+    pub cancel_after_disconnect: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -132,6 +138,7 @@ pub(crate) struct AppState {
     /// The inference instances' queue ages, fed by [`load::follow`].
     load: Arc<Mutex<LoadBoard>>,
     shed_queue_age: Duration,
+    cancel_after_disconnect: Duration,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
@@ -213,6 +220,7 @@ impl Gateway {
             budget,
             load,
             shed_queue_age: args.shed_queue_age,
+            cancel_after_disconnect: args.cancel_after_disconnect,
             producer: EventProducer::new(kafka.client_config(), codec.clone())?,
             codec,
             kafka: kafka.clone(),
@@ -363,7 +371,10 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
                 }
             }
         }
-        state.hub.disconnect(connection);
+        let followed = state.hub.disconnect(connection);
+        if !state.cancel_after_disconnect.is_zero() && !followed.is_empty() {
+            tokio::spawn(cancel_abandoned(state.clone(), followed));
+        }
         drop(outbox);
         let _ = writer.await;
     }
@@ -459,6 +470,20 @@ pub(crate) async fn cancel(
     match written.instrument(span).await {
         Ok(_) => Ok((Some(query_event_id), "requested")),
         Err(e) => Err((ErrorCode::Unavailable, format!("the event log did not take the cancel; retry: {e}"))),
+    }
+}
+
+/// After `--cancel-after-disconnect`, stops the answers a closed socket followed that no
+/// socket here follows any more.
+async fn cancel_abandoned(state: Arc<AppState>, followed: Vec<(Uuid, Uuid, String)>) {
+    tokio::time::sleep(state.cancel_after_disconnect).await;
+    for (conversation, query, owner) in followed {
+        if state.hub.abandoned(conversation, query) {
+            match cancel(&state, &owner, &conversation.to_string(), Some(query)).await {
+                Ok(_) => info!(%conversation, %query, "answer stopped: no socket followed it"),
+                Err((_, message)) => warn!(%conversation, %query, %message, "abandoned answer not stopped"),
+            }
+        }
     }
 }
 
