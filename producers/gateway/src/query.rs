@@ -24,7 +24,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::protocol::ErrorCode;
-use crate::server::AppState;
+use crate::server::{AppState, CancelOutcome};
 
 pub const MAX_PAGE: i32 = 100;
 
@@ -216,10 +216,10 @@ pub(crate) async fn cancel(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers)?;
     match crate::server::cancel(&state, &user, &id, None).await {
-        Ok((Some(query), status)) => {
-            Ok((StatusCode::ACCEPTED, Json(json!({"status": status, "query_event_id": query.to_string()}))))
+        Ok(done @ CancelOutcome::Requested(query)) => {
+            Ok((StatusCode::ACCEPTED, Json(json!({"status": done.status(), "query_event_id": query.to_string()}))))
         }
-        Ok((None, status)) => Ok((StatusCode::OK, Json(json!({"status": status})))),
+        Ok(done) => Ok((StatusCode::OK, Json(json!({"status": done.status()})))),
         Err((ErrorCode::UnknownConversation, message)) => {
             Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message))
         }

@@ -404,8 +404,8 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
             let frame = match query_event_id.parse::<Uuid>() {
                 Err(_) => ServerFrame::error(ErrorCode::InvalidField, "query_event_id is not a UUID".into(), None),
                 Ok(query) => match cancel(state, user, &conversation_id, Some(query)).await {
-                    Ok((_, status)) => {
-                        ServerFrame::CancelResult { conversation_id, query_event_id, status: status.to_owned() }
+                    Ok(done) => {
+                        ServerFrame::CancelResult { conversation_id, query_event_id, status: done.status().to_owned() }
                     }
                     Err((code, message)) => ServerFrame::error(code, message, None),
                 },
@@ -424,28 +424,42 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
     }
 }
 
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelOutcome {
+    /// A `TurnCancelRequested` for this query is in the log.
+    Requested(Uuid),
+    /// The answer exists: nothing to stop.
+    AlreadyComplete,
+    /// No turn is open.
+    NothingToCancel,
+}
+
+impl CancelOutcome {
+    /// As the protocol and the HTTP API name it.
+    pub(crate) fn status(self) -> &'static str {
+        match self {
+            Self::Requested(_) => "requested",
+            Self::AlreadyComplete => "already_complete",
+            Self::NothingToCancel => "nothing_to_cancel",
+        }
+    }
+}
+
 /// Asks to stop the answer to `query` (the open turn's: `None`) of a conversation of the
 /// user's, held here or adopted from the log: writes a `TurnCancelRequested` for it.
-/// Returns the query and `requested`, `already_complete` or `nothing_to_cancel`.
 pub(crate) async fn cancel(
     state: &AppState,
     user: &str,
     conversation_id: &str,
     query: Option<Uuid>,
-) -> Result<(Option<Uuid>, &'static str), (ErrorCode, String)> {
-    let unknown = || (ErrorCode::UnknownConversation, format!("no conversation {conversation_id} for this user"));
-    let Ok(id) = conversation_id.parse::<Uuid>() else { return Err(unknown()) };
-    if !state.hub.holds(&id) {
-        match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
-            Adopted::Held => {}
-            Adopted::Unknown => return Err(unknown()),
-            Adopted::Unavailable(message) => return Err((ErrorCode::Unavailable, message)),
-        }
-    }
+) -> Result<CancelOutcome, (ErrorCode, String)> {
+    let id = hold(state, user, conversation_id).await?;
+    let unknown = || (ErrorCode::UnknownConversation, unknown_conversation(conversation_id));
     let (query_event_id, sequence) = match state.hub.cancel_target(user, id, query) {
         CancelTarget::Open { query_event_id, sequence } => (query_event_id, sequence),
-        CancelTarget::Complete => return Ok((query, "already_complete")),
-        CancelTarget::NothingOpen => return Ok((None, "nothing_to_cancel")),
+        CancelTarget::Complete => return Ok(CancelOutcome::AlreadyComplete),
+        CancelTarget::NothingOpen => return Ok(CancelOutcome::NothingToCancel),
         CancelTarget::UnknownQuery => {
             return Err((
                 ErrorCode::UnknownQuery,
@@ -468,7 +482,7 @@ pub(crate) async fn cancel(
     let key = id.to_string();
     let written = state.producer.append(&state.topics.events, &key, &event, Some(&traceparent));
     match written.instrument(span).await {
-        Ok(_) => Ok((Some(query_event_id), "requested")),
+        Ok(_) => Ok(CancelOutcome::Requested(query_event_id)),
         Err(e) => Err((ErrorCode::Unavailable, format!("the event log did not take the cancel; retry: {e}"))),
     }
 }
@@ -496,25 +510,33 @@ async fn subscribe(
     outbox: &Outbox,
     conversation_id: &str,
 ) -> ServerFrame {
-    let unknown = || {
-        ServerFrame::error(
-            ErrorCode::UnknownConversation,
-            format!("no conversation {conversation_id} for this user"),
-            None,
-        )
+    let id = match hold(state, user, conversation_id).await {
+        Ok(id) => id,
+        Err((code, message)) => return ServerFrame::error(code, message, None),
     };
-    let Ok(id) = conversation_id.parse::<Uuid>() else { return unknown() };
-    if !state.hub.holds(&id) {
-        match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
-            Adopted::Held => {}
-            Adopted::Unknown => return unknown(),
-            Adopted::Unavailable(message) => return ServerFrame::error(ErrorCode::Unavailable, message, None),
-        }
-    }
     if state.hub.subscribe(user, id, connection, outbox) {
         ServerFrame::Subscribed { conversation_id: id.to_string() }
     } else {
-        unknown()
+        ServerFrame::error(ErrorCode::UnknownConversation, unknown_conversation(conversation_id), None)
+    }
+}
+
+fn unknown_conversation(conversation_id: &str) -> String {
+    format!("no conversation {conversation_id} for this user")
+}
+
+/// Makes this instance hold a conversation of `user`'s, adopting it from the log if need
+/// be (any instance serves any conversation, also right after it started).
+async fn hold(state: &AppState, user: &str, conversation_id: &str) -> Result<Uuid, (ErrorCode, String)> {
+    let unknown = || (ErrorCode::UnknownConversation, unknown_conversation(conversation_id));
+    let id = conversation_id.parse::<Uuid>().map_err(|_| unknown())?;
+    if state.hub.holds(&id) {
+        return Ok(id);
+    }
+    match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
+        Adopted::Held => Ok(id),
+        Adopted::Unknown => Err(unknown()),
+        Adopted::Unavailable(message) => Err((ErrorCode::Unavailable, message)),
     }
 }
 
@@ -573,6 +595,13 @@ async fn accept_query(
     let span = info_span!(parent: None, "gateway.query", %conversation_id, %query_id, sequence, traceparent = Empty);
     let traceparent = traceparent_of(&span, None);
     span.record("traceparent", traceparent.as_str());
+    let event = UserQueryReceived {
+        envelope: Envelope::new(query_id, conversation_id, sequence, SOURCE)
+            .with_traceparent(Some(traceparent.clone())),
+        user_id: user.to_owned(),
+        client_message_id: query.client_message_id.clone(),
+        text: query.text.clone(),
+    };
     let written = async {
         if new_conversation {
             let started = ConversationStarted {
@@ -586,13 +615,6 @@ async fn accept_query(
                 .append(&state.topics.events, &conversation_id.to_string(), &started, Some(&traceparent))
                 .await?;
         }
-        let event = UserQueryReceived {
-            envelope: Envelope::new(query_id, conversation_id, sequence, SOURCE)
-                .with_traceparent(Some(traceparent.clone())),
-            user_id: user.to_owned(),
-            client_message_id: query.client_message_id.clone(),
-            text: query.text.clone(),
-        };
         state.producer.append(&state.topics.events, &conversation_id.to_string(), &event, Some(&traceparent)).await
     }
     .instrument(span)
@@ -608,13 +630,7 @@ async fn accept_query(
                 duplicate: false,
             };
             let other_tabs = state.hub.record_written(conversation_id, query_id, sequence, &position, connection);
-            let question = ServerFrame::Question {
-                conversation_id: conversation_id.to_string(),
-                event_id: query_id.to_string(),
-                sequence,
-                client_message_id: query.client_message_id.clone(),
-                text: query.text.clone(),
-            };
+            let question = answers::question_frame(&event);
             for outbox in other_tabs {
                 let _ = outbox.try_send(question.clone());
             }
