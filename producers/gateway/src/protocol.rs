@@ -293,3 +293,93 @@ mod tests {
         assert_eq!(json["code"], "turn_in_progress");
     }
 }
+
+/// Generated and mutated frames (10,000 cases each): every input is a frame or a typed
+/// refusal, never a panic.
+#[cfg(test)]
+pub(crate) mod fuzz {
+    use proptest::collection::vec;
+    use proptest::option;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// Cases per property: 10,000 in the test command; `PARLEY_FUZZ_CASES` for a longer run.
+    pub(crate) fn fuzz_cases() -> u32 {
+        std::env::var("PARLEY_FUZZ_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(10_000)
+    }
+
+    const LIMITS: Limits = Limits { max_frame_bytes: 2048, max_text_chars: 300 };
+    const VALID: [&str; 6] = [
+        r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#,
+        r#"{"type":"query","client_message_id":"m-2","conversation_id":"0b7c2a44-4f1e-4d7e-9a1c-2f0d5e6a7b8c","text":"more","lane":"batch"}"#,
+        r#"{"type":"subscribe","conversation_id":"0b7c2a44-4f1e-4d7e-9a1c-2f0d5e6a7b8c"}"#,
+        r#"{"type":"cancel","conversation_id":"0b7c2a44-4f1e-4d7e-9a1c-2f0d5e6a7b8c","query_event_id":"1da44acd-a8c7-561d-936b-481fbaa1a141"}"#,
+        r#"{"type":"resume","conversation_id":"0b7c2a44-4f1e-4d7e-9a1c-2f0d5e6a7b8c","query_event_id":"1da44acd-a8c7-561d-936b-481fbaa1a141","last_index":4,"position":"t/1/9"}"#,
+        r#"{"type":"resume","conversation_id":"x","query_event_id":"y","last_index":-1}"#,
+    ];
+
+    /// What the gateway does with a text frame, short of I/O: parse, then validate a query.
+    fn handle(text: &str) {
+        match parse_frame(text, LIMITS) {
+            Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane }) => {
+                if let Err(refusal) = validate_query(client_message_id, conversation_id, text, lane, LIMITS) {
+                    assert_eq!(refusal.code, ErrorCode::InvalidField);
+                    assert!(refusal.client_message_id.is_some() && !refusal.message.is_empty());
+                }
+            }
+            Ok(_) => {}
+            Err(refusal) => {
+                assert!(matches!(refusal.code, ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge), "{refusal:?}");
+                assert!(!refusal.message.is_empty());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
+
+        #[test]
+        fn any_text_is_a_frame_or_a_typed_refusal(text in any::<String>()) {
+            handle(&text);
+        }
+
+        #[test]
+        fn mutated_frames_are_frames_or_typed_refusals(
+            which in 0..VALID.len(),
+            edits in vec((any::<usize>(), any::<u8>(), 0..4_u8), 1..10),
+        ) {
+            let mut bytes = VALID[which].as_bytes().to_vec();
+            for (at, byte, kind) in edits {
+                let at = at % (bytes.len() + 1);
+                match kind {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    2 => bytes.truncate(at),
+                    _ => bytes.extend_from_within(..at), // repeats a prefix: nested or huge frames
+                }
+            }
+            handle(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn queries_with_fields_of_any_value_are_accepted_or_refused_by_field(
+            client_message_id in any::<String>(),
+            conversation_id in option::of(any::<String>()),
+            text in any::<String>(),
+            lane in option::of(prop_oneof![Just("batch".to_owned()), any::<String>()]),
+            padding in 0..3000_usize,
+        ) {
+            let mut frame = json!({"type": "query", "client_message_id": client_message_id, "text": text});
+            if let Some(id) = conversation_id { frame["conversation_id"] = json!(id); }
+            if let Some(lane) = lane { frame["lane"] = json!(lane); }
+            let encoded = format!("{frame}{}", " ".repeat(padding));
+            if encoded.len() > LIMITS.max_frame_bytes {
+                prop_assert_eq!(parse_frame(&encoded, LIMITS).unwrap_err().code, ErrorCode::FrameTooLarge);
+            } else {
+                handle(&encoded);
+            }
+        }
+    }
+}

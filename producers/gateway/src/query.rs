@@ -242,6 +242,30 @@ fn parse_cursor(cursor: &str) -> Result<(i64, Uuid), ApiError> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::protocol::fuzz::fuzz_cases()))]
+
+        /// `before=` and `after=` of the HTTP API, generated: a cursor or a position parses
+        /// back to what was written, and anything else is refused, never a panic.
+        #[test]
+        fn http_parameters_parse_back_or_are_refused(
+            at in proptest::prelude::any::<i64>(),
+            id in proptest::prelude::any::<u128>(),
+            noise in proptest::prelude::any::<String>(),
+            partition in 0..i32::MAX,
+            offset in 0..i64::MAX,
+        ) {
+            let id = Uuid::from_u128(id);
+            proptest::prop_assert_eq!(parse_cursor(&format!("{at}:{id}")).unwrap(), (at, id));
+            if let Err(refused) = parse_cursor(&noise) {
+                proptest::prop_assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+            }
+            let position = LogPosition { topic: "t.conversation-events".into(), partition, offset };
+            proptest::prop_assert_eq!(position.to_string().parse::<LogPosition>().ok(), Some(position));
+            let _ = noise.parse::<LogPosition>();
+        }
+    }
+
     #[test]
     fn cursors_parse_or_fail_clearly() {
         let id = Uuid::new_v4();
