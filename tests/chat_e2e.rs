@@ -874,3 +874,47 @@ async fn with_cancel_after_disconnect_an_answer_nobody_follows_is_stopped() {
     assert_eq!((status.as_str(), &answer["finish_reason"]), ("complete", &json!("cancelled")), "{answer}");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_from_another_site_cannot_open_a_socket_or_change_anything() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &["--max-sockets-per-user", "2"]).await;
+    let (_, token) = pipeline.session_user().await;
+    let url = format!("{}/ws?token={token}", pipeline.http.replace("http://", "ws://"));
+    let from = |origin: &str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("Origin", origin.parse().unwrap());
+        request
+    };
+    let status_of = |refused: Result<_, tokio_tungstenite::tungstenite::Error>| match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other}"),
+        Ok(_) => 101,
+    };
+    assert_eq!(status_of(tokio_tungstenite::connect_async(from("https://evil.example")).await.map(drop)), 403);
+    // The chat page's own origin, and clients that are not browsers (no Origin), pass.
+    let (own_page, _) = tokio_tungstenite::connect_async(from(&pipeline.http)).await.unwrap();
+    let (no_browser, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    // Two sockets per user here: a third is refused until one closes.
+    assert_eq!(status_of(tokio_tungstenite::connect_async(url.as_str()).await.map(drop)), 429);
+    drop(own_page);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(tokio_tungstenite::connect_async(url.as_str()).await.map(drop)) != 101 {
+        assert!(Instant::now() < deadline, "a closed socket was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(no_browser);
+
+    // State-changing requests from another site are refused; reads are not.
+    let http = reqwest::Client::new();
+    let evil = |request: reqwest::RequestBuilder| request.header("Origin", "https://evil.example").send();
+    let session = evil(http.post(format!("{}/api/session", pipeline.http))).await.unwrap();
+    assert_eq!(session.status(), 403);
+    let cancel =
+        evil(http.post(format!("{}/api/conversations/{}/cancel", pipeline.http, uuid::Uuid::new_v4()))).await.unwrap();
+    assert_eq!(cancel.status(), 403);
+    let read = evil(http.get(format!("{}/api/conversations", pipeline.http)).bearer_auth(&token)).await.unwrap();
+    assert_eq!(read.status(), 200);
+    pipeline.stop().await;
+}

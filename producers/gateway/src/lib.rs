@@ -8,12 +8,14 @@
 //! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
+//! - [`origin`]: browser-origin checks (pure);
 //! - [`server`]: axum routes, the socket loop, query → event.
 
 pub mod answers;
 pub mod auth;
 pub mod hub;
 pub mod knowledge;
+pub mod origin;
 pub mod protocol;
 pub mod query;
 pub mod rate;

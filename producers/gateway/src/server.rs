@@ -1,6 +1,7 @@
 //! HTTP and WebSocket front door: the chat page, anonymous sessions, and the socket that
 //! turns queries into events and pushes answers back.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,8 +9,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use clap::Args;
@@ -49,6 +51,7 @@ use crate::auth::TokenSigner;
 use crate::hub::{
     Admission, CancelTarget, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id,
 };
+use crate::origin;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
@@ -79,6 +82,16 @@ pub struct GatewayArgs {
     #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = 65_536,
           value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
     pub max_frame_bytes: u32,
+
+    /// Browser origins besides the gateway's own that may open sockets and change state
+    /// (`https://app.example.com`; `*`: any); space separated in the environment.
+    #[arg(long = "allowed-origin", env = "PARLEY_ALLOWED_ORIGINS", value_delimiter = ' ')]
+    pub allowed_origins: Vec<String>,
+
+    /// Sockets one user may hold open on this instance at once (tabs, devices).
+    #[arg(long, env = "PARLEY_MAX_SOCKETS_PER_USER", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_sockets_per_user: u32,
 
     /// Longest accepted question, in characters.
     #[arg(long, env = "PARLEY_MAX_TEXT_CHARS", default_value_t = 8_000,
@@ -139,6 +152,10 @@ pub(crate) struct AppState {
     load: Arc<Mutex<LoadBoard>>,
     shed_queue_age: Duration,
     cancel_after_disconnect: Duration,
+    allowed_origins: Vec<String>,
+    /// Open sockets per user, against `max_sockets_per_user`.
+    sockets: Mutex<HashMap<String, u32>>,
+    max_sockets_per_user: u32,
     pub(crate) signer: TokenSigner,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
@@ -221,6 +238,9 @@ impl Gateway {
             load,
             shed_queue_age: args.shed_queue_age,
             cancel_after_disconnect: args.cancel_after_disconnect,
+            allowed_origins: args.allowed_origins.clone(),
+            sockets: Mutex::new(HashMap::new()),
+            max_sockets_per_user: args.max_sockets_per_user,
             producer: EventProducer::new(kafka.client_config(), codec.clone())?,
             codec,
             kafka: kafka.clone(),
@@ -255,6 +275,7 @@ impl Gateway {
             )
             .route("/api/documents/{id}", delete(knowledge::delete_document))
             .route("/api/search", get(knowledge::search))
+            .layer(middleware::from_fn_with_state(state.clone(), check_origin))
             .with_state(state);
         let listener = TcpListener::bind(args.listen)
             .await
@@ -306,6 +327,16 @@ async fn upgrade(
     let Some(user) = params.token.as_deref().and_then(|t| state.signer.verify(t)) else {
         return (StatusCode::UNAUTHORIZED, "missing or invalid token: POST /api/session for one").into_response();
     };
+    {
+        let mut sockets = state.sockets.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = sockets.entry(user.clone()).or_default();
+        if *open >= state.max_sockets_per_user {
+            let message = format!("{} sockets are open for this user already; close one", *open);
+            return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
+        }
+        *open += 1; // given back when the socket ends (or the upgrade fails)
+    }
+    let sockets = SocketCount { state: state.clone(), user: user.clone() };
     ws.max_message_size(TRANSPORT_FRAME_LIMIT)
         .max_frame_size(TRANSPORT_FRAME_LIMIT)
         // The library's default 128 KiB read buffer per socket made an idle socket cost
@@ -313,7 +344,44 @@ async fn upgrade(
         .read_buffer_size(SOCKET_READ_BUFFER)
         // Frames are written as they come (each is a token or an answer a person waits for).
         .write_buffer_size(0)
-        .on_upgrade(move |socket| serve_socket(state, user, socket))
+        .on_upgrade(move |socket| async move {
+            serve_socket(state, user, socket).await;
+            drop(sockets);
+        })
+}
+
+/// One open socket of a user, counted until dropped.
+struct SocketCount {
+    state: Arc<AppState>,
+    user: String,
+}
+
+impl Drop for SocketCount {
+    fn drop(&mut self) {
+        let mut sockets = self.state.sockets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = sockets.get_mut(&self.user) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                sockets.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Refuses a socket or a state-changing request a browser sends from another site.
+async fn check_origin(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let refused = {
+        let reads = matches!(*request.method(), Method::GET | Method::HEAD) && request.uri().path() != "/ws";
+        let value = |name| request.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        let (origin, host) = (value(header::ORIGIN), value(header::HOST));
+        (!reads && !origin::allowed(origin, host, &state.allowed_origins))
+            .then(|| origin.unwrap_or_default().to_owned())
+    };
+    if let Some(origin) = refused {
+        warn!(%origin, path = request.uri().path(), "request from another site refused");
+        return (StatusCode::FORBIDDEN, "this origin may not use Parley's API").into_response();
+    }
+    next.run(request).await
 }
 
 async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
