@@ -918,3 +918,35 @@ async fn a_page_from_another_site_cannot_open_a_socket_or_change_anything() {
     assert_eq!(read.status(), 200);
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documents_per_minute_hold_across_gateways() {
+    let Some(stack) = stack() else { return };
+    let args = ["--without-retrieval", "--user-documents-per-minute", "2"];
+    let mut pipeline = Pipeline::start(&stack, &args).await;
+    let second = pipeline.extra_gateway(&args).await;
+    let token = pipeline.session().await;
+    let http = reqwest::Client::new();
+    let post = |gateway: &str, n: usize| {
+        let body = json!({"title": format!("note {n}.txt"), "text": format!("note number {n}")});
+        http.post(format!("{gateway}/api/documents")).bearer_auth(&token).json(&body).send()
+    };
+    for n in 0..2 {
+        assert_eq!(post(&pipeline.http, n).await.unwrap().status(), 202);
+    }
+    // The other gateway learns of them from the documents topic, and refuses the third.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let response = post(&second, 2).await.unwrap();
+        if response.status() == 429 {
+            break response;
+        }
+        assert_eq!(response.status(), 202, "accepted only while the second gateway had not seen the others");
+        assert!(Instant::now() < deadline, "the limit never held on the second gateway");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    pipeline.stop().await;
+}

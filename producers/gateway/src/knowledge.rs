@@ -12,7 +12,7 @@
 //!   always the caller; the other parameters narrow it further.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, StatusCode};
 use parley_eventlog::LogPosition;
 use parley_eventlog::trace::traceparent_of;
 use parley_events::AvroEvent;
+use parley_events::event::now_millis;
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
 use parley_retrieval::{Hit, RetrievalError, Retriever, SearchFilter, SourceKind};
@@ -69,7 +70,20 @@ pub(crate) async fn submit_document(
         let event = submission
             .into_event(Some(traceparent.clone()))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document", e.to_string()))?;
-        let position = append_document_event(&state, &event.document_id, &event, &traceparent).await?;
+        let rate = || state.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let (owner, event_id) = (&event.owner, &event.envelope.event_id);
+        if let Err(limited) = rate().admit_document(owner, event_id, now_millis()) {
+            let seconds = limited.retry_after_ms.div_ceil(1000);
+            let message = format!("{}; try again in {seconds} s", limited.limit.describe());
+            return Err(ApiError::too_many("rate_limited", message, limited.retry_after_ms));
+        }
+        let position = match append_document_event(&state, &event.document_id, &event, &traceparent).await {
+            Ok(position) => position,
+            Err(refused) => {
+                rate().refund_document(owner, event_id, now_millis());
+                return Err(refused);
+            }
+        };
         info!(document_id = %event.document_id, %position, "document submitted");
         Ok(accepted(&event.document_id, &event.envelope.event_id, &position))
     }

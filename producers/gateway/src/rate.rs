@@ -30,6 +30,10 @@ pub struct RateSettings {
     /// the model pool can answer).
     #[arg(long, env = "PARLEY_GLOBAL_TURNS_PER_MINUTE", default_value_t = 0)]
     pub global_turns_per_minute: u32,
+
+    /// Documents a user may add per minute through the HTTP API (0: no limit).
+    #[arg(long, env = "PARLEY_USER_DOCUMENTS_PER_MINUTE", default_value_t = 60)]
+    pub user_documents_per_minute: u32,
 }
 
 /// A bucket of `capacity` that refills `capacity` per minute, continuously.
@@ -85,6 +89,7 @@ pub enum Limit {
     UserTurns,
     UserTokens,
     GlobalTurns,
+    UserDocuments,
 }
 
 impl Limit {
@@ -93,6 +98,7 @@ impl Limit {
             Limit::UserTurns => "you have sent too many questions in the last minute",
             Limit::UserTokens => "your questions used too many model tokens in the last minute",
             Limit::GlobalTurns => "Parley is taking too many questions from everyone right now",
+            Limit::UserDocuments => "you have added too many documents in the last minute",
         }
     }
 }
@@ -108,6 +114,7 @@ pub struct Limited {
 struct UserBuckets {
     turns: Bucket,
     tokens: Bucket,
+    documents: Bucket,
 }
 
 /// The buckets of every user seen lately, and the global one.
@@ -135,6 +142,7 @@ impl RateLimiter {
         self.users.entry(user.to_owned()).or_insert_with(|| UserBuckets {
             turns: Bucket::full(settings.user_turns_per_minute, now_ms),
             tokens: Bucket::full(settings.user_tokens_per_minute, now_ms),
+            documents: Bucket::full(settings.user_documents_per_minute, now_ms),
         })
     }
 
@@ -161,6 +169,34 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Admits a document of `user` (charging it), or says when one would pass.
+    pub fn admit_document(&mut self, user: &str, event_id: &str, now_ms: i64) -> Result<(), Limited> {
+        let limit = self.settings.user_documents_per_minute;
+        let documents = &mut self.user(user, now_ms).documents;
+        documents.refill(now_ms);
+        let wait = documents.wait_for(1.0);
+        if limit > 0 && wait > 0 {
+            return Err(Limited { limit: Limit::UserDocuments, retry_after_ms: wait });
+        }
+        documents.charge(1.0, now_ms);
+        self.admitted_here.insert(event_id.to_owned());
+        Ok(())
+    }
+
+    /// A document read from the log: charged unless this instance admitted it.
+    pub fn observe_document(&mut self, user: &str, event_id: &str, now_ms: i64) {
+        if !self.admitted_here.remove(event_id) {
+            self.user(user, now_ms).documents.charge(1.0, now_ms);
+        }
+    }
+
+    /// A document admitted here that the log did not take.
+    pub fn refund_document(&mut self, user: &str, event_id: &str, now_ms: i64) {
+        if self.admitted_here.remove(event_id) {
+            self.user(user, now_ms).documents.charge(-1.0, now_ms);
+        }
+    }
+
     /// A query read from the log: charged unless this instance admitted (and charged) it.
     pub fn observe_query(&mut self, user: &str, query_id: &str, now_ms: i64) {
         if self.admitted_here.remove(query_id) {
@@ -185,7 +221,7 @@ impl RateLimiter {
 
     /// Forgets users whose buckets are full again (they would be created full anyway).
     pub fn forget_rested(&mut self, now_ms: i64) {
-        self.users.retain(|_, b| !(b.turns.is_full(now_ms) && b.tokens.is_full(now_ms)));
+        self.users.retain(|_, b| !(b.turns.is_full(now_ms) && b.tokens.is_full(now_ms) && b.documents.is_full(now_ms)));
     }
 
     pub fn users_tracked(&self) -> usize {
@@ -202,8 +238,27 @@ mod tests {
             user_turns_per_minute: turns,
             user_tokens_per_minute: tokens,
             global_turns_per_minute: global,
+            user_documents_per_minute: 2,
         };
         RateLimiter::new(settings, 0)
+    }
+
+    #[test]
+    fn documents_have_a_bucket_of_their_own_shared_through_the_log() {
+        let mut rate = limiter(0, 0, 0);
+        rate.observe_document("ann", "added-elsewhere", 0);
+        assert_eq!(rate.admit_document("ann", "d1", 0), Ok(()));
+        rate.observe_document("ann", "d1", 1); // our own, back from the log: not twice
+        let refused = rate.admit_document("ann", "d2", 1).unwrap_err();
+        assert_eq!(refused, Limited { limit: Limit::UserDocuments, retry_after_ms: 29_999 });
+        assert!(rate.admit("ann", "q", 1).is_ok(), "questions are another bucket");
+
+        let mut rate = limiter(0, 0, 0);
+        assert_eq!(rate.admit_document("bob", "d1", 0), Ok(()));
+        assert_eq!(rate.admit_document("bob", "d2", 0), Ok(()));
+        assert!(rate.admit_document("bob", "d3", 0).is_err());
+        rate.refund_document("bob", "d2", 0);
+        assert_eq!(rate.admit_document("bob", "d3", 0), Ok(()), "a document the log refused is refunded");
     }
 
     #[test]

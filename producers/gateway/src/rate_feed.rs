@@ -9,7 +9,7 @@ use parley_eventlog::consumer::{LogConsumer, next_record, reader, reader_config}
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::event::now_millis as now_ms;
-use parley_events::{ConversationEvent, EventCodec};
+use parley_events::{ConversationEvent, DocumentSubmitted, EventCodec};
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -21,15 +21,17 @@ use crate::rate::RateLimiter;
 /// How far back a starting instance reads: the buckets refill fully in a minute.
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// A consumer of every partition of the events topic, from one window ago.
+/// A consumer of every partition of the events and documents topics, from one window ago.
 pub fn follower(kafka: &KafkaSettings, topics: &Topics) -> Result<LogConsumer, EventLogError> {
     let group = format!("parley-gateway-rate-{}", Uuid::new_v4().simple());
     let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
-    let metadata = consumer.fetch_metadata(Some(&topics.events), Duration::from_secs(30))?;
     let since = now_ms() - i64::try_from(WINDOW.as_millis()).unwrap_or(0);
     let mut times = TopicPartitionList::new();
-    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        times.add_partition_offset(&topics.events, partition.id(), Offset::Offset(since))?;
+    for topic in [&topics.events, &topics.documents] {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            times.add_partition_offset(topic, partition.id(), Offset::Offset(since))?;
+        }
     }
     // Partitions with nothing that recent answer "end": nothing to read there.
     let positions = consumer.offsets_for_times(times, Duration::from_secs(30))?;
@@ -37,9 +39,11 @@ pub fn follower(kafka: &KafkaSettings, topics: &Topics) -> Result<LogConsumer, E
     Ok(consumer)
 }
 
-/// Charges every query and outcome it reads to the limiter until `shutdown`.
+/// Charges every query, outcome and submitted document it reads to the limiter until
+/// `shutdown`.
 pub async fn run(
     consumer: LogConsumer,
+    documents_topic: String,
     codec: Arc<EventCodec>,
     limiter: Arc<Mutex<RateLimiter>>,
     shutdown: CancellationToken,
@@ -55,6 +59,15 @@ pub async fn run(
         };
         let Some(message) = message else { return };
         let payload = message.payload().unwrap_or_default();
+        if message.topic() == documents_topic {
+            // Deletions share the topic: only submissions are charged.
+            if let Ok(decoded) = codec.decode::<DocumentSubmitted>(payload).await {
+                let document = decoded.event;
+                let mut limiter = limiter.lock().unwrap_or_else(PoisonError::into_inner);
+                limiter.observe_document(&document.owner, &document.envelope.event_id, document.envelope.occurred_at);
+            }
+            continue;
+        }
         let event = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(decoded)) => decoded.event,
             Some(Err(error)) => {

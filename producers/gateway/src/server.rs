@@ -145,7 +145,7 @@ pub(crate) struct AppState {
     codec: Arc<EventCodec>,
     limits: Limits,
     /// Rate limits, fed from the log by [`rate_feed`].
-    rate: Arc<Mutex<RateLimiter>>,
+    pub(crate) rate: Arc<Mutex<RateLimiter>>,
     /// The token budget ledger, when budgets are on.
     budget: Option<(BudgetLedger, BudgetSettings)>,
     /// The inference instances' queue ages, fed by [`load::follow`].
@@ -221,6 +221,7 @@ impl Gateway {
         let rate = Arc::new(Mutex::new(RateLimiter::new(args.rates, now_ms())));
         let rate_feed = tokio::spawn(rate_feed::run(
             rate_feed::follower(kafka, &topics)?,
+            topics.documents.clone(),
             codec.clone(),
             rate.clone(),
             shutdown.clone(),
