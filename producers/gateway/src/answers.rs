@@ -26,7 +26,8 @@ pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<(LogConsumer, 
     Ok((consumer, i32::try_from(event_partitions).unwrap_or(i32::MAX)))
 }
 
-/// Routes outcomes and token deltas to subscribed sockets until `shutdown`.
+/// Routes questions asked elsewhere, token deltas and outcomes to subscribed sockets
+/// until `shutdown`.
 pub async fn run(
     consumer: LogConsumer,
     topics: Topics,

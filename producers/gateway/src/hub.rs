@@ -364,8 +364,9 @@ impl Hub {
     }
 
     /// Applies an event read from the log at `partition`/`offset` (a query another
-    /// instance wrote, or an outcome) and returns the subscribers to notify with `frame`
-    /// (none for an event already applied, or one that ends no turn).
+    /// instance wrote, or an outcome) and returns the subscribers to notify with `frame`:
+    /// all of them for an outcome or another instance's question, none for an event
+    /// already applied (a re-delivery, or this instance's own query) or a start or cancel.
     pub fn apply(
         &self,
         event: &ConversationEvent,

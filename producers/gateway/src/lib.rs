@@ -3,7 +3,7 @@
 //! - [`protocol`]: the JSON frames and their validation (pure);
 //! - [`auth`]: signed user tokens (pure);
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
-//! - [`answers`]: the listener that routes outcomes and token deltas to sockets;
+//! - [`answers`]: the listener that routes questions, token deltas and outcomes to sockets;
 //! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
 //! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
 //! - [`query`]: the HTTP query path over the projection;
