@@ -950,3 +950,27 @@ async fn documents_per_minute_hold_across_gateways() {
     assert_eq!(body["error"], "rate_limited", "{body}");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_token_secret_or_api_key_reaches_the_logs() {
+    let Some(stack) = stack() else { return };
+    const API_KEY: &str = "sk-parley-test-4711-do-not-log";
+    let pipeline = Pipeline::start(&stack, &["--without-retrieval", "--llm-api-key", API_KEY]).await;
+    let (_, token) = pipeline.session_user().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("q", None, "Say OK.").await;
+    assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
+    let (status, _) = pipeline.get("/api/conversations", &token).await;
+    assert_eq!(status, 200);
+    let forged = format!("{}0", &token[..token.len() - 1]);
+    assert_eq!(pipeline.get("/api/conversations", &forged).await.0, 401);
+    let log = pipeline.log_path();
+    pipeline.stop().await;
+
+    let logged = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(!logged.is_empty(), "the pipeline logged something");
+    let signature = token.rsplit('.').next().unwrap();
+    for secret in [API_KEY, "test-secret", signature] {
+        assert!(!logged.contains(secret), "{secret:?} is in the log");
+    }
+}
