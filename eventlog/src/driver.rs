@@ -410,9 +410,11 @@ impl<P: Processor> Driver<P> {
                             assignment: self.assignments_made,
                             ..PartitionState::default()
                         };
+                        // A partition takes its lane's state: paused with it, and resumed
+                        // otherwise (one paused when it was revoked may come back paused).
                         let lane = self.settings.lanes.of(&topic, partition);
-                        if self.queues[lane].paused {
-                            self.pause_or_resume(&[(topic.clone(), partition)], true);
+                        if self.queues.len() > 1 {
+                            self.pause_or_resume(&[(topic.clone(), partition)], self.queues[lane].paused);
                         }
                         self.partitions.insert((topic, partition), state);
                     }
