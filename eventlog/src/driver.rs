@@ -118,8 +118,9 @@ pub struct DriverSettings {
 pub struct QueueAge(Arc<[AtomicI64]>);
 
 impl QueueAge {
-    pub fn new(lanes: usize) -> Self {
-        Self((0..lanes.max(1)).map(|_| AtomicI64::new(NOTHING_WAITS)).collect())
+    /// A queue age per lane of `lanes`.
+    pub fn new(lanes: &Lanes) -> Self {
+        Self((0..lanes.count().max(1)).map(|_| AtomicI64::new(NOTHING_WAITS)).collect())
     }
 
     /// How long the oldest waiting record of any lane has waited at `now_ms` (0: none waits).

@@ -93,6 +93,11 @@ pub async fn run(
 ) -> Result<(), EmbedderError> {
     let topics = kafka.topics();
     let codec = Arc::new(EventCodec::new(registry_url)?);
+    // Messages of conversations going on before documents (bulk), 4:1 when both wait.
+    let lanes = Lanes::new(vec!["messages", "documents"], 4, {
+        let documents = topics.documents.clone();
+        move |topic, _| usize::from(topic == documents)
+    });
     let settings = DriverSettings {
         group_id: args.embedder_group.clone(),
         transactional_id: instance_transactional_id(
@@ -106,12 +111,8 @@ pub async fn run(
         batch_wait: args.embedder_max_wait,
         // One unit at a time: a document's deletion and its resubmission stay in order.
         concurrency: 1,
-        // Messages of conversations going on before documents (bulk), 4:1 when both wait.
-        lanes: Lanes::new(vec!["messages", "documents"], 4, {
-            let documents = topics.documents.clone();
-            move |topic, _| usize::from(topic == documents)
-        }),
-        queue: QueueAge::new(2),
+        queue: QueueAge::new(&lanes),
+        lanes,
         one_per_key: false,
     };
     info!(group = %args.embedder_group, model = backend.model(), collection = store.collection(), "embedder started");

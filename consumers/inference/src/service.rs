@@ -213,6 +213,7 @@ pub async fn run(
     let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
+    let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots));
     let settings = DriverSettings {
         group_id: args.group_id.clone(),
         transactional_id: instance_transactional_id(
@@ -226,8 +227,8 @@ pub async fn run(
         batch_wait: Duration::ZERO,
         concurrency: usize::from(args.concurrency),
         one_per_key: true,
-        lanes: lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots)),
-        queue: QueueAge::new(Lane::ALL.len()),
+        queue: QueueAge::new(&lanes),
+        lanes,
     };
     // Gateways shed turns on this instance's queue age.
     let reporter = tokio::spawn(load::publish(
