@@ -4,7 +4,8 @@
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
-//! [`invariants`], [`budget`] and [`lanes`] are the domain rules over those events, as plain functions.
+//! [`invariants`], [`budget`] and [`lanes`] are the domain rules over those events, as plain functions;
+//! [`fuzzing`] is what the property tests share to fuzz the parsers.
 
 pub mod budget;
 pub mod catalog;
@@ -12,6 +13,7 @@ pub mod codec;
 pub mod conversation;
 pub mod error;
 pub mod event;
+pub mod fuzzing;
 pub mod invariants;
 pub mod lanes;
 pub mod registry;

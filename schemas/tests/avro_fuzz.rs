@@ -19,11 +19,6 @@ use uuid::Uuid;
 
 const P: Producer = Producer { name: "fuzz", version: "0" };
 
-/// Cases per property: 10,000 in the test command; `PARLEY_FUZZ_CASES` for a longer run.
-fn fuzz_cases() -> u32 {
-    std::env::var("PARLEY_FUZZ_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(10_000)
-}
-
 /// One encoded sample and how to decode bytes as its type.
 struct Sample {
     schema: Schema,
@@ -118,7 +113,7 @@ fn samples() -> Vec<Sample> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
+    #![proptest_config(ProptestConfig::with_cases(fuzzing::cases()))]
 
     #[test]
     fn mutated_events_decode_or_fail_with_an_error(
@@ -129,15 +124,7 @@ proptest! {
         SAMPLES.with(|samples| {
             let sample = &samples[which % samples.len()];
             let mut bytes = sample.bytes.clone();
-            for (at, byte, kind) in edits {
-                let at = at % (bytes.len() + 1);
-                match kind {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    2 => bytes.truncate(at),
-                    _ => bytes.extend_from_within(..at),
-                }
-            }
+            fuzzing::mutate(&mut bytes, &edits);
             // The outcome may be a (different) event or an error; it must be one of them.
             let _ = (sample.decode)(&sample.schema, &bytes);
         });

@@ -297,18 +297,14 @@ mod tests {
 /// Generated and mutated frames (10,000 cases each): every input is a frame or a typed
 /// refusal, never a panic.
 #[cfg(test)]
-pub(crate) mod fuzz {
+mod fuzz {
+    use parley_events::fuzzing;
     use proptest::collection::vec;
     use proptest::option;
     use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
-
-    /// Cases per property: 10,000 in the test command; `PARLEY_FUZZ_CASES` for a longer run.
-    pub(crate) fn fuzz_cases() -> u32 {
-        std::env::var("PARLEY_FUZZ_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(10_000)
-    }
 
     const LIMITS: Limits = Limits { max_frame_bytes: 2048, max_text_chars: 300 };
     const VALID: [&str; 6] = [
@@ -338,7 +334,7 @@ pub(crate) mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
+        #![proptest_config(ProptestConfig::with_cases(fuzzing::cases()))]
 
         #[test]
         fn any_text_is_a_frame_or_a_typed_refusal(text in any::<String>()) {
@@ -351,15 +347,7 @@ pub(crate) mod fuzz {
             edits in vec((any::<usize>(), any::<u8>(), 0..4_u8), 1..10),
         ) {
             let mut bytes = VALID[which].as_bytes().to_vec();
-            for (at, byte, kind) in edits {
-                let at = at % (bytes.len() + 1);
-                match kind {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    2 => bytes.truncate(at),
-                    _ => bytes.extend_from_within(..at), // repeats a prefix: nested or huge frames
-                }
-            }
+            fuzzing::mutate(&mut bytes, &edits);
             handle(&String::from_utf8_lossy(&bytes));
         }
 

@@ -243,7 +243,7 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::protocol::fuzz::fuzz_cases()))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(parley_events::fuzzing::cases()))]
 
         /// `before=` and `after=` of the HTTP API, generated: a cursor or a position parses
         /// back to what was written, and anything else is refused, never a panic.
