@@ -19,7 +19,10 @@
 //!   the committed offset (a later record finished before an earlier one, then the member
 //!   died). Records read before the partition's end as of the assignment are held until
 //!   that end is reached, and every record is shown to [`Processor::observe`] first, so a
-//!   processor learns which work is done before any of it is started again.
+//!   processor learns which work is done before any of it is started again. The end counts
+//!   transactions still open (a read_committed consumer stops short of them, and their
+//!   outputs may yet commit), and it is taken only once this member's own commits queued
+//!   before the assignment are in the log.
 //! - **Fatal**: a processor error, an unusable consumer, or a transaction that fails
 //!   [`COMMIT_ATTEMPTS`] times in a row stops the driver with the error (the process
 //!   exits and is restarted; nothing is committed past unfinished work, so nothing is lost).
@@ -37,7 +40,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -172,6 +175,9 @@ pub async fn run<P: Processor>(
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let consumer = Arc::new(consumer);
+    // The consumer's own watermark query answers the last stable offset (read_committed);
+    // a catch-up must also wait out the transactions open at the assignment.
+    let log_ends: BaseConsumer = kafka.client_config().set("isolation.level", "read_uncommitted").create()?;
     let transactions = TransactionalProducer::new(kafka, &settings.transactional_id)?;
     info!(group = %settings.group_id, transactional_id = %settings.transactional_id,
           concurrency = settings.concurrency, batch_size = settings.batch_size, "driver started");
@@ -187,6 +193,7 @@ pub async fn run<P: Processor>(
         codec,
         assignments,
         consumer: consumer.clone(),
+        log_ends: Arc::new(log_ends),
         partitions: HashMap::new(),
         last_commit: Instant::now(),
         assignments_made: 0,
@@ -250,8 +257,8 @@ struct PartitionState<I> {
     committed: Option<i64>,
     /// Which assignment of the partition this is (units remember it).
     assignment: u64,
-    /// While catching up: the partition's end as of the assignment, and the records held
-    /// until it is reached.
+    /// While catching up: the partition's end as of the assignment (open transactions
+    /// included), and the records held until the consumer's position reaches it.
     catch_up: Option<(i64, Vec<(OwnedMessage, I)>)>,
 }
 
@@ -278,6 +285,8 @@ struct Commit {
     /// the outputs are its new owner's to make.
     sources: Vec<PartitionKey>,
     offsets: BTreeMap<PartitionKey, i64>,
+    /// Told once this commit and every one queued before it are done.
+    flushed: Option<oneshot::Sender<()>>,
 }
 
 impl Commit {
@@ -325,6 +334,8 @@ struct Driver<P: Processor> {
     codec: Arc<EventCodec>,
     assignments: Arc<Mutex<Vec<Change>>>,
     consumer: Arc<StreamConsumer<RebalanceLog>>,
+    /// Reads partition ends with open transactions counted (read_uncommitted).
+    log_ends: Arc<BaseConsumer>,
     partitions: HashMap<PartitionKey, PartitionState<P::Item>>,
     /// When outputs or offsets were last sent to the committer.
     last_commit: Instant,
@@ -398,6 +409,10 @@ impl<P: Processor> Driver<P> {
         for change in changes {
             match change {
                 Change::Assigned(partitions) => {
+                    // Outputs made before the assignment (of a partition revoked and given
+                    // back, say) are committed before the end is read, so the catch-up
+                    // sees them rather than doing their work again.
+                    self.flush_commits().await?;
                     // One round trip for all of them, not one after the other (each took
                     // ~0.5 s after a broker restart: 3 s before the sixth partition resumed).
                     let ends =
@@ -440,10 +455,19 @@ impl<P: Processor> Driver<P> {
         Ok(())
     }
 
+    /// The partition's high watermark: one past its last record, committed or not.
     async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, EventLogError> {
-        let (consumer, topic) = (self.consumer.clone(), topic.to_owned());
-        let watermarks = blocking_query(move || consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30)));
+        let (log_ends, topic) = (self.log_ends.clone(), topic.to_owned());
+        let watermarks = blocking_query(move || log_ends.fetch_watermarks(&topic, partition, Duration::from_secs(30)));
         Ok(watermarks.await?.1)
+    }
+
+    /// Waits until the committer has done every commit queued so far.
+    async fn flush_commits(&mut self) -> Result<(), EventLogError> {
+        let (flushed, done) = oneshot::channel();
+        let _ = self.commits.send(Commit { flushed: Some(flushed), ..Commit::default() });
+        // Dropped unsent: the committer stopped on an error, which the driver gets at its end.
+        done.await.map_err(|_| EventLogError::Kafka(KafkaError::Canceled))
     }
 
     /// Decodes a record read from the log and files it: dead letter, nothing to do, held
@@ -497,11 +521,35 @@ impl<P: Processor> Driver<P> {
         Ok(())
     }
 
+    /// The consumer reached the partition's last stable offset: the catch-up is over if
+    /// that is past the end as of the assignment (else a transaction open then still
+    /// holds the rest back, and its records or markers come first).
     fn reached_end_of(&mut self, partition: i32) {
+        let positions = self.consumer.position().map(|list| {
+            list.elements()
+                .iter()
+                .filter_map(|e| {
+                    e.offset()
+                        .to_raw()
+                        .filter(|offset| *offset >= 0)
+                        .map(|offset| ((e.topic().to_owned(), e.partition()), offset))
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        let positions = positions.unwrap_or_else(|error| {
+            warn!(%error, "reading the consumer's position failed; the catch-up waits for the next record");
+            HashMap::new()
+        });
         let caught_up: Vec<PartitionKey> = self
             .partitions
             .iter()
-            .filter(|(key, state)| key.1 == partition && state.catch_up.is_some())
+            .filter(|(key, state)| {
+                key.1 == partition
+                    && state
+                        .catch_up
+                        .as_ref()
+                        .is_some_and(|(end, _)| positions.get(*key).is_some_and(|position| position >= end))
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in caught_up {
@@ -679,7 +727,7 @@ impl<P: Processor> Driver<P> {
         }
         self.last_commit = Instant::now();
         // The committer only stops after the driver: a send cannot fail while it runs.
-        let _ = self.commits.send(Commit { outgoing, sources, offsets });
+        let _ = self.commits.send(Commit { outgoing, sources, offsets, flushed: None });
     }
 }
 
@@ -712,7 +760,12 @@ async fn commit_loop(
                 }
             }
             match transactions.commit_offsets(consumer.as_ref(), &offsets, outgoing).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    for flushed in queued.iter_mut().filter_map(|commit| commit.flushed.take()) {
+                        let _ = flushed.send(());
+                    }
+                    break;
+                }
                 Err(error) if attempt < COMMIT_ATTEMPTS && !error.is_fatal() => {
                     let pause = Duration::from_millis(50 << attempt);
                     warn!(%error, attempt, ?pause, "transaction aborted; retrying its outputs and offsets");

@@ -334,7 +334,12 @@ impl Service {
     }
 
     fn log_name(&self) -> String {
-        if self.starts == 1 { format!("{}.log", self.name) } else { format!("{}.{}.log", self.name, self.starts) }
+        self.log_name_of(self.starts)
+    }
+
+    /// The log of incarnation `start` (1: the first).
+    fn log_name_of(&self, start: usize) -> String {
+        if start == 1 { format!("{}.log", self.name) } else { format!("{}.{start}.log", self.name) }
     }
 
     /// The log of the running incarnation.
@@ -351,6 +356,25 @@ impl Service {
         self.kill();
         self.starts += 1;
         self.child = spawn(&self.args, &self.prefix, &self.log_name());
+    }
+
+    /// The lines of every incarnation's log that mention one of `ids` or a change of the
+    /// partitions it owns or of its transactions: how a query came to be answered twice.
+    fn story(&self, ids: &[&str]) -> String {
+        const MOVES: [&str; 4] = ["partition assigned", "partition revoked", "transaction aborted", "rebalance"];
+        let lines = (1..=self.starts).flat_map(|start| {
+            let name = self.log_name_of(start);
+            let path = std::env::temp_dir().join(format!("{}{name}", self.prefix));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let relevant: Vec<String> = log
+                .lines()
+                .filter(|line| ids.iter().chain(MOVES.iter()).any(|needle| line.contains(needle)))
+                .map(|line| format!("[{name}] {line}"))
+                .collect();
+            relevant
+        });
+        let lines: Vec<String> = lines.collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
     }
 
     /// Panics with the process's log if it exited on its own.
@@ -444,10 +468,7 @@ impl Pipeline {
         for n in 0..2 {
             let listen = format!("127.0.0.1:{}", free_port());
             // Its users ask as fast as the model answers, faster than the default limits allow.
-            let args = with(
-                &[&["gateway", "--listen", &listen, "--auth-secret", "test-secret"][..], &support::NO_RATE_LIMITS]
-                    .concat(),
-            );
+            let args = with(&[&["gateway", "--listen", &listen][..], &support::NO_RATE_LIMITS].concat());
             gateways.push(Service::start(&format!("gateway-{n}"), args, &prefix));
             gateway_urls.push(format!("http://{listen}"));
         }
@@ -829,6 +850,10 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
             _ => continue,
         };
         outcomes.entry(query.as_str()).or_default().push(event);
+    }
+    let answered_twice: Vec<&str> = outcomes.iter().filter(|(_, o)| o.len() > 1).map(|(q, _)| *q).collect();
+    if !answered_twice.is_empty() {
+        report.findings.push(format!("what inference logged of it:\n{}", pipeline.inference.story(&answered_twice)));
     }
 
     // The clients: every acked query has one outcome in the log, which the client got, and
