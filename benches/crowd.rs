@@ -300,7 +300,7 @@ async fn idle_sockets(pipeline: &support::Pipeline, count: usize) -> (f64, usize
     } else {
         count
     };
-    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    let signer = Arc::new(TokenSigner::new(support::AUTH_SECRET.as_bytes()));
     let (_, rss_before) = process_usage(pipeline.pid());
     let mut sockets = Vec::with_capacity(count);
     let mut pending = futures::stream::iter(0..count)
@@ -389,7 +389,7 @@ async fn direct_crowd(llm: &str, users: usize) -> StepResult {
 /// The real-model crowd: `users` users arrive at once (each 3 turns, think time), as the
 /// issue measured it.
 async fn real_crowd(pipeline: &support::Pipeline, users: usize) -> StepResult {
-    let signer = TokenSigner::new(b"test-secret");
+    let signer = TokenSigner::new(support::AUTH_SECRET.as_bytes());
     let tokens: Vec<String> = (0..users).map(|i| signer.token_for(&format!("{}real-{i}", pipeline.prefix))).collect();
     let http = pipeline.http.clone();
     let rate = users as f64 * TURNS_PER_USER as f64 * 100.0; // all arrive within ~10 ms
@@ -435,7 +435,7 @@ async fn main() {
     .await;
     let (reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
     wait_for_port(reference_port).await;
-    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    let signer = Arc::new(TokenSigner::new(support::AUTH_SECRET.as_bytes()));
     // Warm-up, not measured: group joins, first connections, caches, on both systems.
     let (http, warm_signer, prefix) = (pipeline.http.clone(), signer.clone(), pipeline.prefix.clone());
     crowd(move |i| socket_url(&http, &warm_signer.token_for(&format!("{prefix}warm-{i}"))), 5.0, 2.0, None).await;
@@ -626,7 +626,7 @@ async fn lanes(stack: &support::Stack) {
         tokens: 16,
     };
     let stub_url = stub.serve().await;
-    let signer = TokenSigner::new(b"test-secret");
+    let signer = TokenSigner::new(support::AUTH_SECRET.as_bytes());
     println!();
     println!(
         "priority lanes: 4 inference slots, stub answers in {:?} (10 turns/s); {flood} turns of the lower lane at once, \
@@ -702,7 +702,7 @@ async fn overload(stack: &support::Stack, seconds: f64) {
         "| shedding | offered turns/s | admitted turns | refused | errors | first token p50 / p99 (ms) | refusal p50 / p99 (ms) |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let signer = Arc::new(TokenSigner::new(b"test-secret"));
+    let signer = Arc::new(TokenSigner::new(support::AUTH_SECRET.as_bytes()));
     let mut unloaded_p99 = f64::NAN;
     for (threshold, rate) in [("0", 5.0), ("0", 30.0), ("1s", 30.0), ("250ms", 30.0)] {
         let args =

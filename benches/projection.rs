@@ -128,8 +128,6 @@ async fn main() {
         "gateway",
         "--listen",
         &format!("127.0.0.1:{port}"),
-        "--auth-secret",
-        "bench",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -137,7 +135,7 @@ async fn main() {
     let mut gateway = support::spawn(&args, &prefix, "gateway.log");
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/api/conversations/{}", long.0);
-    let token = TokenSigner::new(b"bench").token_for("user-0");
+    let token = TokenSigner::new(support::AUTH_SECRET.as_bytes()).token_for("user-0");
     support::wait_healthy(&format!("http://127.0.0.1:{port}")).await;
     let mut query_ms = Vec::new();
     for i in 0..220 {

@@ -955,22 +955,52 @@ async fn documents_per_minute_hold_across_gateways() {
 async fn no_token_secret_or_api_key_reaches_the_logs() {
     let Some(stack) = stack() else { return };
     const API_KEY: &str = "sk-parley-test-4711-do-not-log";
-    let pipeline = Pipeline::start(&stack, &["--without-retrieval", "--llm-api-key", API_KEY]).await;
+    // The key comes from a file only its owner reads (a secret is never an argument).
+    let secrets = tempfile::tempdir().unwrap();
+    let key_file = secrets.path().join("llm-api-key");
+    std::fs::write(&key_file, API_KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key_file = key_file.display().to_string();
+    let pipeline = Pipeline::start(&stack, &["--without-retrieval", "--llm-api-key-file", &key_file]).await;
     let (_, token) = pipeline.session_user().await;
     let mut client = pipeline.connect(&pipeline.http, &token).await;
     client.ask("q", None, "Say OK.").await;
-    assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
+    let frames = client.until_outcome().await;
+    assert_eq!(frames.last().unwrap()["type"], "answer");
     let (status, _) = pipeline.get("/api/conversations", &token).await;
     assert_eq!(status, 200);
     let forged = format!("{}0", &token[..token.len() - 1]);
     assert_eq!(pipeline.get("/api/conversations", &forged).await.0, 401);
+    // The turn's whole trace, as Jaeger keeps it.
+    let conversation = frames[0]["conversation_id"].as_str().unwrap().to_owned();
+    let audit = pipeline.cli(&["audit", &conversation, "--format", "json"]);
+    let first: Value = serde_json::from_str(String::from_utf8_lossy(&audit.stdout).lines().next().unwrap()).unwrap();
+    let trace_id = first["trace_id"].as_str().unwrap().to_owned();
+    let traced = trace_text(&stack.jaeger, &trace_id, "inference.llm_attempt").await;
     let log = pipeline.log_path();
     pipeline.stop().await;
 
     let logged = std::fs::read_to_string(log).unwrap_or_default();
     assert!(!logged.is_empty(), "the pipeline logged something");
     let signature = token.rsplit('.').next().unwrap();
-    for secret in [API_KEY, "test-secret", signature] {
+    for secret in [API_KEY, support::AUTH_SECRET, signature] {
         assert!(!logged.contains(secret), "{secret:?} is in the log");
+        assert!(!traced.contains(secret), "{secret:?} is in the trace");
+    }
+}
+
+/// The JSON Jaeger serves for `trace_id`, once it holds a span named `operation`.
+async fn trace_text(jaeger: &str, trace_id: &str, operation: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = match reqwest::get(format!("{jaeger}/api/traces/{trace_id}")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if body.contains(&format!("\"operationName\":\"{operation}\"")) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "trace {trace_id} has no {operation} span in Jaeger: {body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

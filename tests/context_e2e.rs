@@ -96,11 +96,8 @@ async fn without_a_projection_the_history_comes_from_the_log() {
     let with = |extra: &[&str]| -> Vec<String> {
         common.iter().cloned().chain(extra.iter().map(|s| (*s).to_owned())).collect()
     };
-    let mut gateway = support::spawn(
-        &with(&["gateway", "--listen", &format!("127.0.0.1:{port}"), "--auth-secret", "s"]),
-        &prefix,
-        "gateway.log",
-    );
+    let mut gateway =
+        support::spawn(&with(&["gateway", "--listen", &format!("127.0.0.1:{port}")]), &prefix, "gateway.log");
     let mut inference = support::spawn(
         &with(&[
             "inference",

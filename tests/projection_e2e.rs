@@ -206,7 +206,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         sent.unwrap();
     }
 
-    let token = parley_gateway::auth::TokenSigner::new(b"test-secret").token_for(&user);
+    let token = parley_gateway::auth::TokenSigner::new(support::AUTH_SECRET.as_bytes()).token_for(&user);
     // The projector writes the message, then advances the conversation's head: a read in
     // between sees the answer with the head one step behind (a CI run met it).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

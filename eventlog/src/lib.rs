@@ -22,6 +22,7 @@ pub mod partitioner;
 pub mod position;
 pub mod producer;
 pub mod registry_wait;
+pub mod secret;
 pub mod settings;
 pub mod topics;
 pub mod trace;

@@ -139,8 +139,6 @@ impl Pipeline {
                 &format!("{prefix}inference"),
                 "--embedder-group",
                 &format!("{prefix}embedder"),
-                "--auth-secret",
-                "test-secret",
             ]
             .map(str::to_owned),
         );
@@ -193,9 +191,7 @@ impl Pipeline {
         let port = free_port();
         let mut args =
             global_args(&self.brokers, &self.registry, &self.prefix, &self.cql, &self.keyspace, &self.collection);
-        args.extend(
-            ["gateway", "--listen", &format!("127.0.0.1:{port}"), "--auth-secret", "test-secret"].map(str::to_owned),
-        );
+        args.extend(["gateway", "--listen", &format!("127.0.0.1:{port}")].map(str::to_owned));
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         self.extra_gateways.push(spawn(&args, &self.prefix, &format!("gateway-{port}.log")));
         let http = format!("http://127.0.0.1:{port}");
@@ -392,9 +388,14 @@ pub fn log_tail(path: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// The secret that signs the anonymous tokens of every process the tests start (given as
+/// the environment variable: secrets are never arguments).
+pub const AUTH_SECRET: &str = "test-secret";
+
 pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    command.env("PARLEY_AUTH_SECRET", AUTH_SECRET);
     // A test that names its model server means that one, not the stack's pool.
     if args.iter().any(|a| a == "--llm-base-url" || a == "--llm-endpoint") {
         command.env_remove("PARLEY_LLM_ENDPOINTS");

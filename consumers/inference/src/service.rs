@@ -19,6 +19,7 @@ use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
 use parley_eventlog::lanes::Lanes;
 use parley_eventlog::load;
 use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
@@ -70,8 +71,12 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_LLM_MODEL", default_value = "SmolLM2-135M-Instruct")]
     pub llm_model: String,
 
-    #[arg(long, env = "PARLEY_LLM_API_KEY", default_value = "none", hide_env_values = true)]
-    pub llm_api_key: String,
+    /// File holding the API key of endpoints that name no `api_key_env` (readable by its
+    /// owner only). The key may instead come from the environment variable
+    /// PARLEY_LLM_API_KEY, never from an argument (every local user can read a process's
+    /// arguments). Neither: "none".
+    #[arg(long, env = "PARLEY_LLM_API_KEY_FILE")]
+    pub llm_api_key_file: Option<std::path::PathBuf>,
 
     /// Upper bound on one LLM call, streaming included.
     #[arg(long, env = "PARLEY_LLM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
@@ -156,16 +161,17 @@ pub struct InferenceArgs {
 }
 
 impl InferenceArgs {
-    fn llm_settings(&self) -> LlmSettings {
+    fn llm_settings(&self) -> Result<LlmSettings, SecretError> {
         let single = || EndpointSpec {
             base_url: self.llm_base_url.clone(),
             model: None,
             api_key_env: None,
             slots: u32::from(self.concurrency),
         };
-        LlmSettings {
+        let api_key = secret_from("PARLEY_LLM_API_KEY", self.llm_api_key_file.as_deref())?;
+        Ok(LlmSettings {
             endpoints: if self.llm_endpoints.is_empty() { vec![single()] } else { self.llm_endpoints.clone() },
-            api_key: self.llm_api_key.clone(),
+            api_key: api_key.unwrap_or_else(|| "none".to_owned()),
             model: self.llm_model.clone(),
             max_tokens: self.llm_max_tokens,
             timeout: self.llm_timeout,
@@ -173,7 +179,7 @@ impl InferenceArgs {
             retry_backoff: self.llm_retry_backoff,
             breaker_threshold: self.llm_breaker_threshold,
             breaker_cool_down: self.llm_breaker_cool_down,
-        }
+        })
     }
 }
 
@@ -187,6 +193,8 @@ pub enum InferenceError {
     Context(#[from] ProjectionError),
     #[error(transparent)]
     Config(#[from] MissingKey),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// The driver's lanes: an events partition's lane, served by weight; standard kept off
@@ -245,7 +253,7 @@ pub async fn run(
         cancels.clone(),
         shutdown.clone(),
     ));
-    let llm = args.llm_settings();
+    let llm = args.llm_settings()?;
     let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
     let worker = Arc::new(Worker {
         // A delta is shown the moment it arrives: each goes out at once instead of lingering.

@@ -54,7 +54,7 @@ pub(crate) async fn submit_document(
     headers: HeaderMap,
     Json(body): Json<DocumentBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     // Bulk work: refused while any lane's queue is past the threshold.
     if let Some(retry_after_ms) = state.overloaded(None) {
         let message = "Parley is answering more than it can right now; the document can wait";
@@ -99,7 +99,7 @@ pub(crate) async fn delete_document(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     let document_id = id
         .parse::<Uuid>()
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document_id", "a document id is a UUID"))?;
@@ -154,7 +154,7 @@ pub(crate) async fn search(
     headers: HeaderMap,
     Query(params): Query<SearchParams>,
 ) -> Result<Json<SearchAnswer>, ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     let filter = search_filter(user, &params)?;
     let k = params.k.unwrap_or(10);
     let hits = retriever_of(&state)?
@@ -177,7 +177,7 @@ pub(crate) async fn list_documents(
     headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=MAX_LISTED).contains(&limit) {
         let message = format!("limit must be 1 to {MAX_LISTED}");

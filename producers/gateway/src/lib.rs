@@ -1,19 +1,21 @@
 //! The gateway: WebSocket + HTTP front door of Parley's command path.
 //!
 //! - [`protocol`]: the JSON frames and their validation (pure);
-//! - [`auth`]: signed user tokens (pure);
+//! - [`auth`]: anonymous users' signed tokens (pure); [`identity`]: who a token is,
+//!   anonymous or a JWT verified against the identity provider's keys;
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes questions, token deltas and outcomes to sockets;
 //! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
 //! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
-//! - [`origin`]: browser-origin checks (pure);
+//! - [`origin`]: browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change;
 //! - [`server`]: axum routes, the socket loop, query → event.
 
 pub mod answers;
 pub mod auth;
 pub mod hub;
+pub mod identity;
 pub mod knowledge;
 pub mod origin;
 pub mod protocol;
@@ -22,5 +24,6 @@ pub mod rate;
 pub mod rate_feed;
 pub mod resume;
 pub mod server;
+pub mod tls;
 
 pub use server::{Gateway, GatewayArgs, GatewayError};

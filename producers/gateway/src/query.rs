@@ -71,19 +71,18 @@ impl From<ProjectionError> for ApiError {
     }
 }
 
-pub(crate) fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    headers
+/// The caller's user, from `Authorization: Bearer <token>`; else 401 saying why.
+pub(crate) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|token| state.signer.verify(token))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Authorization: Bearer <token> required (POST /api/session)",
-            )
-        })
+        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required".into()))?;
+    match state.identity.verify(token).await {
+        Ok(verified) => Ok(verified.user_id),
+        Err(refusal) => Err(unauthorized(format!("invalid token: {refusal}"))),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -133,7 +132,7 @@ pub(crate) async fn conversation(
     Path(id): Path<String>,
     Query(params): Query<ConversationParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user"));
     let id: Uuid = id.parse().map_err(|_| not_found())?;
     if let Some(after) = params.after {
@@ -184,7 +183,7 @@ pub(crate) async fn conversations(
     headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::new(
@@ -214,7 +213,7 @@ pub(crate) async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let user = user_of(&state, &headers)?;
+    let user = user_of(&state, &headers).await?;
     match crate::server::cancel(&state, &user, &id, None).await {
         Ok(done @ CancelOutcome::Requested(query)) => {
             Ok((StatusCode::ACCEPTED, Json(json!({"status": done.status(), "query_event_id": query.to_string()}))))

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -20,6 +21,7 @@ use parley_eventlog::LogPosition;
 use parley_eventlog::consumer::read_back;
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::partitioner::partition_for_key;
+use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
@@ -47,16 +49,17 @@ use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::auth::TokenSigner;
 use crate::hub::{
     Admission, CancelTarget, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id,
 };
+use crate::identity::{Identity, IdentityError, JwtSettings};
 use crate::origin;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
 use crate::rate::{RateLimiter, RateSettings};
 use crate::resume::TokenOrder;
+use crate::tls::{Certificate, TlsError, TlsSettings};
 use crate::{answers, knowledge, query, rate_feed};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
@@ -102,10 +105,19 @@ pub struct GatewayArgs {
     #[arg(long, env = "PARLEY_READ_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub read_wait: Duration,
 
-    /// Secret that signs user tokens; give every instance the same one. Default: random per
-    /// process (tokens then die with the process).
-    #[arg(long, env = "PARLEY_AUTH_SECRET", hide_env_values = true)]
-    pub auth_secret: Option<String>,
+    /// File holding the secret that signs anonymous users' tokens (readable by its owner
+    /// only); give every instance the same one. The secret may instead come from the
+    /// environment variable PARLEY_AUTH_SECRET, never from an argument (every local user
+    /// can read a process's arguments). Neither: random per process (tokens then die with
+    /// the process).
+    #[arg(long, env = "PARLEY_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub jwt: JwtSettings,
+
+    #[command(flatten)]
+    pub tls: TlsSettings,
 
     #[command(flatten)]
     pub rates: RateSettings,
@@ -136,6 +148,12 @@ pub enum GatewayError {
     Projection(#[from] ProjectionError),
     #[error("--lanes: {0}")]
     Lanes(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 pub(crate) struct AppState {
@@ -156,7 +174,7 @@ pub(crate) struct AppState {
     /// Open sockets per user, against `max_sockets_per_user`.
     sockets: Mutex<HashMap<String, u32>>,
     max_sockets_per_user: u32,
-    pub(crate) signer: TokenSigner,
+    pub(crate) identity: Identity,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
     pub(crate) retriever: Option<Retriever>,
@@ -181,6 +199,9 @@ pub struct Gateway {
     rate_feed: tokio::task::JoinHandle<()>,
     load_feed: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
+    /// Served over TLS when given.
+    certificate: Option<Certificate>,
+    tls_reload_check: Duration,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -226,10 +247,15 @@ impl Gateway {
             rate.clone(),
             shutdown.clone(),
         ));
-        let secret = args.auth_secret.clone().unwrap_or_else(|| {
-            warn!("no --auth-secret given: user tokens are valid for this process only");
+        let secret = secret_from("PARLEY_AUTH_SECRET", args.auth_secret_file.as_deref())?;
+        let secret = secret.unwrap_or_else(|| {
+            if args.jwt.jwks.is_none() {
+                warn!("no auth secret (PARLEY_AUTH_SECRET or --auth-secret-file): anonymous tokens are valid for this process only");
+            }
             Uuid::new_v4().to_string()
         });
+        let identity = Identity::from_settings(&args.jwt, &secret, &shutdown).await?;
+        let certificate = Certificate::load(&args.tls).await?;
         let load = Arc::new(Mutex::new(LoadBoard::default()));
         let load_feed = tokio::spawn(load::follow(load::follower(kafka)?, load.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
@@ -254,7 +280,7 @@ impl Gateway {
                 max_frame_bytes: args.max_frame_bytes as usize,
                 max_text_chars: args.max_text_chars as usize,
             },
-            signer: TokenSigner::new(secret.as_bytes()),
+            identity,
             reader,
             read_wait: args.read_wait,
             retriever,
@@ -281,21 +307,45 @@ impl Gateway {
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|source| GatewayError::Listen { addr: args.listen, source })?;
-        Ok(Self { listener, router, answers, rate_feed, load_feed, shutdown })
+        let tls_reload_check = args.tls.tls_reload_check;
+        Ok(Self { listener, router, answers, rate_feed, load_feed, shutdown, certificate, tls_reload_check })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until the shutdown token is cancelled.
+    /// Serves (HTTPS and WSS when it has a certificate) until the shutdown token is cancelled.
     pub async fn serve(self) -> Result<(), GatewayError> {
         let shutdown = self.shutdown.clone();
-        info!(addr = ?self.local_addr(), "gateway serving");
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .map_err(GatewayError::Serve);
+        let addr = self.local_addr();
+        let result = match self.certificate {
+            None => {
+                info!(?addr, "gateway serving (plain HTTP: TLS is the ingress's, or not there)");
+                axum::serve(self.listener, self.router)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            }
+            Some(certificate) => {
+                info!(?addr, "gateway serving HTTPS and WSS");
+                let handle = axum_server::Handle::new();
+                tokio::spawn(certificate.clone().watch(self.tls_reload_check, shutdown.clone()));
+                tokio::spawn({
+                    let handle = handle.clone();
+                    async move {
+                        shutdown.cancelled().await;
+                        handle.graceful_shutdown(Some(Duration::from_secs(5)));
+                    }
+                });
+                let listener = self.listener.into_std().map_err(GatewayError::Serve)?;
+                axum_server::from_tcp_rustls(listener, certificate.config)
+                    .map_err(GatewayError::Serve)?
+                    .handle(handle)
+                    .serve(self.router.into_make_service())
+                    .await
+            }
+        }
+        .map_err(GatewayError::Serve);
         self.shutdown.cancel();
         let _ = self.answers.await;
         let _ = self.rate_feed.await;
@@ -310,10 +360,24 @@ struct Session {
     token: String,
 }
 
-async fn new_session(State(state): State<Arc<AppState>>) -> axum::Json<Session> {
-    let (user_id, token) = state.signer.issue();
-    axum::Json(Session { user_id, token })
+/// A new anonymous user and its token; in JWT mode, 404: users come from the identity
+/// provider.
+async fn new_session(State(state): State<Arc<AppState>>) -> Response {
+    let Some(signer) = state.identity.sessions() else {
+        let refusal = query::ApiError::new(
+            StatusCode::NOT_FOUND,
+            "anonymous_sessions_off",
+            "this gateway takes tokens from the identity provider, not anonymous sessions",
+        );
+        return refusal.into_response();
+    };
+    let (user_id, token) = signer.issue();
+    axum::Json(Session { user_id, token }).into_response()
 }
+
+/// The close code of a socket whose token expired (WebSocket private-use range): the
+/// client reconnects with a fresh token.
+pub const TOKEN_EXPIRED_CLOSE_CODE: u16 = 4001;
 
 #[derive(Deserialize)]
 struct SocketParams {
@@ -325,8 +389,12 @@ async fn upgrade(
     Query(params): Query<SocketParams>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(user) = params.token.as_deref().and_then(|t| state.signer.verify(t)) else {
-        return (StatusCode::UNAUTHORIZED, "missing or invalid token: POST /api/session for one").into_response();
+    let Some(token) = params.token.as_deref() else {
+        return (StatusCode::UNAUTHORIZED, "missing token: /ws?token=<token>").into_response();
+    };
+    let (user, expires_at) = match state.identity.verify(token).await {
+        Ok(verified) => (verified.user_id, verified.expires_at),
+        Err(refusal) => return (StatusCode::UNAUTHORIZED, format!("invalid token: {refusal}")).into_response(),
     };
     {
         let mut sockets = state.sockets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -346,7 +414,7 @@ async fn upgrade(
         // Frames are written as they come (each is a token or an answer a person waits for).
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
-            serve_socket(state, user, socket).await;
+            serve_socket(state, user, expires_at, socket).await;
             drop(sockets);
         })
 }
@@ -385,7 +453,7 @@ async fn check_origin(State(state): State<Arc<AppState>>, request: Request, next
     next.run(request).await
 }
 
-async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
+async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64>, socket: WebSocket) {
     let connection = state.next_connection.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("gateway.socket", connection, user = %user);
     async {
@@ -393,6 +461,8 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
         let (outbox, mut inbox) = mpsc::channel::<ServerFrame>(OUTBOX_CAPACITY);
         // Deltas of a resumed answer come read back and live: sent once each, in order.
         let order = Arc::new(Mutex::new(TokenOrder::default()));
+        // How the writer closes the socket: a plain close, or one saying why.
+        let (close_with, close_frame) = tokio::sync::oneshot::channel::<CloseFrame>();
         let writer = tokio::spawn({
             let order = order.clone();
             async move {
@@ -407,7 +477,10 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
                         }
                     }
                 }
-                let _ = sink.close().await;
+                match close_frame.await {
+                    Ok(frame) => drop(sink.send(Message::Close(Some(frame))).await),
+                    Err(_) => drop(sink.close().await),
+                }
             }
         });
         let _ = outbox
@@ -418,7 +491,22 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
                 max_text_chars: state.limits.max_text_chars,
             })
             .await;
-        while let Some(message) = stream.next().await {
+        let expiry = token_expiry(expires_at);
+        tokio::pin!(expiry);
+        let mut close_with = Some(close_with);
+        loop {
+            let message = tokio::select! {
+                message = stream.next() => message,
+                () = &mut expiry => {
+                    info!("token expired; closing the socket");
+                    let frame = CloseFrame { code: TOKEN_EXPIRED_CLOSE_CODE, reason: "token expired".into() };
+                    if let Some(close_with) = close_with.take() {
+                        let _ = close_with.send(frame);
+                    }
+                    break;
+                }
+            };
+            let Some(message) = message else { break };
             match message {
                 Ok(Message::Text(text)) => {
                     let socket = Socket { connection, outbox: &outbox, order: &order };
@@ -449,6 +537,14 @@ async fn serve_socket(state: Arc<AppState>, user: String, socket: WebSocket) {
     }
     .instrument(span)
     .await;
+}
+
+/// Resolves when a token that expires at `expires_at` (seconds since the epoch) stops
+/// being valid; never for a token without expiry.
+async fn token_expiry(expires_at: Option<u64>) {
+    let Some(expires_at) = expires_at else { return std::future::pending().await };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(expires_at).saturating_sub(now)).await;
 }
 
 /// One client's socket as its frames' handlers see it.
@@ -992,6 +1088,6 @@ async fn earlier_outcome(
 
 /// An instant (ms since the epoch) as RFC 3339 UTC, to the second.
 fn format_time(millis: i64) -> String {
-    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0));
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0));
     humantime::format_rfc3339_seconds(at).to_string()
 }
