@@ -522,6 +522,52 @@ mod tests {
         assert!(matches!(verifier.verify(&sign(&ec, &claims())).await, Err(AuthError::Algorithm(_))));
     }
 
+    #[tokio::test]
+    async fn a_jwks_url_is_fetched_with_a_timeout_and_again_for_a_rotated_key() {
+        use std::sync::Mutex as StdMutex;
+        let (first, rotated) = (provider_key(Algorithm::ES256, "k1"), provider_key(Algorithm::EdDSA, "k2"));
+        let published = Arc::new(StdMutex::new(JwkSet { keys: vec![first.jwk.clone()] }));
+        let app = axum::Router::new()
+            .route(
+                "/jwks",
+                axum::routing::get({
+                    let published = published.clone();
+                    move || async move { axum::Json(published.lock().unwrap().clone()) }
+                }),
+            )
+            .route("/silent", axum::routing::get(|| std::future::pending::<String>()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let settings = |path: &str| JwtSettings {
+            jwks: Some(format!("{base}{path}")),
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            user_claim: "sub".into(),
+            algorithms: parse_algorithms("ES256,EdDSA").unwrap(),
+            leeway: Duration::from_secs(30),
+            refresh: Duration::from_secs(300),
+            timeout: Duration::from_millis(500),
+        };
+
+        let url = KeySource::parse(&format!("{base}/jwks"));
+        let verifier = JwtVerifier::new(&settings("/jwks"), url).await.unwrap();
+        assert!(verifier.verify(&sign(&first, &claims())).await.is_ok());
+        // The provider rotates its key: a token of the new key is unknown until the set is
+        // fetched again, which a token naming an unknown key does (not more than every 30 s).
+        *published.lock().unwrap() = JwkSet { keys: vec![rotated.jwk.clone()] };
+        assert_eq!(verifier.verify(&sign(&rotated, &claims())).await, Err(AuthError::UnknownKey), "fetched < 30 s ago");
+        *verifier.loaded_at.lock().await -= UNKNOWN_KEY_REFETCH;
+        assert!(verifier.verify(&sign(&rotated, &claims())).await.is_ok(), "fetched again for the unknown key");
+        assert_eq!(verifier.verify(&sign(&first, &claims())).await, Err(AuthError::UnknownKey), "the old key is gone");
+
+        // A provider that does not answer fails the start within the timeout, naming the URL.
+        let started = std::time::Instant::now();
+        let silent = JwtVerifier::new(&settings("/silent"), KeySource::parse(&format!("{base}/silent"))).await;
+        let failure = silent.unwrap_err().to_string();
+        assert!(failure.contains("/silent") && started.elapsed() < Duration::from_secs(5), "{failure}");
+    }
+
     #[test]
     fn only_asymmetric_algorithms_can_be_configured() {
         assert_eq!(parse_algorithms("ES256, EdDSA").unwrap().0, [Algorithm::ES256, Algorithm::EdDSA]);
