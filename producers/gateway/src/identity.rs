@@ -535,7 +535,7 @@ mod tests {
                     move || async move { axum::Json(published.lock().unwrap().clone()) }
                 }),
             )
-            .route("/silent", axum::routing::get(|| std::future::pending::<String>()));
+            .route("/silent", axum::routing::get(std::future::pending::<String>));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(verifier.verify(&sign(&first, &claims())).await, Err(AuthError::UnknownKey), "the old key is gone");
 
         // A provider that does not answer fails the start within the timeout, naming the URL.
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let silent = JwtVerifier::new(&settings("/silent"), KeySource::parse(&format!("{base}/silent"))).await;
         let failure = silent.unwrap_err().to_string();
         assert!(failure.contains("/silent") && started.elapsed() < Duration::from_secs(5), "{failure}");
