@@ -1,6 +1,7 @@
 //! `parley`: one binary, a subcommand per service.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,6 +85,11 @@ struct Common {
     /// OTLP/HTTP collector to export spans to (Jaeger: its OTLP port, 4318); none: no export.
     #[arg(long, global = true, env = "PARLEY_OTLP_ENDPOINT", value_parser = telemetry::parse_endpoint)]
     otlp_endpoint: Option<String>,
+
+    /// Address to serve Prometheus metrics on (`/metrics`) for inference, the projection and
+    /// the embedder; a gateway (and `parley all`) also serves them on its own port.
+    #[arg(long, global = true, env = "PARLEY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +270,24 @@ fn main() -> ExitCode {
     code
 }
 
+/// Serves the process's Prometheus metrics at `http://{addr}/metrics` until `shutdown`.
+async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+    use parley_eventlog::metrics::{CONTENT_TYPE, render};
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics on {addr}"))?;
+    let routes = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render()) }),
+    );
+    tracing::info!(%addr, "serving metrics at /metrics");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, routes).with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(error) = served.await {
+            tracing::warn!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
 /// The service name spans are exported under.
 fn service_name(command: &Command) -> &'static str {
     match command {
@@ -277,9 +301,21 @@ fn service_name(command: &Command) -> &'static str {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Common { kafka, cql, schema_registry_url: registry, embedding, milvus, without_retrieval, budgets, .. } =
-        cli.common;
+    let Common {
+        kafka,
+        cql,
+        schema_registry_url: registry,
+        embedding,
+        milvus,
+        without_retrieval,
+        budgets,
+        metrics_listen,
+        ..
+    } = cli.common;
     let shutdown = shutdown_on_signal();
+    if let Some(addr) = metrics_listen {
+        serve_metrics(addr, shutdown.clone()).await?;
+    }
     let retrieval = async || -> Result<Option<(Arc<dyn EmbeddingBackend>, VectorStore)>> {
         if without_retrieval { Ok(None) } else { Ok(Some(open_retrieval(&embedding, &milvus).await?)) }
     };

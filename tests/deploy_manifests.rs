@@ -34,7 +34,13 @@ fn known_env_vars() -> BTreeSet<String> {
             names.insert(piece[..end].to_owned());
         }
     }
-    assert!(names.contains("PARLEY_KAFKA_BROKERS") && names.contains("PARLEY_AUTH_SECRET"), "{names:?}");
+    // Secrets are read from the environment but are no options (never arguments): the help
+    // of their file options names them.
+    for secret in ["PARLEY_AUTH_SECRET", "PARLEY_LLM_API_KEY"] {
+        assert!(help(&["all"]).contains(&format!("variable {secret}")), "{secret} is documented");
+        names.insert(secret.to_owned());
+    }
+    assert!(names.contains("PARLEY_KAFKA_BROKERS") && names.contains("PARLEY_AUTH_SECRET_FILE"), "{names:?}");
     names
 }
 

@@ -12,14 +12,19 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::{Pipeline, stack};
 
-/// A span as Jaeger's query API returns it: (operation, span id, parent span id, service).
+/// A span as Jaeger's query API returns it: operation, span id, parent span id, service,
+/// and its tags (as text).
 #[derive(Debug, Clone)]
 struct SpanRow {
     operation: String,
     span_id: String,
     parent: Option<String>,
     service: String,
+    tags: HashMap<String, String>,
 }
+
+/// The model call's span, named as the OpenTelemetry GenAI conventions have it.
+const LLM_SPAN: &str = "chat SmolLM2-135M-Instruct";
 
 fn spans_of(trace: &Value) -> Vec<SpanRow> {
     let services: HashMap<&str, &str> = trace["processes"]
@@ -38,6 +43,15 @@ fn spans_of(trace: &Value) -> Vec<SpanRow> {
                 .and_then(|r| r.iter().find(|r| r["refType"] == "CHILD_OF"))
                 .map(|r| r["spanID"].as_str().unwrap().to_owned()),
             service: services.get(span["processID"].as_str().unwrap()).copied().unwrap_or("?").to_owned(),
+            tags: span["tags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|tag| {
+                    let value = tag["value"].as_str().map_or_else(|| tag["value"].to_string(), str::to_owned);
+                    (tag["key"].as_str().unwrap().to_owned(), value)
+                })
+                .collect(),
         })
         .collect()
 }
@@ -83,7 +97,7 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
         "gateway.query",
         "inference.answer",
         "inference.context",
-        "inference.llm",
+        LLM_SPAN,
         "inference.llm_attempt",
         "eventlog.transaction",
     ];
@@ -93,10 +107,17 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
     })
     .await;
     let one = |operation: &str| spans.iter().find(|s| s.operation == operation).unwrap();
-    let (gateway, answer, llm) = (one("gateway.query"), one("inference.answer"), one("inference.llm"));
+    let (gateway, answer, llm) = (one("gateway.query"), one("inference.answer"), one(LLM_SPAN));
     assert_eq!(gateway.parent, None, "each turn is a root trace");
     assert_eq!(answer.parent.as_ref(), Some(&gateway.span_id), "inference continues the query's span");
     assert_eq!(llm.parent.as_ref(), Some(&answer.span_id));
+    let tag = |key: &str| llm.tags.get(key).map(String::as_str);
+    assert_eq!(tag("gen_ai.operation.name"), Some("chat"), "{:?}", llm.tags);
+    assert_eq!(tag("gen_ai.provider.name"), Some("llama.cpp"));
+    assert_eq!(tag("gen_ai.request.model"), Some("SmolLM2-135M-Instruct"));
+    assert_eq!(tag("gen_ai.conversation.id"), Some(conversation.as_str()));
+    assert!(tag("gen_ai.usage.output_tokens").is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0)), "{:?}", llm.tags);
+    assert!(tag("gen_ai.usage.input_tokens").is_some() && tag("gen_ai.response.finish_reasons").is_some());
     assert_eq!(one("inference.llm_attempt").parent.as_ref(), Some(&llm.span_id));
     assert_eq!(one("eventlog.transaction").parent.as_ref(), Some(&answer.span_id), "the answer's commit");
     let projected: Vec<_> = spans.iter().filter(|s| s.operation == "projection.apply").collect();

@@ -27,13 +27,14 @@
 //!   [`COMMIT_ATTEMPTS`] times in a row stops the driver with the error (the process
 //!   exits and is restarted; nothing is committed past unfinished work, so nothing is lost).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use parley_events::event::now_millis;
 use parley_events::{EventCodec, EventsError};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -49,12 +50,18 @@ use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
 use crate::dead_letter::dead_letter_for;
 use crate::error::EventLogError;
 use crate::lanes::{Lanes, Stride};
+use crate::metrics::{
+    CONSUMER_LAG_RECORDS, CONSUMER_LAG_SECONDS, DEAD_LETTERS, STATISTICS_INTERVAL_MS, partition_ends,
+};
 use crate::settings::KafkaSettings;
 use crate::transaction::{Outgoing, TransactionalProducer};
 
 /// A failed transaction is aborted and its outputs and offsets retried this often, with a
 /// growing pause, before the driver gives up.
 pub const COMMIT_ATTEMPTS: u32 = 5;
+
+/// How often the consumer lag metrics are updated.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// How long the consumer may sit idle before [`Processor::idle`] runs.
 const IDLE: Duration = Duration::from_secs(1);
@@ -157,7 +164,7 @@ pub async fn run<P: Processor>(
     shutdown: CancellationToken,
 ) -> Result<(), EventLogError> {
     let context = RebalanceLog::default();
-    let assignments = context.changes.clone();
+    let (assignments, ends) = (context.changes.clone(), context.ends.clone());
     let mut config = reader_config(kafka, &settings.group_id, true);
     config
         .set("auto.offset.reset", "earliest")
@@ -167,7 +174,8 @@ pub async fn run<P: Processor>(
         .set("session.timeout.ms", "10000")
         // A resumed lane's partitions join the next fetch: the broker holds one this long.
         .set("fetch.wait.max.ms", "100")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     if let Some(instance) = &kafka.instance_id {
         config.set("group.instance.id", instance);
     }
@@ -192,6 +200,8 @@ pub async fn run<P: Processor>(
         processor,
         codec,
         assignments,
+        ends,
+        lag_shown: Instant::now(),
         consumer: consumer.clone(),
         log_ends: Arc::new(log_ends),
         partitions: HashMap::new(),
@@ -216,6 +226,8 @@ pub async fn run<P: Processor>(
 #[derive(Default)]
 struct RebalanceLog {
     changes: Arc<Mutex<Vec<Change>>>,
+    /// Each fetched partition's end, from librdkafka's statistics (every 5 s): the lag's.
+    ends: Arc<Mutex<HashMap<PartitionKey, i64>>>,
 }
 
 enum Change {
@@ -230,6 +242,11 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
 impl ClientContext for RebalanceLog {
     fn error(&self, error: KafkaError, reason: &str) {
         ReaderContext.error(error, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        let mut ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner);
+        ends.extend(partition_ends(statistics));
     }
 }
 
@@ -249,8 +266,9 @@ impl ConsumerContext for RebalanceLog {
 
 /// One partition's bookkeeping.
 struct PartitionState<I> {
-    /// Offsets read and not finished (held, parked, waiting or running).
-    unfinished: BTreeSet<i64>,
+    /// Offsets read and not finished (held, parked, waiting or running), with when each
+    /// record was written (ms).
+    unfinished: BTreeMap<i64, i64>,
     /// One past the highest offset read.
     read_up_to: Option<i64>,
     /// The offset last sent to be committed.
@@ -264,14 +282,14 @@ struct PartitionState<I> {
 
 impl<I> Default for PartitionState<I> {
     fn default() -> Self {
-        Self { unfinished: BTreeSet::new(), read_up_to: None, committed: None, assignment: 0, catch_up: None }
+        Self { unfinished: BTreeMap::new(), read_up_to: None, committed: None, assignment: 0, catch_up: None }
     }
 }
 
 impl<I> PartitionState<I> {
     /// The offset to commit: the first unfinished record, or one past the last read.
     fn commit_position(&self) -> Option<i64> {
-        self.unfinished.first().copied().or(self.read_up_to)
+        self.unfinished.first_key_value().map(|(offset, _)| *offset).or(self.read_up_to)
     }
 }
 
@@ -339,6 +357,9 @@ struct Driver<P: Processor> {
     partitions: HashMap<PartitionKey, PartitionState<P::Item>>,
     /// When outputs or offsets were last sent to the committer.
     last_commit: Instant,
+    /// Partition ends from librdkafka's statistics, and when the lag was last published.
+    ends: Arc<Mutex<HashMap<PartitionKey, i64>>>,
+    lag_shown: Instant,
     /// Partition assignments so far.
     assignments_made: u64,
     /// Keys with a record in flight, and the records of those keys waiting their turn.
@@ -358,6 +379,7 @@ impl<P: Processor> Driver<P> {
             self.apply_rebalances().await?;
             self.start_ready();
             self.show_queue_age();
+            self.show_lag();
             self.pause_full_lanes();
             let has_room = self.running.len() < self.settings.concurrency;
             // Read ahead while a lane has room.
@@ -439,6 +461,9 @@ impl<P: Processor> Driver<P> {
                     for key in partitions {
                         info!(topic = %key.0, partition = key.1, "partition revoked; its unfinished work is left to its new owner");
                         self.partitions.remove(&key);
+                        let labels = [self.settings.group_id.as_str(), key.0.as_str(), &key.1.to_string()];
+                        let _ = CONSUMER_LAG_SECONDS.remove_label_values(&labels);
+                        let _ = CONSUMER_LAG_RECORDS.remove_label_values(&labels);
                         let lane = self.settings.lanes.of(&key.0, key.1);
                         let queue = &mut self.queues[lane];
                         queue.ready.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
@@ -489,6 +514,7 @@ impl<P: Processor> Driver<P> {
                 warn!(topic = message.topic(), partition = message.partition(), offset, %error,
                       "undecodable record sent to the dead-letter topic");
                 let letter = dead_letter_for(&message, &self.settings.group_id, &error.to_string());
+                DEAD_LETTERS.with_label_values(&[self.settings.group_id.as_str(), message.topic()]).inc();
                 let outgoing = Outgoing {
                     topic: self.settings.dead_letter_topic.clone(),
                     key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
@@ -500,7 +526,7 @@ impl<P: Processor> Driver<P> {
             Ok(item) => {
                 self.processor.observe(&item, catching_up);
                 if self.processor.wants(&item) {
-                    state.unfinished.insert(offset);
+                    state.unfinished.insert(offset, message.timestamp().to_millis().unwrap_or_else(now_millis));
                     match state.catch_up.as_mut() {
                         Some((_, held)) if catching_up => held.push((message, item)),
                         _ => {
@@ -576,6 +602,36 @@ impl<P: Processor> Driver<P> {
             let parked = self.parked.values().filter_map(VecDeque::front).filter(|(m, _)| lane_of(m) == lane);
             let oldest = queue.ready.iter().chain(parked).filter_map(|(m, _)| m.timestamp().to_millis()).min();
             self.settings.queue.set_oldest(lane, oldest);
+        }
+    }
+
+    /// Publishes, per owned partition, the consumer lag: records from the first not finished
+    /// (or the consumer's position, past transaction markers, when all are) to the end, and
+    /// the age of the oldest record read and not finished.
+    fn show_lag(&mut self) {
+        if self.lag_shown.elapsed() < LAG_EVERY {
+            return;
+        }
+        self.lag_shown = Instant::now();
+        let positions: HashMap<PartitionKey, i64> = self.consumer.position().map_or_else(
+            |_| HashMap::new(),
+            |list| {
+                let valid = |e: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>| {
+                    e.offset().to_raw().filter(|o| *o >= 0).map(|o| ((e.topic().to_owned(), e.partition()), o))
+                };
+                list.elements().iter().filter_map(valid).collect()
+            },
+        );
+        let ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let now = now_millis();
+        for (key, state) in &self.partitions {
+            let labels = [self.settings.group_id.as_str(), key.0.as_str(), &key.1.to_string()];
+            let oldest = state.unfinished.values().min().map_or(0.0, |written| (now - written).max(0) as f64 / 1000.0);
+            CONSUMER_LAG_SECONDS.with_label_values(&labels).set(oldest);
+            let done_up_to = state.unfinished.keys().next().copied().or_else(|| positions.get(key).copied());
+            if let (Some(end), Some(at)) = (ends.get(key), done_up_to) {
+                CONSUMER_LAG_RECORDS.with_label_values(&labels).set((end - at).max(0));
+            }
         }
     }
 

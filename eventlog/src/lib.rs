@@ -18,6 +18,7 @@ pub mod driver;
 pub mod error;
 pub mod lanes;
 pub mod load;
+pub mod metrics;
 pub mod partitioner;
 pub mod position;
 pub mod producer;

@@ -9,16 +9,20 @@
 //! (harmless), never skips one. Kafka group offsets are not used for positioning.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::metrics::{NO_LABELS, gauge, histogram};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
+use parley_events::event::now_millis;
 use parley_events::turn::{Applied, ConversationHead};
 use parley_events::{ConversationEvent, EventCodec};
+use prometheus::{Gauge, Histogram};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
@@ -95,6 +99,7 @@ impl Projector {
             self.known.clear();
         }
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+        let written: Vec<i64> = batch.iter().map(|logged| logged.event.envelope().occurred_at).collect();
         let mut by_conversation: Vec<(Uuid, Vec<LoggedEvent>)> = Vec::new();
         let mut index: HashMap<Uuid, usize> = HashMap::new();
         for logged in batch {
@@ -127,6 +132,13 @@ impl Projector {
         for (partition, next) in next_offsets {
             self.store.store_progress(&self.generation, &self.topic, partition, next).await?;
         }
+        let now = now_millis();
+        for occurred_at in &written {
+            PROJECTION_DELAY.observe(seconds_since(*occurred_at, now));
+        }
+        if let Some(newest) = written.iter().max() {
+            PROJECTION_LAG.set(seconds_since(*newest, now));
+        }
         Ok(())
     }
 
@@ -144,6 +156,33 @@ impl Projector {
         }
         Ok(())
     }
+}
+
+/// How long after an event happened the projection had it (a reader after an answer waits
+/// about this long for the store to show it).
+static PROJECTION_DELAY: LazyLock<Histogram> = LazyLock::new(|| {
+    const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+    let family = histogram(
+        "parley_projection_delay_seconds",
+        "Time from an event to the projection having applied it",
+        &[],
+        BUCKETS,
+    );
+    family.with_label_values(NO_LABELS)
+});
+
+/// The delay of the newest event the projection applied, as of its last batch.
+static PROJECTION_LAG: LazyLock<Gauge> = LazyLock::new(|| {
+    gauge(
+        "parley_projection_lag_seconds",
+        "Time from the newest event of the last batch applied to its application",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+});
+
+fn seconds_since(millis: i64, now: i64) -> f64 {
+    (now - millis).max(0) as f64 / 1000.0
 }
 
 /// Applies one conversation's events of a batch, in order.

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use clap::Args;
+use parley_eventlog::metrics::timed;
 use parley_events::RetrievedContext;
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::turn::{ConversationHead, OpenQuery};
@@ -460,10 +461,10 @@ impl Store {
     }
 
     async fn exec(&self, statement: &PreparedStatement, values: impl SerializeRow) -> Result<(), ProjectionError> {
-        self.session
-            .execute_unpaged(statement, values)
+        let cql = statement.get_statement();
+        timed("cql", &operation_of(cql), self.session.execute_unpaged(statement, values))
             .await
-            .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+            .map_err(|e| ProjectionError::cql(cql, e))?;
         Ok(())
     }
 
@@ -479,9 +480,7 @@ impl Store {
         R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata>,
     {
         let cql = statement.get_statement();
-        let rows = self
-            .session
-            .execute_unpaged(statement, values)
+        let rows = timed("cql", &operation_of(cql), self.session.execute_unpaged(statement, values))
             .await
             .map_err(|e| ProjectionError::cql(cql, e))?
             .into_rows_result()
@@ -583,6 +582,23 @@ impl Store {
     }
 }
 
+/// A statement's verb and table, without keyspace and generation ("insert messages"): a
+/// metric label of few values.
+fn operation_of(cql: &str) -> String {
+    let words: Vec<&str> = cql.split_whitespace().collect();
+    let verb = words.first().map_or("", |w| w).to_lowercase();
+    let after = match verb.as_str() {
+        "select" | "delete" => words.iter().position(|w| w.eq_ignore_ascii_case("from")),
+        "insert" => words.iter().position(|w| w.eq_ignore_ascii_case("into")),
+        _ => Some(0),
+    };
+    let table = after.and_then(|i| words.get(i + 1)).map_or("", |t| t);
+    let table = table.rsplit('.').next().unwrap_or(table);
+    let table =
+        table.rsplit_once("_g").filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit())).map_or(table, |(t, _)| t);
+    format!("{verb} {}", table.trim_matches(|c: char| !c.is_alphanumeric() && c != '_'))
+}
+
 /// The tables of one generation, without the `_g<N>` suffix.
 const TABLES: [&str; 5] = ["conversations", "conversations_by_user", "messages", "event_locations", "progress"];
 
@@ -594,4 +610,24 @@ fn retrieved_context(
     (vector_id, source_kind, source_id, source_event_id, position, score): RetrievedColumns,
 ) -> RetrievedContext {
     RetrievedContext { vector_id, source_kind, source_id, source_event_id, position, score }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation_of;
+
+    #[test]
+    fn a_statement_is_labelled_by_its_verb_and_table() {
+        assert_eq!(operation_of("INSERT INTO parley.messages_g3 (a, b) VALUES (?, ?)"), "insert messages");
+        assert_eq!(
+            operation_of("SELECT x FROM parley.conversations_by_user_g1 WHERE user_id = ?"),
+            "select conversations_by_user"
+        );
+        assert_eq!(
+            operation_of("UPDATE parley.conversations_g12 SET title = ? WHERE conversation_id = ?"),
+            "update conversations"
+        );
+        assert_eq!(operation_of("SELECT next FROM progress_g1"), "select progress");
+        assert_eq!(operation_of(""), " ");
+    }
 }

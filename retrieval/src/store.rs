@@ -9,6 +9,7 @@ use milvus::v2::prelude::{
     ClientV2, ConnectConfig, ConsistencyLevel, FieldData, FlushRequest, IndexParam, IndexType, InsertRequest,
     LoadCollectionRequest, MetricType, QueryRequest, SearchRequest, SearchVectors,
 };
+use parley_eventlog::metrics::timed;
 use serde::Serialize;
 
 use crate::error::RetrievalError;
@@ -234,7 +235,8 @@ impl VectorStore {
             FieldData::float_vector(EMBEDDING, records.iter().map(|r| r.embedding.clone()).collect()),
         ];
         let insert = InsertRequest::builder().collection_name(&self.collection).columns(columns).build()?;
-        self.client.upsert(sdk::request::dml::UpsertRequest::builder().insert(insert).build()?).await?;
+        let request = sdk::request::dml::UpsertRequest::builder().insert(insert).build()?;
+        timed("milvus", "upsert", self.client.upsert(request)).await?;
         Ok(())
     }
 
@@ -244,7 +246,7 @@ impl VectorStore {
             .collection_name(&self.collection)
             .filter(filter.expression())
             .build()?;
-        self.client.delete(request).await?;
+        timed("milvus", "delete", self.client.delete(request)).await?;
         Ok(())
     }
 
@@ -252,7 +254,8 @@ impl VectorStore {
     /// brute force in Python (20,000 rows: ~0.9 s a search against ~40 ms once sealed), so
     /// the embedder flushes after enough vectors or when idle; a cluster seals on its own.
     pub async fn flush(&self) -> Result<(), RetrievalError> {
-        self.client.flush(FlushRequest::builder().collection_names([self.collection.as_str()]).build()?).await?;
+        let request = FlushRequest::builder().collection_names([self.collection.as_str()]).build()?;
+        timed("milvus", "flush", self.client.flush(request)).await?;
         Ok(())
     }
 
@@ -272,7 +275,7 @@ impl VectorStore {
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .extra_params(self.search_params.clone())
             .build()?;
-        let response = self.client.search(request).await?;
+        let response = timed("milvus", "search", Box::pin(self.client.search(request))).await?;
         let mut hits = Vec::new();
         for result in response.results() {
             for row in result.rows()? {

@@ -5,12 +5,14 @@
 //! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
 //! - [`context`]: earlier turns, from the projection or else the log;
 //! - [`llm`]: the pool of OpenAI-compatible endpoints;
+//! - [`metrics`]: GenAI call metrics, the latency a person sees, breakers;
 //! - [`service`]: the processor the event log's driver runs.
 
 pub mod balancer;
 pub mod cancel;
 pub mod context;
 pub mod llm;
+pub mod metrics;
 pub mod prompt;
 pub mod retry;
 pub mod service;

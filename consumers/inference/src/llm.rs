@@ -18,6 +18,7 @@ use thiserror::Error;
 use tracing::{Instrument, info, info_span};
 
 use crate::balancer::{Balancer, EndpointSpec};
+use crate::metrics;
 use crate::prompt::{ChatMessage, Role};
 use crate::retry::backoff_delay;
 
@@ -72,6 +73,8 @@ pub struct LlmSettings {
     /// Key and model name of endpoints that do not name their own.
     pub api_key: String,
     pub model: String,
+    /// Who serves the model, as `gen_ai.provider.name` names it on spans and metrics.
+    pub provider: String,
     pub max_tokens: u32,
     pub timeout: Duration,
     pub max_attempts: u32,
@@ -152,10 +155,13 @@ impl ChatModel {
             };
             let endpoint = &self.endpoints[index];
             let span = info_span!("inference.llm_attempt", attempt, endpoint = %endpoint.base_url);
+            let started = Instant::now();
             let result =
                 self.stream_once(endpoint, messages, |i, text| on_delta(attempt, i, text)).instrument(span).await;
+            metrics::model_call(&self.settings.provider, &endpoint.model, &result, started.elapsed());
             let healthy = matches!(result, Ok(_) | Err(LlmError::Rejected(_)));
             self.balancer().finish(index, healthy, Instant::now());
+            self.show_breakers();
             match result {
                 Err(error) if error.is_retryable() && attempt < max_attempts => {
                     failed_on.push(index);
@@ -194,6 +200,15 @@ impl ChatModel {
                 info!(endpoint = %endpoint.base_url, "LLM endpoint answers again; back in the pool");
                 self.balancer().healed(index);
             }
+        }
+        self.show_breakers();
+    }
+
+    /// Publishes whether each endpoint's breaker is open.
+    fn show_breakers(&self) {
+        let open = self.balancer().open(Instant::now());
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            metrics::breaker(&endpoint.base_url, open.contains(&index));
         }
     }
 

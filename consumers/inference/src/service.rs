@@ -25,6 +25,7 @@ use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::budget::BUDGET_EXCEEDED;
+use parley_events::event::now_millis;
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
@@ -48,6 +49,7 @@ use crate::balancer::EndpointSpec;
 use crate::cancel::{self, Cancels, Partial};
 use crate::context::ContextSource;
 use crate::llm::{ChatModel, LlmSettings, MissingKey};
+use crate::metrics;
 use crate::prompt::{PromptLayout, build_prompt, estimate_tokens};
 
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
@@ -70,6 +72,11 @@ pub struct InferenceArgs {
     /// Model name sent to the API and recorded when the API does not name one.
     #[arg(long, env = "PARLEY_LLM_MODEL", default_value = "SmolLM2-135M-Instruct")]
     pub llm_model: String,
+
+    /// Who serves the model, as `gen_ai.provider.name` on spans and metrics (e.g. openai,
+    /// azure.ai.openai, llama.cpp).
+    #[arg(long, env = "PARLEY_LLM_PROVIDER", default_value = "llama.cpp")]
+    pub llm_provider: String,
 
     /// File holding the API key of endpoints that name no `api_key_env` (readable by its
     /// owner only). The key may instead come from the environment variable
@@ -173,6 +180,7 @@ impl InferenceArgs {
             endpoints: if self.llm_endpoints.is_empty() { vec![single()] } else { self.llm_endpoints.clone() },
             api_key: api_key.unwrap_or_else(|| "none".to_owned()),
             model: self.llm_model.clone(),
+            provider: self.llm_provider.clone(),
             max_tokens: self.llm_max_tokens,
             timeout: self.llm_timeout,
             max_attempts: self.llm_max_attempts,
@@ -270,6 +278,8 @@ pub async fn run(
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
         model_name: args.llm_model.clone(),
+        provider: args.llm_provider.clone(),
+        lanes: kafka.lanes.clone(),
         cancels: cancels.clone(),
         budget,
         shutdown: shutdown.clone(),
@@ -328,6 +338,10 @@ struct Worker {
     cancels: Arc<Cancels>,
     /// The model named in a cancelled answer (no response named one).
     model_name: String,
+    /// Who serves the model (`gen_ai.provider.name`).
+    provider: String,
+    /// Which lane each partition serves (a label of the latency metrics).
+    lanes: LaneLayout,
     /// The token budget ledger, when budgets are on: checked before the model is called
     /// (a turn that slipped past the gateway's reservation), settled after.
     budget: Option<(BudgetLedger, BudgetSettings)>,
@@ -419,12 +433,14 @@ impl Worker {
             };
             let Ok(cancel) = self.cancels.start(&query.envelope.event_id) else {
                 info!("cancelled before its answer started; writing an empty cancelled answer");
+                self.outcome_seen(query, partition, "cancelled");
                 self.settle_budget(query, 0).await;
                 let cancelled = Partial::default().into_answer(envelope(), query, &self.model_name, 0, Vec::new());
                 return Ok(outgoing(self.codec.encode(&cancelled).await?));
             };
             if let Some(exceeded) = self.over_budget(query).await {
                 warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
+                self.outcome_seen(query, partition, BUDGET_EXCEEDED);
                 return Ok(outgoing(self.failed(envelope(), query, BUDGET_EXCEEDED, exceeded, 0).await?));
             }
             let history =
@@ -440,13 +456,25 @@ impl Worker {
             );
             let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
             let partial = Mutex::new(Partial::started());
+            let lane = self.lanes.lane_of(partition).as_str();
+            let mut first_token = true;
+            // Named and described as the OpenTelemetry GenAI conventions have it.
+            let llm_span = info_span!("inference.llm", otel.name = %format!("chat {}", self.model_name),
+                "gen_ai.operation.name" = "chat", "gen_ai.provider.name" = %self.provider,
+                "gen_ai.request.model" = %self.model_name, "gen_ai.conversation.id" = %conversation_id,
+                "gen_ai.response.model" = Empty, "gen_ai.usage.input_tokens" = Empty,
+                "gen_ai.usage.output_tokens" = Empty, "gen_ai.response.finish_reasons" = Empty,
+                "error.type" = Empty, prompt_messages = prompt.messages.len());
             let call = self
                 .model
                 .complete(&prompt.messages, |_, index, delta| {
+                    if std::mem::take(&mut first_token) {
+                        metrics::first_token(lane, now_millis() - query.envelope.occurred_at);
+                    }
                     partial.lock().unwrap_or_else(PoisonError::into_inner).add(index, delta);
                     let _ = deltas.sender.send((index, delta.to_owned()));
                 })
-                .instrument(info_span!("inference.llm", prompt_messages = prompt.messages.len()));
+                .instrument(llm_span.clone());
             // A cancel drops the call: its stream closes and the model server frees the slot.
             let called = tokio::select! {
                 called = call => Some(called),
@@ -462,6 +490,7 @@ impl Worker {
                 let cancelled =
                     partial.into_answer(envelope(), query, &self.model_name, prompt_tokens, prompt.retrieved);
                 info!(tokens = cancelled.completion_tokens, "cancelled while generating");
+                self.outcome_seen(query, partition, "cancelled");
                 let used = i64::from(cancelled.prompt_tokens) + i64::from(cancelled.completion_tokens);
                 self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
                 let cancelled = LLMResponseGenerated { context_event_ids: prompt.context_event_ids, ..cancelled };
@@ -470,6 +499,19 @@ impl Worker {
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
             let used = result.as_ref().map_or(0, |c| i64::from(c.prompt_tokens) + i64::from(c.completion_tokens));
             self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
+            match &result {
+                Ok(completion) => {
+                    llm_span.record("gen_ai.response.model", completion.model.as_str());
+                    llm_span.record("gen_ai.usage.input_tokens", completion.prompt_tokens);
+                    llm_span.record("gen_ai.usage.output_tokens", completion.completion_tokens);
+                    llm_span.record("gen_ai.response.finish_reasons", completion.finish_reason.as_str());
+                    self.outcome_seen(query, partition, "answer");
+                }
+                Err(error) => {
+                    llm_span.record("error.type", error.kind());
+                    self.outcome_seen(query, partition, error.kind());
+                }
+            }
             let payload = match result {
                 Ok(completion) => {
                     info!(
@@ -506,6 +548,15 @@ impl Worker {
         .await
     }
 
+    /// Counts a question's outcome (`answer`, `cancelled` or a failure's kind) and how long
+    /// after it was written it came.
+    fn outcome_seen(&self, query: &UserQueryReceived, partition: i32, outcome: &str) {
+        metrics::outcome(self.lanes.lane_of(partition).as_str(), outcome, now_millis() - query.envelope.occurred_at);
+        if !matches!(outcome, "answer" | "cancelled") {
+            metrics::failure(outcome);
+        }
+    }
+
     /// The encoded `LLMResponseFailed` of `query`.
     async fn failed(
         &self,
@@ -533,7 +584,7 @@ impl Worker {
         let (ledger, budgets) = self.budget.as_ref()?;
         let envelope = &query.envelope;
         let chars = query.text.chars().count();
-        let now = parley_events::event::now_millis();
+        let now = now_millis();
         match ledger.reserve(budgets, &query.user_id, &envelope.conversation_id, &envelope.event_id, chars, now).await {
             Ok(Reserved::Yes) => None,
             Ok(Reserved::No(exceeded)) => Some(exceeded.describe()),

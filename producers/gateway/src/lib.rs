@@ -9,6 +9,7 @@
 //! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
+//! - [`metrics`]: turns admitted and refused, error frames, open sockets (`/metrics`);
 //! - [`origin`]: browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change;
 //! - [`server`]: axum routes, the socket loop, query → event.
 
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod hub;
 pub mod identity;
 pub mod knowledge;
+pub mod metrics;
 pub mod origin;
 pub mod protocol;
 pub mod query;

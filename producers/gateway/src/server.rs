@@ -60,7 +60,7 @@ use crate::protocol::{
 use crate::rate::{RateLimiter, RateSettings};
 use crate::resume::TokenOrder;
 use crate::tls::{Certificate, TlsError, TlsSettings};
-use crate::{answers, knowledge, query, rate_feed};
+use crate::{answers, knowledge, metrics, query, rate_feed};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -289,6 +289,7 @@ impl Gateway {
         let router = Router::new()
             .route("/", get(|| async { Html(include_str!("../static/chat.html")) }))
             .route("/healthz", get(|| async { "ok" }))
+            .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics::render()) }))
             .route("/api/session", post(new_session))
             .route("/ws", get(upgrade))
             .route("/api/conversations", get(query::conversations))
@@ -406,6 +407,7 @@ async fn upgrade(
         *open += 1; // given back when the socket ends (or the upgrade fails)
     }
     let sockets = SocketCount { state: state.clone(), user: user.clone() };
+    metrics::socket(1);
     ws.max_message_size(TRANSPORT_FRAME_LIMIT)
         .max_frame_size(TRANSPORT_FRAME_LIMIT)
         // The library's default 128 KiB read buffer per socket made an idle socket cost
@@ -427,6 +429,7 @@ struct SocketCount {
 
 impl Drop for SocketCount {
     fn drop(&mut self) {
+        metrics::socket(-1);
         let mut sockets = self.state.sockets.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(open) = sockets.get_mut(&self.user) {
             *open = open.saturating_sub(1);
@@ -532,6 +535,8 @@ async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64
         if !state.cancel_after_disconnect.is_zero() && !followed.is_empty() {
             tokio::spawn(cancel_abandoned(state.clone(), followed));
         }
+        // The writer closes the socket once every frame is out: with the reason, if any.
+        drop(close_with);
         drop(outbox);
         let _ = writer.await;
     }
@@ -556,7 +561,9 @@ struct Socket<'a> {
 
 async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &str) {
     let (connection, outbox) = (socket.connection, socket.outbox);
-    let frames = match parse_frame(text, state.limits) {
+    let parsed = parse_frame(text, state.limits);
+    let query = matches!(parsed, Ok(ClientFrame::Query { .. }));
+    let frames = match parsed {
         Err(rejection) => vec![rejection.into_frame()],
         Ok(ClientFrame::Subscribe { conversation_id }) => {
             vec![subscribe(state, user, connection, outbox, &conversation_id).await]
@@ -584,6 +591,7 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
             }
         }
     };
+    metrics::answered(query, &frames);
     for frame in frames {
         let _ = outbox.send(frame).await;
     }

@@ -1,0 +1,90 @@
+//! The gateway's metrics: turns admitted and refused (by reason), error frames by code,
+//! open sockets. Served with every other metric of the process at `/metrics`.
+
+use std::sync::LazyLock;
+
+pub use parley_eventlog::metrics::{CONTENT_TYPE, render};
+use parley_eventlog::metrics::{NO_LABELS, counter, int_gauge};
+use prometheus::{IntCounterVec, IntGaugeVec};
+
+use crate::protocol::{ErrorCode, ServerFrame};
+
+static TURNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "parley_turns_total",
+        "Questions sent over a socket: admitted (written to the log), duplicate (a resend), or refused with the error code",
+        &["outcome", "reason"],
+    )
+});
+
+static ERROR_FRAMES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter("parley_error_frames_total", "Error frames sent to clients, by code", &["code"]));
+
+static OPEN_SOCKETS: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| int_gauge("parley_open_sockets", "WebSockets open on this gateway", &[]));
+
+/// Counts what the gateway answered to a client frame (`query`: the frame was a question).
+pub fn answered(query: bool, frames: &[ServerFrame]) {
+    for frame in frames {
+        match frame {
+            ServerFrame::Ack { duplicate, .. } if query => {
+                let outcome = if *duplicate { "duplicate" } else { "admitted" };
+                TURNS.with_label_values(&[outcome, ""]).inc();
+            }
+            ServerFrame::Error { code, .. } => {
+                ERROR_FRAMES.with_label_values(&[code.as_str()]).inc();
+                if query {
+                    TURNS.with_label_values(&["refused", code.as_str()]).inc();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A socket opened (+1) or closed (-1).
+pub fn socket(change: i64) {
+    OPEN_SOCKETS.with_label_values(NO_LABELS).add(change);
+}
+
+impl ErrorCode {
+    /// The code as the protocol spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedFrame => "malformed_frame",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::InvalidField => "invalid_field",
+            Self::UnknownConversation => "unknown_conversation",
+            Self::TurnInProgress => "turn_in_progress",
+            Self::UnknownQuery => "unknown_query",
+            Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::BudgetExceeded => "budget_exceeded",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_spelled_as_the_protocol_serializes_it() {
+        use ErrorCode::*;
+        for code in [
+            MalformedFrame,
+            FrameTooLarge,
+            InvalidField,
+            UnknownConversation,
+            TurnInProgress,
+            UnknownQuery,
+            Unavailable,
+            RateLimited,
+            BudgetExceeded,
+            Overloaded,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

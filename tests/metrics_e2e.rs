@@ -1,0 +1,102 @@
+//! Prometheus metrics on the real stack: after a turn, a refused turn and a malformed frame,
+//! the gateway's `/metrics` (and `--metrics-listen`, where a service without a gateway
+//! serves them) shows the turn counts, the socket, the GenAI call metrics, the latency a
+//! person saw, the store calls, the consumer lag and the breakers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Pipeline, stack};
+
+/// The metrics text once every one of `wanted` is in it (a minute at most).
+async fn metrics_with(url: &str, wanted: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let missing: Vec<&&str> = wanted.iter().filter(|w| !text.contains(**w)).collect();
+        if missing.is_empty() {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "missing {missing:?} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The value of the sample that starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_shows_in_every_metric_family() {
+    let Some(stack) = stack() else { return };
+    let metrics_port = support::free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let pipeline = Pipeline::start(&stack, &["--metrics-listen", &listen]).await;
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("m-1", None, "Say OK.").await;
+    let frames = client.until_outcome().await;
+    assert_eq!(frames.last().unwrap()["type"], "answer", "{frames:?}");
+    let conversation = frames[0]["conversation_id"].as_str().unwrap().to_owned();
+    client.send_raw("{not json".into()).await;
+    assert_eq!(client.next_frame().await["code"], "malformed_frame");
+    // A question to a conversation that is not the user's is refused.
+    client.ask("m-2", Some(&uuid::Uuid::new_v4().to_string()), "Hello?").await;
+    assert_eq!(client.reply_to("m-2").await["code"], "unknown_conversation");
+    pipeline.conversation_when(&token, &conversation, 2).await;
+
+    let url = format!("{}/metrics", pipeline.http);
+    let text = metrics_with(
+        &url,
+        &[
+            r#"parley_turns_total{outcome="admitted",reason=""} 1"#,
+            r#"parley_turns_total{outcome="refused",reason="unknown_conversation"} 1"#,
+            r#"parley_error_frames_total{code="malformed_frame"} 1"#,
+            "parley_open_sockets 1",
+            r#"gen_ai_client_operation_duration_seconds_count{error_type="",gen_ai_operation_name="chat",gen_ai_provider_name="llama.cpp",gen_ai_request_model="SmolLM2-135M-Instruct""#,
+            r#"gen_ai_token_type="output""#,
+            r#"gen_ai_token_type="input""#,
+            "gen_ai_client_operation_time_to_first_chunk_seconds_count",
+            r#"parley_first_token_seconds_count{lane="standard"} 1"#,
+            r#"parley_answer_seconds_count{lane="standard",outcome="answer"} 1"#,
+            r#"parley_llm_breaker_open{endpoint="#,
+            r#"parley_store_call_duration_seconds_count{operation="insert messages",outcome="ok",store="cql"}"#,
+            r#"store="milvus""#,
+            "parley_consumer_lag_records{group=",
+            "parley_consumer_lag_seconds{group=",
+            "parley_projection_delay_seconds_count",
+            "parley_projection_lag_seconds",
+        ],
+    )
+    .await;
+    let output_tokens = text
+        .lines()
+        .find(|l| l.starts_with("gen_ai_client_token_usage_sum") && l.contains(r#"gen_ai_token_type="output""#))
+        .unwrap();
+    assert!(output_tokens.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 1.0, "{output_tokens}");
+    assert!(sample(&text, r#"parley_first_token_seconds_sum{lane="standard"}"#) > 0.0);
+    // Once everything is done, no group is behind.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let behind: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("parley_consumer_lag_records{") && !l.ends_with(" 0"))
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still behind a minute after the turn: {behind:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The same registry on the metrics address of its own.
+    let own = reqwest::get(format!("http://{listen}/metrics")).await.unwrap();
+    assert_eq!(own.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    assert!(own.text().await.unwrap().contains("parley_turns_total"));
+    pipeline.stop().await;
+}
