@@ -84,10 +84,8 @@ async fn a_turn_shows_in_every_metric_family() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        let behind: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("parley_consumer_lag_records{") && !l.ends_with(" 0"))
-            .collect();
+        let behind: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("parley_consumer_lag_records{") && !l.ends_with(" 0")).collect();
         if behind.is_empty() {
             break;
         }
