@@ -72,6 +72,24 @@ install_jaeger() {
   chmod -R u+w "$work" && rm -rf "$work"
 }
 
+# Prometheus built from the Go module proxy the same way (infra/prometheus/ pins it), for the
+# metrics server of the local stack (`--with-metrics`, as infra/test.sh asks; the quick
+# start does not wait for it). Built without its web UI's assets: the query API is complete.
+install_prometheus() {
+  [ -x "$PROMETHEUS_BIN" ] && return
+  need go "Go 1.26+ (https://go.dev/dl or apt-get install golang)"
+  log "installing Prometheus (Go module github.com/prometheus/prometheus v$PROMETHEUS_MODULE_VERSION, built from the Go module proxy)"
+  local work="$PARLEY_CACHE/go-prometheus"
+  rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$PROMETHEUS_BIN")"
+  cp "$REPO_ROOT"/infra/prometheus/go.mod "$REPO_ROOT"/infra/prometheus/go.sum "$REPO_ROOT"/infra/prometheus/tools.go "$work/src/"
+  local build_log="$PARLEY_CACHE/prometheus-build.log"
+  (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
+    go build -trimpath -ldflags=-s -o "$PROMETHEUS_BIN.part" github.com/prometheus/prometheus/cmd/prometheus) >"$build_log" 2>&1 \
+    || { tail -n 20 "$build_log" >&2; die "building Prometheus failed; see $build_log"; }
+  mv "$PROMETHEUS_BIN.part" "$PROMETHEUS_BIN"
+  chmod -R u+w "$work" && rm -rf "$work"
+}
+
 # Debian's Chromium and ChromeDriver, for the browser test of the chat page (`--with-browser`,
 # as infra/test.sh asks). They are system packages: installed with apt-get as root or through
 # passwordless sudo, else the message says what to run.
@@ -97,5 +115,11 @@ install_apicurio
 install_llm
 install_vectors
 install_jaeger
-if [ "${1:-}" = --with-browser ]; then install_browser; fi
+for option in "$@"; do
+  case "$option" in
+    --with-browser) install_browser ;;
+    --with-metrics) install_prometheus ;;
+    *) die "unknown option $option (--with-browser, --with-metrics)" ;;
+  esac
+done
 log "stack installed in $PARLEY_CACHE"

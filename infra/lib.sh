@@ -28,6 +28,10 @@ JAEGER_OTLP_PORT="${JAEGER_OTLP_PORT:-4318}"
 JAEGER_QUERY_PORT="${JAEGER_QUERY_PORT:-16686}"
 JAEGER_QUERY_GRPC_PORT="${JAEGER_QUERY_GRPC_PORT:-16685}"
 JAEGER_HEALTH_PORT="${JAEGER_HEALTH_PORT:-13133}"
+# Prometheus's Go module version, as pinned in infra/prometheus/go.mod.
+PROMETHEUS_MODULE_VERSION=$(grep -Eom1 'github.com/prometheus/prometheus v[0-9.]+' "$REPO_ROOT/infra/prometheus/go.mod" | sed 's/.* v//')
+PROMETHEUS_BIN="$PARLEY_CACHE/prometheus-$PROMETHEUS_MODULE_VERSION/prometheus"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-19090}"
 
 # PARLEY_KAFKA_NODES=3 runs Kafka as a three-node cluster (infra/stack.sh): nodes on
 # KAFKA_PORT, KAFKA_PORT+2 and KAFKA_PORT+4.
@@ -45,6 +49,10 @@ fi
 export PARLEY_MILVUS_URL="${PARLEY_MILVUS_URL:-http://127.0.0.1:$MILVUS_PORT}"
 export PARLEY_OTLP_ENDPOINT="${PARLEY_OTLP_ENDPOINT:-http://127.0.0.1:$JAEGER_OTLP_PORT}"
 export PARLEY_JAEGER_QUERY_URL="${PARLEY_JAEGER_QUERY_URL:-http://127.0.0.1:$JAEGER_QUERY_PORT}"
+# The local Prometheus (installed with `infra/install.sh --with-metrics`), and the directory
+# whose *.json files list further processes for it to scrape (file-based discovery).
+export PARLEY_PROMETHEUS_URL="${PARLEY_PROMETHEUS_URL:-http://127.0.0.1:$PROMETHEUS_PORT}"
+export PARLEY_PROMETHEUS_TARGETS="${PARLEY_PROMETHEUS_TARGETS:-$PARLEY_RUN/prometheus-targets}"
 # Built Rust artifacts are cached too: CI's fresh clone reuses what the last run compiled.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PARLEY_CACHE/target}"
 

@@ -27,6 +27,7 @@ cassandra_healthy() {
 llm_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$LLM_PORT/health" >/dev/null; }
 llm2_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$LLM2_PORT/health" >/dev/null; }
 jaeger_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$JAEGER_HEALTH_PORT/status" >/dev/null; }
+prometheus_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev/null; }
 milvus_healthy() { timeout 20 "$VENV/bin/python" -c 'import sys; from pymilvus import MilvusClient
 MilvusClient(sys.argv[1], timeout=10).list_collections()' "http://127.0.0.1:$MILVUS_PORT" >/dev/null 2>&1; }
 
@@ -158,6 +159,18 @@ start_jaeger() {
   record_pid $! "$pidf"
 }
 
+start_prometheus() {
+  local pidf="$PARLEY_RUN/pids/prometheus.pid" conf="$PARLEY_RUN/prometheus.yml"
+  mkdir -p "$PARLEY_PROMETHEUS_TARGETS"
+  sed -e "s|@RULES@|$REPO_ROOT/infra/prometheus/rules.yml|g" -e "s|@GATEWAY_PORT@|$GATEWAY_PORT|g" \
+    -e "s|@TARGETS@|$PARLEY_PROMETHEUS_TARGETS|g" "$REPO_ROOT/infra/prometheus/prometheus.yml.template" >"$conf"
+  log "starting Prometheus on 127.0.0.1:$PROMETHEUS_PORT (scrapes 127.0.0.1:$GATEWAY_PORT and $PARLEY_PROMETHEUS_TARGETS/*.json)"
+  nohup "$PROMETHEUS_BIN" --config.file="$conf" --storage.tsdb.path="$PARLEY_RUN/prometheus-data" \
+    --storage.tsdb.retention.time=2d --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    >"$PARLEY_RUN/logs/prometheus.log" 2>&1 &
+  record_pid $! "$pidf"
+}
+
 stop_one() {
   local name=$1 pidf="$PARLEY_RUN/pids/$1.pid"
   if pid_alive "$pidf"; then
@@ -185,12 +198,17 @@ if [[ "${1:-}" != start ]]; then
   done
 fi
 SERVICES=("${KAFKA_SERVICES[@]}" registry cassandra llm milvus jaeger)
+# The metrics server: started once installed (`infra/install.sh --with-metrics`), always
+# stopped and shown.
+if [[ -x "$PROMETHEUS_BIN" || -f "$PARLEY_RUN/pids/prometheus.pid" ]]; then
+  SERVICES+=(prometheus)
+fi
 # A second model server for the LLM pool: started on request, always stopped and shown.
 if [[ "${PARLEY_LLM_SERVERS:-1}" == 2 || ("${1:-}" != start && -f "$PARLEY_RUN/pids/llm2.pid") ]]; then
   SERVICES+=(llm2)
 fi
 declare -A STARTUP_SECONDS=([kafka]=120 [kafka1]=120 [kafka2]=120 [kafka3]=120 [registry]=120 [cassandra]=180 [llm]=60
-  [milvus]=60 [jaeger]=30 [llm2]=60)
+  [milvus]=60 [jaeger]=30 [llm2]=60 [prometheus]=60)
 # `start` and `stop` may name some services (e.g. `start kafka`): only those.
 if (($# > 1)); then
   for s in "${@:2}"; do [[ " ${SERVICES[*]} " =~ " $s " ]] || die "unknown service $s (one of: ${SERVICES[*]})"; done

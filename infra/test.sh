@@ -6,7 +6,7 @@ shopt -s inherit_errexit
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-"$REPO_ROOT/infra/install.sh" --with-browser
+"$REPO_ROOT/infra/install.sh" --with-browser --with-metrics
 # A full disk shows up as brokers timing out, not as an error of its own: say so first.
 free_gib=$(df -Pk "$PARLEY_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
 ((free_gib >= 8)) || log "warning: only ${free_gib} GiB free under $PARLEY_CACHE; the build and the stack need about 8"

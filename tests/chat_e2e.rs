@@ -575,8 +575,10 @@ async fn answered_before(flood: Vec<tokio::task::JoinHandle<(Value, Instant)>>, 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flooded_lower_lane_waits_in_kafka_while_a_higher_lane_is_served() {
     let Some(stack) = stack() else { return };
-    // Two model slots, default lanes (premium: partition 0, batch: 5), no shedding.
-    let mut args = vec!["--concurrency", "2", "--shed-queue-age", "0", "--without-retrieval"];
+    // Two model slots, default lanes (premium: partition 0, batch: 5), no shedding. Answers
+    // are capped: batch turns are served one at a time (never the last slot), and eight
+    // uncapped ones took longer than a client waits for a frame on a loaded CI machine.
+    let mut args = vec!["--concurrency", "2", "--shed-queue-age", "0", "--without-retrieval", "--llm-max-tokens", "64"];
     args.extend(support::NO_RATE_LIMITS);
     let pipeline = Pipeline::start(&stack, &args).await;
     const FLOOD: usize = 8;

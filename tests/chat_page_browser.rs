@@ -295,3 +295,45 @@ async fn a_reloaded_page_resumes_the_answer_stop_keeps_what_was_said_and_earlier
     browser.stop().await;
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operations_page_charts_what_the_pipeline_did() {
+    let Some(stack) = stack() else { return };
+    let Some(browser) = Browser::start().await else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    browser.client.goto(&pipeline.http).await.unwrap();
+    browser.until_connected().await;
+    type_question(&browser, "Say OK.").await;
+    until_answered(&browser, 0).await;
+
+    browser.client.goto(&format!("{}/ops", pipeline.http)).await.unwrap();
+    // Six panels, each a uPlot chart (its canvas), fed by /ops/series.
+    browser.until("six charts", "return document.querySelectorAll('section .uplot canvas').length === 6").await;
+    let titles =
+        browser.script("return [...document.querySelectorAll('section h2')].map(h => h.firstChild.textContent)").await;
+    assert_eq!(
+        titles,
+        json!([
+            "Turns per second",
+            "First token",
+            "Consumer lag",
+            "Errors per second",
+            "Dead letters per minute",
+            "Open sockets"
+        ])
+    );
+    // Once a snapshot after the turn is in, the turn shows: a rate and a first-token time.
+    let now = |id: &str| format!("document.querySelector('#{id} .now').textContent");
+    browser.until("the turn's rate", &format!("return /admitted [0-9.]+\\/s/.test({})", now("turns"))).await;
+    let first_token = format!("const t = {}; return /p50 [0-9.]+ (ms|s)/.test(t) && t", now("first-token"));
+    let first_token = browser.until("the first-token p50", &first_token).await;
+    let lag = browser.script(&format!("return {}", now("lag"))).await;
+    assert!(lag.as_str().unwrap().contains("inference"), "a lag line per consumer group: {lag}");
+    eprintln!("first token: {first_token}; lag: {lag}");
+    let screenshot = browser.client.screenshot().await.unwrap();
+    let path = std::env::temp_dir().join("parley-ops-page.png");
+    std::fs::write(&path, screenshot).unwrap();
+    eprintln!("screenshot of the operations page: {}", path.display());
+    browser.stop().await;
+    pipeline.stop().await;
+}

@@ -98,3 +98,73 @@ async fn a_turn_shows_in_every_metric_family() {
     assert!(own.text().await.unwrap().contains("parley_turns_total"));
     pipeline.stop().await;
 }
+
+/// The first result of an instant query to the local Prometheus, once it has one.
+async fn query_until(prometheus: &str, promql: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let client = reqwest::Client::new();
+    loop {
+        let answer: serde_json::Value = client
+            .get(format!("{prometheus}/api/v1/query"))
+            .query(&[("query", promql)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["status"], "success", "{answer}");
+        if let Some(first) = answer["data"]["result"].as_array().and_then(|r| r.first()) {
+            return first.clone();
+        }
+        assert!(Instant::now() < deadline, "Prometheus has no result for {promql}: {answer}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_scrapes_parley_and_loads_the_alert_rules() {
+    let Some(stack) = stack() else { return };
+    let (Ok(prometheus), Ok(targets)) =
+        (std::env::var("PARLEY_PROMETHEUS_URL"), std::env::var("PARLEY_PROMETHEUS_TARGETS"))
+    else {
+        assert_ne!(std::env::var("PARLEY_REQUIRE_STACK").as_deref(), Ok("1"), "PARLEY_PROMETHEUS_URL/_TARGETS unset");
+        return;
+    };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let instance = pipeline.http.trim_start_matches("http://").to_owned();
+    // Listed for file-based discovery: Prometheus scrapes it within seconds.
+    let target = std::path::Path::new(&targets).join(format!("test-{}.json", instance.replace([':', '.'], "-")));
+    std::fs::write(&target, serde_json::to_vec(&serde_json::json!([{"targets": [instance]}])).unwrap()).unwrap();
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("p-1", None, "Say OK.").await;
+    assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
+
+    let admitted = format!(r#"parley_turns_total{{instance="{instance}",outcome="admitted"}}"#);
+    let sample = query_until(&prometheus, &admitted).await;
+    assert_eq!(sample["value"][1], "1", "{sample}");
+    let calls = format!(r#"sum(gen_ai_client_operation_duration_seconds_count{{instance="{instance}"}})"#);
+    assert_eq!(query_until(&prometheus, &calls).await["value"][1], "1");
+
+    let rules: serde_json::Value =
+        reqwest::get(format!("{prometheus}/api/v1/rules")).await.unwrap().json().await.unwrap();
+    let alerts: Vec<&str> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    for alert in [
+        "ParleyConsumerLagging",
+        "ParleyLlmErrorRate",
+        "ParleyLlmBreakerOpen",
+        "ParleyBudgetRefusalsSpike",
+        "ParleyDeadLetters",
+    ] {
+        assert!(alerts.contains(&alert), "{alert} not loaded: {alerts:?}");
+    }
+    let _ = std::fs::remove_file(target);
+    pipeline.stop().await;
+}

@@ -10,6 +10,7 @@
 //! - [`query`]: the HTTP query path over the projection;
 //! - [`knowledge`]: document submission and vector search over HTTP;
 //! - [`metrics`]: turns admitted and refused, error frames, open sockets (`/metrics`);
+//! - [`ops`]: the live operations page's snapshots and series (pure), charted at `/ops`;
 //! - [`origin`]: browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change;
 //! - [`server`]: axum routes, the socket loop, query → event.
 
@@ -19,6 +20,7 @@ pub mod hub;
 pub mod identity;
 pub mod knowledge;
 pub mod metrics;
+pub mod ops;
 pub mod origin;
 pub mod protocol;
 pub mod query;

@@ -60,7 +60,7 @@ use crate::protocol::{
 use crate::rate::{RateLimiter, RateSettings};
 use crate::resume::TokenOrder;
 use crate::tls::{Certificate, TlsError, TlsSettings};
-use crate::{answers, knowledge, metrics, query, rate_feed};
+use crate::{answers, knowledge, metrics, ops, query, rate_feed};
 
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
@@ -175,6 +175,8 @@ pub(crate) struct AppState {
     sockets: Mutex<HashMap<String, u32>>,
     max_sockets_per_user: u32,
     pub(crate) identity: Identity,
+    /// The metrics the operations page charts.
+    ops_history: Arc<Mutex<ops::History>>,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
     pub(crate) retriever: Option<Retriever>,
@@ -256,6 +258,8 @@ impl Gateway {
         });
         let identity = Identity::from_settings(&args.jwt, &secret, &shutdown).await?;
         let certificate = Certificate::load(&args.tls).await?;
+        let ops_history = Arc::new(Mutex::new(ops::History::default()));
+        tokio::spawn(ops::record(ops_history.clone(), shutdown.clone()));
         let load = Arc::new(Mutex::new(LoadBoard::default()));
         let load_feed = tokio::spawn(load::follow(load::follower(kafka)?, load.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
@@ -281,6 +285,7 @@ impl Gateway {
                 max_text_chars: args.max_text_chars as usize,
             },
             identity,
+            ops_history,
             reader,
             read_wait: args.read_wait,
             retriever,
@@ -290,6 +295,16 @@ impl Gateway {
             .route("/", get(|| async { Html(include_str!("../static/chat.html")) }))
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics::render()) }))
+            .route("/ops", get(|| async { Html(include_str!("../static/ops.html")) }))
+            .route("/ops/series", get(ops_series))
+            .route(
+                "/ops/uPlot.iife.min.js",
+                get(|| async { vendored("text/javascript", include_str!("../static/vendor/uPlot.iife.min.js")) }),
+            )
+            .route(
+                "/ops/uPlot.min.css",
+                get(|| async { vendored("text/css", include_str!("../static/vendor/uPlot.min.css")) }),
+            )
             .route("/api/session", post(new_session))
             .route("/ws", get(upgrade))
             .route("/api/conversations", get(query::conversations))
@@ -353,6 +368,16 @@ impl Gateway {
         let _ = self.load_feed.await;
         result
     }
+}
+
+/// The operations page's data: the last half hour of the process's metrics.
+async fn ops_series(State(state): State<Arc<AppState>>) -> axum::Json<ops::Series> {
+    axum::Json(state.ops_history.lock().unwrap_or_else(PoisonError::into_inner).series())
+}
+
+/// A vendored asset (the operations page's charting library), cached by browsers for a day.
+fn vendored(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=86400")], body).into_response()
 }
 
 #[derive(serde::Serialize)]

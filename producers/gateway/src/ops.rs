@@ -1,0 +1,256 @@
+//! The live operations page (`/ops`): every few seconds the gateway takes a snapshot of
+//! its process's metrics (in `parley all`, every service's) and keeps the last half hour;
+//! the page charts what an operator reads at a glance (turns/s, first-token p50/p99, lag
+//! per consumer, errors, dead letters, sockets) with uPlot, vendored from npm.
+//! Snapshots and series are plain values computed here without I/O.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use parley_events::event::now_millis;
+use prometheus::proto::MetricFamily;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// How often a snapshot is taken.
+pub const EVERY: Duration = Duration::from_secs(5);
+
+/// Snapshots kept: half an hour.
+const KEPT: usize = 360;
+
+/// Rates and quantiles are over this many snapshots (a minute).
+const WINDOW: usize = 12;
+
+/// What the page charts, read from one gather of the registry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub at_ms: i64,
+    pub turns_admitted: f64,
+    pub turns_refused: f64,
+    pub llm_failures: f64,
+    pub error_frames: f64,
+    pub dead_letters: f64,
+    pub sockets: f64,
+    /// `parley_first_token_seconds`, every lane: (upper bound, cumulative count).
+    pub first_token: Vec<(f64, f64)>,
+    /// Per consumer group, the age of its oldest unfinished record (the worst partition).
+    pub lag_seconds: BTreeMap<String, f64>,
+}
+
+impl Snapshot {
+    /// The snapshot of `families` (the registry's gather) at `at_ms`.
+    pub fn of(families: &[MetricFamily], at_ms: i64) -> Self {
+        let mut snapshot = Snapshot { at_ms, ..Snapshot::default() };
+        let mut first_token: BTreeMap<u64, f64> = BTreeMap::new();
+        for family in families {
+            for metric in family.get_metric() {
+                let label =
+                    |name: &str| metric.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_owned());
+                match family.name() {
+                    "parley_turns_total" => match label("outcome").as_deref() {
+                        Some("admitted") => snapshot.turns_admitted += metric.get_counter().get_value(),
+                        Some("refused") => snapshot.turns_refused += metric.get_counter().get_value(),
+                        _ => {}
+                    },
+                    "parley_llm_failures_total" => snapshot.llm_failures += metric.get_counter().get_value(),
+                    "parley_error_frames_total" => snapshot.error_frames += metric.get_counter().get_value(),
+                    "parley_dead_letters_total" => snapshot.dead_letters += metric.get_counter().get_value(),
+                    "parley_open_sockets" => snapshot.sockets += metric.get_gauge().get_value(),
+                    "parley_consumer_lag_seconds" => {
+                        let group = label("group").unwrap_or_default();
+                        let worst = snapshot.lag_seconds.entry(group).or_insert(0.0);
+                        *worst = worst.max(metric.get_gauge().get_value());
+                    }
+                    "parley_first_token_seconds" => {
+                        // Positive floats order as their bits do; +Inf (every observation)
+                        // is not among the buckets the registry gives.
+                        let histogram = metric.get_histogram();
+                        let bounds = histogram.get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count()));
+                        for (bound, count) in bounds.chain([(f64::INFINITY, histogram.get_sample_count())]) {
+                            *first_token.entry(bound.to_bits()).or_insert(0.0) += count as f64;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        snapshot.first_token = first_token.into_iter().map(|(bound, count)| (f64::from_bits(bound), count)).collect();
+        snapshot
+    }
+}
+
+/// The snapshots of the last half hour.
+#[derive(Debug, Default)]
+pub struct History {
+    snapshots: VecDeque<Snapshot>,
+}
+
+/// The page's data: one point per snapshot; None where a value is not defined (no turn in
+/// the window has a quantile; the first snapshots have no rate).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Series {
+    /// Seconds since the epoch.
+    pub at: Vec<f64>,
+    pub turns_per_second: Vec<Option<f64>>,
+    pub refused_per_second: Vec<Option<f64>>,
+    pub first_token_p50: Vec<Option<f64>>,
+    pub first_token_p99: Vec<Option<f64>>,
+    pub llm_failures_per_second: Vec<Option<f64>>,
+    pub error_frames_per_second: Vec<Option<f64>>,
+    pub dead_letters_per_minute: Vec<Option<f64>>,
+    pub sockets: Vec<Option<f64>>,
+    /// Per consumer group.
+    pub lag_seconds: BTreeMap<String, Vec<Option<f64>>>,
+}
+
+impl History {
+    pub fn push(&mut self, snapshot: Snapshot) {
+        if self.snapshots.len() == KEPT {
+            self.snapshots.pop_front();
+        }
+        self.snapshots.push_back(snapshot);
+    }
+
+    /// Each snapshot's rates and quantiles over the minute before it.
+    pub fn series(&self) -> Series {
+        let mut series = Series::default();
+        let groups: Vec<&String> = {
+            let mut groups: Vec<&String> = self.snapshots.iter().flat_map(|s| s.lag_seconds.keys()).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            groups
+        };
+        for (i, now) in self.snapshots.iter().enumerate() {
+            let before = i.checked_sub(WINDOW.min(i)).filter(|b| *b < i).map(|b| &self.snapshots[b]);
+            let rate = |value: fn(&Snapshot) -> f64, per: f64| {
+                before.and_then(|b| {
+                    let seconds = (now.at_ms - b.at_ms) as f64 / 1000.0;
+                    (seconds > 0.0).then(|| (value(now) - value(b)).max(0.0) / seconds * per)
+                })
+            };
+            series.at.push(now.at_ms as f64 / 1000.0);
+            series.turns_per_second.push(rate(|s| s.turns_admitted, 1.0));
+            series.refused_per_second.push(rate(|s| s.turns_refused, 1.0));
+            series.llm_failures_per_second.push(rate(|s| s.llm_failures, 1.0));
+            series.error_frames_per_second.push(rate(|s| s.error_frames, 1.0));
+            series.dead_letters_per_minute.push(rate(|s| s.dead_letters, 60.0));
+            series.sockets.push(Some(now.sockets));
+            let window = before.map(|b| bucket_increase(&b.first_token, &now.first_token));
+            series.first_token_p50.push(window.as_deref().and_then(|w| quantile(0.5, w)));
+            series.first_token_p99.push(window.as_deref().and_then(|w| quantile(0.99, w)));
+            for group in &groups {
+                let lag = now.lag_seconds.get(*group).copied();
+                series.lag_seconds.entry((*group).clone()).or_default().push(lag);
+            }
+        }
+        series
+    }
+}
+
+/// The cumulative buckets of `now` minus those of `before` (a counter reset counts from 0).
+fn bucket_increase(before: &[(f64, f64)], now: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    now.iter()
+        .map(|(bound, count)| {
+            let earlier = before.iter().find(|(b, _)| b == bound).map_or(0.0, |(_, c)| *c);
+            (*bound, if *count >= earlier { count - earlier } else { *count })
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly inside the bucket it
+/// falls in (as Prometheus's `histogram_quantile`); None without observations. Past the
+/// last finite bound, the last finite bound.
+pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.iter().map(|(_, count)| *count).fold(0.0, f64::max);
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (bound, count) in buckets {
+        if *count >= rank {
+            if bound.is_infinite() {
+                return Some(lower.0);
+            }
+            let in_bucket = count - lower.1;
+            let share = if in_bucket > 0.0 { (rank - lower.1) / in_bucket } else { 1.0 };
+            return Some(lower.0 + (bound - lower.0) * share);
+        }
+        lower = (*bound, *count);
+    }
+    Some(lower.0)
+}
+
+/// Takes a snapshot of the process's metrics every [`EVERY`] until `shutdown`.
+pub async fn record(history: Arc<Mutex<History>>, shutdown: CancellationToken) {
+    loop {
+        let snapshot = Snapshot::of(&prometheus::gather(), now_millis());
+        history.lock().unwrap_or_else(PoisonError::into_inner).push(snapshot);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantile_interpolates_inside_its_bucket() {
+        let buckets = [(0.5, 0.0), (1.0, 50.0), (2.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(quantile(0.5, &buckets), Some(1.0));
+        assert_eq!(quantile(0.75, &buckets), Some(1.5));
+        assert_eq!(quantile(0.25, &buckets), Some(0.75));
+        assert_eq!(quantile(0.99, &[(1.0, 0.0), (f64::INFINITY, 10.0)]), Some(1.0), "past the last bound");
+        assert_eq!(quantile(0.5, &[(1.0, 0.0), (f64::INFINITY, 0.0)]), None);
+    }
+
+    fn at(seconds: i64, admitted: f64, first_token: &[(f64, f64)]) -> Snapshot {
+        Snapshot {
+            at_ms: seconds * 1000,
+            turns_admitted: admitted,
+            first_token: first_token.to_vec(),
+            sockets: 2.0,
+            lag_seconds: BTreeMap::from([("inference".to_owned(), 0.5)]),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn rates_and_quantiles_are_over_the_minute_before_each_point() {
+        let mut history = History::default();
+        history.push(at(0, 0.0, &[(1.0, 0.0), (2.0, 0.0), (f64::INFINITY, 0.0)]));
+        history.push(at(5, 10.0, &[(1.0, 5.0), (2.0, 10.0), (f64::INFINITY, 10.0)]));
+        history.push(at(10, 10.0, &[(1.0, 5.0), (2.0, 10.0), (f64::INFINITY, 10.0)]));
+        let series = history.series();
+        assert_eq!(series.at, [0.0, 5.0, 10.0]);
+        assert_eq!(series.turns_per_second, [None, Some(2.0), Some(1.0)], "10 turns over 5 s, then over 10 s");
+        assert_eq!(series.first_token_p50[0], None);
+        assert_eq!(series.first_token_p50[1], Some(1.0));
+        assert!(series.first_token_p99[2].is_some_and(|p99| (p99 - 1.98).abs() < 1e-9), "{:?}", series.first_token_p99);
+        assert_eq!(series.sockets, [Some(2.0); 3]);
+        assert_eq!(series.lag_seconds["inference"], [Some(0.5); 3]);
+    }
+
+    #[test]
+    fn a_snapshot_reads_the_parley_families_of_a_registry() {
+        use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+        let registry = Registry::new();
+        let turns = IntCounterVec::new(Opts::new("parley_turns_total", "t"), &["outcome", "reason"]).unwrap();
+        let first =
+            HistogramVec::new(HistogramOpts::new("parley_first_token_seconds", "f").buckets(vec![0.5, 1.0]), &["lane"])
+                .unwrap();
+        registry.register(Box::new(turns.clone())).unwrap();
+        registry.register(Box::new(first.clone())).unwrap();
+        turns.with_label_values(&["admitted", ""]).inc_by(3);
+        turns.with_label_values(&["refused", "overloaded"]).inc();
+        first.with_label_values(&["standard"]).observe(0.7);
+        first.with_label_values(&["premium"]).observe(0.2);
+        let snapshot = Snapshot::of(&registry.gather(), 1000);
+        assert_eq!((snapshot.turns_admitted, snapshot.turns_refused), (3.0, 1.0));
+        assert_eq!(snapshot.first_token, [(0.5, 1.0), (1.0, 2.0), (f64::INFINITY, 2.0)], "lanes summed per bound");
+    }
+}
