@@ -330,6 +330,8 @@ async fn the_operations_page_charts_what_the_pipeline_did() {
     let lag = browser.script(&format!("return {}", now("lag"))).await;
     assert!(lag.as_str().unwrap().contains("inference"), "a lag line per consumer group: {lag}");
     eprintln!("first token: {first_token}; lag: {lag}");
+    browser.client.set_window_size(1500, 1000).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the charts are sized on the next refresh
     let screenshot = browser.client.screenshot().await.unwrap();
     let path = std::env::temp_dir().join("parley-ops-page.png");
     std::fs::write(&path, screenshot).unwrap();

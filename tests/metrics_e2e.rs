@@ -85,7 +85,7 @@ async fn a_turn_shows_in_every_metric_family() {
     loop {
         let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
         let behind: Vec<&str> =
-            text.lines().filter(|l| l.starts_with("parley_consumer_lag_records{") && !l.ends_with(" 0")).collect();
+            text.lines().filter(|l| l.starts_with("parley_consumer_lag_") && !l.ends_with(" 0")).collect();
         if behind.is_empty() {
             break;
         }

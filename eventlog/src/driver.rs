@@ -266,9 +266,8 @@ impl ConsumerContext for RebalanceLog {
 
 /// One partition's bookkeeping.
 struct PartitionState<I> {
-    /// Offsets read and not finished (held, parked, waiting or running), with when each
-    /// record was written (ms).
-    unfinished: BTreeMap<i64, i64>,
+    /// Offsets read and not finished (held, parked, waiting or running).
+    unfinished: BTreeMap<i64, Unfinished>,
     /// One past the highest offset read.
     read_up_to: Option<i64>,
     /// The offset last sent to be committed.
@@ -278,6 +277,13 @@ struct PartitionState<I> {
     /// While catching up: the partition's end as of the assignment (open transactions
     /// included), and the records held until the consumer's position reaches it.
     catch_up: Option<(i64, Vec<(OwnedMessage, I)>)>,
+}
+
+/// A record read and not finished: when it was written (ms), and whether its work started.
+#[derive(Debug, Clone, Copy)]
+struct Unfinished {
+    written_ms: i64,
+    started: bool,
 }
 
 impl<I> Default for PartitionState<I> {
@@ -526,7 +532,8 @@ impl<P: Processor> Driver<P> {
             Ok(item) => {
                 self.processor.observe(&item, catching_up);
                 if self.processor.wants(&item) {
-                    state.unfinished.insert(offset, message.timestamp().to_millis().unwrap_or_else(now_millis));
+                    let written_ms = message.timestamp().to_millis().unwrap_or_else(now_millis);
+                    state.unfinished.insert(offset, Unfinished { written_ms, started: false });
                     match state.catch_up.as_mut() {
                         Some((_, held)) if catching_up => held.push((message, item)),
                         _ => {
@@ -607,7 +614,8 @@ impl<P: Processor> Driver<P> {
 
     /// Publishes, per owned partition, the consumer lag: records from the first not finished
     /// (or the consumer's position, past transaction markers, when all are) to the end, and
-    /// the age of the oldest record read and not finished.
+    /// the age of the oldest record read and waiting to start (a record in the works is not
+    /// late: a long answer is not lag).
     fn show_lag(&mut self) {
         if self.lag_shown.elapsed() < LAG_EVERY {
             return;
@@ -626,7 +634,8 @@ impl<P: Processor> Driver<P> {
         let now = now_millis();
         for (key, state) in &self.partitions {
             let labels = [self.settings.group_id.as_str(), key.0.as_str(), &key.1.to_string()];
-            let oldest = state.unfinished.values().min().map_or(0.0, |written| (now - written).max(0) as f64 / 1000.0);
+            let waiting = state.unfinished.values().filter(|u| !u.started).map(|u| u.written_ms).min();
+            let oldest = waiting.map_or(0.0, |written| (now - written).max(0) as f64 / 1000.0);
             CONSUMER_LAG_SECONDS.with_label_values(&labels).set(oldest);
             let done_up_to = state.unfinished.keys().next().copied().or_else(|| positions.get(key).copied());
             if let (Some(end), Some(at)) = (ends.get(key), done_up_to) {
@@ -714,7 +723,13 @@ impl<P: Processor> Driver<P> {
                 .iter()
                 .map(|(m, _)| {
                     let partition = (m.topic().to_owned(), m.partition());
-                    let assignment = self.partitions.get(&partition).map_or(0, |state| state.assignment);
+                    let state = self.partitions.get_mut(&partition);
+                    let assignment = state.map_or(0, |state| {
+                        if let Some(record) = state.unfinished.get_mut(&m.offset()) {
+                            record.started = true;
+                        }
+                        state.assignment
+                    });
                     (partition, assignment, m.offset(), m.key().map(<[u8]>::to_vec))
                 })
                 .collect();

@@ -78,11 +78,11 @@ pub static CONSUMER_LAG_RECORDS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-/// How long the oldest record a consumer has read and not finished has waited, per partition.
+/// How long the oldest record a consumer has read and not started has waited, per partition.
 pub static CONSUMER_LAG_SECONDS: LazyLock<GaugeVec> = LazyLock::new(|| {
     gauge(
         "parley_consumer_lag_seconds",
-        "Age of the oldest record of the partition read and not yet done (0: none waits)",
+        "Age of the oldest record of the partition read and waiting to start (0: none waits)",
         &["group", "topic", "partition"],
     )
 });

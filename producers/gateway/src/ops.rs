@@ -34,7 +34,7 @@ pub struct Snapshot {
     pub sockets: f64,
     /// `parley_first_token_seconds`, every lane: (upper bound, cumulative count).
     pub first_token: Vec<(f64, f64)>,
-    /// Per consumer group, the age of its oldest unfinished record (the worst partition).
+    /// Per consumer group, how long its oldest waiting record has waited (the worst partition).
     pub lag_seconds: BTreeMap<String, f64>,
 }
 
