@@ -147,15 +147,24 @@ async fn prometheus_scrapes_parley_and_loads_the_alert_rules() {
     let calls = format!(r#"sum(gen_ai_client_operation_duration_seconds_count{{instance="{instance}"}})"#);
     assert_eq!(query_until(&prometheus, &calls).await["value"][1], "1");
 
-    let rules: serde_json::Value =
-        reqwest::get(format!("{prometheus}/api/v1/rules")).await.unwrap().json().await.unwrap();
-    let alerts: Vec<&str> = rules["data"]["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-        .filter_map(|r| r["name"].as_str())
-        .collect();
+    // Every rule loaded and evaluated without an error (health "ok" after its first run).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rules = loop {
+        let rules: serde_json::Value =
+            reqwest::get(format!("{prometheus}/api/v1/rules")).await.unwrap().json().await.unwrap();
+        let rules: Vec<serde_json::Value> = rules["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if !rules.is_empty() && rules.iter().all(|r| r["health"] == "ok") {
+            break rules;
+        }
+        assert!(Instant::now() < deadline, "rules not all healthy: {rules:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let alerts: Vec<&str> = rules.iter().filter_map(|r| r["name"].as_str()).collect();
     for alert in [
         "ParleyConsumerLagging",
         "ParleyLlmErrorRate",
