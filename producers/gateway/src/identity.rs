@@ -132,6 +132,10 @@ pub enum IdentityError {
     Missing(&'static str),
     #[error("the JWKS at {source_name} could not be loaded: {reason}")]
     Jwks { source_name: String, reason: String },
+    #[error(
+        "--jwt-jwks {0}: a key set fetched over plain HTTP can be replaced on the way; use https (http is for loopback only)"
+    )]
+    InsecureJwks(String),
 }
 
 /// How this gateway knows who is calling.
@@ -235,6 +239,11 @@ pub struct JwtVerifier {
 
 impl JwtVerifier {
     async fn new(settings: &JwtSettings, source: KeySource) -> Result<Self, IdentityError> {
+        if let KeySource::Url(url) = &source
+            && !is_https_or_loopback(url)
+        {
+            return Err(IdentityError::InsecureJwks(url.clone()));
+        }
         let issuer = settings.issuer.clone().ok_or(IdentityError::Missing("issuer"))?;
         let audience = settings.audience.clone().ok_or(IdentityError::Missing("audience"))?;
         let client = reqwest::Client::builder()
@@ -313,6 +322,17 @@ impl JwtVerifier {
             claims.get("exp").and_then(serde_json::Value::as_u64).map(|exp| exp + self.leeway.as_secs() + 1);
         Ok(Verified { user_id: user_id.to_owned(), expires_at })
     }
+}
+
+/// Whether keys may be fetched from `url`: over TLS, or from this machine.
+fn is_https_or_loopback(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return url.starts_with("https://") };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.find(']') {
+        Some(end) if authority.starts_with('[') => &authority[..=end],
+        _ => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
 }
 
 /// The key a token names, or the only key of a set when it names none.
@@ -566,6 +586,16 @@ mod tests {
         let silent = JwtVerifier::new(&settings("/silent"), KeySource::parse(&format!("{base}/silent"))).await;
         let failure = silent.unwrap_err().to_string();
         assert!(failure.contains("/silent") && started.elapsed() < Duration::from_secs(5), "{failure}");
+    }
+
+    #[test]
+    fn keys_are_fetched_over_https_or_from_this_machine_only() {
+        assert!(is_https_or_loopback("https://idp.example/jwks"));
+        assert!(is_https_or_loopback("http://127.0.0.1:8081/jwks"));
+        assert!(is_https_or_loopback("http://localhost/jwks"));
+        assert!(is_https_or_loopback("http://[::1]:9/jwks") && is_https_or_loopback("http://[::1]/jwks"));
+        assert!(!is_https_or_loopback("http://idp.example/jwks"));
+        assert!(!is_https_or_loopback("http://127.0.0.1.evil.example/jwks"));
     }
 
     #[test]
