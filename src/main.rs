@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
+use parley_eventlog::dead_letter::read_letters;
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::topics::ensure_topics;
@@ -159,6 +160,9 @@ enum Command {
     /// Manage projections: rebuild one into a new generation, drop the replaced one.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Records consumers gave up on (the dead-letter topic): list them, or show one whole.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
     /// List or remove a user's documents (what the HTTP API does for a signed-in user, for
     /// operators acting on a user's behalf).
     #[command(subcommand)]
@@ -209,6 +213,25 @@ enum ProjectionsCommand {
     Status {
         #[arg(value_parser = ["context"])]
         projection: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// Every dead letter, oldest first per partition: its id (partition/offset in the
+    /// dead-letter topic), when, which consumer group gave up, where the record came from,
+    /// its key and the error.
+    List {
+        /// Only the letters of this consumer group.
+        #[arg(long)]
+        consumer: Option<String>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// One dead letter whole: every field, and the original payload in hex.
+    Show {
+        /// partition/offset in the dead-letter topic, as `list` shows it.
+        id: String,
     },
 }
 
@@ -268,6 +291,70 @@ fn main() -> ExitCode {
     };
     telemetry.shutdown();
     code
+}
+
+/// `parley dead-letters`: the dead-letter topic read whole and decoded.
+async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLettersCommand) -> Result<ExitCode> {
+    let topic = kafka.topics().dead_letter;
+    let codec = EventCodec::new(registry)?;
+    let mut letters = Vec::new();
+    for (id, letter) in read_letters(kafka, &codec).await? {
+        match letter {
+            Ok(letter) => letters.push((id, letter)),
+            Err(error) => eprintln!("{id}: not a dead letter ({error})"),
+        }
+    }
+    let at = |millis: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0)),
+        )
+    };
+    let text = |bytes: &Option<Vec<u8>>| bytes.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+    match command {
+        DeadLettersCommand::List { consumer, format } => {
+            let listed = letters.iter().filter(|(_, l)| consumer.as_ref().is_none_or(|c| *c == l.consumer));
+            for (id, letter) in listed {
+                let source = format!("{}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset);
+                if format == "json" {
+                    let line = serde_json::json!({"id": id, "failed_at": at(letter.failed_at).to_string(),
+                        "consumer": letter.consumer, "source": source, "key": text(&letter.key), "error": letter.error,
+                        "payload_bytes": letter.payload.as_ref().map_or(0, Vec::len)});
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{id:<10} {} {:<32} {source:<44} key={:<38} {}",
+                        at(letter.failed_at),
+                        letter.consumer,
+                        text(&letter.key),
+                        letter.error.chars().take(120).collect::<String>()
+                    );
+                }
+            }
+        }
+        DeadLettersCommand::Show { id } => {
+            let Some((_, letter)) = letters.iter().find(|(letter_id, _)| *letter_id == id) else {
+                eprintln!(
+                    "no dead letter {id} in {topic} (ids are partition/offset, as `parley dead-letters list` shows)"
+                );
+                return Ok(ExitCode::FAILURE);
+            };
+            let payload = letter.payload.as_deref().unwrap_or_default();
+            println!("id          {id} ({topic})");
+            println!("failed at   {}", at(letter.failed_at));
+            println!("consumer    {}", letter.consumer);
+            println!("source      {}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset);
+            println!("key         {}", text(&letter.key));
+            println!("error       {}", letter.error);
+            println!("payload     {} bytes", payload.len());
+            for (row, chunk) in payload.chunks(16).enumerate() {
+                let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+                let ascii: String =
+                    chunk.iter().map(|b| if b.is_ascii_graphic() || *b == b' ' { *b as char } else { '.' }).collect();
+                println!("  {:06x}  {:<47}  {ascii}", row * 16, hex.join(" "));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Serves the process's Prometheus metrics at `http://{addr}/metrics` until `shutdown`.
@@ -597,6 +684,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Trace { trace_id, jaeger_url } => {
             print!("{}", trace_view::render(&trace_view::fetch(&jaeger_url, &trace_id).await?));
         }
+        Command::DeadLetters(command) => return dead_letters(&kafka, &registry, command).await,
         Command::Projections(command) => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             match command {

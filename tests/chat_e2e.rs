@@ -248,6 +248,20 @@ async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
         assert!(!letter.error.is_empty());
     }
 
+    // An operator lists them (one group's) and looks at one whole, bytes included.
+    let inference = format!("{}inference", pipeline.prefix);
+    let listed = pipeline.cli(&["dead-letters", "list", "--consumer", &inference, "--format", "json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Vec<Value> =
+        String::from_utf8_lossy(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().all(|l| l["consumer"] == inference.as_str() && l["key"] == "poison"), "{listed:?}");
+    let garbage_letter = listed.iter().find(|l| l["payload_bytes"] == garbage.len()).unwrap();
+    let shown = pipeline.cli(&["dead-letters", "show", garbage_letter["id"].as_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains("de ad be ef 20 6e 6f 74") && shown.contains(&inference), "{shown}");
+    assert!(!pipeline.cli(&["dead-letters", "show", "9/999"]).status.success(), "an unknown id is an error");
+
     // The pipeline is unharmed.
     let mut client = pipeline.client().await;
     client.ask("after-poison", None, "Still alive?").await;

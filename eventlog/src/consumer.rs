@@ -116,6 +116,26 @@ pub fn is_fatal(error: &KafkaError) -> bool {
 /// How long a read-back waits for the records it was told exist.
 const READ_BACK_WAIT: Duration = Duration::from_secs(10);
 
+/// Every record of `topic` as of the call: each partition from the oldest record it still
+/// holds to its end (for small topics an operator reads whole, such as the dead letters).
+pub async fn read_topic(
+    kafka: &KafkaSettings,
+    topic: &str,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, EventLogError> {
+    let consumer =
+        Arc::new(reader(&reader_config(kafka, &format!("parley-read-{}", uuid::Uuid::new_v4().simple()), false))?);
+    let (query, name) = (consumer.clone(), topic.to_owned());
+    let metadata = blocking_query(move || query.fetch_metadata(Some(&name), READ_BACK_WAIT)).await?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut records = Vec::new();
+    for partition in partitions {
+        let (query, name) = (consumer.clone(), topic.to_owned());
+        let (low, _) = blocking_query(move || query.fetch_watermarks(&name, partition, READ_BACK_WAIT)).await?;
+        records.extend(read_back(kafka, topic, partition, low, false, usize::MAX).await?.unwrap_or_default());
+    }
+    Ok(records)
+}
+
 /// A bounded read-back of one partition (e.g. the token deltas a reconnecting client
 /// missed): `from` is an offset, or a write time (ms) when `at_time` is set; at most `max`
 /// records up to the partition's end as of the call. `None`: `from` is older than what
