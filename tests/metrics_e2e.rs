@@ -99,8 +99,8 @@ async fn a_turn_shows_in_every_metric_family() {
     pipeline.stop().await;
 }
 
-/// The first result of an instant query to the local Prometheus, once it has one.
-async fn query_until(prometheus: &str, promql: &str) -> serde_json::Value {
+/// The first result of an instant query to the local Prometheus, once it is `value`.
+async fn query_until(prometheus: &str, promql: &str, value: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     let client = reqwest::Client::new();
     loop {
@@ -114,10 +114,12 @@ async fn query_until(prometheus: &str, promql: &str) -> serde_json::Value {
             .await
             .unwrap();
         assert_eq!(answer["status"], "success", "{answer}");
-        if let Some(first) = answer["data"]["result"].as_array().and_then(|r| r.first()) {
+        if let Some(first) = answer["data"]["result"].as_array().and_then(|r| r.first())
+            && first["value"][1] == value
+        {
             return first.clone();
         }
-        assert!(Instant::now() < deadline, "Prometheus has no result for {promql}: {answer}");
+        assert!(Instant::now() < deadline, "Prometheus has no {value} for {promql}: {answer}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -131,21 +133,23 @@ async fn prometheus_scrapes_parley_and_loads_the_alert_rules() {
         assert_ne!(std::env::var("PARLEY_REQUIRE_STACK").as_deref(), Ok("1"), "PARLEY_PROMETHEUS_URL/_TARGETS unset");
         return;
     };
-    let pipeline = Pipeline::start(&stack, &[]).await;
+    // Its operations page charts the fleet from the same Prometheus.
+    let pipeline = Pipeline::start(&stack, &["--ops-prometheus-url", &prometheus]).await;
     let instance = pipeline.http.trim_start_matches("http://").to_owned();
     // Listed for file-based discovery: Prometheus scrapes it within seconds.
     let target = std::path::Path::new(&targets).join(format!("test-{}.json", instance.replace([':', '.'], "-")));
     std::fs::write(&target, serde_json::to_vec(&serde_json::json!([{"targets": [instance]}])).unwrap()).unwrap();
+    // Scraped once before the turn: its count goes from 0 to 1 in Prometheus's eyes.
+    let admitted = format!(r#"parley_turns_total{{instance="{instance}",outcome="admitted"}}"#);
+    query_until(&prometheus, &admitted, "0").await;
     let token = pipeline.session().await;
     let mut client = pipeline.connect(&pipeline.http, &token).await;
     client.ask("p-1", None, "Say OK.").await;
     assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
 
-    let admitted = format!(r#"parley_turns_total{{instance="{instance}",outcome="admitted"}}"#);
-    let sample = query_until(&prometheus, &admitted).await;
-    assert_eq!(sample["value"][1], "1", "{sample}");
+    query_until(&prometheus, &admitted, "1").await;
     let calls = format!(r#"sum(gen_ai_client_operation_duration_seconds_count{{instance="{instance}"}})"#);
-    assert_eq!(query_until(&prometheus, &calls).await["value"][1], "1");
+    query_until(&prometheus, &calls, "1").await;
 
     // Every rule loaded and evaluated without an error (health "ok" after its first run).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -165,6 +169,21 @@ async fn prometheus_scrapes_parley_and_loads_the_alert_rules() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let alerts: Vec<&str> = rules.iter().filter_map(|r| r["name"].as_str()).collect();
+
+    // The operations page's series, from Prometheus: the turn shows as a rate.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let series: serde_json::Value =
+            reqwest::get(format!("{}/ops/series", pipeline.http)).await.unwrap().json().await.unwrap();
+        assert_eq!(series["source"], format!("Prometheus {prometheus}"), "{series}");
+        let turns = series["turns_per_second"].as_array().unwrap();
+        assert_eq!(turns.len(), series["at"].as_array().unwrap().len());
+        if turns.iter().any(|v| v.as_f64().is_some_and(|v| v > 0.0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no turn rate from Prometheus on /ops/series: {series}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     for alert in [
         "ParleyConsumerLagging",
         "ParleyLlmErrorRate",

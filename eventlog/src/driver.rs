@@ -190,6 +190,9 @@ pub async fn run<P: Processor>(
     info!(group = %settings.group_id, transactional_id = %settings.transactional_id,
           concurrency = settings.concurrency, batch_size = settings.batch_size, "driver started");
 
+    for topic in &settings.topics {
+        DEAD_LETTERS.with_label_values(&[settings.group_id.as_str(), topic.as_str()]); // from 0
+    }
     let (commits, commit_queue) = mpsc::unbounded_channel::<Commit>();
     let committer = tokio::spawn(commit_loop(transactions, consumer.clone(), commit_queue));
     let lanes = settings.lanes.count();

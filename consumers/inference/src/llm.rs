@@ -49,6 +49,9 @@ pub enum LlmError {
 }
 
 impl LlmError {
+    /// Every `error_kind` a failed call is recorded with.
+    pub const KINDS: [&str; 5] = ["timeout", "unavailable", "rejected", "invalid_response", "circuit_open"];
+
     /// The `error_kind` recorded in LLMResponseFailed.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -89,6 +89,14 @@ static BREAKER_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// Creates the failure series of every kind at 0 (Prometheus's `rate` sees nothing of a
+/// series that starts at 1).
+pub fn init() {
+    for kind in LlmError::KINDS.into_iter().chain([parley_events::budget::BUDGET_EXCEEDED]) {
+        FAILURES.with_label_values(&[kind]);
+    }
+}
+
 /// One call to a model server (an attempt of a turn).
 pub fn model_call(provider: &str, request_model: &str, result: &Result<Completion, LlmError>, took: Duration) {
     let response_model = result.as_ref().map_or("", |completion| completion.model.as_str());

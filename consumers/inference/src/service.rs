@@ -262,6 +262,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let llm = args.llm_settings()?;
+    metrics::init();
     let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
     let worker = Arc::new(Worker {
         // A delta is shown the moment it arrives: each goes out at once instead of lingering.

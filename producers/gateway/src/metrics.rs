@@ -23,6 +23,19 @@ static ERROR_FRAMES: LazyLock<IntCounterVec> =
 static OPEN_SOCKETS: LazyLock<IntGaugeVec> =
     LazyLock::new(|| int_gauge("parley_open_sockets", "WebSockets open on this gateway", &[]));
 
+/// Creates every turn and error-frame series at 0, so the first of each is an increase
+/// (Prometheus's `rate` sees nothing of a series that starts at 1).
+pub fn init() {
+    for outcome in ["admitted", "duplicate"] {
+        TURNS.with_label_values(&[outcome, ""]);
+    }
+    for code in ErrorCode::ALL {
+        TURNS.with_label_values(&["refused", code.as_str()]);
+        ERROR_FRAMES.with_label_values(&[code.as_str()]);
+    }
+    OPEN_SOCKETS.with_label_values(NO_LABELS);
+}
+
 /// Counts what the gateway answered to a client frame (`query`: the frame was a question).
 pub fn answered(query: bool, frames: &[ServerFrame]) {
     for frame in frames {
@@ -48,6 +61,20 @@ pub fn socket(change: i64) {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 10] = [
+        Self::MalformedFrame,
+        Self::FrameTooLarge,
+        Self::InvalidField,
+        Self::UnknownConversation,
+        Self::TurnInProgress,
+        Self::UnknownQuery,
+        Self::Unavailable,
+        Self::RateLimited,
+        Self::BudgetExceeded,
+        Self::Overloaded,
+    ];
+
     /// The code as the protocol spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,19 +98,7 @@ mod tests {
 
     #[test]
     fn every_code_is_spelled_as_the_protocol_serializes_it() {
-        use ErrorCode::*;
-        for code in [
-            MalformedFrame,
-            FrameTooLarge,
-            InvalidField,
-            UnknownConversation,
-            TurnInProgress,
-            UnknownQuery,
-            Unavailable,
-            RateLimited,
-            BudgetExceeded,
-            Overloaded,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }

@@ -1,8 +1,9 @@
-//! The live operations page (`/ops`): every few seconds the gateway takes a snapshot of
-//! its process's metrics (in `parley all`, every service's) and keeps the last half hour;
-//! the page charts what an operator reads at a glance (turns/s, first-token p50/p99, lag
-//! per consumer, errors, dead letters, sockets) with uPlot, vendored from npm.
-//! Snapshots and series are plain values computed here without I/O.
+//! The live operations page (`/ops`) charts what an operator reads at a glance (turns/s,
+//! first-token p50/p99, lag per consumer, errors, dead letters, sockets) with uPlot,
+//! vendored from npm. Its series come from one of two sources: the gateway's own process
+//! (every few seconds it snapshots its metrics, in `parley all` every service's, and keeps
+//! the last half hour), or a Prometheus that scrapes every Parley service (the fleet, over
+//! its query API). Snapshots and series are plain values computed here without I/O.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -90,6 +91,8 @@ pub struct History {
 /// the window has a quantile; the first snapshots have no rate).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Series {
+    /// Where the values come from (this process, or a Prometheus).
+    pub source: String,
     /// Seconds since the epoch.
     pub at: Vec<f64>,
     pub turns_per_second: Vec<Option<f64>>,
@@ -114,7 +117,7 @@ impl History {
 
     /// Each snapshot's rates and quantiles over the minute before it.
     pub fn series(&self) -> Series {
-        let mut series = Series::default();
+        let mut series = Series { source: "this process".into(), ..Series::default() };
         let groups: Vec<&String> = {
             let mut groups: Vec<&String> = self.snapshots.iter().flat_map(|s| s.lag_seconds.keys()).collect();
             groups.sort_unstable();
@@ -146,6 +149,86 @@ impl History {
         }
         series
     }
+}
+
+/// The PromQL of each series the page charts, over the fleet (every scraped process).
+pub const FLEET_QUERIES: [(&str, &str); 9] = [
+    ("turns_per_second", r#"sum(rate(parley_turns_total{outcome="admitted"}[1m]))"#),
+    ("refused_per_second", r#"sum(rate(parley_turns_total{outcome="refused"}[1m]))"#),
+    ("first_token_p50", "histogram_quantile(0.5, sum by (le) (rate(parley_first_token_seconds_bucket[1m])))"),
+    ("first_token_p99", "histogram_quantile(0.99, sum by (le) (rate(parley_first_token_seconds_bucket[1m])))"),
+    ("llm_failures_per_second", "sum(rate(parley_llm_failures_total[1m]))"),
+    ("error_frames_per_second", "sum(rate(parley_error_frames_total[1m]))"),
+    ("dead_letters_per_minute", "sum(rate(parley_dead_letters_total[1m])) * 60"),
+    ("sockets", "sum(parley_open_sockets)"),
+    ("lag_seconds", "max by (group) (parley_consumer_lag_seconds)"),
+];
+
+/// The page's series from Prometheus range queries (`/api/v1/query_range` answers, named as
+/// in [`FLEET_QUERIES`]) on the time axis `at` (seconds): a point Prometheus has not, or
+/// that is not a number (a quantile without observations), is None.
+pub fn series_from_ranges(source: String, at: Vec<f64>, answers: &[(&str, serde_json::Value)]) -> Series {
+    let on_axis = |result: &serde_json::Value| -> Vec<Option<f64>> {
+        let points: BTreeMap<i64, f64> = result["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|point| {
+                let at = point[0].as_f64()?;
+                let value = point[1].as_str()?.parse::<f64>().ok().filter(|v| v.is_finite())?;
+                Some(((at * 1000.0).round() as i64, value))
+            })
+            .collect();
+        at.iter().map(|t| points.get(&((t * 1000.0).round() as i64)).copied()).collect()
+    };
+    let mut series = Series { source, ..Series::default() };
+    for (name, answer) in answers {
+        let results = answer["data"]["result"].as_array().cloned().unwrap_or_default();
+        if *name == "lag_seconds" {
+            for result in &results {
+                let group = result["metric"]["group"].as_str().unwrap_or_default().to_owned();
+                series.lag_seconds.insert(group, on_axis(result));
+            }
+            continue;
+        }
+        let values = results.first().map_or_else(|| vec![None; at.len()], on_axis);
+        match *name {
+            "turns_per_second" => series.turns_per_second = values,
+            "refused_per_second" => series.refused_per_second = values,
+            "first_token_p50" => series.first_token_p50 = values,
+            "first_token_p99" => series.first_token_p99 = values,
+            "llm_failures_per_second" => series.llm_failures_per_second = values,
+            "error_frames_per_second" => series.error_frames_per_second = values,
+            "dead_letters_per_minute" => series.dead_letters_per_minute = values,
+            "sockets" => series.sockets = values,
+            _ => {}
+        }
+    }
+    series.at = at;
+    series
+}
+
+/// The page's series over the last half hour from the Prometheus at `url`.
+pub async fn fleet_series(client: &reqwest::Client, url: &str) -> Result<Series, reqwest::Error> {
+    let end = (now_millis() / 1000 / 5) * 5; // on the step, so repeated reads line up
+    let step = EVERY.as_secs() as i64;
+    let start = end - (KEPT as i64 - 1) * step;
+    let at: Vec<f64> = (0..KEPT as i64).map(|i| (start + i * step) as f64).collect();
+    let range = [("start", start.to_string()), ("end", end.to_string()), ("step", step.to_string())];
+    let mut answers = Vec::new();
+    for (name, query) in FLEET_QUERIES {
+        let answer = client
+            .get(format!("{url}/api/v1/query_range"))
+            .query(&range)
+            .query(&[("query", query)])
+            .send()
+            .await?
+            .error_for_status()?
+            .json::<serde_json::Value>()
+            .await?;
+        answers.push((name, answer));
+    }
+    Ok(series_from_ranges(format!("Prometheus {url}"), at, &answers))
 }
 
 /// The cumulative buckets of `now` minus those of `before` (a counter reset counts from 0).
@@ -233,6 +316,29 @@ mod tests {
         assert!(series.first_token_p99[2].is_some_and(|p99| (p99 - 1.98).abs() < 1e-9), "{:?}", series.first_token_p99);
         assert_eq!(series.sockets, [Some(2.0); 3]);
         assert_eq!(series.lag_seconds["inference"], [Some(0.5); 3]);
+    }
+
+    #[test]
+    fn prometheus_range_answers_become_series_on_one_time_axis() {
+        let matrix = |results: serde_json::Value| serde_json::json!({"status": "success", "data": {"resultType": "matrix", "result": results}});
+        let answers = [
+            ("turns_per_second", matrix(serde_json::json!([{"metric": {}, "values": [[100, "0.5"], [110, "1"]]}]))),
+            ("first_token_p50", matrix(serde_json::json!([{"metric": {}, "values": [[105, "NaN"], [110, "0.75"]]}]))),
+            ("sockets", matrix(serde_json::json!([]))),
+            (
+                "lag_seconds",
+                matrix(serde_json::json!([
+                {"metric": {"group": "parley-inference"}, "values": [[100, "0"], [105, "2.5"]]},
+                {"metric": {"group": "parley-embedder"}, "values": [[110, "1"]]}])),
+            ),
+        ];
+        let series = series_from_ranges("Prometheus p".into(), vec![100.0, 105.0, 110.0], &answers);
+        assert_eq!(series.turns_per_second, [Some(0.5), None, Some(1.0)]);
+        assert_eq!(series.first_token_p50, [None, None, Some(0.75)], "NaN (no observations) is no value");
+        assert_eq!(series.sockets, [None, None, None]);
+        assert_eq!(series.lag_seconds["parley-inference"], [Some(0.0), Some(2.5), None]);
+        assert_eq!(series.lag_seconds["parley-embedder"], [None, None, Some(1.0)]);
+        assert_eq!(series.source, "Prometheus p");
     }
 
     #[test]

@@ -132,6 +132,11 @@ pub struct GatewayArgs {
     /// back on another instance within the time is not seen here.
     #[arg(long, env = "PARLEY_CANCEL_AFTER_DISCONNECT", default_value = "0s", value_parser = parse_duration)]
     pub cancel_after_disconnect: Duration,
+
+    /// A Prometheus that scrapes every Parley service: the operations page (`/ops`) then
+    /// charts the fleet from it, instead of this process's own metrics.
+    #[arg(long, env = "PARLEY_OPS_PROMETHEUS_URL")]
+    pub ops_prometheus_url: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -175,8 +180,10 @@ pub(crate) struct AppState {
     sockets: Mutex<HashMap<String, u32>>,
     max_sockets_per_user: u32,
     pub(crate) identity: Identity,
-    /// The metrics the operations page charts.
+    /// The metrics the operations page charts: this process's, or the fleet's from a
+    /// Prometheus (its URL, and a client with a timeout).
     ops_history: Arc<Mutex<ops::History>>,
+    ops_prometheus: Option<(String, reqwest::Client)>,
     pub(crate) reader: Arc<LiveReader>,
     pub(crate) read_wait: Duration,
     pub(crate) retriever: Option<Retriever>,
@@ -258,6 +265,7 @@ impl Gateway {
         });
         let identity = Identity::from_settings(&args.jwt, &secret, &shutdown).await?;
         let certificate = Certificate::load(&args.tls).await?;
+        metrics::init();
         let ops_history = Arc::new(Mutex::new(ops::History::default()));
         tokio::spawn(ops::record(ops_history.clone(), shutdown.clone()));
         let load = Arc::new(Mutex::new(LoadBoard::default()));
@@ -286,6 +294,10 @@ impl Gateway {
             },
             identity,
             ops_history,
+            ops_prometheus: args.ops_prometheus_url.as_ref().map(|url| {
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
+                (url.trim_end_matches('/').to_owned(), client)
+            }),
             reader,
             read_wait: args.read_wait,
             retriever,
@@ -370,9 +382,20 @@ impl Gateway {
     }
 }
 
-/// The operations page's data: the last half hour of the process's metrics.
-async fn ops_series(State(state): State<Arc<AppState>>) -> axum::Json<ops::Series> {
-    axum::Json(state.ops_history.lock().unwrap_or_else(PoisonError::into_inner).series())
+/// The operations page's data: the last half hour of the fleet's metrics from Prometheus,
+/// or of this process's.
+async fn ops_series(State(state): State<Arc<AppState>>) -> Response {
+    let Some((url, client)) = &state.ops_prometheus else {
+        return axum::Json(state.ops_history.lock().unwrap_or_else(PoisonError::into_inner).series()).into_response();
+    };
+    match ops::fleet_series(client, url).await {
+        Ok(series) => axum::Json(series).into_response(),
+        Err(error) => {
+            warn!(%error, "the operations page's Prometheus did not answer");
+            let message = format!("Prometheus at {url} did not answer: {error}");
+            query::ApiError::new(StatusCode::BAD_GATEWAY, "prometheus_unavailable", message).into_response()
+        }
+    }
 }
 
 /// A vendored asset (the operations page's charting library), cached by browsers for a day.
