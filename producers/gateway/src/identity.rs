@@ -288,10 +288,15 @@ impl JwtVerifier {
         }
         let kid = header.kid.as_deref();
         let mut keys = self.current_keys();
-        if key_for(&keys, kid).is_none() && self.loaded_at.lock().await.elapsed() >= UNKNOWN_KEY_REFETCH {
-            // Perhaps the provider rotated its keys since the last refresh.
-            self.reload().await;
+        if key_for(&keys, kid).is_none() {
+            // Perhaps the provider rotated its keys: a reload under way is waited for (its
+            // keys may have this one), else one is made if the last is old enough.
+            let loaded_at = *self.loaded_at.lock().await;
             keys = self.current_keys();
+            if key_for(&keys, kid).is_none() && loaded_at.elapsed() >= UNKNOWN_KEY_REFETCH {
+                self.reload().await;
+                keys = self.current_keys();
+            }
         }
         let jwk = key_for(&keys, kid).ok_or(AuthError::UnknownKey)?;
         // A key published for one algorithm is not used with another.
