@@ -118,35 +118,23 @@ async fn work_whose_output_is_in_an_open_transaction_is_not_started_again() {
 
     // The driver is assigned the partition, reads "work:a" and reaches the last stable
     // offset, which stops short of the open transaction: "work:a" must wait.
-    until(|| toy.read.lock().unwrap().contains(&"work:a".to_owned()).then_some(())).await;
+    let read_a = || std::future::ready(toy.read.lock().unwrap().contains(&"work:a".to_owned()).then_some(()));
+    support::wait_until("the driver to read work:a", read_a).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!driver.is_finished(), "the driver stopped: {:?}", driver.await);
     assert!(toy.worked.lock().unwrap().is_empty(), "work started before the open transaction was resolved");
 
     tokio::task::block_in_place(|| open.commit_transaction(Duration::from_secs(30))).unwrap();
     send(&plain, &topic, "work:b").await;
-    let worked = until(|| {
+    let worked = support::wait_until("work after the catch-up", || {
         let worked = toy.worked.lock().unwrap();
-        worked.contains(&"b".to_owned()).then(|| worked.clone())
+        std::future::ready(worked.contains(&"b".to_owned()).then(|| worked.clone()))
     })
     .await;
     assert_eq!(worked, ["b"], "work whose output was committed was done again");
 
     shutdown.cancel();
     driver.await.unwrap().unwrap();
-}
-
-/// What `ready` gives, once it gives something (a minute at most).
-async fn until<T>(ready: impl Fn() -> Option<T>) -> T {
-    let waited = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Some(value) = ready() {
-                return value;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    waited.await.expect("waited a minute")
 }
 
 async fn send(producer: &FutureProducer, topic: &str, payload: &str) {

@@ -90,17 +90,6 @@ impl Drop for Gateway {
     }
 }
 
-async fn wait_until<T, F: Future<Output = Option<T>>>(what: &str, mut ready: impl FnMut() -> F) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = ready().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "waited a minute for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn jwt_users_are_verified_and_a_socket_closes_when_its_token_expires() {
     let Some(stack) = stack() else { return };
@@ -181,7 +170,7 @@ async fn the_gateway_serves_https_and_wss_and_takes_a_renewed_certificate() {
         .resolve("localhost", ([127, 0, 0, 1], gateway.port).into())
         .build()
         .unwrap();
-    let health = wait_until("the gateway over HTTPS", || {
+    let health = support::wait_until("the gateway over HTTPS", || {
         let client = client.clone();
         let url = format!("{https}/healthz");
         async move { client.get(url).send().await.ok() }
@@ -207,7 +196,7 @@ async fn the_gateway_serves_https_and_wss_and_takes_a_renewed_certificate() {
 
     // A renewed certificate is served to new connections without a restart.
     let renewed = write_certificate(&cert_path, &key_path, "renewed");
-    let served = wait_until("the renewed certificate", || {
+    let served = support::wait_until("the renewed certificate", || {
         let renewed = renewed.clone();
         let port = gateway.port;
         let (first, renewed_ref) = (first.clone(), renewed.clone());

@@ -346,6 +346,18 @@ pub async fn new_session(http: &str) -> (String, String) {
     (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
 }
 
+/// What `ready` gives, once it gives something (a minute at most; `what` names it).
+pub async fn wait_until<T, F: Future<Output = Option<T>>>(what: &str, mut ready: impl FnMut() -> F) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = ready().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "waited a minute for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits (up to a minute) until the gateway at `http` answers `/healthz`.
 pub async fn wait_healthy(http: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
