@@ -119,6 +119,22 @@ impl EventCodec {
         Ok(Decoded { schema_id, event })
     }
 
+    /// Decodes a record of the `dead-letter` topic: a letter or a decision on one.
+    pub async fn decode_dead_letter_record(&self, bytes: &[u8]) -> Result<Decoded<DeadLetterRecord>, EventsError> {
+        let (schema_id, name, value) = self.decode_value(bytes).await?;
+        let event = match name.as_str() {
+            DeadLetter::FULL_NAME => DeadLetterRecord::Letter(self.typed(schema_id, &name, value)?),
+            DeadLetterResolved::FULL_NAME => DeadLetterRecord::Resolved(self.typed(schema_id, &name, value)?),
+            other => {
+                return Err(EventsError::Undecodable {
+                    schema_id: Some(schema_id),
+                    reason: format!("{other} is not a dead-letter record"),
+                });
+            }
+        };
+        Ok(Decoded { schema_id, event })
+    }
+
     /// Decodes a record that must be of type `T` (topics that carry one type).
     pub async fn decode<T: AvroEvent>(&self, bytes: &[u8]) -> Result<Decoded<T>, EventsError> {
         let (schema_id, name, value) = self.decode_value(bytes).await?;

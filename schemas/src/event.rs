@@ -231,6 +231,28 @@ impl AvroEvent for LLMTokenDelta {
 impl AvroEvent for DeadLetter {
     const FULL_NAME: &'static str = "io.parley.events.DeadLetter";
 }
+/// An operator's decision on a dead letter (see `dead_letters` for what it means).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterResolved {
+    pub letter_partition: i32,
+    pub letter_offset: i64,
+    pub consumer: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    #[serde(with = "serde_bytes")]
+    pub key: Option<Vec<u8>>,
+    /// [`REDRIVEN`](crate::dead_letters::REDRIVEN) or [`DISCARDED`](crate::dead_letters::DISCARDED).
+    pub action: String,
+    pub redriven_offset: Option<i64>,
+    pub resolved_by: String,
+    pub reason: Option<String>,
+    pub resolved_at: i64,
+}
+
+impl AvroEvent for DeadLetterResolved {
+    const FULL_NAME: &'static str = "io.parley.events.DeadLetterResolved";
+}
 impl AvroEvent for DocumentSubmitted {
     const FULL_NAME: &'static str = "io.parley.events.DocumentSubmitted";
 }
@@ -239,6 +261,13 @@ impl AvroEvent for DocumentDeleted {
 }
 impl AvroEvent for EmbeddingsIndexed {
     const FULL_NAME: &'static str = "io.parley.events.EmbeddingsIndexed";
+}
+
+/// A record of the `dead-letter` topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterRecord {
+    Letter(DeadLetter),
+    Resolved(DeadLetterResolved),
 }
 
 /// Every durable fact about a conversation (the `conversation-events` topic).

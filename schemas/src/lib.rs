@@ -4,13 +4,15 @@
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
-//! [`invariants`], [`budget`] and [`lanes`] are the domain rules over those events, as plain functions;
+//! [`invariants`], [`budget`], [`lanes`] and [`dead_letters`] are the domain rules over those events, as plain
+//! functions;
 //! [`fuzzing`] is what the property tests share to fuzz the parsers.
 
 pub mod budget;
 pub mod catalog;
 pub mod codec;
 pub mod conversation;
+pub mod dead_letters;
 pub mod error;
 pub mod event;
 pub mod fuzzing;

@@ -111,6 +111,27 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         failed_at: now_millis(),
     };
     assert_eq!(codec.decode::<DeadLetter>(&codec.encode(&letter).await.unwrap()).await.unwrap().event, letter);
+    let resolved = DeadLetterResolved {
+        letter_partition: 0,
+        letter_offset: 7,
+        consumer: "g".into(),
+        source_topic: "t".into(),
+        source_partition: 2,
+        source_offset: 99,
+        key: Some(b"k".to_vec()),
+        action: parley_events::dead_letters::REDRIVEN.into(),
+        redriven_offset: Some(140),
+        resolved_by: "ops".into(),
+        reason: Some("schema registered".into()),
+        resolved_at: now_millis(),
+    };
+    for record in [DeadLetterRecord::Letter(letter), DeadLetterRecord::Resolved(resolved.clone())] {
+        let bytes = match &record {
+            DeadLetterRecord::Letter(letter) => codec.encode(letter).await.unwrap(),
+            DeadLetterRecord::Resolved(resolved) => codec.encode(resolved).await.unwrap(),
+        };
+        assert_eq!(codec.decode_dead_letter_record(&bytes).await.unwrap().event, record);
+    }
 
     let document = DocumentSubmitted {
         envelope: envelope(1),
