@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
-use parley_eventlog::dead_letter::read_letters;
+use parley_eventlog::dead_letter::{Decision, read_book, settle};
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::budget::{self, BudgetLimits};
+use parley_events::dead_letters::{LetterId, Status};
 use parley_events::invariants::{Violation, violations};
 use parley_events::lanes::Lane;
 use parley_events::registry::{SchemaRegistry, Verdict};
@@ -160,7 +161,9 @@ enum Command {
     /// Manage projections: rebuild one into a new generation, drop the replaced one.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
-    /// Records consumers gave up on (the dead-letter topic): list them, or show one whole.
+    /// Records consumers gave up on (the dead-letter topic): list them, show one whole,
+    /// redrive one (its record back to its topic) or discard it. Until then, the consumer
+    /// holds back the later records of the letter's key (its conversation).
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
     /// List or remove a user's documents (what the HTTP API does for a signed-in user, for
@@ -228,10 +231,30 @@ enum DeadLettersCommand {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
-    /// One dead letter whole: every field, and the original payload in hex.
+    /// One dead letter whole: every field, what became of it, and the original payload in hex.
     Show {
         /// partition/offset in the dead-letter topic, as `list` shows it.
-        id: String,
+        id: LetterId,
+    },
+    /// Writes the letter's record back to its source topic (same partition, key and bytes,
+    /// with a `parley-redriven-from` header) and marks the letter redriven, in one
+    /// transaction. The consumer runs the copy before the key's held records.
+    Redrive {
+        id: LetterId,
+        /// Why (kept with the decision).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who decides [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Gives up on the letter's record for good: the consumer lets the key's held records go on.
+    Discard {
+        id: LetterId,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
     },
 }
 
@@ -293,16 +316,14 @@ fn main() -> ExitCode {
     code
 }
 
-/// `parley dead-letters`: the dead-letter topic read whole and decoded.
+/// `parley dead-letters`: the dead-letter topic read whole and folded; redrive and discard
+/// append a decision to it.
 async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLettersCommand) -> Result<ExitCode> {
     let topic = kafka.topics().dead_letter;
     let codec = EventCodec::new(registry)?;
-    let mut letters = Vec::new();
-    for (id, letter) in read_letters(kafka, &codec).await? {
-        match letter {
-            Ok(letter) => letters.push((id, letter)),
-            Err(error) => eprintln!("{id}: not a dead letter ({error})"),
-        }
+    let (book, unreadable) = read_book(kafka, &codec).await?;
+    for (id, error) in unreadable {
+        eprintln!("{id}: not a dead-letter record ({error})");
     }
     let at = |millis: i64| {
         humantime::format_rfc3339_millis(
@@ -310,41 +331,59 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
         )
     };
     let text = |bytes: &Option<Vec<u8>>| bytes.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-    match command {
+    let status = |status: &Status| match status {
+        Status::Redriven { copy } => format!("redriven to {copy}"),
+        other => other.as_str().to_owned(),
+    };
+    let (id, decision, reason, by) = match command {
         DeadLettersCommand::List { consumer, format } => {
-            let listed = letters.iter().filter(|(_, l)| consumer.as_ref().is_none_or(|c| *c == l.consumer));
-            for (id, letter) in listed {
-                let source = format!("{}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset);
+            let listed = book.entries().iter().filter(|e| consumer.as_ref().is_none_or(|c| *c == e.letter.consumer));
+            for entry in listed {
+                let (id, letter) = (entry.id, &entry.letter);
+                let source = letter.source();
                 if format == "json" {
-                    let line = serde_json::json!({"id": id, "failed_at": at(letter.failed_at).to_string(),
-                        "consumer": letter.consumer, "source": source, "key": text(&letter.key), "error": letter.error,
-                        "payload_bytes": letter.payload.as_ref().map_or(0, Vec::len)});
+                    let line = serde_json::json!({"id": id.to_string(), "failed_at": at(letter.failed_at).to_string(),
+                        "consumer": letter.consumer, "source": source.to_string(), "key": text(&letter.key),
+                        "error": letter.error, "payload_bytes": letter.payload.as_ref().map_or(0, Vec::len),
+                        "status": entry.status.as_str(),
+                        "redriven_to": match &entry.status { Status::Redriven { copy } => Some(copy.to_string()), _ => None },
+                        "resolved_by": entry.resolution.as_ref().map(|r| r.resolved_by.clone())});
                     println!("{line}");
                 } else {
                     println!(
-                        "{id:<10} {} {:<32} {source:<44} key={:<38} {}",
+                        "{:<10} {} {:<32} {:<44} key={:<38} {:<10} {}",
+                        id.to_string(),
                         at(letter.failed_at),
                         letter.consumer,
+                        source.to_string(),
                         text(&letter.key),
+                        entry.status.as_str(),
                         letter.error.chars().take(120).collect::<String>()
                     );
                 }
             }
+            return Ok(ExitCode::SUCCESS);
         }
         DeadLettersCommand::Show { id } => {
-            let Some((_, letter)) = letters.iter().find(|(letter_id, _)| *letter_id == id) else {
+            let Some(entry) = book.get(id) else {
                 eprintln!(
                     "no dead letter {id} in {topic} (ids are partition/offset, as `parley dead-letters list` shows)"
                 );
                 return Ok(ExitCode::FAILURE);
             };
+            let letter = &entry.letter;
             let payload = letter.payload.as_deref().unwrap_or_default();
             println!("id          {id} ({topic})");
             println!("failed at   {}", at(letter.failed_at));
             println!("consumer    {}", letter.consumer);
-            println!("source      {}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset);
+            println!("source      {}", letter.source());
             println!("key         {}", text(&letter.key));
             println!("error       {}", letter.error);
+            println!("status      {}", status(&entry.status));
+            if let Some(resolution) = &entry.resolution {
+                let reason = resolution.reason.as_deref().map_or(String::new(), |r| format!(": {r}"));
+                println!("resolved    {} by {}{reason}", at(resolution.resolved_at), resolution.resolved_by);
+            }
             println!("payload     {} bytes", payload.len());
             for (row, chunk) in payload.chunks(16).enumerate() {
                 let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
@@ -352,9 +391,31 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
                     chunk.iter().map(|b| if b.is_ascii_graphic() || *b == b' ' { *b as char } else { '.' }).collect();
                 println!("  {:06x}  {:<47}  {ascii}", row * 16, hex.join(" "));
             }
+            return Ok(ExitCode::SUCCESS);
         }
+        DeadLettersCommand::Redrive { id, reason, by } => (id, Decision::Redrive, reason, by),
+        DeadLettersCommand::Discard { id, reason, by } => (id, Decision::Discard, reason, by),
+    };
+    match settle(kafka, &codec, &book, id, decision, &by, reason).await {
+        Ok(resolution) => {
+            match resolution.copy() {
+                Some(copy) => println!(
+                    "dead letter {id} redriven: its record is at {copy}; {} runs it before the records of its key it held",
+                    resolution.consumer
+                ),
+                None => println!(
+                    "dead letter {id} discarded; {} lets the records of its key it held go on",
+                    resolution.consumer
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(parley_eventlog::EventLogError::DeadLetter(refused)) => {
+            eprintln!("{refused}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(error) => Err(error.into()),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Serves the process's Prometheus metrics at `http://{addr}/metrics` until `shutdown`.

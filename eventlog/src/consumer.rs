@@ -149,7 +149,7 @@ pub async fn read_back(
     max: usize,
 ) -> Result<Option<Vec<rdkafka::message::OwnedMessage>>, EventLogError> {
     let group = format!("parley-read-back-{}", uuid::Uuid::new_v4().simple());
-    let consumer = Arc::new(reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?);
+    let consumer = Arc::new(reader(reader_config(kafka, &group, true).set("fetch.wait.max.ms", "10"))?);
     let (query, name) = (consumer.clone(), topic.to_owned());
     let (low, high) = blocking_query(move || query.fetch_watermarks(&name, partition, READ_BACK_WAIT)).await?;
     let start = if at_time {
@@ -175,9 +175,13 @@ pub async fn read_back(
     assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
     while records.len() < max && records.last().is_none_or(|r: &rdkafka::message::OwnedMessage| r.offset() + 1 < high) {
-        // A transaction marker at the end is never delivered: stop when nothing more comes.
-        let Ok(message) = tokio::time::timeout(READ_BACK_WAIT, consumer.recv()).await else { break };
-        records.push(message?.detach());
+        // A transaction marker at the end is never delivered: the end-of-partition event
+        // says the rest is markers (or, should none come, nothing more arrives).
+        match tokio::time::timeout(READ_BACK_WAIT, consumer.recv()).await {
+            Ok(Ok(message)) => records.push(message.detach()),
+            Ok(Err(KafkaError::PartitionEOF(_))) | Err(_) => break,
+            Ok(Err(error)) => return Err(error.into()),
+        }
     }
     Ok(Some(records))
 }

@@ -23,6 +23,11 @@
 //!   transactions still open (a read_committed consumer stops short of them, and their
 //!   outputs may yet commit), and it is taken only once this member's own commits queued
 //!   before the assignment are in the log.
+//! - **Dead letters keep order**: an undecodable record goes to the dead-letter topic
+//!   (once: a record lettered before is known from the topic) and its key is held back:
+//!   the key's later records wait, unfinished, until an operator discards the letter, or
+//!   redrives it and the copy has run first (`parley_events::dead_letters`). The driver
+//!   follows the topic's letters and decisions for its group from the start.
 //! - **Fatal**: a processor error, an unusable consumer, or a transaction that fails
 //!   [`COMMIT_ATTEMPTS`] times in a row stops the driver with the error (the process
 //!   exits and is restarted; nothing is committed past unfinished work, so nothing is lost).
@@ -34,7 +39,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use parley_events::event::now_millis;
+use parley_events::dead_letters::{Holds, LetterBook, LetterId, Position};
+use parley_events::event::{DeadLetterRecord, now_millis};
 use parley_events::{EventCodec, EventsError};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -47,11 +53,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
-use crate::dead_letter::dead_letter_for;
+use crate::dead_letter::{LetterFollower, dead_letter_for};
 use crate::error::EventLogError;
 use crate::lanes::{Lanes, Stride};
 use crate::metrics::{
-    CONSUMER_LAG_RECORDS, CONSUMER_LAG_SECONDS, DEAD_LETTERS, STATISTICS_INTERVAL_MS, partition_ends,
+    CONSUMER_LAG_RECORDS, CONSUMER_LAG_SECONDS, DEAD_LETTERS, HELD_KEYS, HELD_RECORDS, STATISTICS_INTERVAL_MS,
+    partition_ends,
 };
 use crate::settings::KafkaSettings;
 use crate::transaction::{Outgoing, TransactionalProducer};
@@ -193,6 +200,10 @@ pub async fn run<P: Processor>(
     for topic in &settings.topics {
         DEAD_LETTERS.with_label_values(&[settings.group_id.as_str(), topic.as_str()]); // from 0
     }
+    // The letters of this group known before any record is read: which keys wait.
+    let follower_stop = shutdown.child_token();
+    let letters = LetterFollower::start(kafka, codec.clone(), &settings.group_id, follower_stop.clone())?;
+    letters.sync().await?;
     let (commits, commit_queue) = mpsc::unbounded_channel::<Commit>();
     let committer = tokio::spawn(commit_loop(transactions, consumer.clone(), commit_queue));
     let lanes = settings.lanes.count();
@@ -212,10 +223,17 @@ pub async fn run<P: Processor>(
         assignments_made: 0,
         busy_keys: HashSet::new(),
         parked: HashMap::new(),
+        letters,
+        book: LetterBook::default(),
+        holds: Holds::default(),
+        held: HashMap::new(),
+        lettered: HashSet::new(),
         running: JoinSet::new(),
         commits,
     };
-    let outcome = driver.drive(&shutdown).await;
+    driver.take_letters();
+    let outcome = Box::pin(driver.drive(&shutdown)).await;
+    follower_stop.cancel();
     // Work not finished is not committed: it is redone by whoever gets its partition.
     driver.running.abort_all();
     driver.enqueue_commit(vec![], vec![]);
@@ -282,11 +300,13 @@ struct PartitionState<I> {
     catch_up: Option<(i64, Vec<(OwnedMessage, I)>)>,
 }
 
-/// A record read and not finished: when it was written (ms), and whether its work started.
+/// A record read and not finished: when it was written (ms), whether its work started, and
+/// whether it is held back behind a dead letter of its key.
 #[derive(Debug, Clone, Copy)]
 struct Unfinished {
     written_ms: i64,
     started: bool,
+    held: bool,
 }
 
 impl<I> Default for PartitionState<I> {
@@ -374,6 +394,14 @@ struct Driver<P: Processor> {
     /// Keys with a record in flight, and the records of those keys waiting their turn.
     busy_keys: HashSet<Vec<u8>>,
     parked: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
+    /// This group's dead letters and decisions as they are written, folded; the keys they
+    /// hold back, with those keys' records read meanwhile; the records lettered by this
+    /// process (known before the follower hands their letters back).
+    letters: LetterFollower,
+    book: LetterBook,
+    holds: Holds,
+    held: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
+    lettered: HashSet<Position>,
     /// Each lane's records ready to start.
     queues: Vec<LaneQueue<P::Item>>,
     /// Which lane gets the next free slot.
@@ -414,6 +442,11 @@ impl<P: Processor> Driver<P> {
                     self.finish(finished)?;
                 }
                 () = tokio::time::sleep_until(fill_deadline.unwrap_or_else(Instant::now).into()), if fill_deadline.is_some() => {}
+                letter = self.letters.next() => match letter {
+                    Some((id, record)) => self.take_letter(id, record),
+                    None if shutdown.is_cancelled() => return Ok(()),
+                    None => return Err(EventLogError::DeadLetter("the dead-letter follower stopped".into())),
+                },
                 received = tokio::time::timeout(IDLE, self.consumer.recv()), if can_read => match received {
                     Err(_idle) => {
                         self.enqueue_commit(vec![], vec![]); // offsets of records that were no work
@@ -442,8 +475,12 @@ impl<P: Processor> Driver<P> {
                 Change::Assigned(partitions) => {
                     // Outputs made before the assignment (of a partition revoked and given
                     // back, say) are committed before the end is read, so the catch-up
-                    // sees them rather than doing their work again.
+                    // sees them rather than doing their work again; and every letter
+                    // written so far (by the partition's last owner too) is known before
+                    // its records are read again, so none is lettered twice.
                     self.flush_commits().await?;
+                    self.letters.sync().await?;
+                    self.take_letters();
                     // One round trip for all of them, not one after the other (each took
                     // ~0.5 s after a broker restart: 3 s before the sixth partition resumed).
                     let ends =
@@ -479,9 +516,10 @@ impl<P: Processor> Driver<P> {
                         if queue.ready.is_empty() {
                             queue.since = None;
                         }
-                        for queue in self.parked.values_mut() {
+                        for queue in self.parked.values_mut().chain(self.held.values_mut()) {
                             queue.retain(|(m, _)| (m.topic(), m.partition()) != (key.0.as_str(), key.1));
                         }
+                        self.held.retain(|_, queue| !queue.is_empty());
                     }
                 }
             }
@@ -505,7 +543,7 @@ impl<P: Processor> Driver<P> {
     }
 
     /// Decodes a record read from the log and files it: dead letter, nothing to do, held
-    /// while catching up, or ready.
+    /// back behind a dead letter of its key, held while catching up, or ready.
     async fn read(&mut self, message: OwnedMessage) -> Result<(), EventLogError> {
         // A rebalance callback runs inside the poll that returned this record.
         self.apply_rebalances().await?;
@@ -518,36 +556,39 @@ impl<P: Processor> Driver<P> {
         state.read_up_to = Some(state.read_up_to.map_or(offset + 1, |r| r.max(offset + 1)));
         let catch_up_end = state.catch_up.as_ref().map(|(end, _)| *end);
         let catching_up = catch_up_end.is_some_and(|end| offset < end);
-        match decoded {
-            Err(error) => {
-                warn!(topic = message.topic(), partition = message.partition(), offset, %error,
-                      "undecodable record sent to the dead-letter topic");
-                let letter = dead_letter_for(&message, &self.settings.group_id, &error.to_string());
-                DEAD_LETTERS.with_label_values(&[self.settings.group_id.as_str(), message.topic()]).inc();
-                let outgoing = Outgoing {
-                    topic: self.settings.dead_letter_topic.clone(),
-                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                    payload: self.codec.encode(&letter).await?,
-                    traceparent: None,
-                };
-                self.enqueue_commit(vec![outgoing], vec![key.clone()]);
+        // A redriven copy awaited here (or earlier in the partition: done before) frees its
+        // key; the copy itself goes before the records the key held.
+        let position = Position { topic: key.0.clone(), partition: key.1, offset };
+        let mut copy_of = None;
+        for released in self.holds.read_at(&position) {
+            if released.by_copy {
+                copy_of = Some(released.key);
+            } else {
+                self.release_held(&released.key);
             }
+        }
+        let record_key = message.key().unwrap_or_default().to_vec();
+        match decoded {
+            Err(error) => self.dead_letter(&message, position, &error.to_string()).await?,
             Ok(item) => {
                 self.processor.observe(&item, catching_up);
                 if self.processor.wants(&item) {
+                    let held = self.holds.is_held(&record_key);
                     let written_ms = message.timestamp().to_millis().unwrap_or_else(now_millis);
-                    state.unfinished.insert(offset, Unfinished { written_ms, started: false });
-                    match state.catch_up.as_mut() {
-                        Some((_, held)) if catching_up => held.push((message, item)),
-                        _ => {
-                            let lane = self.settings.lanes.of(&key.0, key.1);
-                            self.queues[lane].push_back((message, item));
-                        }
+                    let state = self.partitions.entry(key.clone()).or_default();
+                    state.unfinished.insert(offset, Unfinished { written_ms, started: false, held });
+                    if held {
+                        self.held.entry(record_key.clone()).or_default().push_back((message, item));
+                    } else {
+                        self.schedule((message, item));
                     }
                 } else if self.last_commit.elapsed() >= IDLE {
                     // Records that are no work ride with the next commit; under a steady
                     // stream of them, their offsets still advance every IDLE.
                     self.enqueue_commit(vec![], vec![]);
+                }
+                if copy_of.is_some() {
+                    self.release_held(&record_key);
                 }
             }
         }
@@ -555,6 +596,135 @@ impl<P: Processor> Driver<P> {
             self.release_caught_up(&key);
         }
         Ok(())
+    }
+
+    /// An undecodable record: lettered (unless a letter of it is known: a record read again
+    /// after a restart), and its key held back until the letter is settled.
+    async fn dead_letter(
+        &mut self,
+        message: &OwnedMessage,
+        position: Position,
+        error: &str,
+    ) -> Result<(), EventLogError> {
+        let group = self.settings.group_id.as_str();
+        if let Some(entry) = self.book.find(group, &position) {
+            info!(%position, letter = %entry.id, status = entry.status.as_str(), "undecodable record lettered before; not lettered again");
+            return Ok(());
+        }
+        if !self.lettered.insert(position.clone()) {
+            return Ok(());
+        }
+        warn!(%position, %error, "undecodable record sent to the dead-letter topic; its key is held back until the letter is redriven or discarded");
+        if let Some(record_key) = message.key().filter(|k| !k.is_empty()) {
+            self.holds.hold(record_key.to_vec(), position);
+        }
+        let letter = dead_letter_for(message, group, error);
+        DEAD_LETTERS.with_label_values(&[group, message.topic()]).inc();
+        let outgoing = Outgoing {
+            topic: self.settings.dead_letter_topic.clone(),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            payload: self.codec.encode(&letter).await?,
+            traceparent: None,
+        };
+        self.enqueue_commit(vec![outgoing], vec![(message.topic().to_owned(), message.partition())]);
+        Ok(())
+    }
+
+    /// A record that may start: held with its partition's catch-up, or into its lane.
+    fn schedule(&mut self, record: (OwnedMessage, P::Item)) {
+        let partition = (record.0.topic().to_owned(), record.0.partition());
+        let offset = record.0.offset();
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            if let Some(unfinished) = state.unfinished.get_mut(&offset) {
+                unfinished.held = false;
+            }
+            if let Some((end, held)) = state.catch_up.as_mut()
+                && offset < *end
+            {
+                held.push(record);
+                return;
+            }
+        }
+        let lane = self.settings.lanes.of(&partition.0, partition.1);
+        self.queues[lane].push_back(record);
+    }
+
+    /// Letters and decisions the follower handed out meanwhile.
+    fn take_letters(&mut self) {
+        while let Some((id, record)) = self.letters.try_next() {
+            self.take_letter(id, record);
+        }
+    }
+
+    /// A letter or decision of this group: held keys change, and a key set free lets the
+    /// records it held go on (after its redriven copy, if that was read already).
+    fn take_letter(&mut self, id: LetterId, record: DeadLetterRecord) {
+        let source = match &record {
+            DeadLetterRecord::Letter(letter) => letter.source(),
+            DeadLetterRecord::Resolved(resolution) => resolution.source(),
+        };
+        self.book.apply(id, record);
+        let group = self.settings.group_id.clone();
+        let settled: Vec<_> = self
+            .book
+            .entries()
+            .iter()
+            .filter(|entry| entry.letter.consumer == group && entry.letter.source() == source)
+            .cloned()
+            .collect();
+        for entry in settled {
+            self.holds.apply(&entry);
+            if let parley_events::dead_letters::Status::Redriven { copy } = &entry.status {
+                info!(letter = %entry.id, %copy, "dead letter redriven; its key waits for the copy");
+                for released in self.copy_read_already(copy) {
+                    self.release_held(&released);
+                }
+            }
+            if let Some(record_key) = entry.letter.key.as_deref()
+                && !self.holds.is_held(record_key)
+                && self.held.contains_key(record_key)
+            {
+                info!(letter = %entry.id, status = entry.status.as_str(), "dead letter settled; its key's held records go on");
+                self.release_held(record_key);
+            }
+        }
+    }
+
+    /// A redriven copy this driver read before it learnt of the redrive is seen: it goes
+    /// first among its key's held records. Returns the keys this frees.
+    fn copy_read_already(&mut self, copy: &Position) -> Vec<Vec<u8>> {
+        let read = self
+            .partitions
+            .get(&(copy.topic.clone(), copy.partition))
+            .and_then(|state| state.read_up_to)
+            .is_some_and(|read_up_to| read_up_to > copy.offset);
+        if !read {
+            return vec![];
+        }
+        let released = self.holds.read_at(copy);
+        for key in released.iter().filter(|released| released.by_copy).map(|released| &released.key) {
+            let queue = self.held.get_mut(key);
+            let at = |(m, _): &(OwnedMessage, P::Item)| {
+                (m.topic(), m.partition(), m.offset()) == (copy.topic.as_str(), copy.partition, copy.offset)
+            };
+            if let Some(queue) = queue
+                && let Some(index) = queue.iter().position(at)
+                && let Some(record) = queue.remove(index)
+            {
+                queue.push_front(record);
+            }
+        }
+        released.into_iter().map(|released| released.key).collect()
+    }
+
+    /// Lets the records a free key held go on, in log order.
+    fn release_held(&mut self, record_key: &[u8]) {
+        if self.holds.is_held(record_key) {
+            return;
+        }
+        for record in self.held.remove(record_key).unwrap_or_default() {
+            self.schedule(record);
+        }
     }
 
     /// The consumer reached the partition's last stable offset: the catch-up is over if
@@ -634,13 +804,19 @@ impl<P: Processor> Driver<P> {
             },
         );
         let ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let group = [self.settings.group_id.as_str()];
+        HELD_RECORDS.with_label_values(&group).set(self.held.values().map(VecDeque::len).sum::<usize>() as i64);
+        HELD_KEYS.with_label_values(&group).set(self.holds.held_keys() as i64);
         let now = now_millis();
         for (key, state) in &self.partitions {
             let labels = [self.settings.group_id.as_str(), key.0.as_str(), &key.1.to_string()];
-            let waiting = state.unfinished.values().filter(|u| !u.started).map(|u| u.written_ms).min();
+            // Records held back behind a dead letter are not lag: they wait for an operator
+            // (parley_dead_letter_held_records counts them).
+            let waiting = state.unfinished.values().filter(|u| !u.started && !u.held).map(|u| u.written_ms).min();
             let oldest = waiting.map_or(0.0, |written| (now - written).max(0) as f64 / 1000.0);
             CONSUMER_LAG_SECONDS.with_label_values(&labels).set(oldest);
-            let done_up_to = state.unfinished.keys().next().copied().or_else(|| positions.get(key).copied());
+            let first_not_held = state.unfinished.iter().find(|(_, u)| !u.held).map(|(offset, _)| *offset);
+            let done_up_to = first_not_held.or_else(|| positions.get(key).copied());
             if let (Some(end), Some(at)) = (ends.get(key), done_up_to) {
                 CONSUMER_LAG_RECORDS.with_label_values(&labels).set((end - at).max(0));
             }

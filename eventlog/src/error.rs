@@ -14,6 +14,8 @@ pub enum EventLogError {
     NoGroupMetadata,
     #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
     InvalidPosition(String),
+    #[error("{0}")]
+    DeadLetter(String),
     #[error("processing a record failed")]
     Processor(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

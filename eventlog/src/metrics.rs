@@ -92,6 +92,18 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter("parley_dead_letters_total", "Records a consumer sent to the dead-letter topic", &["group", "topic"])
 });
 
+/// Records a consumer holds back behind an open dead letter of their key, and the keys held.
+pub static HELD_RECORDS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    int_gauge(
+        "parley_dead_letter_held_records",
+        "Records held back until a dead letter of their key is redriven or discarded",
+        &["group"],
+    )
+});
+pub static HELD_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    int_gauge("parley_dead_letter_held_keys", "Keys (conversations) held back by an open dead letter", &["group"])
+});
+
 /// Latency of calls to the stores (CQL, Milvus), by operation.
 pub static STORE_CALL_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram(

@@ -226,12 +226,10 @@ impl Holds {
 
     /// Takes a letter of this consumer, as it now stands, into account.
     pub fn apply(&mut self, entry: &Entry) {
-        let Some(key) = entry.letter.key.clone() else { return };
+        let Some(key) = entry.letter.key.clone().filter(|key| !key.is_empty()) else { return };
         let source = entry.letter.source();
         match &entry.status {
-            Status::Open => {
-                self.keys.entry(key).or_default().open.insert(source);
-            }
+            Status::Open => self.hold(key, source),
             Status::Redriven { copy } => {
                 let hold = self.keys.entry(key.clone()).or_default();
                 hold.open.remove(&source);
@@ -245,6 +243,11 @@ impl Holds {
                 self.forget_if_free(&key);
             }
         }
+    }
+
+    /// Holds `key` back for the open letter of the record read at `source`.
+    pub fn hold(&mut self, key: Vec<u8>, source: Position) {
+        self.keys.entry(key).or_default().open.insert(source);
     }
 
     /// Whether records of `key` are held back.
@@ -383,7 +386,8 @@ mod tests {
         assert!(holds.is_held(b"c1") && holds.is_held(b"c2") && !holds.is_held(b"c3"));
         assert_eq!(Holds::from_book(&book, "embedder").held_keys(), 0);
         let keyless = DeadLetter { key: None, ..letter("inference", "", 12) };
-        assert_eq!(Holds::from_book(&book_with(&[(0, keyless)]), "inference").held_keys(), 0);
+        let empty_key = letter("inference", "", 13);
+        assert_eq!(Holds::from_book(&book_with(&[(0, keyless), (1, empty_key)]), "inference").held_keys(), 0);
     }
 
     #[test]

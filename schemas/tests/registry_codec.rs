@@ -119,13 +119,13 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         source_partition: 2,
         source_offset: 99,
         key: Some(b"k".to_vec()),
-        action: parley_events::dead_letters::REDRIVEN.into(),
+        action: dead_letters::REDRIVEN.into(),
         redriven_offset: Some(140),
         resolved_by: "ops".into(),
         reason: Some("schema registered".into()),
         resolved_at: now_millis(),
     };
-    for record in [DeadLetterRecord::Letter(letter), DeadLetterRecord::Resolved(resolved.clone())] {
+    for record in [DeadLetterRecord::Letter(letter.clone()), DeadLetterRecord::Resolved(resolved)] {
         let bytes = match &record {
             DeadLetterRecord::Letter(letter) => codec.encode(letter).await.unwrap(),
             DeadLetterRecord::Resolved(resolved) => codec.encode(resolved).await.unwrap(),
