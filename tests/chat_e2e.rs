@@ -269,6 +269,95 @@ async fn poison_records_go_to_the_dead_letter_topic_with_their_bytes() {
     pipeline.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_it() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(stack) = stack() else { return };
+    // With the embedder (retrieval on): it reads the conversation too, and letters for itself.
+    let pipeline = Pipeline::start(&stack, &["--llm-max-tokens", "32"]).await;
+    let mut alice = pipeline.client().await;
+    alice.ask("p-1", None, "Say one.").await;
+    let first = alice.until_outcome().await;
+    assert_eq!(first.last().unwrap()["type"], "answer", "{first:?}");
+    let conversation = only(&first, "ack")[0]["conversation_id"].as_str().unwrap().to_owned();
+
+    // A broken producer writes garbage into the middle of the conversation (its partition:
+    // the partitioner Parley's producers use).
+    let (partitioner, scheme) = parley_eventlog::partitioner::PARTITIONER;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).set(partitioner, scheme).create().unwrap();
+    let garbage = b"\x00\x7f\xff\xff\xff garbage".to_vec();
+    let topic = pipeline.events_topic();
+    let record = FutureRecord::to(&topic).key(&conversation).payload(&garbage);
+    producer.send(record, Duration::from_secs(10)).await.unwrap();
+
+    let inference = format!("{}inference", pipeline.prefix);
+    let embedder = format!("{}embedder", pipeline.prefix);
+    let letters_of = |group: &str| {
+        let listed = pipeline.cli(&["dead-letters", "list", "--consumer", group, "--format", "json"]);
+        assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect::<Vec<Value>>()
+    };
+    let letter = support::wait_until("inference's letter", || {
+        std::future::ready(letters_of(&inference).into_iter().find(|l| l["key"] == conversation.as_str()))
+    })
+    .await;
+    assert_eq!(letter["status"], "open", "{letter}");
+
+    // The conversation's next question is taken but waits; another conversation flows on.
+    alice.ask("p-2", Some(&conversation), "Say two.").await;
+    assert_eq!(alice.reply_to("p-2").await["type"], "ack");
+    let mut bob = pipeline.client().await;
+    bob.ask("b-1", None, "Say three.").await;
+    assert_eq!(bob.until_outcome().await.last().unwrap()["type"], "answer", "another conversation is answered");
+    let quiet = tokio::time::timeout(Duration::from_secs(3), alice.until_outcome()).await;
+    assert!(quiet.is_err(), "the held conversation was answered: {quiet:?}");
+
+    // A redrive of a record that is still garbage: the copy (for inference only) is
+    // lettered again, and the conversation stays held.
+    let redriven = pipeline.cli(&["dead-letters", "redrive", letter["id"].as_str().unwrap(), "--reason", "retry"]);
+    assert!(redriven.status.success(), "{}", String::from_utf8_lossy(&redriven.stderr));
+    let again = support::wait_until("the copy's letter", || {
+        let letters: Vec<Value> =
+            letters_of(&inference).into_iter().filter(|l| l["key"] == conversation.as_str()).collect();
+        std::future::ready((letters.len() == 2).then_some(letters))
+    })
+    .await;
+    assert_eq!(again[0]["status"], "redriven");
+    assert_eq!(again[0]["redriven_to"], again[1]["source"], "the second letter is the copy's");
+    assert_eq!(again[1]["status"], "open");
+    let refused = pipeline.cli(&["dead-letters", "redrive", letter["id"].as_str().unwrap()]);
+    assert!(!refused.status.success(), "a letter is settled once");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("redriven already"));
+
+    // Audit shows the conversation's letters: the original redriven, the copy's open; the
+    // embedder lettered the original for itself and passed the copy (not its own) by.
+    let audit = pipeline.cli(&["audit", &conversation]);
+    let audit = String::from_utf8_lossy(&audit.stdout).into_owned();
+    let (original, copy) = (again[0]["id"].as_str().unwrap(), again[1]["id"].as_str().unwrap());
+    assert!(audit.contains(&format!("dead letter {original} of {inference}")), "{audit}");
+    assert!(audit.contains(&format!("redriven to {}", again[0]["redriven_to"].as_str().unwrap())), "{audit}");
+    assert!(audit.contains(&format!("dead letter {copy} of {inference}")), "{audit}");
+    let embedders: Vec<Value> =
+        letters_of(&embedder).into_iter().filter(|l| l["key"] == conversation.as_str()).collect();
+    assert_eq!(embedders.len(), 1, "{embedders:?}");
+    assert!(tokio::time::timeout(Duration::from_secs(2), alice.until_outcome()).await.is_err());
+
+    // Discarded: the held question is answered.
+    let discarded = pipeline.cli(&["dead-letters", "discard", copy, "--reason", "garbage"]);
+    assert!(discarded.status.success(), "{}", String::from_utf8_lossy(&discarded.stderr));
+    let second = alice.until_outcome().await;
+    assert_eq!(second.last().unwrap()["type"], "answer", "{second:?}");
+    let shown = pipeline.cli(&["dead-letters", "show", copy]);
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains("status      discarded") && shown.contains(": garbage"), "{shown}");
+    pipeline.stop().await;
+}
+
 /// Reads `count` records of type `T` from the start of `topic`.
 async fn read_all<T: parley_events::event::AvroEvent>(pipeline: &Pipeline, topic: &str, count: usize) -> Vec<T> {
     let codec = EventCodec::new(&pipeline.registry).unwrap();

@@ -23,9 +23,23 @@ use crate::error::EventLogError;
 use crate::producer::idempotent_config;
 use crate::registry_wait::retry_while_registry_down;
 use crate::settings::KafkaSettings;
+use crate::trace::header_text;
 
 /// The header a redriven copy carries: `<dead-letter topic>/<partition>/<offset>` of its letter.
 pub const REDRIVEN_FROM_HEADER: &str = "parley-redriven-from";
+/// The header naming the consumer group a copy is redriven for: the other groups read the
+/// original already and pass the copy by.
+pub const REDRIVEN_FOR_HEADER: &str = "parley-redriven-for";
+
+/// The letter a redriven copy comes from (`<dead-letter topic>/<partition>/<offset>`).
+pub fn redriven_from<M: Message>(message: &M) -> Option<&str> {
+    header_text(message, REDRIVEN_FROM_HEADER)
+}
+
+/// The consumer group a redriven copy is for.
+pub fn redriven_for<M: Message>(message: &M) -> Option<&str> {
+    header_text(message, REDRIVEN_FOR_HEADER)
+}
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -72,8 +86,9 @@ pub enum Decision {
 }
 
 /// Settles letter `id` of `book`: for a redrive, the copy goes to its source topic's
-/// partition with the header [`REDRIVEN_FROM_HEADER`], and the resolution (saying where the
-/// copy is) to the dead-letter topic, in one transaction; for a discard, the resolution only.
+/// partition with the headers [`REDRIVEN_FROM_HEADER`] and [`REDRIVEN_FOR_HEADER`], and the
+/// resolution (saying where the copy is) to the dead-letter topic, in one transaction; for a
+/// discard, the resolution only.
 pub async fn settle(
     kafka: &KafkaSettings,
     codec: &EventCodec,
@@ -98,7 +113,9 @@ pub async fn settle(
             Decision::Discard => None,
             Decision::Redrive => {
                 let from = format!("{dead_letter_topic}/{id}");
-                let headers = OwnedHeaders::new().insert(Header { key: REDRIVEN_FROM_HEADER, value: Some(&from) });
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: REDRIVEN_FROM_HEADER, value: Some(&from) })
+                    .insert(Header { key: REDRIVEN_FOR_HEADER, value: Some(&letter.consumer) });
                 let mut copy = FutureRecord::<[u8], [u8]>::to(&letter.source_topic)
                     .partition(letter.source_partition)
                     .headers(headers);

@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
-use crate::dead_letter::{LetterFollower, dead_letter_for};
+use crate::dead_letter::{LetterFollower, dead_letter_for, redriven_for};
 use crate::error::EventLogError;
 use crate::lanes::{Lanes, Stride};
 use crate::metrics::{
@@ -549,8 +549,15 @@ impl<P: Processor> Driver<P> {
         self.apply_rebalances().await?;
         let key = (message.topic().to_owned(), message.partition());
         let offset = message.offset();
-        let Some(decoded) = self.processor.decode(&message).await else {
-            return Ok(()); // shutting down: the record is read again after the restart
+        // A copy redriven for another group: this one did the original (it passes it by).
+        let foreign_copy = redriven_for(&message).is_some_and(|group| group != self.settings.group_id);
+        let decoded = if foreign_copy {
+            None
+        } else {
+            let Some(decoded) = self.processor.decode(&message).await else {
+                return Ok(()); // shutting down: the record is read again after the restart
+            };
+            Some(decoded)
         };
         let state = self.partitions.entry(key.clone()).or_default();
         state.read_up_to = Some(state.read_up_to.map_or(offset + 1, |r| r.max(offset + 1)));
@@ -569,8 +576,9 @@ impl<P: Processor> Driver<P> {
         }
         let record_key = message.key().unwrap_or_default().to_vec();
         match decoded {
-            Err(error) => self.dead_letter(&message, position, &error.to_string()).await?,
-            Ok(item) => {
+            None => {}
+            Some(Err(error)) => self.dead_letter(&message, position, &error.to_string()).await?,
+            Some(Ok(item)) => {
                 self.processor.observe(&item, catching_up);
                 if self.processor.wants(&item) {
                     let held = self.holds.is_held(&record_key);

@@ -45,8 +45,13 @@ pub fn link_trace(span: &Span, traceparent: Option<&str>) {
 
 /// The traceparent in a Kafka record's headers, if any.
 pub fn header_traceparent<M: Message>(message: &M) -> Option<&str> {
+    header_text(message, TRACEPARENT_HEADER)
+}
+
+/// The value of a record's header `name`, as text.
+pub fn header_text<'a, M: Message>(message: &'a M, name: &str) -> Option<&'a str> {
     let headers = message.headers()?;
-    let header = headers.iter().find(|h| h.key == TRACEPARENT_HEADER)?;
+    let header = headers.iter().find(|h| h.key == name)?;
     std::str::from_utf8(header.value?).ok()
 }
 

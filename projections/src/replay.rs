@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_events::conversation::{ConversationState, Message};
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
@@ -14,6 +15,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
@@ -36,6 +38,8 @@ pub struct AuditRecord {
     pub causation_id: Option<String>,
     pub trace_id: Option<String>,
     pub producer: String,
+    /// The dead letter a redriven copy comes from (`<dead-letter topic>/<partition>/<offset>`).
+    pub redriven_from: Option<String>,
     /// What an answer's prompt carried from the vector store (empty for other events).
     pub retrieved: Vec<RetrievedContext>,
     #[serde(skip)]
@@ -86,7 +90,7 @@ impl LogReader {
         };
         let mut records = Vec::with_capacity(messages.len());
         for message in messages {
-            records.push(self.audit_record(&message).await?);
+            records.extend(self.audit_record(&message).await?);
         }
         records.sort_by_key(|r| (r.sequence, r.offset));
         Ok((records, method, started.elapsed()))
@@ -110,7 +114,7 @@ impl LogReader {
                 Ok(Ok(message)) if message.offset() >= until_offset => break,
                 Ok(Ok(message)) => {
                     if message.key() == Some(key.as_bytes()) {
-                        records.push(self.audit_record(&message.detach()).await?);
+                        records.extend(self.audit_record(&message.detach()).await?);
                     }
                 }
                 Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | Err(_) => break,
@@ -215,16 +219,26 @@ impl LogReader {
         Ok(messages)
     }
 
-    async fn audit_record(&self, message: &OwnedMessage) -> Result<AuditRecord, ProjectionError> {
-        let decoded = self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await?;
+    /// The record as audit shows it; None for one that does not decode (the consumers
+    /// dead-letter it: `parley dead-letters`, and audit lists the conversation's letters).
+    async fn audit_record(&self, message: &OwnedMessage) -> Result<Option<AuditRecord>, ProjectionError> {
+        let decoded = match self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await {
+            Ok(decoded) => decoded,
+            Err(error) if !error.is_retryable() => {
+                warn!(partition = message.partition(), offset = message.offset(), %error, "undecodable record left out");
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
         let envelope = decoded.event.envelope().clone();
         let header_trace = header_traceparent(message).and_then(trace_id).map(str::to_owned);
         let retrieved = match &decoded.event {
             ConversationEvent::ResponseGenerated(answer) => answer.retrieved.clone(),
             _ => vec![],
         };
-        Ok(AuditRecord {
+        Ok(Some(AuditRecord {
             retrieved,
+            redriven_from: redriven_from(message).map(str::to_owned),
             sequence: envelope.sequence,
             event_type: decoded.event.type_name(),
             event_id: envelope.event_id,
@@ -238,7 +252,7 @@ impl LogReader {
             trace_id: header_trace.or_else(|| envelope.traceparent.as_deref().and_then(trace_id).map(str::to_owned)),
             producer: format!("{}/{}", envelope.producer_name, envelope.producer_version),
             event: decoded.event,
-        })
+        }))
     }
 }
 
