@@ -190,6 +190,7 @@ async fn prometheus_scrapes_parley_and_loads_the_alert_rules() {
         "ParleyLlmBreakerOpen",
         "ParleyBudgetRefusalsSpike",
         "ParleyDeadLetters",
+        "ParleyConversationsHeld",
     ] {
         assert!(alerts.contains(&alert), "{alert} not loaded: {alerts:?}");
     }

@@ -233,10 +233,20 @@ impl Follow {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                Some(reply) = sync_requests.recv() => match self.ends().await {
-                    Ok(ends) => waiting.push((ends, reply)),
-                    Err(error) => warn!(%error, "reading the dead-letter topic's end failed; a driver waits"),
-                },
+                Some(reply) = sync_requests.recv() => {
+                    // A broker that is away (restarting) is waited for: the driver waits anyway.
+                    let mut pause = Duration::from_millis(100);
+                    loop {
+                        match self.ends().await {
+                            Ok(ends) => break waiting.push((ends, reply)),
+                            Err(error) => warn!(%error, ?pause, "reading the dead-letter topic's end failed; retrying"),
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_secs(5)),
+                        }
+                    }
+                }
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         let (partition, offset) = (message.partition(), message.offset());

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub llm_failures: f64,
     pub error_frames: f64,
     pub dead_letters: f64,
+    /// Keys held back behind open dead letters, by the group holding the most.
+    pub held_keys: f64,
     pub sockets: f64,
     /// `parley_first_token_seconds`, every lane: (upper bound, cumulative count).
     pub first_token: Vec<(f64, f64)>,
@@ -58,6 +60,9 @@ impl Snapshot {
                     "parley_error_frames_total" => snapshot.error_frames += metric.get_counter().get_value(),
                     "parley_dead_letters_total" => snapshot.dead_letters += metric.get_counter().get_value(),
                     "parley_open_sockets" => snapshot.sockets += metric.get_gauge().get_value(),
+                    "parley_dead_letter_held_keys" => {
+                        snapshot.held_keys = snapshot.held_keys.max(metric.get_gauge().get_value());
+                    }
                     "parley_consumer_lag_seconds" => {
                         let group = label("group").unwrap_or_default();
                         let worst = snapshot.lag_seconds.entry(group).or_insert(0.0);
@@ -102,6 +107,7 @@ pub struct Series {
     pub llm_failures_per_second: Vec<Option<f64>>,
     pub error_frames_per_second: Vec<Option<f64>>,
     pub dead_letters_per_minute: Vec<Option<f64>>,
+    pub held_conversations: Vec<Option<f64>>,
     pub sockets: Vec<Option<f64>>,
     /// Per consumer group.
     pub lag_seconds: BTreeMap<String, Vec<Option<f64>>>,
@@ -138,6 +144,7 @@ impl History {
             series.llm_failures_per_second.push(rate(|s| s.llm_failures, 1.0));
             series.error_frames_per_second.push(rate(|s| s.error_frames, 1.0));
             series.dead_letters_per_minute.push(rate(|s| s.dead_letters, 60.0));
+            series.held_conversations.push(Some(now.held_keys));
             series.sockets.push(Some(now.sockets));
             let window = before.map(|b| bucket_increase(&b.first_token, &now.first_token));
             series.first_token_p50.push(window.as_deref().and_then(|w| quantile(0.5, w)));
@@ -152,7 +159,7 @@ impl History {
 }
 
 /// The PromQL of each series the page charts, over the fleet (every scraped process).
-pub const FLEET_QUERIES: [(&str, &str); 9] = [
+pub const FLEET_QUERIES: [(&str, &str); 10] = [
     ("turns_per_second", r#"sum(rate(parley_turns_total{outcome="admitted"}[1m]))"#),
     ("refused_per_second", r#"sum(rate(parley_turns_total{outcome="refused"}[1m]))"#),
     ("first_token_p50", "histogram_quantile(0.5, sum by (le) (rate(parley_first_token_seconds_bucket[1m])))"),
@@ -160,6 +167,7 @@ pub const FLEET_QUERIES: [(&str, &str); 9] = [
     ("llm_failures_per_second", "sum(rate(parley_llm_failures_total[1m]))"),
     ("error_frames_per_second", "sum(rate(parley_error_frames_total[1m]))"),
     ("dead_letters_per_minute", "sum(rate(parley_dead_letters_total[1m])) * 60"),
+    ("held_conversations", "max(sum by (group) (parley_dead_letter_held_keys))"),
     ("sockets", "sum(parley_open_sockets)"),
     ("lag_seconds", "max by (group) (parley_consumer_lag_seconds)"),
 ];
@@ -200,6 +208,7 @@ pub fn series_from_ranges(source: String, at: Vec<f64>, answers: &[(&str, serde_
             "llm_failures_per_second" => series.llm_failures_per_second = values,
             "error_frames_per_second" => series.error_frames_per_second = values,
             "dead_letters_per_minute" => series.dead_letters_per_minute = values,
+            "held_conversations" => series.held_conversations = values,
             "sockets" => series.sockets = values,
             _ => {}
         }
@@ -349,8 +358,12 @@ mod tests {
         let first =
             HistogramVec::new(HistogramOpts::new("parley_first_token_seconds", "f").buckets(vec![0.5, 1.0]), &["lane"])
                 .unwrap();
+        let held = prometheus::IntGaugeVec::new(Opts::new("parley_dead_letter_held_keys", "h"), &["group"]).unwrap();
         registry.register(Box::new(turns.clone())).unwrap();
         registry.register(Box::new(first.clone())).unwrap();
+        registry.register(Box::new(held.clone())).unwrap();
+        held.with_label_values(&["inference"]).set(2);
+        held.with_label_values(&["embedder"]).set(1);
         turns.with_label_values(&["admitted", ""]).inc_by(3);
         turns.with_label_values(&["refused", "overloaded"]).inc();
         first.with_label_values(&["standard"]).observe(0.7);
@@ -358,5 +371,6 @@ mod tests {
         let snapshot = Snapshot::of(&registry.gather(), 1000);
         assert_eq!((snapshot.turns_admitted, snapshot.turns_refused), (3.0, 1.0));
         assert_eq!(snapshot.first_token, [(0.5, 1.0), (1.0, 2.0), (f64::INFINITY, 2.0)], "lanes summed per bound");
+        assert_eq!(snapshot.held_keys, 2.0, "the group holding the most");
     }
 }
