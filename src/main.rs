@@ -666,7 +666,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let reader = LogReader::new(&kafka, &registry)?;
             let (live, _, _) = store.generations(parley_projections::store::CONTEXT).await?;
             let index = store.locations(&store.generation(live).await?, conversation_id).await?;
-            let (records, _, _) = reader.read(conversation_id, &index, scan).await?;
+            let (mut records, _, _) = reader.read(conversation_id, &index, scan).await?;
+            // The conversation's dead letters: records some consumer could not read, and
+            // what became of them; a redriven copy the index does not name (its original
+            // is indexed) is read through its letter.
+            let (book, _) = read_book(&kafka, &EventCodec::new(&registry)?).await?;
+            let key = conversation_id.to_string();
+            let letters: Vec<_> =
+                book.entries().iter().filter(|e| e.letter.key.as_deref() == Some(key.as_bytes())).collect();
+            let copies: Vec<_> = letters
+                .iter()
+                .filter_map(|e| match &e.status {
+                    Status::Redriven { copy } => Some(copy.clone()),
+                    _ => None,
+                })
+                .filter(|copy| !records.iter().any(|r| (r.partition, r.offset) == (copy.partition, copy.offset)))
+                .collect();
+            records.extend(reader.records_at(&copies).await?);
+            records.sort_by_key(|r| (r.sequence, r.offset));
             if records.is_empty() {
                 eprintln!("no events of conversation {conversation_id} in the log");
                 return Ok(ExitCode::FAILURE);
@@ -735,12 +752,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
-            // The conversation's dead letters: records some consumer could not read (the
-            // original of a redriven copy is one), and what became of them.
-            let (book, _) = read_book(&kafka, &EventCodec::new(&registry)?).await?;
-            let key = conversation_id.to_string();
-            let letters: Vec<_> =
-                book.entries().iter().filter(|e| e.letter.key.as_deref() == Some(key.as_bytes())).collect();
             for entry in &letters {
                 let status = match &entry.status {
                     Status::Redriven { copy } => format!("redriven to {copy}"),

@@ -355,7 +355,67 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
     let shown = pipeline.cli(&["dead-letters", "show", copy]);
     let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
     assert!(shown.contains("status      discarded") && shown.contains(": garbage"), "{shown}");
+
+    // A record that decodes, lettered by some other group (one that could not read it) and
+    // redriven for it: audit shows the copy next to its original, and inference, which
+    // answered the question already, passes the copy by.
+    let audited = |conversation: &str| {
+        let audit = pipeline.cli(&["audit", conversation, "--format", "json"]);
+        assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
+        String::from_utf8_lossy(&audit.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<Value>>()
+    };
+    let events = audited(&conversation);
+    let question = events.iter().find(|e| e["event_type"] == "UserQueryReceived" && e["sequence"] == 4).unwrap();
+    let (partition, offset) = (question["partition"].as_i64().unwrap(), question["offset"].as_i64().unwrap());
+    let original = read_at(&pipeline, &topic, i32::try_from(partition).unwrap(), offset).await;
+    let other_group = format!("{}auditor", pipeline.prefix);
+    let letter = parley_events::DeadLetter {
+        source_topic: topic.clone(),
+        source_partition: i32::try_from(partition).unwrap(),
+        source_offset: offset,
+        key: original.key().map(<[u8]>::to_vec),
+        payload: original.payload().map(<[u8]>::to_vec),
+        consumer: other_group.clone(),
+        error: "a schema this group did not know yet".into(),
+        failed_at: parley_events::event::now_millis(),
+    };
+    let codec = EventCodec::new(&pipeline.registry).unwrap();
+    let (dead_letter_topic, payload) =
+        (format!("{}dead-letter", pipeline.prefix), codec.encode(&letter).await.unwrap());
+    let record = FutureRecord::to(&dead_letter_topic).key(&conversation).payload(&payload);
+    let lettered = producer.send(record, Duration::from_secs(10)).await.unwrap();
+    let redriven = pipeline.cli(&["dead-letters", "redrive", &format!("{}/{}", lettered.partition, lettered.offset)]);
+    assert!(redriven.status.success(), "{}", String::from_utf8_lossy(&redriven.stderr));
+    let events = support::wait_until("the copy in audit", || {
+        let events = audited(&conversation);
+        std::future::ready(events.iter().any(|e| !e["redriven_from"].is_null()).then_some(events))
+    })
+    .await;
+    let copies: Vec<&Value> = events.iter().filter(|e| e["event_id"] == question["event_id"]).collect();
+    assert_eq!(copies.len(), 2, "the original and its copy: {copies:?}");
+    let copy = copies.iter().find(|e| !e["redriven_from"].is_null()).unwrap();
+    assert_eq!(
+        copy["redriven_from"],
+        format!("{}dead-letter/{}/{}", pipeline.prefix, lettered.partition, lettered.offset).as_str()
+    );
+    assert_eq!(copy["partition"], question["partition"], "a copy goes to its original's partition");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answers = |events: &[Value]| events.iter().filter(|e| e["event_type"] == "LLMResponseGenerated").count();
+    assert_eq!(answers(&audited(&conversation)), 2, "inference answered a copy that was not redriven for it");
     pipeline.stop().await;
+}
+
+/// The record at `partition`/`offset` of `topic`.
+async fn read_at(pipeline: &Pipeline, topic: &str, partition: i32, offset: i64) -> rdkafka::message::OwnedMessage {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &pipeline.brokers)
+        .set("group.id", format!("{}read-at", pipeline.prefix))
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset)).unwrap();
+    consumer.assign(&assignment).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap().detach()
 }
 
 /// Reads `count` records of type `T` from the start of `topic`.

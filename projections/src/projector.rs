@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::metrics::{NO_LABELS, gauge, histogram};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
@@ -65,6 +66,8 @@ pub struct LoggedEvent {
     pub event: ConversationEvent,
     pub partition: i32,
     pub offset: i64,
+    /// A copy an operator redrove from a dead letter (`parley-redriven-from`).
+    pub redriven: bool,
 }
 
 impl Projector {
@@ -208,8 +211,9 @@ async fn apply_conversation(
     Ok(known)
 }
 
-/// Applies one event: its location always, its effect on the conversation unless the
-/// conversation has it already.
+/// Applies one event: its location (unless it is a redriven copy of an event applied
+/// already: the index keeps the original, and audit finds the copy through its letter), and
+/// its effect on the conversation unless the conversation has it already.
 async fn apply_event(
     store: &Store,
     generation: &Generation,
@@ -227,7 +231,10 @@ async fn apply_event(
         partition: logged.partition,
         offset: logged.offset,
     };
-    store.insert_location(generation, id, &location).await?;
+    let copy_of_applied = logged.redriven && known.as_ref().is_some_and(|k| envelope.sequence <= k.head.last_sequence);
+    if !copy_of_applied {
+        store.insert_location(generation, id, &location).await?;
+    }
     match (known, &logged.event) {
         (known @ None, ConversationEvent::Started(started)) => {
             store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
@@ -269,9 +276,12 @@ pub async fn decode(
 ) -> Option<Option<LoggedEvent>> {
     let payload = message.payload().unwrap_or_default();
     match retry_while_registry_down(shutdown, || codec.decode_conversation_event(payload)).await? {
-        Ok(decoded) => {
-            Some(Some(LoggedEvent { event: decoded.event, partition: message.partition(), offset: message.offset() }))
-        }
+        Ok(decoded) => Some(Some(LoggedEvent {
+            event: decoded.event,
+            partition: message.partition(),
+            offset: message.offset(),
+            redriven: redriven_from(message).is_some(),
+        })),
         Err(error) => {
             warn!(partition = message.partition(), offset = message.offset(), %error, "undecodable record not projected");
             Some(None)

@@ -10,6 +10,7 @@ use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_events::conversation::{ConversationState, Message};
+use parley_events::dead_letters::Position;
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
@@ -94,6 +95,28 @@ impl LogReader {
         }
         records.sort_by_key(|r| (r.sequence, r.offset));
         Ok((records, method, started.elapsed()))
+    }
+
+    /// The records at `positions` that decode (a redriven copy a dead letter names, say).
+    pub async fn records_at(&self, positions: &[Position]) -> Result<Vec<AuditRecord>, ProjectionError> {
+        let locations: Vec<EventLocation> = positions
+            .iter()
+            .map(|p| EventLocation {
+                sequence: 0,
+                event_id: String::new(),
+                event_type: String::new(),
+                topic: p.topic.clone(),
+                partition: p.partition,
+                offset: p.offset,
+            })
+            .collect();
+        let mut records = Vec::new();
+        if !locations.is_empty() {
+            for message in self.fetch(&locations).await? {
+                records.extend(self.audit_record(&message).await?);
+            }
+        }
+        Ok(records)
     }
 
     /// The conversation's records in one partition before `until_offset` (the records of a
