@@ -36,7 +36,8 @@ async fn a_turn_shows_in_every_metric_family() {
     let Some(stack) = stack() else { return };
     let metrics_port = support::free_port();
     let listen = format!("127.0.0.1:{metrics_port}");
-    let pipeline = Pipeline::start(&stack, &["--metrics-listen", &listen]).await;
+    // Idle conversations are looked for every second (the conversation, followed, stays).
+    let pipeline = Pipeline::start(&stack, &["--metrics-listen", &listen, "--hub-idle", "1s"]).await;
     let token = pipeline.session().await;
     let mut client = pipeline.connect(&pipeline.http, &token).await;
     client.ask("m-1", None, "Say OK.").await;
@@ -58,6 +59,9 @@ async fn a_turn_shows_in_every_metric_family() {
             r#"parley_turns_total{outcome="refused",reason="unknown_conversation"} 1"#,
             r#"parley_error_frames_total{code="malformed_frame"} 1"#,
             "parley_open_sockets 1",
+            "parley_gateway_conversations 1",
+            "parley_dead_letter_held_keys{group=",
+            "parley_dead_letter_held_records{group=",
             r#"gen_ai_client_operation_duration_seconds_count{error_type="",gen_ai_operation_name="chat",gen_ai_provider_name="llama.cpp",gen_ai_request_model="SmolLM2-135M-Instruct""#,
             r#"gen_ai_token_type="output""#,
             r#"gen_ai_token_type="input""#,

@@ -332,6 +332,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_error_kind_is_listed_for_the_metrics() {
+        // A kind missing from KINDS would have no series from 0 (rate() misses its first failure).
+        let every = [
+            LlmError::Timeout(Duration::from_secs(1)),
+            LlmError::Unavailable(String::new()),
+            LlmError::Rejected(String::new()),
+            LlmError::InvalidResponse(String::new()),
+            LlmError::CircuitOpen,
+        ];
+        let kinds: Vec<&str> = every.iter().map(LlmError::kind).collect();
+        assert_eq!(kinds, LlmError::KINDS);
+    }
+
+    #[test]
     fn error_bodies_the_client_cannot_parse_are_still_classified() {
         let overflow = r#"{"error":{"code":400,"message":"request (2056 tokens) exceeds the available context size (2048 tokens), try increasing it","type":"exceed_context_size_error"}}"#;
         let error = api_error_in(overflow).unwrap();

@@ -2,9 +2,12 @@
 //! so it can assign sequence numbers, and every query written to them, so a resent one is
 //! recognised whichever turn it was), which sockets want which conversation's answers,
 //! and each conversation's latest outcome (to answer a duplicate of the open turn again).
+//! A conversation nobody here follows, with no open turn, is forgotten once idle
+//! ([`Hub::evict_idle`]): its next use adopts it again from the projection, as a restart would.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use parley_eventlog::LogPosition;
 use parley_eventlog::partitioner::partition_for_key;
@@ -43,6 +46,8 @@ struct Slot {
     last_outcome: Option<(String, ServerFrame)>,
     /// The log has no `ConversationStarted` for it yet: its first query writes one.
     unstarted: bool,
+    /// When a socket last asked, subscribed or left, or an event of it was applied.
+    last_active: Instant,
 }
 
 impl Slot {
@@ -54,6 +59,7 @@ impl Slot {
             queries: HashMap::new(),
             last_outcome: None,
             unstarted,
+            last_active: Instant::now(),
         }
     }
 }
@@ -160,6 +166,7 @@ impl Hub {
             return Err(Refusal::UnknownConversation);
         }
         slot.subscribers.insert(connection, outbox.clone());
+        slot.last_active = Instant::now();
         if let Some(written) = slot.queries.get(&query_id) {
             let ack = Box::new(ServerFrame::Ack {
                 client_message_id: client_message_id.to_owned(),
@@ -293,6 +300,7 @@ impl Hub {
         match slots.get_mut(&conversation_id) {
             Some(slot) if slot.head.owner == user => {
                 slot.subscribers.insert(connection, outbox.clone());
+                slot.last_active = Instant::now();
                 true
             }
             _ => false,
@@ -305,7 +313,11 @@ impl Hub {
     pub fn disconnect(&self, connection: ConnectionId) -> Vec<(Uuid, Uuid, String)> {
         let mut followed = Vec::new();
         for (conversation, slot) in self.lock().iter_mut() {
-            if slot.subscribers.remove(&connection).is_some()
+            let followed_here = slot.subscribers.remove(&connection).is_some();
+            if followed_here {
+                slot.last_active = Instant::now();
+            }
+            if followed_here
                 && let Some(open) = slot.head.open_query.as_ref()
                 && let Ok(query) = open.event_id.parse::<Uuid>()
             {
@@ -382,6 +394,7 @@ impl Hub {
             return vec![];
         };
         slot.partition = Some(partition);
+        slot.last_active = Instant::now();
         if let ConversationEvent::QueryReceived(query) = event
             && let Ok(query_id) = query.envelope.event_id.parse::<Uuid>()
         {
@@ -415,6 +428,19 @@ impl Hub {
             return vec![];
         }
         slot.subscribers.values().cloned().collect()
+    }
+
+    /// Forgets the conversations that no socket here follows, whose turn is closed, and that
+    /// were idle for `idle` at `now`; returns how many are held still. (A user who comes back
+    /// has the conversation adopted again, with its head and queries from the projection.)
+    pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
+        let mut slots = self.lock();
+        slots.retain(|_, slot| {
+            !slot.subscribers.is_empty()
+                || slot.head.open_query.is_some()
+                || now.saturating_duration_since(slot.last_active) < idle
+        });
+        slots.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Slot>> {
@@ -494,6 +520,31 @@ mod tests {
         assert!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).is_empty(), "re-delivery is not pushed twice");
         let (_, _, sequence, new) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
         assert_eq!((sequence, new), (4, false));
+    }
+
+    #[test]
+    fn only_idle_conversations_nobody_follows_and_without_an_open_turn_are_forgotten() {
+        let idle = Duration::from_secs(600);
+        let later = || Instant::now() + idle + Duration::from_secs(1);
+        let (hub, followed) = hub_holding_new("alice", "f");
+        let (tx, _rx) = outbox();
+        assert!(hub.subscribe("alice", followed, 7, &tx));
+        let closed = Uuid::new_v4();
+        hub.adopt_new(closed, "alice", 2);
+        turn(&hub, closed, "c", 10);
+        hub.disconnect(1);
+        let open = Uuid::new_v4();
+        hub.adopt_new(open, "alice", 2);
+        accepted(hub.admit("alice", open, "o", 9, &tx));
+        hub.disconnect(9);
+
+        assert_eq!(hub.evict_idle(Instant::now(), idle), 3, "nothing is idle yet");
+        assert_eq!(hub.evict_idle(later(), idle), 2, "the closed, unfollowed conversation is forgotten");
+        assert!(hub.holds(&followed) && hub.holds(&open) && !hub.holds(&closed));
+        assert_eq!(hub.admit("alice", closed, "d", 1, &tx), Err(Refusal::NotHeld), "its next use adopts it again");
+        hub.disconnect(7);
+        hub.disconnect(1);
+        assert_eq!(hub.evict_idle(later(), idle), 1, "an open turn keeps its conversation");
     }
 
     #[test]

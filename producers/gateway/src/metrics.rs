@@ -1,5 +1,5 @@
 //! The gateway's metrics: turns admitted and refused (by reason), error frames by code,
-//! open sockets. Served with every other metric of the process at `/metrics`.
+//! open sockets, conversations held in memory. Served with every other metric of the process at `/metrics`.
 
 use std::sync::LazyLock;
 
@@ -23,6 +23,14 @@ static ERROR_FRAMES: LazyLock<IntCounterVec> =
 static OPEN_SOCKETS: LazyLock<IntGaugeVec> =
     LazyLock::new(|| int_gauge("parley_open_sockets", "WebSockets open on this gateway", &[]));
 
+static HELD_CONVERSATIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    int_gauge(
+        "parley_gateway_conversations",
+        "Conversations this gateway holds in memory (idle ones are forgotten)",
+        &[],
+    )
+});
+
 /// Creates every turn and error-frame series at 0, so the first of each is an increase
 /// (Prometheus's `rate` sees nothing of a series that starts at 1).
 pub fn init() {
@@ -34,6 +42,7 @@ pub fn init() {
         ERROR_FRAMES.with_label_values(&[code.as_str()]);
     }
     OPEN_SOCKETS.with_label_values(NO_LABELS);
+    HELD_CONVERSATIONS.with_label_values(NO_LABELS);
 }
 
 /// Counts what the gateway answered to a client frame (`query`: the frame was a question).
@@ -53,6 +62,11 @@ pub fn answered(query: bool, frames: &[ServerFrame]) {
             _ => {}
         }
     }
+}
+
+/// How many conversations the gateway holds after forgetting the idle ones.
+pub fn held_conversations(count: usize) {
+    HELD_CONVERSATIONS.with_label_values(NO_LABELS).set(i64::try_from(count).unwrap_or(i64::MAX));
 }
 
 /// A socket opened (+1) or closed (-1).

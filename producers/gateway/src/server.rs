@@ -137,6 +137,12 @@ pub struct GatewayArgs {
     /// charts the fleet from it, instead of this process's own metrics.
     #[arg(long, env = "PARLEY_OPS_PROMETHEUS_URL")]
     pub ops_prometheus_url: Option<String>,
+
+    /// Forget a conversation that no socket here follows and whose turn is closed after it
+    /// was idle this long (memory stays bounded under a crowd; its next use reads it back
+    /// from the projection).
+    #[arg(long, env = "PARLEY_HUB_IDLE", default_value = "10m", value_parser = parse_duration)]
+    pub hub_idle: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -248,6 +254,7 @@ impl Gateway {
         kafka.lanes.check(event_partitions).map_err(GatewayError::Lanes)?;
         let answers =
             tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
+        tokio::spawn(forget_idle(hub.clone(), args.hub_idle, shutdown.clone()));
         let rate = Arc::new(Mutex::new(RateLimiter::new(args.rates, now_ms())));
         let rate_feed = tokio::spawn(rate_feed::run(
             rate_feed::follower(kafka, &topics)?,
@@ -937,6 +944,17 @@ async fn admission_control(
     };
     rate().refund(user, &query_id, now_ms());
     Err(refused)
+}
+
+/// Every so often, forgets the conversations idle for `idle` ([`Hub::evict_idle`]).
+async fn forget_idle(hub: Arc<Hub>, idle: Duration, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(idle.clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => metrics::held_conversations(hub.evict_idle(std::time::Instant::now(), idle)),
+        }
+    }
 }
 
 /// What adopting a conversation came to.
