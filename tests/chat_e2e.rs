@@ -989,6 +989,58 @@ async fn resumed_turn(client: &mut support::Client) -> (String, Vec<i64>, String
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_resume_after_the_deltas_aged_out_says_so_and_still_gets_the_answer() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let Some(stack) = stack() else { return };
+    let mut args = vec!["--without-retrieval", "--llm-max-tokens", "512"];
+    args.extend(support::NO_RATE_LIMITS);
+    let pipeline = Pipeline::start(&stack, &args).await;
+    let (_, token) = pipeline.session_user().await;
+    let mut first = pipeline.connect(&pipeline.http, &token).await;
+    first.ask("story", None, "Write a long story about a dragon and a knight, at least 400 words.").await;
+    let ack = first.reply_to("story").await;
+    let (conversation, query) = (ack["conversation_id"].clone(), ack["event_id"].clone());
+    // The client has the deltas up to index 2; the answer goes on past index 6.
+    let mut position = String::new();
+    loop {
+        let frame = first.next_frame().await;
+        assert_eq!(frame["type"], "token", "{frame}");
+        if frame["index"] == 2 {
+            position = frame["position"].as_str().unwrap().to_owned();
+        }
+        if frame["index"] == 6 {
+            break;
+        }
+    }
+    drop(first);
+
+    // Retention takes the deltas the client missed (as the tokens topic's hour would).
+    let (topic, partition) = {
+        let mut parts = position.rsplitn(3, '/');
+        let (_, partition, topic) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        (topic.to_owned(), partition.parse::<i32>().unwrap())
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
+    let mut up_to_the_end = rdkafka::TopicPartitionList::new();
+    up_to_the_end.add_partition_offset(&topic, partition, rdkafka::Offset::End).unwrap();
+    admin.delete_records(&up_to_the_end, &AdminOptions::new()).await.unwrap();
+
+    let mut back = pipeline.connect(&pipeline.http, &token).await;
+    back.send(json!({"type": "resume", "conversation_id": conversation, "query_event_id": query,
+                     "last_index": 2, "position": position}))
+        .await;
+    let (status, indices, _, answer) = resumed_turn(&mut back).await;
+    assert_eq!(status, "tokens_expired", "the answer was still being generated");
+    assert_eq!(answer["type"], "answer", "{answer}");
+    assert_eq!(answer["query_event_id"], query);
+    assert!(indices.windows(2).all(|w| w[0] < w[1]) && indices.iter().all(|i| *i > 2), "live deltas only: {indices:?}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_reconnected_client_resumes_the_answer_with_no_gap_and_no_repeat_on_any_gateway() {
     let Some(stack) = stack() else { return };
     let mut args = vec!["--without-retrieval", "--llm-max-tokens", "512"];
