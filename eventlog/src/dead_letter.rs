@@ -158,16 +158,17 @@ pub struct LetterFollower {
 
 impl LetterFollower {
     /// Starts following the letters of `group` until `shutdown`.
-    pub fn start(
+    pub async fn start(
         kafka: &KafkaSettings,
         codec: Arc<EventCodec>,
         group: &str,
         shutdown: CancellationToken,
     ) -> Result<Self, EventLogError> {
         let name = format!("parley-letters-{}", uuid::Uuid::new_v4().simple());
-        let consumer = reader(reader_config(kafka, &name, true).set("fetch.wait.max.ms", "100"))?;
+        let consumer = Arc::new(reader(reader_config(kafka, &name, true).set("fetch.wait.max.ms", "100"))?);
         let topic = kafka.topics().dead_letter;
-        let metadata = consumer.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
+        let (query, name) = (consumer.clone(), topic.clone());
+        let metadata = blocking_query(move || query.fetch_metadata(Some(&name), KAFKA_TIMEOUT)).await?;
         let mut assignment = TopicPartitionList::new();
         let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
         for partition in &partitions {
@@ -176,15 +177,8 @@ impl LetterFollower {
         consumer.assign(&assignment)?;
         let (records, receiver) = mpsc::unbounded_channel();
         let (syncs, sync_requests) = mpsc::unbounded_channel();
-        let follow = Follow {
-            consumer: Arc::new(consumer),
-            codec,
-            group: group.to_owned(),
-            topic,
-            partitions,
-            positions: HashMap::new(),
-            records,
-        };
+        let follow =
+            Follow { consumer, codec, group: group.to_owned(), topic, partitions, positions: HashMap::new(), records };
         tokio::spawn(follow.run(sync_requests, shutdown));
         Ok(Self { records: receiver, syncs })
     }

@@ -202,7 +202,7 @@ pub async fn run<P: Processor>(
     }
     // The letters of this group known before any record is read: which keys wait.
     let follower_stop = shutdown.child_token();
-    let letters = LetterFollower::start(kafka, codec.clone(), &settings.group_id, follower_stop.clone())?;
+    let letters = LetterFollower::start(kafka, codec.clone(), &settings.group_id, follower_stop.clone()).await?;
     letters.sync().await?;
     let (commits, commit_queue) = mpsc::unbounded_channel::<Commit>();
     let committer = tokio::spawn(commit_loop(transactions, consumer.clone(), commit_queue));
