@@ -379,6 +379,9 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
             println!("source      {}", letter.source());
             println!("key         {}", text(&letter.key));
             println!("error       {}", letter.error);
+            for (name, value) in letter.headers.iter().collect::<std::collections::BTreeMap<_, _>>() {
+                println!("header      {name}: {value}");
+            }
             println!("status      {}", status(&entry.status));
             if let Some(resolution) = &entry.resolution {
                 let reason = resolution.reason.as_deref().map_or(String::new(), |r| format!(": {r}"));

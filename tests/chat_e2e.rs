@@ -327,7 +327,10 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
         ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).set(partitioner, scheme).create().unwrap();
     let garbage = b"\x00\x7f\xff\xff\xff garbage".to_vec();
     let topic = pipeline.events_topic();
-    let record = FutureRecord::to(&topic).key(&conversation).payload(&garbage);
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header { key: "traceparent", value: Some(TRACEPARENT) });
+    let record = FutureRecord::to(&topic).key(&conversation).payload(&garbage).headers(headers);
     producer.send(record, Duration::from_secs(10)).await.unwrap();
 
     let inference = format!("{}inference", pipeline.prefix);
@@ -367,6 +370,20 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
     .await;
     assert_eq!(again[0]["status"], "redriven");
     assert_eq!(again[0]["redriven_to"], again[1]["source"], "the second letter is the copy's");
+    // The copy carries the original's headers (its trace) and where it comes from.
+    let copy_at: Vec<&str> = again[0]["redriven_to"].as_str().unwrap().rsplitn(3, '/').collect();
+    let copied = read_at(&pipeline, &topic, copy_at[1].parse().unwrap(), copy_at[0].parse().unwrap()).await;
+    let header = |name: &str| {
+        use rdkafka::message::Headers;
+        let headers = copied.headers().unwrap();
+        headers.iter().find(|h| h.key == name).map(|h| String::from_utf8_lossy(h.value.unwrap()).into_owned())
+    };
+    assert_eq!(header("traceparent").as_deref(), Some(TRACEPARENT));
+    assert_eq!(
+        header("parley-redriven-from"),
+        Some(format!("{}dead-letter/{}", pipeline.prefix, letter["id"].as_str().unwrap()))
+    );
+    assert_eq!(copied.payload(), Some(&garbage[..]));
     assert_eq!(again[1]["status"], "open");
     let refused = pipeline.cli(&["dead-letters", "redrive", letter["id"].as_str().unwrap()]);
     assert!(!refused.status.success(), "a letter is settled once");
@@ -416,6 +433,7 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
         consumer: other_group.clone(),
         error: "a schema this group did not know yet".into(),
         failed_at: parley_events::event::now_millis(),
+        headers: Default::default(),
     };
     let codec = EventCodec::new(&pipeline.registry).unwrap();
     let (dead_letter_topic, payload) =

@@ -11,7 +11,7 @@ use parley_events::event::{DeadLetter, DeadLetterRecord, DeadLetterResolved, now
 use parley_events::{EventCodec, EventsError};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +55,15 @@ pub fn dead_letter_for(message: &impl Message, consumer: &str, error: &str) -> D
         consumer: consumer.to_owned(),
         error: error.to_owned(),
         failed_at: now_millis(),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter_map(|h| Some((h.key.to_owned(), std::str::from_utf8(h.value?).ok()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -113,7 +122,12 @@ pub async fn settle(
             Decision::Discard => None,
             Decision::Redrive => {
                 let from = format!("{dead_letter_topic}/{id}");
-                let headers = OwnedHeaders::new()
+                // The original's headers (its trace, say), then where the copy comes from.
+                let original = letter.headers.iter().filter(|(name, _)| !name.starts_with("parley-redriven-"));
+                let headers = original
+                    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+                        headers.insert(Header { key, value: Some(value.as_str()) })
+                    })
                     .insert(Header { key: REDRIVEN_FROM_HEADER, value: Some(&from) })
                     .insert(Header { key: REDRIVEN_FOR_HEADER, value: Some(&letter.consumer) });
                 let mut copy = FutureRecord::<[u8], [u8]>::to(&letter.source_topic)

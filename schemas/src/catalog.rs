@@ -27,6 +27,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("turn_cancel_requested.v1.avsc", include_str!("../avro/turn_cancel_requested.v1.avsc")),
     ("dead_letter.v1.avsc", include_str!("../avro/dead_letter.v1.avsc")),
+    ("dead_letter.v2.avsc", include_str!("../avro/dead_letter.v2.avsc")),
     ("dead_letter_resolved.v1.avsc", include_str!("../avro/dead_letter_resolved.v1.avsc")),
     ("document_submitted.v1.avsc", include_str!("../avro/document_submitted.v1.avsc")),
     ("document_deleted.v1.avsc", include_str!("../avro/document_deleted.v1.avsc")),

@@ -324,6 +324,7 @@ mod tests {
             consumer: consumer.into(),
             error: "undecodable".into(),
             failed_at: 1,
+            headers: HashMap::new(),
         }
     }
 

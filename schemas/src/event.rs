@@ -208,6 +208,9 @@ pub struct DeadLetter {
     pub consumer: String,
     pub error: String,
     pub failed_at: i64,
+    /// Since v2: the record's text headers (a redrive writes them back).
+    #[serde(default)]
+    pub headers: std::collections::HashMap<String, String>,
 }
 
 impl AvroEvent for ConversationStarted {

@@ -109,6 +109,8 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         consumer: "g".into(),
         error: "bad".into(),
         failed_at: now_millis(),
+        headers: [("traceparent".to_owned(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned())]
+            .into(),
     };
     assert_eq!(codec.decode::<DeadLetter>(&codec.encode(&letter).await.unwrap()).await.unwrap().event, letter);
     let resolved = DeadLetterResolved {
