@@ -228,6 +228,9 @@ enum DeadLettersCommand {
         /// Only the letters of this consumer group.
         #[arg(long)]
         consumer: Option<String>,
+        /// Only the letters in this state (`open`: those holding conversations back).
+        #[arg(long, value_parser = ["open", "redriven", "discarded"])]
+        status: Option<String>,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
@@ -336,8 +339,11 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
         other => other.as_str().to_owned(),
     };
     let (id, decision, reason, by) = match command {
-        DeadLettersCommand::List { consumer, format } => {
-            let listed = book.entries().iter().filter(|e| consumer.as_ref().is_none_or(|c| *c == e.letter.consumer));
+        DeadLettersCommand::List { consumer, status, format } => {
+            let listed = book.entries().iter().filter(|e| {
+                consumer.as_ref().is_none_or(|c| *c == e.letter.consumer)
+                    && status.as_ref().is_none_or(|s| s == e.status.as_str())
+            });
             for entry in listed {
                 let (id, letter) = (entry.id, &entry.letter);
                 let source = letter.source();

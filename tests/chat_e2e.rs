@@ -400,6 +400,11 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
     let embedders: Vec<Value> =
         letters_of(&embedder).into_iter().filter(|l| l["key"] == conversation.as_str()).collect();
     assert_eq!(embedders.len(), 1, "{embedders:?}");
+    let open = pipeline.cli(&["dead-letters", "list", "--status", "open", "--format", "json"]);
+    let open: Vec<Value> =
+        String::from_utf8_lossy(&open.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let open_ids: Vec<&str> = open.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert!(open_ids.contains(&copy) && !open_ids.contains(&original), "{open_ids:?}");
     assert!(tokio::time::timeout(Duration::from_secs(2), alice.until_outcome()).await.is_err());
 
     // Discarded: the held question is answered.
