@@ -16,7 +16,7 @@ use parley_eventlog::settings::parse_duration;
 use parley_eventlog::topics::ensure_topics;
 use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::budget::{self, BudgetLimits};
-use parley_events::dead_letters::{LetterId, Status};
+use parley_events::dead_letters::LetterId;
 use parley_events::invariants::{Violation, violations};
 use parley_events::lanes::Lane;
 use parley_events::registry::{SchemaRegistry, Verdict};
@@ -334,10 +334,6 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
         )
     };
     let text = |bytes: &Option<Vec<u8>>| bytes.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-    let status = |status: &Status| match status {
-        Status::Redriven { copy } => format!("redriven to {copy}"),
-        other => other.as_str().to_owned(),
-    };
     let (id, decision, reason, by) = match command {
         DeadLettersCommand::List { consumer, status, format } => {
             let listed = book.entries().iter().filter(|e| {
@@ -352,7 +348,7 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
                         "consumer": letter.consumer, "source": source.to_string(), "key": text(&letter.key),
                         "error": letter.error, "payload_bytes": letter.payload.as_ref().map_or(0, Vec::len),
                         "status": entry.status.as_str(),
-                        "redriven_to": match &entry.status { Status::Redriven { copy } => Some(copy.to_string()), _ => None },
+                        "redriven_to": entry.status.copy().map(ToString::to_string),
                         "resolved_by": entry.resolution.as_ref().map(|r| r.resolved_by.clone())});
                     println!("{line}");
                 } else {
@@ -388,7 +384,7 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
             for (name, value) in letter.headers.iter().collect::<std::collections::BTreeMap<_, _>>() {
                 println!("header      {name}: {value}");
             }
-            println!("status      {}", status(&entry.status));
+            println!("status      {}", entry.status);
             if let Some(resolution) = &entry.resolution {
                 let reason = resolution.reason.as_deref().map_or(String::new(), |r| format!(": {r}"));
                 println!("resolved    {} by {}{reason}", at(resolution.resolved_at), resolution.resolved_by);
@@ -685,10 +681,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 book.entries().iter().filter(|e| e.letter.key.as_deref() == Some(key.as_bytes())).collect();
             let copies: Vec<_> = letters
                 .iter()
-                .filter_map(|e| match &e.status {
-                    Status::Redriven { copy } => Some(copy.clone()),
-                    _ => None,
-                })
+                .filter_map(|e| e.status.copy().cloned())
                 .filter(|copy| !records.iter().any(|r| (r.partition, r.offset) == (copy.partition, copy.offset)))
                 .collect();
             records.extend(reader.records_at(&copies).await?);
@@ -762,23 +755,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             for entry in &letters {
-                let status = match &entry.status {
-                    Status::Redriven { copy } => format!("redriven to {copy}"),
-                    other => other.as_str().to_owned(),
-                };
                 if format == "json" {
                     let line = serde_json::json!({"dead_letter": entry.id.to_string(), "consumer": entry.letter.consumer,
                         "source": entry.letter.source().to_string(), "status": entry.status.as_str(),
-                        "redriven_to": match &entry.status { Status::Redriven { copy } => Some(copy.to_string()), _ => None },
+                        "redriven_to": entry.status.copy().map(ToString::to_string),
                         "error": entry.letter.error});
                     println!("{line}");
                 } else {
                     println!(
-                        "dead letter {} of {}: {} could not be read ({}); {status}",
+                        "dead letter {} of {}: {} could not be read ({}); {}",
                         entry.id,
                         entry.letter.consumer,
                         entry.letter.source(),
-                        entry.letter.error
+                        entry.letter.error,
+                        entry.status
                     );
                 }
             }

@@ -682,7 +682,7 @@ impl<P: Processor> Driver<P> {
             .collect();
         for entry in settled {
             self.holds.apply(&entry);
-            if let parley_events::dead_letters::Status::Redriven { copy } = &entry.status {
+            if let Some(copy) = entry.status.copy() {
                 info!(letter = %entry.id, %copy, "dead letter redriven; its key waits for the copy");
                 for released in self.copy_read_already(copy) {
                     self.release_held(&released);

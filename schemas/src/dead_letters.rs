@@ -89,7 +89,24 @@ pub enum Status {
     Discarded,
 }
 
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Redriven { copy } => write!(f, "redriven to {copy}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
 impl Status {
+    /// Where a redriven letter's copy is.
+    pub fn copy(&self) -> Option<&Position> {
+        match self {
+            Self::Redriven { copy } => Some(copy),
+            _ => None,
+        }
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Open => "open",
