@@ -194,6 +194,8 @@ pub struct LLMTokenDelta {
     pub index: i32,
     pub delta: String,
     pub traceparent: Option<String>,
+    /// Since v2: the model call the delta comes from (1: the first; a retry starts at index 0).
+    pub attempt: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,6 +107,7 @@ fn samples() -> Vec<Sample> {
                 index: 7,
                 delta: " Paris".into(),
                 traceparent: None,
+                attempt: 2,
             },
         ),
     ]

@@ -97,6 +97,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         index: 4,
         delta: "lo".into(),
         traceparent: None,
+        attempt: 2,
     };
     assert_eq!(codec.decode::<LLMTokenDelta>(&codec.encode(&delta).await.unwrap()).await.unwrap().event, delta);
 

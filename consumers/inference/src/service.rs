@@ -309,7 +309,8 @@ const HEALTH_PROBE: Duration = Duration::from_secs(2);
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 struct TokenStream {
-    sender: mpsc::UnboundedSender<(i32, String)>,
+    /// (attempt, index, text) of each delta.
+    sender: mpsc::UnboundedSender<(i32, i32, String)>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -468,12 +469,12 @@ impl Worker {
                 "error.type" = Empty, prompt_messages = prompt.messages.len());
             let call = self
                 .model
-                .complete(&prompt.messages, |_, index, delta| {
+                .complete(&prompt.messages, |attempt, index, delta| {
                     if std::mem::take(&mut first_token) {
                         metrics::first_token(lane, now_millis() - query.envelope.occurred_at);
                     }
                     partial.lock().unwrap_or_else(PoisonError::into_inner).add(index, delta);
-                    let _ = deltas.sender.send((index, delta.to_owned()));
+                    let _ = deltas.sender.send((i32::try_from(attempt).unwrap_or(i32::MAX), index, delta.to_owned()));
                 })
                 .instrument(llm_span.clone());
             // A cancel drops the call: its stream closes and the model server frees the slot.
@@ -628,20 +629,21 @@ impl Worker {
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
     /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
     fn stream_tokens(&self, conversation_id: &str, query_event_id: &str, traceparent: &str) -> TokenStream {
-        let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, String)>();
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, i32, String)>();
         let tokens = self.tokens.clone();
         let topic = self.topics.tokens.clone();
         let (conversation_id, query_event_id, traceparent) =
             (conversation_id.to_owned(), query_event_id.to_owned(), traceparent.to_owned());
         let task = tokio::spawn(async move {
             let mut deliveries = Vec::new();
-            while let Some((index, delta)) = receiver.recv().await {
+            while let Some((attempt, index, delta)) = receiver.recv().await {
                 let token = LLMTokenDelta {
                     conversation_id: conversation_id.clone(),
                     query_event_id: query_event_id.clone(),
                     index,
                     delta,
                     traceparent: Some(traceparent.clone()),
+                    attempt,
                 };
                 // The first delta is what a person waits for: its hop is traced (with the
                 // gateway's `gateway.first_token`), the others are not worth a span each.

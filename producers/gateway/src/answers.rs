@@ -67,6 +67,7 @@ pub async fn run(
                         query_event_id: token.query_event_id,
                         index: token.index,
                         delta: token.delta,
+                        attempt: token.attempt,
                         position: Some(
                             LogPosition {
                                 topic: coordinates.0.clone(),

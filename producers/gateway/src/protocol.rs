@@ -50,6 +50,8 @@ pub enum ServerFrame {
         query_event_id: String,
         index: i32,
         delta: String,
+        /// The model call the delta comes from (1: the first); a retry starts again at index 0.
+        attempt: i32,
         /// Where the delta is in the tokens topic (v2): what `resume` starts after.
         #[serde(skip_serializing_if = "Option::is_none")]
         position: Option<String>,

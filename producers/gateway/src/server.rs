@@ -1093,8 +1093,10 @@ async fn resume(
     let after = position
         .and_then(|p| p.parse::<LogPosition>().ok())
         .filter(|p| p.topic == state.topics.tokens && p.partition == partition);
-    let from = match after {
-        Some(after) => (after.offset + 1, false),
+    // From the client's own last delta (inclusive): its attempt says whether a delta at
+    // index 0 read after it is a retried call starting over or one the client has.
+    let from = match &after {
+        Some(after) => (after.offset, false),
         None => {
             let question = read_back(&state.kafka, &asked_at.topic, asked_at.partition, asked_at.offset, false, 1);
             let written_at =
@@ -1114,16 +1116,23 @@ async fn resume(
             continue;
         };
         let delta = decoded.event;
-        if delta.query_event_id == query_event_id && delta.index > last_index {
-            let at = LogPosition { topic: tokens.clone(), partition, offset: record.offset() };
-            replay.push(ServerFrame::Token {
-                conversation_id: delta.conversation_id,
-                query_event_id: delta.query_event_id,
-                index: delta.index,
-                delta: delta.delta,
-                position: Some(at.to_string()),
-            });
+        if delta.query_event_id != query_event_id {
+            continue;
         }
+        if after.as_ref().is_some_and(|after| after.offset == record.offset()) {
+            socket.order.lock().unwrap_or_else(PoisonError::into_inner).client_attempt(query_event_id, delta.attempt);
+            continue;
+        }
+        // The socket's order drops what the client has (and deltas of an attempt replaced since).
+        let at = LogPosition { topic: tokens.clone(), partition, offset: record.offset() };
+        replay.push(ServerFrame::Token {
+            conversation_id: delta.conversation_id,
+            query_event_id: delta.query_event_id,
+            index: delta.index,
+            delta: delta.delta,
+            attempt: delta.attempt,
+            position: Some(at.to_string()),
+        });
     }
     Ok(vec![resumed("streaming", replay)])
 }
