@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use parley_eventlog::LogPosition;
 use parley_events::{ConversationEvent, EventCodec};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -371,8 +372,8 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
     assert_eq!(again[0]["status"], "redriven");
     assert_eq!(again[0]["redriven_to"], again[1]["source"], "the second letter is the copy's");
     // The copy carries the original's headers (its trace) and where it comes from.
-    let copy_at: Vec<&str> = again[0]["redriven_to"].as_str().unwrap().rsplitn(3, '/').collect();
-    let copied = read_at(&pipeline, &topic, copy_at[1].parse().unwrap(), copy_at[0].parse().unwrap()).await;
+    let copy_at: LogPosition = again[0]["redriven_to"].as_str().unwrap().parse().unwrap();
+    let copied = read_at(&pipeline, &copy_at.topic, copy_at.partition, copy_at.offset).await;
     let header = |name: &str| {
         use rdkafka::message::Headers;
         let headers = copied.headers().unwrap();
@@ -1040,11 +1041,7 @@ async fn a_resume_after_the_deltas_aged_out_says_so_and_still_gets_the_answer() 
     drop(first);
 
     // Retention takes the deltas the client missed (as the tokens topic's hour would).
-    let (topic, partition) = {
-        let mut parts = position.rsplitn(3, '/');
-        let (_, partition, topic) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
-        (topic.to_owned(), partition.parse::<i32>().unwrap())
-    };
+    let LogPosition { topic, partition, .. } = position.parse().unwrap();
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
     let mut up_to_the_end = rdkafka::TopicPartitionList::new();

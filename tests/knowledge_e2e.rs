@@ -283,10 +283,7 @@ async fn a_deleted_document_is_no_longer_retrieved_and_only_its_owner_can_delete
 
 /// Waits until the embedder group's committed offset on the position's partition is past it.
 async fn wait_until_embedder_passed(pipeline: &Pipeline, position: &str) {
-    let mut parts = position.rsplitn(3, '/');
-    let offset: i64 = parts.next().unwrap().parse().unwrap();
-    let partition: i32 = parts.next().unwrap().parse().unwrap();
-    let topic = parts.next().unwrap().to_owned();
+    let parley_eventlog::LogPosition { topic, partition, offset } = position.parse().unwrap();
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &pipeline.brokers)
         .set("group.id", format!("{}embedder", pipeline.prefix))

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use parley_events::dead_letters::{Holds, LetterBook, LetterId, Position};
+use parley_events::dead_letters::{Holds, LetterBook, LetterId};
 use parley_events::event::{DeadLetterRecord, now_millis};
 use parley_events::{EventCodec, EventsError};
 use rdkafka::client::ClientContext;
@@ -52,6 +52,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::LogPosition;
 use crate::consumer::{ReaderContext, blocking_query, is_fatal, reader_config};
 use crate::dead_letter::{LetterFollower, dead_letter_for, redriven_for};
 use crate::error::EventLogError;
@@ -401,7 +402,7 @@ struct Driver<P: Processor> {
     book: LetterBook,
     holds: Holds,
     held: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
-    lettered: HashSet<Position>,
+    lettered: HashSet<LogPosition>,
     /// Each lane's records ready to start.
     queues: Vec<LaneQueue<P::Item>>,
     /// Which lane gets the next free slot.
@@ -565,7 +566,7 @@ impl<P: Processor> Driver<P> {
         let catching_up = catch_up_end.is_some_and(|end| offset < end);
         // A redriven copy awaited here (or earlier in the partition: done before) frees its
         // key; the copy itself goes before the records the key held.
-        let position = Position { topic: key.0.clone(), partition: key.1, offset };
+        let position = LogPosition { topic: key.0.clone(), partition: key.1, offset };
         let mut copy_of = None;
         for released in self.holds.read_at(&position) {
             if released.by_copy {
@@ -611,7 +612,7 @@ impl<P: Processor> Driver<P> {
     async fn dead_letter(
         &mut self,
         message: &OwnedMessage,
-        position: Position,
+        position: LogPosition,
         error: &str,
     ) -> Result<(), EventLogError> {
         let group = self.settings.group_id.as_str();
@@ -700,7 +701,7 @@ impl<P: Processor> Driver<P> {
 
     /// A redriven copy this driver read before it learnt of the redrive is seen: it goes
     /// first among its key's held records. Returns the keys this frees.
-    fn copy_read_already(&mut self, copy: &Position) -> Vec<Vec<u8>> {
+    fn copy_read_already(&mut self, copy: &LogPosition) -> Vec<Vec<u8>> {
         let read = self
             .partitions
             .get(&(copy.topic.clone(), copy.partition))

@@ -12,8 +12,6 @@ pub enum EventLogError {
     TopicCreation { topic: String, code: rdkafka::types::RDKafkaErrorCode },
     #[error("the consumer has no group metadata to commit offsets in a transaction")]
     NoGroupMetadata,
-    #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
-    InvalidPosition(String),
     #[error("{0}")]
     DeadLetter(String),
     #[error("processing a record failed")]

@@ -2,7 +2,6 @@
 //!
 //! - [`settings`]: broker and topic options (clap, each with an env fallback);
 //! - [`topics`]: the topics Parley owns, with explicit partitions and configs;
-//! - [`position`]: log positions handed to clients as consistency tokens;
 //! - [`partitioner`]: the partition a key lands on, computed like the producers do;
 //! - [`producer`]: the idempotent producer that appends events keyed by conversation;
 //! - [`consumer`]: the one consumer builder (committed records, no auto commit, quiet EOF);
@@ -20,7 +19,6 @@ pub mod lanes;
 pub mod load;
 pub mod metrics;
 pub mod partitioner;
-pub mod position;
 pub mod producer;
 pub mod registry_wait;
 pub mod secret;
@@ -30,6 +28,7 @@ pub mod trace;
 pub mod transaction;
 
 pub use error::EventLogError;
-pub use position::LogPosition;
+/// Log positions (handed to clients as consistency tokens) are part of the contract.
+pub use parley_events::position::LogPosition;
 pub use producer::EventProducer;
 pub use settings::{KafkaSettings, Topics};

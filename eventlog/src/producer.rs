@@ -8,10 +8,10 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::LogPosition;
 use crate::consumer::blocking_query;
 use crate::error::EventLogError;
 use crate::partitioner::PARTITIONER;
-use crate::position::LogPosition;
 use crate::trace::TRACEPARENT_HEADER;
 
 /// Appends events to the log with an idempotent producer (no duplicates or reordering from

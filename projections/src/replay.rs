@@ -5,12 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
+use parley_eventlog::{KafkaSettings, LogPosition};
 use parley_events::conversation::{ConversationState, Message};
-use parley_events::dead_letters::Position;
 use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
@@ -98,7 +97,7 @@ impl LogReader {
     }
 
     /// The records at `positions` that decode (a redriven copy a dead letter names, say).
-    pub async fn records_at(&self, positions: &[Position]) -> Result<Vec<AuditRecord>, ProjectionError> {
+    pub async fn records_at(&self, positions: &[LogPosition]) -> Result<Vec<AuditRecord>, ProjectionError> {
         let locations: Vec<EventLocation> = positions
             .iter()
             .map(|p| EventLocation {

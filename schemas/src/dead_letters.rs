@@ -12,43 +12,30 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::event::{DeadLetter, DeadLetterRecord, DeadLetterResolved};
+use crate::position::LogPosition;
 
 /// [`DeadLetterResolved::action`] of a letter whose record was written back to its topic.
 pub const REDRIVEN: &str = "redriven";
 /// [`DeadLetterResolved::action`] of a letter given up on.
 pub const DISCARDED: &str = "discarded";
 
-/// Where a record is in the log.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Position {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
-    }
-}
-
 impl DeadLetter {
     /// Where the record the letter carries was read.
-    pub fn source(&self) -> Position {
-        Position { topic: self.source_topic.clone(), partition: self.source_partition, offset: self.source_offset }
+    pub fn source(&self) -> LogPosition {
+        LogPosition { topic: self.source_topic.clone(), partition: self.source_partition, offset: self.source_offset }
     }
 }
 
 impl DeadLetterResolved {
     /// Where the lettered record was read.
-    pub fn source(&self) -> Position {
-        Position { topic: self.source_topic.clone(), partition: self.source_partition, offset: self.source_offset }
+    pub fn source(&self) -> LogPosition {
+        LogPosition { topic: self.source_topic.clone(), partition: self.source_partition, offset: self.source_offset }
     }
 
     /// Where the redriven copy was written (same topic and partition as the original, so it
     /// is read in order with the key's later records).
-    pub fn copy(&self) -> Option<Position> {
-        self.redriven_offset.filter(|_| self.action == REDRIVEN).map(|offset| Position { offset, ..self.source() })
+    pub fn copy(&self) -> Option<LogPosition> {
+        self.redriven_offset.filter(|_| self.action == REDRIVEN).map(|offset| LogPosition { offset, ..self.source() })
     }
 }
 
@@ -84,7 +71,7 @@ pub enum Status {
     Open,
     /// Written back to its source topic, at `copy`.
     Redriven {
-        copy: Position,
+        copy: LogPosition,
     },
     Discarded,
 }
@@ -100,7 +87,7 @@ impl fmt::Display for Status {
 
 impl Status {
     /// Where a redriven letter's copy is.
-    pub fn copy(&self) -> Option<&Position> {
+    pub fn copy(&self) -> Option<&LogPosition> {
         match self {
             Self::Redriven { copy } => Some(copy),
             _ => None,
@@ -169,7 +156,7 @@ impl LetterBook {
     }
 
     /// The first letter `consumer` wrote for the record at `source`.
-    pub fn find(&self, consumer: &str, source: &Position) -> Option<&Entry> {
+    pub fn find(&self, consumer: &str, source: &LogPosition) -> Option<&Entry> {
         self.entries.iter().find(|entry| entry.letter.consumer == consumer && entry.letter.source() == *source)
     }
 
@@ -218,9 +205,9 @@ pub struct Holds {
 #[derive(Debug, Clone, Default)]
 struct KeyHold {
     /// Source positions of the key's open letters.
-    open: BTreeSet<Position>,
+    open: BTreeSet<LogPosition>,
     /// Redriven copies not read yet.
-    awaiting: BTreeSet<Position>,
+    awaiting: BTreeSet<LogPosition>,
 }
 
 /// A key a read record released: its held records may go on.
@@ -263,7 +250,7 @@ impl Holds {
     }
 
     /// Holds `key` back for the open letter of the record read at `source`.
-    pub fn hold(&mut self, key: Vec<u8>, source: Position) {
+    pub fn hold(&mut self, key: Vec<u8>, source: LogPosition) {
         self.keys.entry(key).or_default().open.insert(source);
     }
 
@@ -278,7 +265,7 @@ impl Holds {
     }
 
     /// The copies awaited in `topic`/`partition`.
-    pub fn awaiting_in(&self, topic: &str, partition: i32) -> Vec<Position> {
+    pub fn awaiting_in(&self, topic: &str, partition: i32) -> Vec<LogPosition> {
         let copies = self.keys.values().flat_map(|hold| hold.awaiting.iter());
         copies.filter(|copy| copy.topic == topic && copy.partition == partition).cloned().collect()
     }
@@ -287,7 +274,7 @@ impl Holds {
     /// any awaited at an earlier offset of the partition (it was read before this consumer's
     /// committed offset, which never passes unfinished work: it is done). Returns the keys
     /// this frees.
-    pub fn read_at(&mut self, position: &Position) -> Vec<Released> {
+    pub fn read_at(&mut self, position: &LogPosition) -> Vec<Released> {
         let mut released = Vec::new();
         if self.keys.values().all(|hold| hold.awaiting.is_empty()) {
             return released; // every record is read through here: the common case is cheap
@@ -295,7 +282,7 @@ impl Holds {
         let keys: Vec<Vec<u8>> = self.keys.keys().cloned().collect();
         for key in keys {
             let Some(hold) = self.keys.get_mut(&key) else { continue };
-            let seen: Vec<Position> = hold
+            let seen: Vec<LogPosition> = hold
                 .awaiting
                 .iter()
                 .filter(|c| {
@@ -345,8 +332,8 @@ mod tests {
         }
     }
 
-    fn at(offset: i64) -> Position {
-        Position { topic: "events".into(), partition: 2, offset }
+    fn at(offset: i64) -> LogPosition {
+        LogPosition { topic: "events".into(), partition: 2, offset }
     }
 
     fn id(offset: i64) -> LetterId {
@@ -432,7 +419,7 @@ mod tests {
         assert!(holds.is_held(b"c1"), "held until the copy is read");
         assert_eq!(holds.awaiting_in("events", 2), [at(40)]);
         assert!(holds.read_at(&at(39)).is_empty());
-        assert!(holds.read_at(&Position { partition: 3, ..at(40) }).is_empty(), "another partition");
+        assert!(holds.read_at(&LogPosition { partition: 3, ..at(40) }).is_empty(), "another partition");
         assert_eq!(holds.read_at(&at(40)), [Released { key: b"c1".to_vec(), by_copy: true }]);
         assert!(!holds.is_held(b"c1"));
     }

@@ -15,4 +15,6 @@ pub enum EventsError {
     Undecodable { schema_id: Option<u32>, reason: String },
     #[error("could not encode {event_type}: {reason}")]
     Unencodable { event_type: String, reason: String },
+    #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
+    InvalidPosition(String),
 }

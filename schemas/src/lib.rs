@@ -18,6 +18,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod invariants;
 pub mod lanes;
+pub mod position;
 pub mod registry;
 #[cfg(test)]
 mod test_events;

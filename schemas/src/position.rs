@@ -3,11 +3,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::EventLogError;
+use crate::error::EventsError;
 
-/// Where an event sits in the log. Clients get it when a write is acknowledged and may hand
-/// it back to a read to wait until projections have applied it. Written `topic/partition/offset`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a record sits in the log. Clients get it when a write is acknowledged and may hand
+/// it back to a read to wait until projections have applied it; dead letters name their
+/// records' by it. Written `topic/partition/offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LogPosition {
     pub topic: String,
     pub partition: i32,
@@ -21,10 +22,10 @@ impl fmt::Display for LogPosition {
 }
 
 impl FromStr for LogPosition {
-    type Err = EventLogError;
+    type Err = EventsError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || EventLogError::InvalidPosition(s.to_owned());
+        let invalid = || EventsError::InvalidPosition(s.to_owned());
         let mut parts = s.rsplitn(3, '/');
         let offset = parts.next().and_then(|o| o.parse().ok()).filter(|o: &i64| *o >= 0).ok_or_else(invalid)?;
         let partition = parts.next().and_then(|p| p.parse().ok()).filter(|p: &i32| *p >= 0).ok_or_else(invalid)?;
