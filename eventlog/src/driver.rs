@@ -397,7 +397,7 @@ struct Driver<P: Processor> {
     parked: HashMap<Vec<u8>, VecDeque<(OwnedMessage, P::Item)>>,
     /// This group's dead letters and decisions as they are written, folded; the keys they
     /// hold back, with those keys' records read meanwhile; the records lettered by this
-    /// process (known before the follower hands their letters back).
+    /// process until the follower hands their letters back.
     letters: LetterFollower,
     book: LetterBook,
     holds: Holds,
@@ -673,6 +673,8 @@ impl<P: Processor> Driver<P> {
             DeadLetterRecord::Resolved(resolution) => resolution.source(),
         };
         self.book.apply(id, record);
+        // The book knows it now: this process's own note of it is no longer needed.
+        self.lettered.remove(&source);
         let group = self.settings.group_id.clone();
         let settled: Vec<_> = self
             .book
