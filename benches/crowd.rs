@@ -17,7 +17,8 @@
 //! 10,25,50,100), PARLEY_CROWD_SECONDS (arrivals per step, default 15), PARLEY_CROWD_IDLE
 //! (idle sockets, default 10000), PARLEY_CROWD_REAL=0 skips the real-model part,
 //! PARLEY_CROWD_OVERLOAD=0 the beyond-capacity part, PARLEY_CROWD_LANES=0 the lanes part
-//! (PARLEY_CROWD_FLOOD: turns of the flooded lane, default 120).
+//! (PARLEY_CROWD_FLOOD: turns of the flooded lane, default 120),
+//! PARLEY_CROWD_WITHOUT_PROJECTION=1 runs part 1 with the context projection stopped.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -427,12 +428,22 @@ async fn main() {
     );
 
     // 1. The pipeline's own capacity (the model is a stub), and the naive design.
+    println!("{}", stack_age());
     let concurrency = "256";
-    let pipeline = support::Pipeline::start(
-        &stack,
-        &["--llm-base-url", &stub_url, "--without-retrieval", "--concurrency", concurrency, "--llm-max-tokens", "16"],
-    )
-    .await;
+    let mut args = vec![
+        "--llm-base-url",
+        &stub_url,
+        "--without-retrieval",
+        "--concurrency",
+        concurrency,
+        "--llm-max-tokens",
+        "16",
+    ];
+    if env_or("PARLEY_CROWD_WITHOUT_PROJECTION", 0) == 1 {
+        println!("the context projection is not running: chat must not need the read model");
+        args.push("--without-projection");
+    }
+    let pipeline = support::Pipeline::start(&stack, &args).await;
     let (reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
     wait_for_port(reference_port).await;
     let signer = Arc::new(TokenSigner::new(support::AUTH_SECRET.as_bytes()));
@@ -512,6 +523,17 @@ async fn main() {
     // 5. Priority lanes: a flooded lower lane against a higher lane's turns.
     if env_or("PARLEY_CROWD_LANES", 1) == 1 {
         lanes(&stack).await;
+    }
+}
+
+/// When the local stack was started (its Kafka's pid file, written at start), as a line of
+/// the report: a just-started stack is colder than a warm one.
+fn stack_age() -> String {
+    let pid_file = std::env::var("PARLEY_RUN").map(|run| std::path::Path::new(&run).join("pids/kafka.pid"));
+    let started = pid_file.ok().and_then(|file| std::fs::metadata(file).ok()?.modified().ok());
+    match started.and_then(|at| at.elapsed().ok()) {
+        Some(age) => format!("the local stack was started {:.0} s before this run", age.as_secs_f64()),
+        None => "the local stack's start time is unknown (PARLEY_RUN/pids/kafka.pid)".to_owned(),
     }
 }
 

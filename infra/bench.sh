@@ -10,6 +10,8 @@ cd "$REPO_ROOT"
 "$VENV/bin/python" -c 'import confluent_kafka, websockets, openai' 2>/dev/null \
   || "$VENV/bin/pip" install -q confluent-kafka websockets openai
 export PARLEY_PYTHON="$VENV/bin/python"
+# Where the stack keeps its pid files: a benchmark says how long ago the stack started.
+export PARLEY_RUN
 # The crowd benchmark holds thousands of sockets on both ends (this shell's children).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [[ "${1:-}" == crowd ]] && ((EUID == 0)); then ulimit -n 1048576 2>/dev/null || true; fi

@@ -22,7 +22,7 @@ use parley_events::lanes::Lane;
 use parley_events::registry::{SchemaRegistry, Verdict};
 use parley_events::turn::CANCELLED;
 use parley_events::{ConversationEvent, EventCodec, SchemaCatalog};
-use parley_gateway::{Gateway, GatewayArgs};
+use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
@@ -129,6 +129,10 @@ enum Command {
         inference: InferenceArgs,
         #[command(flatten)]
         embedder: EmbedderArgs,
+        /// Leave the context projection out (it runs as `parley projection` elsewhere, or
+        /// not at all: chat goes on without it; history and the query API wait for it).
+        #[arg(long, env = "PARLEY_ALL_WITHOUT_PROJECTION")]
+        without_projection: bool,
     },
     /// Rebuild a conversation's state from the log (never calling the model) and diff it
     /// against the projection; exits 1 when they differ.
@@ -171,16 +175,25 @@ enum Command {
     #[command(subcommand)]
     Documents(DocumentsCommand),
     /// A user's model token spend this day and month and by conversation (from the log),
-    /// against their budgets, and the turns inference refused for want of budget.
-    Usage { user: String },
-    /// Set a user's own token budgets (0: unlimited for them); unnamed ones are kept.
+    /// against the budgets enforced for them, and the turns inference refused for want of budget.
+    Usage {
+        user: String,
+        /// `text` for people (docs/operations.md, "Token budgets"), `json` for one JSON object.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Set a user's own token budgets, enforced whatever the defaults are (0: no limit for
+    /// them); budgets not named keep their value. Takes effect within 2 seconds.
     #[command(name = "budget")]
     Budget {
         user: String,
+        /// Model tokens (prompt + completion) the user may spend per UTC day.
         #[arg(long)]
         daily: Option<u64>,
+        /// Model tokens the user may spend per UTC month.
         #[arg(long)]
         monthly: Option<u64>,
+        /// Model tokens each of the user's conversations may spend.
         #[arg(long)]
         conversation: Option<u64>,
     },
@@ -294,7 +307,9 @@ enum SchemasCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let service = service_name(&cli.command);
-    let telemetry = match Telemetry::init(&cli.common.log_format, cli.common.otlp_endpoint.as_deref(), service) {
+    let command = service == CLI_SERVICE;
+    let telemetry = match Telemetry::init(&cli.common.log_format, cli.common.otlp_endpoint.as_deref(), service, command)
+    {
         Ok(telemetry) => telemetry,
         Err(error) => {
             eprintln!("error: cannot set up logging and tracing: {error:#}");
@@ -322,12 +337,24 @@ fn main() -> ExitCode {
 /// `parley dead-letters`: the dead-letter topic read whole and folded; redrive and discard
 /// append a decision to it.
 async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLettersCommand) -> Result<ExitCode> {
-    let topic = kafka.topics().dead_letter;
     let codec = EventCodec::new(registry)?;
     let (book, unreadable) = read_book(kafka, &codec).await?;
-    for (id, error) in unreadable {
-        eprintln!("{id}: not a dead-letter record ({error})");
+    for (id, error) in &unreadable {
+        tracing::warn!(%id, %error, "not a dead-letter record; passed by");
     }
+    let code = dead_letter_command(kafka, &codec, &book, command).await;
+    report_undecodable(unreadable.len() as u64);
+    code
+}
+
+/// One `parley dead-letters` command on the folded topic.
+async fn dead_letter_command(
+    kafka: &KafkaSettings,
+    codec: &EventCodec,
+    book: &parley_events::dead_letters::LetterBook,
+    command: DeadLettersCommand,
+) -> Result<ExitCode> {
+    let topic = kafka.topics().dead_letter;
     let at = |millis: i64| {
         humantime::format_rfc3339_millis(
             std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0)),
@@ -401,7 +428,7 @@ async fn dead_letters(kafka: &KafkaSettings, registry: &str, command: DeadLetter
         DeadLettersCommand::Redrive { id, reason, by } => (id, Decision::Redrive, reason, by),
         DeadLettersCommand::Discard { id, reason, by } => (id, Decision::Discard, reason, by),
     };
-    match settle(kafka, &codec, &book, id, decision, &by, reason).await {
+    match settle(kafka, codec, book, id, decision, &by, reason).await {
         Ok(resolution) => {
             match resolution.copy() {
                 Some(copy) => println!(
@@ -449,9 +476,12 @@ fn service_name(command: &Command) -> &'static str {
         Command::Projection => "parley-projection",
         Command::Embedder(_) => "parley-embedder",
         Command::All { .. } => "parley",
-        _ => "parley-cli",
+        _ => CLI_SERVICE,
     }
 }
+
+/// The service name of every command that is not a long-running service.
+const CLI_SERVICE: &str = "parley-cli";
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let Common {
@@ -474,9 +504,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Gateway(args) => {
+            let credentials = Credentials::load(&args, &shutdown).await?;
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let retriever = retrieval().await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
-            let gateway = Gateway::bind(&kafka, &registry, &args, budgets, store, retriever, shutdown).await?;
+            let gateway =
+                Gateway::bind(&kafka, &registry, &args, credentials, budgets, store, retriever, shutdown).await?;
             print_chat_url(&gateway);
             gateway.serve().await?;
         }
@@ -505,30 +537,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let tier = tiers.tier_of(&user).await?;
             println!("{user}: {tier} (new conversations; lanes: {})", kafka.lanes);
         }
-        Command::Usage { user } => {
+        Command::Usage { user, format } => {
             let now = parley_events::event::now_millis();
             let reader = LogReader::new(&kafka, &registry)?;
             let events = reader.events_since(budget::month_start_ms(now)).await.context("reading the log")?;
             let usage = budget::usage(&events, &user, now);
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
-            let limits = BudgetLedger::open(&store).await?.limits_of(&user, &budgets).await?;
-            let line = |what: &str, used: u64, limit: u64| {
-                let room = if limit == 0 {
-                    "no budget".to_owned()
-                } else {
-                    format!("{} left of {limit}", limit.saturating_sub(used))
-                };
-                println!("  {what:<38} {used:>10} tokens   {room}");
-            };
-            println!("user {user}: model tokens spent, from the log ({} events this month)", events.len());
-            line("today (UTC)", usage.today, limits.daily);
-            line("this month (UTC)", usage.this_month, limits.monthly);
-            for (conversation, used) in &usage.by_conversation {
-                line(&format!("conversation {conversation}"), *used, limits.per_conversation);
-            }
-            for (query, why) in &usage.refused {
-                println!("  refused by inference: query {query}: {why}");
-            }
+            let ledger = BudgetLedger::open(&store).await?;
+            let limits = ledger.limits_of(&user, &budgets).await?;
+            let source = if ledger.has_own_limits(&user).await? { "own" } else { "default" };
+            print_usage(&user, &usage, limits, source, events.len(), &format)?;
+            report_undecodable(reader.undecodable());
         }
         Command::Budget { user, daily, monthly, conversation } => {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
@@ -540,7 +559,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 per_conversation: conversation.unwrap_or(current.per_conversation),
             };
             ledger.set_limits(&user, limits).await?;
-            println!("budgets of {user}: {limits:?} (0: unlimited)");
+            println!(
+                "budgets of {user}, their own from now on: {limits}; the gateways and inference enforce them within {} s",
+                parley_projections::budget::OWN_LIMITS_TTL.as_secs()
+            );
         }
         Command::Documents(DocumentsCommand::List { owner, limit }) => {
             let (_, vectors) = open_retrieval(&embedding, &milvus).await?;
@@ -560,7 +582,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 event.envelope.event_id
             );
         }
-        Command::All { gateway, inference, embedder } => {
+        Command::All { gateway, inference, embedder, without_projection } => {
+            let credentials = Credentials::load(&gateway, &shutdown).await?;
             ensure_topics(&kafka, None).await.context("creating topics")?;
             SchemaRegistry::new(&registry)?
                 .register_all(&SchemaCatalog::embedded())
@@ -569,9 +592,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let store = Store::connect(&cql).await.context("connecting to the CQL store")?;
             let retrieval = retrieval().await?;
             let retriever = retrieval.clone().map(|(backend, vectors)| Retriever::new(backend, vectors));
-            let gateway =
-                Gateway::bind(&kafka, &registry, &gateway, budgets, store.clone(), retriever.clone(), shutdown.clone())
-                    .await?;
+            let gateway = Gateway::bind(
+                &kafka,
+                &registry,
+                &gateway,
+                credentials,
+                budgets,
+                store.clone(),
+                retriever.clone(),
+                shutdown.clone(),
+            )
+            .await?;
             let inference = spawn_linked(&shutdown, {
                 let (kafka, registry, shutdown, store) =
                     (kafka.clone(), registry.clone(), shutdown.clone(), store.clone());
@@ -586,14 +617,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     parley_embedder::run(&kafka, &registry, backend, vectors, embedder, shutdown_).await
                 })
             });
-            let projection = spawn_linked(&shutdown, {
-                let (kafka, registry, shutdown) = (kafka.clone(), registry.clone(), shutdown.clone());
-                async move { parley_projections::projector::run(&kafka, &registry, store, shutdown).await }
+            let projection = (!without_projection).then(|| {
+                let (kafka, registry, shutdown_) = (kafka.clone(), registry.clone(), shutdown.clone());
+                spawn_linked(&shutdown, async move {
+                    parley_projections::projector::run(&kafka, &registry, store, shutdown_).await
+                })
             });
             print_chat_url(&gateway);
             let served = gateway.serve().await;
             inference.await.context("inference task")??;
-            projection.await.context("projection task")??;
+            if let Some(projection) = projection {
+                projection.await.context("projection task")??;
+            }
             if let Some(embedder) = embedder {
                 embedder.await.context("embedder task")??;
             }
@@ -662,6 +697,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 print_violations(&violations);
             }
+            report_undecodable(reader.undecodable());
             if !differences.is_empty() || !violations.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
@@ -675,7 +711,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // The conversation's dead letters: records some consumer could not read, and
             // what became of them; a redriven copy the index does not name (its original
             // is indexed) is read through its letter.
-            let (book, _) = read_book(&kafka, &EventCodec::new(&registry)?).await?;
+            let (book, unreadable_letters) = read_book(&kafka, &EventCodec::new(&registry)?).await?;
+            for (id, error) in &unreadable_letters {
+                tracing::warn!(%id, %error, "not a dead-letter record; passed by");
+            }
             let key = conversation_id.to_string();
             let letters: Vec<_> =
                 book.entries().iter().filter(|e| e.letter.key.as_deref() == Some(key.as_bytes())).collect();
@@ -782,6 +821,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print_violations(&violations);
             }
+            report_undecodable(reader.undecodable() + unreadable_letters.len() as u64);
             if !violations.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
@@ -806,6 +846,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         report.records_per_second(),
                         report.previous
                     );
+                    report_undecodable(report.undecodable);
                 }
                 ProjectionsCommand::DropPrevious { .. } => match drop_previous(&store).await? {
                     Some(generation) => println!("dropped generation {generation}"),
@@ -999,6 +1040,69 @@ fn shutdown_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+/// `parley usage`: each period's spend against the budget enforced for the user (`source`:
+/// their own, or the defaults this command was given), as text or one JSON object.
+fn print_usage(
+    user: &str,
+    usage: &budget::Usage,
+    limits: BudgetLimits,
+    source: &str,
+    events_read: usize,
+    format: &str,
+) -> Result<()> {
+    let row = |spent: u64, limit: u64| {
+        serde_json::json!({"spent": spent, "budget": (limit > 0).then_some(limit),
+            "left": BudgetLimits::left(spent, limit), "budget_source": source})
+    };
+    if format == "json" {
+        let conversations: Vec<_> = usage
+            .by_conversation
+            .iter()
+            .map(|(id, spent)| {
+                let mut line = row(*spent, limits.per_conversation);
+                line["conversation_id"] = serde_json::json!(id);
+                line
+            })
+            .collect();
+        let refused: Vec<_> = usage
+            .refused
+            .iter()
+            .map(|(query, why)| serde_json::json!({"query_event_id": query, "reason": why}))
+            .collect();
+        let report = serde_json::json!({"user": user, "events_read": events_read,
+            "today": row(usage.today, limits.daily), "this_month": row(usage.this_month, limits.monthly),
+            "conversations": conversations, "refused_by_inference": refused});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{user}: model tokens spent this month, from the log ({events_read} events read); budgets: {source}");
+    println!("  {:<50} {:>10} {:>10} {:>10}", "period", "spent", "budget", "left");
+    let line = |what: &str, spent: u64, limit: u64| {
+        let (budget, left) = match BudgetLimits::left(spent, limit) {
+            Some(left) => (limit.to_string(), left.to_string()),
+            None => ("no limit".to_owned(), "-".to_owned()),
+        };
+        println!("  {what:<50} {spent:>10} {budget:>10} {left:>10}");
+    };
+    line("today (UTC)", usage.today, limits.daily);
+    line("this month (UTC)", usage.this_month, limits.monthly);
+    for (conversation, spent) in &usage.by_conversation {
+        line(&format!("conversation {conversation}"), *spent, limits.per_conversation);
+    }
+    for (query, why) in &usage.refused {
+        println!("  refused by inference: query {query}: {why}");
+    }
+    Ok(())
+}
+
+/// The last line of a command that read the log: how many records it passed by because
+/// they did not decode (each was named in a log line above).
+fn report_undecodable(count: u64) {
+    if count > 0 {
+        eprintln!("{count} undecodable record(s) passed by; each is named with its position in a warning above");
+    }
 }
 
 /// Invariant violations as replay and audit print them (to stderr too, so a pipe sees them).

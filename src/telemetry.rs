@@ -2,6 +2,7 @@
 //! any OTLP/HTTP collector in production). Traces go through OTLP because the
 //! opentelemetry-jaeger crate is deprecated and Jaeger itself recommends OTLP.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,9 +11,10 @@ use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::level_filters::LevelFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
 
 /// Installed logging and tracing; `shutdown` flushes the spans still queued.
 pub struct Telemetry {
@@ -21,17 +23,32 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Must run outside the async runtime: the exporter's HTTP client is a blocking one,
-    /// driven by the SDK's own export thread.
-    pub fn init(log_format: &str, otlp_endpoint: Option<&str>, service: &str) -> Result<Telemetry> {
-        let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
-        let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    /// driven by the SDK's own export thread. A `command` (not a service) logs warnings and
+    /// errors only, unless PARLEY_LOG says otherwise: its output is for the person who ran it.
+    pub fn init(log_format: &str, otlp_endpoint: Option<&str>, service: &str, command: bool) -> Result<Telemetry> {
+        let default = if command { "warn" } else { "info,rdkafka=warn" };
+        let directives = std::env::var("PARLEY_LOG").unwrap_or_else(|_| default.to_owned());
+        let logged = directives
+            .parse::<Targets>()
+            .with_context(|| format!("PARLEY_LOG={directives:?}: expected e.g. info,scylla=warn"))?;
+        // Colour only for a person at a terminal, never into a file or a pipe.
+        let logs =
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
         let logs = if log_format == "json" { logs.json().boxed() } else { logs.boxed() };
         let provider = otlp_endpoint.map(|endpoint| tracer_provider(endpoint, service)).transpose()?;
-        // Exported spans do not follow PARLEY_LOG: quieting the logs keeps the traces.
-        let spans = provider.as_ref().map(|provider| {
-            tracing_opentelemetry::layer().with_tracer(provider.tracer("parley")).with_filter(LevelFilter::INFO)
-        });
-        tracing_subscriber::registry().with(logs.with_filter(filter)).with(spans).try_init()?;
+        // Exported spans do not follow PARLEY_LOG: quieting the logs keeps the traces. One
+        // filter for the whole stack lets through what either wants (the exporter: INFO and
+        // above), and only the logs have a filter of their own: with a second per-layer
+        // filter beside the logs', tracing-subscriber dropped the logs' WARN events whenever
+        // PARLEY_LOG was below INFO.
+        let exported = if provider.is_some() { LevelFilter::INFO } else { LevelFilter::OFF };
+        let either = {
+            let logged = logged.clone();
+            filter_fn(move |meta| *meta.level() <= exported || logged.would_enable(meta.target(), meta.level()))
+        };
+        let spans =
+            provider.as_ref().map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("parley")));
+        tracing_subscriber::registry().with(either).with(spans).with(logs.with_filter(logged)).try_init()?;
         Ok(Telemetry { provider })
     }
 

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures::{SinkExt, StreamExt};
 use parley_eventlog::LogPosition;
 use parley_events::{ConversationEvent, EventCodec};
 use rdkafka::ClientConfig;
@@ -13,6 +14,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
 use support::{Pipeline, stack};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 fn only<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {
     frames.iter().filter(|f| f["type"] == kind).collect()
@@ -102,6 +104,28 @@ async fn bad_frames_get_error_frames_and_the_gateway_keeps_serving() {
     let error = client.next_frame().await;
     assert_eq!(error["code"], "invalid_field", "{error}");
     assert!(error["message"].as_str().unwrap().contains("client_message_id"));
+
+    // An invalid client message id is echoed as a short prefix, not whole.
+    client.ask(&"x".repeat(60_000), None, "hi").await;
+    let error = client.next_frame().await;
+    assert_eq!(error["code"], "invalid_field", "{error}");
+    assert_eq!(error["client_message_id"].as_str().map(str::len), Some(64));
+
+    // A frame past the transport's 1 MiB: the socket is closed with 1009, as documented,
+    // and nothing else is harmed.
+    let mut oversized = pipeline.client().await;
+    let huge = format!(r#"{{"type":"query","client_message_id":"huge","text":"{}"}}"#, "x".repeat(1_500_000));
+    let _ = oversized.socket.send(WsMessage::Text(huge.into())).await;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), oversized.socket.next()).await {
+            Ok(Some(Ok(WsMessage::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let closed = closed.expect("a close frame with a code");
+    assert_eq!(u16::from(closed.code), 1009, "{closed:?}");
+    assert!(closed.reason.contains("frame too large"), "{closed:?}");
 
     // The same socket and another one still work.
     client.ask("ok-1", None, "Say hello.").await;
@@ -714,19 +738,64 @@ async fn parallel_turns_across_gateways_never_overspend_a_token_budget() {
         .sum();
     assert!(spent <= DAILY + RESERVATION, "spent {spent}");
     // `parley usage` tells the same from the log, with what is left and what was refused.
-    let usage = pipeline.cli(&["--daily-token-budget", "2100", "usage", &user]);
-    let report = String::from_utf8_lossy(&usage.stdout);
-    assert!(usage.status.success(), "{report}{}", String::from_utf8_lossy(&usage.stderr));
-    let today = report.lines().find(|l| l.contains("today")).unwrap();
-    assert!(today.contains(&format!(" {spent} tokens")), "{report}");
-    assert!(today.contains(&format!("{} left of 2100", DAILY.saturating_sub(spent))), "{report}");
-    assert_eq!(report.matches("refused by inference").count(), 2 - fit, "{report}");
+    let usage = pipeline.cli(&["--daily-token-budget", "2100", "usage", &user, "--format", "json"]);
+    let stdout = String::from_utf8_lossy(&usage.stdout);
+    assert!(usage.status.success(), "{stdout}{}", String::from_utf8_lossy(&usage.stderr));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["today"]["spent"], spent, "{report}");
+    assert_eq!(report["today"]["budget"], DAILY, "{report}");
+    assert_eq!(report["today"]["left"], DAILY.saturating_sub(spent), "{report}");
+    assert_eq!(report["today"]["budget_source"], "default", "{report}");
+    assert_eq!(report["refused_by_inference"].as_array().unwrap().len(), 2 - fit, "{report}");
+    let text = pipeline.cli(&["--daily-token-budget", "2100", "usage", &user]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let today = text.lines().find(|l| l.contains("today")).unwrap();
+    let columns: Vec<&str> = today.split_whitespace().collect();
+    assert_eq!(columns[2..], [spent.to_string(), DAILY.to_string(), DAILY.saturating_sub(spent).to_string()], "{text}");
+    assert_eq!(text.matches("refused by inference").count(), 2 - fit, "{text}");
     // A user's own budget wins over the default: 0 lifts the daily one for them.
     let set = pipeline.cli(&["budget", &user, "--daily", "0"]);
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     let mut lifted = pipeline.connect(&pipeline.http, &token).await;
     lifted.ask("lifted", None, "Say OK.").await;
     assert_eq!(lifted.reply_to("lifted").await["type"], "ack");
+    pipeline.stop().await;
+}
+
+/// With every default budget off (the quick start), a budget an operator sets for one user
+/// is enforced, `parley usage` shows it, and other users stay unlimited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_own_budget_holds_when_the_defaults_are_off() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &["--turn-reserve-tokens", "1000"]).await;
+    let (user, token) = pipeline.session_user().await;
+    // Room for one reservation of "Say OK." (2 + 1000), not for a second after its real use.
+    let set = pipeline.cli(&["budget", &user, "--daily", "1010"]);
+    let said = String::from_utf8_lossy(&set.stdout);
+    assert!(set.status.success(), "{said}{}", String::from_utf8_lossy(&set.stderr));
+    assert!(said.contains("daily 1010 tokens, monthly no limit, per conversation no limit"), "in words: {said}");
+    let mut socket = pipeline.connect(&pipeline.http, &token).await;
+    socket.ask("own-1", None, "Say OK.").await;
+    assert_eq!(socket.until_outcome().await.last().unwrap()["type"], "answer");
+    socket.ask("own-2", None, "Say OK.").await;
+    let refused = socket.reply_to("own-2").await;
+    assert_eq!(refused["code"], "budget_exceeded", "{refused}");
+    let usage = pipeline.cli(&["usage", &user, "--format", "json"]);
+    let report: Value = serde_json::from_slice(&usage.stdout).unwrap();
+    assert_eq!(
+        (report["today"]["budget"].as_u64(), report["today"]["budget_source"].as_str()),
+        (Some(1010), Some("own"))
+    );
+    assert_eq!(report["this_month"]["budget"], Value::Null, "no monthly limit: {report}");
+    // A command's stderr into a pipe: no colour codes, no libraries' INFO lines.
+    let stderr = String::from_utf8_lossy(&usage.stderr);
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains(" INFO "), "{stderr}");
+    // Users without budgets of their own have none.
+    let mut other = pipeline.client().await;
+    for n in 0..2 {
+        other.ask(&format!("free-{n}"), None, "Say OK.").await;
+        assert_eq!(other.until_outcome().await.last().unwrap()["type"], "answer");
+    }
     pipeline.stop().await;
 }
 

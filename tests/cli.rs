@@ -103,3 +103,33 @@ fn a_bad_config_value_names_the_option_and_the_value() {
     let stderr = String::from_utf8_lossy(&from_env.stderr);
     assert!(stderr.contains("--max-frame-bytes") && stderr.contains("huge"), "{stderr}");
 }
+
+#[test]
+fn the_gateway_checks_its_identity_settings_before_connecting_to_anything() {
+    // Nothing listens on these: a gateway that connected first would report the store or
+    // the model, hiding the bad JWT setting.
+    let output = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["--cql-nodes", "127.0.0.1:9", "--kafka-brokers", "127.0.0.1:9", "--embedding-model-dir", "/nonexistent"])
+        .args(["gateway", "--jwt-jwks", "http://example.org/jwks.json", "--jwt-issuer", "i", "--jwt-audience", "a"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--jwt-jwks") && stderr.contains("plain HTTP"), "the JWT setting first: {stderr}");
+    assert!(!stderr.contains("CQL") && !stderr.contains("embedding"), "{stderr}");
+}
+
+#[test]
+fn a_gateway_without_the_embedding_model_says_how_to_start_it() {
+    let Some(stack) = support::stack() else { return };
+    let output = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["--cql-nodes", &stack.cql, "--kafka-brokers", &stack.brokers])
+        .args(["gateway", "--listen", "127.0.0.1:0"])
+        .env_remove("PARLEY_EMBEDDING_MODEL_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--embedding-model-dir") && stderr.contains("--without-retrieval"), "{stderr}");
+    assert!(!stderr.contains("\u{1b}["), "no colour codes into a pipe: {stderr}");
+}

@@ -135,6 +135,46 @@ async fn a_restarted_gateway_continues_an_existing_conversation() {
     pipeline.stop().await;
 }
 
+/// The read model is not on the chat path: with no projection running at all, new
+/// conversations start, resends are duplicates and next turns follow, also on a gateway
+/// started afterwards that never held the conversation (it reads the log itself).
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_needs_no_projection_to_tell_new_turns_from_resends() {
+    let Some(stack) = stack() else { return };
+    let keyspace = format!("parley_unprojected_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut pipeline = Pipeline::start_in(&stack, &keyspace, &["--without-projection"]).await;
+    let token = pipeline.session().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("np-1", None, "Hello without a projection?").await;
+    let frames = client.until_outcome().await;
+    assert_eq!(frames.last().unwrap()["type"], "answer", "{frames:?}");
+    let conversation = ack_of(&frames)["conversation_id"].as_str().unwrap().to_owned();
+    assert_eq!(ack_of(&frames)["sequence"], 2);
+
+    // A gateway that starts now holds nothing, and the store has nothing of this conversation.
+    let other = pipeline.extra_gateway(&[]).await;
+    let mut elsewhere = pipeline.connect(&other, &token).await;
+    elsewhere.ask("np-1", None, "Hello without a projection?").await;
+    let resent = elsewhere.until_outcome().await;
+    let ack = ack_of(&resent);
+    assert_eq!((ack["duplicate"].as_bool(), ack["sequence"].as_i64()), (Some(true), Some(2)), "{resent:?}");
+    assert_eq!(ack["conversation_id"], conversation.as_str());
+    elsewhere.ask("np-2", Some(&conversation), "And the next turn?").await;
+    let next = elsewhere.until_outcome().await;
+    assert_eq!(ack_of(&next)["sequence"], 4, "{next:?}");
+    assert_eq!(next.last().unwrap()["type"], "answer", "{next:?}");
+    // Someone else's conversation is still unknown to them.
+    let stranger = pipeline.session().await;
+    let mut intruder = pipeline.connect(&other, &stranger).await;
+    intruder.ask("np-x", Some(&conversation), "Mine?").await;
+    let refused = intruder.next_frame().await;
+    assert_eq!(refused["code"], "unknown_conversation", "{refused}");
+
+    let cql = pipeline.cql.clone();
+    pipeline.stop().await;
+    support::drop_keyspace(&cql, &keyspace).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
     use parley_events::*;

@@ -60,3 +60,57 @@ async fn a_rebuild_equals_the_live_generation_and_takes_over_atomically() {
     pipeline.stop().await;
     support::drop_keyspace(&cql, &keyspace).await;
 }
+
+/// One undecodable record in the events topic (in the middle of a conversation) and one in
+/// the dead-letter topic: every command an operator runs on the log passes them by with a
+/// warning naming the position, says how many at the end, and does its job.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_reader_of_the_log_passes_an_undecodable_record_by() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(stack) = stack() else { return };
+    let keyspace = format!("parley_garbage_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let pipeline = Pipeline::start_in(&stack, &keyspace, &["--without-retrieval"]).await;
+    let (user, token) = pipeline.session_user().await;
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    client.ask("g-1", None, "Say one.").await;
+    let frames = client.until_outcome().await;
+    assert_eq!(frames.last().unwrap()["type"], "answer", "{frames:?}");
+    let conversation = frames[0]["conversation_id"].as_str().unwrap().to_owned();
+    pipeline.conversation_when(&token, &conversation, 2).await;
+
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
+    let garbage = b"\xde\xad\xbe\xef not avro".to_vec();
+    let dead_letters = format!("{}dead-letter", pipeline.prefix);
+    for (topic, key) in [(pipeline.events_topic(), conversation.as_str()), (dead_letters, "junk")] {
+        let record = FutureRecord::to(&topic).key(key).payload(&garbage);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+
+    // (command, undecodable records it meets: audit reads the dead-letter topic too)
+    let commands: [(&[&str], u32); 6] = [
+        (&["usage", &user], 1),
+        (&["audit", &conversation], 1),
+        (&["audit", &conversation, "--scan"], 2),
+        (&["replay", &conversation, "--scan"], 1),
+        (&["dead-letters", "list"], 1),
+        (&["projections", "rebuild", "context"], 1),
+    ];
+    for (args, undecodable) in commands {
+        let output = pipeline.cli(args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "{args:?}: {stdout}{stderr}");
+        let count = format!("{undecodable} undecodable record(s) passed by");
+        assert!(stderr.trim_end().ends_with("warning above") && stderr.contains(&count), "{args:?}: {stderr}");
+        assert!(stderr.contains("WARN"), "{args:?}: a warning names each: {stderr}");
+        assert!(!stderr.contains('\u{1b}'), "{args:?}: no colour into a pipe: {stderr}");
+    }
+    let usage = pipeline.cli(&["usage", &user, "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
+    assert!(report["today"]["spent"].as_u64().unwrap() > 0, "the answer's tokens are counted: {report}");
+
+    let cql = pipeline.cql.clone();
+    pipeline.stop().await;
+    support::drop_keyspace(&cql, &keyspace).await;
+}

@@ -10,7 +10,8 @@
 //! reads again and decides again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use parley_events::budget::{BudgetLimits, Exceeded, check, periods, reservation, settled, turn_key};
@@ -23,9 +24,10 @@ use scylla::value::{CqlValue, Row};
 use crate::error::ProjectionError;
 use crate::store::Store;
 
-/// Token budgets (0: off) and what a turn reserves, for the gateway (which reserves at
-/// admission) and inference (which checks again and settles). Defaults are off: an
-/// operator sets what their model pool and price allow.
+/// Default token budgets (0: none) and what a turn reserves, for the gateway (which
+/// reserves at admission) and inference (which checks again and settles). A user's own
+/// budgets (`parley budget`) hold whatever the defaults are; defaults are off: an operator
+/// sets what their model pool and price allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
 pub struct BudgetSettings {
     /// Model tokens (prompt + completion) a user may spend per UTC day.
@@ -54,10 +56,6 @@ impl BudgetSettings {
             per_conversation: self.conversation_token_budget,
         }
     }
-
-    pub fn enabled(&self) -> bool {
-        self.limits() != BudgetLimits::default()
-    }
 }
 
 /// A turn's reservation.
@@ -71,9 +69,21 @@ pub enum Reserved {
 /// Tries before a reservation or settlement gives up on a budget others keep changing.
 const CAS_ATTEMPTS: usize = 20;
 
+/// How long a user's own budgets are taken from memory before they are read again: a
+/// budget an operator sets holds from at most this long after (the read is on every new
+/// turn's path).
+pub const OWN_LIMITS_TTL: Duration = Duration::from_secs(2);
+
+/// Users whose own budgets are remembered at most (the memory is cleared past it).
+const OWN_LIMITS_CACHED: usize = 100_000;
+
+/// A user's own budgets as stored: `None` where the default applies.
+type OwnLimits = Option<(Option<i64>, Option<i64>, Option<i64>)>;
+
 #[derive(Debug, Clone)]
 pub struct BudgetLedger {
     session: Arc<Session>,
+    own_limits: Arc<Mutex<HashMap<String, (OwnLimits, Instant)>>>,
     select_limits: PreparedStatement,
     upsert_limits: PreparedStatement,
     select: PreparedStatement,
@@ -156,6 +166,7 @@ impl BudgetLedger {
             )
             .await?,
             session: Arc::clone(session),
+            own_limits: Arc::default(),
         })
     }
 
@@ -237,6 +248,26 @@ impl BudgetLedger {
 
     /// `user`'s budgets: their own where an operator set them, else the defaults.
     pub async fn limits_of(&self, user: &str, settings: &BudgetSettings) -> Result<BudgetLimits, ProjectionError> {
+        let defaults = settings.limits();
+        let own = |value: Option<i64>, default: u64| value.map_or(default, |v| u64::try_from(v).unwrap_or(0));
+        Ok(match self.own_limits(user).await? {
+            Some((daily, monthly, conversation)) => BudgetLimits {
+                daily: own(daily, defaults.daily),
+                monthly: own(monthly, defaults.monthly),
+                per_conversation: own(conversation, defaults.per_conversation),
+            },
+            None => defaults,
+        })
+    }
+
+    /// `user`'s own budgets as stored, from memory when read within [`OWN_LIMITS_TTL`].
+    async fn own_limits(&self, user: &str) -> Result<OwnLimits, ProjectionError> {
+        let cache = || self.own_limits.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((limits, read_at)) = cache().get(user)
+            && read_at.elapsed() < OWN_LIMITS_TTL
+        {
+            return Ok(*limits);
+        }
         let statement = &self.select_limits;
         let cql = statement.get_statement();
         let row = self
@@ -248,16 +279,17 @@ impl BudgetLedger {
             .map_err(|e| ProjectionError::cql(cql, e))?
             .maybe_first_row::<(Option<i64>, Option<i64>, Option<i64>)>()
             .map_err(|e| ProjectionError::cql(cql, e))?;
-        let defaults = settings.limits();
-        let own = |value: Option<i64>, default: u64| value.map_or(default, |v| u64::try_from(v).unwrap_or(0));
-        Ok(match row {
-            Some((daily, monthly, conversation)) => BudgetLimits {
-                daily: own(daily, defaults.daily),
-                monthly: own(monthly, defaults.monthly),
-                per_conversation: own(conversation, defaults.per_conversation),
-            },
-            None => defaults,
-        })
+        let mut cache = cache();
+        if cache.len() >= OWN_LIMITS_CACHED {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), (row, Instant::now()));
+        Ok(row)
+    }
+
+    /// Whether `user` has budgets of their own (else the defaults apply).
+    pub async fn has_own_limits(&self, user: &str) -> Result<bool, ProjectionError> {
+        Ok(self.own_limits(user).await?.is_some())
     }
 
     /// Sets `user`'s own budgets (0: unlimited for that user).
@@ -269,6 +301,7 @@ impl BudgetLedger {
             .execute_unpaged(statement, values)
             .await
             .map_err(|e| ProjectionError::cql(statement.get_statement(), e))?;
+        self.own_limits.lock().unwrap_or_else(PoisonError::into_inner).remove(user);
         Ok(())
     }
 

@@ -13,12 +13,12 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::metrics::{NO_LABELS, gauge, histogram};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
+use parley_eventlog::{KafkaSettings, LogPosition};
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::event::now_millis;
 use parley_events::turn::{Applied, ConversationHead};
@@ -283,7 +283,12 @@ pub async fn decode(
             redriven: redriven_from(message).is_some(),
         })),
         Err(error) => {
-            warn!(partition = message.partition(), offset = message.offset(), %error, "undecodable record not projected");
+            let position = LogPosition {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+            };
+            warn!(%position, %error, "undecodable record not projected");
             Some(None)
         }
     }

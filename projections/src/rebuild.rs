@@ -26,6 +26,8 @@ pub struct RebuildReport {
     pub generation: i32,
     pub previous: i32,
     pub records: u64,
+    /// Records passed by because they did not decode (each logged with its position).
+    pub undecodable: u64,
     pub elapsed: Duration,
 }
 
@@ -64,6 +66,7 @@ pub async fn rebuild_context(
 
     let started = Instant::now();
     let mut records = 0u64;
+    let mut undecodable = 0u64;
     let mut at_end = HashSet::new();
     let mut batch: Vec<LoggedEvent> = Vec::with_capacity(BATCH);
     let mut last_report = Instant::now();
@@ -78,7 +81,8 @@ pub async fn rebuild_context(
                 records += 1;
                 match decode(&codec, &message.detach(), shutdown).await {
                     None => return Err(ProjectionError::Interrupted { generation }),
-                    Some(logged) => batch.extend(logged),
+                    Some(None) => undecodable += 1,
+                    Some(Some(logged)) => batch.push(logged),
                 }
             }
             Err(KafkaError::PartitionEOF(partition)) => {
@@ -96,7 +100,7 @@ pub async fn rebuild_context(
     }
     progress(records, total.max(records), started.elapsed());
     store.switch_live(CONTEXT, generation, live).await?;
-    Ok(RebuildReport { generation, previous: live, records, elapsed: started.elapsed() })
+    Ok(RebuildReport { generation, previous: live, records, undecodable, elapsed: started.elapsed() })
 }
 
 /// Drops the generation a rebuild replaced, once nobody needs it.

@@ -3,6 +3,7 @@
 //! `--scan`) every partition is read from the start and filtered by key. The state is
 //! rebuilt with the same fold the projection uses, and compared with what it stores.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
@@ -10,7 +11,7 @@ use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_eventlog::{KafkaSettings, LogPosition};
 use parley_events::conversation::{ConversationState, Message};
-use parley_events::{ConversationEvent, EventCodec, RetrievedContext};
+use parley_events::{ConversationEvent, Decoded, EventCodec, RetrievedContext};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
@@ -53,11 +54,13 @@ pub enum Method {
     PartitionScan,
 }
 
-/// Reads one conversation's records from the log.
+/// Reads one conversation's records from the log. A record that does not decode is passed
+/// by with a log line naming its position, and counted ([`LogReader::undecodable`]).
 pub struct LogReader {
     consumer: LogConsumer,
     codec: EventCodec,
     topic: String,
+    undecodable: AtomicU64,
 }
 
 impl std::fmt::Debug for LogReader {
@@ -72,7 +75,36 @@ impl LogReader {
         // A re-assigned partition's first fetch queues behind the previous long poll: keep
         // that poll short (librdkafka waits 500 ms by default).
         let consumer = reader(reader_config(kafka, &group, true).set("fetch.wait.max.ms", "10"))?;
-        Ok(Self { consumer, codec: EventCodec::new(registry_url)?, topic: kafka.topics().events })
+        Ok(Self {
+            consumer,
+            codec: EventCodec::new(registry_url)?,
+            topic: kafka.topics().events,
+            undecodable: AtomicU64::new(0),
+        })
+    }
+
+    /// How many records this reader passed by because they did not decode.
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable.load(Ordering::Relaxed)
+    }
+
+    /// Decodes a record; None (logged with its position, counted) for one that is not a
+    /// conversation event. Only a registry that does not answer is an error.
+    async fn decode(&self, message: &OwnedMessage) -> Result<Option<Decoded<ConversationEvent>>, ProjectionError> {
+        match self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await {
+            Ok(decoded) => Ok(Some(decoded)),
+            Err(error) if !error.is_retryable() => {
+                let position = LogPosition {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                };
+                warn!(%position, %error, "undecodable record passed by");
+                self.undecodable.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The conversation's records via the index (when it has entries) or a scan.
@@ -199,7 +231,7 @@ impl LogReader {
     pub async fn events_since(&self, since_ms: i64) -> Result<Vec<ConversationEvent>, ProjectionError> {
         let mut events = Vec::new();
         for message in self.scan_from(Offset::Offset(since_ms), |_| true).await? {
-            events.push(self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await?.event);
+            events.extend(self.decode(&message).await?.map(|decoded| decoded.event));
         }
         Ok(events)
     }
@@ -244,14 +276,7 @@ impl LogReader {
     /// The record as audit shows it; None for one that does not decode (the consumers
     /// dead-letter it: `parley dead-letters`, and audit lists the conversation's letters).
     async fn audit_record(&self, message: &OwnedMessage) -> Result<Option<AuditRecord>, ProjectionError> {
-        let decoded = match self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await {
-            Ok(decoded) => decoded,
-            Err(error) if !error.is_retryable() => {
-                warn!(partition = message.partition(), offset = message.offset(), %error, "undecodable record left out");
-                return Ok(None);
-            }
-            Err(error) => return Err(error.into()),
-        };
+        let Some(decoded) = self.decode(message).await? else { return Ok(None) };
         let envelope = decoded.event.envelope().clone();
         let header_trace = header_traceparent(message).and_then(trace_id).map(str::to_owned);
         let retrieved = match &decoded.event {

@@ -59,7 +59,10 @@ impl EmbeddingSettings {
             BackendKind::Local => {
                 let dir = self.embedding_model_dir.clone().ok_or_else(|| RetrievalError::ModelLoad {
                     dir: "(unset)".into(),
-                    reason: "set --embedding-model-dir or PARLEY_EMBEDDING_MODEL_DIR".into(),
+                    reason: "set --embedding-model-dir or PARLEY_EMBEDDING_MODEL_DIR (infra/lib.sh sets it to the \
+                             all-MiniLM-L6-v2 folder infra/install.sh installs), or run without search and \
+                             retrieval: --without-retrieval"
+                        .into(),
                 })?;
                 let model = tokio::task::spawn_blocking(move || MiniLm::load(&dir))
                     .await

@@ -19,6 +19,27 @@ pub struct BudgetLimits {
     pub per_conversation: u64,
 }
 
+impl BudgetLimits {
+    /// What is left of `limit` after `used`; None: no limit (0).
+    pub fn left(used: u64, limit: u64) -> Option<u64> {
+        (limit > 0).then(|| limit.saturating_sub(used))
+    }
+}
+
+/// In words: `daily 2200 tokens, monthly no limit, per conversation no limit`.
+impl std::fmt::Display for BudgetLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let one = |limit: u64| if limit == 0 { "no limit".to_owned() } else { format!("{limit} tokens") };
+        write!(
+            f,
+            "daily {}, monthly {}, per conversation {}",
+            one(self.daily),
+            one(self.monthly),
+            one(self.per_conversation)
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeriodKind {
     Day,
@@ -206,6 +227,15 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_read_as_words_and_zero_is_no_limit() {
+        let limits = BudgetLimits { daily: 2200, monthly: 0, per_conversation: 500 };
+        assert_eq!(limits.to_string(), "daily 2200 tokens, monthly no limit, per conversation 500 tokens");
+        assert_eq!(BudgetLimits::left(901, 2200), Some(1299));
+        assert_eq!(BudgetLimits::left(3000, 2200), Some(0));
+        assert_eq!(BudgetLimits::left(901, 0), None);
+    }
     use crate::event::{Envelope, LLMResponseFailed, LLMResponseGenerated, Producer, UserQueryReceived};
 
     const P: Producer = Producer { name: "test", version: "0" };

@@ -97,17 +97,27 @@ impl ConversationHead {
     /// refusing it would stall the conversation and hide every event after it. Returns what
     /// the event was relative to the head before (so a gap can be reported).
     pub fn apply_over_gaps(&mut self, event: &ConversationEvent) -> Applied {
-        let applied = self.apply(event);
-        if let Applied::Gap { got, .. } = applied {
-            self.last_sequence = got - 1;
-            self.apply(event);
-        }
-        applied
+        self.advance_over_gaps(event.envelope().sequence, Self::opened_by(event))
     }
 
     /// Applies one event idempotently by its sequence number.
     pub fn apply(&mut self, event: &ConversationEvent) -> Applied {
-        let sequence = event.envelope().sequence;
+        self.advance(event.envelope().sequence, Self::opened_by(event))
+    }
+
+    /// [`Self::apply_over_gaps`] for a writer that keeps only an event's sequence and the
+    /// turn it opens (a query opens one; an outcome, at the next sequence, closes it).
+    pub fn advance_over_gaps(&mut self, sequence: i64, opens: Option<OpenQuery>) -> Applied {
+        let applied = self.advance(sequence, opens.clone());
+        if let Applied::Gap { got, .. } = applied {
+            self.last_sequence = got - 1;
+            self.advance(sequence, opens);
+        }
+        applied
+    }
+
+    /// [`Self::apply`] from an event's sequence and the turn it opens.
+    pub fn advance(&mut self, sequence: i64, opens: Option<OpenQuery>) -> Applied {
         if sequence <= self.last_sequence {
             return Applied::AlreadyApplied;
         }
@@ -115,15 +125,20 @@ impl ConversationHead {
             return Applied::Gap { expected: self.last_sequence + 1, got: sequence };
         }
         self.last_sequence = sequence;
-        self.open_query = match event {
+        self.open_query = opens;
+        Applied::Advanced
+    }
+
+    /// The turn an event opens: a query's; every other event that advances closes the turn.
+    fn opened_by(event: &ConversationEvent) -> Option<OpenQuery> {
+        match event {
             ConversationEvent::QueryReceived(q) => Some(OpenQuery {
                 event_id: q.envelope.event_id.clone(),
-                sequence,
+                sequence: q.envelope.sequence,
                 client_message_id: q.client_message_id.clone(),
             }),
             _ => None,
-        };
-        Applied::Advanced
+        }
     }
 }
 

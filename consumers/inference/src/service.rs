@@ -226,7 +226,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), InferenceError> {
     let topics = kafka.topics();
-    let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
+    // Always on: a user's own budget holds whatever the defaults are.
+    let budget = (BudgetLedger::open(&store).await?, budgets);
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots));
@@ -344,9 +345,9 @@ struct Worker {
     provider: String,
     /// Which lane each partition serves (a label of the latency metrics).
     lanes: LaneLayout,
-    /// The token budget ledger, when budgets are on: checked before the model is called
+    /// The token budget ledger and the default budgets: checked before the model is called
     /// (a turn that slipped past the gateway's reservation), settled after.
-    budget: Option<(BudgetLedger, BudgetSettings)>,
+    budget: (BudgetLedger, BudgetSettings),
     shutdown: CancellationToken,
 }
 
@@ -583,7 +584,7 @@ impl Worker {
     /// gateway, budgets turned on meanwhile) and is reserved here. A ledger that cannot be
     /// reached does not stop answers: the failure is logged and the turn goes ahead.
     async fn over_budget(&self, query: &UserQueryReceived) -> Option<String> {
-        let (ledger, budgets) = self.budget.as_ref()?;
+        let (ledger, budgets) = &self.budget;
         let envelope = &query.envelope;
         let chars = query.text.chars().count();
         let now = now_millis();
@@ -599,9 +600,7 @@ impl Worker {
 
     /// Replaces the turn's reservation with what the model really used (0 when it failed).
     async fn settle_budget(&self, query: &UserQueryReceived, used: u64) {
-        if let Some((ledger, _)) = &self.budget
-            && let Err(error) = ledger.settle(&query.user_id, &query.envelope.event_id, used).await
-        {
+        if let Err(error) = self.budget.0.settle(&query.user_id, &query.envelope.event_id, used).await {
             warn!(%error, "token budget not settled: the ledger is unreachable");
         }
     }

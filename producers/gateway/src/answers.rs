@@ -1,29 +1,73 @@
 //! Pushes answers to the sockets of this instance. Every gateway instance reads the events
-//! and tokens topics itself (all partitions, from the end, no consumer group offsets), and
-//! keeps only what its own sockets wait for: any instance can hold any conversation.
+//! and tokens topics itself (all partitions, no consumer group offsets), and keeps only what
+//! its own sockets wait for: any instance can hold any conversation. It reads the events
+//! topic from where the projection stands, and keeps what the projection has not applied
+//! yet in [`Recent`], so adopting a conversation never waits for the read model.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, next_record, tail};
+use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, LogPosition, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
-use rdkafka::Message;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, debug, info_span, warn};
+use tracing::{Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::hub::{Hub, Outbox};
 use crate::protocol::ServerFrame;
+use crate::recent::{Fact, Recent};
 
-/// A consumer positioned at the end of the events and tokens topics, and the number of
-/// partitions of the events topic.
-pub fn listener(kafka: &KafkaSettings, topics: &Topics) -> Result<(LogConsumer, i32), EventLogError> {
-    let consumer = tail(kafka, "parley-gateway", &[&topics.events, &topics.tokens])?;
-    let event_partitions = consumer.assignment()?.elements_for_topic(&topics.events).len();
-    Ok((consumer, i32::try_from(event_partitions).unwrap_or(i32::MAX)))
+/// How long a metadata or watermark query may take while the listener starts.
+const START_QUERY_WAIT: Duration = Duration::from_secs(30);
+
+/// A consumer of the tokens topic from its end and of the events topic from where the
+/// projection stands (`applied`: per partition, the next offset it will apply), at most
+/// `recent`'s cap of records back from the end; returns it and the number of partitions of
+/// the events topic. `recent` starts each partition's window where reading starts.
+pub fn listener(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    applied: &[(i32, i64)],
+    recent: &Recent,
+    cap: usize,
+) -> Result<(LogConsumer, i32), EventLogError> {
+    let group = format!("parley-gateway-{}", Uuid::new_v4().simple());
+    let consumer = reader(
+        reader_config(kafka, &group, true)
+            .set("fetch.wait.max.ms", "10")
+            // A start that retention deleted meanwhile reads from the oldest record kept.
+            .set("auto.offset.reset", "earliest"),
+    )?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions_of(&consumer, &topics.tokens)? {
+        assignment.add_partition_offset(&topics.tokens, partition, Offset::End)?;
+    }
+    let event_partitions = partitions_of(&consumer, &topics.events)?;
+    let mut window = recent.lock();
+    let mut behind = 0;
+    for &partition in &event_partitions {
+        let (low, high) = consumer.fetch_watermarks(&topics.events, partition, START_QUERY_WAIT)?;
+        let projected = applied.iter().find(|(p, _)| *p == partition).map_or(0, |(_, next)| *next);
+        let start = projected.max(low).max(high - i64::try_from(cap).unwrap_or(i64::MAX));
+        behind += high - start;
+        window.start(partition, start);
+        assignment.add_partition_offset(&topics.events, partition, Offset::Offset(start))?;
+    }
+    drop(window);
+    consumer.assign(&assignment)?;
+    info!(records = behind, "the gateway reads the events the projection has not applied yet");
+    Ok((consumer, i32::try_from(event_partitions.len()).unwrap_or(i32::MAX)))
+}
+
+fn partitions_of(consumer: &LogConsumer, topic: &str) -> Result<Vec<i32>, EventLogError> {
+    let metadata = consumer.fetch_metadata(Some(topic), START_QUERY_WAIT)?;
+    Ok(metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect())
 }
 
 /// Routes questions asked elsewhere, token deltas and outcomes to subscribed sockets
@@ -33,73 +77,117 @@ pub async fn run(
     topics: Topics,
     codec: Arc<EventCodec>,
     hub: Arc<Hub>,
+    recent: Arc<Recent>,
     shutdown: CancellationToken,
 ) {
-    // A dead client stops the gateway rather than serve sockets that would never get an answer.
-    while let Some(message) = next_record(&consumer, &shutdown, "answer listener").await {
-        // Cheap filter first: most records belong to conversations held elsewhere.
-        let Some(conversation_id) =
-            message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok())
-        else {
-            continue;
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = consumer.recv() => received,
         };
-        if !hub.holds(&conversation_id) {
-            continue;
-        }
+        let message = match received {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                reached_end(&consumer, &topics.events, partition, &recent);
+                continue;
+            }
+            // A dead client stops the gateway rather than serve sockets that would never get an answer.
+            Err(failure) if is_fatal(&failure) => {
+                error!(error = %failure, "fatal kafka error in the answer listener; shutting the process down");
+                shutdown.cancel();
+                return;
+            }
+            Err(failure) => {
+                warn!(error = %failure, "kafka error in the answer listener");
+                continue;
+            }
+        };
+        let conversation_id =
+            message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok());
         let payload = message.payload().unwrap_or_default();
         let coordinates = (message.topic().to_owned(), message.partition(), message.offset());
         if message.topic() == topics.tokens {
-            match codec.decode::<LLMTokenDelta>(payload).await {
-                Ok(decoded) => {
-                    let token = decoded.event;
-                    // Pairs with the inference's `inference.first_token`: the first delta's hop.
-                    let span = if token.index == 0 {
-                        let span = info_span!("gateway.first_token");
-                        continue_trace(&span, token.traceparent.as_deref());
-                        span
-                    } else {
-                        Span::none()
-                    };
-                    let _pushing = span.enter();
-                    let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
-                    let frame = ServerFrame::Token {
-                        conversation_id: token.conversation_id,
-                        query_event_id: token.query_event_id,
-                        index: token.index,
-                        delta: token.delta,
-                        attempt: token.attempt,
-                        position: Some(
-                            LogPosition {
-                                topic: coordinates.0.clone(),
-                                partition: coordinates.1,
-                                offset: coordinates.2,
-                            }
-                            .to_string(),
-                        ),
-                    };
-                    send_all(subscribers, &frame);
-                }
-                Err(error) => warn!(?coordinates, %error, "undecodable token delta skipped"),
+            // Cheap filter first: most deltas belong to conversations held elsewhere.
+            if let Some(conversation_id) = conversation_id.filter(|id| hub.holds(id)) {
+                push_token(&codec, &hub, conversation_id, payload, coordinates).await;
             }
             continue;
         }
-        match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
-            Some(Ok(decoded)) => {
-                let frame = match &decoded.event {
+        // Every event is decoded: what the projection has not applied yet is kept for adoptions.
+        let decoded = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
+            Some(Ok(decoded)) => Some(decoded.event),
+            // The inference consumer dead-letters poison records; the gateway only reads.
+            Some(Err(error)) => {
+                warn!(?coordinates, %error, "undecodable conversation event skipped by the gateway");
+                None
+            }
+            None => return, // shut down while waiting
+        };
+        let fact = decoded.as_ref().and_then(Fact::of);
+        let subscribers = {
+            let mut window = recent.lock();
+            window.record(message.partition(), message.offset(), conversation_id, fact);
+            decoded.as_ref().filter(|_| conversation_id.is_some_and(|id| hub.holds(&id))).map(|event| {
+                let frame = match event {
                     ConversationEvent::QueryReceived(query) => Some(question_frame(query)),
                     event => outcome_frame(event),
                 };
-                let subscribers = hub.apply(&decoded.event, message.partition(), message.offset(), frame.clone());
-                if let Some(frame) = frame {
-                    send_all(subscribers, &frame);
-                }
-            }
-            // The inference consumer dead-letters poison records; the gateway only reads.
-            Some(Err(error)) => {
-                warn!(?coordinates, %error, "undecodable conversation event skipped by the gateway")
-            }
-            None => return, // shut down while waiting
+                (hub.apply(event, message.partition(), message.offset(), frame.clone()), frame)
+            })
+        };
+        recent.advanced();
+        if let Some((subscribers, Some(frame))) = subscribers {
+            send_all(subscribers, &frame);
         }
+    }
+}
+
+/// The listener read `partition` of the events topic to its end: its position, past the
+/// transaction markers that may follow the last record, is what it has read.
+fn reached_end(consumer: &LogConsumer, events: &str, partition: i32, recent: &Recent) {
+    let position =
+        consumer.position().ok().and_then(|positions| match positions.find_partition(events, partition)?.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        });
+    if let Some(position) = position {
+        recent.lock().reached(partition, position);
+        recent.advanced();
+    }
+}
+
+/// Sends a token delta to the sockets that follow its answer.
+async fn push_token(
+    codec: &EventCodec,
+    hub: &Hub,
+    conversation_id: Uuid,
+    payload: &[u8],
+    (topic, partition, offset): (String, i32, i64),
+) {
+    match codec.decode::<LLMTokenDelta>(payload).await {
+        Ok(decoded) => {
+            let token = decoded.event;
+            // Pairs with the inference's `inference.first_token`: the first delta's hop.
+            let span = if token.index == 0 {
+                let span = info_span!("gateway.first_token");
+                continue_trace(&span, token.traceparent.as_deref());
+                span
+            } else {
+                Span::none()
+            };
+            let _pushing = span.enter();
+            let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
+            let frame = ServerFrame::Token {
+                conversation_id: token.conversation_id,
+                query_event_id: token.query_event_id,
+                index: token.index,
+                delta: token.delta,
+                attempt: token.attempt,
+                position: Some(LogPosition { topic, partition, offset }.to_string()),
+            };
+            send_all(subscribers, &frame);
+        }
+        Err(error) => warn!(topic, partition, offset, %error, "undecodable token delta skipped"),
     }
 }
 

@@ -109,6 +109,8 @@ pub enum AuthError {
     Algorithm(String),
     #[error("the token's key is not in the identity provider's key set")]
     UnknownKey,
+    #[error("the token names no key (`kid`), and the identity provider's key set has several")]
+    NoKeyId,
     #[error("the token's signature does not verify")]
     Signature,
     #[error("the token has expired")]
@@ -298,7 +300,11 @@ impl JwtVerifier {
                 keys = self.current_keys();
             }
         }
-        let jwk = key_for(&keys, kid).ok_or(AuthError::UnknownKey)?;
+        let jwk = key_for(&keys, kid).ok_or(if kid.is_none() && keys.keys.len() > 1 {
+            AuthError::NoKeyId
+        } else {
+            AuthError::UnknownKey
+        })?;
         // A key published for one algorithm is not used with another.
         if let Some(published) = &jwk.common.key_algorithm
             && format!("{published:?}") != format!("{:?}", header.alg)
@@ -472,6 +478,22 @@ mod tests {
             let expected = Verified { user_id: "alice@example.org".into(), expires_at };
             assert_eq!(verified, Ok(expected), "{:?}", key.algorithm);
         }
+    }
+
+    #[tokio::test]
+    async fn a_token_without_kid_needs_a_set_of_one_key_and_aud_may_be_an_array() {
+        let (one, other) = (provider_key(Algorithm::ES256, "one"), provider_key(Algorithm::ES256, "other"));
+        let without_kid =
+            |key: &ProviderKey, claims: &Value| encode(&Header::new(Algorithm::ES256), claims, &key.encoding).unwrap();
+        let (single, _dir) = verifier(&[&one]).await;
+        assert!(single.verify(&without_kid(&one, &claims())).await.is_ok(), "a set of one key needs no kid");
+        let (several, _dir2) = verifier(&[&one, &other]).await;
+        assert_eq!(several.verify(&without_kid(&one, &claims())).await, Err(AuthError::NoKeyId));
+        let audience = claims()["aud"].clone();
+        let listed = with(claims(), |c| drop(c.insert("aud".into(), json!(["another-api", audience]))));
+        assert!(single.verify(&without_kid(&one, &listed)).await.is_ok(), "an aud array containing the audience");
+        let elsewhere = with(claims(), |c| drop(c.insert("aud".into(), json!(["another-api"]))));
+        assert_eq!(single.verify(&without_kid(&one, &elsewhere)).await, Err(AuthError::Audience));
     }
 
     #[tokio::test]

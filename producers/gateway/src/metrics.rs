@@ -31,6 +31,14 @@ static HELD_CONVERSATIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+static UNPROJECTED_FACTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    int_gauge(
+        "parley_gateway_unprojected_events",
+        "Conversation events this gateway read that the projection had not applied when it last looked (what it decides new or duplicate turns from, instead of waiting)",
+        &[],
+    )
+});
+
 /// Creates every turn and error-frame series at 0, so the first of each is an increase
 /// (Prometheus's `rate` sees nothing of a series that starts at 1).
 pub fn init() {
@@ -43,6 +51,7 @@ pub fn init() {
     }
     OPEN_SOCKETS.with_label_values(NO_LABELS);
     HELD_CONVERSATIONS.with_label_values(NO_LABELS);
+    UNPROJECTED_FACTS.with_label_values(NO_LABELS);
 }
 
 /// Counts what the gateway answered to a client frame (`query`: the frame was a question).
@@ -67,6 +76,11 @@ pub fn answered(query: bool, frames: &[ServerFrame]) {
 /// How many conversations the gateway holds after forgetting the idle ones.
 pub fn held_conversations(count: usize) {
     HELD_CONVERSATIONS.with_label_values(NO_LABELS).set(i64::try_from(count).unwrap_or(i64::MAX));
+}
+
+/// How many events the gateway keeps past the projection ([`crate::recent`]).
+pub fn unprojected_events(count: usize) {
+    UNPROJECTED_FACTS.with_label_values(NO_LABELS).set(i64::try_from(count).unwrap_or(i64::MAX));
 }
 
 /// A socket opened (+1) or closed (-1).

@@ -193,6 +193,9 @@ impl Rejection {
 
 pub const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
 
+/// How much of an invalid `client_message_id` an error frame echoes.
+pub const INVALID_ID_ECHO_CHARS: usize = 64;
+
 /// Parses a text frame within `limits`.
 pub fn parse_frame(text: &str, limits: Limits) -> Result<ClientFrame, Rejection> {
     if text.len() > limits.max_frame_bytes {
@@ -222,9 +225,14 @@ pub fn validate_query(
         || client_message_id.len() > MAX_CLIENT_MESSAGE_ID_CHARS
         || !client_message_id.chars().all(legal)
     {
-        return Err(invalid(format!(
-            "client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} characters of [A-Za-z0-9._:-]"
-        )));
+        return Err(Rejection {
+            code: ErrorCode::InvalidField,
+            message: format!(
+                "client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} characters of [A-Za-z0-9._:-]"
+            ),
+            // Echoed so the client can match the refusal, but never more than a prefix of it.
+            client_message_id: Some(client_message_id.chars().take(INVALID_ID_ECHO_CHARS).collect()),
+        });
     }
     let conversation_id = conversation_id
         .map(|id| id.parse::<Uuid>().map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID"))))
@@ -276,6 +284,12 @@ mod tests {
         assert!(err.message.contains("lane") && err.message.contains("not a lane"), "{}", err.message);
         let err = validate_query("m 1".into(), None, "hi".into(), None, LIMITS).unwrap_err();
         assert!(err.message.contains("client_message_id"), "{err:?}");
+        assert_eq!(err.client_message_id.as_deref(), Some("m 1"));
+        let long = "é".repeat(60_000);
+        let err = validate_query(long, None, "hi".into(), None, LIMITS).unwrap_err();
+        let echoed = err.client_message_id.unwrap();
+        assert_eq!(echoed.chars().count(), INVALID_ID_ECHO_CHARS, "an invalid id is echoed as a short prefix");
+        assert!(echoed.chars().all(|c| c == 'é'));
         let err = validate_query("m1".into(), Some("not-a-uuid".into()), "hi".into(), None, LIMITS).unwrap_err();
         assert_eq!((err.code, err.client_message_id.as_deref()), (ErrorCode::InvalidField, Some("m1")));
         assert!(validate_query("m1".into(), None, "   ".into(), None, LIMITS).unwrap_err().message.contains("empty"));

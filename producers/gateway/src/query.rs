@@ -78,7 +78,7 @@ pub(crate) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<Str
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required".into()))?;
+        .ok_or_else(|| unauthorized("invalid token: none given (send Authorization: Bearer <token>)".into()))?;
     match state.identity.verify(token).await {
         Ok(verified) => Ok(verified.user_id),
         Err(refusal) => Err(unauthorized(format!("invalid token: {refusal}"))),

@@ -25,9 +25,9 @@ use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::traceparent_of;
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
-use parley_events::event::{AvroEvent, now_millis as now_ms};
+use parley_events::event::now_millis as now_ms;
 use parley_events::lanes::{Lane, LaneLayout};
-use parley_events::turn::{ConversationHead, STARTED_SEQUENCE};
+use parley_events::turn::STARTED_SEQUENCE;
 use parley_events::{
     ConversationStarted, Envelope, EventCodec, EventsError, LLMTokenDelta, Producer, TurnCancelRequested,
     UserQueryReceived,
@@ -36,6 +36,7 @@ use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::reader::{Freshness, LiveReader};
 use parley_projections::replay::LogReader;
+use parley_projections::store::EventLocation;
 use parley_projections::tiers::TierBook;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::Retriever;
@@ -49,15 +50,15 @@ use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::hub::{
-    Admission, CancelTarget, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, WrittenQuery, new_conversation_id,
-};
+use crate::adoption::{Adopted, Adopter};
+use crate::hub::{Admission, CancelTarget, ConnectionId, DuplicateOutcome, Hub, Outbox, Refusal, new_conversation_id};
 use crate::identity::{Identity, IdentityError, JwtSettings};
 use crate::origin;
 use crate::protocol::{
     ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query,
 };
 use crate::rate::{RateLimiter, RateSettings};
+use crate::recent::Recent;
 use crate::resume::TokenOrder;
 use crate::tls::{Certificate, TlsError, TlsSettings};
 use crate::{answers, knowledge, metrics, ops, query, rate_feed};
@@ -143,6 +144,13 @@ pub struct GatewayArgs {
     /// from the projection).
     #[arg(long, env = "PARLEY_HUB_IDLE", default_value = "10m", value_parser = parse_duration)]
     pub hub_idle: Duration,
+
+    /// Conversation events per partition this gateway keeps that the projection has not
+    /// applied yet (new and resent turns are told apart from them without waiting for the
+    /// projection; past this many, an adoption in that partition waits for it again).
+    #[arg(long, env = "PARLEY_UNPROJECTED_WINDOW", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub unprojected_window: u32,
 }
 
 #[derive(Debug, Error)]
@@ -175,8 +183,8 @@ pub(crate) struct AppState {
     limits: Limits,
     /// Rate limits, fed from the log by [`rate_feed`].
     pub(crate) rate: Arc<Mutex<RateLimiter>>,
-    /// The token budget ledger, when budgets are on.
-    budget: Option<(BudgetLedger, BudgetSettings)>,
+    /// The token budget ledger and the default budgets.
+    budget: (BudgetLedger, BudgetSettings),
     /// The inference instances' queue ages, fed by [`load::follow`].
     load: Arc<Mutex<LoadBoard>>,
     shed_queue_age: Duration,
@@ -194,6 +202,8 @@ pub(crate) struct AppState {
     pub(crate) read_wait: Duration,
     pub(crate) retriever: Option<Retriever>,
     pub(crate) producer: EventProducer,
+    /// Takes over conversations this instance does not hold.
+    adopter: Adopter,
     /// Reads single events back from the log (the outcome of a resent earlier query).
     log: tokio::sync::Mutex<LogReader>,
     pub(crate) topics: Topics,
@@ -234,26 +244,74 @@ impl AppState {
     }
 }
 
+/// Who may connect and how: checked from the settings alone, before the gateway connects
+/// to the log, the store or loads a model, so a bad identity or TLS setting is the first
+/// error an operator sees.
+#[derive(Debug)]
+pub struct Credentials {
+    identity: Identity,
+    certificate: Option<Certificate>,
+}
+
+impl Credentials {
+    /// The secret, the identity provider's keys and the certificate `args` name.
+    pub async fn load(args: &GatewayArgs, shutdown: &CancellationToken) -> Result<Self, GatewayError> {
+        let secret = secret_from("PARLEY_AUTH_SECRET", args.auth_secret_file.as_deref())?;
+        let secret = secret.unwrap_or_else(|| {
+            if args.jwt.jwks.is_none() {
+                warn!("no auth secret (PARLEY_AUTH_SECRET or --auth-secret-file): anonymous tokens are valid for this process only");
+            }
+            Uuid::new_v4().to_string()
+        });
+        let identity = Identity::from_settings(&args.jwt, &secret, shutdown).await?;
+        let certificate = Certificate::load(&args.tls).await?;
+        Ok(Self { identity, certificate })
+    }
+}
+
 impl Gateway {
+    #[allow(clippy::too_many_arguments)] // one per edge: log, registry, settings, identity, budgets, store, vectors, stop
     pub async fn bind(
         kafka: &KafkaSettings,
         registry_url: &str,
         args: &GatewayArgs,
+        credentials: Credentials,
         budgets: BudgetSettings,
         store: Store,
         retriever: Option<Retriever>,
         shutdown: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
-        let budget = if budgets.enabled() { Some((BudgetLedger::open(&store).await?, budgets)) } else { None };
+        // Always on: a user's own budget holds whatever the defaults are.
+        let budget = (BudgetLedger::open(&store).await?, budgets);
         let tiers = TierBook::open(&store).await?;
         let reader = Arc::new(LiveReader::new(store).await?);
         let codec = Arc::new(EventCodec::new(registry_url)?);
         let hub = Arc::new(Hub::new(&topics.events));
-        let (consumer, event_partitions) = answers::listener(kafka, &topics)?;
+        let recent = Arc::new(Recent::new(args.unprojected_window as usize));
+        let applied = reader.store().progress(&*reader.generation().await?, &topics.events).await?;
+        let (consumer, event_partitions) =
+            answers::listener(kafka, &topics, &applied, &recent, args.unprojected_window as usize)?;
         kafka.lanes.check(event_partitions).map_err(GatewayError::Lanes)?;
-        let answers =
-            tokio::spawn(answers::run(consumer, topics.clone(), codec.clone(), hub.clone(), shutdown.clone()));
+        let answers = tokio::spawn(answers::run(
+            consumer,
+            topics.clone(),
+            codec.clone(),
+            hub.clone(),
+            recent.clone(),
+            shutdown.clone(),
+        ));
+        let producer = EventProducer::new(kafka.client_config(), codec.clone())?;
+        let adopter = Adopter {
+            hub: hub.clone(),
+            recent,
+            reader: reader.clone(),
+            producer: producer.clone(),
+            topic: topics.events.clone(),
+            partitions: event_partitions,
+            wait: args.read_wait,
+        };
+        tokio::spawn(adopter.clone().prune_applied(shutdown.clone()));
         tokio::spawn(forget_idle(hub.clone(), args.hub_idle, shutdown.clone()));
         let rate = Arc::new(Mutex::new(RateLimiter::new(args.rates, now_ms())));
         let rate_feed = tokio::spawn(rate_feed::run(
@@ -263,15 +321,7 @@ impl Gateway {
             rate.clone(),
             shutdown.clone(),
         ));
-        let secret = secret_from("PARLEY_AUTH_SECRET", args.auth_secret_file.as_deref())?;
-        let secret = secret.unwrap_or_else(|| {
-            if args.jwt.jwks.is_none() {
-                warn!("no auth secret (PARLEY_AUTH_SECRET or --auth-secret-file): anonymous tokens are valid for this process only");
-            }
-            Uuid::new_v4().to_string()
-        });
-        let identity = Identity::from_settings(&args.jwt, &secret, &shutdown).await?;
-        let certificate = Certificate::load(&args.tls).await?;
+        let Credentials { identity, certificate } = credentials;
         metrics::init();
         let ops_history = Arc::new(Mutex::new(ops::History::default()));
         tokio::spawn(ops::record(ops_history.clone(), shutdown.clone()));
@@ -287,7 +337,8 @@ impl Gateway {
             allowed_origins: args.allowed_origins.clone(),
             sockets: Mutex::new(HashMap::new()),
             max_sockets_per_user: args.max_sockets_per_user,
-            producer: EventProducer::new(kafka.client_config(), codec.clone())?,
+            producer,
+            adopter,
             codec,
             kafka: kafka.clone(),
             topics,
@@ -435,6 +486,10 @@ async fn new_session(State(state): State<Arc<AppState>>) -> Response {
 /// client reconnects with a fresh token.
 pub const TOKEN_EXPIRED_CLOSE_CODE: u16 = 4001;
 
+/// How long a socket closed for a frame too large stays open for the close frame to reach
+/// the client while the rest of its frame still arrives.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 #[derive(Deserialize)]
 struct SocketParams {
     token: Option<String>,
@@ -552,6 +607,7 @@ async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64
         let expiry = token_expiry(expires_at);
         tokio::pin!(expiry);
         let mut close_with = Some(close_with);
+        let mut lingering = false;
         loop {
             let message = tokio::select! {
                 message = stream.next() => message,
@@ -582,6 +638,10 @@ async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64
                 Ok(_) => {} // ping/pong are answered by the WebSocket layer
                 Err(error) => {
                     info!(%error, "socket closed by transport error");
+                    if let (Some(frame), Some(close_with)) = (too_large(&error), close_with.take()) {
+                        let _ = close_with.send(frame);
+                        lingering = true;
+                    }
                     break;
                 }
             }
@@ -594,9 +654,24 @@ async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64
         drop(close_with);
         drop(outbox);
         let _ = writer.await;
+        if lingering {
+            // The client is still sending the frame that was refused: dropping the socket
+            // now would reset the connection and lose the close frame on its way to it.
+            let _ = tokio::time::timeout(CLOSE_LINGER, async { while stream.next().await.is_some() {} }).await;
+        }
     }
     .instrument(span)
     .await;
+}
+
+/// The close frame for a transport error that is a frame over [`TRANSPORT_FRAME_LIMIT`]:
+/// 1009 (message too big), as the protocol promises.
+fn too_large(error: &axum::Error) -> Option<CloseFrame> {
+    let source = std::error::Error::source(error)?.downcast_ref::<tungstenite::Error>()?;
+    matches!(source, tungstenite::Error::Capacity(_)).then(|| CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Size.into(),
+        reason: format!("frame too large: the limit is {TRANSPORT_FRAME_LIMIT} bytes").into(),
+    })
 }
 
 /// Resolves when a token that expires at `expires_at` (seconds since the epoch) stops
@@ -761,7 +836,7 @@ async fn hold(state: &AppState, user: &str, conversation_id: &str) -> Result<Uui
     if state.hub.holds(&id) {
         return Ok(id);
     }
-    match adopt(state, user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
+    match state.adopter.adopt(user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
         Adopted::Held => Ok(id),
         Adopted::Unknown => Err(unknown()),
         Adopted::Unavailable(message) => Err((ErrorCode::Unavailable, message)),
@@ -789,7 +864,7 @@ async fn accept_query(
     let mut admission = admit();
     if admission == Err(Refusal::NotHeld) {
         let adopting = info_span!("gateway.adopt", %conversation_id);
-        match adopt(state, user, conversation_id, requested_new).instrument(adopting).await {
+        match state.adopter.adopt(user, conversation_id, requested_new).instrument(adopting).await {
             Adopted::Held => admission = admit(),
             Adopted::Unknown => admission = Err(Refusal::UnknownConversation),
             Adopted::Unavailable(message) => return error(ErrorCode::Unavailable, message),
@@ -868,9 +943,7 @@ async fn accept_query(
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
             state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
-            if let Some((ledger, _)) = &state.budget
-                && let Err(error) = ledger.settle(user, &query_id.to_string(), 0).await
-            {
+            if let Err(error) = state.budget.0.settle(user, &query_id.to_string(), 0).await {
                 warn!(%error, %query_id, "the reservation of an unwritten query was not released");
             }
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
@@ -927,7 +1000,7 @@ async fn admission_control(
             resets_at: None,
         });
     }
-    let Some((ledger, budgets)) = &state.budget else { return Ok(()) };
+    let (ledger, budgets) = &state.budget;
     let chars = text.chars().count();
     let refused = match ledger.reserve(budgets, user, &conversation_id.to_string(), &query_id, chars, now_ms()).await {
         Ok(Reserved::Yes) => return Ok(()),
@@ -955,78 +1028,6 @@ async fn forget_idle(hub: Arc<Hub>, idle: Duration, shutdown: CancellationToken)
             _ = every.tick() => metrics::held_conversations(hub.evict_idle(std::time::Instant::now(), idle)),
         }
     }
-}
-
-/// What adopting a conversation came to.
-enum Adopted {
-    /// This instance holds it now.
-    Held,
-    /// Not the user's (or no such conversation): indistinguishable to the client.
-    Unknown,
-    /// The store did not answer or is behind: nothing was decided; the client retries.
-    Unavailable(String),
-}
-
-/// Makes this instance hold a conversation of `user`'s (or the new one their first message
-/// starts) as the log has it. First waits, bounded, until the projection has applied
-/// every event of the conversation's partition, so a turn written through another instance
-/// or before a restart is known and a resend of it is recognised as a duplicate.
-async fn adopt(state: &AppState, user: &str, conversation_id: Uuid, new_conversation: bool) -> Adopted {
-    let partition = partition_for_key(conversation_id.to_string().as_bytes(), state.event_partitions);
-    match load_conversation(state, conversation_id, partition).await {
-        Ok(Some((head, queries))) if head.owner == user => {
-            state.hub.adopt(conversation_id, head, partition, queries);
-            Adopted::Held
-        }
-        Ok(Some(_)) => Adopted::Unknown,
-        Ok(None) if new_conversation => {
-            state.hub.adopt_new(conversation_id, user, partition);
-            Adopted::Held
-        }
-        Ok(None) => Adopted::Unknown,
-        Err(message) => {
-            warn!(%conversation_id, %message, "could not adopt the conversation");
-            Adopted::Unavailable(message)
-        }
-    }
-}
-
-/// A conversation's head and queries from the projection, once it has caught up with the
-/// conversation's partition.
-async fn load_conversation(
-    state: &AppState,
-    conversation_id: Uuid,
-    partition: i32,
-) -> Result<Option<(ConversationHead, Vec<(Uuid, WrittenQuery)>)>, String> {
-    let end = state
-        .producer
-        .end_offset(&state.topics.events, partition)
-        .await
-        .map_err(|e| format!("the event log did not answer; retry: {e}"))?;
-    if end > 0 {
-        let last = LogPosition { topic: state.topics.events.clone(), partition, offset: end - 1 };
-        let freshness = state.reader.wait_for(&last, state.read_wait).await.map_err(|e| e.to_string())?;
-        if freshness != Freshness::Applied {
-            return Err(format!(
-                "the conversation store has not caught up with {last} within {:?}; retry",
-                state.read_wait
-            ));
-        }
-    }
-    let store = state.reader.store();
-    let generation = state.reader.generation().await.map_err(|e| e.to_string())?;
-    let Some(row) = store.conversation(&generation, conversation_id).await.map_err(|e| e.to_string())? else {
-        return Ok(None);
-    };
-    let queries = store
-        .locations(&generation, conversation_id)
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|l| l.event_type == UserQueryReceived::short_name())
-        .filter_map(|l| Some((l.event_id.parse().ok()?, WrittenQuery { sequence: l.sequence, offset: l.offset })))
-        .collect();
-    Ok(Some((row.head(), queries)))
 }
 
 /// The frames a duplicate query gets: its original ack, marked duplicate, then its outcome
@@ -1146,18 +1147,31 @@ async fn earlier_outcome(
     outcome_sequence: i64,
     after: &LogPosition,
 ) -> Result<Option<ServerFrame>, ProjectionError> {
-    if state.reader.wait_for(after, state.read_wait).await? != Freshness::Applied {
-        return Ok(None);
-    }
-    let generation = state.reader.generation().await?;
-    let locations: Vec<_> = state
-        .reader
-        .store()
-        .locations(&generation, conversation_id)
-        .await?
-        .into_iter()
-        .filter(|l| l.sequence == outcome_sequence)
-        .collect();
+    // Read past the projection by this gateway: the outcome's position is known at once.
+    let recent = state.adopter.recent.lock().outcome_offset(after.partition, conversation_id, outcome_sequence);
+    let locations: Vec<_> = if let Some(offset) = recent {
+        vec![EventLocation {
+            sequence: outcome_sequence,
+            event_id: String::new(),
+            event_type: String::new(),
+            topic: after.topic.clone(),
+            partition: after.partition,
+            offset,
+        }]
+    } else {
+        if state.reader.wait_for(after, state.read_wait).await? != Freshness::Applied {
+            return Ok(None);
+        }
+        let generation = state.reader.generation().await?;
+        state
+            .reader
+            .store()
+            .locations(&generation, conversation_id)
+            .await?
+            .into_iter()
+            .filter(|l| l.sequence == outcome_sequence)
+            .collect()
+    };
     if locations.is_empty() {
         return Ok(None); // (an empty index would make the reader scan every partition)
     }
