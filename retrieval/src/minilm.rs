@@ -11,7 +11,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
-use crate::embedding::EmbeddingBackend;
+use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
 
 /// The model's own limit (sentence_bert_config.json: max_seq_length); longer text is cut.

@@ -6,7 +6,7 @@ use async_openai::types::embeddings::{CreateEmbeddingRequest, EmbeddingInput};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use crate::embedding::EmbeddingBackend;
+use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
 
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::embedding::EmbeddingBackend;
+use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
 use crate::filter::SearchFilter;
 use crate::store::{Hit, VectorStore};

@@ -44,39 +44,39 @@ pub enum IndexKind {
 #[derive(Debug, Clone, Args)]
 pub struct MilvusSettings {
     /// Milvus (or Milvus Lite) gRPC endpoint.
-    #[arg(long, env = "PARLEY_MILVUS_URL", default_value = "http://127.0.0.1:19530")]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_URL", default_value = "http://127.0.0.1:19530")]
     pub milvus_url: String,
 
     /// `user:password` or API key of a secured cluster.
-    #[arg(long, env = "PARLEY_MILVUS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_TOKEN", hide_env_values = true)]
     pub milvus_token: Option<String>,
 
-    #[arg(long, env = "PARLEY_MILVUS_COLLECTION", default_value = "parley_knowledge",
+    #[arg(long, global = true, env = "PARLEY_MILVUS_COLLECTION", default_value = "parley_knowledge",
           value_parser = parse_collection_name)]
     pub milvus_collection: String,
 
     /// Index built when the collection is created (an existing collection keeps its own).
-    #[arg(long, env = "PARLEY_MILVUS_INDEX", value_enum, default_value = "hnsw")]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_INDEX", value_enum, default_value = "hnsw")]
     pub milvus_index: IndexKind,
 
     /// HNSW: links per node.
-    #[arg(long, env = "PARLEY_MILVUS_HNSW_M", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=2048))]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_M", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=2048))]
     pub milvus_hnsw_m: u32,
 
     /// HNSW: candidate list size while building.
-    #[arg(long, env = "PARLEY_MILVUS_HNSW_EF_CONSTRUCTION", default_value_t = 200,
+    #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_EF_CONSTRUCTION", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(8..=65536))]
     pub milvus_hnsw_ef_construction: u32,
 
     /// HNSW: candidate list size while searching (at least top-k); higher is slower and more exact.
-    #[arg(long, env = "PARLEY_MILVUS_SEARCH_EF", default_value_t = 64,
+    #[arg(long, global = true, env = "PARLEY_MILVUS_SEARCH_EF", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_search_ef: u32,
 
     /// IVF_FLAT: clusters built / clusters searched.
-    #[arg(long, env = "PARLEY_MILVUS_IVF_NLIST", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NLIST", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_ivf_nlist: u32,
-    #[arg(long, env = "PARLEY_MILVUS_IVF_NPROBE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NPROBE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_ivf_nprobe: u32,
 }
 

@@ -4,12 +4,13 @@
 //! - [`retry`]: backoff and circuit breaker (pure);
 //! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
 //! - [`context`]: earlier turns, from the projection or else the log;
-//! - [`llm`]: the pool of OpenAI-compatible endpoints;
+//! - [`llm`]: the pool of OpenAI-compatible endpoints; [`completion`]: what a call comes to;
 //! - [`metrics`]: GenAI call metrics, the latency a person sees, breakers;
 //! - [`service`]: the processor the event log's driver runs.
 
 pub mod balancer;
 pub mod cancel;
+pub mod completion;
 pub mod context;
 pub mod llm;
 pub mod metrics;

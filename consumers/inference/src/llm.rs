@@ -18,56 +18,10 @@ use thiserror::Error;
 use tracing::{Instrument, info, info_span};
 
 use crate::balancer::{Balancer, EndpointSpec};
+use crate::completion::{Completion, LlmError};
 use crate::metrics;
 use crate::prompt::{ChatMessage, Role};
 use crate::retry::backoff_delay;
-
-/// A finished answer, with what the response event records about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Completion {
-    pub text: String,
-    pub model: String,
-    pub finish_reason: String,
-    pub prompt_tokens: i32,
-    pub completion_tokens: i32,
-    pub latency: Duration,
-    pub time_to_first_token: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum LlmError {
-    #[error("the LLM did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("the LLM endpoint is unavailable: {0}")]
-    Unavailable(String),
-    #[error("the LLM rejected the request: {0}")]
-    Rejected(String),
-    #[error("the LLM sent an invalid response: {0}")]
-    InvalidResponse(String),
-    #[error("circuit breaker open after repeated LLM failures")]
-    CircuitOpen,
-}
-
-impl LlmError {
-    /// Every `error_kind` a failed call is recorded with.
-    pub const KINDS: [&str; 5] = ["timeout", "unavailable", "rejected", "invalid_response", "circuit_open"];
-
-    /// The `error_kind` recorded in LLMResponseFailed.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Timeout(_) => "timeout",
-            Self::Unavailable(_) => "unavailable",
-            Self::Rejected(_) => "rejected",
-            Self::InvalidResponse(_) => "invalid_response",
-            Self::CircuitOpen => "circuit_open",
-        }
-    }
-
-    /// A rejected request fails the same way again; everything else may be transient.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Rejected(_))
-    }
-}
 
 /// How to reach and call the model.
 #[derive(Debug, Clone)]
@@ -330,20 +284,6 @@ fn api_error_in(body: &str) -> Option<LlmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_error_kind_is_listed_for_the_metrics() {
-        // A kind missing from KINDS would have no series from 0 (rate() misses its first failure).
-        let every = [
-            LlmError::Timeout(Duration::from_secs(1)),
-            LlmError::Unavailable(String::new()),
-            LlmError::Rejected(String::new()),
-            LlmError::InvalidResponse(String::new()),
-            LlmError::CircuitOpen,
-        ];
-        let kinds: Vec<&str> = every.iter().map(LlmError::kind).collect();
-        assert_eq!(kinds, LlmError::KINDS);
-    }
 
     #[test]
     fn error_bodies_the_client_cannot_parse_are_still_classified() {

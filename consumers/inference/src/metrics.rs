@@ -10,7 +10,7 @@ use std::time::Duration;
 use parley_eventlog::metrics::{HUMAN_SECONDS, counter, histogram, int_gauge};
 use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 
-use crate::llm::{Completion, LlmError};
+use crate::completion::{Completion, LlmError};
 
 /// The semantic conventions' advised buckets for `gen_ai.client.operation.duration`.
 const OPERATION_SECONDS: &[f64] =

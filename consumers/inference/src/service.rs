@@ -413,7 +413,12 @@ impl Worker {
         let traceparent = traceparent_of(&span, query.envelope.traceparent.as_deref());
         span.record("traceparent", traceparent.as_str());
         async {
-            let query_id: Uuid = query.envelope.event_id.parse().unwrap_or_else(|_| Uuid::new_v4());
+            // A UUID: the codec refuses (and the driver dead-letters) a query whose id is not.
+            let query_id = Uuid::parse_str(&query.envelope.event_id).map_err(|_| EventsError::InvalidId {
+                event_type: "UserQueryReceived",
+                field: "event_id",
+                value: query.envelope.event_id.chars().take(64).collect(),
+            })?;
             // Deterministic: a re-delivered query produces an outcome with the same event id.
             let outcome_id = Uuid::new_v5(&query_id, b"outcome");
             // Made when the outcome is known: its occurred_at is when the answer was done.

@@ -30,8 +30,8 @@ use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::query::{ApiError, user_of};
-use crate::server::AppState;
+use crate::api::{ApiError, user_of};
+use crate::state::AppState;
 
 /// Most results one search returns.
 pub const MAX_K: usize = 50;

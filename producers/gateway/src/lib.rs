@@ -1,24 +1,38 @@
 //! The gateway: WebSocket + HTTP front door of Parley's command path.
 //!
+//! The server and what it shares:
+//! - [`server`]: binds a gateway, routes, serves; [`settings`]: its options;
+//!   [`state`]: what every handler shares, the credentials checked before connecting;
+//!
+//! The socket path (WebSocket):
+//! - [`socket`]: the upgrade, the frame loop and the writer of one socket;
+//! - [`turns`]: a question becomes a turn (admission, shedding, limits, budget, the write);
+//! - [`follow`]: `subscribe` and `resume`; [`cancel`]: stopping an answer;
 //! - [`protocol`]: the JSON frames and their validation (pure);
-//! - [`auth`]: anonymous users' signed tokens (pure); [`identity`]: who a token is,
-//!   anonymous or a JWT verified against the identity provider's keys;
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes questions, token deltas and outcomes to sockets,
 //!   and keeps [`recent`]: what it read that the projection may not have applied yet;
 //! - [`adoption`]: taking over a conversation from the projection plus [`recent`], no wait;
-//! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
 //! - [`resume`]: the order of a resumed answer's deltas on its new socket (pure);
-//! - [`query`]: the HTTP query path over the projection;
-//! - [`knowledge`]: document submission and vector search over HTTP;
-//! - [`metrics`]: turns admitted and refused, error frames, open sockets (`/metrics`);
+//! - [`rate`]: rate limits as token buckets (pure); [`rate_feed`] keeps them from the log;
+//!
+//! The HTTP path:
+//! - [`api`]: the caller's user and the error answer every HTTP handler shares;
+//! - [`query`]: the query path over the projection;
+//! - [`knowledge`]: document submission and vector search;
 //! - [`ops`]: the live operations page's snapshots and series (pure), charted at `/ops`;
-//! - [`origin`]: browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change;
-//! - [`server`]: axum routes, the socket loop, query → event.
+//! - [`metrics`]: turns admitted and refused, error frames, open sockets (`/metrics`);
+//!
+//! Who may connect: [`auth`]: anonymous users' signed tokens (pure); [`identity`]: who a
+//! token is, anonymous or a JWT verified against the identity provider's keys; [`origin`]:
+//! browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change.
 
 pub mod adoption;
 pub mod answers;
+pub mod api;
 pub mod auth;
+pub mod cancel;
+pub mod follow;
 pub mod hub;
 pub mod identity;
 pub mod knowledge;
@@ -32,6 +46,12 @@ pub mod rate_feed;
 pub mod recent;
 pub mod resume;
 pub mod server;
+pub mod settings;
+pub mod socket;
+pub mod state;
 pub mod tls;
+pub mod turns;
 
-pub use server::{Credentials, Gateway, GatewayArgs, GatewayError};
+pub use server::Gateway;
+pub use settings::GatewayArgs;
+pub use state::{Credentials, GatewayError};

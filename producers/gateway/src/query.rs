@@ -11,79 +11,21 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
 use parley_eventlog::LogPosition;
 use parley_events::RetrievedContext;
 use parley_events::conversation::Message;
-use parley_projections::ProjectionError;
 use parley_projections::reader::Freshness;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::warn;
 use uuid::Uuid;
 
+use crate::api::{ApiError, user_of};
+use crate::cancel::{self, CancelOutcome};
 use crate::protocol::ErrorCode;
-use crate::server::{AppState, CancelOutcome};
+use crate::state::AppState;
 
 pub const MAX_PAGE: i32 = 100;
-
-/// An error answer: status and a JSON body `{error, message, ...}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: serde_json::Value,
-    /// Seconds until the same request may pass (429), when known.
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: json!({ "error": code, "message": message.into() }), retry_after: None }
-    }
-
-    /// 429 with `Retry-After`.
-    pub(crate) fn too_many(code: &str, message: impl Into<String>, retry_after_ms: u64) -> Self {
-        let retry_after = retry_after_ms.div_ceil(1000);
-        let body = json!({ "error": code, "message": message.into(), "retry_after_ms": retry_after_ms });
-        Self { status: StatusCode::TOO_MANY_REQUESTS, body, retry_after: Some(retry_after) }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let retry_after = match self.retry_after {
-            Some(seconds) => Some(seconds.to_string()),
-            None => (self.status == StatusCode::SERVICE_UNAVAILABLE).then(|| "1".to_owned()),
-        };
-        let mut response = (self.status, Json(self.body)).into_response();
-        if let Some(value) = retry_after.and_then(|v| header::HeaderValue::from_str(&v).ok()) {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        response
-    }
-}
-
-impl From<ProjectionError> for ApiError {
-    fn from(error: ProjectionError) -> Self {
-        warn!(%error, "query path: store error");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the conversation store did not answer; retry")
-    }
-}
-
-/// The caller's user, from `Authorization: Bearer <token>`; else 401 saying why.
-pub(crate) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthorized("invalid token: none given (send Authorization: Bearer <token>)".into()))?;
-    match state.identity.verify(token).await {
-        Ok(verified) => Ok(verified.user_id),
-        Err(refusal) => Err(unauthorized(format!("invalid token: {refusal}"))),
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct MessageView {
@@ -144,16 +86,15 @@ pub(crate) async fn conversation(
             )
         })?;
         if let Freshness::Behind { applied_up_to } = state.reader.wait_for(&position, state.read_wait).await? {
-            return Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                body: json!({
+            return Err(ApiError::with_body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
                     "error": "projection_behind",
                     "message": format!("the projection has not applied {position} within {:?}; retry", state.read_wait),
                     "requested": position.to_string(),
                     "applied_up_to": applied_up_to,
                 }),
-                retry_after: None,
-            });
+            ));
         }
     }
     let generation = state.reader.generation().await?;
@@ -214,7 +155,7 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers).await?;
-    match crate::server::cancel(&state, &user, &id, None).await {
+    match cancel::cancel(&state, &user, &id, None).await {
         Ok(done @ CancelOutcome::Requested(query)) => {
             Ok((StatusCode::ACCEPTED, Json(json!({"status": done.status(), "query_event_id": query.to_string()}))))
         }
@@ -257,7 +198,7 @@ mod tests {
             let id = Uuid::from_u128(id);
             proptest::prop_assert_eq!(parse_cursor(&format!("{at}:{id}")).unwrap(), (at, id));
             if let Err(refused) = parse_cursor(&noise) {
-                proptest::prop_assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+                proptest::prop_assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
             }
             let position = LogPosition { topic: "t.conversation-events".into(), partition, offset };
             proptest::prop_assert_eq!(position.to_string().parse::<LogPosition>().ok(), Some(position));
@@ -270,7 +211,7 @@ mod tests {
         let id = Uuid::new_v4();
         assert_eq!(parse_cursor(&format!("123:{id}")).unwrap(), (123, id));
         for bad in ["", "123", "x:y", &format!("abc:{id}")] {
-            assert_eq!(parse_cursor(bad).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(parse_cursor(bad).unwrap_err().status(), StatusCode::BAD_REQUEST, "{bad}");
         }
     }
 }
