@@ -491,6 +491,61 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
     pipeline.stop().await;
 }
 
+/// A foreign producer writes a question whose event id is not a UUID: every consumer reads
+/// it as poison (the codec refuses it: one policy for a bad id), so inference letters it once
+/// and writes no outcome; its outcome id, derived from the query's, could not be deterministic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_with_a_malformed_event_id_is_dead_lettered_not_answered() {
+    use parley_events::{Envelope, Producer, UserQueryReceived};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &["--without-retrieval"]).await;
+    let conversation = uuid::Uuid::new_v4().to_string();
+    let event_id = uuid::Uuid::new_v4();
+    let envelope = Envelope::new(event_id, &conversation, 2, Producer { name: "foreign", version: "1" });
+    let query = UserQueryReceived {
+        envelope,
+        user_id: "mallory".into(),
+        client_message_id: "m1".into(),
+        text: "Say OK.".into(),
+    };
+    let codec = EventCodec::new(&pipeline.registry).unwrap();
+    // Parley's encoder refuses such an id; a foreign one writes any string of the same length.
+    let mut payload = codec.encode(&query).await.unwrap();
+    let (id, malformed) = (event_id.to_string().into_bytes(), b"question-7-is-not-a-uuid-at-all-xxxx");
+    let at = payload.windows(id.len()).position(|w| w == id.as_slice()).unwrap();
+    payload[at..at + id.len()].copy_from_slice(malformed);
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &pipeline.brokers).create().unwrap();
+    let topic = pipeline.events_topic();
+    let record = FutureRecord::to(&topic).key(&conversation).payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.unwrap();
+
+    let inference = format!("{}inference", pipeline.prefix);
+    let letters = support::wait_until("inference's letter", || {
+        let listed = pipeline.cli(&["dead-letters", "list", "--format", "json", "--consumer", &inference]);
+        let letters: Vec<Value> =
+            String::from_utf8_lossy(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        std::future::ready((!letters.is_empty()).then_some(letters))
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0]["error"].as_str().unwrap().to_lowercase().contains("uuid"), "{letters:?}");
+    assert_eq!(letters[0]["key"], conversation.as_str());
+    // Inference is past it (another conversation is answered) and wrote no outcome of it.
+    let mut client = pipeline.client().await;
+    client.ask("after", None, "Say hello.").await;
+    assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
+    let events = support::log_to_end(&pipeline.brokers, &pipeline.registry, &topic).await;
+    let outcomes = events.iter().filter(|e| match e {
+        ConversationEvent::ResponseGenerated(a) => a.envelope.conversation_id == conversation,
+        ConversationEvent::ResponseFailed(f) => f.envelope.conversation_id == conversation,
+        _ => false,
+    });
+    assert_eq!(outcomes.count(), 0);
+    pipeline.stop().await;
+}
+
 /// The record at `partition`/`offset` of `topic`.
 async fn read_at(pipeline: &Pipeline, topic: &str, partition: i32, offset: i64) -> rdkafka::message::OwnedMessage {
     let consumer: StreamConsumer = ClientConfig::new()

@@ -71,6 +71,9 @@ fn every_subcommand_parses_its_options() {
         &["replay", "--help"],
         &["audit", "--help"],
         &["projections", "rebuild", "--help"],
+        // Every connection setting is global: it may follow the subcommand too.
+        &["gateway", "--kafka-brokers", "127.0.0.1:1", "--topic-prefix", "p.", "--milvus-url", "http://h:1", "--help"],
+        &["usage", "u", "--embedding-model-dir", "/m", "--cql-nodes", "127.0.0.1:1", "--help"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_parley")).args(args).output().unwrap();
         assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));

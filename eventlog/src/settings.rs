@@ -10,12 +10,13 @@ pub struct KafkaSettings {
         id = "kafka_brokers",
         long = "kafka-brokers",
         env = "PARLEY_KAFKA_BROKERS",
-        default_value = "127.0.0.1:19092"
+        default_value = "127.0.0.1:19092",
+        global = true
     )]
     pub brokers: String,
 
     /// Prefix for every topic name, to run several isolated pipelines on one cluster.
-    #[arg(long, env = "PARLEY_TOPIC_PREFIX", default_value = "", value_parser = parse_topic_prefix)]
+    #[arg(long, global = true, env = "PARLEY_TOPIC_PREFIX", default_value = "", value_parser = parse_topic_prefix)]
     pub topic_prefix: String,
 
     /// A stable name for this process among the instances of its service (e.g. a

@@ -100,6 +100,7 @@ impl EventCodec {
                 });
             }
         };
+        event.check_ids()?;
         Ok(Decoded { schema_id, event })
     }
 

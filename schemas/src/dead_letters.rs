@@ -155,6 +155,17 @@ impl LetterBook {
         self.by_id.get(&id).and_then(|index| self.entries.get(*index))
     }
 
+    /// The letters of the records keyed `key` (a conversation's), in the order written.
+    pub fn letters_of(&self, key: &[u8]) -> Vec<&Entry> {
+        self.entries.iter().filter(|entry| entry.letter.key.as_deref() == Some(key)).collect()
+    }
+
+    /// The redriven copies of `letters` that are not among the positions `read` already:
+    /// audit reads them through their letter (the projection's index names the original).
+    pub fn copies_not_read(letters: &[&Entry], read: &[LogPosition]) -> Vec<LogPosition> {
+        letters.iter().filter_map(|entry| entry.status.copy()).filter(|copy| !read.contains(copy)).cloned().collect()
+    }
+
     /// The first letter `consumer` wrote for the record at `source`.
     pub fn find(&self, consumer: &str, source: &LogPosition) -> Option<&Entry> {
         self.entries.iter().find(|entry| entry.letter.consumer == consumer && entry.letter.source() == *source)
@@ -376,6 +387,27 @@ mod tests {
         assert_eq!(book.get(id(1)).unwrap().status, Status::Redriven { copy: at(40) });
         assert_eq!(book.find("embedder", &at(10)).unwrap().id, id(1));
         assert!(book.find("embedder", &at(11)).is_none());
+    }
+
+    #[test]
+    fn audit_reads_the_copies_of_a_conversations_letters_it_has_not_read() {
+        let mut book = book_with(&[
+            (0, letter("inference", "c1", 10)),
+            (1, letter("embedder", "c1", 10)),
+            (2, letter("inference", "c2", 11)),
+            (3, letter("inference", "c1", 12)),
+        ]);
+        for (at_offset, letter_offset, copy) in [(4, 0, 40), (5, 2, 41), (6, 3, 42)] {
+            let resolution = book.resolution(id(letter_offset), Some(copy), "ops", None, 5).unwrap();
+            book.apply(id(at_offset), DeadLetterRecord::Resolved(resolution));
+        }
+        let letters = book.letters_of(b"c1");
+        assert_eq!(letters.iter().map(|e| e.id).collect::<Vec<_>>(), [id(0), id(1), id(3)], "c2's is not c1's");
+        // The copy at 40 was read already (the index named it); 42 was not; the embedder's
+        // letter is open, so it has no copy.
+        assert_eq!(LetterBook::copies_not_read(&letters, &[at(40)]), [at(42)]);
+        assert_eq!(LetterBook::copies_not_read(&letters, &[]), [at(40), at(42)]);
+        assert!(book.letters_of(b"c9").is_empty());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::error::EventsError;
+
 /// A Rust type that is one Avro record of the catalog.
 pub trait AvroEvent: Serialize + DeserializeOwned {
     /// Full Avro record name; also the registry subject (RecordNameStrategy).
@@ -296,6 +298,32 @@ impl ConversationEvent {
         }
     }
 
+    /// Checks the ids every reader relies on: the event's own id, its conversation's and,
+    /// for an outcome or a cancel, its query's are UUIDs (on the wire they are strings).
+    /// A record that fails this is poison for every consumer alike: it is a decode error.
+    pub fn check_ids(&self) -> Result<(), EventsError> {
+        let envelope = self.envelope();
+        let query = match self {
+            Self::ResponseGenerated(e) => Some(&e.query_event_id),
+            Self::ResponseFailed(e) => Some(&e.query_event_id),
+            Self::CancelRequested(e) => Some(&e.query_event_id),
+            Self::Started(_) | Self::QueryReceived(_) => None,
+        };
+        let fields = [("event_id", Some(&envelope.event_id)), ("conversation_id", Some(&envelope.conversation_id))];
+        for (field, value) in fields.into_iter().chain([("query_event_id", query)]) {
+            if let Some(value) = value
+                && Uuid::parse_str(value).is_err()
+            {
+                return Err(EventsError::InvalidId {
+                    event_type: self.type_name(),
+                    field,
+                    value: value.chars().take(64).collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The Avro record name, e.g. `UserQueryReceived`.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -305,5 +333,30 @@ impl ConversationEvent {
             Self::ResponseFailed(_) => LLMResponseFailed::short_name(),
             Self::CancelRequested(_) => TurnCancelRequested::short_name(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_events::{P, query};
+
+    #[test]
+    fn an_event_whose_ids_are_not_uuids_is_refused_with_the_field_named() {
+        let conversation = Uuid::new_v4();
+        assert!(query(conversation, 2, "m1").check_ids().is_ok());
+        let mut foreign = query(conversation, 2, "m1");
+        if let ConversationEvent::QueryReceived(q) = &mut foreign {
+            q.envelope.event_id = "x".repeat(500);
+        }
+        let refused = foreign.check_ids().unwrap_err();
+        assert!(matches!(&refused, EventsError::InvalidId { field: "event_id", value, .. } if value.len() == 64));
+        assert!(refused.to_string().contains("UserQueryReceived's event_id"), "{refused}");
+        let cancel = ConversationEvent::CancelRequested(TurnCancelRequested {
+            envelope: Envelope::new(Uuid::new_v4(), conversation, 2, P),
+            query_event_id: "not-a-query".into(),
+            user_id: "alice".into(),
+        });
+        assert!(matches!(cancel.check_ids(), Err(EventsError::InvalidId { field: "query_event_id", .. })));
     }
 }

@@ -1,0 +1,305 @@
+//! The `parley` command line: the connection settings every command shares ([`Common`],
+//! global: they go before or after the subcommand) and one variant per subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use parley_embedder::EmbedderArgs;
+use parley_eventlog::KafkaSettings;
+use parley_eventlog::settings::parse_duration;
+use parley_events::dead_letters::LetterId;
+use parley_events::lanes::Lane;
+use parley_gateway::GatewayArgs;
+use parley_inference::service::InferenceArgs;
+use parley_projections::CqlSettings;
+use parley_projections::budget::BudgetSettings;
+use parley_retrieval::{EmbeddingSettings, MilvusSettings};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    #[command(flatten)]
+    pub(crate) kafka: KafkaSettings,
+
+    #[command(flatten)]
+    pub(crate) cql: CqlSettings,
+
+    /// Confluent-compatible schema registry API root.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:18081/apis/ccompat/v7"
+    )]
+    pub(crate) schema_registry_url: String,
+
+    #[command(flatten)]
+    pub(crate) embedding: EmbeddingSettings,
+
+    #[command(flatten)]
+    pub(crate) milvus: MilvusSettings,
+
+    #[command(flatten)]
+    pub(crate) budgets: BudgetSettings,
+
+    /// Run the gateway and inference without the vector store: no search, no retrieval.
+    #[arg(long, global = true, env = "PARLEY_WITHOUT_RETRIEVAL")]
+    pub(crate) without_retrieval: bool,
+
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, env = "PARLEY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub(crate) log_format: String,
+
+    /// OTLP/HTTP collector to export spans to (Jaeger: its OTLP port, 4318); none: no export.
+    #[arg(long, global = true, env = "PARLEY_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
+    pub(crate) otlp_endpoint: Option<String>,
+
+    /// Address to serve Prometheus metrics on (`/metrics`) for inference, the projection and
+    /// the embedder; a gateway (and `parley all`) also serves them on its own port.
+    #[arg(long, global = true, env = "PARLEY_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Serve the chat page, the HTTP API and the WebSocket.
+    Gateway(GatewayArgs),
+    /// Answer queries with the LLM.
+    Inference(InferenceArgs),
+    /// Project conversation events into the CQL store (the context projection).
+    Projection,
+    /// Embed messages and document chunks into the vector store.
+    Embedder(EmbedderArgs),
+    /// Submit documents (files, or folders walked for text files) to a user's knowledge base.
+    Ingest {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// User id that owns the documents (only their searches and answers see them).
+        #[arg(long, env = "PARLEY_INGEST_OWNER")]
+        owner: String,
+        /// A label copied onto every document, as key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Pause between documents while an inference queue is older than this, as the
+        /// gateways refuse documents then (0: never pause).
+        #[arg(long, env = "PARLEY_SHED_QUEUE_AGE", default_value = "10s", value_parser = parse_duration)]
+        shed_queue_age: Duration,
+    },
+    /// Create topics, register schemas and run every service in one process (quick start).
+    All {
+        // Boxed: the one large variant (clippy's large_enum_variant).
+        #[command(flatten)]
+        gateway: Box<GatewayArgs>,
+        #[command(flatten)]
+        inference: InferenceArgs,
+        #[command(flatten)]
+        embedder: EmbedderArgs,
+        /// Leave the context projection out (it runs as `parley projection` elsewhere, or
+        /// not at all: chat goes on without it; history and the query API wait for it).
+        #[arg(long, env = "PARLEY_ALL_WITHOUT_PROJECTION")]
+        without_projection: bool,
+    },
+    /// Rebuild a conversation's state from the log (never calling the model) and diff it
+    /// against the projection; exits 1 when they differ.
+    Replay {
+        conversation_id: Uuid,
+        /// Read every partition instead of the projection's offset index.
+        #[arg(long)]
+        scan: bool,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Every event of a conversation in order, with its log position, schema and trace.
+    Audit {
+        conversation_id: Uuid,
+        /// Read every partition instead of the projection's offset index.
+        #[arg(long)]
+        scan: bool,
+        /// `table` for people, `json` for one JSON object per line.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// One trace from Jaeger as a tree of spans (a turn's trace id: `parley audit`).
+    Trace {
+        #[arg(value_parser = crate::trace_view::parse_trace_id)]
+        trace_id: String,
+        /// Jaeger's query API.
+        #[arg(long, env = "PARLEY_JAEGER_QUERY_URL", default_value = "http://127.0.0.1:16686")]
+        jaeger_url: String,
+    },
+    /// Manage projections: rebuild one into a new generation, drop the replaced one.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// Records consumers gave up on (the dead-letter topic): list them, show one whole,
+    /// redrive one (its record back to its topic) or discard it. Until then, the consumer
+    /// holds back the later records of the letter's key (its conversation).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+    /// List or remove a user's documents (what the HTTP API does for a signed-in user, for
+    /// operators acting on a user's behalf).
+    #[command(subcommand)]
+    Documents(DocumentsCommand),
+    /// A user's model token spend this day and month and by conversation (from the log),
+    /// against the budgets enforced for them, and the turns inference refused for want of budget.
+    Usage {
+        user: String,
+        /// `text` for people (docs/operations.md, "Token budgets"), `json` for one JSON object.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Set a user's own token budgets, enforced whatever the defaults are (0: no limit for
+    /// them); budgets not named keep their value. Takes effect within 2 seconds.
+    #[command(name = "budget")]
+    Budget {
+        user: String,
+        /// Model tokens (prompt + completion) the user may spend per UTC day.
+        #[arg(long)]
+        daily: Option<u64>,
+        /// Model tokens the user may spend per UTC month.
+        #[arg(long)]
+        monthly: Option<u64>,
+        /// Model tokens each of the user's conversations may spend.
+        #[arg(long)]
+        conversation: Option<u64>,
+    },
+    /// Show a user's tier, or set it: the lane their new conversations are served in
+    /// (premium before standard before batch; see --lanes).
+    Tier { user: String, tier: Option<Lane> },
+    /// Create Parley's topics (existing ones are left alone).
+    Topics {
+        /// Replication factor of new topics [default: the number of brokers, at most 3;
+        /// min.insync.replicas 2 at 3 copies or more, else 1].
+        #[arg(long, env = "PARLEY_TOPIC_REPLICATION", value_parser = clap::value_parser!(i32).range(1..=16))]
+        replication: Option<i32>,
+    },
+    /// Register or check the Avro schemas.
+    #[command(subcommand)]
+    Schemas(SchemasCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProjectionsCommand {
+    /// Rebuild a projection from offset 0 into a new generation while the live one keeps
+    /// serving, then switch readers to it. The replaced generation is kept.
+    Rebuild {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
+    /// Drop the generation the last rebuild replaced.
+    DropPrevious {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
+    /// Show the live, previous and in-progress generations.
+    Status {
+        #[arg(value_parser = ["context"])]
+        projection: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadLettersCommand {
+    /// Every dead letter, oldest first per partition: its id (partition/offset in the
+    /// dead-letter topic), when, which consumer group gave up, where the record came from,
+    /// its key and the error.
+    List {
+        /// Only the letters of this consumer group.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Only the letters in this state (`open`: those holding conversations back).
+        #[arg(long, value_parser = ["open", "redriven", "discarded"])]
+        status: Option<String>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// One dead letter whole: every field, what became of it, and the original payload in hex.
+    Show {
+        /// partition/offset in the dead-letter topic, as `list` shows it.
+        id: LetterId,
+    },
+    /// Writes the letter's record back to its source topic (same partition, key and bytes,
+    /// with a `parley-redriven-from` header) and marks the letter redriven, in one
+    /// transaction. The consumer runs the copy before the key's held records.
+    Redrive {
+        id: LetterId,
+        /// Why (kept with the decision).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who decides [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Gives up on the letter's record for good: the consumer lets the key's held records go on.
+    Discard {
+        id: LetterId,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DocumentsCommand {
+    /// The user's searchable documents: id, title.
+    List {
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Append a DocumentDeleted: the embedder then removes the owner's vectors of it.
+    Delete {
+        document_id: Uuid,
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SchemasCommand {
+    /// Register every schema version under BACKWARD_TRANSITIVE.
+    Register,
+    /// Ask the registry whether the .avsc files are compatible with what is registered;
+    /// exits 1 if any is not.
+    Check {
+        /// Directory of .avsc files (default: the schemas compiled into this binary).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+pub(crate) fn parse_label(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, label)) if !key.is_empty() => Ok((key.to_owned(), label.to_owned())),
+        _ => Err(format!("{value:?}: expected key=value")),
+    }
+}
+
+/// The service name spans are exported under.
+pub(crate) fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Gateway(_) => "parley-gateway",
+        Command::Inference(_) => "parley-inference",
+        Command::Projection => "parley-projection",
+        Command::Embedder(_) => "parley-embedder",
+        Command::All { .. } => "parley",
+        _ => CLI_SERVICE,
+    }
+}
+
+/// The service name of every command that is not a long-running service.
+pub(crate) const CLI_SERVICE: &str = "parley-cli";

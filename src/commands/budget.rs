@@ -1,0 +1,129 @@
+//! A user's standing: `parley usage` (token spend from the log against the budgets
+//! enforced), `parley budget` (their own budgets), `parley tier` (their lane).
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use parley_events::budget::{self, BudgetLimits};
+use parley_events::lanes::Lane;
+use parley_projections::Store;
+use parley_projections::budget::BudgetLedger;
+use parley_projections::replay::LogReader;
+use parley_projections::tiers::TierBook;
+
+use crate::cli::Common;
+use crate::commands::report_undecodable;
+
+/// `parley tier`.
+pub(crate) async fn tier(common: &Common, user: String, tier: Option<Lane>) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let tiers = TierBook::open(&store).await?;
+    if let Some(tier) = tier {
+        tiers.set(&user, tier).await?;
+    }
+    let tier = tiers.tier_of(&user).await?;
+    println!("{user}: {tier} (new conversations; lanes: {})", kafka.lanes);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley usage`.
+pub(crate) async fn usage(common: &Common, user: String, format: String) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let budgets = common.budgets;
+    let now = parley_events::event::now_millis();
+    let reader = LogReader::new(kafka, registry)?;
+    let events = reader.events_since(budget::month_start_ms(now)).await.context("reading the log")?;
+    let usage = budget::usage(&events, &user, now);
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let ledger = BudgetLedger::open(&store).await?;
+    let limits = ledger.limits_of(&user, &budgets).await?;
+    let source = if ledger.has_own_limits(&user).await? { "own" } else { "default" };
+    print_usage(&user, &usage, limits, source, events.len(), &format)?;
+    report_undecodable(reader.undecodable());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley budget`.
+pub(crate) async fn budget(
+    common: &Common,
+    user: String,
+    daily: Option<u64>,
+    monthly: Option<u64>,
+    conversation: Option<u64>,
+) -> Result<ExitCode> {
+    let cql = &common.cql;
+    let budgets = common.budgets;
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let ledger = BudgetLedger::open(&store).await?;
+    let current = ledger.limits_of(&user, &budgets).await?;
+    let limits = BudgetLimits {
+        daily: daily.unwrap_or(current.daily),
+        monthly: monthly.unwrap_or(current.monthly),
+        per_conversation: conversation.unwrap_or(current.per_conversation),
+    };
+    ledger.set_limits(&user, limits).await?;
+    println!(
+        "budgets of {user}, their own from now on: {limits}; the gateways and inference enforce them within {} s",
+        parley_projections::budget::OWN_LIMITS_TTL.as_secs()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley usage`: each period's spend against the budget enforced for the user (`source`:
+/// their own, or the defaults this command was given), as text or one JSON object.
+pub(crate) fn print_usage(
+    user: &str,
+    usage: &budget::Usage,
+    limits: BudgetLimits,
+    source: &str,
+    events_read: usize,
+    format: &str,
+) -> Result<()> {
+    let row = |spent: u64, limit: u64| {
+        serde_json::json!({"spent": spent, "budget": (limit > 0).then_some(limit),
+            "left": BudgetLimits::left(spent, limit), "budget_source": source})
+    };
+    if format == "json" {
+        let conversations: Vec<_> = usage
+            .by_conversation
+            .iter()
+            .map(|(id, spent)| {
+                let mut line = row(*spent, limits.per_conversation);
+                line["conversation_id"] = serde_json::json!(id);
+                line
+            })
+            .collect();
+        let refused: Vec<_> = usage
+            .refused
+            .iter()
+            .map(|(query, why)| serde_json::json!({"query_event_id": query, "reason": why}))
+            .collect();
+        let report = serde_json::json!({"user": user, "events_read": events_read,
+            "today": row(usage.today, limits.daily), "this_month": row(usage.this_month, limits.monthly),
+            "conversations": conversations, "refused_by_inference": refused});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{user}: model tokens spent this month, from the log ({events_read} events read); budgets: {source}");
+    println!("  {:<50} {:>10} {:>10} {:>10}", "period", "spent", "budget", "left");
+    let line = |what: &str, spent: u64, limit: u64| {
+        let (budget, left) = match BudgetLimits::left(spent, limit) {
+            Some(left) => (limit.to_string(), left.to_string()),
+            None => ("no limit".to_owned(), "-".to_owned()),
+        };
+        println!("  {what:<50} {spent:>10} {budget:>10} {left:>10}");
+    };
+    line("today (UTC)", usage.today, limits.daily);
+    line("this month (UTC)", usage.this_month, limits.monthly);
+    for (conversation, spent) in &usage.by_conversation {
+        line(&format!("conversation {conversation}"), *spent, limits.per_conversation);
+    }
+    for (query, why) in &usage.refused {
+        println!("  refused by inference: query {query}: {why}");
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! `parley replay`: a conversation rebuilt from the log, never calling the model, and
+//! diffed against the projection.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use parley_events::ConversationEvent;
+use parley_events::invariants::violations;
+use parley_projections::Store;
+use parley_projections::replay::{self as log_replay, LogReader};
+use uuid::Uuid;
+
+use crate::cli::Common;
+use crate::commands::{print_violations, report_undecodable};
+
+/// `parley replay`.
+pub(crate) async fn replay(common: &Common, conversation_id: Uuid, scan: bool, format: String) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let reader = LogReader::new(kafka, registry)?;
+    let (state, records, differences, method, elapsed) =
+        log_replay::replay(&reader, &store, conversation_id, scan).await?;
+    let Some(state) = state else {
+        eprintln!("no events of conversation {conversation_id} in the log");
+        return Ok(ExitCode::FAILURE);
+    };
+    let violations = violations(records.iter().map(|r| &r.event));
+    if format == "json" {
+        println!(
+            "{}",
+            serde_json::json!({
+                "conversation_id": conversation_id,
+                "owner": state.head.owner,
+                "last_sequence": state.head.last_sequence,
+                "open_query_event_id": state.head.open_query.as_ref().map(|q| &q.event_id),
+                "messages": state.messages,
+                "gaps": state.gaps,
+                "records": records.len(),
+                "method": format!("{method:?}"),
+                "fetch_ms": elapsed.as_secs_f64() * 1000.0,
+                "diff": differences,
+                "violations": violations,
+            })
+        );
+    } else {
+        println!(
+            "conversation {conversation_id} of {}: {} events read with {method:?} in {:.1} ms (the model was not called)",
+            state.head.owner,
+            records.len(),
+            elapsed.as_secs_f64() * 1000.0
+        );
+        for m in &state.messages {
+            let usage = m.model.as_ref().map_or(String::new(), |model| {
+                format!(
+                    "[{model} · {}+{} tokens · {} ms] ",
+                    m.prompt_tokens.unwrap_or(0),
+                    m.completion_tokens.unwrap_or(0),
+                    m.llm_latency_ms.unwrap_or(0)
+                )
+            });
+            println!("  #{:<4} {:<10} {usage}{}", m.sequence, m.kind.as_str(), m.text.replace('\n', " "));
+            // A cancel carries its query's sequence: shown under the question.
+            for record in &records {
+                if let ConversationEvent::CancelRequested(cancel) = &record.event
+                    && cancel.envelope.sequence == m.sequence
+                {
+                    println!("  #{:<4} {:<10} asked by {}", m.sequence, "cancel", cancel.user_id);
+                }
+            }
+        }
+        for (expected, got) in &state.gaps {
+            println!("  gap: expected sequence {expected}, log continues at {got}");
+        }
+        if differences.is_empty() {
+            println!("diff against the projection: none");
+        } else {
+            println!("diff against the projection ({}):", differences.len());
+            differences.iter().for_each(|d| println!("  {d}"));
+        }
+        print_violations(&violations);
+    }
+    report_undecodable(reader.undecodable());
+    if !differences.is_empty() || !violations.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

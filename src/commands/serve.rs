@@ -1,0 +1,183 @@
+//! The long-running services: `parley gateway`, `inference`, `projection`, `embedder`,
+//! and `all` (every one of them in one process, the quick start).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use parley_embedder::EmbedderArgs;
+use parley_eventlog::topics::ensure_topics;
+use parley_events::SchemaCatalog;
+use parley_events::registry::SchemaRegistry;
+use parley_gateway::{Credentials, Gateway, GatewayArgs};
+use parley_inference::service::InferenceArgs;
+use parley_projections::Store;
+use parley_retrieval::{EmbeddingBackend, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Common;
+
+/// `parley gateway`.
+pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: CancellationToken) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let budgets = common.budgets;
+    let credentials = Credentials::load(&args, &shutdown).await?;
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let retriever = retrieval(common).await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+    let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, shutdown).await?;
+    print_chat_url(&gateway);
+    gateway.serve().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley inference`.
+pub(crate) async fn inference(common: &Common, args: InferenceArgs, shutdown: CancellationToken) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let budgets = common.budgets;
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let retriever = retrieval(common).await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+    parley_inference::service::run(kafka, registry, store, retriever, args, budgets, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley projection`.
+pub(crate) async fn projection(common: &Common, shutdown: CancellationToken) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let store = Store::connect(cql).await?;
+    parley_projections::projector::run(kafka, registry, store, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley embedder`.
+pub(crate) async fn embedder(common: &Common, args: EmbedderArgs, shutdown: CancellationToken) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let registry = common.schema_registry_url.as_str();
+    let (backend, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
+    parley_embedder::run(kafka, registry, backend, vectors, args, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parley all`: topics, schemas, then every service in this process.
+pub(crate) async fn all(
+    common: &Common,
+    gateway: Box<GatewayArgs>,
+    inference: InferenceArgs,
+    embedder: EmbedderArgs,
+    without_projection: bool,
+    shutdown: CancellationToken,
+) -> Result<ExitCode> {
+    let kafka = &common.kafka;
+    let cql = &common.cql;
+    let registry = common.schema_registry_url.as_str();
+    let budgets = common.budgets;
+    let credentials = Credentials::load(&gateway, &shutdown).await?;
+    ensure_topics(kafka, None).await.context("creating topics")?;
+    SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
+    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let retrieval = retrieval(common).await?;
+    let retriever = retrieval.clone().map(|(backend, vectors)| Retriever::new(backend, vectors));
+    let gateway = Gateway::bind(
+        kafka,
+        registry,
+        &gateway,
+        credentials,
+        budgets,
+        store.clone(),
+        retriever.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let inference = spawn_linked(&shutdown, {
+        let (kafka, registry, shutdown, store) = (kafka.clone(), registry.to_owned(), shutdown.clone(), store.clone());
+        async move {
+            parley_inference::service::run(&kafka, &registry, store, retriever, inference, budgets, shutdown).await
+        }
+    });
+    let embedder = retrieval.map(|(backend, vectors)| {
+        let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
+        spawn_linked(&shutdown, async move {
+            parley_embedder::run(&kafka, &registry, backend, vectors, embedder, shutdown_).await
+        })
+    });
+    let projection = (!without_projection).then(|| {
+        let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
+        spawn_linked(
+            &shutdown,
+            async move { parley_projections::projector::run(&kafka, &registry, store, shutdown_).await },
+        )
+    });
+    print_chat_url(&gateway);
+    let served = gateway.serve().await;
+    inference.await.context("inference task")??;
+    if let Some(projection) = projection {
+        projection.await.context("projection task")??;
+    }
+    if let Some(embedder) = embedder {
+        embedder.await.context("embedder task")??;
+    }
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The embedding backend and the vector store, unless `--without-retrieval`.
+async fn retrieval(common: &Common) -> Result<Option<(Arc<dyn EmbeddingBackend>, VectorStore)>> {
+    if common.without_retrieval { Ok(None) } else { Ok(Some(open_retrieval(&common.embedding, &common.milvus).await?)) }
+}
+
+/// Loads the embedding backend and opens the vector store with the backend's dimension.
+pub(crate) async fn open_retrieval(
+    embedding: &EmbeddingSettings,
+    milvus: &MilvusSettings,
+) -> Result<(Arc<dyn EmbeddingBackend>, VectorStore)> {
+    let backend = embedding.backend().await.context("loading the embedding backend")?;
+    let vectors = VectorStore::open(milvus, backend.dimension(), backend.model())
+        .await
+        .with_context(|| format!("opening Milvus collection {} at {}", milvus.milvus_collection, milvus.milvus_url))?;
+    Ok((backend, vectors))
+}
+
+/// Serves the process's Prometheus metrics at `http://{addr}/metrics` until `shutdown`.
+pub(crate) async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+    use parley_eventlog::metrics::{CONTENT_TYPE, render};
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics on {addr}"))?;
+    let routes = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render()) }),
+    );
+    tracing::info!(%addr, "serving metrics at /metrics");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, routes).with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(error) = served.await {
+            tracing::warn!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Runs one service of `parley all` as a task; when it ends, for whatever reason, the
+/// whole process stops rather than limp on without it.
+pub(crate) fn spawn_linked<E: Send + 'static>(
+    shutdown: &CancellationToken,
+    service: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let result = service.await;
+        shutdown.cancel();
+        result
+    })
+}
+
+pub(crate) fn print_chat_url(gateway: &Gateway) {
+    if let Some(addr) = gateway.local_addr() {
+        println!("Parley chat: http://{addr}/");
+    }
+}
