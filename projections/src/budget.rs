@@ -215,6 +215,23 @@ impl BudgetLedger {
         Err(ProjectionError::Contention(format!("the token budget of {user}")))
     }
 
+    /// [`Self::settle`], skipped when `user` has no budget at all (own or default): then no
+    /// turn of theirs was reserved, and a settlement would cost a Paxos read per turn for
+    /// nothing. (A reservation made while they had one, lifted since, stays unsettled in
+    /// budgets that no longer limit them.)
+    pub async fn settle_if_limited(
+        &self,
+        settings: &BudgetSettings,
+        user: &str,
+        query_id: &str,
+        used: u64,
+    ) -> Result<bool, ProjectionError> {
+        if self.limits_of(user, settings).await? == BudgetLimits::default() {
+            return Ok(false);
+        }
+        self.settle(user, query_id, used).await
+    }
+
     /// Replaces turn `query_id`'s reservation with `used` tokens in each budget it was
     /// charged to. False when the turn had no reservation or was settled already (a
     /// re-delivered outcome settles nothing twice).

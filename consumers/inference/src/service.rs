@@ -605,7 +605,8 @@ impl Worker {
 
     /// Replaces the turn's reservation with what the model really used (0 when it failed).
     async fn settle_budget(&self, query: &UserQueryReceived, used: u64) {
-        if let Err(error) = self.budget.0.settle(&query.user_id, &query.envelope.event_id, used).await {
+        let (ledger, budgets) = &self.budget;
+        if let Err(error) = ledger.settle_if_limited(budgets, &query.user_id, &query.envelope.event_id, used).await {
             warn!(%error, "token budget not settled: the ledger is unreachable");
         }
     }

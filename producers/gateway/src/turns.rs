@@ -126,7 +126,8 @@ pub(crate) async fn accept_query(
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
             state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
-            if let Err(error) = state.budget.0.settle(user, &query_id.to_string(), 0).await {
+            let (ledger, budgets) = &state.budget;
+            if let Err(error) = ledger.settle_if_limited(budgets, user, &query_id.to_string(), 0).await {
                 warn!(%error, %query_id, "the reservation of an unwritten query was not released");
             }
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
