@@ -16,6 +16,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use parley_events::position::LogPosition;
+
 use crate::error::EventLogError;
 use crate::settings::KafkaSettings;
 
@@ -55,6 +57,9 @@ pub fn reader(config: &ClientConfig) -> Result<LogConsumer, EventLogError> {
     Ok(config.create_with_context(ReaderContext)?)
 }
 
+/// How long a reader's metadata query may take (its partitions, when it assigns them).
+const METADATA_WAIT: Duration = Duration::from_secs(30);
+
 /// A reader of every partition of `topics` from their ends: a process that follows what
 /// is written from now on (a group of its own named after `name`; it commits nothing).
 pub fn tail(kafka: &KafkaSettings, name: &str, topics: &[&str]) -> Result<LogConsumer, EventLogError> {
@@ -62,13 +67,46 @@ pub fn tail(kafka: &KafkaSettings, name: &str, topics: &[&str]) -> Result<LogCon
     let consumer = reader(reader_config(kafka, &group, false).set("fetch.wait.max.ms", "10"))?;
     let mut assignment = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            assignment.add_partition_offset(topic, partition.id(), Offset::End)?;
+        for partition in partitions(&consumer, topic)? {
+            assignment.add_partition_offset(topic, partition, Offset::End)?;
         }
     }
     consumer.assign(&assignment)?;
     Ok(consumer)
+}
+
+/// The partitions of `topic`, as the cluster's metadata has them (a blocking query: call it
+/// while a reader is set up, not on a hot path).
+pub fn partitions<C: ConsumerContext>(consumer: &StreamConsumer<C>, topic: &str) -> Result<Vec<i32>, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), METADATA_WAIT)?;
+    Ok(metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect())
+}
+
+/// Where `consumer` will read `partition` of `topic` next: after an end-of-partition event,
+/// past the transaction markers that follow the last record (a reader that waits for
+/// "everything up to the partition's end" needs that, not the last record's offset + 1).
+pub fn position_in<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, KafkaError> {
+    Ok(match consumer.position()?.find_partition(topic, partition).map(|p| p.offset()) {
+        Some(Offset::Offset(offset)) => Some(offset),
+        _ => None,
+    })
+}
+
+/// Where a record sits in the log.
+pub fn position_of(message: &impl Message) -> LogPosition {
+    LogPosition { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() }
+}
+
+/// What a follower read next: a record, or the end of a partition (only with end-of-partition
+/// events on).
+#[derive(Debug)]
+pub enum Read<'a> {
+    Record(BorrowedMessage<'a>),
+    End(i32),
 }
 
 /// The next record of a reader that follows a topic until `shutdown`, or None once
@@ -81,12 +119,26 @@ pub async fn next_record<'a>(
     follower: &str,
 ) -> Option<BorrowedMessage<'a>> {
     loop {
+        if let Read::Record(message) = next_read(consumer, shutdown, follower).await? {
+            return Some(message);
+        }
+    }
+}
+
+/// [`next_record`] for a follower that also wants the ends of its partitions ([`Read::End`]).
+pub async fn next_read<'a>(
+    consumer: &'a LogConsumer,
+    shutdown: &CancellationToken,
+    follower: &str,
+) -> Option<Read<'a>> {
+    loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return None,
             received = consumer.recv() => received,
         };
         match received {
-            Ok(message) => return Some(message),
+            Ok(message) => return Some(Read::Record(message)),
+            Err(KafkaError::PartitionEOF(partition)) => return Some(Read::End(partition)),
             Err(failure) if is_fatal(&failure) => {
                 error!(error = %failure, follower, "fatal kafka error; shutting the process down");
                 shutdown.cancel();

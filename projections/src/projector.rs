@@ -13,12 +13,12 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::KafkaSettings;
+use parley_eventlog::consumer::{LogConsumer, is_fatal, partitions, position_in, position_of, reader, reader_config};
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::metrics::{NO_LABELS, gauge, histogram};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
-use parley_eventlog::{KafkaSettings, LogPosition};
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::event::now_millis;
 use parley_events::turn::{Applied, ConversationHead};
@@ -86,11 +86,10 @@ impl Projector {
         let consumer = reader(reader_config(kafka, &group, eof_events).set("fetch.wait.max.ms", "50"))?;
         let progress: HashMap<i32, i64> =
             self.store.progress(&self.generation, &self.topic).await?.into_iter().collect();
-        let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(30))?;
         let mut assignment = TopicPartitionList::new();
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let offset = progress.get(&partition.id()).map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            assignment.add_partition_offset(&self.topic, partition.id(), offset)?;
+        for partition in partitions(&consumer, &self.topic)? {
+            let offset = progress.get(&partition).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            assignment.add_partition_offset(&self.topic, partition, offset)?;
         }
         consumer.assign(&assignment)?;
         Ok(consumer)
@@ -149,12 +148,7 @@ impl Projector {
     /// consumer's position, which is past the transaction markers that follow the last
     /// record (a reader waiting for "everything up to the partition's end" needs that).
     pub async fn reached_end(&self, consumer: &LogConsumer, partition: i32) -> Result<(), ProjectionError> {
-        let position = consumer.position()?;
-        let end = position.find_partition(&self.topic, partition).and_then(|p| match p.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => None,
-        });
-        if let Some(end) = end {
+        if let Some(end) = position_in(consumer, &self.topic, partition)? {
             self.store.store_progress(&self.generation, &self.topic, partition, end).await?;
         }
         Ok(())
@@ -283,12 +277,7 @@ pub async fn decode(
             redriven: redriven_from(message).is_some(),
         })),
         Err(error) => {
-            let position = LogPosition {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-            };
-            warn!(%position, %error, "undecodable record not projected");
+            warn!(position = %position_of(message), %error, "undecodable record not projected");
             Some(None)
         }
     }

@@ -64,13 +64,7 @@ impl LiveReader {
         let deadline = Instant::now() + bound;
         loop {
             let generation = self.generation().await?;
-            let applied_up_to = self
-                .store
-                .progress(&generation, &position.topic)
-                .await?
-                .into_iter()
-                .find(|(partition, _)| *partition == position.partition)
-                .map_or(0, |(_, next)| next);
+            let applied_up_to = self.store.applied(&generation, &position.topic, position.partition).await?;
             if applied_up_to > position.offset {
                 return Ok(Freshness::Applied);
             }

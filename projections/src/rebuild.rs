@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
+use parley_eventlog::consumer::partitions;
 use parley_events::EventCodec;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
@@ -56,8 +57,7 @@ pub async fn rebuild_context(
     let mut projector = Projector::new(store.clone(), generation, &topic).await?;
     let consumer = projector.consumer(kafka, true).await?;
 
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+    let partitions = partitions(&consumer, &topic)?;
     let mut total = 0u64;
     for partition in &partitions {
         let (low, high) = consumer.fetch_watermarks(&topic, *partition, Duration::from_secs(30))?;

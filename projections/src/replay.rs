@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parley_eventlog::consumer::{LogConsumer, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, partitions, position_of, reader, reader_config};
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_eventlog::{KafkaSettings, LogPosition};
@@ -94,12 +94,7 @@ impl LogReader {
         match self.codec.decode_conversation_event(message.payload().unwrap_or_default()).await {
             Ok(decoded) => Ok(Some(decoded)),
             Err(error) if !error.is_retryable() => {
-                let position = LogPosition {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                };
-                warn!(%position, %error, "undecodable record passed by");
+                warn!(position = %position_of(message), %error, "undecodable record passed by");
                 self.undecodable.fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
@@ -243,8 +238,7 @@ impl LogReader {
         start: Offset,
         keep: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> bool,
     ) -> Result<Vec<OwnedMessage>, ProjectionError> {
-        let metadata = self.consumer.fetch_metadata(Some(&self.topic), FETCH_TIMEOUT)?;
-        let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+        let partitions = partitions(&self.consumer, &self.topic)?;
         let mut assignment = TopicPartitionList::new();
         for partition in &partitions {
             assignment.add_partition_offset(&self.topic, *partition, start)?;

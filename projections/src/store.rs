@@ -580,6 +580,12 @@ impl Store {
     pub async fn progress(&self, g: &Generation, topic: &str) -> Result<Vec<(i32, i64)>, ProjectionError> {
         self.select(&g.select_progress, (topic,)).await
     }
+
+    /// The next offset of `partition` of `topic` this generation will apply (0: none yet).
+    pub async fn applied(&self, g: &Generation, topic: &str, partition: i32) -> Result<i64, ProjectionError> {
+        let progress = self.progress(g, topic).await?;
+        Ok(progress.into_iter().find(|(p, _)| *p == partition).map_or(0, |(_, next)| next))
+    }
 }
 
 /// A statement's verb and table, without keyspace and generation ("insert messages"): a

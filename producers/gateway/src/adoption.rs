@@ -112,7 +112,7 @@ impl Adopter {
     async fn projected(&self, conversation_id: Uuid, partition: i32) -> Result<(i64, Option<Known>), String> {
         let store = self.reader.store();
         let mut generation = self.reader.generation().await.map_err(unavailable)?;
-        let mut applied = self.applied(&generation, partition).await?;
+        let mut applied = store.applied(&generation, &self.topic, partition).await.map_err(unavailable)?;
         let from = self.recent.lock().from(partition).unwrap_or(0);
         if from > applied {
             let last = LogPosition { topic: self.topic.clone(), partition, offset: from - 1 };
@@ -124,7 +124,7 @@ impl Adopter {
                 ));
             }
             generation = self.reader.generation().await.map_err(unavailable)?;
-            applied = self.applied(&generation, partition).await?;
+            applied = store.applied(&generation, &self.topic, partition).await.map_err(unavailable)?;
         }
         let Some(row) = store.conversation(&generation, conversation_id).await.map_err(unavailable)? else {
             return Ok((applied, None));
@@ -138,12 +138,6 @@ impl Adopter {
             .filter_map(|l| Some((l.event_id.parse().ok()?, WrittenQuery { sequence: l.sequence, offset: l.offset })))
             .collect();
         Ok((applied, Some(Known { head: row.head(), queries })))
-    }
-
-    /// The next offset of `partition` the projection's `generation` will apply.
-    async fn applied(&self, generation: &parley_projections::store::Generation, partition: i32) -> Result<i64, String> {
-        let progress = self.reader.store().progress(generation, &self.topic).await.map_err(unavailable)?;
-        Ok(progress.into_iter().find(|(p, _)| *p == partition).map_or(0, |(_, next)| next))
     }
 
     /// Prunes the listener's window of what the projection has applied, every

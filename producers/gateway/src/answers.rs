@@ -7,16 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, is_fatal, reader, reader_config};
+use parley_eventlog::consumer::{
+    LogConsumer, Read, next_read, partitions, position_in, position_of, reader, reader_config,
+};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, LogPosition, Topics};
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
 use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, debug, error, info, info_span, warn};
+use tracing::{Span, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::hub::{Hub, Outbox};
@@ -45,10 +46,10 @@ pub fn listener(
             .set("auto.offset.reset", "earliest"),
     )?;
     let mut assignment = TopicPartitionList::new();
-    for partition in partitions_of(&consumer, &topics.tokens)? {
+    for partition in partitions(&consumer, &topics.tokens)? {
         assignment.add_partition_offset(&topics.tokens, partition, Offset::End)?;
     }
-    let event_partitions = partitions_of(&consumer, &topics.events)?;
+    let event_partitions = partitions(&consumer, &topics.events)?;
     let mut window = recent.lock();
     let mut behind = 0;
     for &partition in &event_partitions {
@@ -65,11 +66,6 @@ pub fn listener(
     Ok((consumer, i32::try_from(event_partitions.len()).unwrap_or(i32::MAX)))
 }
 
-fn partitions_of(consumer: &LogConsumer, topic: &str) -> Result<Vec<i32>, EventLogError> {
-    let metadata = consumer.fetch_metadata(Some(topic), START_QUERY_WAIT)?;
-    Ok(metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect())
-}
-
 /// Routes questions asked elsewhere, token deltas and outcomes to subscribed sockets
 /// until `shutdown`.
 pub async fn run(
@@ -80,36 +76,22 @@ pub async fn run(
     recent: Arc<Recent>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let received = tokio::select! {
-            () = shutdown.cancelled() => return,
-            received = consumer.recv() => received,
-        };
-        let message = match received {
-            Ok(message) => message,
-            Err(KafkaError::PartitionEOF(partition)) => {
+    while let Some(read) = next_read(&consumer, &shutdown, "answer listener").await {
+        let message = match read {
+            Read::Record(message) => message,
+            Read::End(partition) => {
                 reached_end(&consumer, &topics.events, partition, &recent);
-                continue;
-            }
-            // A dead client stops the gateway rather than serve sockets that would never get an answer.
-            Err(failure) if is_fatal(&failure) => {
-                error!(error = %failure, "fatal kafka error in the answer listener; shutting the process down");
-                shutdown.cancel();
-                return;
-            }
-            Err(failure) => {
-                warn!(error = %failure, "kafka error in the answer listener");
                 continue;
             }
         };
         let conversation_id =
             message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok());
         let payload = message.payload().unwrap_or_default();
-        let coordinates = (message.topic().to_owned(), message.partition(), message.offset());
+        let position = position_of(&message);
         if message.topic() == topics.tokens {
             // Cheap filter first: most deltas belong to conversations held elsewhere.
             if let Some(conversation_id) = conversation_id.filter(|id| hub.holds(id)) {
-                push_token(&codec, &hub, conversation_id, payload, coordinates).await;
+                push_token(&codec, &hub, conversation_id, payload, position).await;
             }
             continue;
         }
@@ -118,7 +100,7 @@ pub async fn run(
             Some(Ok(decoded)) => Some(decoded.event),
             // The inference consumer dead-letters poison records; the gateway only reads.
             Some(Err(error)) => {
-                warn!(?coordinates, %error, "undecodable conversation event skipped by the gateway");
+                warn!(%position, %error, "undecodable conversation event skipped by the gateway");
                 None
             }
             None => return, // shut down while waiting
@@ -126,13 +108,13 @@ pub async fn run(
         let fact = decoded.as_ref().and_then(Fact::of);
         let subscribers = {
             let mut window = recent.lock();
-            window.record(message.partition(), message.offset(), conversation_id, fact);
+            window.record(position.partition, position.offset, conversation_id, fact);
             decoded.as_ref().filter(|_| conversation_id.is_some_and(|id| hub.holds(&id))).map(|event| {
                 let frame = match event {
                     ConversationEvent::QueryReceived(query) => Some(question_frame(query)),
                     event => outcome_frame(event),
                 };
-                (hub.apply(event, message.partition(), message.offset(), frame.clone()), frame)
+                (hub.apply(event, position.partition, position.offset, frame.clone()), frame)
             })
         };
         recent.advanced();
@@ -145,25 +127,14 @@ pub async fn run(
 /// The listener read `partition` of the events topic to its end: its position, past the
 /// transaction markers that may follow the last record, is what it has read.
 fn reached_end(consumer: &LogConsumer, events: &str, partition: i32, recent: &Recent) {
-    let position =
-        consumer.position().ok().and_then(|positions| match positions.find_partition(events, partition)?.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => None,
-        });
-    if let Some(position) = position {
+    if let Ok(Some(position)) = position_in(consumer, events, partition) {
         recent.lock().reached(partition, position);
         recent.advanced();
     }
 }
 
 /// Sends a token delta to the sockets that follow its answer.
-async fn push_token(
-    codec: &EventCodec,
-    hub: &Hub,
-    conversation_id: Uuid,
-    payload: &[u8],
-    (topic, partition, offset): (String, i32, i64),
-) {
+async fn push_token(codec: &EventCodec, hub: &Hub, conversation_id: Uuid, payload: &[u8], position: LogPosition) {
     match codec.decode::<LLMTokenDelta>(payload).await {
         Ok(decoded) => {
             let token = decoded.event;
@@ -183,11 +154,11 @@ async fn push_token(
                 index: token.index,
                 delta: token.delta,
                 attempt: token.attempt,
-                position: Some(LogPosition { topic, partition, offset }.to_string()),
+                position: Some(position.to_string()),
             };
             send_all(subscribers, &frame);
         }
-        Err(error) => warn!(topic, partition, offset, %error, "undecodable token delta skipped"),
+        Err(error) => warn!(%position, %error, "undecodable token delta skipped"),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use parley_eventlog::consumer::{LogConsumer, next_record, reader, reader_config};
+use parley_eventlog::consumer::{LogConsumer, next_record, partitions, reader, reader_config};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::event::now_millis as now_ms;
@@ -28,9 +28,8 @@ pub fn follower(kafka: &KafkaSettings, topics: &Topics) -> Result<LogConsumer, E
     let since = now_ms() - i64::try_from(WINDOW.as_millis()).unwrap_or(0);
     let mut times = TopicPartitionList::new();
     for topic in [&topics.events, &topics.documents] {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            times.add_partition_offset(topic, partition.id(), Offset::Offset(since))?;
+        for partition in partitions(&consumer, topic)? {
+            times.add_partition_offset(topic, partition, Offset::Offset(since))?;
         }
     }
     // Partitions with nothing that recent answer "end": nothing to read there.
