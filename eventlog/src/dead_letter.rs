@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_events::dead_letters::{LetterBook, LetterId};
+use parley_events::dead_letters::{LetterBook, LetterId, SettleRefused};
 use parley_events::event::{DeadLetter, DeadLetterRecord, DeadLetterResolved, now_millis};
 use parley_events::{EventCodec, EventsError};
 use rdkafka::consumer::Consumer;
@@ -107,10 +107,9 @@ pub async fn settle(
     resolved_by: &str,
     reason: Option<String>,
 ) -> Result<DeadLetterResolved, EventLogError> {
-    let refuse = |reason: String| EventLogError::DeadLetter(reason);
     // Checked before anything is written (the letter is known and still open).
-    book.resolution(id, None, resolved_by, reason.clone(), now_millis()).map_err(refuse)?;
-    let letter = &book.get(id).ok_or_else(|| refuse(format!("no dead letter {id}")))?.letter;
+    book.resolution(id, None, resolved_by, reason.clone(), now_millis())?;
+    let letter = &book.get(id).ok_or(SettleRefused::Unknown(id))?.letter;
     let dead_letter_topic = kafka.topics().dead_letter;
     let producer: FutureProducer = idempotent_config(kafka.client_config())
         .set("transactional.id", format!("parley-dead-letters-{}", uuid::Uuid::new_v4().simple()))
@@ -143,7 +142,7 @@ pub async fn settle(
                 Some(delivery.offset)
             }
         };
-        let resolution = book.resolution(id, redriven_offset, resolved_by, reason, now_millis()).map_err(refuse)?;
+        let resolution = book.resolution(id, redriven_offset, resolved_by, reason, now_millis())?;
         let payload = codec.encode(&resolution).await?;
         let mut record = FutureRecord::<[u8], [u8]>::to(&dead_letter_topic).payload(payload.as_slice());
         if let Some(key) = &letter.key {

@@ -1,4 +1,5 @@
 use parley_events::EventsError;
+use parley_events::dead_letters::SettleRefused;
 use rdkafka::error::KafkaError;
 use thiserror::Error;
 
@@ -12,8 +13,10 @@ pub enum EventLogError {
     TopicCreation { topic: String, code: rdkafka::types::RDKafkaErrorCode },
     #[error("the consumer has no group metadata to commit offsets in a transaction")]
     NoGroupMetadata,
-    #[error("{0}")]
-    DeadLetter(String),
+    #[error(transparent)]
+    Settle(#[from] SettleRefused),
+    #[error("the dead-letter follower stopped")]
+    FollowerStopped,
     #[error("processing a record failed")]
     Processor(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -103,6 +103,17 @@ impl Status {
     }
 }
 
+/// Why a letter cannot be settled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettleRefused {
+    #[error("no dead letter {0}")]
+    Unknown(LetterId),
+    #[error("dead letter {id} was redriven already (to {copy})")]
+    Redriven { id: LetterId, copy: LogPosition },
+    #[error("dead letter {0} was discarded already")]
+    Discarded(LetterId),
+}
+
 /// One letter and what became of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -180,12 +191,12 @@ impl LetterBook {
         resolved_by: &str,
         reason: Option<String>,
         resolved_at: i64,
-    ) -> Result<DeadLetterResolved, String> {
-        let entry = self.get(id).ok_or_else(|| format!("no dead letter {id}"))?;
+    ) -> Result<DeadLetterResolved, SettleRefused> {
+        let entry = self.get(id).ok_or(SettleRefused::Unknown(id))?;
         match &entry.status {
             Status::Open => {}
-            Status::Redriven { copy } => return Err(format!("dead letter {id} was redriven already (to {copy})")),
-            Status::Discarded => return Err(format!("dead letter {id} was discarded already")),
+            Status::Redriven { copy } => return Err(SettleRefused::Redriven { id, copy: copy.clone() }),
+            Status::Discarded => return Err(SettleRefused::Discarded(id)),
         }
         let letter = &entry.letter;
         Ok(DeadLetterResolved {
@@ -377,8 +388,10 @@ mod tests {
         assert_eq!(book.get(id(0)).unwrap().status, Status::Discarded);
         // The embedder's letter of the same record is its own to settle.
         assert_eq!(book.get(id(1)).unwrap().status, Status::Open);
-        assert!(book.resolution(id(0), Some(40), "ops", None, 6).unwrap_err().contains("discarded already"));
-        assert!(book.resolution(id(9), None, "ops", None, 6).unwrap_err().contains("no dead letter 0/9"));
+        assert!(
+            book.resolution(id(0), Some(40), "ops", None, 6).unwrap_err().to_string().contains("discarded already")
+        );
+        assert!(book.resolution(id(9), None, "ops", None, 6).unwrap_err().to_string().contains("no dead letter 0/9"));
 
         let redrive = book.resolution(id(1), Some(40), "ops", Some("fixed".into()), 7).unwrap();
         book.apply(id(3), DeadLetterRecord::Resolved(redrive.clone()));

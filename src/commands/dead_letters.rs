@@ -124,7 +124,7 @@ pub(crate) async fn dead_letter_command(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(parley_eventlog::EventLogError::DeadLetter(refused)) => {
+        Err(parley_eventlog::EventLogError::Settle(refused)) => {
             eprintln!("{refused}");
             Ok(ExitCode::FAILURE)
         }
