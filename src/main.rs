@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{CLI_SERVICE, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
 use crate::commands::{audit, budget, dead_letters, documents, projections, replay, schemas, serve};
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let Cli { common, command } = cli;
-    let shutdown = shutdown_on_signal();
+    let shutdown = parley_eventlog::shutdown::on_signal();
     if let Some(addr) = common.metrics_listen {
         serve::serve_metrics(addr, shutdown.clone()).await?;
     }
@@ -88,22 +87,4 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Schemas(SchemasCommand::Register) => schemas::register(&common).await,
         Command::Schemas(SchemasCommand::Check { dir }) => schemas::check(&common, dir).await,
     }
-}
-
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let terminate = async {
-            if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                signal.recv().await;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
-        }
-        cancel.cancel();
-    });
-    token
 }

@@ -7,7 +7,9 @@
 //! - [`consumer`]: the one consumer builder (committed records, no auto commit, quiet EOF);
 //! - [`dead_letter`]: the record a consumer writes when it must give up on a message;
 //! - [`registry_wait`]: retrying decodes through schema-registry outages;
-//! - [`driver`]: the one consume-transform-produce driver (continuous, one per key, commit rule);
+//! - [`driver`]: the one consume-transform-produce driver (continuous, one per key, commit rule),
+//!   and [`driver::EventHandler`], a whole consumer made of one function;
+//! - [`shutdown`]: the token SIGINT and SIGTERM cancel;
 //! - [`lanes`]: how a driver ranks its partitions' work (priority lanes, weights, a kept slot);
 //! - [`transaction`]: the transactional producer that commits output and offsets together.
 
@@ -23,6 +25,7 @@ pub mod producer;
 pub mod registry_wait;
 pub mod secret;
 pub mod settings;
+pub mod shutdown;
 pub mod topics;
 pub mod trace;
 pub mod transaction;

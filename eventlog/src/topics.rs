@@ -21,6 +21,13 @@ pub struct TopicSpec {
     pub configs: Vec<(&'static str, &'static str)>,
 }
 
+impl TopicSpec {
+    /// A topic of `partitions` with the cluster's default configs.
+    pub fn new(name: &str, partitions: i32) -> Self {
+        Self { name: name.to_owned(), partitions, configs: vec![] }
+    }
+}
+
 /// Partitions of the conversation topics: the unit of consumer parallelism. A conversation
 /// never moves between partitions, so this can only grow with a re-keying migration.
 pub const CONVERSATION_PARTITIONS: i32 = 6;
@@ -100,9 +107,20 @@ impl Durability {
     }
 }
 
-/// Creates every missing topic (existing ones are left as they are) at the replication
-/// `chosen`, or, when None, at what the cluster's size allows ([`Durability::for_cluster`]).
+/// Creates every missing topic of Parley's (existing ones are left as they are) at the
+/// replication `chosen`, or, when None, at what the cluster's size allows
+/// ([`Durability::for_cluster`]).
 pub async fn ensure_topics(settings: &KafkaSettings, chosen: Option<i32>) -> Result<Durability, EventLogError> {
+    create_topics(settings, &settings.topics().specs(), chosen).await
+}
+
+/// Creates the topics of `specs` that are missing, as [`ensure_topics`] does Parley's (a
+/// new consumer's output topic, say).
+pub async fn create_topics(
+    settings: &KafkaSettings,
+    specs: &[TopicSpec],
+    chosen: Option<i32>,
+) -> Result<Durability, EventLogError> {
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(settings.client_config().create()?);
     let brokers = {
         let admin = Arc::clone(&admin);
@@ -110,7 +128,6 @@ pub async fn ensure_topics(settings: &KafkaSettings, chosen: Option<i32>) -> Res
     };
     let durability = Durability::for_cluster(brokers, chosen);
     let min_insync = durability.min_insync_replicas.to_string();
-    let specs = settings.topics().specs();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|spec| {

@@ -29,6 +29,13 @@ pub struct Outgoing {
     pub traceparent: Option<String>,
 }
 
+impl Outgoing {
+    /// A record to `topic` keyed `key`, outside any trace.
+    pub fn new(topic: &str, key: &str, payload: Vec<u8>) -> Self {
+        Self { topic: topic.to_owned(), key: key.to_owned(), payload, traceparent: None }
+    }
+}
+
 /// The configured transactional id, else the group id with the instance id (stable across
 /// restarts: the new incarnation aborts the old one's open transaction at once), else with
 /// a random suffix: unique per running instance, as fencing through the group generation

@@ -37,6 +37,7 @@
 //!   exits and is restarted; nothing is committed past unfinished work, so nothing is lost).
 
 mod commit;
+mod handler;
 mod processor;
 mod queue_age;
 mod rebalance;
@@ -61,6 +62,7 @@ use tracing::{info, warn};
 
 pub use self::commit::COMMIT_ATTEMPTS;
 use self::commit::{Commit, commit_loop};
+pub use self::handler::EventHandler;
 pub use self::processor::{Decoded, Processor};
 pub use self::queue_age::QueueAge;
 use self::rebalance::{Change, RebalanceLog};
@@ -74,7 +76,7 @@ use crate::metrics::{
     CONSUMER_LAG_RECORDS, CONSUMER_LAG_SECONDS, DEAD_LETTERS, HELD_KEYS, HELD_RECORDS, STATISTICS_INTERVAL_MS,
 };
 use crate::settings::KafkaSettings;
-use crate::transaction::{Outgoing, TransactionalProducer};
+use crate::transaction::{Outgoing, TransactionalProducer, instance_transactional_id};
 
 /// How often the consumer lag metrics are updated.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -101,6 +103,27 @@ pub struct DriverSettings {
     pub lanes: Lanes,
     /// Where the driver shows how long the oldest waiting record of each lane has waited.
     pub queue: QueueAge,
+}
+
+impl DriverSettings {
+    /// Group `group_id` over `topics` with what a simple consumer wants: one record per
+    /// unit, one unit at a time, one lane, this instance's transactional id and the
+    /// dead-letter topic of `kafka`'s prefix. Change fields to scale out.
+    pub fn new(kafka: &KafkaSettings, group_id: &str, topics: Vec<String>) -> Self {
+        let lanes = Lanes::single();
+        Self {
+            group_id: group_id.to_owned(),
+            transactional_id: instance_transactional_id(group_id, None, kafka.instance_id.as_deref()),
+            topics,
+            dead_letter_topic: kafka.topics().dead_letter,
+            batch_size: 1,
+            batch_wait: Duration::ZERO,
+            concurrency: 1,
+            one_per_key: true,
+            queue: QueueAge::new(&lanes),
+            lanes,
+        }
+    }
 }
 
 /// Runs `processor` over the settings' topics until `shutdown` (or a fatal error).
