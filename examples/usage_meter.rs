@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-pub struct Args {
+pub(crate) struct Args {
     #[command(flatten)]
     pub kafka: KafkaSettings,
     #[arg(long, env = "PARLEY_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:18081/apis/ccompat/v7")]
@@ -40,7 +40,7 @@ pub struct Args {
 
 /// What one answer used: the record the meter appends, keyed by user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub answer_id: String,
     pub user: String,
     pub model: String,
@@ -63,7 +63,7 @@ fn usage_records(output: &str, event: &ConversationEvent) -> serde_json::Result<
 }
 
 /// Meters until `shutdown`.
-pub async fn run(args: &Args, shutdown: CancellationToken) -> Result<()> {
+pub(crate) async fn run(args: &Args, shutdown: CancellationToken) -> Result<()> {
     let output = format!("{}usage", args.kafka.topic_prefix);
     create_topics(&args.kafka, &[TopicSpec::new(&output, CONVERSATION_PARTITIONS)], None).await?;
     let codec = Arc::new(EventCodec::new(&args.schema_registry_url)?);

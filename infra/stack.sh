@@ -21,6 +21,7 @@ kafka3_healthy() { kafka_port_healthy "$(kafka_node_port 3)"; }
 registry_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
 # A CQL v4 OPTIONS request; a live node answers SUPPORTED (response version 0x84, opcode 0x06).
 cassandra_healthy() {
+  # shellcheck disable=SC2016 # the inner shell expands $1, the port passed after it
   [ "$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "\x04\x00\x00\x00\x05\x00\x00\x00\x00" >&3; head -c 5 <&3' \
     _ "$CQL_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 8400000006 ]
 }
@@ -194,7 +195,7 @@ case "${PARLEY_KAFKA_NODES:-1}" in
 esac
 if [[ "${1:-}" != start ]]; then
   for other in kafka kafka1 kafka2 kafka3; do
-    if [[ -f "$PARLEY_RUN/pids/$other.pid" && ! " ${KAFKA_SERVICES[*]} " =~ " $other " ]]; then KAFKA_SERVICES+=("$other"); fi
+    if [[ -f "$PARLEY_RUN/pids/$other.pid" && " ${KAFKA_SERVICES[*]} " != *" $other "* ]]; then KAFKA_SERVICES+=("$other"); fi
   done
 fi
 SERVICES=("${KAFKA_SERVICES[@]}" registry cassandra llm milvus jaeger)
@@ -211,7 +212,7 @@ declare -A STARTUP_SECONDS=([kafka]=120 [kafka1]=120 [kafka2]=120 [kafka3]=120 [
   [milvus]=60 [jaeger]=30 [llm2]=60 [prometheus]=60)
 # `start` and `stop` may name some services (e.g. `start kafka`): only those.
 if (($# > 1)); then
-  for s in "${@:2}"; do [[ " ${SERVICES[*]} " =~ " $s " ]] || die "unknown service $s (one of: ${SERVICES[*]})"; done
+  for s in "${@:2}"; do [[ " ${SERVICES[*]} " == *" $s "* ]] || die "unknown service $s (one of: ${SERVICES[*]})"; done
   SERVICES=("${@:2}")
 fi
 

@@ -6,7 +6,7 @@ shopt -s inherit_errexit
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-"$REPO_ROOT/infra/install.sh" --with-browser --with-metrics
+"$REPO_ROOT/infra/install.sh" --with-browser --with-metrics --with-lint
 # A full disk shows up as brokers timing out, not as an error of its own: say so first.
 free_gib=$(df -Pk "$PARLEY_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
 ((free_gib >= 8)) || log "warning: only ${free_gib} GiB free under $PARLEY_CACHE; the build and the stack need about 8"
@@ -23,6 +23,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo doc (broken or private intra-doc links are errors)"
+cargo doc --workspace --no-deps --locked --quiet
+log "shellcheck"
+"$VENV/bin/shellcheck" infra/*.sh .ci/run
 log "cargo test (end-to-end tests use the stack at $PARLEY_KAFKA_BROKERS)"
 results="$(mktemp)"
 # Every suite runs even when one fails, so a red run shows all that is wrong at once.

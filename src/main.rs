@@ -1,6 +1,6 @@
 //! `parley`: one binary, a subcommand per service and per operator task. This file wires
 //! what every command shares (logging, tracing, the runtime, the shutdown signal, the
-//! metrics server) and hands each command to its module under [`commands`].
+//! metrics server) and hands each command to its module under `commands`.
 
 use std::process::ExitCode;
 

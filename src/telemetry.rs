@@ -17,7 +17,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installed logging and tracing; `shutdown` flushes the spans still queued.
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
@@ -25,7 +25,12 @@ impl Telemetry {
     /// Must run outside the async runtime: the exporter's HTTP client is a blocking one,
     /// driven by the SDK's own export thread. A `command` (not a service) logs warnings and
     /// errors only, unless PARLEY_LOG says otherwise: its output is for the person who ran it.
-    pub fn init(log_format: &str, otlp_endpoint: Option<&str>, service: &str, command: bool) -> Result<Telemetry> {
+    pub(crate) fn init(
+        log_format: &str,
+        otlp_endpoint: Option<&str>,
+        service: &str,
+        command: bool,
+    ) -> Result<Telemetry> {
         let default = if command { "warn" } else { "info,rdkafka=warn" };
         let directives = std::env::var("PARLEY_LOG").unwrap_or_else(|_| default.to_owned());
         let logged = directives
@@ -52,7 +57,7 @@ impl Telemetry {
         Ok(Telemetry { provider })
     }
 
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(error) = provider.shutdown()
         {
@@ -81,7 +86,7 @@ fn traces_url(endpoint: &str) -> String {
 }
 
 /// Clap parser for `--otlp-endpoint`: an http(s) URL, refused at start-up otherwise.
-pub fn parse_endpoint(value: &str) -> Result<String, String> {
+pub(crate) fn parse_endpoint(value: &str) -> Result<String, String> {
     let rest = value.strip_prefix("http://").or_else(|| value.strip_prefix("https://"));
     match rest {
         Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(value.to_owned()),

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// Fetches a trace from Jaeger's query API (`/api/traces/<id>`).
-pub async fn fetch(jaeger_url: &str, trace_id: &str) -> Result<Value> {
+pub(crate) async fn fetch(jaeger_url: &str, trace_id: &str) -> Result<Value> {
     let url = format!("{}/api/traces/{trace_id}", jaeger_url.trim_end_matches('/'));
     let response = reqwest::get(&url).await.with_context(|| format!("asking Jaeger at {url}"))?;
     if response.status() == reqwest::StatusCode::NOT_FOUND {
@@ -19,7 +19,7 @@ pub async fn fetch(jaeger_url: &str, trace_id: &str) -> Result<Value> {
 }
 
 /// Clap parser for a trace id: 32 hex digits, as `parley audit` prints them.
-pub fn parse_trace_id(value: &str) -> Result<String, String> {
+pub(crate) fn parse_trace_id(value: &str) -> Result<String, String> {
     if value.len() == 32 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(value.to_ascii_lowercase())
     } else {
@@ -43,7 +43,7 @@ struct Span<'a> {
 }
 
 /// The trace as text: one line per span, children under their parent in start order.
-pub fn render(trace: &Value) -> String {
+pub(crate) fn render(trace: &Value) -> String {
     let services: HashMap<&str, &str> = trace["processes"]
         .as_object()
         .map(|processes| {

@@ -65,6 +65,17 @@ async fn stop(meter: (CancellationToken, tokio::task::JoinHandle<anyhow::Result<
     meter.1.await.unwrap().unwrap();
 }
 
+#[test]
+fn docs_show_the_example_as_it_is() {
+    let example = include_str!("../examples/usage_meter.rs");
+    let code = &example[..example.find("#[cfg(test)]").unwrap()];
+    let docs = include_str!("../docs/consumers.md");
+    assert!(
+        docs.contains(code.trim_end()),
+        "docs/consumers.md must show examples/usage_meter.rs (tests aside) verbatim"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_consumer_meters_each_answer_once_across_a_restart() {
     let Some(stack) = stack() else { return };

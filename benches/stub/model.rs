@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 /// How the stub answers.
 #[derive(Debug, Clone, Copy)]
-pub struct StubModel {
+pub(crate) struct StubModel {
     pub first_token: Duration,
     pub per_token: Duration,
     pub tokens: usize,
@@ -22,12 +22,12 @@ pub struct StubModel {
 
 impl StubModel {
     /// The model's own time for one whole answer.
-    pub fn answer_time(&self) -> Duration {
+    pub(crate) fn answer_time(&self) -> Duration {
         self.first_token + self.per_token * u32::try_from(self.tokens.saturating_sub(1)).unwrap_or(0)
     }
 
     /// Serves the stub on a free 127.0.0.1 port; returns its base URL (…/v1).
-    pub async fn serve(self) -> String {
+    pub(crate) async fn serve(self) -> String {
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(complete))
             .route("/v1/models", axum::routing::get(|| async { Json(json!({"data": [{"id": "stub"}]})) }))

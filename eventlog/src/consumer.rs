@@ -105,7 +105,9 @@ pub fn position_of(message: &impl Message) -> LogPosition {
 /// events on).
 #[derive(Debug)]
 pub enum Read<'a> {
+    /// The next record.
     Record(BorrowedMessage<'a>),
+    /// The reader is at the end of this partition (for now).
     End(i32),
 }
 

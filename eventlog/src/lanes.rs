@@ -59,14 +59,17 @@ impl Lanes {
         self
     }
 
+    /// How many lanes there are.
     pub fn count(&self) -> usize {
         self.names.len()
     }
 
+    /// The lanes' names, highest first.
     pub fn names(&self) -> &[&'static str] {
         &self.names
     }
 
+    /// The lane of `topic`'s `partition`.
     pub fn of(&self, topic: &str, partition: i32) -> usize {
         (self.of)(topic, partition)
     }
@@ -95,6 +98,7 @@ pub struct Stride {
 const SERVICE: u64 = 1 << 32;
 
 impl Stride {
+    /// A stride over `lanes` lanes, none served yet.
     pub fn new(lanes: usize) -> Self {
         Self { pass: vec![0; lanes] }
     }

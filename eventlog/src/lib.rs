@@ -13,17 +13,24 @@
 //! - [`lanes`]: how a driver ranks its partitions' work (priority lanes, weights, a kept slot);
 //! - [`transaction`]: the transactional producer that commits output and offsets together.
 
+#![warn(missing_docs)]
+
 pub mod consumer;
 pub mod dead_letter;
 pub mod driver;
+/// What goes wrong in Kafka plumbing.
 pub mod error;
 pub mod lanes;
+/// Inference instances' queue ages, published for gateways to shed load by.
 pub mod load;
 pub mod metrics;
 pub mod partitioner;
+/// The idempotent producer that appends events keyed by conversation.
 pub mod producer;
 pub mod registry_wait;
+/// Secrets from the environment or an owner-only file.
 pub mod secret;
+/// Broker and topic options.
 pub mod settings;
 pub mod shutdown;
 pub mod topics;

@@ -1,5 +1,5 @@
 //! Load shedding's signal: each inference instance publishes how long its oldest waiting
-//! query has waited (its driver's [`QueueAge`]), overall and per lane, to the load topic
+//! query has waited (its driver's [`QueueAge`](crate::driver::QueueAge)), overall and per lane, to the load topic
 //! twice a second; every gateway reads all reports and refuses a lane's new turns while
 //! the worst fresh age of that lane is past its threshold. Reports are small JSON records: an operational signal, not a conversation
 //! event, so they stay out of the Avro contract.
@@ -24,9 +24,11 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// One instance's queue at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReport {
+    /// The reporting inference instance.
     pub instance: String,
     /// The oldest waiting query of any lane.
     pub queue_age_ms: u64,
+    /// When it was measured (ms since the epoch).
     pub at_ms: i64,
     /// The oldest waiting query of each lane, by lane name.
     #[serde(default)]
@@ -44,6 +46,7 @@ pub struct LoadBoard {
 const FRESH_MS: i64 = 3_000;
 
 impl LoadBoard {
+    /// Takes an instance's latest report in.
     pub fn record(&mut self, report: LoadReport) {
         self.latest.insert(report.instance.clone(), report);
     }

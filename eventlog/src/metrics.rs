@@ -100,6 +100,7 @@ pub static HELD_RECORDS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         &["group"],
     )
 });
+/// Keys a consumer group holds back behind an open dead letter.
 pub static HELD_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     int_gauge("parley_dead_letter_held_keys", "Keys (conversations) held back by an open dead letter", &["group"])
 });

@@ -45,10 +45,12 @@ pub fn idempotent_config(mut base: ClientConfig) -> ClientConfig {
 }
 
 impl EventProducer {
+    /// An idempotent producer over `config` that encodes with `codec`.
     pub fn new(config: ClientConfig, codec: Arc<EventCodec>) -> Result<Self, EventLogError> {
         Ok(Self { producer: idempotent_config(config).create()?, codec })
     }
 
+    /// The codec it encodes with.
     pub fn codec(&self) -> &Arc<EventCodec> {
         &self.codec
     }

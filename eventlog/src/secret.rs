@@ -6,14 +6,31 @@ use std::path::Path;
 
 use thiserror::Error;
 
+/// Why a secret file cannot be used.
 #[derive(Debug, Error)]
 pub enum SecretError {
-    #[error("cannot read the secret file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// It cannot be read.
+    #[error("cannot read the secret file {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Others than its owner may read it.
     #[error("the secret file {path} can be read by others (mode {mode:o}); make it the owner's only: chmod 600 {path}")]
-    Exposed { path: String, mode: u32 },
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// It holds nothing but whitespace.
     #[error("the secret file {path} is empty")]
-    Empty { path: String },
+    Empty {
+        /// The file.
+        path: String,
+    },
 }
 
 /// The secret in `path` (surrounding whitespace, such as a final newline, removed), if

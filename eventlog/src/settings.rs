@@ -48,6 +48,7 @@ impl KafkaSettings {
         config
     }
 
+    /// The topics under this prefix.
     pub fn topics(&self) -> Topics {
         Topics::with_prefix(&self.topic_prefix)
     }
@@ -72,6 +73,7 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// Parley's topic names, each after `prefix`.
     pub fn with_prefix(prefix: &str) -> Self {
         Self {
             events: format!("{prefix}conversation-events"),

@@ -16,8 +16,11 @@ use crate::settings::{KafkaSettings, Topics};
 /// One topic's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSpec {
+    /// The topic's name (prefix included).
     pub name: String,
+    /// Its partitions.
     pub partitions: i32,
+    /// Topic configs set at creation (retention, cleanup policy, record size).
     pub configs: Vec<(&'static str, &'static str)>,
 }
 
@@ -93,7 +96,9 @@ impl Topics {
 /// before it is acknowledged (every Parley producer writes with `acks=all`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durability {
+    /// Copies of each record.
     pub replication: i32,
+    /// Copies written before a write is acknowledged.
     pub min_insync_replicas: i32,
 }
 

@@ -23,9 +23,13 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 /// One record to append in a batch's transaction.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
+    /// The topic.
     pub topic: String,
+    /// The record's key (its partition follows from it).
     pub key: String,
+    /// The encoded record.
     pub payload: Vec<u8>,
+    /// The W3C trace context to carry in the `traceparent` header.
     pub traceparent: Option<String>,
 }
 

@@ -30,7 +30,7 @@ use crate::support::{self, Stack, free_port, log_tail, spawn, start_model_server
 
 /// What the suite kills, in the order it kills them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     Gateway,
     Inference,
     Embedder,
@@ -40,11 +40,11 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] =
+    pub(crate) const ALL: [Fault; 6] =
         [Fault::Gateway, Fault::Inference, Fault::Embedder, Fault::Projector, Fault::Model, Fault::Kafka];
 
     /// What "recovered" means for this fault, as the report states it.
-    pub fn recovery(self) -> &'static str {
+    pub(crate) fn recovery(self) -> &'static str {
         match self {
             Fault::Gateway => "first answer on a socket opened after the kill",
             Fault::Inference | Fault::Model | Fault::Kafka => "first answer generated after the kill reaches a client",
@@ -55,7 +55,7 @@ impl Fault {
 }
 
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Simulated users, each chatting in its own conversation, one turn after the other.
     pub clients: usize,
     /// How many times the whole list of faults is injected.
@@ -66,7 +66,7 @@ pub struct Settings {
 
 impl Settings {
     /// `clients` and `rounds`, with the Kafka size from PARLEY_KAFKA_NODES (default 1).
-    pub fn from_env(clients: usize, rounds: usize) -> Self {
+    pub(crate) fn from_env(clients: usize, rounds: usize) -> Self {
         let kafka_nodes = std::env::var("PARLEY_KAFKA_NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(1);
         Self { clients, rounds, kafka_nodes }
     }
@@ -74,7 +74,7 @@ impl Settings {
 
 /// One injected fault and how long the pipeline took to serve again.
 #[derive(Debug, Clone)]
-pub struct Injected {
+pub(crate) struct Injected {
     pub fault: Fault,
     /// Which process: e.g. `gateway 1`, `kafka2`.
     pub target: String,
@@ -84,7 +84,7 @@ pub struct Injected {
 /// What the run saw and what the checks found. The targets: `lost`, `duplicated`,
 /// `projection_mismatches`, `vectors_missing` and `vectors_extra` all zero.
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     pub faults: Vec<Injected>,
     /// Queries acknowledged to a client.
     pub turns: usize,
@@ -113,7 +113,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn clean(&self) -> bool {
+    pub(crate) fn clean(&self) -> bool {
         self.lost == 0
             && self.duplicated == 0
             && self.surprises == 0
@@ -638,7 +638,7 @@ fn record(t: &mut Transcript, frame: &Value, open: &mut Option<usize>, socket_op
 }
 
 /// Runs the suite: load, faults, drain, checks.
-pub async fn run(stack: &Stack, settings: &Settings) -> Report {
+pub(crate) async fn run(stack: &Stack, settings: &Settings) -> Report {
     let mut pipeline = Pipeline::start(stack, settings).await;
     let mut transcripts: Vec<Shared> = Vec::new();
     for _ in 0..settings.clients {

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Addresses of the running stack, or None (test skipped) when it is not configured.
-pub struct Stack {
+pub(crate) struct Stack {
     pub brokers: String,
     pub registry: String,
     pub llm: String,
@@ -30,12 +30,12 @@ pub struct Stack {
 
 /// Gateway options that turn the per-user rate limits off, for tests and benchmarks whose
 /// one user asks faster than a person would.
-pub const NO_RATE_LIMITS: [&str; 4] = ["--user-turns-per-minute", "0", "--user-tokens-per-minute", "0"];
+pub(crate) const NO_RATE_LIMITS: [&str; 4] = ["--user-turns-per-minute", "0", "--user-tokens-per-minute", "0"];
 
 /// Keyspace shared by the tests: their conversations and topics never collide.
-pub const TEST_KEYSPACE: &str = "parley_test";
+pub(crate) const TEST_KEYSPACE: &str = "parley_test";
 
-pub fn stack() -> Option<Stack> {
+pub(crate) fn stack() -> Option<Stack> {
     let var = |name: &str| std::env::var(name).ok();
     // The vector store, the embedding model and the trace collector reach `parley` through
     // the environment.
@@ -66,7 +66,7 @@ pub fn stack() -> Option<Stack> {
 /// A free port below Linux's ephemeral range (32768 and up): a pipeline restarted on the
 /// same port must find it free, and an ephemeral port can meanwhile become the local end
 /// of any client's connection (it happened: a restart failed with "address in use").
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     loop {
         let port = 20_000 + u16::try_from(uuid::Uuid::new_v4().as_u128() % 12_000).unwrap();
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -77,7 +77,7 @@ pub fn free_port() -> u16 {
 
 /// The options before a `parley` subcommand that put it on a test's own topics, keyspace
 /// and vector collection.
-pub fn global_args(
+pub(crate) fn global_args(
     brokers: &str,
     registry: &str,
     prefix: &str,
@@ -104,7 +104,7 @@ pub fn global_args(
 }
 
 /// A `parley all` process on its own topics, plus any extra gateway instances.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     child: Child,
     extra_gateways: Vec<Child>,
     args: Vec<String>,
@@ -119,12 +119,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub async fn start(stack: &Stack, extra_args: &[&str]) -> Pipeline {
+    pub(crate) async fn start(stack: &Stack, extra_args: &[&str]) -> Pipeline {
         Self::start_in(stack, TEST_KEYSPACE, extra_args).await
     }
 
     /// Like `start`, with the projection in its own keyspace.
-    pub async fn start_in(stack: &Stack, keyspace: &str, extra_args: &[&str]) -> Pipeline {
+    pub(crate) async fn start_in(stack: &Stack, keyspace: &str, extra_args: &[&str]) -> Pipeline {
         let id = uuid::Uuid::new_v4().simple();
         let prefix = format!("test-{id}.");
         let collection = format!("test_{id}");
@@ -163,7 +163,7 @@ impl Pipeline {
     }
 
     /// Stops the `parley all` process and starts it again with the same options.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = spawn(&self.args, &self.prefix, "restarted.log");
@@ -187,7 +187,7 @@ impl Pipeline {
 
     /// Starts another gateway instance on the same topics and secret, with `extra_args`;
     /// returns its base URL.
-    pub async fn extra_gateway(&mut self, extra_args: &[&str]) -> String {
+    pub(crate) async fn extra_gateway(&mut self, extra_args: &[&str]) -> String {
         let port = free_port();
         let mut args =
             global_args(&self.brokers, &self.registry, &self.prefix, &self.cql, &self.keyspace, &self.collection);
@@ -200,17 +200,17 @@ impl Pipeline {
     }
 
     /// A new anonymous user's token.
-    pub async fn session(&self) -> String {
+    pub(crate) async fn session(&self) -> String {
         self.session_user().await.1
     }
 
     /// A new anonymous user: (user id, token).
-    pub async fn session_user(&self) -> (String, String) {
+    pub(crate) async fn session_user(&self) -> (String, String) {
         new_session(&self.http).await
     }
 
     /// A socket of `token`'s user on the gateway at `http`, past its `ready` frame.
-    pub async fn connect(&self, http: &str, token: &str) -> Client {
+    pub(crate) async fn connect(&self, http: &str, token: &str) -> Client {
         let url = format!("{}/ws?token={token}", http.replace("http://", "ws://"));
         let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let mut client = Client { socket };
@@ -220,22 +220,22 @@ impl Pipeline {
     }
 
     /// A socket of a new user on the gateway at `http`.
-    pub async fn client_at(&self, http: &str) -> Client {
+    pub(crate) async fn client_at(&self, http: &str) -> Client {
         let token = self.session().await; // any instance accepts any instance's tokens
         self.connect(http, &token).await
     }
 
     /// A socket of a new user.
-    pub async fn client(&self) -> Client {
+    pub(crate) async fn client(&self) -> Client {
         self.client_at(&self.http).await
     }
 
     /// GET on the query API as `token`'s user: (status, JSON body).
-    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str, token: &str) -> (u16, Value) {
         self.request(reqwest::Method::GET, path, token, None).await
     }
 
-    pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
+    pub(crate) async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
         self.request(reqwest::Method::DELETE, path, token, None).await
     }
 
@@ -251,7 +251,7 @@ impl Pipeline {
     }
 
     /// Polls a conversation on the query path until it has at least `messages` messages.
-    pub async fn conversation_when(&self, token: &str, id: &str, messages: usize) -> Value {
+    pub(crate) async fn conversation_when(&self, token: &str, id: &str, messages: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (status, body) = self.get(&format!("/api/conversations/{id}"), token).await;
@@ -264,7 +264,7 @@ impl Pipeline {
     }
 
     /// Runs the `parley` command line against this pipeline's topics and keyspace.
-    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(["--kafka-brokers", &self.brokers, "--schema-registry-url", &self.registry])
             .args(["--topic-prefix", &self.prefix, "--cql-nodes", &self.cql, "--cql-keyspace", &self.keyspace])
@@ -274,26 +274,26 @@ impl Pipeline {
             .unwrap()
     }
 
-    pub fn log_path(&self) -> String {
+    pub(crate) fn log_path(&self) -> String {
         std::env::temp_dir().join(format!("{}log", self.prefix)).display().to_string()
     }
 
-    pub fn events_topic(&self) -> String {
+    pub(crate) fn events_topic(&self) -> String {
         format!("{}conversation-events", self.prefix)
     }
 
     /// The vector store this pipeline's embedder writes.
-    pub fn milvus(&self) -> MilvusSettings {
+    pub(crate) fn milvus(&self) -> MilvusSettings {
         milvus_settings(&self.collection)
     }
 
     /// POST of a JSON body as `token`'s user: (status, JSON body).
-    pub async fn post(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    pub(crate) async fn post(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
         self.request(reqwest::Method::POST, path, token, Some(body)).await
     }
 
     /// Polls the search API until `q` finds a hit for which `found` holds; returns the hits.
-    pub async fn search_until(&self, token: &str, q: &str, found: impl Fn(&Value) -> bool) -> Vec<Value> {
+    pub(crate) async fn search_until(&self, token: &str, q: &str, found: impl Fn(&Value) -> bool) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let path = format!("/api/search?q={}&k=10", urlencode(q));
@@ -309,11 +309,11 @@ impl Pipeline {
 
     /// Stops the processes and deletes this test's topics and vector collection.
     /// The `parley all` process's id (for its memory and CPU time).
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.kill_all();
         let _ = VectorStore::drop_collection(&self.milvus()).await;
         let admin: AdminClient<DefaultClientContext> =
@@ -340,14 +340,14 @@ impl Drop for Pipeline {
 }
 
 /// A new anonymous user of the gateway at `http`: (user id, token).
-pub async fn new_session(http: &str) -> (String, String) {
+pub(crate) async fn new_session(http: &str) -> (String, String) {
     let session: Value =
         reqwest::Client::new().post(format!("{http}/api/session")).send().await.unwrap().json().await.unwrap();
     (session["user_id"].as_str().unwrap().to_owned(), session["token"].as_str().unwrap().to_owned())
 }
 
 /// What `ready` gives, once it gives something (a minute at most; `what` names it).
-pub async fn wait_until<T, F: Future<Output = Option<T>>>(what: &str, mut ready: impl FnMut() -> F) -> T {
+pub(crate) async fn wait_until<T, F: Future<Output = Option<T>>>(what: &str, mut ready: impl FnMut() -> F) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(value) = ready().await {
@@ -359,7 +359,7 @@ pub async fn wait_until<T, F: Future<Output = Option<T>>>(what: &str, mut ready:
 }
 
 /// Waits (up to a minute) until the gateway at `http` answers `/healthz`.
-pub async fn wait_healthy(http: &str) {
+pub(crate) async fn wait_healthy(http: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while reqwest::get(format!("{http}/healthz")).await.is_err() {
         assert!(Instant::now() < deadline, "the gateway at {http} did not come up");
@@ -368,7 +368,7 @@ pub async fn wait_healthy(http: &str) {
 }
 
 /// Milvus settings from the environment (PARLEY_MILVUS_URL) for `collection`.
-pub fn milvus_settings(collection: &str) -> MilvusSettings {
+pub(crate) fn milvus_settings(collection: &str) -> MilvusSettings {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -378,12 +378,12 @@ pub fn milvus_settings(collection: &str) -> MilvusSettings {
 }
 
 /// The `p`th percentile (0–100) of ascending `sorted` samples, nearest rank.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize).min(sorted.len() - 1)]
 }
 
 /// Percent-encodes a query-string value.
-pub fn urlencode(value: &str) -> String {
+pub(crate) fn urlencode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
@@ -394,7 +394,7 @@ pub fn urlencode(value: &str) -> String {
 }
 
 /// The last lines of a process log, for failure messages that explain themselves in CI.
-pub fn log_tail(path: &str) -> String {
+pub(crate) fn log_tail(path: &str) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_else(|error| format!("({path}: {error})"));
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
@@ -402,9 +402,9 @@ pub fn log_tail(path: &str) -> String {
 
 /// The secret that signs the anonymous tokens of every process the tests start (given as
 /// the environment variable: secrets are never arguments).
-pub const AUTH_SECRET: &str = "test-secret";
+pub(crate) const AUTH_SECRET: &str = "test-secret";
 
-pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
+pub(crate) fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
     command.env("PARLEY_AUTH_SECRET", AUTH_SECRET);
@@ -417,7 +417,7 @@ pub fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
 
 /// A llama.cpp server of the test's own on `port`, answering as model `alias`
 /// (PARLEY_LLM_SERVER_COMMAND, set by infra/lib.sh).
-pub fn start_model_server(port: u16, alias: &str) -> Child {
+pub(crate) fn start_model_server(port: u16, alias: &str) -> Child {
     let command = std::env::var("PARLEY_LLM_SERVER_COMMAND").expect("PARLEY_LLM_SERVER_COMMAND (infra/lib.sh)");
     let mut words = command.split_whitespace();
     Command::new(words.next().unwrap())
@@ -430,7 +430,7 @@ pub fn start_model_server(port: u16, alias: &str) -> Child {
 }
 
 /// Waits (up to a minute) until the model server at `base_url` lists its models.
-pub async fn wait_until_serving(base_url: &str) {
+pub(crate) async fn wait_until_serving(base_url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !reqwest::get(format!("{base_url}/models")).await.is_ok_and(|r| r.status().is_success()) {
         assert!(Instant::now() < deadline, "model server at {base_url} did not come up");
@@ -438,23 +438,23 @@ pub async fn wait_until_serving(base_url: &str) {
     }
 }
 
-pub struct Client {
+pub(crate) struct Client {
     pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
 /// Long enough for the tiny local model to answer under parallel tests on 2 cores.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Client {
-    pub async fn send(&mut self, frame: Value) {
+    pub(crate) async fn send(&mut self, frame: Value) {
         self.socket.send(Message::Text(frame.to_string().into())).await.unwrap();
     }
 
-    pub async fn send_raw(&mut self, text: String) {
+    pub(crate) async fn send_raw(&mut self, text: String) {
         self.socket.send(Message::Text(text.into())).await.unwrap();
     }
 
-    pub async fn ask(&mut self, client_message_id: &str, conversation_id: Option<&str>, text: &str) {
+    pub(crate) async fn ask(&mut self, client_message_id: &str, conversation_id: Option<&str>, text: &str) {
         let mut frame = json!({"type": "query", "client_message_id": client_message_id, "text": text});
         if let Some(id) = conversation_id {
             frame["conversation_id"] = json!(id);
@@ -462,7 +462,7 @@ impl Client {
         self.send(frame).await;
     }
 
-    pub async fn next_frame(&mut self) -> Value {
+    pub(crate) async fn next_frame(&mut self) -> Value {
         loop {
             let message = tokio::time::timeout(ANSWER_TIMEOUT, self.socket.next())
                 .await
@@ -477,7 +477,7 @@ impl Client {
 
     /// The `ack` or `error` frame that answers the query `client_message_id` (skipping the
     /// tokens and outcomes of earlier turns).
-    pub async fn reply_to(&mut self, client_message_id: &str) -> Value {
+    pub(crate) async fn reply_to(&mut self, client_message_id: &str) -> Value {
         loop {
             let frame = self.next_frame().await;
             if (frame["type"] == "ack" || frame["type"] == "error") && frame["client_message_id"] == client_message_id {
@@ -487,7 +487,7 @@ impl Client {
     }
 
     /// Frames up to and including the first of type `kind`.
-    pub async fn until(&mut self, kind: &str) -> Vec<Value> {
+    pub(crate) async fn until(&mut self, kind: &str) -> Vec<Value> {
         let mut frames = Vec::new();
         loop {
             let frame = self.next_frame().await;
@@ -500,7 +500,7 @@ impl Client {
     }
 
     /// Frames up to the first `answer` or `failed`.
-    pub async fn until_outcome(&mut self) -> Vec<Value> {
+    pub(crate) async fn until_outcome(&mut self) -> Vec<Value> {
         let mut frames = Vec::new();
         loop {
             let frame = self.next_frame().await;
@@ -515,7 +515,7 @@ impl Client {
 
 /// Writes `conversations` synthetic conversations of `turns` turns each (Started, then a
 /// query and an answer per turn) straight to the events topic, as the services would.
-pub async fn write_synthetic(
+pub(crate) async fn write_synthetic(
     brokers: &str,
     registry: &str,
     topic: &str,
@@ -588,7 +588,7 @@ pub async fn write_synthetic(
 }
 
 /// Drops a keyspace a test created for itself.
-pub async fn drop_keyspace(cql: &str, keyspace: &str) {
+pub(crate) async fn drop_keyspace(cql: &str, keyspace: &str) {
     let session = scylla::client::session_builder::SessionBuilder::new().known_node(cql).build().await.unwrap();
     session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await.unwrap();
 }
@@ -616,7 +616,7 @@ fn reader_from_start(brokers: &str, topic: &str, eof: bool) -> (rdkafka::consume
 }
 
 /// Every committed event of `topic` that decodes, read from the start to the end of each partition.
-pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parley_events::ConversationEvent> {
+pub(crate) async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parley_events::ConversationEvent> {
     use rdkafka::Message;
 
     let codec = parley_events::EventCodec::new(registry).unwrap();
@@ -640,7 +640,7 @@ pub async fn log_to_end(brokers: &str, registry: &str, topic: &str) -> Vec<parle
 /// The first `count` events of `topic` (read_committed, from the start) whose key is
 /// `conversation` (or any), with each record's `traceparent` header, ordered by
 /// conversation and sequence.
-pub async fn log_events(
+pub(crate) async fn log_events(
     brokers: &str,
     registry: &str,
     topic: &str,

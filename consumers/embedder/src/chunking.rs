@@ -7,6 +7,7 @@
 pub struct Chunk {
     /// 0-based chunk number within the document.
     pub position: i64,
+    /// The chunk's text (a slice of the document's, at paragraph or sentence ends).
     pub text: String,
 }
 

@@ -6,6 +6,8 @@
 //! - [`service`]: the batch loop: decode, embed, upsert, then commit EmbeddingsIndexed and
 //!   offsets in one Kafka transaction.
 
+#![warn(missing_docs)]
+
 pub mod chunking;
 pub mod service;
 pub mod sources;

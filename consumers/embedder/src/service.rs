@@ -59,6 +59,7 @@ pub struct EmbedderArgs {
     #[arg(long, env = "PARLEY_MILVUS_FLUSH_THRESHOLD", default_value_t = 2048)]
     pub milvus_flush_threshold: u32,
 
+    /// The consumer group every embedder instance shares.
     #[arg(long, env = "PARLEY_EMBEDDER_GROUP", default_value = "parley-embedder")]
     pub embedder_group: String,
 
@@ -67,14 +68,19 @@ pub struct EmbedderArgs {
     pub embedder_transactional_id: Option<String>,
 }
 
+/// Why the embedder stopped.
 #[derive(Debug, Error)]
 pub enum EmbedderError {
+    /// Kafka failed.
     #[error(transparent)]
     EventLog(#[from] EventLogError),
+    /// An event could not be encoded or decoded.
     #[error(transparent)]
     Events(#[from] EventsError),
+    /// Embedding or the vector store failed for good.
     #[error(transparent)]
     Retrieval(#[from] RetrievalError),
+    /// The shutdown came while a batch waited for Milvus or the embedding service.
     #[error("shut down before the batch was stored")]
     ShutDown,
 }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::chunking::chunk_text;
 
+/// The producer named in the envelope of every event the embedder writes.
 pub const SOURCE: EventSource = EventSource { name: "parley-embedder", version: env!("CARGO_PKG_VERSION") };
 
 /// Conversation owners seen so far, for answers written before LLMResponseGenerated v2
@@ -42,7 +43,10 @@ impl Owners {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skipped {
     /// An answer whose conversation owner is unknown: storing it unowned would leak it.
-    UnknownOwner { event_id: String },
+    UnknownOwner {
+        /// The answer's event id.
+        event_id: String,
+    },
 }
 
 /// The vector (without embedding) for a conversation event, if it is a message.

@@ -33,6 +33,8 @@ where
     F: Fn(&ConversationEvent) -> Result<Vec<Outgoing>, E> + Send + Sync + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
+    /// `handle` over events decoded by `codec`; a registry outage is waited out until
+    /// `shutdown`.
     pub fn new(codec: Arc<EventCodec>, shutdown: CancellationToken, handle: F) -> Self {
         Self { codec, shutdown, handle }
     }

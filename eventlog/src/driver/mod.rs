@@ -29,7 +29,7 @@
 //!   redrives it and the copy has run first (`parley_events::dead_letters`). The driver
 //!   follows the topic's letters and decisions for its group from the start.
 //!
-//! Every decision above is [`schedule::Scheduler`]'s, a state machine without I/O with
+//! Every decision above is `schedule::Scheduler`'s, a state machine without I/O with
 //! its own tests; this module is the consumer, the tasks and the committer around it.
 //!
 //! - **Fatal**: a processor error, an unusable consumer, or a transaction that fails
@@ -87,9 +87,13 @@ const IDLE: Duration = Duration::from_secs(1);
 /// How a driver consumes and schedules.
 #[derive(Debug, Clone)]
 pub struct DriverSettings {
+    /// The consumer group (one per service).
     pub group_id: String,
+    /// This instance's transactional id ([`crate::transaction::instance_transactional_id`]).
     pub transactional_id: String,
+    /// The topics read.
     pub topics: Vec<String>,
+    /// Where undecodable records go.
     pub dead_letter_topic: String,
     /// Records per unit of work (1: each record on its own).
     pub batch_size: usize,

@@ -141,7 +141,7 @@ impl Adopter {
     }
 
     /// Prunes the listener's window of what the projection has applied, every
-    /// [`PRUNE_EVERY`], until `shutdown`.
+    /// 500 ms, until `shutdown`.
     pub async fn prune_applied(self, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(PRUNE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,5 +1,5 @@
 //! What every HTTP handler shares: the caller's user from `Authorization: Bearer <token>`
-//! ([`user_of`]) and the error answer with its JSON body ([`ApiError`]).
+//! (`user_of`) and the error answer with its JSON body ([`ApiError`]).
 
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};

@@ -1,4 +1,4 @@
-//! What a gateway's handlers share ([`AppState`]), what it checks before it connects to
+//! What a gateway's handlers share (`AppState`), what it checks before it connects to
 //! anything ([`Credentials`]), and how it fails to start ([`GatewayError`]).
 
 use std::collections::HashMap;

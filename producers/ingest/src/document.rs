@@ -8,6 +8,7 @@ use parley_events::{DocumentDeleted, DocumentSubmitted, Envelope, Producer as Ev
 use thiserror::Error;
 use uuid::Uuid;
 
+/// The producer named in the envelope of every event ingest writes.
 pub const SOURCE: EventSource = EventSource { name: "parley-ingest", version: env!("CARGO_PKG_VERSION") };
 
 /// Largest document text accepted, in bytes (the documents topic caps records at 2 MiB).
@@ -17,16 +18,25 @@ const MEDIA_TYPES: &[&str] = &["text/plain", "text/markdown"];
 /// Namespace of document ids (uuid5).
 const DOCUMENT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c2e_8d4b_4f7a_9e21_5b0c_d3a8_7e64);
 
+/// Why a submission is refused (the caller's mistake: HTTP 4xx).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubmissionError {
+    /// No text.
     #[error("the document is empty")]
     Empty,
+    /// Over [`MAX_DOCUMENT_BYTES`].
     #[error("the document is {bytes} bytes; at most {MAX_DOCUMENT_BYTES} are accepted")]
-    TooLarge { bytes: usize },
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+    },
+    /// An empty title, or one too long.
     #[error("the title must be 1 to {MAX_TITLE_CHARS} characters")]
     BadTitle,
+    /// Neither plain text nor Markdown.
     #[error("unsupported media type {0:?}: use text/plain or text/markdown")]
     MediaType(String),
+    /// Bytes that are not UTF-8.
     #[error("the document is not UTF-8 text")]
     NotText,
 }
@@ -34,10 +44,15 @@ pub enum SubmissionError {
 /// A document someone wants in their knowledge base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submission {
+    /// The user it belongs to (only they retrieve from it).
     pub owner: String,
+    /// Shown with the chunks an answer cites.
     pub title: String,
+    /// `text/plain` or `text/markdown`.
     pub media_type: String,
+    /// The document's text.
     pub text: String,
+    /// Free-form labels kept with the document.
     pub metadata: HashMap<String, String>,
 }
 

@@ -4,6 +4,8 @@
 //! - [`files`]: the documents of files and folders given on the command line;
 //! - [`submit`]: appending many documents with a pipelined idempotent producer.
 
+#![warn(missing_docs)]
+
 pub mod document;
 pub mod files;
 pub mod submit;
