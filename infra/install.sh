@@ -113,6 +113,16 @@ install_browser() {
     || { tail -n 20 "$install_log" >&2; die "could not install chromium and chromium-driver (run as root: apt-get install chromium chromium-driver)"; }
 }
 
+# --jaeger-only: builds Jaeger and nothing else (the quick start runs it in the background).
+# --without-jaeger: everything but Jaeger (the quick start's chat does not need it).
+with_jaeger=1
+for option in "$@"; do
+  case "$option" in
+    --jaeger-only) install_jaeger && exit 0 ;;
+    --without-jaeger) with_jaeger=0 ;;
+  esac
+done
+
 install_maven_libs "kafka-$KAFKA_VERSION" kafka kafka.version "$KAFKA_VERSION" \
   "kafka_2.13-$KAFKA_VERSION.jar" "Apache Kafka $KAFKA_VERSION"
 install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$CASSANDRA_VERSION" \
@@ -120,13 +130,14 @@ install_maven_libs "cassandra-$CASSANDRA_VERSION" cassandra cassandra.version "$
 install_apicurio
 install_llm
 install_vectors
-install_jaeger
+((with_jaeger)) && install_jaeger
 for option in "$@"; do
   case "$option" in
     --with-browser) install_browser ;;
     --with-metrics) install_prometheus ;;
     --with-lint) install_shellcheck ;;
-    *) die "unknown option $option (--with-browser, --with-metrics, --with-lint)" ;;
+    --without-jaeger) ;;
+    *) die "unknown option $option (--with-browser, --with-metrics, --with-lint, --without-jaeger, --jaeger-only)" ;;
   esac
 done
 log "stack installed in $PARLEY_CACHE"

@@ -198,7 +198,12 @@ if [[ "${1:-}" != start ]]; then
     if [[ -f "$PARLEY_RUN/pids/$other.pid" && " ${KAFKA_SERVICES[*]} " != *" $other "* ]]; then KAFKA_SERVICES+=("$other"); fi
   done
 fi
-SERVICES=("${KAFKA_SERVICES[@]}" registry cassandra llm milvus jaeger)
+SERVICES=("${KAFKA_SERVICES[@]}" registry cassandra llm milvus)
+# The trace collector: started once installed (the quick start builds it in the background
+# and starts it when it is ready), always stopped and shown.
+if [[ -x "$JAEGER_BIN" || -f "$PARLEY_RUN/pids/jaeger.pid" ]]; then
+  SERVICES+=(jaeger)
+fi
 # The metrics server: started once installed (`infra/install.sh --with-metrics`), always
 # stopped and shown.
 if [[ -x "$PROMETHEUS_BIN" || -f "$PARLEY_RUN/pids/prometheus.pid" ]]; then
@@ -234,7 +239,9 @@ case "${1:-}" in
   start)
     for s in "${SERVICES[@]}"; do ensure "$s"; done
     for s in "${SERVICES[@]}"; do wait_for "$s" "${STARTUP_SECONDS[$s]}" "${s}_healthy"; done
-    log "stack up: kafka $PARLEY_KAFKA_BROKERS, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $PARLEY_JAEGER_QUERY_URL"
+    traces=$PARLEY_JAEGER_QUERY_URL
+    [[ " ${SERVICES[*]} " == *" jaeger "* ]] || traces="not installed yet"
+    log "stack up: kafka $PARLEY_KAFKA_BROKERS, registry $PARLEY_SCHEMA_REGISTRY_URL, cql $PARLEY_CQL_NODES, llm $PARLEY_LLM_BASE_URL, milvus $PARLEY_MILVUS_URL, traces $traces"
     ;;
   stop)
     for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[i]}"; done ;;

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use parley_gateway::protocol::ServerFrame;
 use parley_retrieval::{MilvusSettings, VectorStore};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -471,6 +472,25 @@ impl Client {
                 .expect("socket error");
             if let Message::Text(text) = message {
                 return serde_json::from_str(text.as_str()).unwrap();
+            }
+        }
+    }
+
+    /// The next frame, read with the gateway's own type (one it cannot read fails the test).
+    pub(crate) async fn frame(&mut self) -> ServerFrame {
+        let value = self.next_frame().await;
+        serde_json::from_value(value.clone()).unwrap_or_else(|error| panic!("not a server frame ({error}): {value}"))
+    }
+
+    /// Typed frames up to the first `answer` or `failed`.
+    pub(crate) async fn turn(&mut self) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.frame().await;
+            let done = matches!(frame, ServerFrame::Answer { .. } | ServerFrame::Failed { .. });
+            frames.push(frame);
+            if done {
+                return frames;
             }
         }
     }

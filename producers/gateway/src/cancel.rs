@@ -9,9 +9,9 @@ use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::follow::{hold, unknown_conversation};
+use crate::follow::hold;
 use crate::hub::CancelTarget;
-use crate::protocol::ErrorCode;
+use crate::refusal::Refusal;
 use crate::state::{AppState, SOURCE};
 
 /// What a cancel did.
@@ -43,20 +43,14 @@ pub(crate) async fn cancel(
     user: &str,
     conversation_id: &str,
     query: Option<Uuid>,
-) -> Result<CancelOutcome, (ErrorCode, String)> {
+) -> Result<CancelOutcome, Refusal> {
     let id = hold(state, user, conversation_id).await?;
-    let unknown = || (ErrorCode::UnknownConversation, unknown_conversation(conversation_id));
     let (query_event_id, sequence) = match state.hub.cancel_target(user, id, query) {
         CancelTarget::Open { query_event_id, sequence } => (query_event_id, sequence),
         CancelTarget::Complete => return Ok(CancelOutcome::AlreadyComplete),
         CancelTarget::NothingOpen => return Ok(CancelOutcome::NothingToCancel),
-        CancelTarget::UnknownQuery => {
-            return Err((
-                ErrorCode::UnknownQuery,
-                format!("no query {} in this conversation", query.unwrap_or_default()),
-            ));
-        }
-        CancelTarget::UnknownConversation => return Err(unknown()),
+        CancelTarget::UnknownQuery => return Err(Refusal::UnknownQuery(query.unwrap_or_default().to_string())),
+        CancelTarget::UnknownConversation => return Err(Refusal::UnknownConversation(conversation_id.to_owned())),
     };
     let span = info_span!(parent: None, "gateway.cancel", conversation_id = %id, %query_event_id, traceparent = Empty);
     let traceparent = traceparent_of(&span, None);
@@ -73,7 +67,7 @@ pub(crate) async fn cancel(
     let written = state.producer.append(&state.topics.events, &key, &event, Some(&traceparent));
     match written.instrument(span).await {
         Ok(_) => Ok(CancelOutcome::Requested(query_event_id)),
-        Err(e) => Err((ErrorCode::Unavailable, format!("the event log did not take the cancel; retry: {e}"))),
+        Err(source) => Err(Refusal::NotWritten { what: "cancel", source }),
     }
 }
 
@@ -85,7 +79,9 @@ pub(crate) async fn cancel_abandoned(state: Arc<AppState>, followed: Vec<(Uuid, 
         if state.hub.abandoned(conversation, query) {
             match cancel(&state, &owner, &conversation.to_string(), Some(query)).await {
                 Ok(_) => info!(%conversation, %query, "answer stopped: no socket followed it"),
-                Err((_, message)) => warn!(%conversation, %query, %message, "abandoned answer not stopped"),
+                Err(refusal) => {
+                    warn!(%conversation, %query, message = refusal.message(), "abandoned answer not stopped");
+                }
             }
         }
     }

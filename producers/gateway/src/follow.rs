@@ -4,7 +4,6 @@
 
 use std::sync::PoisonError;
 
-use parley_eventlog::EventLogError;
 use parley_eventlog::LogPosition;
 use parley_eventlog::consumer::read_back;
 use parley_eventlog::partitioner::partition_for_key;
@@ -15,7 +14,8 @@ use uuid::Uuid;
 
 use crate::adoption::Adopted;
 use crate::hub::{ConnectionId, DuplicateOutcome, Outbox};
-use crate::protocol::{ErrorCode, ServerFrame};
+use crate::protocol::ServerFrame;
+use crate::refusal::Refusal;
 use crate::state::{AppState, Socket};
 use crate::turns::resolve_outcome;
 
@@ -30,23 +30,19 @@ pub(crate) async fn subscribe(
 ) -> ServerFrame {
     let id = match hold(state, user, conversation_id).await {
         Ok(id) => id,
-        Err((code, message)) => return ServerFrame::error(code, message, None),
+        Err(refusal) => return refusal.into_frame(),
     };
     if state.hub.subscribe(user, id, connection, outbox) {
         ServerFrame::Subscribed { conversation_id: id.to_string() }
     } else {
-        ServerFrame::error(ErrorCode::UnknownConversation, unknown_conversation(conversation_id), None)
+        Refusal::UnknownConversation(conversation_id.to_owned()).into_frame()
     }
-}
-
-pub(crate) fn unknown_conversation(conversation_id: &str) -> String {
-    format!("no conversation {conversation_id} for this user")
 }
 
 /// Makes this instance hold a conversation of `user`'s, adopting it from the log if need
 /// be (any instance serves any conversation, also right after it started).
-pub(crate) async fn hold(state: &AppState, user: &str, conversation_id: &str) -> Result<Uuid, (ErrorCode, String)> {
-    let unknown = || (ErrorCode::UnknownConversation, unknown_conversation(conversation_id));
+pub(crate) async fn hold(state: &AppState, user: &str, conversation_id: &str) -> Result<Uuid, Refusal> {
+    let unknown = || Refusal::UnknownConversation(conversation_id.to_owned());
     let id = conversation_id.parse::<Uuid>().map_err(|_| unknown())?;
     if state.hub.holds(&id) {
         return Ok(id);
@@ -54,7 +50,7 @@ pub(crate) async fn hold(state: &AppState, user: &str, conversation_id: &str) ->
     match state.adopter.adopt(user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
         Adopted::Held => Ok(id),
         Adopted::Unknown => Err(unknown()),
-        Adopted::Unavailable(message) => Err((ErrorCode::Unavailable, message)),
+        Adopted::Unavailable(message) => Err(Refusal::NotAdopted(message)),
     }
 }
 
@@ -70,12 +66,12 @@ pub(crate) async fn resume(
     query_event_id: &str,
     last_index: i32,
     position: Option<String>,
-) -> Result<Vec<ServerFrame>, (ErrorCode, String)> {
+) -> Result<Vec<ServerFrame>, Refusal> {
     let subscribed = subscribe(state, user, socket.connection, socket.outbox, conversation_id).await;
     if !matches!(subscribed, ServerFrame::Subscribed { .. }) {
         return Ok(vec![subscribed]);
     }
-    let unknown_query = || (ErrorCode::UnknownQuery, format!("no query {query_event_id} in this conversation"));
+    let unknown_query = || Refusal::UnknownQuery(query_event_id.to_owned());
     let (Ok(conversation), Ok(query)) = (conversation_id.parse::<Uuid>(), query_event_id.parse::<Uuid>()) else {
         return Err(unknown_query());
     };
@@ -91,8 +87,6 @@ pub(crate) async fn resume(
         let outcome = resolve_outcome(state, outcome).await;
         return Ok(std::iter::once(resumed("complete", Vec::new())).chain(outcome).collect());
     }
-    let unavailable =
-        |e: EventLogError| (ErrorCode::Unavailable, format!("the tokens could not be read back; retry: {e}"));
     let partition = partition_for_key(conversation_id.as_bytes(), state.event_partitions);
     let after = position
         .and_then(|p| p.parse::<LogPosition>().ok())
@@ -103,14 +97,16 @@ pub(crate) async fn resume(
         Some(after) => (after.offset, false),
         None => {
             let question = read_back(&state.kafka, &asked_at.topic, asked_at.partition, asked_at.offset, false, 1);
-            let written_at =
-                question.await.map_err(unavailable)?.and_then(|records| records.first()?.timestamp().to_millis());
-            let gone = || (ErrorCode::Unavailable, "the question is not in the log any more".to_owned());
-            (written_at.ok_or_else(gone)?, true)
+            let written_at = question
+                .await
+                .map_err(Refusal::NotReadBack)?
+                .and_then(|records| records.first()?.timestamp().to_millis());
+            (written_at.ok_or(Refusal::QuestionGone)?, true)
         }
     };
     let tokens = &state.topics.tokens;
-    let read = read_back(&state.kafka, tokens, partition, from.0, from.1, usize::MAX).await.map_err(unavailable)?;
+    let read =
+        read_back(&state.kafka, tokens, partition, from.0, from.1, usize::MAX).await.map_err(Refusal::NotReadBack)?;
     let Some(records) = read else {
         return Ok(vec![resumed("tokens_expired", Vec::new())]);
     };

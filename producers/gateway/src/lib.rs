@@ -7,7 +7,8 @@
 //! The socket path (WebSocket):
 //! - [`socket`]: the upgrade, the frame loop and the writer of one socket;
 //! - [`turns`]: a question becomes a turn (admission, shedding, limits, budget, the write);
-//! - [`follow`]: `subscribe` and `resume`; [`cancel`]: stopping an answer;
+//! - [`follow`]: `subscribe` and `resume`; [`cancel`]: stopping an answer; [`refusal`]: why
+//!   one of them was refused, mapped to the protocol's codes;
 //! - [`protocol`]: the JSON frames and their validation (pure);
 //! - [`hub`]: conversation heads and socket subscriptions of this instance;
 //! - [`answers`]: the listener that routes questions, token deltas and outcomes to sockets,
@@ -44,6 +45,7 @@ pub mod query;
 pub mod rate;
 pub mod rate_feed;
 pub mod recent;
+pub mod refusal;
 pub mod resume;
 pub mod server;
 pub mod settings;

@@ -25,8 +25,8 @@ pub enum ClientFrame {
     Resume { conversation_id: String, query_event_id: String, last_index: i32, position: Option<String> },
 }
 
-/// What the server sends.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What the server sends (clients and tests read it back with `Deserialize`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Ready {
@@ -130,7 +130,7 @@ impl ServerFrame {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Not a JSON frame of the protocol (or a binary frame).
@@ -307,6 +307,32 @@ mod tests {
         let json = serde_json::to_value(frame).unwrap();
         assert_eq!(json["type"], "error");
         assert_eq!(json["code"], "turn_in_progress");
+    }
+
+    #[test]
+    fn server_frames_read_back_as_they_were_sent() {
+        let frames = [
+            ServerFrame::Ready { user_id: "u".into(), protocol_version: 2, max_frame_bytes: 10, max_text_chars: 5 },
+            ServerFrame::Token {
+                conversation_id: "c".into(),
+                query_event_id: "q".into(),
+                index: 0,
+                delta: "Hi".into(),
+                attempt: 1,
+                position: None,
+            },
+            ServerFrame::error(ErrorCode::Overloaded, "later".into(), Some("m1".into())),
+            ServerFrame::Resumed {
+                conversation_id: "c".into(),
+                query_event_id: "q".into(),
+                status: "complete".into(),
+                replay: vec![],
+            },
+        ];
+        for frame in frames {
+            let text = serde_json::to_string(&frame).unwrap();
+            assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), frame, "{text}");
+        }
     }
 }
 

@@ -22,7 +22,6 @@ use uuid::Uuid;
 
 use crate::api::{ApiError, user_of};
 use crate::cancel::{self, CancelOutcome};
-use crate::protocol::ErrorCode;
 use crate::state::AppState;
 
 pub const MAX_PAGE: i32 = 100;
@@ -160,10 +159,7 @@ pub(crate) async fn cancel(
             Ok((StatusCode::ACCEPTED, Json(json!({"status": done.status(), "query_event_id": query.to_string()}))))
         }
         Ok(done) => Ok((StatusCode::OK, Json(json!({"status": done.status()})))),
-        Err((ErrorCode::UnknownConversation, message)) => {
-            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message))
-        }
-        Err((_, message)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)),
+        Err(refusal) => Err(refusal.into_api_error()),
     }
 }
 

@@ -230,7 +230,7 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
         }
         Ok(ClientFrame::Resume { conversation_id, query_event_id, last_index, position }) => {
             let resumed = resume(state, user, socket, &conversation_id, &query_event_id, last_index, position);
-            resumed.await.unwrap_or_else(|(code, message)| vec![ServerFrame::error(code, message, None)])
+            resumed.await.unwrap_or_else(|refusal| vec![refusal.into_frame()])
         }
         Ok(ClientFrame::Cancel { conversation_id, query_event_id }) => {
             let frame = match query_event_id.parse::<Uuid>() {
@@ -239,7 +239,7 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
                     Ok(done) => {
                         ServerFrame::CancelResult { conversation_id, query_event_id, status: done.status().to_owned() }
                     }
-                    Err((code, message)) => ServerFrame::error(code, message, None),
+                    Err(refusal) => refusal.into_frame(),
                 },
             };
             vec![frame]
