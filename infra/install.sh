@@ -73,6 +73,11 @@ build_go_binary() {
 # Jaeger v2, the trace collector and query API of the local stack.
 install_jaeger() {
   [ -x "$JAEGER_BIN" ] && return
+  # One build at a time: the quick start may be building it in the background.
+  mkdir -p "$PARLEY_CACHE"
+  exec 9>"$PARLEY_CACHE/jaeger-install.lock"
+  flock 9
+  [ -x "$JAEGER_BIN" ] && return
   need go "Go 1.25+ (https://go.dev/dl or apt-get install golang)"
   log "installing Jaeger (Go module github.com/jaegertracing/jaeger v$JAEGER_MODULE_VERSION, built from the Go module proxy)"
   build_go_binary Jaeger jaeger github.com/jaegertracing/jaeger/cmd/jaeger "$JAEGER_BIN"
