@@ -44,7 +44,7 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn retries_registry_outages_but_not_bad_records() {
         let shutdown = CancellationToken::new();
         let calls = Cell::new(0);
