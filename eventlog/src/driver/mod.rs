@@ -81,6 +81,9 @@ use crate::transaction::{Outgoing, TransactionalProducer, instance_transactional
 /// How often the consumer lag metrics are updated.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
+/// How long [`Processor::idle`] may take before the driver goes back to the log.
+const IDLE_WORK: Duration = Duration::from_secs(10);
+
 /// How long the consumer may sit idle before [`Processor::idle`] runs.
 const IDLE: Duration = Duration::from_secs(1);
 
@@ -271,8 +274,12 @@ impl<P: Processor> Driver<P> {
                 received = tokio::time::timeout(IDLE, self.consumer.recv()), if can_read => match received {
                     Err(_idle) => {
                         self.enqueue_commit(vec![], vec![]); // offsets of records that were no work
-                        if self.running.is_empty() {
-                            self.processor.idle().await;
+                        // Bounded: idle work (a vector store's flush, say) that does not answer
+                        // must not stop the consumption of records.
+                        if self.running.is_empty()
+                            && tokio::time::timeout(IDLE_WORK, self.processor.idle()).await.is_err()
+                        {
+                            warn!(after = ?IDLE_WORK, "the processor's idle work did not finish; it runs again at the next idle");
                         }
                     }
                     Ok(Ok(message)) => {

@@ -36,7 +36,8 @@ pub trait Processor: Send + Sync + 'static {
         unit: Vec<(OwnedMessage, Self::Item)>,
     ) -> impl Future<Output = Result<Vec<Outgoing>, Self::Error>> + Send;
 
-    /// Runs when no record arrived for a while (e.g. flush a buffer).
+    /// Runs when no record arrived for a while (e.g. flush a buffer); given up after 10 s
+    /// (it runs again at the next idle), so it never stops the consumption of records.
     fn idle(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
