@@ -576,6 +576,16 @@ mod tests {
         Entry { id: LetterId { partition: 0, offset: 0 }, letter, status, resolution: None }
     }
 
+    /// Starts and finishes units one at a time until none can start: their first records.
+    fn run_one_at_a_time(scheduler: &mut Scheduler<i64>, now: Instant) -> Vec<i64> {
+        std::iter::from_fn(|| {
+            let unit = scheduler.next_unit(now)?;
+            scheduler.finish(unit.tickets, now);
+            Some(unit.records[0])
+        })
+        .collect()
+    }
+
     fn started(scheduler: &mut Scheduler<i64>, now: Instant) -> Vec<Unit<i64>> {
         std::iter::from_fn(|| scheduler.next_unit(now)).collect()
     }
@@ -687,13 +697,7 @@ mod tests {
         scheduler.settle(&letter(b"a", &at(0, 0), Status::Redriven { copy: at(0, 2) }), now);
         assert!(scheduler.next_unit(now).is_none());
         scheduler.read(&at(0, 2), b"a", work(2), now);
-        let order: Vec<i64> = std::iter::from_fn(|| {
-            let unit = scheduler.next_unit(now)?;
-            scheduler.finish(unit.tickets, now);
-            Some(unit.records[0])
-        })
-        .collect();
-        assert_eq!(order, [2, 1]);
+        assert_eq!(run_one_at_a_time(&mut scheduler, now), [2, 1]);
     }
 
     #[test]
@@ -703,13 +707,7 @@ mod tests {
         scheduler.read(&at(0, 1), b"a", work(1), now);
         scheduler.read(&at(0, 2), b"a", work(2), now); // the copy, not yet known as one
         scheduler.settle(&letter(b"a", &at(0, 0), Status::Redriven { copy: at(0, 2) }), now);
-        let order: Vec<i64> = std::iter::from_fn(|| {
-            let unit = scheduler.next_unit(now)?;
-            scheduler.finish(unit.tickets, now);
-            Some(unit.records[0])
-        })
-        .collect();
-        assert_eq!(order, [2, 1]);
+        assert_eq!(run_one_at_a_time(&mut scheduler, now), [2, 1]);
     }
 
     #[test]
