@@ -88,16 +88,25 @@ impl LaneLayout {
 
     /// Checks the layout against the topic's partition count: named partitions exist and
     /// at least one is left standard.
-    pub fn check(&self, partitions: i32) -> Result<(), String> {
+    pub fn check(&self, partitions: i32) -> Result<(), LayoutError> {
         let named = self.premium.iter().chain(&self.batch);
         if let Some(missing) = named.clone().find(|p| **p >= partitions) {
-            return Err(format!("lane partition {missing} does not exist: the topic has {partitions}"));
+            return Err(LayoutError::NoSuchPartition { partition: *missing, partitions });
         }
         if !(0..partitions).any(|p| self.lane_of(p) == Lane::Standard) {
-            return Err("no partition is left for the standard lane".into());
+            return Err(LayoutError::NoStandardPartition);
         }
         Ok(())
     }
+}
+
+/// Why a lane layout does not fit the events topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("lane partition {partition} does not exist: the topic has {partitions}")]
+    NoSuchPartition { partition: i32, partitions: i32 },
+    #[error("no partition is left for the standard lane")]
+    NoStandardPartition,
 }
 
 impl fmt::Display for LaneLayout {
@@ -197,8 +206,8 @@ mod tests {
             assert!(error.contains(says), "{spec}: {error}");
         }
         let layout: LaneLayout = "premium=0+1,batch=2".parse().unwrap();
-        assert!(layout.check(2).unwrap_err().contains("does not exist"));
-        assert!(layout.check(3).unwrap_err().contains("standard"));
+        assert_eq!(layout.check(2), Err(LayoutError::NoSuchPartition { partition: 2, partitions: 2 }));
+        assert_eq!(layout.check(3), Err(LayoutError::NoStandardPartition));
     }
 
     #[test]

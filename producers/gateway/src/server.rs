@@ -84,7 +84,7 @@ impl Gateway {
         let applied = reader.store().progress(&*reader.generation().await?, &topics.events).await?;
         let (consumer, event_partitions) =
             answers::listener(kafka, &topics, &applied, &recent, args.unprojected_window as usize)?;
-        kafka.lanes.check(event_partitions).map_err(GatewayError::Lanes)?;
+        kafka.lanes.check(event_partitions)?;
         let answers = tokio::spawn(answers::run(
             consumer,
             topics.clone(),

@@ -11,7 +11,7 @@ use parley_eventlog::load::LoadBoard;
 use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::event::now_millis as now_ms;
-use parley_events::lanes::{Lane, LaneLayout};
+use parley_events::lanes::{Lane, LaneLayout, LayoutError};
 use parley_events::{EventCodec, EventsError, Producer};
 use parley_projections::ProjectionError;
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
@@ -42,14 +42,14 @@ pub enum GatewayError {
     EventLog(#[from] EventLogError),
     #[error(transparent)]
     Events(#[from] EventsError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("server: {0}")]
-    Serve(std::io::Error),
+    #[error("the server stopped")]
+    Serve(#[source] std::io::Error),
     #[error(transparent)]
     Projection(#[from] ProjectionError),
-    #[error("--lanes: {0}")]
-    Lanes(String),
+    #[error("--lanes does not fit the events topic")]
+    Lanes(#[from] LayoutError),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]
