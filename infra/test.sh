@@ -12,7 +12,10 @@ free_gib=$(df -Pk "$PARLEY_CACHE" | awk 'NR == 2 { print int($4 / 1048576) }')
 ((free_gib >= 8)) || log "warning: only ${free_gib} GiB free under $PARLEY_CACHE; the build and the stack need about 8"
 # A stack that was fully up before stays up afterwards; `start` still probes every service
 # and restarts any that is up but does not answer, so a wedged leftover never fails the run.
-if "$REPO_ROOT/infra/stack.sh" status | grep -q "stopped"; then
+# (The status is read whole first: with pipefail, `grep -q` closing the pipe early could
+# fail the status command with SIGPIPE and leave a stack this script started running.)
+stack_status=$("$REPO_ROOT/infra/stack.sh" status)
+if grep -q "stopped" <<<"$stack_status"; then
   trap '"$REPO_ROOT/infra/stack.sh" stop' EXIT
 else
   log "reusing the running local stack after probing it"
