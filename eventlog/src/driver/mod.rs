@@ -371,55 +371,64 @@ impl<P: Processor> Driver<P> {
         let position =
             LogPosition { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
         let key = message.key().unwrap_or_default().to_vec();
+        // What to commit once the scheduler knows the record (its offset then counts): a
+        // dead letter with it, or, for a record that is no work, the offsets every IDLE
+        // under a steady stream of such records (else they ride with the next commit).
+        let (mut letter, mut commit_offsets) = (None, false);
         let read = match decoded {
             None => Read::Done,
-            Some(Err(error)) => self.dead_letter(&message, &position, &error.to_string()).await?,
+            Some(Err(error)) => match self.dead_letter(&message, &position, &error.to_string()).await? {
+                Some(outgoing) => {
+                    letter = Some(outgoing);
+                    Read::Lettered
+                }
+                None => Read::Done,
+            },
             Some(Ok(item)) => {
                 self.processor.observe(&item, self.scheduler.catching_up(&position));
                 if self.processor.wants(&item) {
                     let written_ms = message.timestamp().to_millis().unwrap_or_else(now_millis);
                     Read::Work { written_ms, record: (message, item) }
                 } else {
-                    if self.last_commit.elapsed() >= IDLE {
-                        // Records that are no work ride with the next commit; under a steady
-                        // stream of them, their offsets still advance every IDLE.
-                        self.enqueue_commit(vec![], vec![]);
-                    }
+                    commit_offsets = self.last_commit.elapsed() >= IDLE;
                     Read::Done
                 }
             }
         };
         self.scheduler.read(&position, &key, read, Instant::now());
+        if let Some(letter) = letter {
+            self.enqueue_commit(vec![letter], vec![(position.topic, position.partition)]);
+        } else if commit_offsets {
+            self.enqueue_commit(vec![], vec![]);
+        }
         Ok(())
     }
 
-    /// An undecodable record: lettered (unless a letter of it is known: a record read again
-    /// after a restart), and then its key is held back until the letter is settled.
+    /// An undecodable record: its letter, unless one is known (a record read again after a
+    /// restart); its key is then held back until the letter is settled.
     async fn dead_letter(
         &mut self,
         message: &OwnedMessage,
         position: &LogPosition,
         error: &str,
-    ) -> Result<Read<(OwnedMessage, P::Item)>, EventLogError> {
+    ) -> Result<Option<Outgoing>, EventLogError> {
         let group = self.settings.group_id.as_str();
         if let Some(entry) = self.book.find(group, position) {
             info!(%position, letter = %entry.id, status = entry.status.as_str(), "undecodable record lettered before; not lettered again");
-            return Ok(Read::Done);
+            return Ok(None);
         }
         if !self.lettered.insert(position.clone()) {
-            return Ok(Read::Done);
+            return Ok(None);
         }
         warn!(%position, %error, "undecodable record sent to the dead-letter topic; its key is held back until the letter is redriven or discarded");
         let letter = dead_letter_for(message, group, error);
         DEAD_LETTERS.with_label_values(&[group, message.topic()]).inc();
-        let outgoing = Outgoing {
+        Ok(Some(Outgoing {
             topic: self.settings.dead_letter_topic.clone(),
             key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
             payload: self.codec.encode(&letter).await?,
             traceparent: None,
-        };
-        self.enqueue_commit(vec![outgoing], vec![(message.topic().to_owned(), message.partition())]);
-        Ok(Read::Lettered)
+        }))
     }
 
     /// Letters and decisions the follower handed out meanwhile.
