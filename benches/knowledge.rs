@@ -120,7 +120,7 @@ async fn main() {
     let ingest = pipeline.cli(&["ingest", corpus.path().to_str().unwrap(), "--owner", owner]);
     assert!(ingest.status.success(), "{}", String::from_utf8_lossy(&ingest.stderr));
     let acknowledged = started.elapsed();
-    let filter = SearchFilter::owner(owner);
+    let filter = SearchFilter::owner(owner.parse().unwrap());
     while store.count(&filter).await.unwrap() < chunks.len() as u64 {
         assert!(started.elapsed() < Duration::from_secs(1800), "ingestion did not finish");
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -162,10 +162,10 @@ async fn main() {
             .zip(&embedded)
             .map(|(&i, v)| VectorRecord {
                 id: format!("v{i}"),
-                owner: format!("owner-{}", i % owners),
+                owner: format!("owner-{}", i % owners).parse().unwrap(),
                 kind: SourceKind::Document,
-                source_id: format!("d{}", i / 10),
-                source_event_id: format!("e{i}"),
+                source_id: uuid::Uuid::from_u128((i / 10) as u128).into(),
+                source_event_id: uuid::Uuid::from_u128(i as u128).into(),
                 position: (i % 10) as i64,
                 label: "bench".into(),
                 text: sentence(i),
@@ -187,7 +187,7 @@ async fn main() {
     for q in 0..queries {
         let query = model.embed(&[sentence(5_000_000 + q)]).await.unwrap().pop().unwrap();
         let owner = q % owners;
-        let filter = SearchFilter::owner(format!("owner-{owner}"));
+        let filter = SearchFilter::owner(format!("owner-{owner}").parse().unwrap());
         let started = Instant::now();
         let hits = search_store.search(query.clone(), &filter, 10).await.unwrap();
         milvus_ms.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -23,7 +23,7 @@ use parley_eventlog::KafkaSettings;
 use parley_eventlog::driver::{self, DriverSettings, EventHandler};
 use parley_eventlog::topics::{CONVERSATION_PARTITIONS, TopicSpec, create_topics};
 use parley_eventlog::transaction::Outgoing;
-use parley_events::{ConversationEvent, EventCodec};
+use parley_events::{ConversationEvent, EventCodec, EventId, UserId};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -41,8 +41,9 @@ pub(crate) struct Args {
 /// What one answer used: the record the meter appends, keyed by user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Usage {
-    pub answer_id: String,
-    pub user: String,
+    pub answer_id: EventId,
+    /// `None` for an answer written before schema v2 (it names its user through its query).
+    pub user: Option<UserId>,
     pub model: String,
     pub prompt_tokens: i32,
     pub completion_tokens: i32,
@@ -53,13 +54,13 @@ pub(crate) struct Usage {
 fn usage_records(output: &str, event: &ConversationEvent) -> serde_json::Result<Vec<Outgoing>> {
     let ConversationEvent::ResponseGenerated(answer) = event else { return Ok(vec![]) };
     let usage = Usage {
-        answer_id: answer.envelope.event_id.clone(),
+        answer_id: answer.envelope.event_id,
         user: answer.user_id.clone(),
         model: answer.model.clone(),
         prompt_tokens: answer.prompt_tokens,
         completion_tokens: answer.completion_tokens,
     };
-    Ok(vec![Outgoing::new(output, &usage.user, serde_json::to_vec(&usage)?)])
+    Ok(vec![Outgoing::new(output, usage.user.as_ref().map_or("", UserId::as_str), serde_json::to_vec(&usage)?)])
 }
 
 /// Meters until `shutdown`.
@@ -79,6 +80,7 @@ async fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use parley_events::ConversationId;
     use parley_events::event::{ConversationStarted, Envelope, LLMResponseGenerated, Producer};
 
     use super::*;
@@ -87,10 +89,10 @@ mod tests {
 
     #[test]
     fn an_answer_is_metered_and_nothing_else_is() {
-        let id = uuid::Uuid::new_v4();
+        let (id, conversation) = (EventId::random(), ConversationId::random());
         let answer = ConversationEvent::ResponseGenerated(LLMResponseGenerated {
-            envelope: Envelope::new(id, "c1", 3, TEST),
-            query_event_id: String::new(),
+            envelope: Envelope::new(id, conversation, 3, TEST),
+            query_event_id: EventId::random(),
             text: "Blue.".into(),
             model: "m".into(),
             finish_reason: "stop".into(),
@@ -100,12 +102,12 @@ mod tests {
             time_to_first_token_ms: None,
             attempts: 1,
             context_event_ids: vec![],
-            user_id: "alice".into(),
+            user_id: Some("alice".parse().unwrap()),
             retrieved: vec![],
         });
         let usage = Usage {
-            answer_id: id.to_string(),
-            user: "alice".into(),
+            answer_id: id,
+            user: Some("alice".parse().unwrap()),
             model: "m".into(),
             prompt_tokens: 10,
             completion_tokens: 2,
@@ -115,8 +117,8 @@ mod tests {
         assert_eq!((records[0].topic.as_str(), records[0].key.as_str()), ("usage", "alice"));
         assert_eq!(serde_json::from_slice::<Usage>(&records[0].payload).unwrap(), usage);
         let started = ConversationEvent::Started(ConversationStarted {
-            envelope: Envelope::new(uuid::Uuid::new_v4(), "c1", 1, TEST),
-            user_id: "alice".into(),
+            envelope: Envelope::new(EventId::random(), conversation, 1, TEST),
+            user_id: "alice".parse().unwrap(),
         });
         assert!(usage_records("usage", &started).unwrap().is_empty());
     }

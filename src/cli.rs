@@ -12,12 +12,12 @@ use parley_eventlog::KafkaSettings;
 use parley_eventlog::settings::parse_duration;
 use parley_events::dead_letters::LetterId;
 use parley_events::lanes::Lane;
+use parley_events::{ConversationId, DocumentId, UserId};
 use parley_gateway::GatewayArgs;
 use parley_inference::service::InferenceArgs;
 use parley_projections::CqlSettings;
 use parley_projections::budget::BudgetSettings;
 use parley_retrieval::{EmbeddingSettings, MilvusSettings};
-use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about = "Kafka-native, event-sourced LLM chat pipeline")]
@@ -89,7 +89,7 @@ pub(crate) enum Command {
         paths: Vec<PathBuf>,
         /// User id that owns the documents (only their searches and answers see them).
         #[arg(long, env = "PARLEY_INGEST_OWNER")]
-        owner: String,
+        owner: UserId,
         /// A label copied onto every document, as key=value; repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
@@ -115,7 +115,7 @@ pub(crate) enum Command {
     /// Rebuild a conversation's state from the log (never calling the model) and diff it
     /// against the projection; exits 1 when they differ.
     Replay {
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         /// Read every partition instead of the projection's offset index.
         #[arg(long)]
         scan: bool,
@@ -124,7 +124,7 @@ pub(crate) enum Command {
     },
     /// Every event of a conversation in order, with its log position, schema and trace.
     Audit {
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         /// Read every partition instead of the projection's offset index.
         #[arg(long)]
         scan: bool,
@@ -155,7 +155,7 @@ pub(crate) enum Command {
     /// A user's model token spend this day and month and by conversation (from the log),
     /// against the budgets enforced for them, and the turns inference refused for want of budget.
     Usage {
-        user: String,
+        user: UserId,
         /// `text` for people (docs/operations.md, "Token budgets"), `json` for one JSON object.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
@@ -164,7 +164,7 @@ pub(crate) enum Command {
     /// them); budgets not named keep their value. Takes effect within 2 seconds.
     #[command(name = "budget")]
     Budget {
-        user: String,
+        user: UserId,
         /// Model tokens (prompt + completion) the user may spend per UTC day.
         #[arg(long)]
         daily: Option<u64>,
@@ -177,7 +177,7 @@ pub(crate) enum Command {
     },
     /// Show a user's tier, or set it: the lane their new conversations are served in
     /// (premium before standard before batch; see --lanes).
-    Tier { user: String, tier: Option<Lane> },
+    Tier { user: UserId, tier: Option<Lane> },
     /// Create Parley's topics (existing ones are left alone).
     Topics {
         /// Replication factor of new topics [default: the number of brokers, at most 3;
@@ -257,15 +257,15 @@ pub(crate) enum DocumentsCommand {
     /// The user's searchable documents: id, title.
     List {
         #[arg(long)]
-        owner: String,
+        owner: UserId,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
     /// Append a DocumentDeleted: the embedder then removes the owner's vectors of it.
     Delete {
-        document_id: Uuid,
+        document_id: DocumentId,
         #[arg(long)]
-        owner: String,
+        owner: UserId,
     },
 }
 

@@ -51,7 +51,7 @@ async fn usage_of(pipeline: &Pipeline, user: &str, count: usize) -> Vec<usage_me
             .unwrap_or_default()
             .iter()
             .filter_map(|record| serde_json::from_slice(rdkafka::Message::payload(record)?).ok())
-            .filter(|usage: &usage_meter::Usage| usage.user == user)
+            .filter(|usage: &usage_meter::Usage| usage.user.as_ref().is_some_and(|u| u.as_str() == user))
             .collect();
         if usage.len() >= count || Instant::now() > deadline {
             return usage;
@@ -106,7 +106,7 @@ async fn a_new_consumer_meters_each_answer_once_across_a_restart() {
     let usage = usage_of(&pipeline, &user, 3).await;
     stop(meter).await;
     assert_eq!(usage.len(), 3, "{usage:?}");
-    let ids: Vec<&str> = usage.iter().map(|u| u.answer_id.as_str()).collect();
+    let ids: Vec<String> = usage.iter().map(|u| u.answer_id.to_string()).collect();
     let answered: Vec<&str> = answers.iter().map(|a| a["event_id"].as_str().unwrap()).collect();
     assert_eq!(ids, answered, "each answer once, in order");
     for (usage, answer) in usage.iter().zip(&answers) {

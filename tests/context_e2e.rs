@@ -48,7 +48,7 @@ fn assert_second_answer_saw_the_first_turn(events: &[ConversationEvent]) {
     };
     let (first, second) = (answer(2), answer(4));
     assert!(first.context_event_ids.is_empty(), "{first:?}");
-    let turn_one = vec![events[1].envelope().event_id.clone(), events[2].envelope().event_id.clone()];
+    let turn_one = vec![events[1].envelope().event_id, events[2].envelope().event_id];
     assert_eq!(second.context_event_ids, turn_one, "the follow-up's prompt carried turn one");
     assert!(
         second.prompt_tokens > first.prompt_tokens + 5,

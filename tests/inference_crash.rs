@@ -89,7 +89,8 @@ fn message_id_on(user: &str, partition: i32, prefix: &str) -> String {
         .map(|i| format!("{prefix}-{i}"))
         .find(|id| {
             let conversation =
-                new_conversation_id(user, id, Lane::Standard, &lanes, CONVERSATION_PARTITIONS).to_string();
+                new_conversation_id(&user.parse().unwrap(), id, Lane::Standard, &lanes, CONVERSATION_PARTITIONS)
+                    .to_string();
             partition_for_key(conversation.as_bytes(), CONVERSATION_PARTITIONS) == partition
         })
         .unwrap()
@@ -121,11 +122,11 @@ async fn after_a_crash_only_unanswered_queries_go_to_the_model_again() {
 
     let events = support::log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), None, 6).await;
     let recovered = killed_at.elapsed();
-    let outcomes: Vec<&str> = events
+    let outcomes: Vec<parley_events::EventId> = events
         .iter()
         .filter_map(|(e, _)| match e {
-            ConversationEvent::ResponseGenerated(o) => Some(o.query_event_id.as_str()),
-            ConversationEvent::ResponseFailed(o) => Some(o.query_event_id.as_str()),
+            ConversationEvent::ResponseGenerated(o) => Some(o.query_event_id),
+            ConversationEvent::ResponseFailed(o) => Some(o.query_event_id),
             _ => None,
         })
         .collect();

@@ -97,7 +97,7 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
             _ => None,
         })
         .expect("an answer");
-    assert_eq!(answer.user_id, alice);
+    assert_eq!(answer.user_id.as_ref().map(|u| u.as_str()), Some(alice.as_str()));
     let used = answer.retrieved.iter().find(|r| r.vector_id == fact_hit["id"].as_str().unwrap());
     let used = used.unwrap_or_else(|| panic!("the fact's chunk was not retrieved: {:?}", answer.retrieved));
     assert_eq!((used.source_kind.as_str(), used.source_id.as_str()), ("document", document_id));
@@ -136,7 +136,7 @@ async fn redelivered_events_overwrite_their_vectors_instead_of_adding() {
     pipeline.search_until(&alice_token, "knots and tides", |h| h["label"] == "sailing.txt").await;
 
     let store = VectorStore::open(&pipeline.milvus(), 384, "all-MiniLM-L6-v2").await.unwrap();
-    let owner = SearchFilter::owner(&alice);
+    let owner = SearchFilter::owner(alice.parse().unwrap());
     let settled = wait_for_stable_count(&store, &owner).await;
     // Each document is about 1,100 characters: two chunks of at most 800.
     assert_eq!(settled, 6, "every document was chunked once");

@@ -100,7 +100,7 @@ async fn a_projection_killed_mid_burst_ends_equal_to_the_log() {
             .iter()
             .map(|m| (m.sequence, m.kind.as_str().to_owned(), m.text.clone()))
             .collect();
-        let mut got = stored.remove(id).unwrap_or_default();
+        let mut got = stored.remove(&id.uuid()).unwrap_or_default();
         got.sort();
         assert_eq!(got, expected, "conversation {id}");
     }

@@ -8,8 +8,8 @@ mod support;
 
 use std::time::Duration;
 
-use parley_events::RetrievedContext;
 use parley_events::conversation::ConversationState;
+use parley_events::{ConversationId, EventId, RetrievedContext};
 use parley_projections::{CqlSettings, Store};
 use rdkafka::ClientConfig;
 use serde_json::Value;
@@ -198,11 +198,10 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
     let new = EventCodec::new(&pipeline.registry).unwrap();
 
     const P: Producer = Producer { name: "old-producer", version: "0.0.1" };
-    let id = uuid::Uuid::new_v4();
-    let user = format!("u-old-{}", id.simple());
+    let id = ConversationId::random();
+    let user: UserId = format!("u-old-{}", id.uuid().simple()).parse().unwrap();
     let query_id = turn::query_event_id(id, "m1");
-    let started =
-        ConversationStarted { envelope: Envelope::new(uuid::Uuid::new_v4(), id, 1, P), user_id: user.clone() };
+    let started = ConversationStarted { envelope: Envelope::new(EventId::random(), id, 1, P), user_id: user.clone() };
     let query = UserQueryReceived {
         envelope: Envelope::new(query_id, id, 2, P),
         user_id: user.clone(),
@@ -210,8 +209,8 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         text: "old question".into(),
     };
     let answer = LLMResponseGenerated {
-        envelope: Envelope::new(uuid::Uuid::new_v4(), id, 3, P),
-        query_event_id: query_id.to_string(),
+        envelope: Envelope::new(EventId::random(), id, 3, P),
+        query_event_id: query_id,
         text: "old answer".into(),
         model: "m".into(),
         finish_reason: "stop".into(),
@@ -220,8 +219,8 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         llm_latency_ms: 5,
         time_to_first_token_ms: Some(1),
         attempts: 1,
-        context_event_ids: vec!["dropped by the old schema".into()],
-        user_id: String::new(),
+        context_event_ids: vec![EventId::random()], // dropped by the old schema
+        user_id: None,
         retrieved: vec![],
     };
     let payloads =
@@ -246,7 +245,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         sent.unwrap();
     }
 
-    let token = parley_gateway::auth::TokenSigner::new(support::AUTH_SECRET.as_bytes()).token_for(&user);
+    let token = parley_gateway::auth::TokenSigner::new(support::AUTH_SECRET.as_bytes()).token_for(user.as_str());
     // The projector writes the message, then advances the conversation's head: a read in
     // between sees the answer with the head one step behind (a CI run met it).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -269,7 +268,8 @@ async fn a_generation_created_by_an_older_version_gains_the_retrieved_column() {
     let keyspace = format!("test_migrate_{}", uuid::Uuid::new_v4().simple());
     // messages_g1 as versions before `retrieved` created it, with one answer in it.
     let session = scylla::client::session_builder::SessionBuilder::new().known_node(&stack.cql).build().await.unwrap();
-    let conversation = uuid::Uuid::new_v4();
+    let conversation = ConversationId::random();
+    let event = EventId::random();
     for cql in [
         format!("CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
         format!(
@@ -279,7 +279,7 @@ async fn a_generation_created_by_an_older_version_gains_the_retrieved_column() {
         ),
         format!(
             "INSERT INTO {keyspace}.messages_g1 (conversation_id, sequence, event_id, kind, text, occurred_at) \
-             VALUES ({conversation}, 3, 'e3', 'answer', 'old', 1)"
+             VALUES ({conversation}, 3, '{event}', 'answer', 'old', 1)"
         ),
     ] {
         session.query_unpaged(cql, ()).await.unwrap();
@@ -299,7 +299,7 @@ async fn a_generation_created_by_an_older_version_gains_the_retrieved_column() {
         vector_id: "v1".into(),
         source_kind: "document".into(),
         source_id: "d1".into(),
-        source_event_id: "e1".into(),
+        source_event_id: EventId::random(),
         position: 2,
         score: 0.75,
     }];

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use parley_events::budget::{BudgetLimits, Exceeded, check, periods, reservation, settled, turn_key};
+use parley_events::{ConversationId, EventId, UserId};
 use scylla::client::session::Session;
 use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
@@ -175,13 +176,14 @@ impl BudgetLedger {
     pub async fn reserve(
         &self,
         settings: &BudgetSettings,
-        user: &str,
-        conversation_id: &str,
-        query_id: &str,
+        user: &UserId,
+        conversation_id: ConversationId,
+        query_id: EventId,
         question_chars: usize,
         now_ms: i64,
     ) -> Result<Reserved, ProjectionError> {
-        let periods = periods(self.limits_of(user, settings).await?, conversation_id, now_ms);
+        let periods = periods(self.limits_of(user, settings).await?, &conversation_id.to_string(), now_ms);
+        let user = user.as_str();
         if periods.is_empty() {
             return Ok(Reserved::Yes);
         }
@@ -222,8 +224,8 @@ impl BudgetLedger {
     pub async fn settle_if_limited(
         &self,
         settings: &BudgetSettings,
-        user: &str,
-        query_id: &str,
+        user: &UserId,
+        query_id: EventId,
         used: u64,
     ) -> Result<bool, ProjectionError> {
         if self.limits_of(user, settings).await? == BudgetLimits::default() {
@@ -235,8 +237,8 @@ impl BudgetLedger {
     /// Replaces turn `query_id`'s reservation with `used` tokens in each budget it was
     /// charged to. False when the turn had no reservation or was settled already (a
     /// re-delivered outcome settles nothing twice).
-    pub async fn settle(&self, user: &str, query_id: &str, used: u64) -> Result<bool, ProjectionError> {
-        let turn = turn_key(query_id);
+    pub async fn settle(&self, user: &UserId, query_id: EventId, used: u64) -> Result<bool, ProjectionError> {
+        let (user, turn) = (user.as_str(), turn_key(query_id));
         for _ in 0..CAS_ATTEMPTS {
             let statement = &self.select_turn;
             let row = self
@@ -264,10 +266,10 @@ impl BudgetLedger {
     }
 
     /// `user`'s budgets: their own where an operator set them, else the defaults.
-    pub async fn limits_of(&self, user: &str, settings: &BudgetSettings) -> Result<BudgetLimits, ProjectionError> {
+    pub async fn limits_of(&self, user: &UserId, settings: &BudgetSettings) -> Result<BudgetLimits, ProjectionError> {
         let defaults = settings.limits();
         let own = |value: Option<i64>, default: u64| value.map_or(default, |v| u64::try_from(v).unwrap_or(0));
-        Ok(match self.own_limits(user).await? {
+        Ok(match self.own_limits(user.as_str()).await? {
             Some((daily, monthly, conversation)) => BudgetLimits {
                 daily: own(daily, defaults.daily),
                 monthly: own(monthly, defaults.monthly),
@@ -305,12 +307,13 @@ impl BudgetLedger {
     }
 
     /// Whether `user` has budgets of their own (else the defaults apply).
-    pub async fn has_own_limits(&self, user: &str) -> Result<bool, ProjectionError> {
-        Ok(self.own_limits(user).await?.is_some())
+    pub async fn has_own_limits(&self, user: &UserId) -> Result<bool, ProjectionError> {
+        Ok(self.own_limits(user.as_str()).await?.is_some())
     }
 
     /// Sets `user`'s own budgets (0: unlimited for that user).
-    pub async fn set_limits(&self, user: &str, limits: BudgetLimits) -> Result<(), ProjectionError> {
+    pub async fn set_limits(&self, user: &UserId, limits: BudgetLimits) -> Result<(), ProjectionError> {
+        let user = user.as_str();
         let as_cql = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let values = (as_cql(limits.daily), as_cql(limits.monthly), as_cql(limits.per_conversation), user);
         let statement = &self.upsert_limits;
@@ -323,7 +326,7 @@ impl BudgetLedger {
     }
 
     /// What each of `keys` has committed (absent: no row yet).
-    pub async fn committed(&self, user: &str, keys: Vec<String>) -> Result<HashMap<String, u64>, ProjectionError> {
+    async fn committed(&self, user: &str, keys: Vec<String>) -> Result<HashMap<String, u64>, ProjectionError> {
         let statement = &self.select;
         let rows = self
             .session

@@ -22,7 +22,7 @@ use parley_eventlog::trace::continue_trace;
 use parley_events::conversation::{MessageKind, message_of};
 use parley_events::event::now_millis;
 use parley_events::turn::{Applied, ConversationHead};
-use parley_events::{ConversationEvent, EventCodec};
+use parley_events::{ConversationEvent, ConversationId, EventCodec};
 use prometheus::{Gauge, Histogram};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
@@ -30,7 +30,6 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
-use uuid::Uuid;
 
 use crate::error::ProjectionError;
 use crate::store::{CONTEXT, EventLocation, Generation, Store};
@@ -57,7 +56,7 @@ pub struct Projector {
     store: Store,
     generation: Generation,
     topic: String,
-    known: HashMap<Uuid, Known>,
+    known: HashMap<ConversationId, Known>,
 }
 
 /// A decoded record with its log coordinates.
@@ -102,15 +101,12 @@ impl Projector {
         }
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let written: Vec<i64> = batch.iter().map(|logged| logged.event.envelope().occurred_at).collect();
-        let mut by_conversation: Vec<(Uuid, Vec<LoggedEvent>)> = Vec::new();
-        let mut index: HashMap<Uuid, usize> = HashMap::new();
+        let mut by_conversation: Vec<(ConversationId, Vec<LoggedEvent>)> = Vec::new();
+        let mut index: HashMap<ConversationId, usize> = HashMap::new();
         for logged in batch {
             let next = next_offsets.entry(logged.partition).or_insert(0);
             *next = (*next).max(logged.offset + 1);
-            let Ok(id) = logged.event.envelope().conversation_id.parse::<Uuid>() else {
-                warn!(offset = logged.offset, "event with a conversation id that is not a UUID; not projected");
-                continue;
-            };
+            let id = logged.event.envelope().conversation_id;
             let slot = *index.entry(id).or_insert_with(|| {
                 by_conversation.push((id, Vec::new()));
                 by_conversation.len() - 1
@@ -187,7 +183,7 @@ async fn apply_conversation(
     store: &Store,
     generation: &Generation,
     topic: &str,
-    id: Uuid,
+    id: ConversationId,
     mut known: Option<Known>,
     events: &[LoggedEvent],
 ) -> Result<Option<Known>, ProjectionError> {
@@ -212,14 +208,14 @@ async fn apply_event(
     store: &Store,
     generation: &Generation,
     topic: &str,
-    id: Uuid,
+    id: ConversationId,
     known: &mut Option<Known>,
     logged: &LoggedEvent,
 ) -> Result<(), ProjectionError> {
     let envelope = logged.event.envelope();
     let location = EventLocation {
         sequence: envelope.sequence,
-        event_id: envelope.event_id.clone(),
+        event_id: envelope.event_id,
         event_type: logged.event.type_name().to_owned(),
         topic: topic.to_owned(),
         partition: logged.partition,
@@ -232,8 +228,10 @@ async fn apply_event(
     match (known, &logged.event) {
         (known @ None, ConversationEvent::Started(started)) => {
             store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
-            *known =
-                Some(Known { head: ConversationHead::started(&started.user_id), started_at: envelope.occurred_at });
+            *known = Some(Known {
+                head: ConversationHead::started(started.user_id.clone()),
+                started_at: envelope.occurred_at,
+            });
         }
         (None, event) => {
             warn!(%id, sequence = envelope.sequence, kind = event.type_name(), "event before the conversation's start; not projected");

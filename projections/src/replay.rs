@@ -11,7 +11,7 @@ use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_eventlog::{KafkaSettings, LogPosition};
 use parley_events::conversation::{ConversationState, Message};
-use parley_events::{ConversationEvent, Decoded, EventCodec, RetrievedContext};
+use parley_events::{ConversationEvent, ConversationId, Decoded, EventCodec, EventId, RetrievedContext};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
@@ -29,14 +29,14 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AuditRecord {
     pub sequence: i64,
     pub event_type: &'static str,
-    pub event_id: String,
+    pub event_id: EventId,
     pub partition: i32,
     pub offset: i64,
     pub schema_id: u32,
     pub occurred_at: i64,
     pub log_timestamp: Option<i64>,
     pub correlation_id: String,
-    pub causation_id: Option<String>,
+    pub causation_id: Option<EventId>,
     pub trace_id: Option<String>,
     pub producer: String,
     /// The dead letter a redriven copy comes from (`<dead-letter topic>/<partition>/<offset>`).
@@ -105,7 +105,7 @@ impl LogReader {
     /// The conversation's records via the index (when it has entries) or a scan.
     pub async fn read(
         &self,
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         index: &[EventLocation],
         force_scan: bool,
     ) -> Result<(Vec<AuditRecord>, Method, Duration), ProjectionError> {
@@ -113,7 +113,8 @@ impl LogReader {
         let (messages, method) = if index.is_empty() || force_scan {
             (self.scan(conversation_id).await?, Method::PartitionScan)
         } else {
-            (self.fetch(index).await?, Method::OffsetIndex)
+            let positions: Vec<LogPosition> = index.iter().map(EventLocation::position).collect();
+            (self.fetch(&positions).await?, Method::OffsetIndex)
         };
         let mut records = Vec::with_capacity(messages.len());
         for message in messages {
@@ -125,20 +126,9 @@ impl LogReader {
 
     /// The records at `positions` that decode (a redriven copy a dead letter names, say).
     pub async fn records_at(&self, positions: &[LogPosition]) -> Result<Vec<AuditRecord>, ProjectionError> {
-        let locations: Vec<EventLocation> = positions
-            .iter()
-            .map(|p| EventLocation {
-                sequence: 0,
-                event_id: String::new(),
-                event_type: String::new(),
-                topic: p.topic.clone(),
-                partition: p.partition,
-                offset: p.offset,
-            })
-            .collect();
         let mut records = Vec::new();
-        if !locations.is_empty() {
-            for message in self.fetch(&locations).await? {
+        if !positions.is_empty() {
+            for message in self.fetch(positions).await? {
                 records.extend(self.audit_record(&message).await?);
             }
         }
@@ -149,7 +139,7 @@ impl LogReader {
     /// conversation all live in its partition).
     pub async fn read_partition_until(
         &self,
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         partition: i32,
         until_offset: i64,
     ) -> Result<Vec<AuditRecord>, ProjectionError> {
@@ -176,12 +166,12 @@ impl LogReader {
     /// Reads the indexed records: per partition, one pass from the conversation's first
     /// indexed offset to its last, keeping exactly the indexed ones. (Re-assigning the
     /// consumer for every record costs a fetch round trip each: far slower.)
-    async fn fetch(&self, index: &[EventLocation]) -> Result<Vec<OwnedMessage>, ProjectionError> {
+    async fn fetch(&self, positions: &[LogPosition]) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<i64>> = std::collections::BTreeMap::new();
-        for location in index {
-            by_partition.entry((location.topic.as_str(), location.partition)).or_default().push(location.offset);
+        for position in positions {
+            by_partition.entry((position.topic.as_str(), position.partition)).or_default().push(position.offset);
         }
-        let mut messages = Vec::with_capacity(index.len());
+        let mut messages = Vec::with_capacity(positions.len());
         for ((topic, partition), mut wanted) in by_partition {
             wanted.sort_unstable();
             wanted.dedup();
@@ -217,7 +207,7 @@ impl LogReader {
         Ok(messages)
     }
 
-    async fn scan(&self, conversation_id: Uuid) -> Result<Vec<OwnedMessage>, ProjectionError> {
+    async fn scan(&self, conversation_id: ConversationId) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let key = conversation_id.to_string();
         self.scan_from(Offset::Beginning, |message| message.key() == Some(key.as_bytes())).await
     }
@@ -311,8 +301,8 @@ pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &
         differences
             .push(format!("last sequence: projection {}, log {}", row.last_sequence, replayed.head.last_sequence));
     }
-    let open = replayed.head.open_query.as_ref().map(|q| q.event_id.as_str());
-    if row.open_query_event_id.as_deref() != open {
+    let open = replayed.head.open_query.as_ref().map(|q| q.event_id);
+    if row.open_query_event_id != open {
         differences.push(format!("open query: projection {:?}, log {:?}", row.open_query_event_id, open));
     }
     for m in &replayed.messages {
@@ -346,7 +336,7 @@ pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &
 pub async fn replay(
     reader: &LogReader,
     store: &Store,
-    conversation_id: Uuid,
+    conversation_id: ConversationId,
     force_scan: bool,
 ) -> Result<(Option<ConversationState>, Vec<AuditRecord>, Vec<String>, Method, Duration), ProjectionError> {
     let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
@@ -372,18 +362,18 @@ mod tests {
     use super::*;
 
     fn state() -> ConversationState {
-        let id = Uuid::new_v4();
+        let id = ConversationId::random();
         let mut state = ConversationState {
-            conversation_id: id.to_string(),
-            head: ConversationHead::started("alice"),
+            conversation_id: id,
+            head: ConversationHead::started("alice".parse().unwrap()),
             started_at: 1,
             updated_at: 1,
             messages: vec![],
             gaps: vec![],
         };
         state.apply(&ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: Envelope::new(Uuid::new_v4(), id, 2, Producer { name: "t", version: "0" }),
-            user_id: "alice".into(),
+            envelope: Envelope::new(EventId::random(), id, 2, Producer { name: "t", version: "0" }),
+            user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),
             text: "hi".into(),
         }));
@@ -392,12 +382,12 @@ mod tests {
 
     fn row_of(state: &ConversationState) -> ConversationRow {
         ConversationRow {
-            conversation_id: Uuid::nil(),
+            conversation_id: state.conversation_id,
             user_id: state.head.owner.clone(),
             started_at: 1,
             updated_at: 1,
             last_sequence: state.head.last_sequence,
-            open_query_event_id: state.head.open_query.as_ref().map(|q| q.event_id.clone()),
+            open_query_event_id: state.head.open_query.as_ref().map(|q| q.event_id),
             title: String::new(),
         }
     }
@@ -429,7 +419,7 @@ mod tests {
             vector_id: "v".into(),
             source_kind: "document".into(),
             source_id: "d".into(),
-            source_event_id: "e".into(),
+            source_event_id: EventId::random(),
             position: 0,
             score: 0.5,
         }];

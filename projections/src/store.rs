@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use clap::Args;
+use parley_eventlog::LogPosition;
 use parley_eventlog::metrics::timed;
-use parley_events::RetrievedContext;
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::turn::{ConversationHead, OpenQuery};
+use parley_events::{ConversationId, EventId, InvalidId, RetrievedContext, UserId};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
@@ -66,12 +67,12 @@ fn parse_identifier(value: &str) -> Result<String, String> {
 /// A conversation's row of the projection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationRow {
-    pub conversation_id: Uuid,
-    pub user_id: String,
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
     pub started_at: i64,
     pub updated_at: i64,
     pub last_sequence: i64,
-    pub open_query_event_id: Option<String>,
+    pub open_query_event_id: Option<EventId>,
     pub title: String,
 }
 
@@ -81,8 +82,8 @@ impl ConversationRow {
         ConversationHead {
             owner: self.user_id.clone(),
             last_sequence: self.last_sequence,
-            open_query: self.open_query_event_id.as_ref().map(|id| OpenQuery {
-                event_id: id.clone(),
+            open_query: self.open_query_event_id.map(|event_id| OpenQuery {
+                event_id,
                 sequence: self.last_sequence,
                 client_message_id: String::new(),
             }),
@@ -94,11 +95,18 @@ impl ConversationRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventLocation {
     pub sequence: i64,
-    pub event_id: String,
+    pub event_id: EventId,
     pub event_type: String,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+}
+
+impl EventLocation {
+    /// The record's position in the log.
+    pub fn position(&self) -> LogPosition {
+        LogPosition { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
+    }
 }
 
 /// A connected store.
@@ -392,10 +400,11 @@ impl Store {
     pub async fn insert_conversation(
         &self,
         g: &Generation,
-        id: Uuid,
-        user: &str,
+        id: ConversationId,
+        user: &UserId,
         started_at: i64,
     ) -> Result<(), ProjectionError> {
+        let (id, user) = (id.uuid(), user.as_str());
         self.exec(&g.insert_conversation, (id, user, started_at, started_at, parley_events::turn::STARTED_SEQUENCE))
             .await?;
         self.exec(&g.insert_by_user, (user, started_at, id, "")).await
@@ -404,11 +413,12 @@ impl Store {
     pub async fn set_title(
         &self,
         g: &Generation,
-        id: Uuid,
-        user: &str,
+        id: ConversationId,
+        user: &UserId,
         started_at: i64,
         title: &str,
     ) -> Result<(), ProjectionError> {
+        let (id, user) = (id.uuid(), user.as_str());
         let update =
             format!("UPDATE {}.conversations_g{} SET title = ? WHERE conversation_id = ?", self.keyspace, g.number);
         self.session.query_unpaged(update.as_str(), (title, id)).await.map_err(|e| ProjectionError::cql(&update, e))?;
@@ -418,23 +428,23 @@ impl Store {
     pub async fn advance_conversation(
         &self,
         g: &Generation,
-        id: Uuid,
+        id: ConversationId,
         head: &ConversationHead,
         updated_at: i64,
     ) -> Result<(), ProjectionError> {
-        let open = head.open_query.as_ref().map(|q| q.event_id.as_str());
-        self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id)).await
+        let open = head.open_query.as_ref().map(|q| q.event_id.to_string());
+        self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id.uuid())).await
     }
 
-    pub async fn insert_message(&self, g: &Generation, id: Uuid, m: &Message) -> Result<(), ProjectionError> {
+    pub async fn insert_message(&self, g: &Generation, id: ConversationId, m: &Message) -> Result<(), ProjectionError> {
         let values = (
-            id,
+            id.uuid(),
             m.sequence,
-            &m.event_id,
+            m.event_id.to_string(),
             m.kind.as_str(),
             &m.text,
             m.occurred_at,
-            &m.query_event_id,
+            m.query_event_id.map(|id| id.to_string()),
             &m.model,
             m.prompt_tokens,
             m.completion_tokens,
@@ -445,9 +455,14 @@ impl Store {
         self.exec(&g.insert_message, values).await
     }
 
-    pub async fn insert_location(&self, g: &Generation, id: Uuid, l: &EventLocation) -> Result<(), ProjectionError> {
-        self.exec(&g.insert_location, (id, l.sequence, &l.event_id, &l.event_type, &l.topic, l.partition, l.offset))
-            .await
+    pub async fn insert_location(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        l: &EventLocation,
+    ) -> Result<(), ProjectionError> {
+        let values = (id.uuid(), l.sequence, l.event_id.to_string(), &l.event_type, &l.topic, l.partition, l.offset);
+        self.exec(&g.insert_location, values).await
     }
 
     pub async fn store_progress(
@@ -491,23 +506,30 @@ impl Store {
             .collect()
     }
 
-    pub async fn conversation(&self, g: &Generation, id: Uuid) -> Result<Option<ConversationRow>, ProjectionError> {
-        let rows: Vec<ConversationColumns> = self.select(&g.select_conversation, (id,)).await?;
-        Ok(rows.into_iter().next().map(
-            |(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| ConversationRow {
-                conversation_id: id,
-                user_id,
-                started_at,
-                updated_at,
-                last_sequence,
-                open_query_event_id,
-                title: title.unwrap_or_default(),
-            },
-        ))
+    pub async fn conversation(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+    ) -> Result<Option<ConversationRow>, ProjectionError> {
+        let rows: Vec<ConversationColumns> = self.select(&g.select_conversation, (id.uuid(),)).await?;
+        rows.into_iter()
+            .next()
+            .map(|(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| {
+                Ok(ConversationRow {
+                    conversation_id: id,
+                    user_id: stored_id(&user_id)?,
+                    started_at,
+                    updated_at,
+                    last_sequence,
+                    open_query_event_id: open_query_event_id.as_deref().map(stored_id).transpose()?,
+                    title: title.unwrap_or_default(),
+                })
+            })
+            .transpose()
     }
 
-    pub async fn messages(&self, g: &Generation, id: Uuid) -> Result<Vec<Message>, ProjectionError> {
-        let rows: Vec<MessageColumns> = self.select(&g.select_messages, (id,)).await?;
+    pub async fn messages(&self, g: &Generation, id: ConversationId) -> Result<Vec<Message>, ProjectionError> {
+        let rows: Vec<MessageColumns> = self.select(&g.select_messages, (id.uuid(),)).await?;
         rows.into_iter()
             .map(
                 |(
@@ -528,17 +550,21 @@ impl Store {
                         .ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
                     Ok(Message {
                         sequence,
-                        event_id,
+                        event_id: stored_id(&event_id)?,
                         kind,
                         text,
                         occurred_at,
-                        query_event_id,
+                        query_event_id: query_event_id.as_deref().map(stored_id).transpose()?,
                         model,
                         prompt_tokens,
                         completion_tokens,
                         llm_latency_ms,
                         error_kind,
-                        retrieved: retrieved.unwrap_or_default().into_iter().map(retrieved_context).collect(),
+                        retrieved: retrieved
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(retrieved_context)
+                            .collect::<Result<_, _>>()?,
                     })
                 },
             )
@@ -550,30 +576,25 @@ impl Store {
     pub async fn conversations_of(
         &self,
         g: &Generation,
-        user: &str,
-        before: Option<(i64, Uuid)>,
+        user: &UserId,
+        before: Option<(i64, ConversationId)>,
         limit: i32,
-    ) -> Result<Vec<(i64, Uuid, String)>, ProjectionError> {
+    ) -> Result<Vec<(i64, ConversationId, String)>, ProjectionError> {
+        let user = user.as_str();
         let rows: Vec<(i64, Uuid, Option<String>)> = match before {
             None => self.select(&g.select_by_user, (user, limit)).await?,
-            Some((at, id)) => self.select(&g.select_by_user_before, (user, at, id, limit)).await?,
+            Some((at, id)) => self.select(&g.select_by_user_before, (user, at, id.uuid(), limit)).await?,
         };
-        Ok(rows.into_iter().map(|(at, id, title)| (at, id, title.unwrap_or_default())).collect())
+        Ok(rows.into_iter().map(|(at, id, title)| (at, id.into(), title.unwrap_or_default())).collect())
     }
 
-    pub async fn locations(&self, g: &Generation, id: Uuid) -> Result<Vec<EventLocation>, ProjectionError> {
-        let rows: Vec<(i64, String, String, String, i32, i64)> = self.select(&g.select_locations, (id,)).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(sequence, event_id, event_type, topic, partition, offset)| EventLocation {
-                sequence,
-                event_id,
-                event_type,
-                topic,
-                partition,
-                offset,
+    pub async fn locations(&self, g: &Generation, id: ConversationId) -> Result<Vec<EventLocation>, ProjectionError> {
+        let rows: Vec<(i64, String, String, String, i32, i64)> = self.select(&g.select_locations, (id.uuid(),)).await?;
+        rows.into_iter()
+            .map(|(sequence, event_id, event_type, topic, partition, offset)| {
+                Ok(EventLocation { sequence, event_id: stored_id(&event_id)?, event_type, topic, partition, offset })
             })
-            .collect())
+            .collect()
     }
 
     /// Per partition of `topic`, the next offset this generation will apply.
@@ -609,13 +630,27 @@ fn operation_of(cql: &str) -> String {
 const TABLES: [&str; 5] = ["conversations", "conversations_by_user", "messages", "event_locations", "progress"];
 
 fn retrieved_columns(r: &RetrievedContext) -> RetrievedColumns {
-    (r.vector_id.clone(), r.source_kind.clone(), r.source_id.clone(), r.source_event_id.clone(), r.position, r.score)
+    (
+        r.vector_id.clone(),
+        r.source_kind.clone(),
+        r.source_id.clone(),
+        r.source_event_id.to_string(),
+        r.position,
+        r.score,
+    )
 }
 
 fn retrieved_context(
     (vector_id, source_kind, source_id, source_event_id, position, score): RetrievedColumns,
-) -> RetrievedContext {
-    RetrievedContext { vector_id, source_kind, source_id, source_event_id, position, score }
+) -> Result<RetrievedContext, ProjectionError> {
+    let source_event_id = stored_id(&source_event_id)?;
+    Ok(RetrievedContext { vector_id, source_kind, source_id, source_event_id, position, score })
+}
+
+/// An id read back from a row: the projection wrote only valid ids, so a bad one is a
+/// corrupt row (never silently skipped).
+fn stored_id<T: std::str::FromStr<Err = InvalidId>>(value: &str) -> Result<T, ProjectionError> {
+    value.parse().map_err(|e: InvalidId| ProjectionError::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]

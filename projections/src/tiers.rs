@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use parley_events::UserId;
 use parley_events::lanes::Lane;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
@@ -33,11 +34,11 @@ impl TierBook {
     }
 
     /// `user`'s tier (standard when none was set, or when the stored one is not a lane).
-    pub async fn tier_of(&self, user: &str) -> Result<Lane, ProjectionError> {
+    pub async fn tier_of(&self, user: &UserId) -> Result<Lane, ProjectionError> {
         let cql = self.select.get_statement();
         let row = self
             .session
-            .execute_unpaged(&self.select, (user,))
+            .execute_unpaged(&self.select, (user.as_str(),))
             .await
             .map_err(|e| ProjectionError::cql(cql, e))?
             .into_rows_result()
@@ -47,9 +48,9 @@ impl TierBook {
         Ok(row.and_then(|(tier,)| tier?.parse().ok()).unwrap_or(Lane::Standard))
     }
 
-    pub async fn set(&self, user: &str, tier: Lane) -> Result<(), ProjectionError> {
+    pub async fn set(&self, user: &UserId, tier: Lane) -> Result<(), ProjectionError> {
         self.session
-            .execute_unpaged(&self.upsert, (tier.as_str(), user))
+            .execute_unpaged(&self.upsert, (tier.as_str(), user.as_str()))
             .await
             .map_err(|e| ProjectionError::cql(self.upsert.get_statement(), e))?;
         Ok(())

@@ -10,6 +10,9 @@ pub enum RetrievalError {
     EmbeddingService(String),
     #[error("milvus: {0}")]
     Milvus(String),
+    /// A row the vector store returned that Parley could not have written (a bad id).
+    #[error("the vector store holds {0}")]
+    Corrupt(String),
     #[error(
         "collection {collection} stores {collection_dimension}-dimensional vectors but the embedding model \
          {model} produces {backend_dimension}; use another --milvus-collection or the model the collection was built with"

@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use parley_events::UserId;
+
 /// What a vector was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,9 +34,9 @@ impl SourceKind {
 }
 
 /// Which vectors a search may return.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchFilter {
-    pub owner: String,
+    pub owner: UserId,
     pub kind: Option<SourceKind>,
     /// Only these documents or conversations (any, when empty).
     pub source_ids: Vec<String>,
@@ -43,13 +45,14 @@ pub struct SearchFilter {
 }
 
 impl SearchFilter {
-    pub fn owner(owner: impl Into<String>) -> Self {
-        Self { owner: owner.into(), ..Self::default() }
+    /// Every vector of `owner`, of any kind and source.
+    pub fn owner(owner: UserId) -> Self {
+        Self { owner, kind: None, source_ids: Vec::new(), exclude_source_ids: Vec::new() }
     }
 
     /// The Milvus expression for this filter.
     pub fn expression(&self) -> String {
-        let mut expr = format!("owner == {}", quoted(&self.owner));
+        let mut expr = format!("owner == {}", quoted(self.owner.as_str()));
         if let Some(kind) = self.kind {
             let _ = write!(expr, " && kind == {}", quoted(kind.as_str()));
         }
@@ -88,13 +91,13 @@ mod tests {
 
     #[test]
     fn owner_alone_is_the_minimum_filter() {
-        assert_eq!(SearchFilter::owner("alice").expression(), r#"owner == "alice""#);
+        assert_eq!(SearchFilter::owner("alice".parse().unwrap()).expression(), r#"owner == "alice""#);
     }
 
     #[test]
     fn every_part_is_anded_onto_the_owner() {
         let filter = SearchFilter {
-            owner: "alice".into(),
+            owner: "alice".parse().unwrap(),
             kind: Some(SourceKind::Document),
             source_ids: vec!["d1".into(), "d2".into()],
             exclude_source_ids: vec!["c9".into()],
@@ -107,7 +110,7 @@ mod tests {
 
     #[test]
     fn quotes_and_backslashes_cannot_escape_the_literal() {
-        let hostile = SearchFilter::owner(r#"x" || owner != "y\"#);
+        let hostile = SearchFilter::owner(r#"x" || owner != "y\"#.parse().unwrap());
         assert_eq!(hostile.expression(), r#"owner == "x\" || owner != \"y\\""#);
     }
 

@@ -10,6 +10,7 @@ use milvus::v2::prelude::{
     LoadCollectionRequest, MetricType, QueryRequest, SearchRequest, SearchVectors,
 };
 use parley_eventlog::metrics::timed;
+use parley_events::{ConversationId, EventId, UserId};
 use serde::Serialize;
 
 use crate::error::RetrievalError;
@@ -96,10 +97,12 @@ fn parse_collection_name(value: &str) -> Result<String, String> {
 pub struct VectorRecord {
     /// Deterministic: the message's event id, or uuid5(document id, chunk number).
     pub id: String,
-    pub owner: String,
+    pub owner: UserId,
     pub kind: SourceKind,
-    pub source_id: String,
-    pub source_event_id: String,
+    /// The stream of the source: its conversation, or the document's own stream (a
+    /// document event's envelope carries the document id as its conversation id).
+    pub source_id: ConversationId,
+    pub source_event_id: EventId,
     pub position: i64,
     /// Document title, or the message's role (user, assistant).
     pub label: String,
@@ -113,7 +116,7 @@ pub struct Hit {
     pub id: String,
     pub kind: SourceKind,
     pub source_id: String,
-    pub source_event_id: String,
+    pub source_event_id: EventId,
     pub position: i64,
     pub label: String,
     pub text: String,
@@ -223,12 +226,14 @@ impl VectorStore {
         let strings = |f: fn(&VectorRecord) -> &str, max: usize| -> Vec<String> {
             records.iter().map(|r| truncated(f(r), max).to_owned()).collect()
         };
+        let source_ids = records.iter().map(|r| r.source_id.to_string()).collect();
+        let event_ids = records.iter().map(|r| r.source_event_id.to_string()).collect();
         let columns = vec![
             FieldData::varchar(ID, strings(|r| &r.id, 64)),
-            FieldData::varchar(OWNER, strings(|r| &r.owner, 256)),
+            FieldData::varchar(OWNER, strings(|r| r.owner.as_str(), 256)),
             FieldData::varchar(KIND, strings(|r| r.kind.as_str(), 16)),
-            FieldData::varchar(SOURCE_ID, strings(|r| &r.source_id, 64)),
-            FieldData::varchar(SOURCE_EVENT_ID, strings(|r| &r.source_event_id, 64)),
+            FieldData::varchar(SOURCE_ID, source_ids),
+            FieldData::varchar(SOURCE_EVENT_ID, event_ids),
             FieldData::int64(POSITION, records.iter().map(|r| r.position).collect()),
             FieldData::varchar(LABEL, strings(|r| &r.label, MAX_LABEL_BYTES)),
             FieldData::varchar(TEXT, strings(|r| &r.text, MAX_TEXT_BYTES)),
@@ -283,7 +288,9 @@ impl VectorStore {
                     id: row.get_str(ID)?.to_owned(),
                     kind: SourceKind::parse(row.get_str(KIND)?).unwrap_or(SourceKind::Document),
                     source_id: row.get_str(SOURCE_ID)?.to_owned(),
-                    source_event_id: row.get_str(SOURCE_EVENT_ID)?.to_owned(),
+                    source_event_id: row.get_str(SOURCE_EVENT_ID)?.parse().map_err(|e: parley_events::InvalidId| {
+                        RetrievalError::Corrupt(format!("a vector whose {e}"))
+                    })?,
                     position: row.get_i64(POSITION)?,
                     label: row.get_str(LABEL)?.to_owned(),
                     text: row.get_str(TEXT)?.to_owned(),
@@ -334,8 +341,8 @@ impl VectorStore {
 
     /// `owner`'s searchable documents by title, at most `limit`: one row each, its first chunk
     /// (so a document shows up once it is indexed, and not after it was deleted).
-    pub async fn documents(&self, owner: &str, limit: usize) -> Result<Vec<StoredDocument>, RetrievalError> {
-        let filter = SearchFilter { kind: Some(SourceKind::Document), ..SearchFilter::owner(owner) };
+    pub async fn documents(&self, owner: &UserId, limit: usize) -> Result<Vec<StoredDocument>, RetrievalError> {
+        let filter = SearchFilter { kind: Some(SourceKind::Document), ..SearchFilter::owner(owner.clone()) };
         let request = QueryRequest::builder()
             .collection_name(&self.collection)
             .filter(format!("{} && {POSITION} == 0", filter.expression()))

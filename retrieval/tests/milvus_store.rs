@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clap::Parser;
+use parley_events::{ConversationId, EventId, UserId};
 use parley_retrieval::store::MilvusSettings;
 use parley_retrieval::{RetrievalError, SearchFilter, SourceKind, VectorRecord, VectorStore};
 
@@ -25,17 +26,27 @@ fn settings(collection: &str) -> Option<MilvusSettings> {
 }
 
 fn record(id: &str, owner: &str, kind: SourceKind, source: &str, embedding: Vec<f32>) -> VectorRecord {
+    let source = stream(source);
     VectorRecord {
         id: id.into(),
-        owner: owner.into(),
+        owner: user(owner),
         kind,
-        source_id: source.into(),
-        source_event_id: format!("event-{id}"),
+        source_id: source,
+        source_event_id: EventId::random(),
         position: 1,
         label: "notes.md".into(),
         text: format!("text of {id}"),
         embedding,
     }
+}
+
+/// The stream id the test calls `name` (doc-a, conv-a…): the same name, the same id.
+fn stream(name: &str) -> ConversationId {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).into()
+}
+
+fn user(name: &str) -> UserId {
+    name.parse().unwrap()
 }
 
 fn unit(x: f32, y: f32) -> Vec<f32> {
@@ -56,38 +67,40 @@ async fn upserts_are_idempotent_and_searches_stay_inside_the_owner() {
     ];
     store.upsert(&records).await.unwrap();
     store.upsert(&records).await.unwrap(); // a re-delivery
-    assert_eq!(store.count(&SearchFilter::owner("alice")).await.unwrap(), 2);
-    assert_eq!(store.count(&SearchFilter::owner("bob")).await.unwrap(), 1);
+    assert_eq!(store.count(&SearchFilter::owner(user("alice"))).await.unwrap(), 2);
+    assert_eq!(store.count(&SearchFilter::owner(user("bob"))).await.unwrap(), 1);
 
-    let hits = store.search(unit(1.0, 0.01), &SearchFilter::owner("alice"), 10).await.unwrap();
+    let hits = store.search(unit(1.0, 0.01), &SearchFilter::owner(user("alice")), 10).await.unwrap();
     assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a1", "a2"], "{hits:?}");
     assert!(hits[0].score > 0.99 && hits[0].score > hits[1].score, "{hits:?}");
     assert_eq!(
         (hits[0].kind, hits[0].source_id.as_str(), hits[0].text.as_str()),
-        (SourceKind::Document, "doc-a", "text of a1")
+        (SourceKind::Document, stream("doc-a").to_string().as_str(), "text of a1")
     );
 
-    let messages_only = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner("alice") };
+    let messages_only = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner(user("alice")) };
     let hits = store.search(unit(1.0, 0.0), &messages_only, 10).await.unwrap();
     assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
-    let other_sources = SearchFilter { exclude_source_ids: vec!["doc-a".into()], ..SearchFilter::owner("alice") };
+    let other_sources =
+        SearchFilter { exclude_source_ids: vec![stream("doc-a").to_string()], ..SearchFilter::owner(user("alice")) };
     let hits = store.search(unit(1.0, 0.0), &other_sources, 10).await.unwrap();
     assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
-    let one_document = SearchFilter { source_ids: vec!["doc-a".into()], ..SearchFilter::owner("alice") };
+    let one_document =
+        SearchFilter { source_ids: vec![stream("doc-a").to_string()], ..SearchFilter::owner(user("alice")) };
     assert_eq!(store.search(unit(0.0, 1.0), &one_document, 10).await.unwrap().len(), 1);
-    assert!(store.search(unit(1.0, 0.0), &SearchFilter::owner("carol"), 10).await.unwrap().is_empty());
+    assert!(store.search(unit(1.0, 0.0), &SearchFilter::owner(user("carol")), 10).await.unwrap().is_empty());
 
     // A deletion names its owner: Alice's filter for Bob's document removes nothing.
     let documents = |owner: &str, id: &str| SearchFilter {
         kind: Some(SourceKind::Document),
-        source_ids: vec![id.into()],
-        ..SearchFilter::owner(owner)
+        source_ids: vec![stream(id).to_string()],
+        ..SearchFilter::owner(user(owner))
     };
     store.delete(&documents("alice", "doc-b")).await.unwrap();
-    assert_eq!(store.count(&SearchFilter::owner("bob")).await.unwrap(), 1);
+    assert_eq!(store.count(&SearchFilter::owner(user("bob"))).await.unwrap(), 1);
     store.delete(&documents("alice", "doc-a")).await.unwrap();
-    assert_eq!(store.count(&SearchFilter::owner("alice")).await.unwrap(), 1, "only the document's vector goes");
-    let hits = store.search(unit(1.0, 0.0), &SearchFilter::owner("alice"), 10).await.unwrap();
+    assert_eq!(store.count(&SearchFilter::owner(user("alice"))).await.unwrap(), 1, "only the document's vector goes");
+    let hits = store.search(unit(1.0, 0.0), &SearchFilter::owner(user("alice")), 10).await.unwrap();
     assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["a2"]);
 
     VectorStore::drop_collection(&settings).await.unwrap();

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::event::ConversationEvent;
+use crate::ids::{ConversationId, EventId, UserId};
 
 /// Token budgets; 0 turns one off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,7 +88,7 @@ pub fn periods(limits: BudgetLimits, conversation_id: &str, now_ms: i64) -> Vec<
 }
 
 /// The ledger key of one turn's reservation.
-pub fn turn_key(query_id: &str) -> String {
+pub fn turn_key(query_id: EventId) -> String {
     format!("turn:{query_id}")
 }
 
@@ -154,9 +155,9 @@ pub fn month_start_ms(now_ms: i64) -> i64 {
 pub struct Usage {
     pub today: u64,
     pub this_month: u64,
-    pub by_conversation: BTreeMap<String, u64>,
+    pub by_conversation: BTreeMap<ConversationId, u64>,
     /// (query event id, why), for outcomes with error kind `budget_exceeded`.
-    pub refused: Vec<(String, String)>,
+    pub refused: Vec<(EventId, String)>,
 }
 
 /// Error kind of the outcome of a turn inference refused for want of budget.
@@ -164,7 +165,7 @@ pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
 
 /// `user`'s usage in the day and month of `now_ms`, folded from `events` (which must hold
 /// the month's queries and outcomes).
-pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: &str, now_ms: i64) -> Usage {
+pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: &UserId, now_ms: i64) -> Usage {
     let all = BudgetLimits { daily: 1, monthly: 1, per_conversation: 1 };
     let keys = |at: i64| periods(all, "", at).into_iter().map(|p| p.key).collect::<Vec<_>>();
     let now = keys(now_ms);
@@ -172,8 +173,8 @@ pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: 
     let mut usage = Usage::default();
     for event in events {
         match event {
-            ConversationEvent::QueryReceived(query) if query.user_id == user => {
-                theirs.insert(query.envelope.event_id.clone());
+            ConversationEvent::QueryReceived(query) if &query.user_id == user => {
+                theirs.insert(query.envelope.event_id);
             }
             ConversationEvent::ResponseGenerated(answer) if theirs.contains(&answer.query_event_id) => {
                 let used =
@@ -185,12 +186,12 @@ pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: 
                 if at[1] == now[1] {
                     usage.this_month += used;
                 }
-                *usage.by_conversation.entry(answer.envelope.conversation_id.clone()).or_default() += used;
+                *usage.by_conversation.entry(answer.envelope.conversation_id).or_default() += used;
             }
             ConversationEvent::ResponseFailed(failed)
                 if failed.error_kind == BUDGET_EXCEEDED && theirs.contains(&failed.query_event_id) =>
             {
-                usage.refused.push((failed.query_event_id.clone(), failed.error_message.clone()));
+                usage.refused.push((failed.query_event_id, failed.error_message.clone()));
             }
             _ => {}
         }
@@ -236,30 +237,34 @@ mod tests {
         assert_eq!(BudgetLimits::left(3000, 2200), Some(0));
         assert_eq!(BudgetLimits::left(901, 0), None);
     }
-    use crate::event::{Envelope, LLMResponseFailed, LLMResponseGenerated, Producer, UserQueryReceived};
+    use crate::event::{Envelope, LLMResponseFailed, LLMResponseGenerated, UserQueryReceived};
+    use crate::test_events::P;
+    use crate::turn::query_event_id;
 
-    const P: Producer = Producer { name: "test", version: "0" };
+    /// Conversation `n` of the test (a fixed id, so the test reads as c1, c2, c3).
+    fn c(n: u128) -> ConversationId {
+        uuid::Uuid::from_u128(n).into()
+    }
 
-    fn envelope(conversation: &str, event_id: &str, at: i64) -> Envelope {
-        let mut envelope = Envelope::new(uuid::Uuid::new_v4(), conversation, 2, P);
-        envelope.event_id = event_id.to_owned();
+    fn envelope(conversation: u128, event_id: EventId, at: i64) -> Envelope {
+        let mut envelope = Envelope::new(event_id, c(conversation), 2, P);
         envelope.occurred_at = at;
         envelope
     }
 
-    fn query(conversation: &str, id: &str, user: &str, at: i64) -> ConversationEvent {
+    fn query(conversation: u128, id: &str, user: &str, at: i64) -> ConversationEvent {
         ConversationEvent::QueryReceived(UserQueryReceived {
-            envelope: envelope(conversation, id, at),
-            user_id: user.into(),
+            envelope: envelope(conversation, query_event_id(c(conversation), id), at),
+            user_id: user.parse().unwrap(),
             client_message_id: id.into(),
             text: "hi".into(),
         })
     }
 
-    fn answer(conversation: &str, query: &str, prompt: i32, completion: i32, at: i64) -> ConversationEvent {
+    fn answer(conversation: u128, query: &str, prompt: i32, completion: i32, at: i64) -> ConversationEvent {
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
-            envelope: envelope(conversation, &format!("{query}-answer"), at),
-            query_event_id: query.into(),
+            envelope: envelope(conversation, EventId::random(), at),
+            query_event_id: query_event_id(c(conversation), query),
             text: "ok".into(),
             model: "m".into(),
             finish_reason: "stop".into(),
@@ -269,15 +274,15 @@ mod tests {
             time_to_first_token_ms: None,
             attempts: 1,
             context_event_ids: vec![],
-            user_id: String::new(), // as events before schema v2: attributed through the query
+            user_id: None, // as events before schema v2: attributed through the query
             retrieved: vec![],
         })
     }
 
-    fn failed(conversation: &str, query: &str, kind: &str, at: i64) -> ConversationEvent {
+    fn failed(conversation: u128, query: &str, kind: &str, at: i64) -> ConversationEvent {
         ConversationEvent::ResponseFailed(LLMResponseFailed {
-            envelope: envelope(conversation, &format!("{query}-failed"), at),
-            query_event_id: query.into(),
+            envelope: envelope(conversation, EventId::random(), at),
+            query_event_id: query_event_id(c(conversation), query),
             error_kind: kind.into(),
             error_message: "your daily token budget is used up".into(),
             attempts: 0,
@@ -328,23 +333,24 @@ mod tests {
         let yesterday = NOV_28_2026_NOON - DAY_MS;
         let last_month = NOV_28_2026_NOON - 40 * DAY_MS;
         let events = [
-            query("c1", "q1", "ann", yesterday),
-            answer("c1", "q1", 100, 20, yesterday),
-            query("c1", "q2", "ann", NOV_28_2026_NOON),
-            answer("c1", "q2", 200, 30, NOV_28_2026_NOON),
-            query("c2", "q3", "ann", last_month),
-            answer("c2", "q3", 1_000, 0, last_month),
-            query("c3", "q4", "bob", NOV_28_2026_NOON),
-            answer("c3", "q4", 5_000, 0, NOV_28_2026_NOON),
-            query("c1", "q5", "ann", NOV_28_2026_NOON),
-            failed("c1", "q5", BUDGET_EXCEEDED, NOV_28_2026_NOON),
+            query(1, "q1", "ann", yesterday),
+            answer(1, "q1", 100, 20, yesterday),
+            query(1, "q2", "ann", NOV_28_2026_NOON),
+            answer(1, "q2", 200, 30, NOV_28_2026_NOON),
+            query(2, "q3", "ann", last_month),
+            answer(2, "q3", 1_000, 0, last_month),
+            query(3, "q4", "bob", NOV_28_2026_NOON),
+            answer(3, "q4", 5_000, 0, NOV_28_2026_NOON),
+            query(1, "q5", "ann", NOV_28_2026_NOON),
+            failed(1, "q5", BUDGET_EXCEEDED, NOV_28_2026_NOON),
         ];
-        let usage = usage(&events, "ann", NOV_28_2026_NOON);
+        let usage = usage(&events, &"ann".parse().unwrap(), NOV_28_2026_NOON);
         assert_eq!((usage.today, usage.this_month), (230, 350));
-        assert_eq!(usage.by_conversation.get("c1"), Some(&350));
-        assert_eq!(usage.by_conversation.get("c2"), Some(&1_000));
-        assert_eq!(usage.by_conversation.get("c3"), None, "bob's");
+        assert_eq!(usage.by_conversation.get(&c(1)), Some(&350));
+        assert_eq!(usage.by_conversation.get(&c(2)), Some(&1_000));
+        assert_eq!(usage.by_conversation.get(&c(3)), None, "bob's");
         assert_eq!(usage.refused.len(), 1);
+        assert_eq!(usage.refused[0].0, query_event_id(c(1), "q5"));
         assert_eq!(month_start_ms(NOV_28_2026_NOON), 1_793_491_200_000, "2026-11-01T00:00:00Z");
     }
 

@@ -100,7 +100,6 @@ impl EventCodec {
                 });
             }
         };
-        event.check_ids()?;
         Ok(Decoded { schema_id, event })
     }
 

@@ -3,6 +3,7 @@
 //! two cannot drift. Pure: no I/O.
 
 use crate::event::{ConversationEvent, RetrievedContext};
+use crate::ids::{ConversationId, EventId};
 use crate::turn::{Applied, ConversationHead};
 
 /// Who said a message, or that the model failed to.
@@ -32,13 +33,13 @@ impl MessageKind {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Message {
     pub sequence: i64,
-    pub event_id: String,
+    pub event_id: EventId,
     pub kind: MessageKind,
     /// The question, the answer, or the failure's message.
     pub text: String,
     pub occurred_at: i64,
     /// For outcomes: the query answered.
-    pub query_event_id: Option<String>,
+    pub query_event_id: Option<EventId>,
     pub model: Option<String>,
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
@@ -52,7 +53,7 @@ pub struct Message {
 pub fn message_of(event: &ConversationEvent) -> Option<Message> {
     let base = |envelope: &crate::Envelope, kind, text: &str| Message {
         sequence: envelope.sequence,
-        event_id: envelope.event_id.clone(),
+        event_id: envelope.event_id,
         kind,
         text: text.to_owned(),
         occurred_at: envelope.occurred_at,
@@ -69,7 +70,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
         ConversationEvent::Started(_) | ConversationEvent::CancelRequested(_) => None,
         ConversationEvent::QueryReceived(e) => Some(base(&e.envelope, MessageKind::UserQuery, &e.text)),
         ConversationEvent::ResponseGenerated(e) => Some(Message {
-            query_event_id: Some(e.query_event_id.clone()),
+            query_event_id: Some(e.query_event_id),
             model: Some(e.model.clone()),
             prompt_tokens: Some(e.prompt_tokens),
             completion_tokens: Some(e.completion_tokens),
@@ -78,7 +79,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
             ..base(&e.envelope, MessageKind::Answer, &e.text)
         }),
         ConversationEvent::ResponseFailed(e) => Some(Message {
-            query_event_id: Some(e.query_event_id.clone()),
+            query_event_id: Some(e.query_event_id),
             error_kind: Some(e.error_kind.clone()),
             ..base(&e.envelope, MessageKind::Failure, &e.error_message)
         }),
@@ -88,7 +89,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
 /// A conversation as its events describe it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConversationState {
-    pub conversation_id: String,
+    pub conversation_id: ConversationId,
     pub head: ConversationHead,
     pub started_at: i64,
     pub updated_at: i64,
@@ -106,8 +107,8 @@ impl ConversationState {
             match (&mut state, event) {
                 (None, ConversationEvent::Started(started)) => {
                     state = Some(Self {
-                        conversation_id: started.envelope.conversation_id.clone(),
-                        head: ConversationHead::started(&started.user_id),
+                        conversation_id: started.envelope.conversation_id,
+                        head: ConversationHead::started(started.user_id.clone()),
                         started_at: started.envelope.occurred_at,
                         updated_at: started.envelope.occurred_at,
                         messages: Vec::new(),
@@ -140,26 +141,23 @@ impl ConversationState {
 
 #[cfg(test)]
 mod tests {
-    use uuid::Uuid;
-
     use super::*;
     use crate::event::*;
+    use crate::test_events::{P, alice};
 
-    const P: Producer = Producer { name: "t", version: "0" };
-
-    fn log(conversation: Uuid) -> Vec<ConversationEvent> {
-        let env = |seq| Envelope::new(Uuid::new_v4(), conversation, seq, P);
+    fn log(conversation: ConversationId) -> Vec<ConversationEvent> {
+        let env = |seq| Envelope::new(EventId::random(), conversation, seq, P);
         vec![
-            ConversationEvent::Started(ConversationStarted { envelope: env(1), user_id: "alice".into() }),
+            ConversationEvent::Started(ConversationStarted { envelope: env(1), user_id: alice() }),
             ConversationEvent::QueryReceived(UserQueryReceived {
                 envelope: env(2),
-                user_id: "alice".into(),
+                user_id: alice(),
                 client_message_id: "m1".into(),
                 text: "hi".into(),
             }),
             ConversationEvent::ResponseGenerated(LLMResponseGenerated {
                 envelope: env(3),
-                query_event_id: "q".into(),
+                query_event_id: EventId::random(),
                 text: "hello".into(),
                 model: "m".into(),
                 finish_reason: "stop".into(),
@@ -169,12 +167,12 @@ mod tests {
                 time_to_first_token_ms: None,
                 attempts: 1,
                 context_event_ids: vec![],
-                user_id: String::new(),
+                user_id: None,
                 retrieved: vec![RetrievedContext {
                     vector_id: "v".into(),
                     source_kind: "document".into(),
                     source_id: "d".into(),
-                    source_event_id: "e".into(),
+                    source_event_id: EventId::random(),
                     position: 0,
                     score: 0.5,
                 }],
@@ -184,7 +182,7 @@ mod tests {
 
     #[test]
     fn folding_a_log_gives_its_turns_in_order() {
-        let state = ConversationState::fold(&log(Uuid::new_v4())).unwrap();
+        let state = ConversationState::fold(&log(ConversationId::random())).unwrap();
         assert_eq!(state.head.owner, "alice");
         assert_eq!(state.head.last_sequence, 3);
         let kinds: Vec<_> = state.messages.iter().map(|m| (m.sequence, m.kind, m.text.as_str())).collect();
@@ -196,7 +194,7 @@ mod tests {
 
     #[test]
     fn re_delivered_events_change_nothing() {
-        let events = log(Uuid::new_v4());
+        let events = log(ConversationId::random());
         let once = ConversationState::fold(&events).unwrap();
         let twice: Vec<_> = events.iter().chain(events.iter().skip(1)).cloned().collect();
         assert_eq!(ConversationState::fold(&twice).unwrap(), once);
@@ -204,7 +202,7 @@ mod tests {
 
     #[test]
     fn a_missing_event_is_recorded_as_a_gap_and_later_events_still_apply() {
-        let mut events = log(Uuid::new_v4());
+        let mut events = log(ConversationId::random());
         events.remove(1);
         let state = ConversationState::fold(&events).unwrap();
         assert_eq!(state.gaps, [(2, 3)]);

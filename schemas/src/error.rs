@@ -15,8 +15,6 @@ pub enum EventsError {
     Undecodable { schema_id: Option<u32>, reason: String },
     #[error("could not encode {event_type}: {reason}")]
     Unencodable { event_type: String, reason: String },
-    #[error("{event_type}'s {field} {value:?} is not a UUID")]
-    InvalidId { event_type: &'static str, field: &'static str, value: String },
     #[error("invalid log position {0:?}: expected <topic>/<partition>/<offset>")]
     InvalidPosition(String),
 }

@@ -5,9 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-use crate::error::EventsError;
+use crate::ids::{ConversationId, DocumentId, EventId, UserId};
 
 /// A Rust type that is one Avro record of the catalog.
 pub trait AvroEvent: Serialize + DeserializeOwned {
@@ -30,11 +29,12 @@ pub struct Producer {
 /// The common envelope of every conversation event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
-    pub event_id: String,
-    pub conversation_id: String,
+    pub event_id: EventId,
+    /// For the `documents` topic, the document's id ([`DocumentId::stream`]).
+    pub conversation_id: ConversationId,
     pub sequence: i64,
     pub occurred_at: i64,
-    pub causation_id: Option<String>,
+    pub causation_id: Option<EventId>,
     pub correlation_id: String,
     pub producer_name: String,
     pub producer_version: String,
@@ -43,10 +43,10 @@ pub struct Envelope {
 
 impl Envelope {
     /// An envelope stamped now, for `event_id` at `sequence` of `conversation_id`.
-    pub fn new(event_id: Uuid, conversation_id: impl std::fmt::Display, sequence: i64, producer: Producer) -> Self {
+    pub fn new(event_id: EventId, conversation_id: ConversationId, sequence: i64, producer: Producer) -> Self {
         Self {
-            event_id: event_id.to_string(),
-            conversation_id: conversation_id.to_string(),
+            event_id,
+            conversation_id,
             sequence,
             occurred_at: now_millis(),
             causation_id: None,
@@ -59,7 +59,7 @@ impl Envelope {
 
     /// Marks this event as caused by `cause`, in the same correlation (request flow).
     pub fn caused_by(mut self, cause: &Envelope) -> Self {
-        self.causation_id = Some(cause.event_id.clone());
+        self.causation_id = Some(cause.event_id);
         self.correlation_id = cause.correlation_id.clone();
         self
     }
@@ -83,13 +83,13 @@ pub fn now_millis() -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversationStarted {
     pub envelope: Envelope,
-    pub user_id: String,
+    pub user_id: UserId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserQueryReceived {
     pub envelope: Envelope,
-    pub user_id: String,
+    pub user_id: UserId,
     pub client_message_id: String,
     pub text: String,
 }
@@ -97,7 +97,7 @@ pub struct UserQueryReceived {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LLMResponseGenerated {
     pub envelope: Envelope,
-    pub query_event_id: String,
+    pub query_event_id: EventId,
     pub text: String,
     pub model: String,
     pub finish_reason: String,
@@ -106,9 +106,10 @@ pub struct LLMResponseGenerated {
     pub llm_latency_ms: i64,
     pub time_to_first_token_ms: Option<i64>,
     pub attempts: i32,
-    pub context_event_ids: Vec<String>,
-    /// Empty in events written before schema v2.
-    pub user_id: String,
+    pub context_event_ids: Vec<EventId>,
+    /// `None` in events written before schema v2 (an empty string on the wire).
+    #[serde(with = "crate::ids::empty_is_none")]
+    pub user_id: Option<UserId>,
     pub retrieved: Vec<RetrievedContext>,
 }
 
@@ -118,7 +119,7 @@ pub struct RetrievedContext {
     pub vector_id: String,
     pub source_kind: String,
     pub source_id: String,
-    pub source_event_id: String,
+    pub source_event_id: EventId,
     pub position: i64,
     pub score: f32,
 }
@@ -127,8 +128,8 @@ pub struct RetrievedContext {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentSubmitted {
     pub envelope: Envelope,
-    pub document_id: String,
-    pub owner: String,
+    pub document_id: DocumentId,
+    pub owner: UserId,
     pub title: String,
     pub media_type: String,
     pub text: String,
@@ -139,8 +140,8 @@ pub struct DocumentSubmitted {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentDeleted {
     pub envelope: Envelope,
-    pub document_id: String,
-    pub owner: String,
+    pub document_id: DocumentId,
+    pub owner: UserId,
 }
 
 /// What the `documents` topic carries, in the order it happened per document.
@@ -154,7 +155,7 @@ pub enum DocumentEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmbeddingsIndexed {
     pub envelope: Envelope,
-    pub owner: String,
+    pub owner: UserId,
     pub source_kind: String,
     pub source_id: String,
     pub model: String,
@@ -166,7 +167,7 @@ pub struct EmbeddingsIndexed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexedVector {
     pub vector_id: String,
-    pub source_event_id: String,
+    pub source_event_id: EventId,
     pub position: i64,
     pub chars: i32,
 }
@@ -174,7 +175,7 @@ pub struct IndexedVector {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LLMResponseFailed {
     pub envelope: Envelope,
-    pub query_event_id: String,
+    pub query_event_id: EventId,
     pub error_kind: String,
     pub error_message: String,
     pub attempts: i32,
@@ -185,14 +186,14 @@ pub struct LLMResponseFailed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnCancelRequested {
     pub envelope: Envelope,
-    pub query_event_id: String,
-    pub user_id: String,
+    pub query_event_id: EventId,
+    pub user_id: UserId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LLMTokenDelta {
-    pub conversation_id: String,
-    pub query_event_id: String,
+    pub conversation_id: ConversationId,
+    pub query_event_id: EventId,
     pub index: i32,
     pub delta: String,
     pub traceparent: Option<String>,
@@ -298,32 +299,6 @@ impl ConversationEvent {
         }
     }
 
-    /// Checks the ids every reader relies on: the event's own id, its conversation's and,
-    /// for an outcome or a cancel, its query's are UUIDs (on the wire they are strings).
-    /// A record that fails this is poison for every consumer alike: it is a decode error.
-    pub fn check_ids(&self) -> Result<(), EventsError> {
-        let envelope = self.envelope();
-        let query = match self {
-            Self::ResponseGenerated(e) => Some(&e.query_event_id),
-            Self::ResponseFailed(e) => Some(&e.query_event_id),
-            Self::CancelRequested(e) => Some(&e.query_event_id),
-            Self::Started(_) | Self::QueryReceived(_) => None,
-        };
-        let fields = [("event_id", Some(&envelope.event_id)), ("conversation_id", Some(&envelope.conversation_id))];
-        for (field, value) in fields.into_iter().chain([("query_event_id", query)]) {
-            if let Some(value) = value
-                && Uuid::parse_str(value).is_err()
-            {
-                return Err(EventsError::InvalidId {
-                    event_type: self.type_name(),
-                    field,
-                    value: value.chars().take(64).collect(),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// The Avro record name, e.g. `UserQueryReceived`.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -333,30 +308,5 @@ impl ConversationEvent {
             Self::ResponseFailed(_) => LLMResponseFailed::short_name(),
             Self::CancelRequested(_) => TurnCancelRequested::short_name(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_events::{P, query};
-
-    #[test]
-    fn an_event_whose_ids_are_not_uuids_is_refused_with_the_field_named() {
-        let conversation = Uuid::new_v4();
-        assert!(query(conversation, 2, "m1").check_ids().is_ok());
-        let mut foreign = query(conversation, 2, "m1");
-        if let ConversationEvent::QueryReceived(q) = &mut foreign {
-            q.envelope.event_id = "x".repeat(500);
-        }
-        let refused = foreign.check_ids().unwrap_err();
-        assert!(matches!(&refused, EventsError::InvalidId { field: "event_id", value, .. } if value.len() == 64));
-        assert!(refused.to_string().contains("UserQueryReceived's event_id"), "{refused}");
-        let cancel = ConversationEvent::CancelRequested(TurnCancelRequested {
-            envelope: Envelope::new(Uuid::new_v4(), conversation, 2, P),
-            query_event_id: "not-a-query".into(),
-            user_id: "alice".into(),
-        });
-        assert!(matches!(cancel.check_ids(), Err(EventsError::InvalidId { field: "query_event_id", .. })));
     }
 }

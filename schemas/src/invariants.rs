@@ -6,17 +6,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::event::ConversationEvent;
+use crate::ids::EventId;
 
 /// A broken promise of the log about one conversation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "violation", rename_all = "snake_case")]
 pub enum Violation {
     /// One event id on several records: a turn or an outcome written twice.
-    RepeatedEventId { event_id: String, sequences: Vec<i64> },
+    RepeatedEventId { event_id: EventId, sequences: Vec<i64> },
     /// One query with several outcomes: the model answered it more than once.
-    SeveralOutcomes { query_event_id: String, sequences: Vec<i64> },
+    SeveralOutcomes { query_event_id: EventId, sequences: Vec<i64> },
     /// A query followed by the next one without an outcome in between.
-    Unanswered { query_event_id: String, sequence: i64 },
+    Unanswered { query_event_id: EventId, sequence: i64 },
 }
 
 impl fmt::Display for Violation {
@@ -37,25 +38,25 @@ impl fmt::Display for Violation {
 
 /// The violations in a conversation's records, in log order (empty for a sound log).
 pub fn violations<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>) -> Vec<Violation> {
-    let mut by_id: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
-    let mut outcomes: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    let mut by_id: BTreeMap<EventId, Vec<i64>> = BTreeMap::new();
+    let mut outcomes: BTreeMap<EventId, Vec<i64>> = BTreeMap::new();
     let mut found = Vec::new();
-    let mut open: Option<(&str, i64)> = None;
+    let mut open: Option<(EventId, i64)> = None;
     for event in events {
         let envelope = event.envelope();
-        by_id.entry(&envelope.event_id).or_default().push(envelope.sequence);
+        by_id.entry(envelope.event_id).or_default().push(envelope.sequence);
         match event {
             ConversationEvent::QueryReceived(query) => {
-                if let Some((query_event_id, sequence)) = open.replace((&query.envelope.event_id, envelope.sequence)) {
-                    found.push(Violation::Unanswered { query_event_id: query_event_id.to_owned(), sequence });
+                if let Some((query_event_id, sequence)) = open.replace((query.envelope.event_id, envelope.sequence)) {
+                    found.push(Violation::Unanswered { query_event_id, sequence });
                 }
             }
             ConversationEvent::ResponseGenerated(outcome) => {
-                outcomes.entry(&outcome.query_event_id).or_default().push(envelope.sequence);
+                outcomes.entry(outcome.query_event_id).or_default().push(envelope.sequence);
                 open = None;
             }
             ConversationEvent::ResponseFailed(outcome) => {
-                outcomes.entry(&outcome.query_event_id).or_default().push(envelope.sequence);
+                outcomes.entry(outcome.query_event_id).or_default().push(envelope.sequence);
                 open = None;
             }
             // A cancel asks for an outcome; the outcome (cancelled or not) is what counts.
@@ -66,13 +67,13 @@ pub fn violations<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>) -
         by_id
             .into_iter()
             .filter(|(_, sequences)| sequences.len() > 1)
-            .map(|(id, sequences)| Violation::RepeatedEventId { event_id: id.to_owned(), sequences }),
+            .map(|(id, sequences)| Violation::RepeatedEventId { event_id: id, sequences }),
     );
     found.extend(
         outcomes
             .into_iter()
             .filter(|(_, sequences)| sequences.len() > 1)
-            .map(|(id, sequences)| Violation::SeveralOutcomes { query_event_id: id.to_owned(), sequences }),
+            .map(|(id, sequences)| Violation::SeveralOutcomes { query_event_id: id, sequences }),
     );
     found
 }
@@ -83,30 +84,31 @@ mod tests {
 
     use super::*;
     use crate::event::*;
-    use crate::test_events::{P, query};
+    use crate::ids::ConversationId;
+    use crate::test_events::{P, alice, query};
     use crate::turn::query_event_id;
 
-    fn outcome(conversation: Uuid, sequence: i64, client_message_id: &str) -> ConversationEvent {
+    fn outcome(conversation: ConversationId, sequence: i64, client_message_id: &str) -> ConversationEvent {
         let query_id = query_event_id(conversation, client_message_id);
         ConversationEvent::ResponseFailed(LLMResponseFailed {
-            envelope: Envelope::new(Uuid::new_v5(&query_id, b"outcome"), conversation, sequence, P),
-            query_event_id: query_id.to_string(),
+            envelope: Envelope::new(Uuid::new_v5(&query_id.uuid(), b"outcome").into(), conversation, sequence, P),
+            query_event_id: query_id,
             error_kind: "timeout".into(),
             error_message: "slow".into(),
             attempts: 1,
         })
     }
 
-    fn started(conversation: Uuid) -> ConversationEvent {
+    fn started(conversation: ConversationId) -> ConversationEvent {
         ConversationEvent::Started(ConversationStarted {
-            envelope: Envelope::new(Uuid::new_v4(), conversation, 1, P),
-            user_id: "alice".into(),
+            envelope: Envelope::new(EventId::random(), conversation, 1, P),
+            user_id: alice(),
         })
     }
 
     #[test]
     fn a_sound_log_has_none() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let log = [started(c), query(c, 2, "a"), outcome(c, 3, "a"), query(c, 4, "b")];
         assert_eq!(violations(&log), []);
     }
@@ -114,7 +116,7 @@ mod tests {
     #[test]
     fn a_turn_answered_twice_is_reported_by_id_and_by_query() {
         // The log of the duplicate-turn bug: turn A, turn B, then A again at 6 and 7.
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let log = [
             started(c),
             query(c, 2, "a"),
@@ -125,8 +127,8 @@ mod tests {
             outcome(c, 7, "a"),
         ];
         let found = violations(&log);
-        let query_a = query_event_id(c, "a").to_string();
-        assert!(found.contains(&Violation::RepeatedEventId { event_id: query_a.clone(), sequences: vec![2, 6] }));
+        let query_a = query_event_id(c, "a");
+        assert!(found.contains(&Violation::RepeatedEventId { event_id: query_a, sequences: vec![2, 6] }));
         assert!(found.contains(&Violation::SeveralOutcomes { query_event_id: query_a, sequences: vec![3, 7] }));
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(found.iter().all(|v| !v.to_string().is_empty()));
@@ -134,9 +136,9 @@ mod tests {
 
     #[test]
     fn a_query_skipped_by_the_next_is_unanswered() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let log = [started(c), query(c, 2, "a"), query(c, 3, "b")];
         let found = violations(&log);
-        assert_eq!(found, [Violation::Unanswered { query_event_id: query_event_id(c, "a").to_string(), sequence: 2 }]);
+        assert_eq!(found, [Violation::Unanswered { query_event_id: query_event_id(c, "a"), sequence: 2 }]);
     }
 }

@@ -7,6 +7,7 @@
 use uuid::Uuid;
 
 use crate::event::ConversationEvent;
+use crate::ids::{ConversationId, EventId, UserId};
 
 pub const STARTED_SEQUENCE: i64 = 1;
 
@@ -16,8 +17,8 @@ pub const CANCELLED: &str = "cancelled";
 
 /// The id of the query a client message becomes: a repeat of the same client message id in
 /// the same conversation maps to the same event id, so duplicates are recognisable anywhere.
-pub fn query_event_id(conversation_id: Uuid, client_message_id: &str) -> Uuid {
-    Uuid::new_v5(&conversation_id, client_message_id.as_bytes())
+pub fn query_event_id(conversation_id: ConversationId, client_message_id: &str) -> EventId {
+    Uuid::new_v5(&conversation_id.uuid(), client_message_id.as_bytes()).into()
 }
 
 /// The outcome of a query takes the sequence number right after it.
@@ -28,7 +29,7 @@ pub fn outcome_sequence(query_sequence: i64) -> i64 {
 /// The query a conversation is waiting on an answer for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenQuery {
-    pub event_id: String,
+    pub event_id: EventId,
     pub sequence: i64,
     pub client_message_id: String,
 }
@@ -36,7 +37,7 @@ pub struct OpenQuery {
 /// What a conversation's writer must know: owner, last sequence applied, open turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationHead {
-    pub owner: String,
+    pub owner: UserId,
     pub last_sequence: i64,
     pub open_query: Option<OpenQuery>,
 }
@@ -47,7 +48,7 @@ pub enum TurnRejection {
     /// The conversation belongs to another user.
     NotOwner,
     /// The previous query has no outcome yet.
-    TurnInProgress { open_query_event_id: String },
+    TurnInProgress { open_query_event_id: EventId },
 }
 
 /// How an event related to the head it was applied to.
@@ -63,8 +64,8 @@ pub enum Applied {
 
 impl ConversationHead {
     /// The head right after `ConversationStarted`.
-    pub fn started(owner: impl Into<String>) -> Self {
-        Self { owner: owner.into(), last_sequence: STARTED_SEQUENCE, open_query: None }
+    pub fn started(owner: UserId) -> Self {
+        Self { owner, last_sequence: STARTED_SEQUENCE, open_query: None }
     }
 
     /// Rebuilds a head from a conversation's events in log order.
@@ -72,7 +73,7 @@ impl ConversationHead {
         let mut head: Option<Self> = None;
         for event in events {
             match (&mut head, event) {
-                (None, ConversationEvent::Started(started)) => head = Some(Self::started(&started.user_id)),
+                (None, ConversationEvent::Started(started)) => head = Some(Self::started(started.user_id.clone())),
                 (Some(h), event) => {
                     h.apply(event);
                 }
@@ -83,12 +84,12 @@ impl ConversationHead {
     }
 
     /// The sequence number `user`'s next query gets, or why it may not start now.
-    pub fn admit(&self, user: &str) -> Result<i64, TurnRejection> {
-        if self.owner != user {
+    pub fn admit(&self, user: &UserId) -> Result<i64, TurnRejection> {
+        if &self.owner != user {
             return Err(TurnRejection::NotOwner);
         }
         if let Some(open) = &self.open_query {
-            return Err(TurnRejection::TurnInProgress { open_query_event_id: open.event_id.clone() });
+            return Err(TurnRejection::TurnInProgress { open_query_event_id: open.event_id });
         }
         Ok(self.last_sequence + 1)
     }
@@ -133,7 +134,7 @@ impl ConversationHead {
     fn opened_by(event: &ConversationEvent) -> Option<OpenQuery> {
         match event {
             ConversationEvent::QueryReceived(q) => Some(OpenQuery {
-                event_id: q.envelope.event_id.clone(),
+                event_id: q.envelope.event_id,
                 sequence: q.envelope.sequence,
                 client_message_id: q.client_message_id.clone(),
             }),
@@ -146,12 +147,12 @@ impl ConversationHead {
 mod tests {
     use super::*;
     use crate::event::*;
-    use crate::test_events::{P, query};
+    use crate::test_events::{P, alice, query};
 
-    fn failed(conversation: Uuid, sequence: i64) -> ConversationEvent {
+    fn failed(conversation: ConversationId, sequence: i64) -> ConversationEvent {
         ConversationEvent::ResponseFailed(LLMResponseFailed {
-            envelope: Envelope::new(Uuid::new_v4(), conversation, sequence, P),
-            query_event_id: "q".into(),
+            envelope: Envelope::new(EventId::random(), conversation, sequence, P),
+            query_event_id: EventId::random(),
             error_kind: "timeout".into(),
             error_message: "slow".into(),
             attempts: 3,
@@ -160,24 +161,24 @@ mod tests {
 
     #[test]
     fn turns_take_dense_sequence_numbers_one_at_a_time() {
-        let c = Uuid::new_v4();
-        let mut head = ConversationHead::started("alice");
-        assert_eq!(head.admit("alice"), Ok(2));
+        let c = ConversationId::random();
+        let mut head = ConversationHead::started(alice());
+        assert_eq!(head.admit(&alice()), Ok(2));
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
-        assert!(matches!(head.admit("alice"), Err(TurnRejection::TurnInProgress { .. })));
+        assert!(matches!(head.admit(&alice()), Err(TurnRejection::TurnInProgress { .. })));
         assert_eq!(head.apply(&failed(c, outcome_sequence(2))), Applied::Advanced);
-        assert_eq!(head.admit("alice"), Ok(4));
+        assert_eq!(head.admit(&alice()), Ok(4));
     }
 
     #[test]
     fn only_the_owner_may_extend_a_conversation() {
-        assert_eq!(ConversationHead::started("alice").admit("mallory"), Err(TurnRejection::NotOwner));
+        assert_eq!(ConversationHead::started(alice()).admit(&"mallory".parse().unwrap()), Err(TurnRejection::NotOwner));
     }
 
     #[test]
     fn applying_is_idempotent_and_detects_gaps() {
-        let c = Uuid::new_v4();
-        let mut head = ConversationHead::started("alice");
+        let c = ConversationId::random();
+        let mut head = ConversationHead::started(alice());
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::Advanced);
         let before = head.clone();
         assert_eq!(head.apply(&query(c, 2, "m1")), Applied::AlreadyApplied);
@@ -188,10 +189,10 @@ mod tests {
 
     #[test]
     fn fold_rebuilds_the_head_from_the_log() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let started = ConversationEvent::Started(ConversationStarted {
-            envelope: Envelope::new(Uuid::new_v4(), c, 1, P),
-            user_id: "alice".into(),
+            envelope: Envelope::new(EventId::random(), c, 1, P),
+            user_id: alice(),
         });
         let log = [started, query(c, 2, "m1"), failed(c, 3), query(c, 4, "m2")];
         let head = ConversationHead::fold(&log).unwrap();
@@ -201,9 +202,9 @@ mod tests {
 
     #[test]
     fn a_repeated_client_message_id_maps_to_the_same_query_id() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         assert_eq!(query_event_id(c, "m1"), query_event_id(c, "m1"));
         assert_ne!(query_event_id(c, "m1"), query_event_id(c, "m2"));
-        assert_ne!(query_event_id(c, "m1"), query_event_id(Uuid::new_v4(), "m1"));
+        assert_ne!(query_event_id(c, "m1"), query_event_id(ConversationId::random(), "m1"));
     }
 }

@@ -15,7 +15,6 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use uuid::Uuid;
 
 const P: Producer = Producer { name: "fuzz", version: "0" };
 
@@ -47,15 +46,15 @@ fn samples() -> Vec<Sample> {
     // Sets the codec's allocation cap, as every service does at start.
     EventCodec::new("http://127.0.0.1:9").unwrap();
     let catalog = SchemaCatalog::embedded();
-    let conversation = Uuid::new_v4();
-    let envelope = |sequence| Envelope::new(Uuid::new_v4(), conversation, sequence, P);
+    let conversation = ConversationId::random();
+    let envelope = |sequence| Envelope::new(EventId::random(), conversation, sequence, P);
     vec![
-        sample(&catalog, &ConversationStarted { envelope: envelope(1), user_id: "alice".into() }),
+        sample(&catalog, &ConversationStarted { envelope: envelope(1), user_id: "alice".parse().unwrap() }),
         sample(
             &catalog,
             &UserQueryReceived {
                 envelope: envelope(2),
-                user_id: "alice".into(),
+                user_id: "alice".parse().unwrap(),
                 client_message_id: "m-1".into(),
                 text: "What is the capital of France?".into(),
             },
@@ -64,7 +63,7 @@ fn samples() -> Vec<Sample> {
             &catalog,
             &LLMResponseGenerated {
                 envelope: envelope(3),
-                query_event_id: Uuid::new_v4().to_string(),
+                query_event_id: EventId::random(),
                 text: "Paris.".into(),
                 model: "m".into(),
                 finish_reason: "stop".into(),
@@ -73,13 +72,13 @@ fn samples() -> Vec<Sample> {
                 llm_latency_ms: 120,
                 time_to_first_token_ms: Some(30),
                 attempts: 1,
-                context_event_ids: vec![Uuid::new_v4().to_string()],
-                user_id: "alice".into(),
+                context_event_ids: vec![EventId::random()],
+                user_id: Some("alice".parse().unwrap()),
                 retrieved: vec![RetrievedContext {
                     vector_id: "v".into(),
                     source_kind: "document".into(),
                     source_id: "d".into(),
-                    source_event_id: "e".into(),
+                    source_event_id: EventId::random(),
                     position: 2,
                     score: 0.8,
                 }],
@@ -89,7 +88,7 @@ fn samples() -> Vec<Sample> {
             &catalog,
             &LLMResponseFailed {
                 envelope: envelope(3),
-                query_event_id: "q".into(),
+                query_event_id: EventId::random(),
                 error_kind: "timeout".into(),
                 error_message: "slow".into(),
                 attempts: 3,
@@ -97,13 +96,17 @@ fn samples() -> Vec<Sample> {
         ),
         sample(
             &catalog,
-            &TurnCancelRequested { envelope: envelope(2), query_event_id: "q".into(), user_id: "alice".into() },
+            &TurnCancelRequested {
+                envelope: envelope(2),
+                query_event_id: EventId::random(),
+                user_id: "alice".parse().unwrap(),
+            },
         ),
         sample(
             &catalog,
             &LLMTokenDelta {
-                conversation_id: conversation.to_string(),
-                query_event_id: "q".into(),
+                conversation_id: conversation,
+                query_event_id: EventId::random(),
                 index: 7,
                 delta: " Paris".into(),
                 traceparent: None,

@@ -25,7 +25,7 @@ fn registry_url() -> Option<String> {
 const P: Producer = Producer { name: "codec-test", version: "0" };
 
 fn envelope(sequence: i64) -> Envelope {
-    Envelope::new(Uuid::new_v4(), Uuid::new_v4(), sequence, P)
+    Envelope::new(EventId::random(), ConversationId::random(), sequence, P)
         .with_traceparent(Some("00-0123456789abcdef0123456789abcdef-0123456789abcdef-01".into()))
 }
 
@@ -34,16 +34,16 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     let Some(url) = registry_url() else { return };
     let codec = EventCodec::new(&url).unwrap();
     let events = vec![
-        ConversationEvent::Started(ConversationStarted { envelope: envelope(1), user_id: "u-1".into() }),
+        ConversationEvent::Started(ConversationStarted { envelope: envelope(1), user_id: "u-1".parse().unwrap() }),
         ConversationEvent::QueryReceived(UserQueryReceived {
             envelope: envelope(2),
-            user_id: "u-1".into(),
+            user_id: "u-1".parse().unwrap(),
             client_message_id: "m-1".into(),
             text: "Grüße, what is Kafka? 🚀".into(),
         }),
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
             envelope: envelope(3).caused_by(&envelope(2)),
-            query_event_id: Uuid::new_v4().to_string(),
+            query_event_id: EventId::random(),
             text: "A log.".into(),
             model: "m".into(),
             finish_reason: "stop".into(),
@@ -52,28 +52,28 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             llm_latency_ms: 40,
             time_to_first_token_ms: Some(9),
             attempts: 1,
-            context_event_ids: vec!["a".into(), "b".into()],
-            user_id: "u-1".into(),
+            context_event_ids: vec![EventId::random(), EventId::random()],
+            user_id: Some("u-1".parse().unwrap()),
             retrieved: vec![RetrievedContext {
                 vector_id: "v".into(),
                 source_kind: "document".into(),
                 source_id: Uuid::new_v4().to_string(),
-                source_event_id: Uuid::new_v4().to_string(),
+                source_event_id: EventId::random(),
                 position: 2,
                 score: 0.75,
             }],
         }),
         ConversationEvent::ResponseFailed(LLMResponseFailed {
             envelope: envelope(3),
-            query_event_id: Uuid::new_v4().to_string(),
+            query_event_id: EventId::random(),
             error_kind: "timeout".into(),
             error_message: "slow".into(),
             attempts: 3,
         }),
         ConversationEvent::CancelRequested(TurnCancelRequested {
             envelope: envelope(2),
-            query_event_id: Uuid::new_v4().to_string(),
-            user_id: "alice".into(),
+            query_event_id: EventId::random(),
+            user_id: "alice".parse().unwrap(),
         }),
     ];
     for event in events {
@@ -92,8 +92,8 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     }
 
     let delta = LLMTokenDelta {
-        conversation_id: Uuid::new_v4().to_string(),
-        query_event_id: "q".into(),
+        conversation_id: ConversationId::random(),
+        query_event_id: EventId::random(),
         index: 4,
         delta: "lo".into(),
         traceparent: None,
@@ -138,8 +138,8 @@ async fn every_conversation_event_round_trips_through_the_registry() {
 
     let document = DocumentSubmitted {
         envelope: envelope(1),
-        document_id: Uuid::new_v4().to_string(),
-        owner: "u-1".into(),
+        document_id: DocumentId::random(),
+        owner: "u-1".parse().unwrap(),
         title: "notes.md".into(),
         media_type: "text/markdown".into(),
         text: "# Notes\n\nKafka is a log.".into(),
@@ -151,7 +151,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     );
     // The documents topic carries submissions and deletions, told apart by record name.
     let deleted =
-        DocumentDeleted { envelope: envelope(2), document_id: document.document_id.clone(), owner: "u-1".into() };
+        DocumentDeleted { envelope: envelope(2), document_id: document.document_id, owner: "u-1".parse().unwrap() };
     let decoded = codec.decode_document_event(&codec.encode(&deleted).await.unwrap()).await.unwrap().event;
     assert_eq!(decoded, DocumentEvent::Deleted(deleted));
     let decoded = codec.decode_document_event(&codec.encode(&document).await.unwrap()).await.unwrap().event;
@@ -161,15 +161,15 @@ async fn every_conversation_event_round_trips_through_the_registry() {
 
     let indexed = EmbeddingsIndexed {
         envelope: envelope(0),
-        owner: "u-1".into(),
+        owner: "u-1".parse().unwrap(),
         source_kind: "document".into(),
-        source_id: document.document_id.clone(),
+        source_id: document.document_id.to_string(),
         model: "all-MiniLM-L6-v2".into(),
         dimension: 384,
         collection: "parley_knowledge".into(),
         vectors: vec![IndexedVector {
             vector_id: "x".into(),
-            source_event_id: document.envelope.event_id.clone(),
+            source_event_id: document.envelope.event_id,
             position: 0,
             chars: 27,
         }],
@@ -196,7 +196,8 @@ async fn unknown_schema_ids_and_garbage_give_typed_errors() {
     }
 
     // A real schema id followed by a body that is not that schema's Avro.
-    let good = codec.encode(&ConversationStarted { envelope: envelope(1), user_id: "u".into() }).await.unwrap();
+    let good =
+        codec.encode(&ConversationStarted { envelope: envelope(1), user_id: "u".parse().unwrap() }).await.unwrap();
     let mut truncated = good[..5].to_vec();
     truncated.extend_from_slice(&[0xff; 3]);
     let err = codec.decode_conversation_event(&truncated).await.unwrap_err();

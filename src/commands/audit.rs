@@ -11,16 +11,20 @@ use parley_events::dead_letters::LetterBook;
 use parley_events::invariants::violations;
 use parley_events::registry::SchemaRegistry;
 use parley_events::turn::CANCELLED;
-use parley_events::{ConversationEvent, EventCodec};
+use parley_events::{ConversationEvent, ConversationId, EventCodec};
 use parley_projections::Store;
 use parley_projections::replay::LogReader;
-use uuid::Uuid;
 
 use crate::cli::Common;
 use crate::commands::{print_violations, report_undecodable};
 
 /// `parley audit`.
-pub(crate) async fn audit(common: &Common, conversation_id: Uuid, scan: bool, format: String) -> Result<ExitCode> {
+pub(crate) async fn audit(
+    common: &Common,
+    conversation_id: ConversationId,
+    scan: bool,
+    format: String,
+) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
@@ -129,7 +133,7 @@ pub(crate) async fn audit(common: &Common, conversation_id: Uuid, scan: bool, fo
     // A redriven copy repeats its original's event id when only some consumer could
     // not read the original: it is a re-delivery, not a second fact.
     let mut seen = std::collections::HashSet::new();
-    let facts = records.iter().filter(|r| seen.insert(r.event_id.as_str()) || r.redriven_from.is_none());
+    let facts = records.iter().filter(|r| seen.insert(r.event_id) || r.redriven_from.is_none());
     let violations = violations(facts.map(|r| &r.event));
     if format == "json" {
         violations.iter().for_each(|v| println!("{}", serde_json::json!(v)));

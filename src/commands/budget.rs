@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use parley_events::UserId;
 use parley_events::budget::{self, BudgetLimits};
 use parley_events::lanes::Lane;
 use parley_projections::Store;
@@ -15,7 +16,7 @@ use crate::cli::Common;
 use crate::commands::report_undecodable;
 
 /// `parley tier`.
-pub(crate) async fn tier(common: &Common, user: String, tier: Option<Lane>) -> Result<ExitCode> {
+pub(crate) async fn tier(common: &Common, user: UserId, tier: Option<Lane>) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let cql = &common.cql;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
@@ -29,7 +30,7 @@ pub(crate) async fn tier(common: &Common, user: String, tier: Option<Lane>) -> R
 }
 
 /// `parley usage`.
-pub(crate) async fn usage(common: &Common, user: String, format: String) -> Result<ExitCode> {
+pub(crate) async fn usage(common: &Common, user: UserId, format: String) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
@@ -50,7 +51,7 @@ pub(crate) async fn usage(common: &Common, user: String, format: String) -> Resu
 /// `parley budget`.
 pub(crate) async fn budget(
     common: &Common,
-    user: String,
+    user: UserId,
     daily: Option<u64>,
     monthly: Option<u64>,
     conversation: Option<u64>,
@@ -76,7 +77,7 @@ pub(crate) async fn budget(
 /// `parley usage`: each period's spend against the budget enforced for the user (`source`:
 /// their own, or the defaults this command was given), as text or one JSON object.
 pub(crate) fn print_usage(
-    user: &str,
+    user: &UserId,
     usage: &budget::Usage,
     limits: BudgetLimits,
     source: &str,

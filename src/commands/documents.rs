@@ -9,19 +9,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::{EventProducer, KafkaSettings};
-use parley_events::EventCodec;
+use parley_events::{DocumentId, EventCodec, UserId};
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
 use parley_ingest::submit::submit_all;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::cli::Common;
 use crate::commands::progress_bar;
 use crate::commands::serve::open_retrieval;
 
 /// `parley documents list`.
-pub(crate) async fn list(common: &Common, owner: String, limit: usize) -> Result<ExitCode> {
+pub(crate) async fn list(common: &Common, owner: UserId, limit: usize) -> Result<ExitCode> {
     let (_, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
     for document in vectors.documents(&owner, limit).await.context("listing documents")? {
         println!("{}  {}", document.document_id, document.title);
@@ -30,13 +29,13 @@ pub(crate) async fn list(common: &Common, owner: String, limit: usize) -> Result
 }
 
 /// `parley documents delete`.
-pub(crate) async fn delete(common: &Common, document_id: Uuid, owner: String) -> Result<ExitCode> {
+pub(crate) async fn delete(common: &Common, document_id: DocumentId, owner: UserId) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let producer = EventProducer::new(kafka.client_config(), Arc::new(EventCodec::new(registry)?))?;
     let event = deletion_event(&owner, document_id, None);
     let position = producer
-        .append(&kafka.topics().documents, &event.document_id, &event, None)
+        .append(&kafka.topics().documents, &document_id.to_string(), &event, None)
         .await
         .context("appending DocumentDeleted")?;
     println!("deletion of {document_id} for {owner} accepted at {position} (event {})", event.envelope.event_id);
@@ -49,7 +48,7 @@ pub(crate) async fn ingest(
     kafka: &KafkaSettings,
     registry: &str,
     paths: &[PathBuf],
-    owner: &str,
+    owner: &UserId,
     labels: &[(String, String)],
     shed_queue_age: Duration,
 ) -> Result<ExitCode> {
@@ -63,7 +62,7 @@ pub(crate) async fn ingest(
             let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
             let mut metadata: std::collections::HashMap<_, _> = labels.iter().cloned().collect();
             metadata.insert("path".into(), file.display().to_string());
-            Submission { owner: owner.to_owned(), media_type: media_type_of(&title).to_owned(), title, text, metadata }
+            Submission { owner: owner.clone(), media_type: media_type_of(&title).to_owned(), title, text, metadata }
                 .into_event(None)
                 .map_err(|e| e.to_string())
         });

@@ -4,17 +4,21 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use parley_events::ConversationEvent;
 use parley_events::invariants::violations;
+use parley_events::{ConversationEvent, ConversationId};
 use parley_projections::Store;
 use parley_projections::replay::{self as log_replay, LogReader};
-use uuid::Uuid;
 
 use crate::cli::Common;
 use crate::commands::{print_violations, report_undecodable};
 
 /// `parley replay`.
-pub(crate) async fn replay(common: &Common, conversation_id: Uuid, scan: bool, format: String) -> Result<ExitCode> {
+pub(crate) async fn replay(
+    common: &Common,
+    conversation_id: ConversationId,
+    scan: bool,
+    format: String,
+) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();

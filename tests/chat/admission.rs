@@ -45,8 +45,10 @@ async fn a_rate_limit_holds_across_gateways_and_restarts_and_spares_duplicates()
     let refused = after_restart.reply_to("r5").await;
     assert_eq!(refused["code"], "rate_limited", "{refused}");
     let events = support::log_to_end(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic()).await;
-    let queries =
-        events.iter().filter(|e| matches!(e, ConversationEvent::QueryReceived(q) if q.user_id == user)).count();
+    let queries = events
+        .iter()
+        .filter(|e| matches!(e, ConversationEvent::QueryReceived(q) if q.user_id.as_str() == user))
+        .count();
     assert_eq!(queries, 3, "only admitted turns are in the log");
     pipeline.stop().await;
 }
@@ -107,7 +109,7 @@ async fn parallel_turns_across_gateways_never_overspend_a_token_budget() {
     let spent: u64 = events
         .iter()
         .filter_map(|e| match e {
-            ConversationEvent::ResponseGenerated(a) if a.user_id == user => {
+            ConversationEvent::ResponseGenerated(a) if a.user_id.as_ref().is_some_and(|u| u.as_str() == user) => {
                 Some(u64::try_from(a.prompt_tokens + a.completion_tokens).unwrap())
             }
             _ => None,

@@ -78,7 +78,7 @@ async fn a_cancel_stops_the_answer_keeps_its_text_so_far_and_closes_the_turn() {
         ]
     );
     let ConversationEvent::CancelRequested(cancel) = &events[2].0 else { panic!("{events:?}") };
-    assert_eq!((cancel.query_event_id.as_str(), cancel.envelope.sequence), (query, 2));
+    assert_eq!((cancel.query_event_id.to_string().as_str(), cancel.envelope.sequence), (query, 2));
     let replay = pipeline.cli(&["replay", conversation, "--scan"]);
     let shown = String::from_utf8_lossy(&replay.stdout);
     assert!(replay.status.success() && shown.contains("cancel     asked by"), "{shown}");

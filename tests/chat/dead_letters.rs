@@ -224,12 +224,13 @@ async fn a_query_with_a_malformed_event_id_is_dead_lettered_not_answered() {
 
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &["--without-retrieval"]).await;
-    let conversation = uuid::Uuid::new_v4().to_string();
-    let event_id = uuid::Uuid::new_v4();
-    let envelope = Envelope::new(event_id, &conversation, 2, Producer { name: "foreign", version: "1" });
+    let conversation_id = parley_events::ConversationId::random();
+    let conversation = conversation_id.to_string();
+    let event_id = parley_events::EventId::random();
+    let envelope = Envelope::new(event_id, conversation_id, 2, Producer { name: "foreign", version: "1" });
     let query = UserQueryReceived {
         envelope,
-        user_id: "mallory".into(),
+        user_id: "mallory".parse().unwrap(),
         client_message_id: "m1".into(),
         text: "Say OK.".into(),
     };
@@ -261,8 +262,8 @@ async fn a_query_with_a_malformed_event_id_is_dead_lettered_not_answered() {
     assert_eq!(client.until_outcome().await.last().unwrap()["type"], "answer");
     let events = support::log_to_end(&pipeline.brokers, &pipeline.registry, &topic).await;
     let outcomes = events.iter().filter(|e| match e {
-        ConversationEvent::ResponseGenerated(a) => a.envelope.conversation_id == conversation,
-        ConversationEvent::ResponseFailed(f) => f.envelope.conversation_id == conversation,
+        ConversationEvent::ResponseGenerated(a) => a.envelope.conversation_id == conversation_id,
+        ConversationEvent::ResponseFailed(f) => f.envelope.conversation_id == conversation_id,
         _ => false,
     });
     assert_eq!(outcomes.count(), 0);

@@ -207,7 +207,7 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
     let sequences: Vec<_> = events.iter().map(|(e, _)| e.envelope().sequence).collect();
     assert_eq!(sequences, [1, 2, 3]);
     for (event, traceparent) in &events {
-        assert_eq!(event.envelope().conversation_id, ack["conversation_id"].as_str().unwrap());
+        assert_eq!(event.envelope().conversation_id.to_string(), ack["conversation_id"].as_str().unwrap());
         assert_eq!(event.envelope().traceparent.as_deref(), traceparent.as_deref(), "header and envelope agree");
     }
     let (ConversationEvent::QueryReceived(query), ConversationEvent::ResponseGenerated(response)) =
@@ -215,8 +215,8 @@ async fn events_on_the_topic_decode_through_the_registry_in_order() {
     else {
         panic!("{events:?}")
     };
-    assert_eq!(query.envelope.event_id, ack["event_id"].as_str().unwrap());
-    assert_eq!(response.envelope.causation_id.as_deref(), Some(query.envelope.event_id.as_str()));
+    assert_eq!(query.envelope.event_id.to_string(), ack["event_id"].as_str().unwrap());
+    assert_eq!(response.envelope.causation_id, Some(query.envelope.event_id));
     assert_eq!(response.envelope.correlation_id, query.envelope.correlation_id);
     let trace = |tp: &Option<String>| tp.as_deref().and_then(parley_eventlog::trace::trace_id).map(str::to_owned);
     assert_eq!(trace(&response.envelope.traceparent), trace(&query.envelope.traceparent), "one trace per turn");

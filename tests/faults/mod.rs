@@ -773,7 +773,7 @@ async fn next_ack(transcripts: &[Shared], since: Instant) -> Option<(String, Str
 async fn vector_recovery(pipeline: &Pipeline, transcripts: &[Shared], killed_at: Instant) -> Option<Duration> {
     let (user, _, _, query_event_id, _) = next_ack(transcripts, killed_at).await?;
     let store = vector_store(pipeline).await;
-    let filter = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner(user) };
+    let filter = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner(user.parse().unwrap()) };
     let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         let sources = store.vector_sources(&filter, 16_384).await.unwrap_or_default();
@@ -824,7 +824,7 @@ fn outcome_times(events: &[ConversationEvent]) -> HashMap<String, SystemTime> {
         .map(|e| {
             let envelope = e.envelope();
             let millis = u64::try_from(envelope.occurred_at).unwrap_or(0);
-            (envelope.event_id.clone(), UNIX_EPOCH + Duration::from_millis(millis))
+            (envelope.event_id.to_string(), UNIX_EPOCH + Duration::from_millis(millis))
         })
         .collect()
 }
@@ -834,7 +834,7 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
     // The log: no event twice, no query answered twice, none left unanswered.
     let mut by_conversation: BTreeMap<String, Vec<&ConversationEvent>> = BTreeMap::new();
     for event in events {
-        by_conversation.entry(event.envelope().conversation_id.clone()).or_default().push(event);
+        by_conversation.entry(event.envelope().conversation_id.to_string()).or_default().push(event);
     }
     for (conversation, events) in &by_conversation {
         for violation in violations(events.iter().copied()) {
@@ -842,16 +842,16 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
             report.findings.push(format!("log of {conversation}: {violation}"));
         }
     }
-    let mut outcomes: HashMap<&str, Vec<&ConversationEvent>> = HashMap::new();
+    let mut outcomes: HashMap<String, Vec<&ConversationEvent>> = HashMap::new();
     for event in events {
         let query = match event {
             ConversationEvent::ResponseGenerated(o) => &o.query_event_id,
             ConversationEvent::ResponseFailed(o) => &o.query_event_id,
             _ => continue,
         };
-        outcomes.entry(query.as_str()).or_default().push(event);
+        outcomes.entry(query.to_string()).or_default().push(event);
     }
-    let answered_twice: Vec<&str> = outcomes.iter().filter(|(_, o)| o.len() > 1).map(|(q, _)| *q).collect();
+    let answered_twice: Vec<&str> = outcomes.iter().filter(|(_, o)| o.len() > 1).map(|(q, _)| q.as_str()).collect();
     if !answered_twice.is_empty() {
         report.findings.push(format!("what inference logged of it:\n{}", pipeline.inference.story(&answered_twice)));
     }
@@ -891,9 +891,9 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
                     .findings
                     .push(format!("query {query} ({}): its client never got the outcome", turn.client_message_id));
             }
-            let logged_id = &logged[0].envelope().event_id;
+            let logged_id = logged[0].envelope().event_id.to_string();
             for received in &turn.outcomes {
-                if received.event_id != *logged_id {
+                if received.event_id != logged_id {
                     report.duplicated += 1;
                     report.findings.push(format!(
                         "query {query}: client got outcome {} but the log has {logged_id}",
@@ -937,8 +937,10 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
     let messages: HashSet<String> = events
         .iter()
         .filter_map(|e| match e {
-            ConversationEvent::QueryReceived(q) if !q.text.trim().is_empty() => Some(q.envelope.event_id.clone()),
-            ConversationEvent::ResponseGenerated(a) if !a.text.trim().is_empty() => Some(a.envelope.event_id.clone()),
+            ConversationEvent::QueryReceived(q) if !q.text.trim().is_empty() => Some(q.envelope.event_id.to_string()),
+            ConversationEvent::ResponseGenerated(a) if !a.text.trim().is_empty() => {
+                Some(a.envelope.event_id.to_string())
+            }
             _ => None,
         })
         .collect();
@@ -947,7 +949,7 @@ async fn check(pipeline: &Pipeline, events: &[ConversationEvent], transcripts: &
         let mut vectors: HashMap<String, usize> = HashMap::new();
         for t in transcripts {
             let user = t.lock().unwrap().user_id.clone();
-            let filter = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner(user) };
+            let filter = SearchFilter { kind: Some(SourceKind::Message), ..SearchFilter::owner(user.parse().unwrap()) };
             for (_, source) in store.vector_sources(&filter, 16_384).await.unwrap() {
                 *vectors.entry(source).or_default() += 1;
             }

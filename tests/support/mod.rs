@@ -541,7 +541,7 @@ pub(crate) async fn write_synthetic(
     topic: &str,
     conversations: usize,
     turns: usize,
-) -> Vec<(uuid::Uuid, Vec<parley_events::ConversationEvent>)> {
+) -> Vec<(parley_events::ConversationId, Vec<parley_events::ConversationEvent>)> {
     use parley_events::*;
     const P: Producer = Producer { name: "synthetic", version: "0" };
     let codec = std::sync::Arc::new(EventCodec::new(registry).unwrap());
@@ -551,24 +551,25 @@ pub(crate) async fn write_synthetic(
     let mut written = Vec::new();
     let mut pending = Vec::new();
     for c in 0..conversations {
-        let id = uuid::Uuid::new_v4();
+        let id = ConversationId::random();
         let key = id.to_string();
+        let user: UserId = format!("user-{}", c % 7).parse().unwrap();
         let mut events = vec![ConversationEvent::Started(ConversationStarted {
-            envelope: Envelope::new(uuid::Uuid::new_v4(), id, 1, P),
-            user_id: format!("user-{}", c % 7),
+            envelope: Envelope::new(EventId::random(), id, 1, P),
+            user_id: user.clone(),
         })];
         for t in 0..turns {
             let sequence = 2 + 2 * t as i64;
             let query_id = turn::query_event_id(id, &format!("m{t}"));
             events.push(ConversationEvent::QueryReceived(UserQueryReceived {
                 envelope: Envelope::new(query_id, id, sequence, P),
-                user_id: format!("user-{}", c % 7),
+                user_id: user.clone(),
                 client_message_id: format!("m{t}"),
                 text: format!("question {t} of conversation {c}"),
             }));
             events.push(ConversationEvent::ResponseGenerated(LLMResponseGenerated {
-                envelope: Envelope::new(uuid::Uuid::new_v4(), id, sequence + 1, P),
-                query_event_id: query_id.to_string(),
+                envelope: Envelope::new(EventId::random(), id, sequence + 1, P),
+                query_event_id: query_id,
                 text: format!("answer {t} of conversation {c}"),
                 model: "synthetic".into(),
                 finish_reason: "stop".into(),
@@ -578,7 +579,7 @@ pub(crate) async fn write_synthetic(
                 time_to_first_token_ms: None,
                 attempts: 1,
                 context_event_ids: vec![],
-                user_id: String::new(),
+                user_id: None,
                 retrieved: vec![],
             }));
         }
@@ -685,6 +686,6 @@ pub(crate) async fn log_events(
             .map(|v| String::from_utf8_lossy(v).into_owned());
         events.push((codec.decode_conversation_event(message.payload().unwrap()).await.unwrap().event, traceparent));
     }
-    events.sort_by_key(|(e, _)| (e.envelope().conversation_id.clone(), e.envelope().sequence));
+    events.sort_by_key(|(e, _)| (e.envelope().conversation_id, e.envelope().sequence));
     events
 }

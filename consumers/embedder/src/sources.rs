@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use parley_events::{
-    ConversationEvent, DocumentDeleted, DocumentSubmitted, EmbeddingsIndexed, Envelope, IndexedVector,
-    Producer as EventSource,
+    ConversationEvent, ConversationId, DocumentDeleted, DocumentId, DocumentSubmitted, EmbeddingsIndexed, Envelope,
+    EventId, IndexedVector, Producer as EventSource, UserId,
 };
 use parley_retrieval::{SearchFilter, SourceKind, VectorRecord};
 use uuid::Uuid;
@@ -21,21 +21,21 @@ pub const SOURCE: EventSource = EventSource { name: "parley-embedder", version: 
 /// closely in the same partition, so a miss is rare and only affects such old events).
 #[derive(Debug, Default)]
 pub struct Owners {
-    by_conversation: HashMap<String, String>,
+    by_conversation: HashMap<ConversationId, UserId>,
 }
 
 const MAX_OWNERS: usize = 100_000;
 
 impl Owners {
-    fn remember(&mut self, conversation_id: &str, owner: &str) {
+    fn remember(&mut self, conversation_id: ConversationId, owner: &UserId) {
         if self.by_conversation.len() >= MAX_OWNERS {
             self.by_conversation.clear();
         }
-        self.by_conversation.insert(conversation_id.to_owned(), owner.to_owned());
+        self.by_conversation.insert(conversation_id, owner.clone());
     }
 
-    fn of(&self, conversation_id: &str) -> Option<&str> {
-        self.by_conversation.get(conversation_id).map(String::as_str)
+    fn of(&self, conversation_id: ConversationId) -> Option<&UserId> {
+        self.by_conversation.get(&conversation_id)
     }
 }
 
@@ -45,7 +45,7 @@ pub enum Skipped {
     /// An answer whose conversation owner is unknown: storing it unowned would leak it.
     UnknownOwner {
         /// The answer's event id.
-        event_id: String,
+        event_id: EventId,
     },
 }
 
@@ -53,21 +53,17 @@ pub enum Skipped {
 pub fn message_record(event: &ConversationEvent, owners: &mut Owners) -> Result<Option<VectorRecord>, Skipped> {
     let (envelope, owner, label, text) = match event {
         ConversationEvent::Started(started) => {
-            owners.remember(&started.envelope.conversation_id, &started.user_id);
+            owners.remember(started.envelope.conversation_id, &started.user_id);
             return Ok(None);
         }
         ConversationEvent::QueryReceived(query) => {
-            owners.remember(&query.envelope.conversation_id, &query.user_id);
+            owners.remember(query.envelope.conversation_id, &query.user_id);
             (&query.envelope, query.user_id.clone(), "user", &query.text)
         }
         ConversationEvent::ResponseGenerated(answer) => {
-            let owner = if answer.user_id.is_empty() {
-                owners.of(&answer.envelope.conversation_id).map(str::to_owned)
-            } else {
-                Some(answer.user_id.clone())
-            };
+            let owner = answer.user_id.clone().or_else(|| owners.of(answer.envelope.conversation_id).cloned());
             let Some(owner) = owner else {
-                return Err(Skipped::UnknownOwner { event_id: answer.envelope.event_id.clone() });
+                return Err(Skipped::UnknownOwner { event_id: answer.envelope.event_id });
             };
             (&answer.envelope, owner, "assistant", &answer.text)
         }
@@ -77,11 +73,11 @@ pub fn message_record(event: &ConversationEvent, owners: &mut Owners) -> Result<
         return Ok(None);
     }
     Ok(Some(VectorRecord {
-        id: envelope.event_id.clone(),
+        id: envelope.event_id.to_string(),
         owner,
         kind: SourceKind::Message,
-        source_id: envelope.conversation_id.clone(),
-        source_event_id: envelope.event_id.clone(),
+        source_id: envelope.conversation_id,
+        source_event_id: envelope.event_id,
         position: envelope.sequence,
         label: label.to_owned(),
         text: text.clone(),
@@ -94,11 +90,11 @@ pub fn document_records(document: &DocumentSubmitted, max_chars: usize, overlap:
     chunk_text(&document.text, max_chars, overlap)
         .into_iter()
         .map(|chunk| VectorRecord {
-            id: chunk_vector_id(&document.document_id, chunk.position),
+            id: chunk_vector_id(document.document_id, chunk.position),
             owner: document.owner.clone(),
             kind: SourceKind::Document,
-            source_id: document.document_id.clone(),
-            source_event_id: document.envelope.event_id.clone(),
+            source_id: document.document_id.stream(),
+            source_event_id: document.envelope.event_id,
             position: chunk.position,
             label: document.title.clone(),
             text: chunk.text,
@@ -120,7 +116,7 @@ pub enum Change {
 pub fn document_deletion(deleted: &DocumentDeleted) -> Change {
     Change::Delete(SearchFilter {
         kind: Some(SourceKind::Document),
-        source_ids: vec![deleted.document_id.clone()],
+        source_ids: vec![deleted.document_id.to_string()],
         ..SearchFilter::owner(deleted.owner.clone())
     })
 }
@@ -135,7 +131,7 @@ pub fn plan(changes: Vec<Change>) -> (Vec<SearchFilter>, Vec<VectorRecord>) {
         match change {
             Change::Upsert(records) => upserts.extend(records),
             Change::Delete(filter) => {
-                upserts.retain(|r| !(r.owner == filter.owner && filter.source_ids.contains(&r.source_id)));
+                upserts.retain(|r| !(r.owner == filter.owner && filter.source_ids.contains(&r.source_id.to_string())));
                 deletions.push(filter);
             }
         }
@@ -148,38 +144,39 @@ pub fn plan(changes: Vec<Change>) -> (Vec<SearchFilter>, Vec<VectorRecord>) {
 }
 
 /// The vector id of chunk `position` of a document.
-pub fn chunk_vector_id(document_id: &str, position: i64) -> String {
-    let namespace = document_id.parse().unwrap_or(Uuid::NAMESPACE_OID);
-    Uuid::new_v5(&namespace, format!("chunk-{position}").as_bytes()).to_string()
+pub fn chunk_vector_id(document_id: DocumentId, position: i64) -> String {
+    Uuid::new_v5(&document_id.uuid(), format!("chunk-{position}").as_bytes()).to_string()
 }
 
 /// One EmbeddingsIndexed per source among `records`, in source order. Event ids are
 /// derived from the vector ids, so a re-delivered batch writes the same events.
 pub fn indexed_events(records: &[VectorRecord], model: &str, collection: &str) -> Vec<EmbeddingsIndexed> {
-    let mut by_source: BTreeMap<(SourceKind, &str), Vec<&VectorRecord>> = BTreeMap::new();
+    let mut by_source: BTreeMap<(SourceKind, ConversationId), Vec<&VectorRecord>> = BTreeMap::new();
     for record in records {
-        by_source.entry((record.kind, &record.source_id)).or_default().push(record);
+        by_source.entry((record.kind, record.source_id)).or_default().push(record);
     }
     by_source
         .into_iter()
         .map(|((kind, source_id), vectors)| {
             let ids = vectors.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(",");
-            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("indexed:{ids}").as_bytes());
+            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("indexed:{ids}").as_bytes()).into();
             let mut envelope = Envelope::new(event_id, source_id, 0, SOURCE);
-            envelope.causation_id = vectors.last().map(|v| v.source_event_id.clone());
+            envelope.causation_id = vectors.last().map(|v| v.source_event_id);
+            // A group is never empty: it was made from a record.
+            let first = vectors[0];
             EmbeddingsIndexed {
                 envelope,
-                owner: vectors.first().map(|v| v.owner.clone()).unwrap_or_default(),
+                owner: first.owner.clone(),
                 source_kind: kind.as_str().to_owned(),
-                source_id: source_id.to_owned(),
+                source_id: source_id.to_string(),
                 model: model.to_owned(),
-                dimension: vectors.first().map_or(0, |v| i32::try_from(v.embedding.len()).unwrap_or(i32::MAX)),
+                dimension: i32::try_from(first.embedding.len()).unwrap_or(i32::MAX),
                 collection: collection.to_owned(),
                 vectors: vectors
                     .iter()
                     .map(|v| IndexedVector {
                         vector_id: v.id.clone(),
-                        source_event_id: v.source_event_id.clone(),
+                        source_event_id: v.source_event_id,
                         position: v.position,
                         chars: i32::try_from(v.text.chars().count()).unwrap_or(i32::MAX),
                     })
@@ -197,14 +194,14 @@ mod tests {
 
     const P: EventSource = EventSource { name: "t", version: "0" };
 
-    fn envelope(conversation: Uuid, sequence: i64) -> Envelope {
-        Envelope::new(Uuid::new_v4(), conversation, sequence, P)
+    fn envelope(conversation: ConversationId, sequence: i64) -> Envelope {
+        Envelope::new(EventId::random(), conversation, sequence, P)
     }
 
-    fn answer(conversation: Uuid, user_id: &str) -> ConversationEvent {
+    fn answer(conversation: ConversationId, user_id: Option<&str>) -> ConversationEvent {
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
             envelope: envelope(conversation, 3),
-            query_event_id: "q".into(),
+            query_event_id: EventId::random(),
             text: "Kafka is a log.".into(),
             model: "m".into(),
             finish_reason: "stop".into(),
@@ -214,45 +211,45 @@ mod tests {
             time_to_first_token_ms: None,
             attempts: 1,
             context_event_ids: vec![],
-            user_id: user_id.into(),
+            user_id: user_id.map(|u| u.parse().unwrap()),
             retrieved: vec![],
         })
     }
 
     #[test]
     fn messages_are_one_vector_each_keyed_by_event_id() {
-        let conversation = Uuid::new_v4();
+        let conversation = ConversationId::random();
         let mut owners = Owners::default();
         let started = ConversationEvent::Started(ConversationStarted {
             envelope: envelope(conversation, 1),
-            user_id: "alice".into(),
+            user_id: "alice".parse().unwrap(),
         });
         assert_eq!(message_record(&started, &mut owners), Ok(None));
         let query = ConversationEvent::QueryReceived(UserQueryReceived {
             envelope: envelope(conversation, 2),
-            user_id: "alice".into(),
+            user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),
             text: "What is Kafka?".into(),
         });
         let record = message_record(&query, &mut owners).unwrap().unwrap();
-        assert_eq!(record.id, query.envelope().event_id);
+        assert_eq!(record.id, query.envelope().event_id.to_string());
         assert_eq!((record.owner.as_str(), record.label.as_str(), record.position), ("alice", "user", 2));
-        assert_eq!(record.source_id, conversation.to_string());
+        assert_eq!(record.source_id, conversation);
     }
 
     #[test]
     fn an_answer_without_owner_takes_its_conversation_owner_or_is_skipped() {
-        let conversation = Uuid::new_v4();
+        let conversation = ConversationId::random();
         let mut owners = Owners::default();
-        let orphan = answer(conversation, "");
+        let orphan = answer(conversation, None);
         assert!(matches!(message_record(&orphan, &mut owners), Err(Skipped::UnknownOwner { .. })));
         let started = ConversationEvent::Started(ConversationStarted {
             envelope: envelope(conversation, 1),
-            user_id: "bob".into(),
+            user_id: "bob".parse().unwrap(),
         });
         message_record(&started, &mut owners).unwrap();
         assert_eq!(message_record(&orphan, &mut owners).unwrap().unwrap().owner, "bob");
-        assert_eq!(message_record(&answer(conversation, "carol"), &mut owners).unwrap().unwrap().owner, "carol");
+        assert_eq!(message_record(&answer(conversation, Some("carol")), &mut owners).unwrap().unwrap().owner, "carol");
     }
 
     #[test]
@@ -261,7 +258,7 @@ mod tests {
         let mut records = document_records(&document, 16, 0);
         assert_eq!(records.len(), 3);
         assert_eq!(records, document_records(&document, 16, 0), "deterministic");
-        assert_eq!(records[1].id, chunk_vector_id(&document.document_id, 1));
+        assert_eq!(records[1].id, chunk_vector_id(document.document_id, 1));
         assert_ne!(records[0].id, records[1].id);
         records.iter_mut().for_each(|r| r.embedding = vec![0.0; 384]);
         let events = indexed_events(&records, "all-MiniLM-L6-v2", "c");
@@ -273,9 +270,9 @@ mod tests {
 
     fn submitted(owner: &str) -> DocumentSubmitted {
         DocumentSubmitted {
-            envelope: envelope(Uuid::new_v4(), 1),
-            document_id: Uuid::new_v4().to_string(),
-            owner: owner.into(),
+            envelope: envelope(ConversationId::random(), 1),
+            document_id: DocumentId::random(),
+            owner: owner.parse().unwrap(),
             title: "notes.md".into(),
             media_type: "text/markdown".into(),
             text: "One fact.\n\nAnother fact.\n\nA third fact.".into(),
@@ -285,9 +282,9 @@ mod tests {
 
     fn deleted(document: &DocumentSubmitted, owner: &str) -> Change {
         document_deletion(&DocumentDeleted {
-            envelope: envelope(Uuid::new_v4(), 2),
-            document_id: document.document_id.clone(),
-            owner: owner.into(),
+            envelope: envelope(ConversationId::random(), 2),
+            document_id: document.document_id,
+            owner: owner.parse().unwrap(),
         })
     }
 
@@ -300,7 +297,10 @@ mod tests {
         assert_eq!(deletions.len(), 1);
         assert!(upserts.is_empty(), "submitted then deleted in one batch: nothing stored");
         let expression = deletions[0].expression();
-        assert!(expression.contains("\"alice\"") && expression.contains(&document.document_id), "{expression}");
+        assert!(
+            expression.contains("\"alice\"") && expression.contains(&document.document_id.to_string()),
+            "{expression}"
+        );
 
         let (deletions, upserts) = plan(vec![upsert(), deleted(&document, "alice"), upsert()]);
         assert_eq!((deletions.len(), upserts.len()), (1, 3), "deleted then submitted again: stored after the deletion");

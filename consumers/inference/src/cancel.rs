@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parley_eventlog::consumer::{LogConsumer, next_record};
 use parley_events::turn::CANCELLED;
 use parley_events::{
-    ConversationEvent, Envelope, EventCodec, LLMResponseGenerated, RetrievedContext, UserQueryReceived,
+    ConversationEvent, Envelope, EventCodec, EventId, LLMResponseGenerated, RetrievedContext, UserQueryReceived,
 };
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
@@ -29,8 +29,8 @@ pub struct Cancels {
 
 #[derive(Debug, Default)]
 struct State {
-    requested: HashMap<String, Instant>,
-    running: HashMap<String, CancellationToken>,
+    requested: HashMap<EventId, Instant>,
+    running: HashMap<EventId, CancellationToken>,
 }
 
 /// The query was cancelled before its answer started.
@@ -40,32 +40,32 @@ pub struct CancelledBeforeStart;
 impl Cancels {
     /// A cancel of `query_event_id` was read: stops its answer if it is being generated,
     /// or keeps it for when it starts.
-    pub fn request(&self, query_event_id: &str, now: Instant) {
+    pub fn request(&self, query_event_id: EventId, now: Instant) {
         let mut state = self.lock();
         state.requested.retain(|_, at| now.duration_since(*at) < REMEMBER);
-        state.requested.insert(query_event_id.to_owned(), now);
-        if let Some(token) = state.running.get(query_event_id) {
+        state.requested.insert(query_event_id, now);
+        if let Some(token) = state.running.get(&query_event_id) {
             token.cancel();
         }
     }
 
     /// The answer to `query_event_id` starts: the token a cancel will trip, or why not to
     /// start at all.
-    pub fn start(&self, query_event_id: &str) -> Result<CancellationToken, CancelledBeforeStart> {
+    pub fn start(&self, query_event_id: EventId) -> Result<CancellationToken, CancelledBeforeStart> {
         let mut state = self.lock();
-        if state.requested.contains_key(query_event_id) {
+        if state.requested.contains_key(&query_event_id) {
             return Err(CancelledBeforeStart);
         }
         let token = CancellationToken::new();
-        state.running.insert(query_event_id.to_owned(), token.clone());
+        state.running.insert(query_event_id, token.clone());
         Ok(token)
     }
 
     /// The answer's outcome is written (or the work was dropped): forget it.
-    pub fn finish(&self, query_event_id: &str) {
+    pub fn finish(&self, query_event_id: EventId) {
         let mut state = self.lock();
-        state.running.remove(query_event_id);
-        state.requested.remove(query_event_id);
+        state.running.remove(&query_event_id);
+        state.requested.remove(&query_event_id);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -113,7 +113,7 @@ impl Partial {
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         LLMResponseGenerated {
             envelope,
-            query_event_id: query.envelope.event_id.clone(),
+            query_event_id: query.envelope.event_id,
             text: self.text,
             model: model.to_owned(),
             finish_reason: CANCELLED.to_owned(),
@@ -123,7 +123,7 @@ impl Partial {
             time_to_first_token_ms: self.first_token.map(millis),
             attempts: i32::from(self.started.is_some()),
             context_event_ids: Vec::new(),
-            user_id: query.user_id.clone(),
+            user_id: Some(query.user_id.clone()),
             retrieved,
         }
     }
@@ -138,29 +138,32 @@ pub async fn follow(consumer: LogConsumer, codec: Arc<EventCodec>, cancels: Arc<
             && let ConversationEvent::CancelRequested(cancel) = decoded.event
         {
             info!(query_event_id = %cancel.query_event_id, "cancel requested");
-            cancels.request(&cancel.query_event_id, Instant::now());
+            cancels.request(cancel.query_event_id, Instant::now());
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use parley_events::ConversationId;
+
     use super::*;
 
     #[test]
     fn a_cancel_stops_a_running_answer_or_one_not_started_yet() {
         let cancels = Cancels::default();
         let now = Instant::now();
-        let running = cancels.start("q1").unwrap();
+        let (q1, q2) = (EventId::random(), EventId::random());
+        let running = cancels.start(q1).unwrap();
         assert!(!running.is_cancelled());
-        cancels.request("q1", now);
+        cancels.request(q1, now);
         assert!(running.is_cancelled(), "the answer being generated is stopped");
-        cancels.finish("q1");
+        cancels.finish(q1);
 
-        cancels.request("q2", now);
-        assert_eq!(cancels.start("q2").unwrap_err(), CancelledBeforeStart);
-        cancels.finish("q2");
-        assert!(cancels.start("q2").is_ok(), "finished: a redelivered query is not cancelled twice");
+        cancels.request(q2, now);
+        assert_eq!(cancels.start(q2).unwrap_err(), CancelledBeforeStart);
+        cancels.finish(q2);
+        assert!(cancels.start(q2).is_ok(), "finished: a redelivered query is not cancelled twice");
     }
 
     #[test]
@@ -171,7 +174,12 @@ mod tests {
         partial.add(0, "Hi"); // retried: starts over
         partial.add(1, " there");
         let query = query();
-        let envelope = Envelope::new(uuid::Uuid::new_v4(), "c", 3, parley_events::Producer { name: "t", version: "0" });
+        let envelope = Envelope::new(
+            EventId::random(),
+            ConversationId::random(),
+            3,
+            parley_events::Producer { name: "t", version: "0" },
+        );
         let answer = partial.into_answer(envelope, &query, "m", 40, Vec::new());
         assert_eq!((answer.text.as_str(), answer.finish_reason.as_str()), ("Hi there", CANCELLED));
         assert_eq!((answer.prompt_tokens, answer.completion_tokens, answer.attempts), (40, 2, 1));
@@ -183,8 +191,8 @@ mod tests {
     fn query() -> UserQueryReceived {
         let producer = parley_events::Producer { name: "t", version: "0" };
         UserQueryReceived {
-            envelope: Envelope::new(uuid::Uuid::new_v4(), "c", 2, producer),
-            user_id: "alice".into(),
+            envelope: Envelope::new(EventId::random(), ConversationId::random(), 2, producer),
+            user_id: "alice".parse().unwrap(),
             client_message_id: "m1".into(),
             text: "Tell me a story".into(),
         }
@@ -194,9 +202,10 @@ mod tests {
     fn cancels_of_queries_never_started_here_are_forgotten_in_time() {
         let cancels = Cancels::default();
         let then = Instant::now();
-        cancels.request("elsewhere", then);
-        cancels.request("later", then + REMEMBER);
-        assert!(cancels.start("elsewhere").is_ok(), "older than REMEMBER: dropped");
-        assert!(cancels.start("later").is_err());
+        let (elsewhere, later) = (EventId::random(), EventId::random());
+        cancels.request(elsewhere, then);
+        cancels.request(later, then + REMEMBER);
+        assert!(cancels.start(elsewhere).is_ok(), "older than REMEMBER: dropped");
+        assert!(cancels.start(later).is_err());
     }
 }

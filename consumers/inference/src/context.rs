@@ -4,14 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use parley_events::UserQueryReceived;
 use parley_events::conversation::{ConversationState, Message};
+use parley_events::{ConversationId, UserQueryReceived};
 use parley_projections::reader::LiveReader;
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use tokio::sync::Mutex;
 use tracing::warn;
-use uuid::Uuid;
 
 /// The projection usually trails the answer the client saw by a millisecond or two, so the
 /// first re-reads come quickly; the pause doubles up to a cap to keep CQL load bounded.
@@ -42,7 +41,7 @@ impl ContextSource {
         if sequence <= parley_events::turn::STARTED_SEQUENCE + 1 {
             return Ok(vec![]); // the first question has no history
         }
-        let Ok(id) = query.envelope.conversation_id.parse::<Uuid>() else { return Ok(vec![]) };
+        let id = query.envelope.conversation_id;
         let deadline = Instant::now() + self.wait;
         let mut pause = FIRST_PAUSE;
         loop {
@@ -68,7 +67,11 @@ impl ContextSource {
     }
 
     /// The history if the projection has applied every turn before `sequence`.
-    async fn projected_history(&self, id: Uuid, sequence: i64) -> Result<Option<Vec<Message>>, ProjectionError> {
+    async fn projected_history(
+        &self,
+        id: ConversationId,
+        sequence: i64,
+    ) -> Result<Option<Vec<Message>>, ProjectionError> {
         let generation = self.reader.generation().await?;
         let store = self.reader.store();
         match store.conversation(&generation, id).await? {

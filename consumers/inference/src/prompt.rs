@@ -8,7 +8,7 @@
 //! evaluates only what is new: the last answer and the new question.
 
 use parley_events::conversation::{Message, MessageKind};
-use parley_events::{RetrievedContext, UserQueryReceived};
+use parley_events::{EventId, RetrievedContext, UserQueryReceived};
 use parley_retrieval::{Hit, SourceKind};
 
 /// How the parts of a prompt are placed.
@@ -47,7 +47,7 @@ pub struct ChatMessage {
 pub struct Prompt {
     pub messages: Vec<ChatMessage>,
     /// Earlier turns of this conversation.
-    pub context_event_ids: Vec<String>,
+    pub context_event_ids: Vec<EventId>,
     /// Retrieved chunks and messages, best first.
     pub retrieved: Vec<RetrievedContext>,
 }
@@ -113,7 +113,7 @@ pub fn build_prompt(
     for (question, answer) in turns {
         messages.push(ChatMessage { role: Role::User, content: question.text.clone() });
         messages.push(ChatMessage { role: Role::Assistant, content: answer.text.clone() });
-        context_event_ids.extend([question.event_id.clone(), answer.event_id.clone()]);
+        context_event_ids.extend([question.event_id, answer.event_id]);
     }
     messages.push(ChatMessage { role: Role::User, content: question });
     let retrieved = hits
@@ -122,7 +122,7 @@ pub fn build_prompt(
             vector_id: hit.id.clone(),
             source_kind: hit.kind.as_str().to_owned(),
             source_id: hit.source_id.clone(),
-            source_event_id: hit.source_event_id.clone(),
+            source_event_id: hit.source_event_id,
             position: hit.position,
             score: hit.score,
         })
@@ -142,7 +142,7 @@ fn earlier_turns(history: &[Message], sequence: i64, budget: usize, layout: Prom
         .filter(|(question, answer)| {
             question.kind == MessageKind::UserQuery
                 && answer.kind == MessageKind::Answer
-                && answer.query_event_id.as_deref() == Some(question.event_id.as_str())
+                && answer.query_event_id == Some(question.event_id)
         })
         .collect();
     let cost = |turn: &(&Message, &Message)| estimate_tokens(&turn.0.text) + estimate_tokens(&turn.1.text);
@@ -172,6 +172,7 @@ fn knowledge_line(number: usize, hit: &Hit) -> String {
 
 #[cfg(test)]
 mod tests {
+    use parley_events::ConversationId;
     use parley_events::{Envelope, Producer};
     use uuid::Uuid;
 
@@ -179,21 +180,31 @@ mod tests {
 
     fn query(sequence: i64, text: &str) -> UserQueryReceived {
         UserQueryReceived {
-            envelope: Envelope::new(Uuid::new_v4(), Uuid::new_v4(), sequence, Producer { name: "t", version: "0" }),
-            user_id: "u".into(),
+            envelope: Envelope::new(
+                EventId::random(),
+                ConversationId::random(),
+                sequence,
+                Producer { name: "t", version: "0" },
+            ),
+            user_id: "u".parse().unwrap(),
             client_message_id: "m".into(),
             text: text.into(),
         }
     }
 
-    fn message(sequence: i64, kind: MessageKind, text: &str, answers: Option<&str>) -> Message {
+    /// The event id of the history's message at `sequence`.
+    fn e(sequence: i64) -> EventId {
+        Uuid::from_u128(u128::try_from(sequence).unwrap()).into()
+    }
+
+    fn message(sequence: i64, kind: MessageKind, text: &str, answers: Option<i64>) -> Message {
         Message {
             sequence,
-            event_id: format!("e{sequence}"),
+            event_id: e(sequence),
             kind,
             text: text.into(),
             occurred_at: 0,
-            query_event_id: answers.map(str::to_owned),
+            query_event_id: answers.map(e),
             model: None,
             prompt_tokens: None,
             completion_tokens: None,
@@ -206,11 +217,11 @@ mod tests {
     fn history() -> Vec<Message> {
         vec![
             message(2, MessageKind::UserQuery, "My name is Ada.", None),
-            message(3, MessageKind::Answer, "Hello Ada.", Some("e2")),
+            message(3, MessageKind::Answer, "Hello Ada.", Some(2)),
             message(4, MessageKind::UserQuery, "I like tea.", None),
-            message(5, MessageKind::Failure, "timeout", Some("e4")),
+            message(5, MessageKind::Failure, "timeout", Some(4)),
             message(6, MessageKind::UserQuery, "What is my name?", None),
-            message(7, MessageKind::Answer, "Ada.", Some("e6")),
+            message(7, MessageKind::Answer, "Ada.", Some(6)),
         ]
     }
 
@@ -238,7 +249,7 @@ mod tests {
                 (Role::User, "And my drink?"),
             ]
         );
-        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"]);
+        assert_eq!(prompt.context_event_ids, [e(2), e(3), e(6), e(7)]);
     }
 
     #[test]
@@ -246,7 +257,7 @@ mod tests {
         let newest_turn = estimate_tokens("What is my name?") + estimate_tokens("Ada.");
         let budget = estimate_tokens("And my drink?") + newest_turn;
         let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget, PromptLayout::Sliding);
-        assert_eq!(prompt.context_event_ids, ["e6", "e7"]);
+        assert_eq!(prompt.context_event_ids, [e(6), e(7)]);
         let none = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1, PromptLayout::Sliding);
         assert!(none.context_event_ids.is_empty());
         assert_eq!(none.messages.len(), 1, "the question itself always goes in");
@@ -255,7 +266,7 @@ mod tests {
     #[test]
     fn only_turns_before_the_query_are_context() {
         let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000, PromptLayout::Stable);
-        assert_eq!(prompt.context_event_ids, ["e2", "e3"]);
+        assert_eq!(prompt.context_event_ids, [e(2), e(3)]);
     }
 
     fn hit(id: &str, text: &str, score: f32) -> Hit {
@@ -263,7 +274,7 @@ mod tests {
             id: id.into(),
             kind: SourceKind::Document,
             source_id: "d1".into(),
-            source_event_id: "s1".into(),
+            source_event_id: EventId::random(),
             position: 0,
             label: "notes.md".into(),
             text: text.into(),
@@ -287,7 +298,7 @@ mod tests {
         assert!(system.contains("[1] (notes.md) The launch code is 7421.\n[2] (notes.md) Tea is a drink."), "{system}");
         assert_eq!(prompt.retrieved.iter().map(|r| r.vector_id.as_str()).collect::<Vec<_>>(), ["v1", "v2"]);
         assert_eq!((prompt.retrieved[0].score, prompt.retrieved[0].source_kind.as_str()), (0.8, "document"));
-        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"], "history still fits beside them");
+        assert_eq!(prompt.context_event_ids, [e(2), e(3), e(6), e(7)], "history still fits beside them");
     }
 
     #[test]
@@ -314,7 +325,7 @@ mod tests {
                 && last.ends_with("[1] (notes.md) The launch code is 7421.\n\nWhat is the code?"),
             "{last}"
         );
-        assert_eq!(prompt.context_event_ids, ["e2", "e3", "e6", "e7"]);
+        assert_eq!(prompt.context_event_ids, [e(2), e(3), e(6), e(7)]);
     }
 
     /// A conversation of `turns` answered turns, each question and answer ~10 tokens.
@@ -324,7 +335,7 @@ mod tests {
                 let q = 2 + 2 * t;
                 [
                     message(q, MessageKind::UserQuery, &format!("question number {t:04} here"), None),
-                    message(q + 1, MessageKind::Answer, &format!("answer number {t:04} there"), Some(&format!("e{q}"))),
+                    message(q + 1, MessageKind::Answer, &format!("answer number {t:04} there"), Some(q)),
                 ]
             })
             .collect()
@@ -344,7 +355,7 @@ mod tests {
         assert_eq!(sliding.iter().collect::<std::collections::HashSet<_>>().len(), 4, "{sliding:?}");
         // Stable: it moves by a block, then stays for the next turns.
         let stable: Vec<_> = (11..=14).map(|t| first_kept(t, PromptLayout::Stable)).collect();
-        assert_eq!(stable, vec![Some("e10".to_owned()); 4], "block of 4 dropped at once: {stable:?}");
-        assert_eq!(first_kept(15, PromptLayout::Stable), Some("e18".to_owned()), "the next block goes when it must");
+        assert_eq!(stable, vec![Some(e(10)); 4], "block of 4 dropped at once: {stable:?}");
+        assert_eq!(first_kept(15, PromptLayout::Stable), Some(e(18)), "the next block goes when it must");
     }
 }

@@ -29,8 +29,8 @@ use parley_events::event::now_millis;
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
-    ConversationEvent, Envelope, EventCodec, EventsError, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta,
-    Producer as EventSource, UserQueryReceived,
+    ConversationEvent, ConversationId, Envelope, EventCodec, EventId, EventsError, LLMResponseFailed,
+    LLMResponseGenerated, LLMTokenDelta, Producer as EventSource, UserQueryReceived,
 };
 use parley_projections::budget::{BudgetLedger, BudgetSettings, Reserved};
 use parley_projections::replay::LogReader;
@@ -336,7 +336,7 @@ struct Worker {
     retrieval_min_score: f32,
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
-    answered: Mutex<HashSet<String>>,
+    answered: Mutex<HashSet<EventId>>,
     /// Cancels requested, and the answers a cancel stops.
     cancels: Arc<Cancels>,
     /// The model named in a cancelled answer (no response named one).
@@ -367,7 +367,7 @@ impl Processor for Worker {
             ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
             // Usually known from the follower already; not when written while none ran.
             ConversationEvent::CancelRequested(cancel) => {
-                self.cancels.request(&cancel.query_event_id, Instant::now());
+                self.cancels.request(cancel.query_event_id, Instant::now());
                 return;
             }
             ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return,
@@ -375,7 +375,7 @@ impl Processor for Worker {
         // Outcomes read in normal operation answer queries read before them: only those
         // read while catching up can be of queries still to come.
         if catching_up {
-            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(query_event_id.clone());
+            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(*query_event_id);
         }
     }
 
@@ -397,7 +397,7 @@ impl Processor for Worker {
                 continue;
             }
             let answered = self.answer(&query, message.partition(), message.offset()).await;
-            self.cancels.finish(&query.envelope.event_id);
+            self.cancels.finish(query.envelope.event_id);
             outgoing.push(answered?);
         }
         Ok(outgoing)
@@ -413,33 +413,28 @@ impl Worker {
         let traceparent = traceparent_of(&span, query.envelope.traceparent.as_deref());
         span.record("traceparent", traceparent.as_str());
         async {
-            // A UUID: the codec refuses (and the driver dead-letters) a query whose id is not.
-            let query_id = Uuid::parse_str(&query.envelope.event_id).map_err(|_| EventsError::InvalidId {
-                event_type: "UserQueryReceived",
-                field: "event_id",
-                value: query.envelope.event_id.chars().take(64).collect(),
-            })?;
             // Deterministic: a re-delivered query produces an outcome with the same event id.
-            let outcome_id = Uuid::new_v5(&query_id, b"outcome");
+            // (The codec refuses, and the driver dead-letters, a query whose id is not a UUID.)
+            let outcome_id = Uuid::new_v5(&query.envelope.event_id.uuid(), b"outcome").into();
             // Made when the outcome is known: its occurred_at is when the answer was done.
             let envelope = || {
                 Envelope::new(
                     outcome_id,
-                    &query.envelope.conversation_id,
+                    query.envelope.conversation_id,
                     outcome_sequence(query.envelope.sequence),
                     SOURCE,
                 )
                 .caused_by(&query.envelope)
                 .with_traceparent(Some(traceparent.clone()))
             };
-            let conversation_id = &query.envelope.conversation_id;
+            let conversation_id = query.envelope.conversation_id;
             let outgoing = |payload| Outgoing {
                 topic: self.topics.events.clone(),
-                key: conversation_id.clone(),
+                key: conversation_id.to_string(),
                 payload,
                 traceparent: Some(traceparent.clone()),
             };
-            let Ok(cancel) = self.cancels.start(&query.envelope.event_id) else {
+            let Ok(cancel) = self.cancels.start(query.envelope.event_id) else {
                 info!("cancelled before its answer started; writing an empty cancelled answer");
                 self.outcome_seen(query, partition, "cancelled");
                 self.settle_budget(query, 0).await;
@@ -462,7 +457,7 @@ impl Worker {
                 self.context_token_budget,
                 self.prompt_layout,
             );
-            let deltas = self.stream_tokens(conversation_id, &query.envelope.event_id, &traceparent);
+            let deltas = self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent);
             let partial = Mutex::new(Partial::started());
             let lane = self.lanes.lane_of(partition).as_str();
             let mut first_token = true;
@@ -530,7 +525,7 @@ impl Worker {
                     self.codec
                         .encode(&LLMResponseGenerated {
                             envelope: envelope(),
-                            query_event_id: query.envelope.event_id.clone(),
+                            query_event_id: query.envelope.event_id,
                             text: completion.text,
                             model: completion.model,
                             finish_reason: completion.finish_reason,
@@ -540,7 +535,7 @@ impl Worker {
                             time_to_first_token_ms: completion.time_to_first_token.map(millis),
                             attempts,
                             context_event_ids: prompt.context_event_ids,
-                            user_id: query.user_id.clone(),
+                            user_id: Some(query.user_id.clone()),
                             retrieved: prompt.retrieved,
                         })
                         .await?
@@ -576,7 +571,7 @@ impl Worker {
     ) -> Result<Vec<u8>, InferenceError> {
         let failed = LLMResponseFailed {
             envelope,
-            query_event_id: query.envelope.event_id.clone(),
+            query_event_id: query.envelope.event_id,
             error_kind: kind.to_owned(),
             error_message: message,
             attempts,
@@ -593,7 +588,7 @@ impl Worker {
         let envelope = &query.envelope;
         let chars = query.text.chars().count();
         let now = now_millis();
-        match ledger.reserve(budgets, &query.user_id, &envelope.conversation_id, &envelope.event_id, chars, now).await {
+        match ledger.reserve(budgets, &query.user_id, envelope.conversation_id, envelope.event_id, chars, now).await {
             Ok(Reserved::Yes) => None,
             Ok(Reserved::No(exceeded)) => Some(exceeded.describe()),
             Err(error) => {
@@ -606,7 +601,7 @@ impl Worker {
     /// Replaces the turn's reservation with what the model really used (0 when it failed).
     async fn settle_budget(&self, query: &UserQueryReceived, used: u64) {
         let (ledger, budgets) = &self.budget;
-        if let Err(error) = ledger.settle_if_limited(budgets, &query.user_id, &query.envelope.event_id, used).await {
+        if let Err(error) = ledger.settle_if_limited(budgets, &query.user_id, query.envelope.event_id, used).await {
             warn!(%error, "token budget not settled: the ledger is unreachable");
         }
     }
@@ -618,8 +613,8 @@ impl Worker {
     async fn retrieve(&self, query: &UserQueryReceived) -> Vec<Hit> {
         let Some(retriever) = &self.retriever else { return vec![] };
         let filter = SearchFilter {
-            exclude_source_ids: vec![query.envelope.conversation_id.clone()],
-            ..SearchFilter::owner(&query.user_id)
+            exclude_source_ids: vec![query.envelope.conversation_id.to_string()],
+            ..SearchFilter::owner(query.user_id.clone())
         };
         let span = info_span!("inference.retrieve", k = self.retrieval_top_k);
         match retriever.search(&query.text, &filter, self.retrieval_top_k).instrument(span).await {
@@ -633,18 +628,23 @@ impl Worker {
 
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
     /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
-    fn stream_tokens(&self, conversation_id: &str, query_event_id: &str, traceparent: &str) -> TokenStream {
+    fn stream_tokens(
+        &self,
+        conversation_id: ConversationId,
+        query_event_id: EventId,
+        traceparent: &str,
+    ) -> TokenStream {
         let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, i32, String)>();
         let tokens = self.tokens.clone();
         let topic = self.topics.tokens.clone();
-        let (conversation_id, query_event_id, traceparent) =
-            (conversation_id.to_owned(), query_event_id.to_owned(), traceparent.to_owned());
+        let traceparent = traceparent.to_owned();
         let task = tokio::spawn(async move {
+            let key = conversation_id.to_string();
             let mut deliveries = Vec::new();
             while let Some((attempt, index, delta)) = receiver.recv().await {
                 let token = LLMTokenDelta {
-                    conversation_id: conversation_id.clone(),
-                    query_event_id: query_event_id.clone(),
+                    conversation_id,
+                    query_event_id,
                     index,
                     delta,
                     traceparent: Some(traceparent.clone()),
@@ -660,7 +660,7 @@ impl Worker {
                     Span::none()
                 };
                 // Enqueued one at a time, in order; delivery is awaited at the end.
-                let enqueued = tokens.enqueue(&topic, &conversation_id, &token, Some(&traceparent));
+                let enqueued = tokens.enqueue(&topic, &key, &token, Some(&traceparent));
                 match enqueued.instrument(span).await {
                     Ok(delivery) => deliveries.push(delivery),
                     Err(error) => warn!(%error, "token delta not sent"),

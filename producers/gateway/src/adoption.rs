@@ -13,11 +13,11 @@ use std::time::Duration;
 use parley_eventlog::partitioner::partition_for_key;
 use parley_eventlog::{EventProducer, LogPosition};
 use parley_events::{AvroEvent, UserQueryReceived};
+use parley_events::{ConversationId, UserId};
 use parley_projections::ProjectionError;
 use parley_projections::reader::{Freshness, LiveReader};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use uuid::Uuid;
 
 use crate::hub::{Hub, WrittenQuery};
 use crate::metrics;
@@ -58,7 +58,7 @@ pub struct Adopter {
 impl Adopter {
     /// Makes this instance hold `user`'s conversation (or the new one their first message
     /// starts, when `new_conversation`) as the log has it.
-    pub async fn adopt(&self, user: &str, conversation_id: Uuid, new_conversation: bool) -> Adopted {
+    pub async fn adopt(&self, user: &UserId, conversation_id: ConversationId, new_conversation: bool) -> Adopted {
         let partition = partition_for_key(conversation_id.to_string().as_bytes(), self.partitions);
         let outcome = self.try_adopt(user, conversation_id, partition, new_conversation).await;
         if let Err(message) = &outcome {
@@ -69,8 +69,8 @@ impl Adopter {
 
     async fn try_adopt(
         &self,
-        user: &str,
-        conversation_id: Uuid,
+        user: &UserId,
+        conversation_id: ConversationId,
         partition: i32,
         new_conversation: bool,
     ) -> Result<Adopted, String> {
@@ -92,7 +92,7 @@ impl Adopter {
                 continue;
             }
             return Ok(match recent.merge(partition, conversation_id, projected) {
-                Some(known) if known.head.owner == user => {
+                Some(known) if &known.head.owner == user => {
                     self.hub.adopt(conversation_id, known.head, partition, known.queries);
                     Adopted::Held
                 }
@@ -109,7 +109,7 @@ impl Adopter {
 
     /// The projection's view of a conversation, read once it reaches back to the listener's
     /// window, and the offset of `partition` it had applied everything before.
-    async fn projected(&self, conversation_id: Uuid, partition: i32) -> Result<(i64, Option<Known>), String> {
+    async fn projected(&self, conversation_id: ConversationId, partition: i32) -> Result<(i64, Option<Known>), String> {
         let store = self.reader.store();
         let mut generation = self.reader.generation().await.map_err(unavailable)?;
         let mut applied = store.applied(&generation, &self.topic, partition).await.map_err(unavailable)?;
@@ -135,7 +135,7 @@ impl Adopter {
             .map_err(unavailable)?
             .into_iter()
             .filter(|l| l.event_type == UserQueryReceived::short_name())
-            .filter_map(|l| Some((l.event_id.parse().ok()?, WrittenQuery { sequence: l.sequence, offset: l.offset })))
+            .map(|l| (l.event_id, WrittenQuery { sequence: l.sequence, offset: l.offset }))
             .collect();
         Ok((applied, Some(Known { head: row.head(), queries })))
     }

@@ -13,6 +13,7 @@ use parley_eventlog::consumer::{
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, LogPosition, Topics};
+use parley_events::ConversationId;
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -85,7 +86,7 @@ pub async fn run(
             }
         };
         let conversation_id =
-            message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<Uuid>().ok());
+            message.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<ConversationId>().ok());
         let payload = message.payload().unwrap_or_default();
         let position = position_of(&message);
         if message.topic() == topics.tokens {
@@ -134,7 +135,13 @@ fn reached_end(consumer: &LogConsumer, events: &str, partition: i32, recent: &Re
 }
 
 /// Sends a token delta to the sockets that follow its answer.
-async fn push_token(codec: &EventCodec, hub: &Hub, conversation_id: Uuid, payload: &[u8], position: LogPosition) {
+async fn push_token(
+    codec: &EventCodec,
+    hub: &Hub,
+    conversation_id: ConversationId,
+    payload: &[u8],
+    position: LogPosition,
+) {
     match codec.decode::<LLMTokenDelta>(payload).await {
         Ok(decoded) => {
             let token = decoded.event;
@@ -147,10 +154,10 @@ async fn push_token(codec: &EventCodec, hub: &Hub, conversation_id: Uuid, payloa
                 Span::none()
             };
             let _pushing = span.enter();
-            let subscribers = hub.token_subscribers(&conversation_id, &token.query_event_id);
+            let subscribers = hub.token_subscribers(&conversation_id, token.query_event_id);
             let frame = ServerFrame::Token {
-                conversation_id: token.conversation_id,
-                query_event_id: token.query_event_id,
+                conversation_id: token.conversation_id.to_string(),
+                query_event_id: token.query_event_id.to_string(),
                 index: token.index,
                 delta: token.delta,
                 attempt: token.attempt,
@@ -165,8 +172,8 @@ async fn push_token(codec: &EventCodec, hub: &Hub, conversation_id: Uuid, payloa
 /// What the other sockets of a conversation show of a question.
 pub fn question_frame(query: &UserQueryReceived) -> ServerFrame {
     ServerFrame::Question {
-        conversation_id: query.envelope.conversation_id.clone(),
-        event_id: query.envelope.event_id.clone(),
+        conversation_id: query.envelope.conversation_id.to_string(),
+        event_id: query.envelope.event_id.to_string(),
         sequence: query.envelope.sequence,
         client_message_id: query.client_message_id.clone(),
         text: query.text.clone(),
@@ -177,9 +184,9 @@ pub fn question_frame(query: &UserQueryReceived) -> ServerFrame {
 pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
     match event {
         ConversationEvent::ResponseGenerated(e) => Some(ServerFrame::Answer {
-            conversation_id: e.envelope.conversation_id.clone(),
-            query_event_id: e.query_event_id.clone(),
-            event_id: e.envelope.event_id.clone(),
+            conversation_id: e.envelope.conversation_id.to_string(),
+            query_event_id: e.query_event_id.to_string(),
+            event_id: e.envelope.event_id.to_string(),
             sequence: e.envelope.sequence,
             text: e.text.clone(),
             model: e.model.clone(),
@@ -191,9 +198,9 @@ pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
             retrieved: e.retrieved.clone(),
         }),
         ConversationEvent::ResponseFailed(e) => Some(ServerFrame::Failed {
-            conversation_id: e.envelope.conversation_id.clone(),
-            query_event_id: e.query_event_id.clone(),
-            event_id: e.envelope.event_id.clone(),
+            conversation_id: e.envelope.conversation_id.to_string(),
+            query_event_id: e.query_event_id.to_string(),
+            event_id: e.envelope.event_id.to_string(),
             error_kind: e.error_kind.clone(),
             message: e.error_message.clone(),
         }),

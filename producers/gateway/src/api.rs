@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use parley_events::UserId;
 use parley_projections::ProjectionError;
 use serde_json::json;
 use tracing::warn;
@@ -65,7 +66,7 @@ impl From<ProjectionError> for ApiError {
 }
 
 /// The caller's user, from `Authorization: Bearer <token>`; else 401 saying why.
-pub(crate) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<UserId, ApiError> {
     let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let token = headers
         .get(header::AUTHORIZATION)

@@ -2,6 +2,7 @@
 //! Every gateway instance given the same secret accepts every other's tokens.
 
 use hmac::{Hmac, Mac};
+use parley_events::UserId;
 use sha2::Sha256;
 use uuid::Uuid;
 
@@ -36,11 +37,11 @@ impl TokenSigner {
     }
 
     /// The user a token was issued to, if it is genuine.
-    pub fn verify(&self, token: &str) -> Option<String> {
+    pub fn verify(&self, token: &str) -> Option<UserId> {
         let (user_id, signature) = token.rsplit_once('.')?;
         let signature = hex::decode(signature).ok()?;
         self.mac(user_id).verify_slice(&signature).ok()?;
-        Some(user_id.to_owned())
+        user_id.parse().ok()
     }
 
     fn mac(&self, user_id: &str) -> HmacSha256 {
@@ -59,7 +60,7 @@ mod tests {
     fn issued_tokens_verify_and_forgeries_do_not() {
         let signer = TokenSigner::new(b"secret");
         let (user, token) = signer.issue();
-        assert_eq!(signer.verify(&token), Some(user.clone()));
+        assert_eq!(signer.verify(&token).map(|u| u.to_string()), Some(user.clone()));
         assert_eq!(TokenSigner::new(b"other").verify(&token), None);
         let forged = format!("u-mallory.{}", token.rsplit_once('.').unwrap().1);
         assert_eq!(signer.verify(&forged), None);

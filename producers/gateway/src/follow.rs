@@ -7,10 +7,9 @@ use std::sync::PoisonError;
 use parley_eventlog::LogPosition;
 use parley_eventlog::consumer::read_back;
 use parley_eventlog::partitioner::partition_for_key;
-use parley_events::LLMTokenDelta;
+use parley_events::{ConversationId, EventId, LLMTokenDelta, UserId};
 use rdkafka::Message as _;
 use tracing::{Instrument, info_span};
-use uuid::Uuid;
 
 use crate::adoption::Adopted;
 use crate::hub::{ConnectionId, DuplicateOutcome, Outbox};
@@ -23,7 +22,7 @@ use crate::turns::resolve_outcome;
 /// log (any instance serves any conversation, also right after it started).
 pub(crate) async fn subscribe(
     state: &AppState,
-    user: &str,
+    user: &UserId,
     connection: ConnectionId,
     outbox: &Outbox,
     conversation_id: &str,
@@ -41,9 +40,11 @@ pub(crate) async fn subscribe(
 
 /// Makes this instance hold a conversation of `user`'s, adopting it from the log if need
 /// be (any instance serves any conversation, also right after it started).
-pub(crate) async fn hold(state: &AppState, user: &str, conversation_id: &str) -> Result<Uuid, Refusal> {
+/// The client's id is parsed here, at the edge: one that is not a conversation id is an
+/// unknown conversation.
+pub(crate) async fn hold(state: &AppState, user: &UserId, conversation_id: &str) -> Result<ConversationId, Refusal> {
     let unknown = || Refusal::UnknownConversation(conversation_id.to_owned());
-    let id = conversation_id.parse::<Uuid>().map_err(|_| unknown())?;
+    let id = conversation_id.parse::<ConversationId>().map_err(|_| unknown())?;
     if state.hub.holds(&id) {
         return Ok(id);
     }
@@ -60,7 +61,7 @@ pub(crate) async fn hold(state: &AppState, user: &str, conversation_id: &str) ->
 /// socket's [`TokenOrder`] sends each once, in order), and the answer after them.
 pub(crate) async fn resume(
     state: &AppState,
-    user: &str,
+    user: &UserId,
     socket: &Socket<'_>,
     conversation_id: &str,
     query_event_id: &str,
@@ -72,7 +73,8 @@ pub(crate) async fn resume(
         return Ok(vec![subscribed]);
     }
     let unknown_query = || Refusal::UnknownQuery(query_event_id.to_owned());
-    let (Ok(conversation), Ok(query)) = (conversation_id.parse::<Uuid>(), query_event_id.parse::<Uuid>()) else {
+    let (Ok(conversation), Ok(query)) = (conversation_id.parse::<ConversationId>(), query_event_id.parse::<EventId>())
+    else {
         return Err(unknown_query());
     };
     let (outcome, asked_at) = state.hub.resume_target(user, conversation, query).ok_or_else(unknown_query)?;
@@ -116,7 +118,7 @@ pub(crate) async fn resume(
             continue;
         };
         let delta = decoded.event;
-        if delta.query_event_id != query_event_id {
+        if delta.query_event_id != query {
             continue;
         }
         if after.as_ref().is_some_and(|after| after.offset == record.offset()) {
@@ -126,8 +128,8 @@ pub(crate) async fn resume(
         // The socket's order drops what the client has (and deltas of an attempt replaced since).
         let at = LogPosition { topic: tokens.clone(), partition, offset: record.offset() };
         replay.push(ServerFrame::Token {
-            conversation_id: delta.conversation_id,
-            query_event_id: delta.query_event_id,
+            conversation_id: delta.conversation_id.to_string(),
+            query_event_id: delta.query_event_id.to_string(),
             index: delta.index,
             delta: delta.delta,
             attempt: delta.attempt,

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use parley_eventlog::LogPosition;
 use parley_eventlog::partitioner::partition_for_key;
-use parley_events::ConversationEvent;
 use parley_events::lanes::{Lane, LaneLayout, pick_in_lane};
 use parley_events::turn::{
     Applied, ConversationHead, OpenQuery, STARTED_SEQUENCE, TurnRejection, outcome_sequence, query_event_id,
 };
+use parley_events::{ConversationEvent, ConversationId, EventId, UserId};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -41,9 +41,9 @@ struct Slot {
     partition: Option<i32>,
     subscribers: HashMap<ConnectionId, Outbox>,
     /// Every query of the conversation, by event id: a resend of any turn is a duplicate.
-    queries: HashMap<Uuid, WrittenQuery>,
+    queries: HashMap<EventId, WrittenQuery>,
     /// The outcome frame of the latest answered turn, by query event id.
-    last_outcome: Option<(String, ServerFrame)>,
+    last_outcome: Option<(EventId, ServerFrame)>,
     /// The log has no `ConversationStarted` for it yet: its first query writes one.
     unstarted: bool,
     /// When a socket last asked, subscribed or left, or an event of it was applied.
@@ -68,7 +68,7 @@ impl Slot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
     /// A new turn: write `ConversationStarted` first if `new_conversation`, then the query at `sequence`.
-    Accepted { conversation_id: Uuid, query_id: Uuid, sequence: i64, new_conversation: bool },
+    Accepted { conversation_id: ConversationId, query_id: EventId, sequence: i64, new_conversation: bool },
     /// The same client message id again: resend the original ack (marked duplicate) and the
     /// outcome, write nothing.
     Duplicate { ack: Box<ServerFrame>, outcome: DuplicateOutcome },
@@ -82,14 +82,14 @@ pub enum DuplicateOutcome {
     /// The turn is still open: the outcome will be pushed when it comes.
     Pending,
     /// An earlier turn: its outcome is in the projection once it has applied `after`.
-    InProjection { conversation_id: Uuid, query_id: Uuid, outcome_sequence: i64, after: LogPosition },
+    InProjection { conversation_id: ConversationId, query_id: EventId, outcome_sequence: i64, after: LogPosition },
 }
 
 /// What a cancel would stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelTarget {
     /// The turn waiting for its answer: a cancel is written for it.
-    Open { query_event_id: Uuid, sequence: i64 },
+    Open { query_event_id: EventId, sequence: i64 },
     /// The query was answered already: nothing to stop.
     Complete,
     /// No turn is open (a cancel of "whatever is open").
@@ -112,7 +112,7 @@ pub enum Refusal {
 /// The conversations held by one gateway instance.
 #[derive(Debug)]
 pub struct Hub {
-    slots: Mutex<HashMap<Uuid, Slot>>,
+    slots: Mutex<HashMap<ConversationId, Slot>>,
     events_topic: String,
 }
 
@@ -128,18 +128,18 @@ const LANE_TRIES: u32 = 256;
 /// the first of a fixed series of candidate ids that hashes into one of the lane's
 /// partitions, so a resent first message names the same conversation on any gateway.
 pub fn new_conversation_id(
-    user: &str,
+    user: &UserId,
     client_message_id: &str,
     lane: Lane,
     layout: &LaneLayout,
     partitions: i32,
-) -> Uuid {
+) -> ConversationId {
     let candidate = |n: u32| {
         let name =
             if n == 0 { format!("{user}/{client_message_id}") } else { format!("{user}/{client_message_id}/{n}") };
-        Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, name.as_bytes())
+        ConversationId::from(Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, name.as_bytes()))
     };
-    let partition_of = |id: &Uuid| partition_for_key(id.to_string().as_bytes(), partitions);
+    let partition_of = |id: &ConversationId| partition_for_key(id.to_string().as_bytes(), partitions);
     pick_in_lane(layout, layout.effective(lane, partitions), LANE_TRIES, candidate, partition_of)
 }
 
@@ -153,8 +153,8 @@ impl Hub {
     /// conversation's answers.
     pub fn admit(
         &self,
-        user: &str,
-        conversation_id: Uuid,
+        user: &UserId,
+        conversation_id: ConversationId,
         client_message_id: &str,
         connection: ConnectionId,
         outbox: &Outbox,
@@ -162,7 +162,7 @@ impl Hub {
         let query_id = query_event_id(conversation_id, client_message_id);
         let mut slots = self.lock();
         let slot = slots.get_mut(&conversation_id).ok_or(Refusal::NotHeld)?;
-        if slot.head.owner != user {
+        if &slot.head.owner != user {
             return Err(Refusal::UnknownConversation);
         }
         slot.subscribers.insert(connection, outbox.clone());
@@ -186,11 +186,8 @@ impl Hub {
             TurnRejection::TurnInProgress { .. } => Refusal::TurnInProgress,
         })?;
         slot.head.last_sequence = sequence;
-        slot.head.open_query = Some(OpenQuery {
-            event_id: query_id.to_string(),
-            sequence,
-            client_message_id: client_message_id.to_owned(),
-        });
+        slot.head.open_query =
+            Some(OpenQuery { event_id: query_id, sequence, client_message_id: client_message_id.to_owned() });
         let new_conversation = slot.unstarted && sequence == STARTED_SEQUENCE + 1;
         Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation })
     }
@@ -200,12 +197,17 @@ impl Hub {
     }
 
     /// Where the outcome of a repeated query comes from.
-    fn outcome_of(&self, slot: &Slot, conversation_id: Uuid, query_id: Uuid, sequence: i64) -> DuplicateOutcome {
-        let query_key = query_id.to_string();
-        if let Some((_, frame)) = slot.last_outcome.as_ref().filter(|(q, _)| *q == query_key) {
+    fn outcome_of(
+        &self,
+        slot: &Slot,
+        conversation_id: ConversationId,
+        query_id: EventId,
+        sequence: i64,
+    ) -> DuplicateOutcome {
+        if let Some((_, frame)) = slot.last_outcome.as_ref().filter(|(q, _)| *q == query_id) {
             return DuplicateOutcome::Known(frame.clone());
         }
-        if slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query_key) {
+        if slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query_id) {
             return DuplicateOutcome::Pending;
         }
         // A closed turn whose outcome this instance did not see (an earlier turn, or one
@@ -226,25 +228,25 @@ impl Hub {
     /// already held is left as it is.
     pub fn adopt(
         &self,
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         head: ConversationHead,
         partition: i32,
-        queries: impl IntoIterator<Item = (Uuid, WrittenQuery)>,
+        queries: impl IntoIterator<Item = (EventId, WrittenQuery)>,
     ) {
         self.hold(conversation_id, head, partition, queries, false);
     }
 
     /// Holds a conversation the log does not have yet: `user`'s first message starts it.
-    pub fn adopt_new(&self, conversation_id: Uuid, user: &str, partition: i32) {
-        self.hold(conversation_id, ConversationHead::started(user), partition, [], true);
+    pub fn adopt_new(&self, conversation_id: ConversationId, user: &UserId, partition: i32) {
+        self.hold(conversation_id, ConversationHead::started(user.clone()), partition, [], true);
     }
 
     fn hold(
         &self,
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         head: ConversationHead,
         partition: i32,
-        queries: impl IntoIterator<Item = (Uuid, WrittenQuery)>,
+        queries: impl IntoIterator<Item = (EventId, WrittenQuery)>,
         unstarted: bool,
     ) {
         let mut slots = self.lock();
@@ -261,8 +263,8 @@ impl Hub {
     /// `asker`), which show the question too.
     pub fn record_written(
         &self,
-        conversation_id: Uuid,
-        query_id: Uuid,
+        conversation_id: ConversationId,
+        query_id: EventId,
         sequence: i64,
         position: &LogPosition,
         asker: ConnectionId,
@@ -280,7 +282,7 @@ impl Hub {
     }
 
     /// Undoes a reservation whose query could not be written.
-    pub fn release(&self, conversation_id: Uuid, sequence: i64) {
+    pub fn release(&self, conversation_id: ConversationId, sequence: i64) {
         let mut slots = self.lock();
         let Some(slot) = slots.get_mut(&conversation_id) else {
             return;
@@ -295,10 +297,16 @@ impl Hub {
     }
 
     /// Subscribes a socket to a conversation the user owns.
-    pub fn subscribe(&self, user: &str, conversation_id: Uuid, connection: ConnectionId, outbox: &Outbox) -> bool {
+    pub fn subscribe(
+        &self,
+        user: &UserId,
+        conversation_id: ConversationId,
+        connection: ConnectionId,
+        outbox: &Outbox,
+    ) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(&conversation_id) {
-            Some(slot) if slot.head.owner == user => {
+            Some(slot) if &slot.head.owner == user => {
                 slot.subscribers.insert(connection, outbox.clone());
                 slot.last_active = Instant::now();
                 true
@@ -307,37 +315,32 @@ impl Hub {
         }
     }
 
-    /// Forgets a closed socket.
     /// Forgets a closed socket; returns the open turns it followed, as (conversation,
     /// query, owner), for a caller that stops answers nobody follows any more.
-    pub fn disconnect(&self, connection: ConnectionId) -> Vec<(Uuid, Uuid, String)> {
+    pub fn disconnect(&self, connection: ConnectionId) -> Vec<(ConversationId, EventId, UserId)> {
         let mut followed = Vec::new();
         for (conversation, slot) in self.lock().iter_mut() {
             let followed_here = slot.subscribers.remove(&connection).is_some();
             if followed_here {
                 slot.last_active = Instant::now();
             }
-            if followed_here
-                && let Some(open) = slot.head.open_query.as_ref()
-                && let Ok(query) = open.event_id.parse::<Uuid>()
-            {
-                followed.push((*conversation, query, slot.head.owner.clone()));
+            if followed_here && let Some(open) = slot.head.open_query.as_ref() {
+                followed.push((*conversation, open.event_id, slot.head.owner.clone()));
             }
         }
         followed
     }
 
     /// Whether `query` is still the open turn of `conversation` and no socket here follows it.
-    pub fn abandoned(&self, conversation_id: Uuid, query: Uuid) -> bool {
+    pub fn abandoned(&self, conversation_id: ConversationId, query: EventId) -> bool {
         let slots = self.lock();
         slots.get(&conversation_id).is_some_and(|slot| {
-            slot.subscribers.is_empty()
-                && slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query.to_string())
+            slot.subscribers.is_empty() && slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query)
         })
     }
 
     /// Whether this instance holds the conversation (a cheap filter before decoding).
-    pub fn holds(&self, conversation_id: &Uuid) -> bool {
+    pub fn holds(&self, conversation_id: &ConversationId) -> bool {
         self.lock().contains_key(conversation_id)
     }
 
@@ -346,12 +349,12 @@ impl Hub {
     /// (held, the user's) does not have.
     pub fn resume_target(
         &self,
-        user: &str,
-        conversation_id: Uuid,
-        query: Uuid,
+        user: &UserId,
+        conversation_id: ConversationId,
+        query: EventId,
     ) -> Option<(DuplicateOutcome, LogPosition)> {
         let slots = self.lock();
-        let slot = slots.get(&conversation_id).filter(|slot| slot.head.owner == user)?;
+        let slot = slots.get(&conversation_id).filter(|slot| &slot.head.owner == user)?;
         let written = slot.queries.get(&query)?;
         let outcome = self.outcome_of(slot, conversation_id, query, written.sequence);
         Some((outcome, self.position(slot, written.offset)))
@@ -359,13 +362,17 @@ impl Hub {
 
     /// What a cancel by `user` of `query` (the open one: `None`) of a held conversation
     /// would stop.
-    pub fn cancel_target(&self, user: &str, conversation_id: Uuid, query: Option<Uuid>) -> CancelTarget {
+    pub fn cancel_target(
+        &self,
+        user: &UserId,
+        conversation_id: ConversationId,
+        query: Option<EventId>,
+    ) -> CancelTarget {
         let slots = self.lock();
-        let Some(slot) = slots.get(&conversation_id).filter(|slot| slot.head.owner == user) else {
+        let Some(slot) = slots.get(&conversation_id).filter(|slot| &slot.head.owner == user) else {
             return CancelTarget::UnknownConversation;
         };
-        let open =
-            slot.head.open_query.as_ref().and_then(|open| Some((open.event_id.parse::<Uuid>().ok()?, open.sequence)));
+        let open = slot.head.open_query.as_ref().map(|open| (open.event_id, open.sequence));
         match (query, open) {
             (None, Some((id, sequence))) => CancelTarget::Open { query_event_id: id, sequence },
             (None, None) => CancelTarget::NothingOpen,
@@ -386,45 +393,41 @@ impl Hub {
         offset: i64,
         frame: Option<ServerFrame>,
     ) -> Vec<Outbox> {
-        let Ok(conversation_id) = event.envelope().conversation_id.parse::<Uuid>() else {
-            return vec![];
-        };
+        let conversation_id = event.envelope().conversation_id;
         let mut slots = self.lock();
         let Some(slot) = slots.get_mut(&conversation_id) else {
             return vec![];
         };
         slot.partition = Some(partition);
         slot.last_active = Instant::now();
-        if let ConversationEvent::QueryReceived(query) = event
-            && let Ok(query_id) = query.envelope.event_id.parse::<Uuid>()
-        {
+        if let ConversationEvent::QueryReceived(query) = event {
             let written = WrittenQuery { sequence: query.envelope.sequence, offset };
-            slot.queries.entry(query_id).or_insert(written);
+            slot.queries.entry(query.envelope.event_id).or_insert(written);
         }
         if slot.head.apply_over_gaps(event) == Applied::AlreadyApplied {
             return vec![]; // re-delivered, or this instance's own query: the sockets have it
         }
         let query_event_id = match event {
-            ConversationEvent::ResponseGenerated(e) => &e.query_event_id,
-            ConversationEvent::ResponseFailed(e) => &e.query_event_id,
+            ConversationEvent::ResponseGenerated(e) => e.query_event_id,
+            ConversationEvent::ResponseFailed(e) => e.query_event_id,
             // Asked through another instance: every socket here shows the question.
             ConversationEvent::QueryReceived(_) => return slot.subscribers.values().cloned().collect(),
             ConversationEvent::Started(_) | ConversationEvent::CancelRequested(_) => return vec![],
         };
         let Some(frame) = frame else { return vec![] };
-        slot.last_outcome = Some((query_event_id.clone(), frame));
+        slot.last_outcome = Some((query_event_id, frame));
         slot.subscribers.values().cloned().collect()
     }
 
     /// The subscribers to send a token delta of `query_event_id` to: none once the
     /// query's outcome was delivered (deltas travel on another topic and may arrive late;
     /// a late one must not be appended to a finished answer).
-    pub fn token_subscribers(&self, conversation_id: &Uuid, query_event_id: &str) -> Vec<Outbox> {
+    pub fn token_subscribers(&self, conversation_id: &ConversationId, query_event_id: EventId) -> Vec<Outbox> {
         let slots = self.lock();
         let Some(slot) = slots.get(conversation_id) else {
             return vec![];
         };
-        if slot.last_outcome.as_ref().is_some_and(|(query, _)| query == query_event_id) {
+        if slot.last_outcome.as_ref().is_some_and(|(query, _)| *query == query_event_id) {
             return vec![];
         }
         slot.subscribers.values().cloned().collect()
@@ -443,7 +446,7 @@ impl Hub {
         slots.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Slot>> {
         self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -456,18 +459,22 @@ mod tests {
 
     const TOPIC: &str = "t.events";
 
+    fn u(name: &str) -> UserId {
+        name.parse().unwrap()
+    }
+
     fn outbox() -> (Outbox, mpsc::Receiver<ServerFrame>) {
         mpsc::channel(8)
     }
 
-    fn hub_holding_new(user: &str, client_message_id: &str) -> (Hub, Uuid) {
-        let hub = Hub::new(TOPIC);
-        let conversation = new_conversation_id(user, client_message_id, Lane::Standard, &LaneLayout::default(), 6);
-        hub.adopt_new(conversation, user, 0);
+    fn hub_holding_new(user: &str, client_message_id: &str) -> (Hub, ConversationId) {
+        let (hub, user) = (Hub::new(TOPIC), u(user));
+        let conversation = new_conversation_id(&user, client_message_id, Lane::Standard, &LaneLayout::default(), 6);
+        hub.adopt_new(conversation, &user, 0);
         (hub, conversation)
     }
 
-    fn accepted(admission: Result<Admission, Refusal>) -> (Uuid, Uuid, i64, bool) {
+    fn accepted(admission: Result<Admission, Refusal>) -> (ConversationId, EventId, i64, bool) {
         match admission {
             Ok(Admission::Accepted { conversation_id, query_id, sequence, new_conversation }) => {
                 (conversation_id, query_id, sequence, new_conversation)
@@ -476,17 +483,17 @@ mod tests {
         }
     }
 
-    fn failed_outcome(conversation: Uuid, query: Uuid, sequence: i64) -> ConversationEvent {
+    fn failed_outcome(conversation: ConversationId, query: EventId, sequence: i64) -> ConversationEvent {
         ConversationEvent::ResponseFailed(LLMResponseFailed {
-            envelope: Envelope::new(Uuid::new_v4(), conversation, sequence, Producer { name: "t", version: "0" }),
-            query_event_id: query.to_string(),
+            envelope: Envelope::new(EventId::random(), conversation, sequence, Producer { name: "t", version: "0" }),
+            query_event_id: query,
             error_kind: "timeout".into(),
             error_message: "slow".into(),
             attempts: 1,
         })
     }
 
-    fn frame_of(query: Uuid) -> ServerFrame {
+    fn frame_of(query: EventId) -> ServerFrame {
         ServerFrame::Failed {
             conversation_id: String::new(),
             query_event_id: query.to_string(),
@@ -497,9 +504,9 @@ mod tests {
     }
 
     /// Admits, records the write at `offset` and applies a failed outcome: one whole turn.
-    fn turn(hub: &Hub, conversation: Uuid, client_message_id: &str, offset: i64) -> Uuid {
+    fn turn(hub: &Hub, conversation: ConversationId, client_message_id: &str, offset: i64) -> EventId {
         let (tx, _rx) = outbox();
-        let (_, query, sequence, _) = accepted(hub.admit("alice", conversation, client_message_id, 1, &tx));
+        let (_, query, sequence, _) = accepted(hub.admit(&u("alice"), conversation, client_message_id, 1, &tx));
         let position = LogPosition { topic: TOPIC.into(), partition: 2, offset };
         let others = hub.record_written(conversation, query, sequence, &position, 1);
         assert!(others.is_empty(), "the asking socket is not sent its own question");
@@ -511,14 +518,14 @@ mod tests {
     fn a_new_conversation_then_one_turn_at_a_time() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (_, query, sequence, new) = accepted(hub.admit("alice", conversation, "m1", 1, &tx));
+        let (_, query, sequence, new) = accepted(hub.admit(&u("alice"), conversation, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, true));
-        assert_eq!(hub.admit("alice", conversation, "m2", 1, &tx), Err(Refusal::TurnInProgress));
+        assert_eq!(hub.admit(&u("alice"), conversation, "m2", 1, &tx), Err(Refusal::TurnInProgress));
 
         let outcome = failed_outcome(conversation, query, 3);
         assert_eq!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).len(), 1);
         assert!(hub.apply(&outcome, 0, 1, Some(frame_of(query))).is_empty(), "re-delivery is not pushed twice");
-        let (_, _, sequence, new) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
+        let (_, _, sequence, new) = accepted(hub.admit(&u("alice"), conversation, "m2", 1, &tx));
         assert_eq!((sequence, new), (4, false));
     }
 
@@ -528,20 +535,20 @@ mod tests {
         let later = || Instant::now() + idle + Duration::from_secs(1);
         let (hub, followed) = hub_holding_new("alice", "f");
         let (tx, _rx) = outbox();
-        assert!(hub.subscribe("alice", followed, 7, &tx));
-        let closed = Uuid::new_v4();
-        hub.adopt_new(closed, "alice", 2);
+        assert!(hub.subscribe(&u("alice"), followed, 7, &tx));
+        let closed = ConversationId::random();
+        hub.adopt_new(closed, &u("alice"), 2);
         turn(&hub, closed, "c", 10);
         hub.disconnect(1);
-        let open = Uuid::new_v4();
-        hub.adopt_new(open, "alice", 2);
-        accepted(hub.admit("alice", open, "o", 9, &tx));
+        let open = ConversationId::random();
+        hub.adopt_new(open, &u("alice"), 2);
+        accepted(hub.admit(&u("alice"), open, "o", 9, &tx));
         hub.disconnect(9);
 
         assert_eq!(hub.evict_idle(Instant::now(), idle), 3, "nothing is idle yet");
         assert_eq!(hub.evict_idle(later(), idle), 2, "the closed, unfollowed conversation is forgotten");
         assert!(hub.holds(&followed) && hub.holds(&open) && !hub.holds(&closed));
-        assert_eq!(hub.admit("alice", closed, "d", 1, &tx), Err(Refusal::NotHeld), "its next use adopts it again");
+        assert_eq!(hub.admit(&u("alice"), closed, "d", 1, &tx), Err(Refusal::NotHeld), "its next use adopts it again");
         hub.disconnect(7);
         hub.disconnect(1);
         assert_eq!(hub.evict_idle(later(), idle), 1, "an open turn keeps its conversation");
@@ -551,10 +558,10 @@ mod tests {
     fn conversations_not_held_are_looked_up_and_other_users_refused() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        assert_eq!(hub.admit("mallory", conversation, "x", 2, &tx), Err(Refusal::UnknownConversation));
-        assert_eq!(hub.admit("alice", Uuid::new_v4(), "x", 1, &tx), Err(Refusal::NotHeld));
-        assert!(!hub.subscribe("mallory", conversation, 2, &tx));
-        assert!(hub.subscribe("alice", conversation, 3, &tx));
+        assert_eq!(hub.admit(&u("mallory"), conversation, "x", 2, &tx), Err(Refusal::UnknownConversation));
+        assert_eq!(hub.admit(&u("alice"), ConversationId::random(), "x", 1, &tx), Err(Refusal::NotHeld));
+        assert!(!hub.subscribe(&u("mallory"), conversation, 2, &tx));
+        assert!(hub.subscribe(&u("alice"), conversation, 3, &tx));
     }
 
     #[test]
@@ -563,7 +570,7 @@ mod tests {
         let first = turn(&hub, conversation, "a", 10);
         turn(&hub, conversation, "b", 20);
         let (tx, _rx) = outbox();
-        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, "a", 1, &tx) else {
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit(&u("alice"), conversation, "a", 1, &tx) else {
             panic!("turn 1 resent after turn 2 must be a duplicate")
         };
         let ServerFrame::Ack { event_id, sequence, position, duplicate, .. } = *ack else { panic!("{ack:?}") };
@@ -579,19 +586,21 @@ mod tests {
             }
         );
         // The latest turn's outcome is known in memory.
-        let Ok(Admission::Duplicate { outcome, .. }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
+        let Ok(Admission::Duplicate { outcome, .. }) = hub.admit(&u("alice"), conversation, "b", 1, &tx) else {
+            panic!()
+        };
         assert!(matches!(outcome, DuplicateOutcome::Known(ServerFrame::Failed { .. })), "{outcome:?}");
     }
 
     #[test]
     fn an_adopted_conversation_knows_its_queries_and_those_other_instances_write() {
         let hub = Hub::new(TOPIC);
-        let conversation = Uuid::new_v4();
+        let conversation = ConversationId::random();
         let earlier = query_event_id(conversation, "a");
-        let head = ConversationHead { owner: "alice".into(), last_sequence: 3, open_query: None };
+        let head = ConversationHead { owner: "alice".parse().unwrap(), last_sequence: 3, open_query: None };
         hub.adopt(conversation, head, 4, [(earlier, WrittenQuery { sequence: 2, offset: 7 })]);
         let (tx, _rx) = outbox();
-        assert!(matches!(hub.admit("alice", conversation, "a", 1, &tx), Ok(Admission::Duplicate { .. })));
+        assert!(matches!(hub.admit(&u("alice"), conversation, "a", 1, &tx), Ok(Admission::Duplicate { .. })));
 
         // Another instance writes turn 2: this one sees it on the log and treats a resend
         // as a duplicate of a turn still open.
@@ -602,25 +611,27 @@ mod tests {
                 4,
                 Producer { name: "t", version: "0" },
             ),
-            user_id: "alice".into(),
+            user_id: "alice".parse().unwrap(),
             client_message_id: "b".into(),
             text: "hi".into(),
         });
         assert_eq!(hub.apply(&query, 4, 9, None).len(), 1, "its socket here is shown the question");
-        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit("alice", conversation, "b", 1, &tx) else { panic!() };
+        let Ok(Admission::Duplicate { ack, outcome }) = hub.admit(&u("alice"), conversation, "b", 1, &tx) else {
+            panic!()
+        };
         assert!(matches!(*ack, ServerFrame::Ack { sequence: 4, .. }), "{ack:?}");
         assert_eq!(outcome, DuplicateOutcome::Pending);
-        assert_eq!(hub.admit("alice", conversation, "c", 1, &tx), Err(Refusal::TurnInProgress));
+        assert_eq!(hub.admit(&u("alice"), conversation, "c", 1, &tx), Err(Refusal::TurnInProgress));
     }
 
     #[test]
     fn late_token_deltas_of_a_finished_answer_are_not_pushed() {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         let (tx, _rx) = outbox();
-        let (_, query, _, _) = accepted(hub.admit("alice", conversation, "m1", 1, &tx));
-        assert_eq!(hub.token_subscribers(&conversation, &query.to_string()).len(), 1);
+        let (_, query, _, _) = accepted(hub.admit(&u("alice"), conversation, "m1", 1, &tx));
+        assert_eq!(hub.token_subscribers(&conversation, query).len(), 1);
         hub.apply(&failed_outcome(conversation, query, 3), 0, 1, Some(frame_of(query)));
-        assert!(hub.token_subscribers(&conversation, &query.to_string()).is_empty());
+        assert!(hub.token_subscribers(&conversation, query).is_empty());
     }
 
     #[test]
@@ -628,9 +639,9 @@ mod tests {
         let (hub, conversation) = hub_holding_new("alice", "m1");
         turn(&hub, conversation, "m1", 1);
         let (tx, _rx) = outbox();
-        let (_, _, sequence, _) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
+        let (_, _, sequence, _) = accepted(hub.admit(&u("alice"), conversation, "m2", 1, &tx));
         hub.release(conversation, sequence);
-        let (_, _, again, _) = accepted(hub.admit("alice", conversation, "m2", 1, &tx));
+        let (_, _, again, _) = accepted(hub.admit(&u("alice"), conversation, "m2", 1, &tx));
         assert_eq!(again, sequence);
     }
 
@@ -638,13 +649,13 @@ mod tests {
     fn only_a_conversation_the_log_lacks_gets_a_conversation_started() {
         let (tx, _rx) = outbox();
         let (fresh, conversation) = hub_holding_new("alice", "m1");
-        let (_, _, _, new) = accepted(fresh.admit("alice", conversation, "m1", 1, &tx));
+        let (_, _, _, new) = accepted(fresh.admit(&u("alice"), conversation, "m1", 1, &tx));
         assert!(new, "a new conversation's first query writes ConversationStarted");
         // Its ConversationStarted reached the log but the query did not: adopted again
         // from the log, its first query must not start it a second time.
         let adopted = Hub::new(TOPIC);
-        adopted.adopt(conversation, ConversationHead::started("alice"), 0, []);
-        let (_, _, sequence, new) = accepted(adopted.admit("alice", conversation, "m1", 1, &tx));
+        adopted.adopt(conversation, ConversationHead::started(u("alice")), 0, []);
+        let (_, _, sequence, new) = accepted(adopted.admit(&u("alice"), conversation, "m1", 1, &tx));
         assert_eq!((sequence, new), (2, false));
     }
 
@@ -654,13 +665,13 @@ mod tests {
         for lane in Lane::ALL {
             for n in 0..20 {
                 let message = format!("m-{n}");
-                let id = new_conversation_id("alice", &message, lane, &layout, 6);
+                let id = new_conversation_id(&u("alice"), &message, lane, &layout, 6);
                 assert_eq!(layout.lane_of(partition_for_key(id.to_string().as_bytes(), 6)), lane);
-                assert_eq!(new_conversation_id("alice", &message, lane, &layout, 6), id);
+                assert_eq!(new_conversation_id(&u("alice"), &message, lane, &layout, 6), id);
             }
         }
         // One lane: the first candidate, as before lanes existed.
-        let single = new_conversation_id("alice", "m-1", Lane::Premium, &LaneLayout::default(), 6);
-        assert_eq!(single, Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, b"alice/m-1"));
+        let single = new_conversation_id(&u("alice"), "m-1", Lane::Premium, &LaneLayout::default(), 6);
+        assert_eq!(single, Uuid::new_v5(&NEW_CONVERSATION_NAMESPACE, b"alice/m-1").into());
     }
 }

@@ -14,6 +14,7 @@ use clap::Args;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use parley_eventlog::settings::parse_duration;
+use parley_events::UserId;
 use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +30,6 @@ pub const ALLOWED_ALGORITHMS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES2
 /// provider rotating keys is followed at once; a stream of forged key ids is not a stream
 /// of fetches).
 const UNKNOWN_KEY_REFETCH: Duration = Duration::from_secs(30);
-
-/// Longest user id taken from a claim.
-const MAX_USER_ID_CHARS: usize = 256;
 
 /// How to verify JWTs. Without `--jwt-jwks`, the gateway runs in anonymous mode.
 #[derive(Debug, Clone, Args)]
@@ -93,7 +91,7 @@ fn parse_algorithms(value: &str) -> Result<AlgorithmList, String> {
 /// A token the gateway accepts, and whose it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    pub user_id: String,
+    pub user_id: UserId,
     /// When the token stops being accepted (seconds since the epoch: the second after
     /// `exp` plus the leeway): a socket opened with it is closed then. None: it does not expire
     /// (anonymous tokens).
@@ -322,16 +320,15 @@ impl JwtVerifier {
         validation.validate_nbf = true;
         validation.leeway = self.leeway.as_secs();
         let claims = decode::<serde_json::Value>(token, &key, &validation).map_err(refusal)?.claims;
-        let user_id = claims
+        let user_id: UserId = claims
             .get(&self.user_claim)
             .and_then(serde_json::Value::as_str)
-            .filter(|user| !user.is_empty() && user.chars().count() <= MAX_USER_ID_CHARS)
-            .filter(|user| !user.chars().any(char::is_control))
+            .and_then(|user| user.parse().ok())
             .ok_or_else(|| AuthError::Claim(self.user_claim.clone()))?;
         // The verifier accepts a token until the second after exp plus the leeway.
         let expires_at =
             claims.get("exp").and_then(serde_json::Value::as_u64).map(|exp| exp + self.leeway.as_secs() + 1);
-        Ok(Verified { user_id: user_id.to_owned(), expires_at })
+        Ok(Verified { user_id, expires_at })
     }
 }
 
@@ -475,7 +472,7 @@ mod tests {
             let claims = claims();
             let verified = verifier.verify(&sign(key, &claims)).await;
             let expires_at = claims["exp"].as_u64().map(|exp| exp + 30 + 1);
-            let expected = Verified { user_id: "alice@example.org".into(), expires_at };
+            let expected = Verified { user_id: "alice@example.org".parse().unwrap(), expires_at };
             assert_eq!(verified, Ok(expected), "{:?}", key.algorithm);
         }
     }

@@ -21,6 +21,7 @@ use parley_eventlog::LogPosition;
 use parley_eventlog::trace::traceparent_of;
 use parley_events::AvroEvent;
 use parley_events::event::now_millis;
+use parley_events::{DocumentId, EventId, UserId};
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
 use parley_retrieval::{Hit, RetrievalError, Retriever, SearchFilter, SourceKind};
@@ -28,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::field::Empty;
 use tracing::{Instrument, info, info_span, warn};
-use uuid::Uuid;
 
 use crate::api::{ApiError, user_of};
 use crate::state::AppState;
@@ -71,13 +71,13 @@ pub(crate) async fn submit_document(
             .into_event(Some(traceparent.clone()))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document", e.to_string()))?;
         let rate = || state.rate.lock().unwrap_or_else(PoisonError::into_inner);
-        let (owner, event_id) = (&event.owner, &event.envelope.event_id);
+        let (owner, event_id) = (&event.owner, event.envelope.event_id);
         if let Err(limited) = rate().admit_document(owner, event_id, now_millis()) {
             let seconds = limited.retry_after_ms.div_ceil(1000);
             let message = format!("{}; try again in {seconds} s", limited.limit.describe());
             return Err(ApiError::too_many("rate_limited", message, limited.retry_after_ms));
         }
-        let position = match append_document_event(&state, &event.document_id, &event, &traceparent).await {
+        let position = match append_document_event(&state, event.document_id, &event, &traceparent).await {
             Ok(position) => position,
             Err(refused) => {
                 rate().refund_document(owner, event_id, now_millis());
@@ -85,7 +85,7 @@ pub(crate) async fn submit_document(
             }
         };
         info!(document_id = %event.document_id, %position, "document submitted");
-        Ok(accepted(&event.document_id, &event.envelope.event_id, &position))
+        Ok(accepted(event.document_id, event.envelope.event_id, &position))
     }
     .instrument(span)
     .await
@@ -101,16 +101,16 @@ pub(crate) async fn delete_document(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let user = user_of(&state, &headers).await?;
     let document_id = id
-        .parse::<Uuid>()
+        .parse::<DocumentId>()
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_document_id", "a document id is a UUID"))?;
     let span = info_span!(parent: None, "gateway.document_delete", user = %user, %document_id, traceparent = Empty);
     let traceparent = traceparent_of(&span, None);
     span.record("traceparent", traceparent.as_str());
     async {
         let event = deletion_event(&user, document_id, Some(traceparent.clone()));
-        let position = append_document_event(&state, &event.document_id, &event, &traceparent).await?;
+        let position = append_document_event(&state, event.document_id, &event, &traceparent).await?;
         info!(%position, "document deletion accepted");
-        Ok(accepted(&event.document_id, &event.envelope.event_id, &position))
+        Ok(accepted(event.document_id, event.envelope.event_id, &position))
     }
     .instrument(span)
     .await
@@ -120,17 +120,22 @@ pub(crate) async fn delete_document(
 /// it undoes in the same partition.
 async fn append_document_event<T: AvroEvent>(
     state: &AppState,
-    document_id: &str,
+    document_id: DocumentId,
     event: &T,
     traceparent: &str,
 ) -> Result<LogPosition, ApiError> {
-    state.producer.append(&state.topics.documents, document_id, event, Some(traceparent)).await.map_err(|error| {
+    let key = document_id.to_string();
+    state.producer.append(&state.topics.documents, &key, event, Some(traceparent)).await.map_err(|error| {
         warn!(%error, "document event not appended");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", "the event log did not accept it; retry")
     })
 }
 
-fn accepted(document_id: &str, event_id: &str, position: &LogPosition) -> (StatusCode, Json<serde_json::Value>) {
+fn accepted(
+    document_id: DocumentId,
+    event_id: EventId,
+    position: &LogPosition,
+) -> (StatusCode, Json<serde_json::Value>) {
     let body = json!({ "document_id": document_id, "event_id": event_id, "position": position.to_string() });
     (StatusCode::ACCEPTED, Json(body))
 }
@@ -204,7 +209,7 @@ fn store_unavailable(error: RetrievalError) -> ApiError {
 }
 
 /// The filter of a search request: always the caller's own data, narrowed by the parameters.
-fn search_filter(user: String, params: &SearchParams) -> Result<SearchFilter, ApiError> {
+fn search_filter(user: UserId, params: &SearchParams) -> Result<SearchFilter, ApiError> {
     let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_search", message);
     let chars = params.q.chars().count();
     if params.q.trim().is_empty() || chars > MAX_QUERY_CHARS {
@@ -236,30 +241,34 @@ fn search_filter(user: String, params: &SearchParams) -> Result<SearchFilter, Ap
 mod tests {
     use super::*;
 
+    fn alice() -> UserId {
+        "alice".parse().unwrap()
+    }
+
     fn params(q: &str) -> SearchParams {
         SearchParams { q: q.into(), k: None, kind: None, document: None, conversation: None }
     }
 
     #[test]
     fn the_owner_is_always_the_caller() {
-        let filter = search_filter("alice".into(), &params("kafka")).unwrap();
-        assert_eq!(filter, SearchFilter::owner("alice"));
+        let filter = search_filter(alice(), &params("kafka")).unwrap();
+        assert_eq!(filter, SearchFilter::owner(alice()));
     }
 
     #[test]
     fn document_and_conversation_narrow_the_kind() {
         let p = SearchParams { document: Some("d1".into()), ..params("kafka") };
-        let filter = search_filter("alice".into(), &p).unwrap();
+        let filter = search_filter(alice(), &p).unwrap();
         assert_eq!((filter.kind, filter.source_ids), (Some(SourceKind::Document), vec!["d1".to_owned()]));
         let clash = SearchParams { kind: Some("message".into()), document: Some("d1".into()), ..params("kafka") };
-        assert!(search_filter("alice".into(), &clash).is_err());
+        assert!(search_filter(alice(), &clash).is_err());
     }
 
     #[test]
     fn bad_parameters_are_refused() {
-        assert!(search_filter("a".into(), &params(" ")).is_err());
-        assert!(search_filter("a".into(), &SearchParams { k: Some(0), ..params("x") }).is_err());
-        assert!(search_filter("a".into(), &SearchParams { k: Some(MAX_K + 1), ..params("x") }).is_err());
-        assert!(search_filter("a".into(), &SearchParams { kind: Some("pdf".into()), ..params("x") }).is_err());
+        assert!(search_filter(alice(), &params(" ")).is_err());
+        assert!(search_filter(alice(), &SearchParams { k: Some(0), ..params("x") }).is_err());
+        assert!(search_filter(alice(), &SearchParams { k: Some(MAX_K + 1), ..params("x") }).is_err());
+        assert!(search_filter(alice(), &SearchParams { kind: Some("pdf".into()), ..params("x") }).is_err());
     }
 }

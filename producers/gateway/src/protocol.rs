@@ -1,10 +1,10 @@
 //! The WebSocket protocol (JSON text frames), as plain types with validation and no I/O.
 //! docs/protocol.md is its reference.
 
+use parley_events::ConversationId;
 use parley_events::RetrievedContext;
 use parley_events::lanes::Lane;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// 2 added `cancel` (version 1 clients never send it and see no new frame).
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -167,7 +167,7 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidQuery {
     pub client_message_id: String,
-    pub conversation_id: Option<Uuid>,
+    pub conversation_id: Option<ConversationId>,
     pub text: String,
     /// The lane asked for (a new conversation's; never above the user's tier).
     pub lane: Option<Lane>,
@@ -235,7 +235,7 @@ pub fn validate_query(
         });
     }
     let conversation_id = conversation_id
-        .map(|id| id.parse::<Uuid>().map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID"))))
+        .map(|id| id.parse::<ConversationId>().map_err(|_| invalid(format!("conversation_id {id:?} is not a UUID"))))
         .transpose()?;
     if text.trim().is_empty() {
         return Err(invalid("text must not be empty".into()));
@@ -312,7 +312,12 @@ mod tests {
     #[test]
     fn server_frames_read_back_as_they_were_sent() {
         let frames = [
-            ServerFrame::Ready { user_id: "u".into(), protocol_version: 2, max_frame_bytes: 10, max_text_chars: 5 },
+            ServerFrame::Ready {
+                user_id: "u".parse().unwrap(),
+                protocol_version: 2,
+                max_frame_bytes: 10,
+                max_text_chars: 5,
+            },
             ServerFrame::Token {
                 conversation_id: "c".into(),
                 query_event_id: "q".into(),

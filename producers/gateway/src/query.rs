@@ -15,10 +15,10 @@ use axum::http::{HeaderMap, StatusCode};
 use parley_eventlog::LogPosition;
 use parley_events::RetrievedContext;
 use parley_events::conversation::Message;
+use parley_events::{ConversationId, EventId};
 use parley_projections::reader::Freshness;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::api::{ApiError, user_of};
 use crate::cancel::{self, CancelOutcome};
@@ -29,11 +29,11 @@ pub const MAX_PAGE: i32 = 100;
 #[derive(Debug, Serialize)]
 pub struct MessageView {
     sequence: i64,
-    event_id: String,
+    event_id: EventId,
     kind: &'static str,
     text: String,
     occurred_at: i64,
-    query_event_id: Option<String>,
+    query_event_id: Option<EventId>,
     model: Option<String>,
     prompt_tokens: Option<i32>,
     completion_tokens: Option<i32>,
@@ -75,7 +75,7 @@ pub(crate) async fn conversation(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user = user_of(&state, &headers).await?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user"));
-    let id: Uuid = id.parse().map_err(|_| not_found())?;
+    let id: ConversationId = id.parse().map_err(|_| not_found())?;
     if let Some(after) = params.after {
         let position: LogPosition = after.parse().map_err(|_| {
             ApiError::new(
@@ -164,7 +164,7 @@ pub(crate) async fn cancel(
 }
 
 /// A page cursor `<started_at>:<conversation id>`.
-fn parse_cursor(cursor: &str) -> Result<(i64, Uuid), ApiError> {
+fn parse_cursor(cursor: &str) -> Result<(i64, ConversationId), ApiError> {
     cursor.split_once(':').and_then(|(at, id)| Some((at.parse().ok()?, id.parse().ok()?))).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -191,7 +191,7 @@ mod tests {
             partition in 0..i32::MAX,
             offset in 0..i64::MAX,
         ) {
-            let id = Uuid::from_u128(id);
+            let id = ConversationId::from(uuid::Uuid::from_u128(id));
             proptest::prop_assert_eq!(parse_cursor(&format!("{at}:{id}")).unwrap(), (at, id));
             if let Err(refused) = parse_cursor(&noise) {
                 proptest::prop_assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn cursors_parse_or_fail_clearly() {
-        let id = Uuid::new_v4();
+        let id = ConversationId::random();
         assert_eq!(parse_cursor(&format!("123:{id}")).unwrap(), (123, id));
         for bad in ["", "123", "x:y", &format!("abc:{id}")] {
             assert_eq!(parse_cursor(bad).unwrap_err().status(), StatusCode::BAD_REQUEST, "{bad}");

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use clap::Args;
+use parley_events::{EventId, UserId};
 
 /// The limits; 0 turns a limit off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
@@ -121,10 +122,10 @@ struct UserBuckets {
 #[derive(Debug)]
 pub struct RateLimiter {
     settings: RateSettings,
-    users: HashMap<String, UserBuckets>,
+    users: HashMap<UserId, UserBuckets>,
     global: Bucket,
     /// Queries admitted here and already charged, until the log shows them.
-    admitted_here: HashSet<String>,
+    admitted_here: HashSet<EventId>,
 }
 
 impl RateLimiter {
@@ -137,9 +138,9 @@ impl RateLimiter {
         }
     }
 
-    fn user(&mut self, user: &str, now_ms: i64) -> &mut UserBuckets {
+    fn user(&mut self, user: &UserId, now_ms: i64) -> &mut UserBuckets {
         let settings = self.settings;
-        self.users.entry(user.to_owned()).or_insert_with(|| UserBuckets {
+        self.users.entry(user.clone()).or_insert_with(|| UserBuckets {
             turns: Bucket::full(settings.user_turns_per_minute, now_ms),
             tokens: Bucket::full(settings.user_tokens_per_minute, now_ms),
             documents: Bucket::full(settings.user_documents_per_minute, now_ms),
@@ -147,7 +148,7 @@ impl RateLimiter {
     }
 
     /// Admits a turn of `user` (charging it) or says which limit refuses it and for how long.
-    pub fn admit(&mut self, user: &str, query_id: &str, now_ms: i64) -> Result<(), Limited> {
+    pub fn admit(&mut self, user: &UserId, query_id: EventId, now_ms: i64) -> Result<(), Limited> {
         let settings = self.settings;
         self.global.refill(now_ms);
         let buckets = self.user(user, now_ms);
@@ -165,12 +166,12 @@ impl RateLimiter {
         }
         self.user(user, now_ms).turns.charge(1.0, now_ms);
         self.global.charge(1.0, now_ms);
-        self.admitted_here.insert(query_id.to_owned());
+        self.admitted_here.insert(query_id);
         Ok(())
     }
 
     /// Admits a document of `user` (charging it), or says when one would pass.
-    pub fn admit_document(&mut self, user: &str, event_id: &str, now_ms: i64) -> Result<(), Limited> {
+    pub fn admit_document(&mut self, user: &UserId, event_id: EventId, now_ms: i64) -> Result<(), Limited> {
         let limit = self.settings.user_documents_per_minute;
         let documents = &mut self.user(user, now_ms).documents;
         documents.refill(now_ms);
@@ -179,27 +180,27 @@ impl RateLimiter {
             return Err(Limited { limit: Limit::UserDocuments, retry_after_ms: wait });
         }
         documents.charge(1.0, now_ms);
-        self.admitted_here.insert(event_id.to_owned());
+        self.admitted_here.insert(event_id);
         Ok(())
     }
 
     /// A document read from the log: charged unless this instance admitted it.
-    pub fn observe_document(&mut self, user: &str, event_id: &str, now_ms: i64) {
-        if !self.admitted_here.remove(event_id) {
+    pub fn observe_document(&mut self, user: &UserId, event_id: EventId, now_ms: i64) {
+        if !self.admitted_here.remove(&event_id) {
             self.user(user, now_ms).documents.charge(1.0, now_ms);
         }
     }
 
     /// A document admitted here that the log did not take.
-    pub fn refund_document(&mut self, user: &str, event_id: &str, now_ms: i64) {
-        if self.admitted_here.remove(event_id) {
+    pub fn refund_document(&mut self, user: &UserId, event_id: EventId, now_ms: i64) {
+        if self.admitted_here.remove(&event_id) {
             self.user(user, now_ms).documents.charge(-1.0, now_ms);
         }
     }
 
     /// A query read from the log: charged unless this instance admitted (and charged) it.
-    pub fn observe_query(&mut self, user: &str, query_id: &str, now_ms: i64) {
-        if self.admitted_here.remove(query_id) {
+    pub fn observe_query(&mut self, user: &UserId, query_id: EventId, now_ms: i64) {
+        if self.admitted_here.remove(&query_id) {
             return;
         }
         self.user(user, now_ms).turns.charge(1.0, now_ms);
@@ -207,15 +208,15 @@ impl RateLimiter {
     }
 
     /// A query admitted here that the log did not take: nothing to charge.
-    pub fn refund(&mut self, user: &str, query_id: &str, now_ms: i64) {
-        if self.admitted_here.remove(query_id) {
+    pub fn refund(&mut self, user: &UserId, query_id: EventId, now_ms: i64) {
+        if self.admitted_here.remove(&query_id) {
             self.user(user, now_ms).turns.charge(-1.0, now_ms);
             self.global.charge(-1.0, now_ms);
         }
     }
 
     /// An outcome read from the log: the model tokens the turn used.
-    pub fn observe_usage(&mut self, user: &str, tokens: u64, now_ms: i64) {
+    pub fn observe_usage(&mut self, user: &UserId, tokens: u64, now_ms: i64) {
         self.user(user, now_ms).tokens.charge(tokens as f64, now_ms);
     }
 
@@ -233,6 +234,15 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn u(name: &str) -> UserId {
+        name.parse().unwrap()
+    }
+
+    /// The event id the test calls `name`: the same name, the same id.
+    fn e(name: impl AsRef<str>) -> EventId {
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_ref().as_bytes()).into()
+    }
+
     fn limiter(turns: u32, tokens: u32, global: u32) -> RateLimiter {
         let settings = RateSettings {
             user_turns_per_minute: turns,
@@ -246,68 +256,68 @@ mod tests {
     #[test]
     fn documents_have_a_bucket_of_their_own_shared_through_the_log() {
         let mut rate = limiter(0, 0, 0);
-        rate.observe_document("ann", "added-elsewhere", 0);
-        assert_eq!(rate.admit_document("ann", "d1", 0), Ok(()));
-        rate.observe_document("ann", "d1", 1); // our own, back from the log: not twice
-        let refused = rate.admit_document("ann", "d2", 1).unwrap_err();
+        rate.observe_document(&u("ann"), e("added-elsewhere"), 0);
+        assert_eq!(rate.admit_document(&u("ann"), e("d1"), 0), Ok(()));
+        rate.observe_document(&u("ann"), e("d1"), 1); // our own, back from the log: not twice
+        let refused = rate.admit_document(&u("ann"), e("d2"), 1).unwrap_err();
         assert_eq!(refused, Limited { limit: Limit::UserDocuments, retry_after_ms: 29_999 });
-        assert!(rate.admit("ann", "q", 1).is_ok(), "questions are another bucket");
+        assert!(rate.admit(&u("ann"), e("q"), 1).is_ok(), "questions are another bucket");
 
         let mut rate = limiter(0, 0, 0);
-        assert_eq!(rate.admit_document("bob", "d1", 0), Ok(()));
-        assert_eq!(rate.admit_document("bob", "d2", 0), Ok(()));
-        assert!(rate.admit_document("bob", "d3", 0).is_err());
-        rate.refund_document("bob", "d2", 0);
-        assert_eq!(rate.admit_document("bob", "d3", 0), Ok(()), "a document the log refused is refunded");
+        assert_eq!(rate.admit_document(&u("bob"), e("d1"), 0), Ok(()));
+        assert_eq!(rate.admit_document(&u("bob"), e("d2"), 0), Ok(()));
+        assert!(rate.admit_document(&u("bob"), e("d3"), 0).is_err());
+        rate.refund_document(&u("bob"), e("d2"), 0);
+        assert_eq!(rate.admit_document(&u("bob"), e("d3"), 0), Ok(()), "a document the log refused is refunded");
     }
 
     #[test]
     fn a_user_gets_a_burst_of_the_per_minute_limit_then_waits_for_refill() {
         let mut rate = limiter(3, 0, 0);
         for n in 0..3 {
-            assert_eq!(rate.admit("ann", &format!("q{n}"), 0), Ok(()));
+            assert_eq!(rate.admit(&u("ann"), e(format!("q{n}")), 0), Ok(()));
         }
-        let refused = rate.admit("ann", "q3", 0).unwrap_err();
+        let refused = rate.admit(&u("ann"), e("q3"), 0).unwrap_err();
         assert_eq!(refused, Limited { limit: Limit::UserTurns, retry_after_ms: 20_000 });
-        assert!(rate.admit("bob", "b0", 0).is_ok(), "another user has a bucket of their own");
-        assert!(rate.admit("ann", "q3", 19_999).is_err());
-        assert_eq!(rate.admit("ann", "q3", 20_000), Ok(()), "one turn refills in 60 s / 3");
+        assert!(rate.admit(&u("bob"), e("b0"), 0).is_ok(), "another user has a bucket of their own");
+        assert!(rate.admit(&u("ann"), e("q3"), 19_999).is_err());
+        assert_eq!(rate.admit(&u("ann"), e("q3"), 20_000), Ok(()), "one turn refills in 60 s / 3");
     }
 
     #[test]
     fn turns_other_instances_admitted_count_once_and_own_ones_are_not_counted_twice() {
         let mut rate = limiter(2, 0, 0);
-        rate.observe_query("ann", "elsewhere", 0); // admitted by another gateway
-        assert_eq!(rate.admit("ann", "here", 0), Ok(()));
-        rate.observe_query("ann", "here", 5); // our own query, back from the log
-        assert_eq!(rate.admit("ann", "third", 10).unwrap_err().limit, Limit::UserTurns);
+        rate.observe_query(&u("ann"), e("elsewhere"), 0); // admitted by another gateway
+        assert_eq!(rate.admit(&u("ann"), e("here"), 0), Ok(()));
+        rate.observe_query(&u("ann"), e("here"), 5); // our own query, back from the log
+        assert_eq!(rate.admit(&u("ann"), e("third"), 10).unwrap_err().limit, Limit::UserTurns);
     }
 
     #[test]
     fn a_query_the_log_refused_is_refunded() {
         let mut rate = limiter(1, 0, 0);
-        assert_eq!(rate.admit("ann", "q0", 0), Ok(()));
-        rate.refund("ann", "q0", 0);
-        assert_eq!(rate.admit("ann", "q0", 0), Ok(()));
+        assert_eq!(rate.admit(&u("ann"), e("q0"), 0), Ok(()));
+        rate.refund(&u("ann"), e("q0"), 0);
+        assert_eq!(rate.admit(&u("ann"), e("q0"), 0), Ok(()));
     }
 
     #[test]
     fn spent_tokens_refuse_turns_until_the_bucket_has_refilled_above_zero() {
         let mut rate = limiter(0, 1_000, 0);
-        assert_eq!(rate.admit("ann", "q0", 0), Ok(()));
-        rate.observe_usage("ann", 1_600, 0); // the answer cost more than was left
-        let refused = rate.admit("ann", "q1", 0).unwrap_err();
+        assert_eq!(rate.admit(&u("ann"), e("q0"), 0), Ok(()));
+        rate.observe_usage(&u("ann"), 1_600, 0); // the answer cost more than was left
+        let refused = rate.admit(&u("ann"), e("q1"), 0).unwrap_err();
         assert_eq!(refused.limit, Limit::UserTokens);
         assert_eq!(refused.retry_after_ms, 36_000, "600 tokens of debt at 1,000 a minute");
-        assert_eq!(rate.admit("ann", "q1", 36_001), Ok(()));
+        assert_eq!(rate.admit(&u("ann"), e("q1"), 36_001), Ok(()));
     }
 
     #[test]
     fn the_global_limit_holds_across_users_and_the_longest_wait_is_reported() {
         let mut rate = limiter(10, 0, 2);
-        assert!(rate.admit("ann", "a", 0).is_ok());
-        rate.observe_query("bob", "b", 0);
-        let refused = rate.admit("cid", "c", 0).unwrap_err();
+        assert!(rate.admit(&u("ann"), e("a"), 0).is_ok());
+        rate.observe_query(&u("bob"), e("b"), 0);
+        let refused = rate.admit(&u("cid"), e("c"), 0).unwrap_err();
         assert_eq!(refused, Limited { limit: Limit::GlobalTurns, retry_after_ms: 30_000 });
     }
 
@@ -315,11 +325,11 @@ mod tests {
     fn zero_turns_a_limit_off_and_rested_users_are_forgotten() {
         let mut rate = limiter(0, 0, 0);
         for n in 0..1_000 {
-            assert!(rate.admit("ann", &n.to_string(), 0).is_ok());
+            assert!(rate.admit(&u("ann"), e(n.to_string()), 0).is_ok());
         }
         let mut rate = limiter(5, 100, 0);
-        rate.admit("ann", "q", 0).unwrap();
-        rate.observe_usage("ann", 50, 0);
+        rate.admit(&u("ann"), e("q"), 0).unwrap();
+        rate.observe_usage(&u("ann"), 50, 0);
         rate.forget_rested(1_000);
         assert_eq!(rate.users_tracked(), 1, "still refilling");
         rate.forget_rested(60_000);

@@ -63,7 +63,7 @@ pub async fn run(
             if let Ok(decoded) = codec.decode::<DocumentSubmitted>(payload).await {
                 let document = decoded.event;
                 let mut limiter = limiter.lock().unwrap_or_else(PoisonError::into_inner);
-                limiter.observe_document(&document.owner, &document.envelope.event_id, document.envelope.occurred_at);
+                limiter.observe_document(&document.owner, document.envelope.event_id, document.envelope.occurred_at);
             }
             continue;
         }
@@ -80,11 +80,11 @@ pub async fn run(
         let mut limiter = limiter.lock().unwrap_or_else(PoisonError::into_inner);
         match &event {
             ConversationEvent::QueryReceived(query) => {
-                limiter.observe_query(&query.user_id, &query.envelope.event_id, at)
+                limiter.observe_query(&query.user_id, query.envelope.event_id, at)
             }
-            ConversationEvent::ResponseGenerated(answer) if !answer.user_id.is_empty() => {
+            ConversationEvent::ResponseGenerated(answer) if let Some(user) = &answer.user_id => {
                 let tokens = i64::from(answer.prompt_tokens) + i64::from(answer.completion_tokens);
-                limiter.observe_usage(&answer.user_id, u64::try_from(tokens).unwrap_or(0), at);
+                limiter.observe_usage(user, u64::try_from(tokens).unwrap_or(0), at);
             }
             _ => {}
         }

@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use parley_events::ConversationEvent;
 use parley_events::turn::{ConversationHead, OpenQuery};
-use uuid::Uuid;
+use parley_events::{ConversationEvent, ConversationId, EventId, UserId};
 
 use crate::hub::WrittenQuery;
 
@@ -24,10 +23,10 @@ use crate::hub::WrittenQuery;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fact {
     Started {
-        owner: String,
+        owner: UserId,
     },
     Query {
-        id: Uuid,
+        id: EventId,
         sequence: i64,
         client_message_id: String,
     },
@@ -38,14 +37,13 @@ pub enum Fact {
 }
 
 impl Fact {
-    /// The fact an event is to a writer; none for a cancel request (it advances nothing)
-    /// or a query whose id is not a UUID (no gateway wrote it).
+    /// The fact an event is to a writer; none for a cancel request (it advances nothing).
     pub fn of(event: &ConversationEvent) -> Option<Self> {
         let sequence = event.envelope().sequence;
         match event {
             ConversationEvent::Started(started) => Some(Fact::Started { owner: started.user_id.clone() }),
             ConversationEvent::QueryReceived(query) => Some(Fact::Query {
-                id: query.envelope.event_id.parse().ok()?,
+                id: query.envelope.event_id,
                 sequence,
                 client_message_id: query.client_message_id.clone(),
             }),
@@ -61,7 +59,7 @@ impl Fact {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
     pub head: ConversationHead,
-    pub queries: HashMap<Uuid, WrittenQuery>,
+    pub queries: HashMap<EventId, WrittenQuery>,
 }
 
 #[derive(Debug, Default)]
@@ -71,8 +69,8 @@ struct PartitionWindow {
     /// The next offset the listener will read: everything before it was read.
     next: i64,
     /// Every fact's offset and conversation, in log order (what pruning walks).
-    order: VecDeque<(i64, Uuid)>,
-    by_conversation: HashMap<Uuid, VecDeque<(i64, Fact)>>,
+    order: VecDeque<(i64, ConversationId)>,
+    by_conversation: HashMap<ConversationId, VecDeque<(i64, Fact)>>,
 }
 
 impl PartitionWindow {
@@ -108,7 +106,7 @@ impl RecentEvents {
     }
 
     /// The listener read the record at `offset` (of `conversation`, with `fact`, if it is one).
-    pub fn record(&mut self, partition: i32, offset: i64, conversation: Option<Uuid>, fact: Option<Fact>) {
+    pub fn record(&mut self, partition: i32, offset: i64, conversation: Option<ConversationId>, fact: Option<Fact>) {
         let Some(window) = self.partitions.get_mut(&partition) else { return };
         window.next = window.next.max(offset + 1);
         let (Some(conversation), Some(fact)) = (conversation, fact) else { return };
@@ -154,7 +152,7 @@ impl RecentEvents {
     }
 
     /// The offset of `conversation`'s outcome at `sequence`, if it is among the facts.
-    pub fn outcome_offset(&self, partition: i32, conversation: Uuid, sequence: i64) -> Option<i64> {
+    pub fn outcome_offset(&self, partition: i32, conversation: ConversationId, sequence: i64) -> Option<i64> {
         let facts = self.partitions.get(&partition)?.by_conversation.get(&conversation)?;
         facts.iter().find_map(|(offset, fact)| (*fact == Fact::Closed { sequence }).then_some(*offset))
     }
@@ -167,22 +165,19 @@ impl RecentEvents {
     /// `conversation` as the log has it: what the projection knows (`projected`, read after
     /// it had applied everything before [`Self::from`]) with the facts read past it
     /// applied idempotently by sequence. `None`: the log has no such conversation.
-    pub fn merge(&self, partition: i32, conversation: Uuid, projected: Option<Known>) -> Option<Known> {
+    pub fn merge(&self, partition: i32, conversation: ConversationId, projected: Option<Known>) -> Option<Known> {
         let facts = self.partitions.get(&partition).and_then(|w| w.by_conversation.get(&conversation));
         let mut known = projected;
         for (offset, fact) in facts.into_iter().flatten() {
             match (fact, &mut known) {
                 (Fact::Started { owner }, None) => {
-                    known = Some(Known { head: ConversationHead::started(owner), queries: HashMap::new() });
+                    known = Some(Known { head: ConversationHead::started(owner.clone()), queries: HashMap::new() });
                 }
                 (Fact::Started { .. }, Some(_)) => {}
                 (Fact::Query { id, sequence, client_message_id }, Some(known)) => {
                     known.queries.entry(*id).or_insert(WrittenQuery { sequence: *sequence, offset: *offset });
-                    let opens = OpenQuery {
-                        event_id: id.to_string(),
-                        sequence: *sequence,
-                        client_message_id: client_message_id.clone(),
-                    };
+                    let opens =
+                        OpenQuery { event_id: *id, sequence: *sequence, client_message_id: client_message_id.clone() };
                     known.head.advance_over_gaps(*sequence, Some(opens));
                 }
                 (Fact::Closed { sequence }, Some(known)) => {
@@ -239,19 +234,25 @@ impl Recent {
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
 
+    fn user(name: &str) -> UserId {
+        name.parse().unwrap()
+    }
+
     fn query(id: u128, sequence: i64) -> Fact {
-        Fact::Query { id: Uuid::from_u128(id), sequence, client_message_id: format!("m{id}") }
+        Fact::Query { id: Uuid::from_u128(id).into(), sequence, client_message_id: format!("m{id}") }
     }
 
     fn started(owner: &str) -> Fact {
-        Fact::Started { owner: owner.into() }
+        Fact::Started { owner: user(owner) }
     }
 
     #[test]
     fn a_conversation_the_projection_has_not_applied_is_known_from_the_facts() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let mut recent = RecentEvents::new(100);
         recent.start(3, 40);
         recent.record(3, 40, Some(c), Some(started("alice")));
@@ -260,36 +261,38 @@ mod tests {
         assert_eq!(known.head.owner, "alice");
         assert_eq!(known.head.last_sequence, 2);
         assert_eq!(known.head.open_query.as_ref().map(|q| q.client_message_id.as_str()), Some("m7"));
-        assert_eq!(known.queries[&Uuid::from_u128(7)], WrittenQuery { sequence: 2, offset: 41 });
+        assert_eq!(known.queries[&EventId::from(Uuid::from_u128(7))], WrittenQuery { sequence: 2, offset: 41 });
         assert_eq!(recent.read_to(3), Some(42));
-        assert_eq!(recent.merge(3, Uuid::new_v4(), None), None, "another conversation is new");
+        assert_eq!(recent.merge(3, ConversationId::random(), None), None, "another conversation is new");
     }
 
     #[test]
     fn facts_extend_the_projected_row_idempotently() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let mut recent = RecentEvents::new(100);
         recent.start(0, 10);
         // The projection applied the first turn already (offsets 10 and 11), not the second.
         recent.record(0, 10, Some(c), Some(query(1, 2)));
         recent.record(0, 11, Some(c), Some(Fact::Closed { sequence: 3 }));
         recent.record(0, 12, Some(c), Some(query(2, 4)));
-        let mut head = ConversationHead::started("alice");
+        let mut head = ConversationHead::started(user("alice"));
         head.last_sequence = 3;
-        let projected =
-            Known { head, queries: HashMap::from([(Uuid::from_u128(1), WrittenQuery { sequence: 2, offset: 10 })]) };
+        let projected = Known {
+            head,
+            queries: HashMap::from([(EventId::from(Uuid::from_u128(1)), WrittenQuery { sequence: 2, offset: 10 })]),
+        };
         let known = recent.merge(0, c, Some(projected)).unwrap();
         assert_eq!(known.head.last_sequence, 4);
-        assert_eq!(known.head.admit("alice").map_err(|_| ()), Err(()), "the second turn is open");
+        assert_eq!(known.head.admit(&user("alice")).map_err(|_| ()), Err(()), "the second turn is open");
         assert_eq!(known.queries.len(), 2);
-        assert_eq!(known.queries[&Uuid::from_u128(2)].offset, 12);
+        assert_eq!(known.queries[&EventId::from(Uuid::from_u128(2))].offset, 12);
         assert_eq!(recent.outcome_offset(0, c, 3), Some(11), "where the first turn's answer is");
         assert_eq!(recent.outcome_offset(0, c, 5), None);
     }
 
     #[test]
     fn pruning_drops_what_the_projection_applied_and_moves_the_window() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (a, b) = (ConversationId::random(), ConversationId::random());
         let mut recent = RecentEvents::new(100);
         recent.start(1, 0);
         recent.record(1, 0, Some(a), Some(started("alice")));
@@ -306,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_window_over_its_cap_forgets_its_oldest_facts_and_says_so() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let mut recent = RecentEvents::new(2);
         recent.start(0, 0);
         for offset in 0..5 {
@@ -330,16 +333,16 @@ mod tests {
 
     #[test]
     fn a_cancel_request_is_no_fact() {
-        let c = Uuid::new_v4();
+        let c = ConversationId::random();
         let cancel = ConversationEvent::CancelRequested(parley_events::TurnCancelRequested {
             envelope: parley_events::Envelope::new(
-                Uuid::new_v4(),
+                EventId::random(),
                 c,
                 2,
                 parley_events::Producer { name: "t", version: "0" },
             ),
-            query_event_id: Uuid::new_v4().to_string(),
-            user_id: "alice".into(),
+            query_event_id: EventId::random(),
+            user_id: "alice".parse().unwrap(),
         });
         assert_eq!(Fact::of(&cancel), None);
     }

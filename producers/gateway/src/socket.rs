@@ -12,10 +12,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
+use parley_events::{EventId, UserId};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span};
-use uuid::Uuid;
 
 use crate::cancel::{cancel, cancel_abandoned};
 use crate::follow::{resume, subscribe};
@@ -87,7 +87,7 @@ pub(crate) async fn upgrade(
 /// One open socket of a user, counted until dropped.
 struct SocketCount {
     state: Arc<AppState>,
-    user: String,
+    user: UserId,
 }
 
 impl Drop for SocketCount {
@@ -103,7 +103,7 @@ impl Drop for SocketCount {
     }
 }
 
-async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64>, socket: WebSocket) {
+async fn serve_socket(state: Arc<AppState>, user: UserId, expires_at: Option<u64>, socket: WebSocket) {
     let connection = state.next_connection.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("gateway.socket", connection, user = %user);
     async {
@@ -135,7 +135,7 @@ async fn serve_socket(state: Arc<AppState>, user: String, expires_at: Option<u64
         });
         let _ = outbox
             .send(ServerFrame::Ready {
-                user_id: user.clone(),
+                user_id: user.to_string(),
                 protocol_version: PROTOCOL_VERSION,
                 max_frame_bytes: state.limits.max_frame_bytes,
                 max_text_chars: state.limits.max_text_chars,
@@ -219,7 +219,7 @@ async fn token_expiry(expires_at: Option<u64>) {
     tokio::time::sleep(Duration::from_secs(expires_at).saturating_sub(now)).await;
 }
 
-async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &str) {
+async fn handle_text(state: &AppState, user: &UserId, socket: &Socket<'_>, text: &str) {
     let (connection, outbox) = (socket.connection, socket.outbox);
     let parsed = parse_frame(text, state.limits);
     let query = matches!(parsed, Ok(ClientFrame::Query { .. }));
@@ -233,7 +233,7 @@ async fn handle_text(state: &AppState, user: &str, socket: &Socket<'_>, text: &s
             resumed.await.unwrap_or_else(|refusal| vec![refusal.into_frame()])
         }
         Ok(ClientFrame::Cancel { conversation_id, query_event_id }) => {
-            let frame = match query_event_id.parse::<Uuid>() {
+            let frame = match query_event_id.parse::<EventId>() {
                 Err(_) => ServerFrame::error(ErrorCode::InvalidField, "query_event_id is not a UUID".into(), None),
                 Ok(query) => match cancel(state, user, &conversation_id, Some(query)).await {
                     Ok(done) => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use parley_eventlog::load::LoadBoard;
 use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
+use parley_events::UserId;
 use parley_events::event::now_millis as now_ms;
 use parley_events::lanes::{Lane, LaneLayout, LayoutError};
 use parley_events::{EventCodec, EventsError, Producer};
@@ -75,7 +76,7 @@ pub(crate) struct AppState {
     pub(crate) cancel_after_disconnect: Duration,
     pub(crate) allowed_origins: Vec<String>,
     /// Open sockets per user, against `max_sockets_per_user`.
-    pub(crate) sockets: Mutex<HashMap<String, u32>>,
+    pub(crate) sockets: Mutex<HashMap<UserId, u32>>,
     pub(crate) max_sockets_per_user: u32,
     pub(crate) identity: Identity,
     /// The metrics the operations page charts: this process's, or the fleet's from a

@@ -11,14 +11,12 @@ use parley_eventlog::trace::traceparent_of;
 use parley_events::event::now_millis as now_ms;
 use parley_events::lanes::Lane;
 use parley_events::turn::STARTED_SEQUENCE;
-use parley_events::{ConversationStarted, Envelope, UserQueryReceived};
+use parley_events::{ConversationId, ConversationStarted, Envelope, EventId, UserId, UserQueryReceived};
 use parley_projections::ProjectionError;
 use parley_projections::budget::Reserved;
 use parley_projections::reader::Freshness;
-use parley_projections::store::EventLocation;
 use tracing::field::Empty;
 use tracing::{Instrument, info_span, warn};
-use uuid::Uuid;
 
 use crate::adoption::Adopted;
 use crate::answers;
@@ -28,7 +26,7 @@ use crate::state::{AppState, SOURCE};
 
 pub(crate) async fn accept_query(
     state: &AppState,
-    user: &str,
+    user: &UserId,
     connection: ConnectionId,
     outbox: &Outbox,
     query: crate::protocol::ValidQuery,
@@ -84,17 +82,17 @@ pub(crate) async fn accept_query(
     let event = UserQueryReceived {
         envelope: Envelope::new(query_id, conversation_id, sequence, SOURCE)
             .with_traceparent(Some(traceparent.clone())),
-        user_id: user.to_owned(),
+        user_id: user.clone(),
         client_message_id: query.client_message_id.clone(),
         text: query.text.clone(),
     };
     let written = async {
         if new_conversation {
             let started = ConversationStarted {
-                envelope: Envelope::new(Uuid::new_v4(), conversation_id, STARTED_SEQUENCE, SOURCE)
+                envelope: Envelope::new(EventId::random(), conversation_id, STARTED_SEQUENCE, SOURCE)
                     .with_correlation(query_id.to_string())
                     .with_traceparent(Some(traceparent.clone())),
-                user_id: user.to_owned(),
+                user_id: user.clone(),
             };
             state
                 .producer
@@ -125,9 +123,9 @@ pub(crate) async fn accept_query(
         Err(e) => {
             warn!(error = %e, %conversation_id, "query not written");
             state.hub.release(conversation_id, sequence);
-            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, &query_id.to_string(), now_ms());
+            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, query_id, now_ms());
             let (ledger, budgets) = &state.budget;
-            if let Err(error) = ledger.settle_if_limited(budgets, user, &query_id.to_string(), 0).await {
+            if let Err(error) = ledger.settle_if_limited(budgets, user, query_id, 0).await {
                 warn!(%error, %query_id, "the reservation of an unwritten query was not released");
             }
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
@@ -145,7 +143,11 @@ struct Refused {
 
 /// The lane a new conversation of `user`'s is served in: their tier, or the lower lane the
 /// client asked for (never a higher one).
-async fn lane_of_new_conversation(state: &AppState, user: &str, asked: Option<Lane>) -> Result<Lane, ProjectionError> {
+async fn lane_of_new_conversation(
+    state: &AppState,
+    user: &UserId,
+    asked: Option<Lane>,
+) -> Result<Lane, ProjectionError> {
     if state.lanes.is_single_lane() {
         return Ok(Lane::Standard);
     }
@@ -158,9 +160,9 @@ async fn lane_of_new_conversation(state: &AppState, user: &str, asked: Option<La
 /// so a shed turn costs the user nothing.
 async fn admission_control(
     state: &AppState,
-    user: &str,
-    conversation_id: Uuid,
-    query_id: Uuid,
+    user: &UserId,
+    conversation_id: ConversationId,
+    query_id: EventId,
     text: &str,
 ) -> Result<(), Refused> {
     let partition = partition_for_key(conversation_id.to_string().as_bytes(), state.event_partitions);
@@ -173,9 +175,8 @@ async fn admission_control(
             resets_at: None,
         });
     }
-    let query_id = query_id.to_string();
     let rate = || state.rate.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Err(limited) = rate().admit(user, &query_id, now_ms()) {
+    if let Err(limited) = rate().admit(user, query_id, now_ms()) {
         let seconds = limited.retry_after_ms.div_ceil(1000);
         return Err(Refused {
             code: ErrorCode::RateLimited,
@@ -186,7 +187,7 @@ async fn admission_control(
     }
     let (ledger, budgets) = &state.budget;
     let chars = text.chars().count();
-    let refused = match ledger.reserve(budgets, user, &conversation_id.to_string(), &query_id, chars, now_ms()).await {
+    let refused = match ledger.reserve(budgets, user, conversation_id, query_id, chars, now_ms()).await {
         Ok(Reserved::Yes) => return Ok(()),
         Ok(Reserved::No(exceeded)) => {
             let resets_at = exceeded.resets_at_ms.map(format_time);
@@ -199,7 +200,7 @@ async fn admission_control(
             Refused { code: ErrorCode::Unavailable, message, retry_after_ms: None, resets_at: None }
         }
     };
-    rate().refund(user, &query_id, now_ms());
+    rate().refund(user, query_id, now_ms());
     Err(refused)
 }
 
@@ -232,22 +233,15 @@ pub(crate) async fn resolve_outcome(state: &AppState, outcome: DuplicateOutcome)
 /// says it is, as the frame it was first pushed as.
 async fn earlier_outcome(
     state: &AppState,
-    conversation_id: Uuid,
-    query_id: Uuid,
+    conversation_id: ConversationId,
+    query_id: EventId,
     outcome_sequence: i64,
     after: &LogPosition,
 ) -> Result<Option<ServerFrame>, ProjectionError> {
     // Read past the projection by this gateway: the outcome's position is known at once.
     let recent = state.adopter.recent.lock().outcome_offset(after.partition, conversation_id, outcome_sequence);
-    let locations: Vec<_> = if let Some(offset) = recent {
-        vec![EventLocation {
-            sequence: outcome_sequence,
-            event_id: String::new(),
-            event_type: String::new(),
-            topic: after.topic.clone(),
-            partition: after.partition,
-            offset,
-        }]
+    let positions: Vec<LogPosition> = if let Some(offset) = recent {
+        vec![LogPosition { topic: after.topic.clone(), partition: after.partition, offset }]
     } else {
         if state.reader.wait_for(after, state.read_wait).await? != Freshness::Applied {
             return Ok(None);
@@ -260,12 +254,10 @@ async fn earlier_outcome(
             .await?
             .into_iter()
             .filter(|l| l.sequence == outcome_sequence)
+            .map(|l| l.position())
             .collect()
     };
-    if locations.is_empty() {
-        return Ok(None); // (an empty index would make the reader scan every partition)
-    }
-    let (records, _, _) = state.log.lock().await.read(conversation_id, &locations, false).await?;
+    let records = state.log.lock().await.records_at(&positions).await?;
     let query_event_id = query_id.to_string();
     Ok(records
         .iter()

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use parley_events::{DocumentDeleted, DocumentSubmitted, Envelope, Producer as EventSource};
+use parley_events::{
+    DocumentDeleted, DocumentId, DocumentSubmitted, Envelope, EventId, Producer as EventSource, UserId,
+};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -45,7 +47,7 @@ pub enum SubmissionError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submission {
     /// The user it belongs to (only they retrieve from it).
-    pub owner: String,
+    pub owner: UserId,
     /// Shown with the chunks an answer cites.
     pub title: String,
     /// `text/plain` or `text/markdown`.
@@ -73,10 +75,10 @@ impl Submission {
             return Err(SubmissionError::MediaType(self.media_type));
         }
         let document_id = document_id(&self.owner, &self.title, &self.text);
-        let event_id = Uuid::new_v5(&document_id, b"submitted");
+        let event_id = Uuid::new_v5(&document_id.uuid(), b"submitted").into();
         Ok(DocumentSubmitted {
-            envelope: Envelope::new(event_id, document_id, 1, SOURCE).with_traceparent(traceparent),
-            document_id: document_id.to_string(),
+            envelope: Envelope::new(event_id, document_id.stream(), 1, SOURCE).with_traceparent(traceparent),
+            document_id,
             owner: self.owner,
             title: self.title,
             media_type: self.media_type,
@@ -88,22 +90,23 @@ impl Submission {
 
 /// The event that takes `document_id` out of `owner`'s knowledge base (sequence 2 of the
 /// document's stream). Each request is a fact of its own, so its event id is new.
-pub fn deletion_event(owner: &str, document_id: Uuid, traceparent: Option<String>) -> DocumentDeleted {
+pub fn deletion_event(owner: &UserId, document_id: DocumentId, traceparent: Option<String>) -> DocumentDeleted {
     DocumentDeleted {
-        envelope: Envelope::new(Uuid::new_v4(), document_id, 2, SOURCE).with_traceparent(traceparent),
-        document_id: document_id.to_string(),
-        owner: owner.to_owned(),
+        envelope: Envelope::new(EventId::random(), document_id.stream(), 2, SOURCE).with_traceparent(traceparent),
+        document_id,
+        owner: owner.clone(),
     }
 }
 
 /// uuid5 over owner, title and content (length-prefixed, so fields cannot run together).
-pub fn document_id(owner: &str, title: &str, text: &str) -> Uuid {
+pub fn document_id(owner: &UserId, title: &str, text: &str) -> DocumentId {
+    let owner = owner.as_str();
     let mut name = Vec::with_capacity(owner.len() + title.len() + text.len() + 24);
     for part in [owner, title, text] {
         name.extend_from_slice(&(part.len() as u64).to_be_bytes());
         name.extend_from_slice(part.as_bytes());
     }
-    Uuid::new_v5(&DOCUMENT_NAMESPACE, &name)
+    Uuid::new_v5(&DOCUMENT_NAMESPACE, &name).into()
 }
 
 /// The media type of a file by its extension: Markdown or plain text.
@@ -118,7 +121,7 @@ mod tests {
 
     fn submission(text: &str) -> Submission {
         Submission {
-            owner: "alice".into(),
+            owner: "alice".parse().unwrap(),
             title: "notes.md".into(),
             media_type: "text/markdown".into(),
             text: text.into(),
@@ -131,14 +134,12 @@ mod tests {
         let a = submission("Kafka is a log.").into_event(None).unwrap();
         let again = submission("Kafka is a log.").into_event(None).unwrap();
         let edited = submission("Kafka is a distributed log.").into_event(None).unwrap();
-        assert_eq!(
-            (a.document_id.as_str(), a.envelope.event_id.as_str()),
-            (again.document_id.as_str(), again.envelope.event_id.as_str())
-        );
+        assert_eq!((a.document_id, a.envelope.event_id), (again.document_id, again.envelope.event_id));
         assert_ne!(a.document_id, edited.document_id);
-        assert_eq!(a.envelope.conversation_id, a.document_id);
+        assert_eq!(a.envelope.conversation_id, a.document_id.stream());
         assert_eq!(a.envelope.sequence, 1);
-        let bob = Submission { owner: "bob".into(), ..submission("Kafka is a log.") }.into_event(None).unwrap();
+        let bob =
+            Submission { owner: "bob".parse().unwrap(), ..submission("Kafka is a log.") }.into_event(None).unwrap();
         assert_ne!(a.document_id, bob.document_id, "ids are per owner");
     }
 

@@ -39,7 +39,7 @@ pub async fn submit_all(
             }
         }
         let traceparent = document.envelope.traceparent.as_deref();
-        match producer.enqueue(topic, &document.document_id, document, traceparent).await {
+        match producer.enqueue(topic, &document.document_id.to_string(), document, traceparent).await {
             Ok(delivery) => pending.push(async move { (index, delivery.await) }),
             Err(error) => {
                 let outcome = Err(error);
