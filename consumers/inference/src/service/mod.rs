@@ -1,0 +1,245 @@
+//! The inference consumer: a [`Processor`] of the event log's driver. Each query starts
+//! as soon as it is fetched and a slot is free (`--concurrency`), one per conversation at
+//! a time; its outcome is appended in the next Kafka transaction after it is done,
+//! together with offsets that never pass an unanswered query (see
+//! [`parley_eventlog::driver`]). After a crash or a rebalance, a query whose outcome is
+//! already in the log is not sent to the model again: the driver shows every record read
+//! while catching up to [`Processor::observe`], and those outcomes are remembered until
+//! their queries come back. Token deltas go to the tokens topic outside any transaction,
+//! because the gateway must see them while the answer is being generated.
+
+mod answer;
+mod args;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use parley_eventlog::consumer::tail;
+use parley_eventlog::driver::{Decoded, DriverSettings, Processor, QueueAge};
+use parley_eventlog::lanes::Lanes;
+use parley_eventlog::load;
+use parley_eventlog::registry_wait::retry_while_registry_down;
+use parley_eventlog::secret::SecretError;
+use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
+use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
+use parley_events::lanes::{Lane, LaneLayout};
+use parley_events::{ConversationEvent, EventCodec, EventId, EventsError, Producer as EventSource};
+use parley_projections::budget::{BudgetLedger, BudgetSettings};
+use parley_projections::replay::LogReader;
+use parley_projections::{ProjectionError, Store};
+use parley_retrieval::Retriever;
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::cancel::{self, Cancels};
+use crate::context::ContextSource;
+use crate::llm::{ChatModel, MissingKey};
+use crate::metrics;
+use crate::prompt::PromptLayout;
+
+pub use self::args::InferenceArgs;
+
+pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
+
+#[derive(Debug, Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    EventLog(#[from] EventLogError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error(transparent)]
+    Context(#[from] ProjectionError),
+    #[error(transparent)]
+    Config(#[from] MissingKey),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
+/// The driver's lanes: an events partition's lane, served by weight; standard kept off
+/// `premium_slots` last slots, batch off one more.
+fn lanes(layout: &LaneLayout, ratio: u32, premium_slots: usize) -> Lanes {
+    let names = Lane::ALL.iter().map(|lane| lane.as_str()).collect();
+    let layout = layout.clone();
+    Lanes::new(names, ratio, move |_, partition| layout.lane_of(partition).index())
+        .reserve(Lane::Standard.index(), premium_slots)
+        .reserve(Lane::Batch.index(), premium_slots + 1)
+}
+
+/// Runs the inference consumer until `shutdown` is cancelled.
+pub async fn run(
+    kafka: &KafkaSettings,
+    registry_url: &str,
+    store: Store,
+    retriever: Option<Retriever>,
+    args: InferenceArgs,
+    budgets: BudgetSettings,
+    shutdown: CancellationToken,
+) -> Result<(), InferenceError> {
+    let topics = kafka.topics();
+    // Always on: a user's own budget holds whatever the defaults are.
+    let budget = (BudgetLedger::open(&store).await?, budgets);
+    let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
+    let codec = Arc::new(EventCodec::new(registry_url)?);
+    let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots));
+    let settings = DriverSettings {
+        group_id: args.group_id.clone(),
+        transactional_id: instance_transactional_id(
+            &args.group_id,
+            args.transactional_id.as_deref(),
+            kafka.instance_id.as_deref(),
+        ),
+        topics: vec![topics.events.clone()],
+        dead_letter_topic: topics.dead_letter.clone(),
+        batch_size: 1,
+        batch_wait: Duration::ZERO,
+        concurrency: usize::from(args.concurrency),
+        one_per_key: true,
+        queue: QueueAge::new(&lanes),
+        lanes,
+    };
+    // Gateways shed turns on this instance's queue age.
+    let reporter = tokio::spawn(load::publish(
+        kafka.clone(),
+        settings.transactional_id.clone(),
+        settings.queue.clone(),
+        settings.lanes.names().to_vec(),
+        shutdown.clone(),
+    ));
+    let cancels = Arc::new(Cancels::default());
+    let cancel_follower = tokio::spawn(cancel::follow(
+        tail(kafka, "parley-inference-cancels", &[&topics.events])?,
+        codec.clone(),
+        cancels.clone(),
+        shutdown.clone(),
+    ));
+    let llm = args.llm_settings()?;
+    metrics::init();
+    let endpoints: Vec<String> = llm.endpoints.iter().map(|e| e.base_url.clone()).collect();
+    let worker = Arc::new(Worker {
+        // A delta is shown the moment it arrives: each goes out at once instead of lingering.
+        tokens: EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?,
+        model: ChatModel::new(llm)?,
+        codec: codec.clone(),
+        topics,
+        system_prompt: args.system_prompt.clone(),
+        context,
+        context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
+        retriever: retriever.filter(|_| args.retrieval_top_k > 0),
+        retrieval_top_k: usize::from(args.retrieval_top_k),
+        retrieval_min_score: args.retrieval_min_score,
+        prompt_layout: args.prompt_layout,
+        answered: Mutex::new(HashSet::new()),
+        model_name: args.llm_model.clone(),
+        provider: args.llm_provider.clone(),
+        lanes: kafka.lanes.clone(),
+        cancels: cancels.clone(),
+        budget,
+        shutdown: shutdown.clone(),
+    });
+    info!(group = %args.group_id, llm = ?endpoints, "inference consumer started");
+    let probe = tokio::spawn({
+        let (worker, shutdown) = (worker.clone(), shutdown.clone());
+        async move {
+            let mut every = tokio::time::interval(HEALTH_PROBE);
+            while tokio::select! { () = shutdown.cancelled() => false, _ = every.tick() => true } {
+                worker.model.probe_open_endpoints().await;
+            }
+        }
+    });
+    let driven = parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await;
+    probe.abort();
+    reporter.abort();
+    cancel_follower.abort();
+    driven?;
+    info!("inference consumer stopped");
+    Ok(())
+}
+
+/// How often endpoints with an open breaker are asked whether they answer again.
+const HEALTH_PROBE: Duration = Duration::from_secs(2);
+
+/// What answers queries: the shared clients and settings of every answer.
+struct Worker {
+    codec: Arc<EventCodec>,
+    tokens: EventProducer,
+    model: ChatModel,
+    topics: Topics,
+    system_prompt: String,
+    context: ContextSource,
+    context_token_budget: usize,
+    retriever: Option<Retriever>,
+    retrieval_top_k: usize,
+    retrieval_min_score: f32,
+    prompt_layout: PromptLayout,
+    /// Queries whose outcome was read while catching up: answered already.
+    answered: Mutex<HashSet<EventId>>,
+    /// Cancels requested, and the answers a cancel stops.
+    cancels: Arc<Cancels>,
+    /// The model named in a cancelled answer (no response named one).
+    model_name: String,
+    /// Who serves the model (`gen_ai.provider.name`).
+    provider: String,
+    /// Which lane each partition serves (a label of the latency metrics).
+    lanes: LaneLayout,
+    /// The token budget ledger and the default budgets: checked before the model is called
+    /// (a turn that slipped past the gateway's reservation), settled after.
+    budget: (BudgetLedger, BudgetSettings),
+    shutdown: CancellationToken,
+}
+
+impl Processor for Worker {
+    type Item = ConversationEvent;
+    type Error = InferenceError;
+
+    async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<ConversationEvent>> {
+        let payload = record.payload().unwrap_or_default();
+        let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
+        decoded.await.map(|result| result.map(|d| d.event))
+    }
+
+    fn observe(&self, event: &ConversationEvent, catching_up: bool) {
+        let query_event_id = match event {
+            ConversationEvent::ResponseGenerated(outcome) => &outcome.query_event_id,
+            ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
+            // Usually known from the follower already; not when written while none ran.
+            ConversationEvent::CancelRequested(cancel) => {
+                self.cancels.request(cancel.query_event_id, Instant::now());
+                return;
+            }
+            ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return,
+        };
+        // Outcomes read in normal operation answer queries read before them: only those
+        // read while catching up can be of queries still to come.
+        if catching_up {
+            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(*query_event_id);
+        }
+    }
+
+    fn wants(&self, event: &ConversationEvent) -> bool {
+        matches!(event, ConversationEvent::QueryReceived(_))
+    }
+
+    async fn process(
+        self: Arc<Self>,
+        unit: Vec<(OwnedMessage, ConversationEvent)>,
+    ) -> Result<Vec<Outgoing>, InferenceError> {
+        let mut outgoing = Vec::with_capacity(unit.len());
+        for (message, event) in unit {
+            let ConversationEvent::QueryReceived(query) = event else { continue };
+            let answered =
+                self.answered.lock().unwrap_or_else(PoisonError::into_inner).remove(&query.envelope.event_id);
+            if answered {
+                info!(query_event_id = %query.envelope.event_id, "outcome already in the log; not asking the model again");
+                continue;
+            }
+            let answered = self.answer(&query, message.partition(), message.offset()).await;
+            self.cancels.finish(query.envelope.event_id);
+            outgoing.push(answered?);
+        }
+        Ok(outgoing)
+    }
+}

@@ -1,0 +1,283 @@
+//! The rows of the context projection: what the projector writes and readers get back.
+
+use parley_eventlog::LogPosition;
+use parley_events::conversation::{Message, MessageKind};
+use parley_events::turn::{ConversationHead, OpenQuery};
+use parley_events::{ConversationId, EventId, InvalidId, RetrievedContext, UserId};
+use uuid::Uuid;
+
+use super::{Generation, Store};
+use crate::error::ProjectionError;
+
+/// A conversation's row of the projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRow {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub started_at: i64,
+    pub updated_at: i64,
+    pub last_sequence: i64,
+    pub open_query_event_id: Option<EventId>,
+    pub title: String,
+}
+
+impl ConversationRow {
+    /// The writer's view of the conversation (owner, last sequence, open turn).
+    pub fn head(&self) -> ConversationHead {
+        ConversationHead {
+            owner: self.user_id.clone(),
+            last_sequence: self.last_sequence,
+            open_query: self.open_query_event_id.map(|event_id| OpenQuery {
+                event_id,
+                sequence: self.last_sequence,
+                client_message_id: String::new(),
+            }),
+        }
+    }
+}
+
+/// Where one event of a conversation sits in the log (the replay/audit index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLocation {
+    pub sequence: i64,
+    pub event_id: EventId,
+    pub event_type: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl EventLocation {
+    /// The record's position in the log.
+    pub fn position(&self) -> LogPosition {
+        LogPosition { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
+    }
+}
+
+/// user_id, started_at, updated_at, last_sequence, open_query_event_id, title
+type ConversationColumns = (String, i64, i64, i64, Option<String>, Option<String>);
+
+type MessageColumns = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+    Option<i64>,
+    Option<String>,
+    Option<Vec<RetrievedColumns>>,
+);
+
+/// One retrieved context of an answer: vector_id, source_kind, source_id, source_event_id,
+/// position, score.
+type RetrievedColumns = (String, String, String, String, i64, f32);
+
+impl Store {
+    pub async fn insert_conversation(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        user: &UserId,
+        started_at: i64,
+    ) -> Result<(), ProjectionError> {
+        let (id, user) = (id.uuid(), user.as_str());
+        self.exec(&g.insert_conversation, (id, user, started_at, started_at, parley_events::turn::STARTED_SEQUENCE))
+            .await?;
+        self.exec(&g.insert_by_user, (user, started_at, id, "")).await
+    }
+
+    pub async fn set_title(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        user: &UserId,
+        started_at: i64,
+        title: &str,
+    ) -> Result<(), ProjectionError> {
+        let (id, user) = (id.uuid(), user.as_str());
+        let update =
+            format!("UPDATE {}.conversations_g{} SET title = ? WHERE conversation_id = ?", self.keyspace, g.number);
+        self.session.query_unpaged(update.as_str(), (title, id)).await.map_err(|e| ProjectionError::cql(&update, e))?;
+        self.exec(&g.insert_by_user, (user, started_at, id, title)).await
+    }
+
+    pub async fn advance_conversation(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        head: &ConversationHead,
+        updated_at: i64,
+    ) -> Result<(), ProjectionError> {
+        let open = head.open_query.as_ref().map(|q| q.event_id.to_string());
+        self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id.uuid())).await
+    }
+
+    pub async fn insert_message(&self, g: &Generation, id: ConversationId, m: &Message) -> Result<(), ProjectionError> {
+        let values = (
+            id.uuid(),
+            m.sequence,
+            m.event_id.to_string(),
+            m.kind.as_str(),
+            &m.text,
+            m.occurred_at,
+            m.query_event_id.map(|id| id.to_string()),
+            &m.model,
+            m.prompt_tokens,
+            m.completion_tokens,
+            m.llm_latency_ms,
+            &m.error_kind,
+            m.retrieved.iter().map(retrieved_columns).collect::<Vec<_>>(),
+        );
+        self.exec(&g.insert_message, values).await
+    }
+
+    pub async fn insert_location(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        l: &EventLocation,
+    ) -> Result<(), ProjectionError> {
+        let values = (id.uuid(), l.sequence, l.event_id.to_string(), &l.event_type, &l.topic, l.partition, l.offset);
+        self.exec(&g.insert_location, values).await
+    }
+
+    pub async fn store_progress(
+        &self,
+        g: &Generation,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), ProjectionError> {
+        self.exec(&g.upsert_progress, (topic, partition, next_offset)).await
+    }
+
+    pub async fn conversation(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+    ) -> Result<Option<ConversationRow>, ProjectionError> {
+        let rows: Vec<ConversationColumns> = self.select(&g.select_conversation, (id.uuid(),)).await?;
+        rows.into_iter()
+            .next()
+            .map(|(user_id, started_at, updated_at, last_sequence, open_query_event_id, title)| {
+                Ok(ConversationRow {
+                    conversation_id: id,
+                    user_id: stored_id(&user_id)?,
+                    started_at,
+                    updated_at,
+                    last_sequence,
+                    open_query_event_id: open_query_event_id.as_deref().map(stored_id).transpose()?,
+                    title: title.unwrap_or_default(),
+                })
+            })
+            .transpose()
+    }
+
+    pub async fn messages(&self, g: &Generation, id: ConversationId) -> Result<Vec<Message>, ProjectionError> {
+        let rows: Vec<MessageColumns> = self.select(&g.select_messages, (id.uuid(),)).await?;
+        rows.into_iter()
+            .map(
+                |(
+                    sequence,
+                    event_id,
+                    kind,
+                    text,
+                    occurred_at,
+                    query_event_id,
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    llm_latency_ms,
+                    error_kind,
+                    retrieved,
+                )| {
+                    let kind = MessageKind::parse(&kind)
+                        .ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
+                    Ok(Message {
+                        sequence,
+                        event_id: stored_id(&event_id)?,
+                        kind,
+                        text,
+                        occurred_at,
+                        query_event_id: query_event_id.as_deref().map(stored_id).transpose()?,
+                        model,
+                        prompt_tokens,
+                        completion_tokens,
+                        llm_latency_ms,
+                        error_kind,
+                        retrieved: retrieved
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(retrieved_context)
+                            .collect::<Result<_, _>>()?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// A user's conversations, newest first, `limit` at a time; `before` is the
+    /// (started_at, conversation_id) of the last one of the previous page.
+    pub async fn conversations_of(
+        &self,
+        g: &Generation,
+        user: &UserId,
+        before: Option<(i64, ConversationId)>,
+        limit: i32,
+    ) -> Result<Vec<(i64, ConversationId, String)>, ProjectionError> {
+        let user = user.as_str();
+        let rows: Vec<(i64, Uuid, Option<String>)> = match before {
+            None => self.select(&g.select_by_user, (user, limit)).await?,
+            Some((at, id)) => self.select(&g.select_by_user_before, (user, at, id.uuid(), limit)).await?,
+        };
+        Ok(rows.into_iter().map(|(at, id, title)| (at, id.into(), title.unwrap_or_default())).collect())
+    }
+
+    pub async fn locations(&self, g: &Generation, id: ConversationId) -> Result<Vec<EventLocation>, ProjectionError> {
+        let rows: Vec<(i64, String, String, String, i32, i64)> = self.select(&g.select_locations, (id.uuid(),)).await?;
+        rows.into_iter()
+            .map(|(sequence, event_id, event_type, topic, partition, offset)| {
+                Ok(EventLocation { sequence, event_id: stored_id(&event_id)?, event_type, topic, partition, offset })
+            })
+            .collect()
+    }
+
+    /// Per partition of `topic`, the next offset this generation will apply.
+    pub async fn progress(&self, g: &Generation, topic: &str) -> Result<Vec<(i32, i64)>, ProjectionError> {
+        self.select(&g.select_progress, (topic,)).await
+    }
+
+    /// The next offset of `partition` of `topic` this generation will apply (0: none yet).
+    pub async fn applied(&self, g: &Generation, topic: &str, partition: i32) -> Result<i64, ProjectionError> {
+        let progress = self.progress(g, topic).await?;
+        Ok(progress.into_iter().find(|(p, _)| *p == partition).map_or(0, |(_, next)| next))
+    }
+}
+
+fn retrieved_columns(r: &RetrievedContext) -> RetrievedColumns {
+    (
+        r.vector_id.clone(),
+        r.source_kind.clone(),
+        r.source_id.clone(),
+        r.source_event_id.to_string(),
+        r.position,
+        r.score,
+    )
+}
+
+fn retrieved_context(
+    (vector_id, source_kind, source_id, source_event_id, position, score): RetrievedColumns,
+) -> Result<RetrievedContext, ProjectionError> {
+    let source_event_id = stored_id(&source_event_id)?;
+    Ok(RetrievedContext { vector_id, source_kind, source_id, source_event_id, position, score })
+}
+
+/// An id read back from a row: the projection wrote only valid ids, so a bad one is a
+/// corrupt row (never silently skipped).
+fn stored_id<T: std::str::FromStr<Err = InvalidId>>(value: &str) -> Result<T, ProjectionError> {
+    value.parse().map_err(|e: InvalidId| ProjectionError::Corrupt(e.to_string()))
+}
