@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parley_eventlog::partitioner::partition_for_key;
-use parley_eventlog::{EventProducer, LogPosition};
+use parley_eventlog::{EventLogError, EventProducer, LogPosition};
 use parley_events::{AvroEvent, UserQueryReceived};
 use parley_events::{ConversationId, UserId};
 use parley_projections::ProjectionError;
@@ -24,14 +24,32 @@ use crate::metrics;
 use crate::recent::{Known, Recent};
 
 /// What adopting a conversation came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Adopted {
     /// This instance holds it now.
     Held,
     /// Not the user's (or no such conversation): indistinguishable to the client.
     Unknown,
     /// The log or the store did not answer in time: nothing was decided; the client retries.
-    Unavailable(String),
+    Unavailable(AdoptionError),
+}
+
+/// Why a conversation could not be adopted now (each says what to do: retry).
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptionError {
+    #[error("the event log did not answer; retry")]
+    LogUnavailable(#[source] EventLogError),
+    #[error("this gateway has not read the log up to {at} within {wait:?}; retry")]
+    ListenerBehind { at: LogPosition, wait: Duration },
+    #[error("the conversation store did not answer; retry")]
+    StoreUnavailable(#[from] ProjectionError),
+    #[error(
+        "the conversation store has not caught up with {at}, where this gateway's own reading of the log \
+         starts, within {wait:?}; retry"
+    )]
+    StoreBehind { at: LogPosition, wait: Duration },
+    #[error("the conversation store kept moving under the adoption; retry")]
+    StoreKeptMoving,
 }
 
 /// How often the listener's window is pruned of what the projection applied.
@@ -61,8 +79,9 @@ impl Adopter {
     pub async fn adopt(&self, user: &UserId, conversation_id: ConversationId, new_conversation: bool) -> Adopted {
         let partition = partition_for_key(conversation_id.to_string().as_bytes(), self.partitions);
         let outcome = self.try_adopt(user, conversation_id, partition, new_conversation).await;
-        if let Err(message) = &outcome {
-            warn!(%conversation_id, %message, "could not adopt the conversation");
+        if let Err(error) = &outcome {
+            let cause = std::error::Error::source(error).map(ToString::to_string);
+            warn!(%conversation_id, %error, ?cause, "could not adopt the conversation");
         }
         outcome.unwrap_or_else(Adopted::Unavailable)
     }
@@ -73,15 +92,11 @@ impl Adopter {
         conversation_id: ConversationId,
         partition: i32,
         new_conversation: bool,
-    ) -> Result<Adopted, String> {
-        let end = self
-            .producer
-            .end_offset(&self.topic, partition)
-            .await
-            .map_err(|e| format!("the event log did not answer; retry: {e}"))?;
+    ) -> Result<Adopted, AdoptionError> {
+        let end = self.producer.end_offset(&self.topic, partition).await.map_err(AdoptionError::LogUnavailable)?;
         if !self.recent.wait_until_read(partition, end, self.wait).await {
             let at = LogPosition { topic: self.topic.clone(), partition, offset: end - 1 };
-            return Err(format!("this gateway has not read the log up to {at} within {:?}; retry", self.wait));
+            return Err(AdoptionError::ListenerBehind { at, wait: self.wait });
         }
         for _ in 0..TRIES {
             let (applied, projected) = self.projected(conversation_id, partition).await?;
@@ -104,35 +119,34 @@ impl Adopter {
                 None => Adopted::Unknown,
             });
         }
-        Err("the conversation store kept moving under the adoption; retry".into())
+        Err(AdoptionError::StoreKeptMoving)
     }
 
     /// The projection's view of a conversation, read once it reaches back to the listener's
     /// window, and the offset of `partition` it had applied everything before.
-    async fn projected(&self, conversation_id: ConversationId, partition: i32) -> Result<(i64, Option<Known>), String> {
+    async fn projected(
+        &self,
+        conversation_id: ConversationId,
+        partition: i32,
+    ) -> Result<(i64, Option<Known>), AdoptionError> {
         let store = self.reader.store();
-        let mut generation = self.reader.generation().await.map_err(unavailable)?;
-        let mut applied = store.applied(&generation, &self.topic, partition).await.map_err(unavailable)?;
+        let mut generation = self.reader.generation().await?;
+        let mut applied = store.applied(&generation, &self.topic, partition).await?;
         let from = self.recent.lock().from(partition).unwrap_or(0);
         if from > applied {
             let last = LogPosition { topic: self.topic.clone(), partition, offset: from - 1 };
-            if self.reader.wait_for(&last, self.wait).await.map_err(unavailable)? != Freshness::Applied {
-                return Err(format!(
-                    "the conversation store has not caught up with {last}, where this gateway's own \
-                     reading of the log starts, within {:?}; retry",
-                    self.wait
-                ));
+            if self.reader.wait_for(&last, self.wait).await? != Freshness::Applied {
+                return Err(AdoptionError::StoreBehind { at: last, wait: self.wait });
             }
-            generation = self.reader.generation().await.map_err(unavailable)?;
-            applied = store.applied(&generation, &self.topic, partition).await.map_err(unavailable)?;
+            generation = self.reader.generation().await?;
+            applied = store.applied(&generation, &self.topic, partition).await?;
         }
-        let Some(row) = store.conversation(&generation, conversation_id).await.map_err(unavailable)? else {
+        let Some(row) = store.conversation(&generation, conversation_id).await? else {
             return Ok((applied, None));
         };
         let queries = store
             .locations(&generation, conversation_id)
-            .await
-            .map_err(unavailable)?
+            .await?
             .into_iter()
             .filter(|l| l.event_type == UserQueryReceived::short_name())
             .map(|l| (l.event_id, WrittenQuery { sequence: l.sequence, offset: l.offset }))
@@ -166,8 +180,4 @@ impl Adopter {
             }
         }
     }
-}
-
-fn unavailable(error: ProjectionError) -> String {
-    format!("the conversation store did not answer; retry: {error}")
 }

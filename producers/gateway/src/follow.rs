@@ -51,7 +51,7 @@ pub(crate) async fn hold(state: &AppState, user: &UserId, conversation_id: &str)
     match state.adopter.adopt(user, id, false).instrument(info_span!("gateway.adopt", conversation_id = %id)).await {
         Adopted::Held => Ok(id),
         Adopted::Unknown => Err(unknown()),
-        Adopted::Unavailable(message) => Err(Refusal::NotAdopted(message)),
+        Adopted::Unavailable(cause) => Err(Refusal::NotAdopted(cause)),
     }
 }
 

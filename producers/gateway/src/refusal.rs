@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use parley_eventlog::EventLogError;
 
+use crate::adoption::AdoptionError;
 use crate::api::ApiError;
 use crate::protocol::{ErrorCode, ServerFrame};
 
@@ -14,9 +15,9 @@ pub(crate) enum Refusal {
     UnknownConversation(String),
     #[error("no query {0} in this conversation")]
     UnknownQuery(String),
-    /// The conversation could not be adopted from the log (the reason says why).
-    #[error("{0}")]
-    NotAdopted(String),
+    /// The conversation could not be adopted from the log (the error says why).
+    #[error(transparent)]
+    NotAdopted(AdoptionError),
     #[error("the event log did not take the {what}; retry")]
     NotWritten {
         what: &'static str,

@@ -48,7 +48,10 @@ pub(crate) async fn accept_query(
         match state.adopter.adopt(user, conversation_id, requested_new).instrument(adopting).await {
             Adopted::Held => admission = admit(),
             Adopted::Unknown => admission = Err(Refusal::UnknownConversation),
-            Adopted::Unavailable(message) => return error(ErrorCode::Unavailable, message),
+            Adopted::Unavailable(cause) => {
+                let refusal = crate::refusal::Refusal::NotAdopted(cause);
+                return error(refusal.code(), refusal.message());
+            }
         }
     }
     let (conversation_id, query_id, sequence, new_conversation) = match admission {
