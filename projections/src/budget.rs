@@ -50,6 +50,7 @@ pub struct BudgetSettings {
 }
 
 impl BudgetSettings {
+    /// The default budgets these settings give.
     pub fn limits(&self) -> BudgetLimits {
         BudgetLimits {
             daily: self.daily_token_budget,
@@ -64,6 +65,7 @@ impl BudgetSettings {
 pub enum Reserved {
     /// Reserved now, or by an earlier call for the same turn.
     Yes,
+    /// It does not: this budget would be exceeded.
     No(Exceeded),
 }
 
@@ -81,6 +83,7 @@ const OWN_LIMITS_CACHED: usize = 100_000;
 /// A user's own budgets as stored: `None` where the default applies.
 type OwnLimits = Option<(Option<i64>, Option<i64>, Option<i64>)>;
 
+/// Token budgets in the CQL store: what each user committed per period, with compare-and-set.
 #[derive(Debug, Clone)]
 pub struct BudgetLedger {
     session: Arc<Session>,
@@ -96,6 +99,7 @@ pub struct BudgetLedger {
 }
 
 impl BudgetLedger {
+    /// Opens the ledger (creating its tables).
     pub async fn open(store: &Store) -> Result<Self, ProjectionError> {
         let ks = store.keyspace();
         let session = store.session();

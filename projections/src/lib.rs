@@ -8,8 +8,10 @@
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`tiers`]: each user's tier, the lane of their new conversations;
 //! - [`error`]: this crate's error type.
+#![warn(missing_docs)]
 
 pub mod budget;
+/// The projections' errors.
 pub mod error;
 pub mod projector;
 pub mod reader;

@@ -62,19 +62,24 @@ pub struct Projector {
 /// A decoded record with its log coordinates.
 #[derive(Debug, Clone)]
 pub struct LoggedEvent {
+    /// The event.
     pub event: ConversationEvent,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset.
     pub offset: i64,
     /// A copy an operator redrove from a dead letter (`parley-redriven-from`).
     pub redriven: bool,
 }
 
 impl Projector {
+    /// A projector writing into `generation_number` from `topic`.
     pub async fn new(store: Store, generation_number: i32, topic: &str) -> Result<Self, ProjectionError> {
         let generation = store.generation(generation_number).await?;
         Ok(Self { store, generation, topic: topic.to_owned(), known: HashMap::new() })
     }
 
+    /// The generation it writes.
     pub fn generation(&self) -> i32 {
         self.generation.number
     }

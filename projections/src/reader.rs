@@ -15,6 +15,7 @@ const GENERATION_REFRESH: Duration = Duration::from_secs(1);
 /// Interval between checks while waiting for a position.
 const POSITION_POLL: Duration = Duration::from_millis(20);
 
+/// Reads the live generation of the context projection for the query API and inference.
 #[derive(Debug)]
 pub struct LiveReader {
     store: Store,
@@ -24,14 +25,17 @@ pub struct LiveReader {
 /// Whether the projection has applied a log position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
+    /// The projection has applied the position.
     Applied,
     /// Not within the bound: the next offset the projection will apply on that partition.
     Behind {
+        /// The next offset it will apply.
         applied_up_to: i64,
     },
 }
 
 impl LiveReader {
+    /// A reader of `store`'s live generation.
     pub async fn new(store: Store) -> Result<Self, ProjectionError> {
         let generation = Arc::new(Self::load(&store).await?);
         Ok(Self { store, current: Mutex::new((generation, Instant::now())) })
@@ -42,6 +46,7 @@ impl LiveReader {
         store.generation(live).await
     }
 
+    /// The store it reads.
     pub fn store(&self) -> &Store {
         &self.store
     }

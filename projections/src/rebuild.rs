@@ -24,15 +24,20 @@ const BATCH: usize = 500;
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RebuildReport {
+    /// The generation built.
     pub generation: i32,
+    /// The generation it replaced.
     pub previous: i32,
+    /// Records applied.
     pub records: u64,
     /// Records passed by because they did not decode (each logged with its position).
     pub undecodable: u64,
+    /// How long it took.
     pub elapsed: Duration,
 }
 
 impl RebuildReport {
+    /// The rebuild's speed.
     pub fn records_per_second(&self) -> f64 {
         self.records as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
     }

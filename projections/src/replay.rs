@@ -27,22 +27,35 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// One event as the log holds it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
+    /// Its sequence in the conversation.
     pub sequence: i64,
+    /// Its Avro record name.
     pub event_type: &'static str,
+    /// Its id.
     pub event_id: EventId,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset.
     pub offset: i64,
+    /// The registry id of the schema it was written with.
     pub schema_id: u32,
+    /// When it happened (the envelope's time).
     pub occurred_at: i64,
+    /// When the log took it (the record's timestamp).
     pub log_timestamp: Option<i64>,
+    /// Its turn.
     pub correlation_id: String,
+    /// The event that caused it.
     pub causation_id: Option<EventId>,
+    /// Its trace id (from the header, else the envelope).
     pub trace_id: Option<String>,
+    /// `name/version` of its writer.
     pub producer: String,
     /// The dead letter a redriven copy comes from (`<dead-letter topic>/<partition>/<offset>`).
     pub redriven_from: Option<String>,
     /// What an answer's prompt carried from the vector store (empty for other events).
     pub retrieved: Vec<RetrievedContext>,
+    /// The event itself.
     #[serde(skip)]
     pub event: ConversationEvent,
 }
@@ -50,7 +63,9 @@ pub struct AuditRecord {
 /// How the records were found, and how long it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// Through the projection's index of positions.
     OffsetIndex,
+    /// Scanning the conversation's partition.
     PartitionScan,
 }
 
@@ -70,6 +85,7 @@ impl std::fmt::Debug for LogReader {
 }
 
 impl LogReader {
+    /// A reader of the events topic (a consumer of its own, assigned, no group).
     pub fn new(kafka: &KafkaSettings, registry_url: &str) -> Result<Self, ProjectionError> {
         let group = format!("parley-replay-{}", Uuid::new_v4().simple());
         // A re-assigned partition's first fetch queues behind the previous long poll: keep

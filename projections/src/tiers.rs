@@ -11,6 +11,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use crate::{ProjectionError, Store};
 
+/// Each user's tier (the lane of their new conversations) in the CQL store.
 #[derive(Debug, Clone)]
 pub struct TierBook {
     session: Arc<Session>,
@@ -19,6 +20,7 @@ pub struct TierBook {
 }
 
 impl TierBook {
+    /// Opens the book (creating its table).
     pub async fn open(store: &Store) -> Result<Self, ProjectionError> {
         let ks = store.keyspace();
         let session = store.session();
@@ -48,6 +50,7 @@ impl TierBook {
         Ok(row.and_then(|(tier,)| tier?.parse().ok()).unwrap_or(Lane::Standard))
     }
 
+    /// Sets `user`'s tier.
     pub async fn set(&self, user: &UserId, tier: Lane) -> Result<(), ProjectionError> {
         self.session
             .execute_unpaged(&self.upsert, (tier.as_str(), user.as_str()))

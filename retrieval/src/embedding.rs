@@ -10,6 +10,7 @@ use crate::error::RetrievalError;
 use crate::minilm::MiniLm;
 use crate::openai::OpenAiEmbeddings;
 
+/// Which embedding model computes the vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     /// all-MiniLM-L6-v2 in-process (candle), from --embedding-model-dir.
@@ -21,6 +22,7 @@ pub enum BackendKind {
 /// Options choosing and configuring the embedding backend.
 #[derive(Debug, Clone, Args)]
 pub struct EmbeddingSettings {
+    /// Which backend embeds.
     #[arg(long, global = true, env = "PARLEY_EMBEDDING_BACKEND", value_enum, default_value = "local")]
     pub embedding_backend: BackendKind,
 
@@ -37,6 +39,7 @@ pub struct EmbeddingSettings {
     #[arg(long, global = true, env = "PARLEY_EMBEDDING_MODEL", default_value = "all-MiniLM-L6-v2")]
     pub embedding_model: String,
 
+    /// API key of the OpenAI-compatible embedding service (or a file of it).
     #[arg(long, global = true, env = "PARLEY_EMBEDDING_API_KEY", default_value = "none", hide_env_values = true)]
     pub embedding_api_key: String,
 }

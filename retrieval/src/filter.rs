@@ -17,6 +17,7 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// As the store's `kind` field holds it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Document => "document",
@@ -24,6 +25,7 @@ impl SourceKind {
         }
     }
 
+    /// The kind stored as `value`, if it is one.
     pub fn parse(value: &str) -> Option<Self> {
         match value {
             "document" => Some(Self::Document),
@@ -36,7 +38,9 @@ impl SourceKind {
 /// Which vectors a search may return.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchFilter {
+    /// Whose vectors: always set, so no search crosses users.
     pub owner: UserId,
+    /// Documents or messages only (both, when None).
     pub kind: Option<SourceKind>,
     /// Only these documents or conversations (any, when empty).
     pub source_ids: Vec<String>,

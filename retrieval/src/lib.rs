@@ -5,9 +5,11 @@
 //! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
 //! - [`store`]: the Milvus collection the embedder writes and searches read;
 //! - [`retriever`]: embedding a query and searching, for the search API and inference.
+#![warn(missing_docs)]
 
 pub mod backend;
 pub mod embedding;
+/// The retrieval errors.
 pub mod error;
 pub mod filter;
 pub mod minilm;

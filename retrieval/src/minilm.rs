@@ -18,6 +18,7 @@ use crate::error::RetrievalError;
 const MAX_TOKENS: usize = 256;
 const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 
+/// all-MiniLM-L6-v2 run in-process on the CPU (candle).
 #[derive(Clone)]
 pub struct MiniLm {
     inner: Arc<Inner>,

@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
 
+/// An OpenAI-compatible embeddings endpoint.
 #[derive(Debug, Clone)]
 pub struct OpenAiEmbeddings {
     client: Client<OpenAIConfig>,

@@ -8,6 +8,7 @@ use crate::error::RetrievalError;
 use crate::filter::SearchFilter;
 use crate::store::{Hit, VectorStore};
 
+/// Embeds a question and searches the store with it.
 #[derive(Debug, Clone)]
 pub struct Retriever {
     backend: Arc<dyn EmbeddingBackend>,
@@ -15,6 +16,7 @@ pub struct Retriever {
 }
 
 impl Retriever {
+    /// A retriever embedding with `backend`, searching `store`.
     pub fn new(backend: Arc<dyn EmbeddingBackend>, store: VectorStore) -> Self {
         Self { backend, store }
     }
@@ -30,6 +32,7 @@ impl Retriever {
         self.store.search(vector, filter, limit).await
     }
 
+    /// The vector store it searches.
     pub fn store(&self) -> &VectorStore {
         &self.store
     }

@@ -31,6 +31,7 @@ const EMBEDDING: &str = "embedding";
 pub const MAX_TEXT_BYTES: usize = 16_384;
 const MAX_LABEL_BYTES: usize = 512;
 
+/// The approximate index Milvus builds over the vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IndexKind {
     /// Graph index: the best latency/recall trade-off for in-memory collections.
@@ -52,6 +53,7 @@ pub struct MilvusSettings {
     #[arg(long, global = true, env = "PARLEY_MILVUS_TOKEN", hide_env_values = true)]
     pub milvus_token: Option<String>,
 
+    /// The Milvus collection of Parley's vectors.
     #[arg(long, global = true, env = "PARLEY_MILVUS_COLLECTION", default_value = "parley_knowledge",
           value_parser = parse_collection_name)]
     pub milvus_collection: String,
@@ -77,6 +79,7 @@ pub struct MilvusSettings {
     /// IVF_FLAT: clusters built / clusters searched.
     #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NLIST", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_ivf_nlist: u32,
+    /// Clusters an IVF index searches.
     #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NPROBE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_ivf_nprobe: u32,
 }
@@ -97,41 +100,58 @@ fn parse_collection_name(value: &str) -> Result<String, String> {
 pub struct VectorRecord {
     /// Deterministic: the message's event id, or uuid5(document id, chunk number).
     pub id: String,
+    /// Whose it is: only their searches find it.
     pub owner: UserId,
+    /// A document chunk or a message.
     pub kind: SourceKind,
     /// The stream of the source: its conversation, or the document's own stream (a
     /// document event's envelope carries the document id as its conversation id).
     pub source_id: ConversationId,
+    /// The event whose text it embeds.
     pub source_event_id: EventId,
+    /// Chunk number or message sequence.
     pub position: i64,
     /// Document title, or the message's role (user, assistant).
     pub label: String,
+    /// The text embedded (returned with a hit).
     pub text: String,
+    /// The vector.
     pub embedding: Vec<f32>,
 }
 
 /// One search result, best first; `score` is cosine similarity (1 = same direction).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Hit {
+    /// The vector's id.
     pub id: String,
+    /// A document chunk or a message.
     pub kind: SourceKind,
+    /// The document's or conversation's id.
     pub source_id: String,
+    /// The event whose text it embeds.
     pub source_event_id: EventId,
+    /// Chunk number or message sequence.
     pub position: i64,
+    /// Document title, or the message's role.
     pub label: String,
+    /// The text.
     pub text: String,
+    /// Cosine similarity to the question (1: same direction).
     pub score: f32,
 }
 
 /// A searchable document, as its first chunk in the store describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredDocument {
+    /// The document's id.
     pub document_id: String,
+    /// Its title.
     pub title: String,
     /// The DocumentSubmitted it was indexed from.
     pub event_id: String,
 }
 
+/// Parley's collection in Milvus.
 #[derive(Clone)]
 pub struct VectorStore {
     client: ClientV2,
@@ -210,10 +230,12 @@ impl VectorStore {
         })
     }
 
+    /// The collection's name.
     pub fn collection(&self) -> &str {
         &self.collection
     }
 
+    /// The length of its vectors.
     pub fn dimension(&self) -> usize {
         self.dimension
     }

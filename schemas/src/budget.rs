@@ -15,8 +15,11 @@ use crate::ids::{ConversationId, EventId, UserId};
 /// Token budgets; 0 turns one off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BudgetLimits {
+    /// Model tokens per UTC day.
     pub daily: u64,
+    /// Model tokens per UTC month.
     pub monthly: u64,
+    /// Model tokens per conversation, over its whole life.
     pub per_conversation: u64,
 }
 
@@ -41,14 +44,19 @@ impl std::fmt::Display for BudgetLimits {
     }
 }
 
+/// The span a budget counts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeriodKind {
+    /// A UTC day.
     Day,
+    /// A UTC month.
     Month,
+    /// A conversation's whole life.
     Conversation,
 }
 
 impl PeriodKind {
+    /// The name operators and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
             PeriodKind::Day => "daily",
@@ -61,9 +69,11 @@ impl PeriodKind {
 /// One budget a turn is charged to: its ledger key, its limit and when it starts again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Period {
+    /// Which budget.
     pub kind: PeriodKind,
     /// `day:2026-11-28`, `month:2026-11`, `conversation:<id>`.
     pub key: String,
+    /// Its limit in tokens.
     pub limit: u64,
     /// Milliseconds since the epoch when this budget is full again (none: never).
     pub resets_at_ms: Option<i64>,
@@ -102,10 +112,13 @@ pub fn reservation(question_chars: usize, reserve_tokens: u64) -> u64 {
 /// A budget a turn does not fit in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exceeded {
+    /// The budget that refused.
     pub kind: PeriodKind,
+    /// Its limit in tokens.
     pub limit: u64,
     /// Spent and reserved so far in that budget.
     pub committed: u64,
+    /// When it starts again (ms since the epoch); never for a conversation's.
     pub resets_at_ms: Option<i64>,
 }
 
@@ -153,8 +166,11 @@ pub fn month_start_ms(now_ms: i64) -> i64 {
 /// the turns inference refused for want of budget.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Usage {
+    /// Tokens spent this UTC day.
     pub today: u64,
+    /// Tokens spent this UTC month.
     pub this_month: u64,
+    /// Tokens spent per conversation this month.
     pub by_conversation: BTreeMap<ConversationId, u64>,
     /// (query event id, why), for outcomes with error kind `budget_exceeded`.
     pub refused: Vec<(EventId, String)>,

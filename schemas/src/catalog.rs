@@ -40,10 +40,13 @@ const EMBEDDED: &[(&str, &str)] = &[
 pub struct SchemaEntry {
     /// Full record name, e.g. `io.parley.events.UserQueryReceived`; also the registry subject.
     pub full_name: String,
+    /// The version in the file name (`<event>.v<N>.avsc`).
     pub version: u32,
+    /// The file it was read from.
     pub file: String,
     /// Self-contained schema JSON, as registered.
     pub json: String,
+    /// The parsed schema.
     pub schema: Schema,
 }
 

@@ -23,7 +23,9 @@ const MAX_AVRO_ALLOCATION: usize = 16 * 1024 * 1024;
 /// A decoded record and the registry id of the schema it was written with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded<T> {
+    /// The registry id of the writer's schema.
     pub schema_id: u32,
+    /// The event, resolved to this build's type.
     pub event: T,
 }
 
@@ -43,6 +45,7 @@ impl EventCodec {
         Self::with_catalog(registry_url, SchemaCatalog::embedded())
     }
 
+    /// A codec for `catalog` (tests use older catalogs to write as old producers did).
     pub fn with_catalog(registry_url: &str, catalog: SchemaCatalog) -> Result<Self, EventsError> {
         apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
         let settings = || {
@@ -59,6 +62,7 @@ impl EventCodec {
         Ok(Self { encoder: AvroEncoder::new(settings()?), decoder: AvroDecoder::new(settings()?), catalog, strategies })
     }
 
+    /// The schemas this codec writes with.
     pub fn catalog(&self) -> &SchemaCatalog {
         &self.catalog
     }

@@ -10,12 +10,16 @@ use crate::turn::{Applied, ConversationHead};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageKind {
+    /// A user's question.
     UserQuery,
+    /// The model's answer.
     Answer,
+    /// A turn the model did not answer.
     Failure,
 }
 
 impl MessageKind {
+    /// As the projection stores it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::UserQuery => "user_query",
@@ -24,6 +28,7 @@ impl MessageKind {
         }
     }
 
+    /// The kind stored as `value`, if it is one.
     pub fn parse(value: &str) -> Option<Self> {
         [Self::UserQuery, Self::Answer, Self::Failure].into_iter().find(|k| k.as_str() == value)
     }
@@ -32,18 +37,27 @@ impl MessageKind {
 /// One turn half: what the user asked, or what came back.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Message {
+    /// The event's sequence in its conversation.
     pub sequence: i64,
+    /// The event the message comes from.
     pub event_id: EventId,
+    /// Question, answer or failure.
     pub kind: MessageKind,
     /// The question, the answer, or the failure's message.
     pub text: String,
+    /// When it happened (ms since the epoch).
     pub occurred_at: i64,
     /// For outcomes: the query answered.
     pub query_event_id: Option<EventId>,
+    /// For answers: the model.
     pub model: Option<String>,
+    /// For answers: the prompt's tokens.
     pub prompt_tokens: Option<i32>,
+    /// For answers: the answer's tokens.
     pub completion_tokens: Option<i32>,
+    /// For answers: how long the model took.
     pub llm_latency_ms: Option<i64>,
+    /// For failures: why (a timeout, an exceeded budget…).
     pub error_kind: Option<String>,
     /// For answers: the chunks and earlier messages the prompt carried, best first.
     pub retrieved: Vec<RetrievedContext>,
@@ -89,10 +103,15 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
 /// A conversation as its events describe it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConversationState {
+    /// The conversation.
     pub conversation_id: ConversationId,
+    /// Owner, last sequence and open turn.
     pub head: ConversationHead,
+    /// When it started (ms since the epoch).
     pub started_at: i64,
+    /// When its last event happened.
     pub updated_at: i64,
+    /// Its messages in sequence order.
     pub messages: Vec<Message>,
     /// Sequence numbers that were skipped (an event is missing from the log).
     pub gaps: Vec<(i64, i64)>,

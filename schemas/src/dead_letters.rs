@@ -42,7 +42,9 @@ impl DeadLetterResolved {
 /// A letter's id: its partition and offset in the dead-letter topic (`0/12`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LetterId {
+    /// The letter's partition of the dead-letter topic.
     pub partition: i32,
+    /// The letter's offset.
     pub offset: i64,
 }
 
@@ -71,8 +73,10 @@ pub enum Status {
     Open,
     /// Written back to its source topic, at `copy`.
     Redriven {
+        /// Where the copy was written.
         copy: LogPosition,
     },
+    /// Dropped by an operator: the key goes on without it.
     Discarded,
 }
 
@@ -94,6 +98,7 @@ impl Status {
         }
     }
 
+    /// As `dead-letters list` shows it.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Open => "open",
@@ -106,10 +111,18 @@ impl Status {
 /// Why a letter cannot be settled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettleRefused {
+    /// No such letter.
     #[error("no dead letter {0}")]
     Unknown(LetterId),
+    /// The letter was redriven already.
     #[error("dead letter {id} was redriven already (to {copy})")]
-    Redriven { id: LetterId, copy: LogPosition },
+    Redriven {
+        /// The letter.
+        id: LetterId,
+        /// Where its copy was written.
+        copy: LogPosition,
+    },
+    /// The letter was discarded already.
     #[error("dead letter {0} was discarded already")]
     Discarded(LetterId),
 }
@@ -117,9 +130,13 @@ pub enum SettleRefused {
 /// One letter and what became of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// Where the letter is.
     pub id: LetterId,
+    /// The letter.
     pub letter: DeadLetter,
+    /// Open, redriven or discarded.
     pub status: Status,
+    /// The decision that settled it, if any.
     pub resolution: Option<DeadLetterResolved>,
 }
 
@@ -158,10 +175,12 @@ impl LetterBook {
         }
     }
 
+    /// Every letter, in the order of the topic.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
+    /// The letter at `id`.
     pub fn get(&self, id: LetterId) -> Option<&Entry> {
         self.by_id.get(&id).and_then(|index| self.entries.get(*index))
     }
@@ -235,6 +254,7 @@ struct KeyHold {
 /// A key a read record released: its held records may go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
+    /// The record's key, as written.
     pub key: Vec<u8>,
     /// Whether the record read is the key's redriven copy (it runs before the held ones).
     pub by_copy: bool,

@@ -22,22 +22,34 @@ pub trait AvroEvent: Serialize + DeserializeOwned {
 /// Who wrote an event: name and version of the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Producer {
+    /// The service, e.g. `parley-gateway`.
     pub name: &'static str,
+    /// Its version (the crate's).
     pub version: &'static str,
 }
 
 /// The common envelope of every conversation event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
+    /// Unique id of this event.
     pub event_id: EventId,
     /// For the `documents` topic, the document's id ([`DocumentId::stream`]).
     pub conversation_id: ConversationId,
+    /// Per-conversation sequence number, dense from 1; projections apply events idempotently by
+    /// it.
     pub sequence: i64,
+    /// When the fact happened, UTC.
     pub occurred_at: i64,
+    /// Event id of the event that caused this one, if any.
     pub causation_id: Option<EventId>,
+    /// Shared by every event of one request flow (a turn).
     pub correlation_id: String,
+    /// Service that wrote the event, e.g. parley-gateway.
     pub producer_name: String,
+    /// Version of that service.
     pub producer_version: String,
+    /// W3C trace context of the span that wrote the event (also in the Kafka header
+    /// `traceparent`).
     pub traceparent: Option<String>,
 }
 
@@ -64,11 +76,13 @@ impl Envelope {
         self
     }
 
+    /// Puts this event in the correlation (request flow) `correlation_id`.
     pub fn with_correlation(mut self, correlation_id: impl Into<String>) -> Self {
         self.correlation_id = correlation_id.into();
         self
     }
 
+    /// Records the W3C trace context of the span that writes the event.
     pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
         self.traceparent = traceparent;
         self
@@ -80,104 +94,168 @@ pub fn now_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A user opened a new conversation. Always sequence 1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversationStarted {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// Owner; only this user may read or extend the conversation.
     pub user_id: UserId,
 }
 
+/// The gateway accepted a user's message. Turn k uses sequence 2k; its outcome uses 2k+1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserQueryReceived {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// Who asked (the conversation's owner).
     pub user_id: UserId,
+    /// Client-chosen id; a repeat with the same id is the same query.
     pub client_message_id: String,
+    /// The question.
     pub text: String,
 }
 
+/// The model answered a query. Carries everything replay needs, so replay never calls the
+/// model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LLMResponseGenerated {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// Event id of the UserQueryReceived answered.
     pub query_event_id: EventId,
+    /// The whole answer.
     pub text: String,
+    /// The model that answered, as the model server named it.
     pub model: String,
+    /// stop, length, ...
     pub finish_reason: String,
+    /// Tokens of the prompt, as the model server counted them.
     pub prompt_tokens: i32,
+    /// Tokens of the answer.
     pub completion_tokens: i32,
+    /// Wall time of the successful LLM call (the model's share of the turn).
     pub llm_latency_ms: i64,
+    /// From the call to the first token, when the answer was streamed.
     pub time_to_first_token_ms: Option<i64>,
+    /// LLM calls made, 1 when the first succeeded.
     pub attempts: i32,
+    /// Events whose content went into the prompt.
     pub context_event_ids: Vec<EventId>,
     /// `None` in events written before schema v2 (an empty string on the wire).
     #[serde(with = "crate::ids::empty_is_none")]
     pub user_id: Option<UserId>,
+    /// Chunks and earlier messages retrieved from the vector store and put into the prompt,
+    /// best first.
     pub retrieved: Vec<RetrievedContext>,
 }
 
 /// One vector-store hit that went into a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetrievedContext {
+    /// Id in the vector store.
     pub vector_id: String,
+    /// document or message.
     pub source_kind: String,
+    /// Document id or conversation id.
     pub source_id: String,
+    /// The event whose text was retrieved.
     pub source_event_id: EventId,
+    /// Chunk number or message sequence.
     pub position: i64,
+    /// Similarity (inner product of unit vectors, 1 = identical).
     pub score: f32,
 }
 
 /// A document added to a user's knowledge base (the `documents` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentSubmitted {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// uuid5 of owner, source name and content: the same file submitted twice is the same
+    /// document.
     pub document_id: DocumentId,
+    /// User id; only this user's searches and answers retrieve the document.
     pub owner: UserId,
+    /// File name or caller-chosen title.
     pub title: String,
+    /// text/plain or text/markdown.
     pub media_type: String,
+    /// The whole document, UTF-8.
     pub text: String,
+    /// Caller-supplied labels, copied onto every chunk's search metadata.
     pub metadata: std::collections::HashMap<String, String>,
 }
 
 /// A document taken out of a user's knowledge base (the `documents` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentDeleted {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// The document taken out.
     pub document_id: DocumentId,
+    /// The user who asked; only vectors of this owner's document are removed, so naming another
+    /// user's document removes nothing.
     pub owner: UserId,
 }
 
 /// What the `documents` topic carries, in the order it happened per document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DocumentEvent {
+    /// A document added.
     Submitted(DocumentSubmitted),
+    /// A document taken out.
     Deleted(DocumentDeleted),
 }
 
 /// Vectors stored for one source (the `embeddings` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmbeddingsIndexed {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// The user whose searches find these vectors.
     pub owner: UserId,
+    /// document or message.
     pub source_kind: String,
+    /// Document id or conversation id.
     pub source_id: String,
+    /// Embedding model that produced the vectors.
     pub model: String,
+    /// Length of each vector.
     pub dimension: i32,
+    /// Vector store collection written.
     pub collection: String,
+    /// The vectors stored for the source, one per chunk or message.
     pub vectors: Vec<IndexedVector>,
 }
 
+/// One vector of an [`EmbeddingsIndexed`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexedVector {
+    /// Primary key in the collection; deterministic, so a re-delivery overwrites instead of
+    /// adding.
     pub vector_id: String,
+    /// The DocumentSubmitted, UserQueryReceived or LLMResponseGenerated event embedded.
     pub source_event_id: EventId,
+    /// Chunk number within the document, or the message's sequence in its conversation.
     pub position: i64,
+    /// Length of the embedded text in characters.
     pub chars: i32,
 }
 
+/// The model could not answer a query after bounded retries. Ends the turn like a response
+/// does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LLMResponseFailed {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// Event id of the UserQueryReceived that got no answer.
     pub query_event_id: EventId,
+    /// timeout, unavailable, rejected, circuit_open, invalid_response.
     pub error_kind: String,
+    /// What went wrong, for people.
     pub error_message: String,
+    /// Model calls made (0: refused before any, e.g. over budget).
     pub attempts: i32,
 }
 
@@ -185,33 +263,53 @@ pub struct LLMResponseFailed {
 /// sequence number, advances nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnCancelRequested {
+    /// What every conversation event carries: ids, sequence, time, producer, trace.
     pub envelope: Envelope,
+    /// Event id of the UserQueryReceived whose answer is to stop.
     pub query_event_id: EventId,
+    /// Who asked (the conversation's owner).
     pub user_id: UserId,
 }
 
+/// A piece of an answer while it is generated. Lives on the short-retention tokens topic;
+/// not conversation state, never needed for replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LLMTokenDelta {
+    /// The conversation (also the record's key).
     pub conversation_id: ConversationId,
+    /// The query whose answer this delta is part of.
     pub query_event_id: EventId,
+    /// 0-based position of this delta within its attempt's answer.
     pub index: i32,
+    /// The text the model produced since the previous delta.
     pub delta: String,
+    /// W3C trace context of the answer's span.
     pub traceparent: Option<String>,
     /// Since v2: the model call the delta comes from (1: the first; a retry starts at index 0).
     pub attempt: i32,
 }
 
+/// A record a consumer could not process, with the original bytes, so nothing is silently
+/// dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// Topic of the record given up on.
     pub source_topic: String,
+    /// Its partition.
     pub source_partition: i32,
+    /// Its offset.
     pub source_offset: i64,
+    /// Its key, as written.
     #[serde(with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
+    /// Its value, as written (the bytes that did not decode).
     #[serde(with = "serde_bytes")]
     pub payload: Option<Vec<u8>>,
+    /// Consumer group that gave up.
     pub consumer: String,
+    /// Why the consumer gave up on it.
     pub error: String,
+    /// When (ms since the epoch).
     pub failed_at: i64,
     /// Since v2: the record's text headers (a redrive writes them back).
     #[serde(default)]
@@ -242,19 +340,30 @@ impl AvroEvent for DeadLetter {
 /// An operator's decision on a dead letter (see `dead_letters` for what it means).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetterResolved {
+    /// The letter's position in the dead-letter topic.
     pub letter_partition: i32,
+    /// Offset of the letter in the dead-letter topic.
     pub letter_offset: i64,
+    /// Consumer group of the letter.
     pub consumer: String,
+    /// Topic of the record the letter holds.
     pub source_topic: String,
+    /// Its partition.
     pub source_partition: i32,
+    /// Its offset.
     pub source_offset: i64,
+    /// Its key (the key held back until this decision).
     #[serde(with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
     /// [`REDRIVEN`](crate::dead_letters::REDRIVEN) or [`DISCARDED`](crate::dead_letters::DISCARDED).
     pub action: String,
+    /// Where the copy was written (source topic and partition, this offset); redriven only.
     pub redriven_offset: Option<i64>,
+    /// Who decided (the operator's name).
     pub resolved_by: String,
+    /// Why, in the operator's words.
     pub reason: Option<String>,
+    /// When (ms since the epoch).
     pub resolved_at: i64,
 }
 
@@ -274,21 +383,29 @@ impl AvroEvent for EmbeddingsIndexed {
 /// A record of the `dead-letter` topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeadLetterRecord {
+    /// A record a consumer gave up on.
     Letter(DeadLetter),
+    /// An operator's decision on a letter.
     Resolved(DeadLetterResolved),
 }
 
 /// Every durable fact about a conversation (the `conversation-events` topic).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConversationEvent {
+    /// Sequence 1 of a conversation.
     Started(ConversationStarted),
+    /// A turn's question.
     QueryReceived(UserQueryReceived),
+    /// A turn's answer.
     ResponseGenerated(LLMResponseGenerated),
+    /// A turn without an answer.
     ResponseFailed(LLMResponseFailed),
+    /// A request to stop a turn's answer.
     CancelRequested(TurnCancelRequested),
 }
 
 impl ConversationEvent {
+    /// The event's envelope, whatever its type.
     pub fn envelope(&self) -> &Envelope {
         match self {
             Self::Started(e) => &e.envelope,

@@ -13,11 +13,26 @@ use crate::ids::EventId;
 #[serde(tag = "violation", rename_all = "snake_case")]
 pub enum Violation {
     /// One event id on several records: a turn or an outcome written twice.
-    RepeatedEventId { event_id: EventId, sequences: Vec<i64> },
+    RepeatedEventId {
+        /// The id.
+        event_id: EventId,
+        /// Where it appears.
+        sequences: Vec<i64>,
+    },
     /// One query with several outcomes: the model answered it more than once.
-    SeveralOutcomes { query_event_id: EventId, sequences: Vec<i64> },
+    SeveralOutcomes {
+        /// The query.
+        query_event_id: EventId,
+        /// Its outcomes' sequences.
+        sequences: Vec<i64>,
+    },
     /// A query followed by the next one without an outcome in between.
-    Unanswered { query_event_id: EventId, sequence: i64 },
+    Unanswered {
+        /// The query.
+        query_event_id: EventId,
+        /// Its sequence.
+        sequence: i64,
+    },
 }
 
 impl fmt::Display for Violation {

@@ -17,14 +17,19 @@ pub const DEFAULT_LANES: &str = "premium=0,batch=5";
 /// A lane, highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Lane {
+    /// Served first.
     Premium,
+    /// The default.
     Standard,
+    /// Bulk work: served when the others leave room.
     Batch,
 }
 
 impl Lane {
+    /// Every lane, highest first.
     pub const ALL: [Lane; 3] = [Lane::Premium, Lane::Standard, Lane::Batch];
 
+    /// The lane's name (`premium`, `standard`, `batch`).
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Premium => "premium",
@@ -103,8 +108,15 @@ impl LaneLayout {
 /// Why a lane layout does not fit the events topic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LayoutError {
+    /// The layout names a partition the topic does not have.
     #[error("lane partition {partition} does not exist: the topic has {partitions}")]
-    NoSuchPartition { partition: i32, partitions: i32 },
+    NoSuchPartition {
+        /// The partition named.
+        partition: i32,
+        /// How many the topic has.
+        partitions: i32,
+    },
+    /// Every partition is premium or batch: nothing serves the standard lane.
     #[error("no partition is left for the standard lane")]
     NoStandardPartition,
 }

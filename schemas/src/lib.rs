@@ -7,18 +7,21 @@
 //! [`invariants`], [`budget`], [`lanes`] and [`dead_letters`] are the domain rules over those events, as plain
 //! functions;
 //! [`fuzzing`] is what the property tests share to fuzz the parsers.
+#![warn(missing_docs)]
 
 pub mod budget;
 pub mod catalog;
 pub mod codec;
 pub mod conversation;
 pub mod dead_letters;
+/// The contract's errors.
 pub mod error;
 pub mod event;
 pub mod fuzzing;
 pub mod ids;
 pub mod invariants;
 pub mod lanes;
+/// Where a record sits in the log.
 pub mod position;
 pub mod registry;
 #[cfg(test)]

@@ -10,8 +10,11 @@ use crate::error::EventsError;
 /// records' by it. Written `topic/partition/offset`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LogPosition {
+    /// The topic.
     pub topic: String,
+    /// The partition.
     pub partition: i32,
+    /// The offset in the partition.
     pub offset: i64,
 }
 

@@ -26,10 +26,14 @@ pub enum Verdict {
     Incompatible,
 }
 
+/// What the registry says of one newest schema file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompatibilityReport {
+    /// The registry subject (the event's full name).
     pub subject: String,
+    /// The schema file checked.
     pub file: String,
+    /// Whether it may be registered.
     pub verdict: Verdict,
 }
 
@@ -42,6 +46,7 @@ pub struct SchemaRegistry {
 }
 
 impl SchemaRegistry {
+    /// A client of the Confluent-compatible API at `url`.
     pub fn new(url: &str) -> Result<Self, EventsError> {
         let url = url.trim_end_matches('/').to_owned();
         let settings = SrSettings::new_builder(url.clone())

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::event::ConversationEvent;
 use crate::ids::{ConversationId, EventId, UserId};
 
+/// Every conversation starts with its `ConversationStarted` at this sequence.
 pub const STARTED_SEQUENCE: i64 = 1;
 
 /// The `finish_reason` of an answer stopped by a `TurnCancelRequested`: its text is what
@@ -29,16 +30,22 @@ pub fn outcome_sequence(query_sequence: i64) -> i64 {
 /// The query a conversation is waiting on an answer for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenQuery {
+    /// The query's event id.
     pub event_id: EventId,
+    /// Its sequence.
     pub sequence: i64,
+    /// The client's id of the message (empty when the head was read from the projection).
     pub client_message_id: String,
 }
 
 /// What a conversation's writer must know: owner, last sequence applied, open turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationHead {
+    /// Who may extend it.
     pub owner: UserId,
+    /// The last sequence applied.
     pub last_sequence: i64,
+    /// The turn waiting for its outcome.
     pub open_query: Option<OpenQuery>,
 }
 
@@ -48,7 +55,10 @@ pub enum TurnRejection {
     /// The conversation belongs to another user.
     NotOwner,
     /// The previous query has no outcome yet.
-    TurnInProgress { open_query_event_id: EventId },
+    TurnInProgress {
+        /// The query waiting for its outcome.
+        open_query_event_id: EventId,
+    },
 }
 
 /// How an event related to the head it was applied to.
@@ -59,7 +69,12 @@ pub enum Applied {
     /// Already applied (at or below the last sequence): re-delivery, ignored.
     AlreadyApplied,
     /// The event skips sequence numbers: an earlier event is missing.
-    Gap { expected: i64, got: i64 },
+    Gap {
+        /// The sequence that should have come.
+        expected: i64,
+        /// The one that came.
+        got: i64,
+    },
 }
 
 impl ConversationHead {

@@ -8,25 +8,38 @@ use thiserror::Error;
 /// A finished answer, with what the response event records about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
+    /// The answer.
     pub text: String,
+    /// The model that answered, as the server named it.
     pub model: String,
+    /// Why it stopped (`stop`, `length`…).
     pub finish_reason: String,
+    /// Tokens of the prompt.
     pub prompt_tokens: i32,
+    /// Tokens of the answer.
     pub completion_tokens: i32,
+    /// How long the successful call took.
     pub latency: Duration,
+    /// From the call to the first token, when streamed.
     pub time_to_first_token: Option<Duration>,
 }
 
+/// Why a model call failed; the kind is the outcome's `error_kind`.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LlmError {
+    /// No answer within the timeout.
     #[error("the LLM did not answer within {0:?}")]
     Timeout(Duration),
+    /// The server could not be reached or failed (5xx, connection refused).
     #[error("the LLM endpoint is unavailable: {0}")]
     Unavailable(String),
+    /// The server refused the request (4xx).
     #[error("the LLM rejected the request: {0}")]
     Rejected(String),
+    /// The answer was not what the API promises.
     #[error("the LLM sent an invalid response: {0}")]
     InvalidResponse(String),
+    /// Every endpoint's breaker is open: not called.
     #[error("circuit breaker open after repeated LLM failures")]
     CircuitOpen,
 }

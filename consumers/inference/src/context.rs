@@ -17,6 +17,7 @@ use tracing::warn;
 const FIRST_PAUSE: Duration = Duration::from_millis(2);
 const MAX_PAUSE: Duration = Duration::from_millis(50);
 
+/// Where a query's earlier turns come from: the projection, or else the log.
 #[derive(Debug)]
 pub struct ContextSource {
     reader: LiveReader,
@@ -25,6 +26,7 @@ pub struct ContextSource {
 }
 
 impl ContextSource {
+    /// Reads from `store`, falling back to `log` after waiting `wait` for the projection.
     pub async fn new(store: Store, log: LogReader, wait: Duration) -> Result<Self, ProjectionError> {
         Ok(Self { reader: LiveReader::new(store).await?, log: Mutex::new(log), wait })
     }

@@ -7,6 +7,7 @@
 //! - [`llm`]: the pool of OpenAI-compatible endpoints; [`completion`]: what a call comes to;
 //! - [`metrics`]: GenAI call metrics, the latency a person sees, breakers;
 //! - [`service`]: the processor the event log's driver runs.
+#![warn(missing_docs)]
 
 pub mod balancer;
 pub mod cancel;

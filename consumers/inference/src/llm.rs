@@ -26,17 +26,25 @@ use crate::retry::backoff_delay;
 /// How to reach and call the model.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
+    /// The model servers of the pool.
     pub endpoints: Vec<EndpointSpec>,
     /// Key and model name of endpoints that do not name their own.
     pub api_key: String,
+    /// The model asked for.
     pub model: String,
     /// Who serves the model, as `gen_ai.provider.name` names it on spans and metrics.
     pub provider: String,
+    /// Most tokens of one answer.
     pub max_tokens: u32,
+    /// How long one call may take.
     pub timeout: Duration,
+    /// Calls per answer, retries included.
     pub max_attempts: u32,
+    /// The first pause between attempts (doubled each time).
     pub retry_backoff: Duration,
+    /// Failures in a row that open an endpoint's breaker.
     pub breaker_threshold: u32,
+    /// How long an open breaker keeps its endpoint out.
     pub breaker_cool_down: Duration,
 }
 
@@ -49,6 +57,7 @@ struct Endpoint {
     client: Client<OpenAIConfig>,
 }
 
+/// The pool of OpenAI-compatible model servers that answer.
 #[derive(Debug)]
 pub struct ChatModel {
     endpoints: Vec<Endpoint>,
@@ -61,11 +70,14 @@ pub struct ChatModel {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("LLM endpoint {endpoint}: environment variable {variable} (its api_key_env) is not set")]
 pub struct MissingKey {
+    /// The endpoint that names the variable.
     pub endpoint: String,
+    /// The environment variable.
     pub variable: String,
 }
 
 impl ChatModel {
+    /// A pool of the endpoints of `settings`.
     pub fn new(settings: LlmSettings) -> Result<Self, MissingKey> {
         let mut endpoints = Vec::with_capacity(settings.endpoints.len());
         for spec in &settings.endpoints {

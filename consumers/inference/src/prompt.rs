@@ -29,22 +29,30 @@ pub const HISTORY_BLOCK: usize = 4;
 /// Introduces retrieved knowledge.
 pub const KNOWLEDGE_HEADER: &str = "Use this context from the user's documents and earlier conversations if it helps:";
 
+/// Who says a message of the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Instructions and retrieved knowledge.
     System,
+    /// The person.
     User,
+    /// The model.
     Assistant,
 }
 
+/// One message of the prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
+    /// Who says it.
     pub role: Role,
+    /// What is said.
     pub content: String,
 }
 
 /// A prompt and what it carries (both recorded in the response event).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
+    /// The messages, in order.
     pub messages: Vec<ChatMessage>,
     /// Earlier turns of this conversation.
     pub context_event_ids: Vec<EventId>,

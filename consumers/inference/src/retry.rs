@@ -21,6 +21,7 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
+    /// A breaker that opens after `failure_threshold` failures in a row, for `cool_down`.
     pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
         Self { failure_threshold: failure_threshold.max(1), cool_down, consecutive_failures: 0, open_until: None }
     }
@@ -30,11 +31,13 @@ impl CircuitBreaker {
         self.open_until.is_none_or(|until| now >= until)
     }
 
+    /// A call succeeded: closes the breaker.
     pub fn record_success(&mut self) {
         self.consecutive_failures = 0;
         self.open_until = None;
     }
 
+    /// A call failed at `now`.
     pub fn record_failure(&mut self, now: Instant) {
         self.consecutive_failures += 1;
         if self.consecutive_failures >= self.failure_threshold {

@@ -8,6 +8,7 @@ use crate::error::ProjectionError;
 /// The prepared statements of one generation.
 #[derive(Debug)]
 pub struct Generation {
+    /// The generation's number (the tables' `_g<N>`).
     pub number: i32,
     pub(super) insert_conversation: PreparedStatement,
     pub(super) insert_by_user: PreparedStatement,

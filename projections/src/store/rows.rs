@@ -12,12 +12,19 @@ use crate::error::ProjectionError;
 /// A conversation's row of the projection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationRow {
+    /// The conversation.
     pub conversation_id: ConversationId,
+    /// Its owner.
     pub user_id: UserId,
+    /// When it started (ms since the epoch).
     pub started_at: i64,
+    /// When its last event happened.
     pub updated_at: i64,
+    /// The last sequence applied.
     pub last_sequence: i64,
+    /// The query waiting for its outcome.
     pub open_query_event_id: Option<EventId>,
+    /// Its first question, cut.
     pub title: String,
 }
 
@@ -39,11 +46,17 @@ impl ConversationRow {
 /// Where one event of a conversation sits in the log (the replay/audit index).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventLocation {
+    /// The event's sequence.
     pub sequence: i64,
+    /// Its id.
     pub event_id: EventId,
+    /// Its Avro record name.
     pub event_type: String,
+    /// Its topic.
     pub topic: String,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset.
     pub offset: i64,
 }
 
@@ -77,6 +90,7 @@ type MessageColumns = (
 type RetrievedColumns = (String, String, String, String, i64, f32);
 
 impl Store {
+    /// Writes a new conversation's row and its row in the user's list.
     pub async fn insert_conversation(
         &self,
         g: &Generation,
@@ -90,6 +104,7 @@ impl Store {
         self.exec(&g.insert_by_user, (user, started_at, id, "")).await
     }
 
+    /// Sets the title (the first question) in both rows.
     pub async fn set_title(
         &self,
         g: &Generation,
@@ -105,6 +120,7 @@ impl Store {
         self.exec(&g.insert_by_user, (user, started_at, id, title)).await
     }
 
+    /// Writes the head after an event.
     pub async fn advance_conversation(
         &self,
         g: &Generation,
@@ -116,6 +132,7 @@ impl Store {
         self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id.uuid())).await
     }
 
+    /// Writes a message.
     pub async fn insert_message(&self, g: &Generation, id: ConversationId, m: &Message) -> Result<(), ProjectionError> {
         let values = (
             id.uuid(),
@@ -135,6 +152,7 @@ impl Store {
         self.exec(&g.insert_message, values).await
     }
 
+    /// Writes where an event is in the log.
     pub async fn insert_location(
         &self,
         g: &Generation,
@@ -145,6 +163,7 @@ impl Store {
         self.exec(&g.insert_location, values).await
     }
 
+    /// Records the next offset of `partition` to apply.
     pub async fn store_progress(
         &self,
         g: &Generation,
@@ -155,6 +174,7 @@ impl Store {
         self.exec(&g.upsert_progress, (topic, partition, next_offset)).await
     }
 
+    /// The conversation's row, if it has one.
     pub async fn conversation(
         &self,
         g: &Generation,
@@ -177,6 +197,7 @@ impl Store {
             .transpose()
     }
 
+    /// The conversation's messages in sequence order.
     pub async fn messages(&self, g: &Generation, id: ConversationId) -> Result<Vec<Message>, ProjectionError> {
         let rows: Vec<MessageColumns> = self.select(&g.select_messages, (id.uuid(),)).await?;
         rows.into_iter()
@@ -237,6 +258,7 @@ impl Store {
         Ok(rows.into_iter().map(|(at, id, title)| (at, id.into(), title.unwrap_or_default())).collect())
     }
 
+    /// Where the conversation's events are in the log.
     pub async fn locations(&self, g: &Generation, id: ConversationId) -> Result<Vec<EventLocation>, ProjectionError> {
         let rows: Vec<(i64, String, String, String, i32, i64)> = self.select(&g.select_locations, (id.uuid(),)).await?;
         rows.into_iter()

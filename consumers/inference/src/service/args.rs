@@ -45,6 +45,7 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_LLM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub llm_timeout: Duration,
 
+    /// Most tokens of one answer.
     #[arg(long, env = "PARLEY_LLM_MAX_TOKENS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=32768))]
     pub llm_max_tokens: u32,
@@ -86,6 +87,7 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_RETRIEVAL_MIN_SCORE", default_value_t = 0.3)]
     pub retrieval_min_score: f32,
 
+    /// The system prompt every conversation starts with.
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
 
@@ -114,6 +116,7 @@ pub struct InferenceArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
 
+    /// The consumer group of the inference instances.
     #[arg(long, env = "PARLEY_INFERENCE_GROUP", default_value = "parley-inference")]
     pub group_id: String,
 

@@ -43,18 +43,25 @@ use crate::prompt::PromptLayout;
 
 pub use self::args::InferenceArgs;
 
+/// Who writes the inference consumer's events.
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
 
+/// What stops the inference consumer (a model's failure is an outcome, not an error).
 #[derive(Debug, Error)]
 pub enum InferenceError {
+    /// The event log failed.
     #[error(transparent)]
     EventLog(#[from] EventLogError),
+    /// An event could not be encoded.
     #[error(transparent)]
     Events(#[from] EventsError),
+    /// The history could not be read.
     #[error(transparent)]
     Context(#[from] ProjectionError),
+    /// The LLM pool is misconfigured.
     #[error(transparent)]
     Config(#[from] MissingKey),
+    /// A secret file could not be read.
     #[error(transparent)]
     Secret(#[from] SecretError),
 }
