@@ -37,17 +37,32 @@ pub enum Adopted {
 /// Why a conversation could not be adopted now (each says what to do: retry).
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptionError {
+    /// The partition's end could not be read.
     #[error("the event log did not answer; retry")]
     LogUnavailable(#[source] EventLogError),
+    /// This gateway's listener has not read the partition to its end in time.
     #[error("this gateway has not read the log up to {at} within {wait:?}; retry")]
-    ListenerBehind { at: LogPosition, wait: Duration },
+    ListenerBehind {
+        /// The position it must have read.
+        at: LogPosition,
+        /// How long it was waited for.
+        wait: Duration,
+    },
+    /// The CQL store failed.
     #[error("the conversation store did not answer; retry")]
     StoreUnavailable(#[from] ProjectionError),
+    /// The projection has not reached where the listener's window starts, in time.
     #[error(
         "the conversation store has not caught up with {at}, where this gateway's own reading of the log \
          starts, within {wait:?}; retry"
     )]
-    StoreBehind { at: LogPosition, wait: Duration },
+    StoreBehind {
+        /// The position it must have applied.
+        at: LogPosition,
+        /// How long it was waited for.
+        wait: Duration,
+    },
+    /// The projection moved past the window at every try.
     #[error("the conversation store kept moving under the adoption; retry")]
     StoreKeptMoving,
 }
@@ -62,12 +77,17 @@ const TRIES: usize = 3;
 /// Adopts conversations into a hub.
 #[derive(Debug, Clone)]
 pub struct Adopter {
+    /// The conversations this instance holds.
     pub hub: Arc<Hub>,
+    /// What the listener read past the projection.
     pub recent: Arc<Recent>,
+    /// The projection's live generation.
     pub reader: Arc<LiveReader>,
+    /// Asks the log for partition ends.
     pub producer: EventProducer,
     /// The events topic and its partition count.
     pub topic: String,
+    /// How many partitions it has.
     pub partitions: i32,
     /// How long an adoption waits for the listener (and, past its window, the projection).
     pub wait: Duration,

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Issues and verifies anonymous tokens: `<user id>.<HMAC-SHA256 of it>`.
 #[derive(Clone)]
 pub struct TokenSigner {
     secret: Vec<u8>,
@@ -20,6 +21,7 @@ impl std::fmt::Debug for TokenSigner {
 }
 
 impl TokenSigner {
+    /// A signer with `secret`.
     pub fn new(secret: &[u8]) -> Self {
         Self { secret: secret.to_vec() }
     }

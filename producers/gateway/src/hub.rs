@@ -30,7 +30,9 @@ pub type Outbox = mpsc::Sender<ServerFrame>;
 /// Where a query of the conversation sits in the log (its partition is the conversation's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WrittenQuery {
+    /// The query's sequence.
     pub sequence: i64,
+    /// Its offset in the conversation's partition.
     pub offset: i64,
 }
 
@@ -68,10 +70,24 @@ impl Slot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
     /// A new turn: write `ConversationStarted` first if `new_conversation`, then the query at `sequence`.
-    Accepted { conversation_id: ConversationId, query_id: EventId, sequence: i64, new_conversation: bool },
+    Accepted {
+        /// The conversation.
+        conversation_id: ConversationId,
+        /// The query's event id.
+        query_id: EventId,
+        /// The sequence reserved for it.
+        sequence: i64,
+        /// Whether the log has no `ConversationStarted` for it yet.
+        new_conversation: bool,
+    },
     /// The same client message id again: resend the original ack (marked duplicate) and the
     /// outcome, write nothing.
-    Duplicate { ack: Box<ServerFrame>, outcome: DuplicateOutcome },
+    Duplicate {
+        /// The original ack, marked duplicate.
+        ack: Box<ServerFrame>,
+        /// Where its outcome comes from.
+        outcome: DuplicateOutcome,
+    },
 }
 
 /// What a duplicate's client gets after the repeated ack.
@@ -82,14 +98,28 @@ pub enum DuplicateOutcome {
     /// The turn is still open: the outcome will be pushed when it comes.
     Pending,
     /// An earlier turn: its outcome is in the projection once it has applied `after`.
-    InProjection { conversation_id: ConversationId, query_id: EventId, outcome_sequence: i64, after: LogPosition },
+    InProjection {
+        /// The conversation.
+        conversation_id: ConversationId,
+        /// The query.
+        query_id: EventId,
+        /// The outcome's sequence.
+        outcome_sequence: i64,
+        /// The position the projection must have applied.
+        after: LogPosition,
+    },
 }
 
 /// What a cancel would stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelTarget {
     /// The turn waiting for its answer: a cancel is written for it.
-    Open { query_event_id: EventId, sequence: i64 },
+    Open {
+        /// The open query.
+        query_event_id: EventId,
+        /// Its sequence (the cancel's too).
+        sequence: i64,
+    },
     /// The query was answered already: nothing to stop.
     Complete,
     /// No turn is open (a cancel of "whatever is open").
@@ -100,12 +130,15 @@ pub enum CancelTarget {
     UnknownConversation,
 }
 
+/// Why the hub did not admit a query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// This instance does not hold the conversation: look it up in the projection, adopt
     /// it, and admit again.
     NotHeld,
+    /// Not the user's conversation.
     UnknownConversation,
+    /// The previous question has no outcome yet.
     TurnInProgress,
 }
 

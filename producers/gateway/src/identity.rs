@@ -91,6 +91,7 @@ fn parse_algorithms(value: &str) -> Result<AlgorithmList, String> {
 /// A token the gateway accepts, and whose it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// The user the token names.
     pub user_id: UserId,
     /// When the token stops being accepted (seconds since the epoch: the second after
     /// `exp` plus the leeway): a socket opened with it is closed then. None: it does not expire
@@ -101,26 +102,37 @@ pub struct Verified {
 /// Why a token was refused (said to the client: nothing here is secret).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AuthError {
+    /// Not a JWT.
     #[error("the token is not a well-formed JWT")]
     Malformed,
+    /// An algorithm not allowed (the allowed ones).
     #[error("the token's algorithm is not accepted (only {0})")]
     Algorithm(String),
+    /// Signed with a key the key set lacks.
     #[error("the token's key is not in the identity provider's key set")]
     UnknownKey,
+    /// No `kid` where the key set has several keys.
     #[error("the token names no key (`kid`), and the identity provider's key set has several")]
     NoKeyId,
+    /// The signature does not verify.
     #[error("the token's signature does not verify")]
     Signature,
+    /// Past `exp` (and the leeway).
     #[error("the token has expired")]
     Expired,
+    /// Before `nbf`.
     #[error("the token is not valid yet")]
     NotYetValid,
+    /// Another `iss`.
     #[error("the token was issued by another issuer")]
     Issuer,
+    /// Another `aud`.
     #[error("the token is meant for another audience")]
     Audience,
+    /// The user claim is missing or not a valid user id (the claim).
     #[error("the token lacks a valid {0:?} claim")]
     Claim(String),
+    /// An anonymous token that does not verify.
     #[error("the anonymous token does not verify")]
     Anonymous,
 }
@@ -128,10 +140,18 @@ pub enum AuthError {
 /// Why JWT mode could not start.
 #[derive(Debug, Error)]
 pub enum IdentityError {
+    /// A setting JWT mode needs is not given (its name).
     #[error("--jwt-{0} is required with --jwt-jwks")]
     Missing(&'static str),
+    /// The key set could not be read or parsed.
     #[error("the JWKS at {source_name} could not be loaded: {reason}")]
-    Jwks { source_name: String, reason: String },
+    Jwks {
+        /// The file or URL.
+        source_name: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The key set's URL is plain HTTP to another machine.
     #[error(
         "--jwt-jwks {0}: a key set fetched over plain HTTP can be replaced on the way; use https (http is for loopback only)"
     )]
@@ -141,7 +161,9 @@ pub enum IdentityError {
 /// How this gateway knows who is calling.
 #[derive(Debug, Clone)]
 pub enum Identity {
+    /// Tokens this gateway issues itself (`/api/session`).
     Anonymous(TokenSigner),
+    /// Tokens of an identity provider.
     Jwt(Arc<JwtVerifier>),
 }
 
@@ -189,7 +211,9 @@ impl Identity {
 /// Where the JWKS comes from.
 #[derive(Debug, Clone)]
 pub enum KeySource {
+    /// A file (reread when it changes).
     File(PathBuf),
+    /// A URL (fetched again every refresh).
     Url(String),
 }
 
@@ -280,6 +304,7 @@ impl JwtVerifier {
         self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Whose token this is, if it verifies.
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         // `alg: none`, an unknown algorithm and a token that is not three parts end here.
         let header = decode_header(token).map_err(|_| AuthError::Malformed)?;

@@ -40,6 +40,7 @@ const MAX_LISTED: usize = 1_000;
 /// Longest search text, in characters.
 const MAX_QUERY_CHARS: usize = 2_000;
 
+/// The body of `POST /api/documents`.
 #[derive(Debug, Deserialize)]
 pub struct DocumentBody {
     title: String,
@@ -140,6 +141,7 @@ fn accepted(
     (StatusCode::ACCEPTED, Json(body))
 }
 
+/// The parameters of `GET /api/search`.
 #[derive(Debug, Deserialize)]
 pub struct SearchParams {
     q: String,
@@ -170,6 +172,7 @@ pub(crate) async fn search(
     Ok(Json(SearchAnswer { hits }))
 }
 
+/// The parameters of `GET /api/documents`.
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
     limit: Option<usize>,

@@ -28,6 +28,8 @@
 //! token is, anonymous or a JWT verified against the identity provider's keys; [`origin`]:
 //! browser-origin checks (pure); [`tls`]: HTTPS and WSS, reloaded on change.
 
+#![warn(missing_docs)]
+
 pub mod adoption;
 pub mod answers;
 pub mod api;

@@ -26,14 +26,21 @@ const WINDOW: usize = 12;
 /// What the page charts, read from one gather of the registry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    /// When it was taken (ms since the epoch).
     pub at_ms: i64,
+    /// Turns admitted so far (a counter).
     pub turns_admitted: f64,
+    /// Turns refused so far.
     pub turns_refused: f64,
+    /// Model calls that failed so far.
     pub llm_failures: f64,
+    /// Error frames sent so far.
     pub error_frames: f64,
+    /// Dead letters written so far.
     pub dead_letters: f64,
     /// Keys held back behind open dead letters, by the group holding the most.
     pub held_keys: f64,
+    /// Open sockets.
     pub sockets: f64,
     /// `parley_first_token_seconds`, every lane: (upper bound, cumulative count).
     pub first_token: Vec<(f64, f64)>,
@@ -100,20 +107,30 @@ pub struct Series {
     pub source: String,
     /// Seconds since the epoch.
     pub at: Vec<f64>,
+    /// Turns admitted per second.
     pub turns_per_second: Vec<Option<f64>>,
+    /// Turns refused per second.
     pub refused_per_second: Vec<Option<f64>>,
+    /// Median first-token latency (s).
     pub first_token_p50: Vec<Option<f64>>,
+    /// 99th percentile first-token latency (s).
     pub first_token_p99: Vec<Option<f64>>,
+    /// Failed model calls per second.
     pub llm_failures_per_second: Vec<Option<f64>>,
+    /// Error frames per second.
     pub error_frames_per_second: Vec<Option<f64>>,
+    /// Dead letters per minute.
     pub dead_letters_per_minute: Vec<Option<f64>>,
+    /// Conversations held behind open dead letters.
     pub held_conversations: Vec<Option<f64>>,
+    /// Open sockets.
     pub sockets: Vec<Option<f64>>,
     /// Per consumer group.
     pub lag_seconds: BTreeMap<String, Vec<Option<f64>>>,
 }
 
 impl History {
+    /// Adds a snapshot (the oldest goes once the history is full).
     pub fn push(&mut self, snapshot: Snapshot) {
         if self.snapshots.len() == KEPT {
             self.snapshots.pop_front();

@@ -15,40 +15,81 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub enum ClientFrame {
     /// Ask a question; without `conversation_id` it starts a new conversation, served in
     /// `lane` when that is below the user's tier (`batch` for bulk work).
-    Query { client_message_id: String, conversation_id: Option<String>, text: String, lane: Option<String> },
+    Query {
+        /// The client's id of the message: a resend with the same id is the same question.
+        client_message_id: String,
+        /// The conversation; none starts a new one.
+        conversation_id: Option<String>,
+        /// The question.
+        text: String,
+        /// `premium`, `standard` or `batch`, for a new conversation.
+        lane: Option<String>,
+    },
     /// Receive the answers of an existing conversation on this socket (after a reconnect).
-    Subscribe { conversation_id: String },
+    Subscribe {
+        /// The conversation.
+        conversation_id: String,
+    },
     /// Stop the answer to a query being generated (its text so far becomes the answer).
-    Cancel { conversation_id: String, query_event_id: String },
+    Cancel {
+        /// The conversation.
+        conversation_id: String,
+        /// The query whose answer to stop (its ack's `event_id`).
+        query_event_id: String,
+    },
     /// After a reconnect: the deltas of an answer after `last_index` (-1: none yet), read
     /// back from `position` (the last token frame's) or from the question, then live.
-    Resume { conversation_id: String, query_event_id: String, last_index: i32, position: Option<String> },
+    Resume {
+        /// The conversation.
+        conversation_id: String,
+        /// The query whose answer to pick up.
+        query_event_id: String,
+        /// The index of the last delta the client has (-1: none).
+        last_index: i32,
+        /// The `position` of the last token frame the client has.
+        position: Option<String>,
+    },
 }
 
 /// What the server sends (clients and tests read it back with `Deserialize`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
+    /// The socket is open: who it is for and the limits of what it may send.
     Ready {
+        /// The user the token names.
         user_id: String,
+        /// [`PROTOCOL_VERSION`].
         protocol_version: u32,
+        /// Largest frame the server reads.
         max_frame_bytes: usize,
+        /// Longest question.
         max_text_chars: usize,
     },
     /// The query is durably in the log at `position`.
     Ack {
+        /// The client's id of the message.
         client_message_id: String,
+        /// The conversation (new or not).
         conversation_id: String,
+        /// The query's event id (what its answer names).
         event_id: String,
+        /// The query's sequence.
         sequence: i64,
+        /// Where it is in the log (`after=` of the query API).
         position: String,
+        /// The same message was acked before: this is that ack again.
         duplicate: bool,
     },
     /// A piece of the answer being generated. `index` 0 (again) means: start over.
     Token {
+        /// The conversation.
         conversation_id: String,
+        /// The query being answered.
         query_event_id: String,
+        /// The delta's place in the answer.
         index: i32,
+        /// The text.
         delta: String,
         /// The model call the delta comes from (1: the first); a retry starts again at index 0.
         attempt: i32,
@@ -56,47 +97,74 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         position: Option<String>,
     },
+    /// The answer, whole (authoritative: it replaces the deltas).
     Answer {
+        /// The conversation.
         conversation_id: String,
+        /// The query answered.
         query_event_id: String,
+        /// The answer's event id.
         event_id: String,
+        /// The answer's sequence.
         sequence: i64,
+        /// The answer's text.
         text: String,
+        /// The model that answered.
         model: String,
+        /// Why it stopped (`stop`, `length`, `cancelled`…).
         finish_reason: String,
+        /// Tokens of the prompt.
         prompt_tokens: i32,
+        /// Tokens of the answer.
         completion_tokens: i32,
+        /// How long the model took.
         llm_latency_ms: i64,
         /// From the (last) LLM call's start to its first generated text; none without text.
         time_to_first_token_ms: Option<i64>,
         /// Chunks and earlier messages the prompt carried, best first.
         retrieved: Vec<RetrievedContext>,
     },
+    /// The query got no answer (the turn is over; the next question may be asked).
     Failed {
+        /// The conversation.
         conversation_id: String,
+        /// The query.
         query_event_id: String,
+        /// The failure's event id.
         event_id: String,
+        /// `timeout`, `unavailable`, `budget_exceeded`…
         error_kind: String,
+        /// What went wrong, for people.
         message: String,
     },
+    /// The socket follows the conversation now.
     Subscribed {
+        /// The conversation.
         conversation_id: String,
     },
     /// A question asked on another socket of the user's (another tab or device) in a
     /// conversation this socket follows (v2).
     Question {
+        /// The conversation.
         conversation_id: String,
+        /// The query's event id.
         event_id: String,
+        /// Its sequence.
         sequence: i64,
+        /// The asking client's id of the message.
         client_message_id: String,
+        /// The question.
         text: String,
     },
     /// A `resume` was accepted (v2): `streaming` (the missing deltas follow, then live
     /// ones and the answer), `complete` (the answer follows: no deltas) or `tokens_expired`
     /// (the deltas aged out of the tokens topic: the answer follows when it exists).
     Resumed {
+        /// The conversation.
         conversation_id: String,
+        /// The query whose answer is resumed.
         query_event_id: String,
+        /// `streaming`, `complete` or `tokens_expired`.
         status: String,
         /// The deltas read back, sent right after this frame (not a field on the wire).
         #[serde(skip)]
@@ -105,13 +173,20 @@ pub enum ServerFrame {
     /// What a `cancel` did: `requested` (the answer, marked `cancelled`, follows) or
     /// `already_complete` (nothing to stop: the answer exists).
     CancelResult {
+        /// The conversation.
         conversation_id: String,
+        /// The query.
         query_event_id: String,
+        /// `requested` or `already_complete`.
         status: String,
     },
+    /// A frame or a command was refused; nothing was written.
     Error {
+        /// What kind of refusal.
         code: ErrorCode,
+        /// Why, for people.
         message: String,
+        /// The refused query's id (its prefix, when it was too long).
         client_message_id: Option<String>,
         /// When the same frame may pass (`rate_limited`, `overloaded`); absent otherwise.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,6 +205,7 @@ impl ServerFrame {
     }
 }
 
+/// The `code` of an error frame (docs/protocol.md lists what each asks of a client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -159,15 +235,20 @@ pub enum ErrorCode {
 /// Bounds on what a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Largest frame read.
     pub max_frame_bytes: usize,
+    /// Longest question.
     pub max_text_chars: usize,
 }
 
 /// A query that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidQuery {
+    /// The client's id of the message.
     pub client_message_id: String,
+    /// The conversation; none starts a new one.
     pub conversation_id: Option<ConversationId>,
+    /// The question.
     pub text: String,
     /// The lane asked for (a new conversation's; never above the user's tier).
     pub lane: Option<Lane>,
@@ -176,8 +257,11 @@ pub struct ValidQuery {
 /// A rejected frame: the error frame to send back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
+    /// What kind of refusal.
     pub code: ErrorCode,
+    /// Why.
     pub message: String,
+    /// The refused query's id, if it had one.
     pub client_message_id: Option<String>,
 }
 
@@ -186,11 +270,13 @@ impl Rejection {
         Self { code, message: message.into(), client_message_id: None }
     }
 
+    /// The error frame that says it.
     pub fn into_frame(self) -> ServerFrame {
         ServerFrame::error(self.code, self.message, self.client_message_id)
     }
 }
 
+/// Longest `client_message_id`.
 pub const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
 
 /// How much of an invalid `client_message_id` an error frame echoes.

@@ -24,8 +24,10 @@ use crate::api::{ApiError, user_of};
 use crate::cancel::{self, CancelOutcome};
 use crate::state::AppState;
 
+/// Most conversations one page of `GET /api/conversations` lists.
 pub const MAX_PAGE: i32 = 100;
 
+/// A message as the query API shows it.
 #[derive(Debug, Serialize)]
 pub struct MessageView {
     sequence: i64,

@@ -87,13 +87,18 @@ impl Bucket {
 /// Which limit refused a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
+    /// The user's questions per minute.
     UserTurns,
+    /// The user's model tokens per minute.
     UserTokens,
+    /// Everyone's questions per minute.
     GlobalTurns,
+    /// The user's documents per minute.
     UserDocuments,
 }
 
 impl Limit {
+    /// What the limit's refusal says.
     pub fn describe(self) -> &'static str {
         match self {
             Limit::UserTurns => "you have sent too many questions in the last minute",
@@ -107,7 +112,9 @@ impl Limit {
 /// A refused turn: which limit, and when a retry would pass it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
+    /// The limit.
     pub limit: Limit,
+    /// When a retry would pass it.
     pub retry_after_ms: u64,
 }
 
@@ -129,6 +136,7 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// A limiter with full buckets at `now_ms`.
     pub fn new(settings: RateSettings, now_ms: i64) -> Self {
         Self {
             settings,
@@ -225,6 +233,7 @@ impl RateLimiter {
         self.users.retain(|_, b| !(b.turns.is_full(now_ms) && b.tokens.is_full(now_ms) && b.documents.is_full(now_ms)));
     }
 
+    /// Users with a bucket (the rested are forgotten).
     pub fn users_tracked(&self) -> usize {
         self.users.len()
     }

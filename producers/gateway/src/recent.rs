@@ -22,16 +22,23 @@ use crate::hub::WrittenQuery;
 /// What a writer keeps of one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fact {
+    /// A `ConversationStarted`.
     Started {
+        /// The conversation's owner.
         owner: UserId,
     },
+    /// A query.
     Query {
+        /// Its event id.
         id: EventId,
+        /// Its sequence.
         sequence: i64,
+        /// The client's id of the message.
         client_message_id: String,
     },
     /// An outcome (or any other event that takes a sequence and opens no turn).
     Closed {
+        /// Its sequence.
         sequence: i64,
     },
 }
@@ -58,7 +65,9 @@ impl Fact {
 /// A conversation as a writer knows it: its head and every query written to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
+    /// Owner, last sequence and open turn.
     pub head: ConversationHead,
+    /// Every query written to it, by event id.
     pub queries: HashMap<EventId, WrittenQuery>,
 }
 
@@ -96,6 +105,7 @@ pub struct RecentEvents {
 }
 
 impl RecentEvents {
+    /// A window keeping at most `cap` facts per partition.
     pub fn new(cap: usize) -> Self {
         Self { partitions: HashMap::new(), cap: cap.max(1) }
     }
@@ -200,6 +210,7 @@ pub struct Recent {
 }
 
 impl Recent {
+    /// Shared facts, at most `cap` per partition.
     pub fn new(cap: usize) -> Self {
         Self { events: Mutex::new(RecentEvents::new(cap)), advanced: Notify::new() }
     }

@@ -62,6 +62,7 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
+    /// Binds the gateway's address and connects it to the log, the registry and the store.
     #[allow(clippy::too_many_arguments)] // one per edge: log, registry, settings, identity, budgets, store, vectors, stop
     pub async fn bind(
         kafka: &KafkaSettings,
@@ -189,6 +190,7 @@ impl Gateway {
         Ok(Self { listener, router, answers, rate_feed, load_feed, shutdown, certificate, tls_reload_check })
     }
 
+    /// The address it listens on.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
     }

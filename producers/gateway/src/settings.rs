@@ -50,12 +50,15 @@ pub struct GatewayArgs {
     #[arg(long, env = "PARLEY_AUTH_SECRET_FILE")]
     pub auth_secret_file: Option<PathBuf>,
 
+    /// JWT mode.
     #[command(flatten)]
     pub jwt: JwtSettings,
 
+    /// HTTPS and WSS.
     #[command(flatten)]
     pub tls: TlsSettings,
 
+    /// Rate limits.
     #[command(flatten)]
     pub rates: RateSettings,
 

@@ -35,26 +35,42 @@ use crate::resume::TokenOrder;
 use crate::settings::GatewayArgs;
 use crate::tls::{Certificate, TlsError};
 
+/// Who writes the gateway's events.
 pub const SOURCE: Producer = Producer { name: "parley-gateway", version: env!("CARGO_PKG_VERSION") };
 
+/// What stops a gateway from starting or serving.
 #[derive(Debug, Error)]
 pub enum GatewayError {
+    /// The event log failed.
     #[error(transparent)]
     EventLog(#[from] EventLogError),
+    /// The schema registry or the codec failed.
     #[error(transparent)]
     Events(#[from] EventsError),
+    /// The address could not be bound.
     #[error("cannot listen on {addr}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
     #[error("the server stopped")]
     Serve(#[source] std::io::Error),
+    /// The CQL store failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
+    /// The lane layout names partitions the topic lacks.
     #[error("--lanes does not fit the events topic")]
     Lanes(#[from] LayoutError),
+    /// A secret file could not be read.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// JWT mode could not start.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The certificate could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
 }

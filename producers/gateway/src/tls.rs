@@ -14,6 +14,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// HTTPS and WSS (off without a certificate).
 #[derive(Debug, Clone, Args)]
 pub struct TlsSettings {
     /// PEM certificate chain (leaf first): with --tls-key, the gateway serves HTTPS and WSS.
@@ -31,7 +32,8 @@ pub struct TlsSettings {
 }
 
 #[derive(Debug, Error)]
-#[error("cannot use the TLS certificate {cert} and key {key}: {source}")]
+/// The certificate or key could not be loaded (the io or parse error is the source).
+#[error("cannot use the TLS certificate {cert} and key {key}")]
 pub struct TlsError {
     cert: String,
     key: String,
@@ -41,6 +43,7 @@ pub struct TlsError {
 /// The certificate files being served.
 #[derive(Debug, Clone)]
 pub struct Certificate {
+    /// What the server serves with (reloaded in place).
     pub config: RustlsConfig,
     cert: PathBuf,
     key: PathBuf,
