@@ -208,7 +208,10 @@ async fn a_poisoned_event_holds_its_conversation_back_until_an_operator_settles_
         format!("{}dead-letter/{}/{}", pipeline.prefix, lettered.partition, lettered.offset).as_str()
     );
     assert_eq!(copy["partition"], question["partition"], "a copy goes to its original's partition");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Inference has read the copy and is done with it: it did not answer it again.
+    let (partition, offset) = (copy["partition"].as_i64().unwrap(), copy["offset"].as_i64().unwrap());
+    let inference = format!("{}inference", pipeline.prefix);
+    pipeline.wait_consumed(&inference, &pipeline.events_topic(), i32::try_from(partition).unwrap(), offset).await;
     let answers = |events: &[Value]| events.iter().filter(|e| e["event_type"] == "LLMResponseGenerated").count();
     assert_eq!(answers(&audited(&conversation)), 2, "inference answered a copy that was not redriven for it");
     pipeline.stop().await;

@@ -310,6 +310,41 @@ impl Pipeline {
 
     /// Stops the processes and deletes this test's topics and vector collection.
     /// The `parley all` process's id (for its memory and CPU time).
+    /// The outcome (answer or failure) of the query `query_event_id` once it is in the log:
+    /// what a test waits for instead of sleeping through "the turn is over by now".
+    pub(crate) async fn outcome_in_log(&self, query_event_id: &str) -> parley_events::ConversationEvent {
+        use parley_events::ConversationEvent;
+        let topic = self.events_topic();
+        wait_until("the query's outcome in the log", || {
+            let (brokers, registry, topic) = (&self.brokers, &self.registry, &topic);
+            async move {
+                log_to_end(brokers, registry, topic).await.into_iter().find(|event| match event {
+                    ConversationEvent::ResponseGenerated(answer) => answer.query_event_id.to_string() == query_event_id,
+                    ConversationEvent::ResponseFailed(failed) => failed.query_event_id.to_string() == query_event_id,
+                    _ => false,
+                })
+            }
+        })
+        .await
+    }
+
+    /// Waits until consumer group `group` has committed an offset past `offset` of
+    /// `topic`/`partition`: it has read the record there and is done with it (so "it did
+    /// nothing with it" can be asserted without sleeping).
+    pub(crate) async fn wait_consumed(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        wait_until(&format!("{group} past {topic}/{partition}/{offset}"), || {
+            let (brokers, group, topic) = (self.brokers.clone(), group.to_owned(), topic.to_owned());
+            async move {
+                let committed =
+                    tokio::task::spawn_blocking(move || committed_offset(&brokers, &group, &topic, partition))
+                        .await
+                        .unwrap();
+                committed.filter(|committed| *committed > offset)
+            }
+        })
+        .await;
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -688,4 +723,18 @@ pub(crate) async fn log_events(
     }
     events.sort_by_key(|(e, _)| (e.envelope().conversation_id, e.envelope().sequence));
     events
+}
+
+/// The offset `group` committed on `topic`/`partition`, if any.
+fn committed_offset(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    wanted.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10)).ok()?;
+    match committed.find_partition(topic, partition)?.offset() {
+        rdkafka::Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
 }
