@@ -77,9 +77,36 @@ pub fn tail(kafka: &KafkaSettings, name: &str, topics: &[&str]) -> Result<LogCon
 
 /// The partitions of `topic`, as the cluster's metadata has them (a blocking query: call it
 /// while a reader is set up, not on a hot path).
+/// Right after a topic is created its partitions may have no leader yet: the metadata
+/// request is then refused for a moment, which is retried rather than fatal.
 pub fn partitions<C: ConsumerContext>(consumer: &StreamConsumer<C>, topic: &str) -> Result<Vec<i32>, KafkaError> {
-    let metadata = consumer.fetch_metadata(Some(topic), METADATA_WAIT)?;
-    Ok(metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect())
+    let mut tries = 0;
+    loop {
+        match consumer.fetch_metadata(Some(topic), METADATA_WAIT) {
+            Ok(metadata) => {
+                return Ok(metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect());
+            }
+            Err(KafkaError::MetadataFetch(code)) if tries < LEADERLESS_TRIES && is_leaderless(code) => {
+                tries += 1;
+                std::thread::sleep(LEADERLESS_PAUSE);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// How often, and how far apart, a metadata request refused for want of a leader is retried.
+const LEADERLESS_TRIES: u32 = 50;
+const LEADERLESS_PAUSE: Duration = Duration::from_millis(200);
+
+/// A refusal that a partition's leader election (of a new topic, after a broker restart) ends.
+fn is_leaderless(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+    )
 }
 
 /// Where `consumer` will read `partition` of `topic` next: after an end-of-partition event,

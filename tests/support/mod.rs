@@ -506,6 +506,10 @@ impl Client {
                 .expect("socket closed")
                 .expect("socket error");
             if let Message::Text(text) = message {
+                // Every frame any test reads must be one the gateway's own type describes.
+                if let Err(error) = serde_json::from_str::<ServerFrame>(text.as_str()) {
+                    panic!("not a server frame ({error}): {text}");
+                }
                 return serde_json::from_str(text.as_str()).unwrap();
             }
         }
@@ -513,8 +517,7 @@ impl Client {
 
     /// The next frame, read with the gateway's own type (one it cannot read fails the test).
     pub(crate) async fn frame(&mut self) -> ServerFrame {
-        let value = self.next_frame().await;
-        serde_json::from_value(value.clone()).unwrap_or_else(|error| panic!("not a server frame ({error}): {value}"))
+        serde_json::from_value(self.next_frame().await).expect("checked by next_frame")
     }
 
     /// Typed frames up to the first `answer` or `failed`.
