@@ -315,12 +315,13 @@ impl Pipeline {
     pub(crate) async fn outcome_in_log(&self, query_event_id: &str) -> parley_events::ConversationEvent {
         use parley_events::ConversationEvent;
         let topic = self.events_topic();
+        let query: parley_events::EventId = query_event_id.parse().expect("an ack's event id");
         wait_until("the query's outcome in the log", || {
             let (brokers, registry, topic) = (&self.brokers, &self.registry, &topic);
             async move {
                 log_to_end(brokers, registry, topic).await.into_iter().find(|event| match event {
-                    ConversationEvent::ResponseGenerated(answer) => answer.query_event_id.to_string() == query_event_id,
-                    ConversationEvent::ResponseFailed(failed) => failed.query_event_id.to_string() == query_event_id,
+                    ConversationEvent::ResponseGenerated(answer) => answer.query_event_id == query,
+                    ConversationEvent::ResponseFailed(failed) => failed.query_event_id == query,
                     _ => false,
                 })
             }
