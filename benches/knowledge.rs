@@ -189,7 +189,7 @@ async fn main() {
         let owner = q % owners;
         let filter = SearchFilter::owner(format!("owner-{owner}").parse().unwrap());
         let started = Instant::now();
-        let hits = search_store.search(query.clone(), &filter, 10).await.unwrap();
+        let hits = search_store.search_vectors(query.clone(), &filter, 10).await.unwrap();
         milvus_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
         let mut exact: Vec<(f32, usize)> = vectors

@@ -3,7 +3,8 @@
 //! - [`backend`]: the [`EmbeddingBackend`] trait; [`embedding`]: the options choosing one of the two backends
 //!   ([`minilm`], in-process by default; [`openai`], any `/v1/embeddings` endpoint);
 //! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
-//! - [`store`]: the Milvus collection the embedder writes and searches read;
+//! - [`store`]: the Milvus collection the embedder writes and searches read (vectors and BM25 keywords);
+//! - [`fusion`]: hybrid ranking, the two searches' lists fused by reciprocal rank (pure);
 //! - [`retriever`]: embedding a query and searching, for the search API and inference.
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ pub mod embedding;
 /// The retrieval errors.
 pub mod error;
 pub mod filter;
+pub mod fusion;
 pub mod minilm;
 pub mod openai;
 pub mod retriever;
@@ -21,5 +23,6 @@ pub use backend::EmbeddingBackend;
 pub use embedding::EmbeddingSettings;
 pub use error::RetrievalError;
 pub use filter::{SearchFilter, SourceKind};
+pub use fusion::SearchMode;
 pub use retriever::Retriever;
 pub use store::{Hit, MilvusSettings, StoredDocument, VectorRecord, VectorStore};

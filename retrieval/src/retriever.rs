@@ -1,4 +1,4 @@
-//! Text in, nearest stored chunks and messages out: the embedding backend and the vector
+//! Text in, best stored chunks and messages out: the embedding backend and the vector
 //! store together, as the search API and inference use them.
 
 use std::sync::Arc;
@@ -21,15 +21,22 @@ impl Retriever {
         Self { backend, store }
     }
 
-    /// The `limit` stored texts nearest to `text` among those `filter` admits, best first.
+    /// The `limit` stored texts that best answer `text` among those `filter` admits, best
+    /// first, by the store's search mode (the question is embedded unless keywords alone
+    /// are searched).
     pub async fn search(&self, text: &str, filter: &SearchFilter, limit: usize) -> Result<Vec<Hit>, RetrievalError> {
-        let vector = self
-            .backend
-            .embed(&[text.to_owned()])
-            .await?
-            .pop()
-            .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
-        self.store.search(vector, filter, limit).await
+        let vector = if self.store.search_mode().uses_vectors() {
+            let vector = self
+                .backend
+                .embed(&[text.to_owned()])
+                .await?
+                .pop()
+                .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
+            Some(vector)
+        } else {
+            None
+        };
+        self.store.search(text, vector, filter, limit).await
     }
 
     /// The vector store it searches.

@@ -132,7 +132,8 @@ pub fn build_prompt(
             source_id: hit.source_id.clone(),
             source_event_id: hit.source_event_id,
             position: hit.position,
-            score: hit.score,
+            // The cosine, as the event's schema defines the field; keyword mode has none.
+            score: hit.similarity.unwrap_or(hit.score),
         })
         .collect();
     Prompt { messages, context_event_ids, retrieved }
@@ -287,6 +288,8 @@ mod tests {
             label: "notes.md".into(),
             text: text.into(),
             score,
+            similarity: Some(score),
+            keyword_score: None,
         }
     }
 

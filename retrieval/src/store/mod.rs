@@ -1,99 +1,28 @@
 //! The Milvus collection of every embedded chunk and message. One row per vector, keyed by
 //! a deterministic id, so writing the same source twice overwrites instead of adding.
 
+mod schema;
+mod settings;
+
 use std::collections::HashMap;
 
-use clap::{Args, ValueEnum};
 use milvus::v2 as sdk;
 use milvus::v2::prelude::{
-    ClientV2, ConnectConfig, ConsistencyLevel, FieldData, FlushRequest, IndexParam, IndexType, InsertRequest,
-    LoadCollectionRequest, MetricType, QueryRequest, SearchRequest, SearchVectors,
+    ClientV2, ConnectConfig, ConsistencyLevel, FieldData, FlushRequest, InsertRequest, LoadCollectionRequest,
+    QueryRequest, SearchRequest, SearchVectors,
 };
 use parley_eventlog::metrics::timed;
 use parley_events::{ConversationId, EventId, UserId};
+pub use schema::MAX_TEXT_BYTES;
+use schema::{
+    EMBEDDING, ID, KIND, LABEL, MAX_LABEL_BYTES, OWNER, POSITION, SOURCE_EVENT_ID, SOURCE_ID, TEXT, TEXT_TERMS,
+};
 use serde::Serialize;
+pub use settings::{IndexKind, MilvusSettings};
 
 use crate::error::RetrievalError;
 use crate::filter::{SearchFilter, SourceKind};
-
-const ID: &str = "id";
-const OWNER: &str = "owner";
-const KIND: &str = "kind";
-const SOURCE_ID: &str = "source_id";
-const SOURCE_EVENT_ID: &str = "source_event_id";
-const POSITION: &str = "position";
-const LABEL: &str = "label";
-const TEXT: &str = "text";
-const EMBEDDING: &str = "embedding";
-
-/// Largest stored text in bytes (Milvus VARCHAR limit of this collection); longer message
-/// texts are cut at a character boundary. Chunks are far smaller.
-pub const MAX_TEXT_BYTES: usize = 16_384;
-const MAX_LABEL_BYTES: usize = 512;
-
-/// The approximate index Milvus builds over the vectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum IndexKind {
-    /// Graph index: the best latency/recall trade-off for in-memory collections.
-    Hnsw,
-    /// Inverted file over k-means clusters: less memory, needs enough rows to train.
-    IvfFlat,
-    /// Exact search: the reference for recall, linear in the collection size.
-    Flat,
-}
-
-/// Where the vectors live and how they are indexed and searched.
-#[derive(Debug, Clone, Args)]
-pub struct MilvusSettings {
-    /// Milvus (or Milvus Lite) gRPC endpoint.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_URL", default_value = "http://127.0.0.1:19530")]
-    pub milvus_url: String,
-
-    /// `user:password` or API key of a secured cluster.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_TOKEN", hide_env_values = true)]
-    pub milvus_token: Option<String>,
-
-    /// The Milvus collection of Parley's vectors.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_COLLECTION", default_value = "parley_knowledge",
-          value_parser = parse_collection_name)]
-    pub milvus_collection: String,
-
-    /// Index built when the collection is created (an existing collection keeps its own).
-    #[arg(long, global = true, env = "PARLEY_MILVUS_INDEX", value_enum, default_value = "hnsw")]
-    pub milvus_index: IndexKind,
-
-    /// HNSW: links per node.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_M", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=2048))]
-    pub milvus_hnsw_m: u32,
-
-    /// HNSW: candidate list size while building.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_EF_CONSTRUCTION", default_value_t = 200,
-          value_parser = clap::value_parser!(u32).range(8..=65536))]
-    pub milvus_hnsw_ef_construction: u32,
-
-    /// HNSW: candidate list size while searching (at least top-k); higher is slower and more exact.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_SEARCH_EF", default_value_t = 64,
-          value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub milvus_search_ef: u32,
-
-    /// IVF_FLAT: clusters built / clusters searched.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NLIST", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub milvus_ivf_nlist: u32,
-    /// Clusters an IVF index searches.
-    #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NPROBE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub milvus_ivf_nprobe: u32,
-}
-
-fn parse_collection_name(value: &str) -> Result<String, String> {
-    let legal = value.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && value.len() <= 255;
-    if legal {
-        Ok(value.to_owned())
-    } else {
-        Err(format!("{value:?}: letters, digits and _ only, not starting with a digit"))
-    }
-}
+use crate::fusion::{SearchMode, reciprocal_rank_fusion};
 
 /// One vector and what it stands for.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +48,7 @@ pub struct VectorRecord {
     pub embedding: Vec<f32>,
 }
 
-/// One search result, best first; `score` is cosine similarity (1 = same direction).
+/// One search result, best first.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Hit {
     /// The vector's id.
@@ -136,8 +65,14 @@ pub struct Hit {
     pub label: String,
     /// The text.
     pub text: String,
-    /// Cosine similarity to the question (1: same direction).
+    /// What the ranking used: the reciprocal-rank-fusion score in hybrid search, the
+    /// cosine similarity in vector search, the BM25 score in keyword search.
     pub score: f32,
+    /// Cosine similarity to the question (1: same direction); None only in keyword mode,
+    /// where the question is not embedded.
+    pub similarity: Option<f32>,
+    /// BM25 score of the question's words in the text, when the keyword search found it.
+    pub keyword_score: Option<f32>,
 }
 
 /// A searchable document, as its first chunk in the store describes it.
@@ -158,6 +93,9 @@ pub struct VectorStore {
     collection: String,
     search_params: HashMap<String, String>,
     dimension: usize,
+    mode: SearchMode,
+    rrf_k: u32,
+    candidates: usize,
 }
 
 impl std::fmt::Debug for VectorStore {
@@ -190,44 +128,59 @@ impl VectorStore {
                     attempt += 1;
                 }
                 Err(error) => return Err(error),
-                Ok(search_params) => {
+                Ok(described) => {
+                    let mode = if described.keywords || !settings.search_mode.uses_keywords() {
+                        settings.search_mode
+                    } else {
+                        tracing::warn!(
+                            collection = %settings.milvus_collection,
+                            "the collection predates keyword search (no {TEXT_TERMS} field): searching vectors only; \
+                             to search keywords too, start the embedder with a new --milvus-collection and \
+                             --embedder-group and point the services at it (docs/knowledge.md)"
+                        );
+                        SearchMode::Vector
+                    };
                     return Ok(Self {
                         client,
                         collection: settings.milvus_collection.clone(),
-                        search_params,
+                        search_params: index_search_params(settings),
                         dimension,
+                        mode,
+                        rrf_k: settings.search_rrf_k,
+                        candidates: usize::try_from(settings.search_candidates).unwrap_or(usize::MAX),
                     });
                 }
             }
         }
     }
 
-    /// One attempt of [`Self::open`]; returns the search parameters of the index.
+    /// One attempt of [`Self::open`].
     async fn open_with(
         client: &ClientV2,
         settings: &MilvusSettings,
         dimension: usize,
         model: &str,
-    ) -> Result<HashMap<String, String>, RetrievalError> {
+    ) -> Result<schema::Described, RetrievalError> {
         let collection = settings.milvus_collection.clone();
-        if !exists(client, &collection).await? {
-            create(client, settings, dimension).await?;
+        if !schema::exists(client, &collection).await? {
+            schema::create(client, settings, dimension).await?;
         }
-        let existing = collection_dimension(client, &collection).await?;
-        if existing != dimension {
+        let described = schema::describe(client, &collection).await?;
+        if described.dimension != dimension {
             return Err(RetrievalError::DimensionMismatch {
                 collection,
-                collection_dimension: existing,
+                collection_dimension: described.dimension,
                 backend_dimension: dimension,
                 model: model.to_owned(),
             });
         }
         client.load_collection(LoadCollectionRequest::builder().collection_name(&collection).build()?).await?;
-        Ok(match settings.milvus_index {
-            IndexKind::Hnsw => HashMap::from([("ef".to_owned(), settings.milvus_search_ef.to_string())]),
-            IndexKind::IvfFlat => HashMap::from([("nprobe".to_owned(), settings.milvus_ivf_nprobe.to_string())]),
-            IndexKind::Flat => HashMap::new(),
-        })
+        Ok(described)
+    }
+
+    /// The retrievers a search asks (vectors only on a collection without the keyword field).
+    pub fn search_mode(&self) -> SearchMode {
+        self.mode
     }
 
     /// The collection's name.
@@ -286,41 +239,90 @@ impl VectorStore {
         Ok(())
     }
 
-    /// The `limit` nearest vectors to `vector` among those `filter` admits.
+    /// The `limit` best hits for a question among those `filter` admits, by the store's
+    /// search mode: `vector` is the question's embedding (None in keyword mode), `text` its
+    /// words. Hybrid runs both searches at once and fuses them ([`reciprocal_rank_fusion`]).
     pub async fn search(
+        &self,
+        text: &str,
+        vector: Option<Vec<f32>>,
+        filter: &SearchFilter,
+        limit: usize,
+    ) -> Result<Vec<Hit>, RetrievalError> {
+        match (self.mode, vector) {
+            (SearchMode::Keyword, _) => self.search_keywords(text, None, filter, limit).await,
+            (SearchMode::Vector, Some(vector)) => self.search_vectors(vector, filter, limit).await,
+            (SearchMode::Hybrid, Some(vector)) => {
+                let candidates = self.candidates.max(limit);
+                let (keyword_hits, vector_hits) = tokio::try_join!(
+                    self.search_keywords(text, Some(&vector), filter, candidates),
+                    self.search_vectors(vector.clone(), filter, candidates),
+                )?;
+                Ok(reciprocal_rank_fusion(vector_hits, keyword_hits, self.rrf_k, limit))
+            }
+            (mode, None) => Err(RetrievalError::Embedding(format!("a {mode:?} search needs the question's vector"))),
+        }
+    }
+
+    /// The `limit` nearest vectors to `vector` among those `filter` admits.
+    pub async fn search_vectors(
         &self,
         vector: Vec<f32>,
         filter: &SearchFilter,
         limit: usize,
     ) -> Result<Vec<Hit>, RetrievalError> {
-        let request = SearchRequest::builder()
-            .collection_name(&self.collection)
-            .vector_field(EMBEDDING)
-            .vectors(SearchVectors::Float(vec![vector]))
-            .filter(filter.expression())
-            .output_fields([ID, KIND, SOURCE_ID, SOURCE_EVENT_ID, POSITION, LABEL, TEXT])
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+        let request = self
+            .search_request(EMBEDDING, SearchVectors::Float(vec![vector]), filter, limit, false)
             .extra_params(self.search_params.clone())
             .build()?;
         let response = timed("milvus", "search", Box::pin(self.client.search(request))).await?;
-        let mut hits = Vec::new();
-        for result in response.results() {
-            for row in result.rows()? {
-                hits.push(Hit {
-                    id: row.get_str(ID)?.to_owned(),
-                    kind: SourceKind::parse(row.get_str(KIND)?).unwrap_or(SourceKind::Document),
-                    source_id: row.get_str(SOURCE_ID)?.to_owned(),
-                    source_event_id: row.get_str(SOURCE_EVENT_ID)?.parse().map_err(|e: parley_events::InvalidId| {
-                        RetrievalError::Corrupt(format!("a vector whose {e}"))
-                    })?,
-                    position: row.get_i64(POSITION)?,
-                    label: row.get_str(LABEL)?.to_owned(),
-                    text: row.get_str(TEXT)?.to_owned(),
-                    score: row.get_f32("score")?,
-                });
-            }
+        hits(&response, |score, _| Ok((score, Some(score), None)))
+    }
+
+    /// The `limit` texts among those `filter` admits whose words best match `text` by BM25.
+    /// With the question's `vector`, each hit's similarity to it is computed from its stored
+    /// vector, so a keyword hit has a cosine too. A question with no indexed word (only
+    /// stop words, say) finds nothing.
+    pub async fn search_keywords(
+        &self,
+        text: &str,
+        vector: Option<&[f32]>,
+        filter: &SearchFilter,
+        limit: usize,
+    ) -> Result<Vec<Hit>, RetrievalError> {
+        let query = SearchVectors::EmbeddedText(vec![text.to_owned()]);
+        let request = self.search_request(TEXT_TERMS, query, filter, limit, vector.is_some()).build()?;
+        let response = timed("milvus", "keyword_search", Box::pin(self.client.search(request))).await?;
+        hits(&response, |score, row| {
+            // Milvus Lite reports BM25 negated (smaller is nearer); a cluster reports it as is.
+            let bm25 = score.abs();
+            let similarity = match vector {
+                Some(question) => Some(question.iter().zip(row.get_float_vector(EMBEDDING)?).map(|(a, b)| a * b).sum()),
+                None => None,
+            };
+            Ok((bm25, similarity, Some(bm25)))
+        })
+    }
+
+    fn search_request(
+        &self,
+        field: &str,
+        query: SearchVectors,
+        filter: &SearchFilter,
+        limit: usize,
+        with_vectors: bool,
+    ) -> sdk::request::dql::SearchRequestBuilder {
+        let mut fields = vec![ID, KIND, SOURCE_ID, SOURCE_EVENT_ID, POSITION, LABEL, TEXT];
+        if with_vectors {
+            fields.push(EMBEDDING);
         }
-        Ok(hits)
+        SearchRequest::builder()
+            .collection_name(&self.collection)
+            .vector_field(field)
+            .vectors(query)
+            .filter(filter.expression())
+            .output_fields(fields)
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
     }
 
     /// How many vectors `filter` admits (strongly consistent: sees every acknowledged upsert).
@@ -388,7 +390,7 @@ impl VectorStore {
     /// Drops the collection named in `settings` (tests and benchmarks clean up with it).
     pub async fn drop_collection(settings: &MilvusSettings) -> Result<(), RetrievalError> {
         let client = ClientV2::new(&ConnectConfig::new().uri(settings.milvus_url.clone())).await?;
-        if exists(&client, &settings.milvus_collection).await? {
+        if schema::exists(&client, &settings.milvus_collection).await? {
             let request = sdk::request::collection::DropCollectionRequest::builder()
                 .collection_name(&settings.milvus_collection)
                 .build()?;
@@ -398,77 +400,43 @@ impl VectorStore {
     }
 }
 
-async fn exists(client: &ClientV2, collection: &str) -> Result<bool, RetrievalError> {
-    let request = sdk::request::collection::HasCollectionRequest::builder().collection_name(collection).build()?;
-    Ok(client.has_collection(request).await?.exists())
+/// The search parameters of the configured vector index.
+fn index_search_params(settings: &MilvusSettings) -> HashMap<String, String> {
+    match settings.milvus_index {
+        IndexKind::Hnsw => HashMap::from([("ef".to_owned(), settings.milvus_search_ef.to_string())]),
+        IndexKind::IvfFlat => HashMap::from([("nprobe".to_owned(), settings.milvus_ivf_nprobe.to_string())]),
+        IndexKind::Flat => HashMap::new(),
+    }
 }
 
-async fn collection_dimension(client: &ClientV2, collection: &str) -> Result<usize, RetrievalError> {
-    let request = sdk::request::collection::DescribeCollectionRequest::builder().collection_name(collection).build()?;
-    let described = client.describe_collection(request).await?;
-    let field =
-        described.description().get_schema().get_fields().iter().find(|f| f.get_name() == EMBEDDING).ok_or_else(
-            || RetrievalError::Milvus(format!("collection {collection} has no {EMBEDDING} field; it is not Parley's")),
-        )?;
-    usize::try_from(field.get_dimension()).map_err(|e| RetrievalError::Milvus(e.to_string()))
-}
-
-async fn create(client: &ClientV2, settings: &MilvusSettings, dimension: usize) -> Result<(), RetrievalError> {
-    let varchar = |name: &str, max: usize| {
-        sdk::FieldSchema::new()
-            .name(name)
-            .data_type(sdk::DataType::VarChar)
-            .max_length(u32::try_from(max).unwrap_or(u32::MAX))
-    };
-    let schema = sdk::CollectionSchema::new()
-        .add_field(varchar(ID, 64).primary_key(true))
-        // Milvus hashes owners onto its partitions, so a search (always owner-filtered) scans
-        // only the asker's partition instead of every tenant's segments.
-        .add_field(varchar(OWNER, 256).partition_key(true))
-        .add_field(varchar(KIND, 16))
-        .add_field(varchar(SOURCE_ID, 64))
-        .add_field(varchar(SOURCE_EVENT_ID, 64))
-        .add_field(sdk::FieldSchema::new().name(POSITION).data_type(sdk::DataType::Int64))
-        .add_field(varchar(LABEL, MAX_LABEL_BYTES))
-        .add_field(varchar(TEXT, MAX_TEXT_BYTES))
-        .add_field(
-            sdk::FieldSchema::new()
-                .name(EMBEDDING)
-                .data_type(sdk::DataType::FloatVector)
-                .dimension(u32::try_from(dimension).unwrap_or(u32::MAX)),
-        );
-    let collection = &settings.milvus_collection;
-    client
-        .create_collection(
-            sdk::request::collection::CreateCollectionRequest::builder()
-                .collection_name(collection)
-                .schema(schema)
-                .build()?,
-        )
-        .await?;
-    let (index_type, params) = match settings.milvus_index {
-        IndexKind::Hnsw => (
-            IndexType::Hnsw,
-            HashMap::from([
-                ("M".to_owned(), settings.milvus_hnsw_m.to_string()),
-                ("efConstruction".to_owned(), settings.milvus_hnsw_ef_construction.to_string()),
-            ]),
-        ),
-        IndexKind::IvfFlat => {
-            (IndexType::IvfFlat, HashMap::from([("nlist".to_owned(), settings.milvus_ivf_nlist.to_string())]))
+/// The hits of a one-query search response, best first; `scores` turns Milvus's score and
+/// the row into the hit's (score, similarity, keyword score).
+fn hits(
+    response: &sdk::response::dql::SearchResponse,
+    scores: impl Fn(f32, &sdk::ResultRow<'_>) -> Result<(f32, Option<f32>, Option<f32>), RetrievalError>,
+) -> Result<Vec<Hit>, RetrievalError> {
+    let mut hits = Vec::new();
+    for result in response.results() {
+        for row in result.rows()? {
+            let (score, similarity, keyword_score) = scores(row.get_f32("score")?, &row)?;
+            hits.push(Hit {
+                id: row.get_str(ID)?.to_owned(),
+                kind: SourceKind::parse(row.get_str(KIND)?).unwrap_or(SourceKind::Document),
+                source_id: row.get_str(SOURCE_ID)?.to_owned(),
+                source_event_id: row
+                    .get_str(SOURCE_EVENT_ID)?
+                    .parse()
+                    .map_err(|e: parley_events::InvalidId| RetrievalError::Corrupt(format!("a vector whose {e}")))?,
+                position: row.get_i64(POSITION)?,
+                label: row.get_str(LABEL)?.to_owned(),
+                text: row.get_str(TEXT)?.to_owned(),
+                score,
+                similarity,
+                keyword_score,
+            });
         }
-        IndexKind::Flat => (IndexType::Flat, HashMap::new()),
-    };
-    let vector_index =
-        IndexParam::new().field_name(EMBEDDING).index_type(index_type).metric_type(MetricType::Ip).extra_params(params);
-    // sync(false): Milvus Lite has no AllocTimestamp, which waiting for the build needs.
-    let request = sdk::request::index::CreateIndexRequest::builder()
-        .collection_name(collection)
-        .index_params(vec![vector_index])
-        .sync(false)
-        .build()?;
-    client.create_index(request).await?;
-    Ok(())
+    }
+    Ok(hits)
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
@@ -492,12 +460,5 @@ mod tests {
         assert_eq!(truncated("héllo", 2), "h");
         assert_eq!(truncated("héllo", 3), "hé");
         assert_eq!(truncated("abc", 10), "abc");
-    }
-
-    #[test]
-    fn collection_names_are_checked() {
-        assert!(parse_collection_name("parley_knowledge").is_ok());
-        assert!(parse_collection_name("9lives").is_err());
-        assert!(parse_collection_name("a-b").unwrap_err().contains("a-b"));
     }
 }

@@ -247,8 +247,8 @@ impl Worker {
         }
     }
 
-    /// The user's stored chunks and messages of other conversations nearest to the question
-    /// (the owner filter is applied inside the vector search). A vector store outage costs
+    /// The user's stored chunks and messages of other conversations that best answer the
+    /// question (the owner filter is applied inside the search), above the relevance floor. A vector store outage costs
     /// the answer its extra context, not the answer: it is logged, and the event records
     /// that nothing was retrieved.
     async fn retrieve(&self, query: &UserQueryReceived) -> Vec<Hit> {
@@ -259,7 +259,9 @@ impl Worker {
         };
         let span = info_span!("inference.retrieve", k = self.retrieval_top_k);
         match retriever.search(&query.text, &filter, self.retrieval_top_k).instrument(span).await {
-            Ok(hits) => hits.into_iter().filter(|h| h.score >= self.retrieval_min_score).collect(),
+            Ok(hits) => {
+                hits.into_iter().filter(|h| h.similarity.is_none_or(|s| s >= self.retrieval_min_score)).collect()
+            }
             Err(error) => {
                 warn!(%error, "retrieval failed; answering without retrieved context");
                 vec![]

@@ -83,7 +83,9 @@ pub struct InferenceArgs {
           value_parser = clap::value_parser!(u16).range(0..=50))]
     pub retrieval_top_k: u16,
 
-    /// Hits less similar than this (cosine) are left out of the prompt.
+    /// Hits less similar than this (cosine) are left out of the prompt, whichever search
+    /// found them (keyword hits carry their cosine too; only `--search-mode keyword`, which
+    /// does not embed the question, has none to compare).
     #[arg(long, env = "PARLEY_RETRIEVAL_MIN_SCORE", default_value_t = 0.3)]
     pub retrieval_min_score: f32,
 

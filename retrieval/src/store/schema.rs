@@ -1,0 +1,139 @@
+//! The collection's fields and indexes: created once, described at every start.
+
+use std::collections::HashMap;
+
+use milvus::v2 as sdk;
+use milvus::v2::prelude::{ClientV2, IndexParam, IndexType, MetricType};
+
+use super::settings::{IndexKind, MilvusSettings};
+use crate::error::RetrievalError;
+
+pub(super) const ID: &str = "id";
+pub(super) const OWNER: &str = "owner";
+pub(super) const KIND: &str = "kind";
+pub(super) const SOURCE_ID: &str = "source_id";
+pub(super) const SOURCE_EVENT_ID: &str = "source_event_id";
+pub(super) const POSITION: &str = "position";
+pub(super) const LABEL: &str = "label";
+pub(super) const TEXT: &str = "text";
+pub(super) const EMBEDDING: &str = "embedding";
+/// BM25 term weights of `text`, computed by Milvus on insert (never written by Parley).
+pub(super) const TEXT_TERMS: &str = "text_terms";
+
+/// Largest stored text in bytes (Milvus VARCHAR limit of this collection); longer message
+/// texts are cut at a character boundary. Chunks are far smaller.
+pub const MAX_TEXT_BYTES: usize = 16_384;
+pub(super) const MAX_LABEL_BYTES: usize = 512;
+
+/// Words too common to tell chunks apart; left out of the keyword index and of questions.
+const STOP_WORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "from", "how", "i", "if", "in",
+    "into", "is", "it", "its", "me", "my", "no", "not", "of", "on", "or", "our", "so", "such", "that", "the", "their",
+    "then", "there", "these", "they", "this", "to", "was", "we", "what", "when", "where", "which", "who", "why",
+    "will", "with", "you", "your",
+];
+
+/// What an existing collection offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Described {
+    /// The length of its vectors.
+    pub(super) dimension: usize,
+    /// Whether it has the BM25 field (collections made before hybrid search do not).
+    pub(super) keywords: bool,
+}
+
+pub(super) async fn exists(client: &ClientV2, collection: &str) -> Result<bool, RetrievalError> {
+    let request = sdk::request::collection::HasCollectionRequest::builder().collection_name(collection).build()?;
+    Ok(client.has_collection(request).await?.exists())
+}
+
+pub(super) async fn describe(client: &ClientV2, collection: &str) -> Result<Described, RetrievalError> {
+    let request = sdk::request::collection::DescribeCollectionRequest::builder().collection_name(collection).build()?;
+    let described = client.describe_collection(request).await?;
+    let fields = described.description().get_schema().get_fields();
+    let embedding = fields.iter().find(|f| f.get_name() == EMBEDDING).ok_or_else(|| {
+        RetrievalError::Milvus(format!("collection {collection} has no {EMBEDDING} field; it is not Parley's"))
+    })?;
+    Ok(Described {
+        dimension: usize::try_from(embedding.get_dimension()).map_err(|e| RetrievalError::Milvus(e.to_string()))?,
+        keywords: fields.iter().any(|f| f.get_name() == TEXT_TERMS),
+    })
+}
+
+pub(super) async fn create(
+    client: &ClientV2,
+    settings: &MilvusSettings,
+    dimension: usize,
+) -> Result<(), RetrievalError> {
+    let varchar = |name: &str, max: usize| {
+        sdk::FieldSchema::new()
+            .name(name)
+            .data_type(sdk::DataType::VarChar)
+            .max_length(u32::try_from(max).unwrap_or(u32::MAX))
+    };
+    let analyzer = serde_json::json!({
+        "tokenizer": "standard",
+        "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}],
+    });
+    let schema = sdk::CollectionSchema::new()
+        .add_field(varchar(ID, 64).primary_key(true))
+        // Milvus hashes owners onto its partitions, so a search (always owner-filtered) scans
+        // only the asker's partition instead of every tenant's segments.
+        .add_field(varchar(OWNER, 256).partition_key(true))
+        .add_field(varchar(KIND, 16))
+        .add_field(varchar(SOURCE_ID, 64))
+        .add_field(varchar(SOURCE_EVENT_ID, 64))
+        .add_field(sdk::FieldSchema::new().name(POSITION).data_type(sdk::DataType::Int64))
+        .add_field(varchar(LABEL, MAX_LABEL_BYTES))
+        .add_field(varchar(TEXT, MAX_TEXT_BYTES).enable_analyzer(true).analyzer_params(analyzer))
+        .add_field(sdk::FieldSchema::new().name(TEXT_TERMS).data_type(sdk::DataType::SparseFloatVector))
+        .add_field(
+            sdk::FieldSchema::new()
+                .name(EMBEDDING)
+                .data_type(sdk::DataType::FloatVector)
+                .dimension(u32::try_from(dimension).unwrap_or(u32::MAX)),
+        )
+        .add_function(
+            sdk::Function::new()
+                .name("text_bm25")
+                .function_type(sdk::FunctionType::Bm25)
+                .input_fields([TEXT])
+                .output_fields([TEXT_TERMS]),
+        );
+    let collection = &settings.milvus_collection;
+    client
+        .create_collection(
+            sdk::request::collection::CreateCollectionRequest::builder()
+                .collection_name(collection)
+                .schema(schema)
+                .build()?,
+        )
+        .await?;
+    let (index_type, params) = match settings.milvus_index {
+        IndexKind::Hnsw => (
+            IndexType::Hnsw,
+            HashMap::from([
+                ("M".to_owned(), settings.milvus_hnsw_m.to_string()),
+                ("efConstruction".to_owned(), settings.milvus_hnsw_ef_construction.to_string()),
+            ]),
+        ),
+        IndexKind::IvfFlat => {
+            (IndexType::IvfFlat, HashMap::from([("nlist".to_owned(), settings.milvus_ivf_nlist.to_string())]))
+        }
+        IndexKind::Flat => (IndexType::Flat, HashMap::new()),
+    };
+    let vector_index =
+        IndexParam::new().field_name(EMBEDDING).index_type(index_type).metric_type(MetricType::Ip).extra_params(params);
+    let keyword_index = IndexParam::new()
+        .field_name(TEXT_TERMS)
+        .index_type(IndexType::SparseInvertedIndex)
+        .metric_type(MetricType::Bm25);
+    // sync(false): Milvus Lite has no AllocTimestamp, which waiting for the build needs.
+    let request = sdk::request::index::CreateIndexRequest::builder()
+        .collection_name(collection)
+        .index_params(vec![vector_index, keyword_index])
+        .sync(false)
+        .build()?;
+    client.create_index(request).await?;
+    Ok(())
+}
