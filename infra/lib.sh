@@ -24,6 +24,12 @@ CASSANDRA_JMX_PORT="${CASSANDRA_JMX_PORT:-17199}"
 MILVUS_PORT="${MILVUS_PORT:-19530}"
 MILVUS_LITE_VERSION=3.2.2
 SHELLCHECK_VERSION=0.10.0
+# The manifest check (infra/validate_manifests.py): kubernetes-validate bundles the API's
+# schemas up to KUBERNETES_VERSION; KEDA's CRDs come from its release on the Go module proxy.
+KUBERNETES_VALIDATE_VERSION=1.34.0
+KUBERNETES_VERSION=1.33.0
+KEDA_VERSION=2.21.1
+KEDA_CRD_DIR="$PARLEY_CACHE/keda-$KEDA_VERSION-crds"
 # Jaeger v2's Go module version, as pinned in infra/jaeger/go.mod.
 JAEGER_MODULE_VERSION=$(grep -Eom1 'github.com/jaegertracing/jaeger v[0-9.]+' "$REPO_ROOT/infra/jaeger/go.mod" | sed 's/.* v//')
 JAEGER_BIN="$PARLEY_CACHE/jaeger-$JAEGER_MODULE_VERSION/jaeger"

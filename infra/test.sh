@@ -30,6 +30,8 @@ log "cargo doc (broken or private intra-doc links are errors)"
 cargo doc --workspace --no-deps --locked --quiet
 log "shellcheck"
 "$VENV/bin/shellcheck" infra/*.sh .ci/run
+log "Kubernetes manifests against the API's and KEDA's schemas"
+"$VENV/bin/python" infra/validate_manifests.py "$KUBERNETES_VERSION" "$KEDA_CRD_DIR" k8s
 log "cargo test (end-to-end tests use the stack at $PARLEY_KAFKA_BROKERS)"
 results="$(mktemp)"
 # Every suite runs even when one fails, so a red run shows all that is wrong at once.
