@@ -4,8 +4,8 @@
 //! 2. ingestion end to end: `parley ingest` of PARLEY_BENCH_DOCUMENTS documents (default 200)
 //!    until every chunk is searchable in Milvus, as documents/s and chunks/s, against the raw
 //!    limit: embedding the same chunks directly at batch 32;
-//! 3. search: PARLEY_BENCH_VECTORS real embeddings (default 20,000) of 4 owners in an HNSW
-//!    collection; p50/p99 of an owner-filtered top-10 search, recall@10 against exact
+//! 3. search: PARLEY_BENCH_VECTORS real embeddings (default 20,000) of 4 owners in a collection
+//!    with the default index; p50/p99 of an owner-filtered top-10 search, recall@10 against exact
 //!    brute-force search over the same owner's vectors, and the brute force's own latency.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -178,7 +178,8 @@ async fn main() {
     // What the embedder does after enough vectors or when idle: seal them into indexed segments.
     search_store.flush().await.unwrap();
     println!(
-        "search ({total} vectors of {owners} owners, HNSW M=16 efConstruction=200, ef=64, top-10 with owner filter):"
+        "search ({total} vectors of {owners} owners, the default index {:?} (M {}, efConstruction {}, ef {}), top-10 with owner filter):",
+        settings.milvus_index, settings.milvus_hnsw_m, settings.milvus_hnsw_ef_construction, settings.milvus_search_ef
     );
     println!("  loaded and flushed in {:.1} s (embedding included)", started.elapsed().as_secs_f64());
 

@@ -387,6 +387,91 @@ impl VectorStore {
         Ok(documents)
     }
 
+    /// Replaces the collection's vector index with the one `settings` ask for, waits until
+    /// every row is indexed (up to `timeout`) and loads the collection again. Searches fail
+    /// while it runs; reopen the store with `settings` to search with the new index's
+    /// parameters.
+    pub async fn rebuild_vector_index(
+        &self,
+        settings: &MilvusSettings,
+        timeout: std::time::Duration,
+    ) -> Result<(), RetrievalError> {
+        let collection = self.collection.as_str();
+        let release =
+            sdk::request::collection::ReleaseCollectionRequest::builder().collection_name(collection).build()?;
+        self.client.release_collection(release).await?;
+        let drop = sdk::request::index::DropIndexRequest::builder()
+            .collection_name(collection)
+            .field_name(EMBEDDING)
+            .build()?;
+        // At a million rows Milvus Lite takes minutes to drop an index (it waits for its
+        // background compaction) and to create one (on a loaded collection it builds at
+        // once): the client's call times out and is retried while the first still runs.
+        // A retried drop may find no index (the first dropped it); a create may find the
+        // old index (the drop is not through: try again) or the new one (the first
+        // create went through: done).
+        match self.client.drop_index(drop).await {
+            Err(error) if !error.to_string().contains("no index") => return Err(error.into()),
+            _ => {}
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let wanted = schema::vector_index(settings);
+        loop {
+            let create = sdk::request::index::CreateIndexRequest::builder()
+                .collection_name(collection)
+                .index_params(vec![wanted.clone()])
+                .sync(false)
+                .build()?;
+            match self.client.create_index(create).await {
+                Ok(()) => break,
+                Err(error) if error.to_string().contains("already exists") && std::time::Instant::now() < deadline => {
+                    if self.vector_index_state().await.is_some_and(|state| state.0 == wanted.get_index_type()) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        loop {
+            match self.vector_index_state().await {
+                Some((_, sdk::prelude::IndexStateCode::Finished, ..)) => break,
+                Some((_, sdk::prelude::IndexStateCode::Failed, .., reason)) => {
+                    return Err(RetrievalError::Milvus(format!("building the {EMBEDDING} index failed: {reason}")));
+                }
+                state if std::time::Instant::now() >= deadline => {
+                    return Err(RetrievalError::Milvus(format!(
+                        "the {EMBEDDING} index of {collection} was not built within {timeout:?} (type, state, indexed rows, total rows: {state:?})"
+                    )));
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
+        self.client.load_collection(LoadCollectionRequest::builder().collection_name(collection).build()?).await?;
+        Ok(())
+    }
+
+    /// The vector index's type, build state, indexed and total rows and failure reason
+    /// (None: the field has no index, or Milvus did not answer).
+    async fn vector_index_state(
+        &self,
+    ) -> Option<(sdk::prelude::IndexType, sdk::prelude::IndexStateCode, i64, i64, String)> {
+        let describe = sdk::request::index::DescribeIndexRequest::builder()
+            .collection_name(&self.collection)
+            .field_name(EMBEDDING)
+            .build()
+            .ok()?;
+        let described = self.client.describe_index(describe).await.ok()?;
+        let index = described.indexes().iter().find(|i| i.get_field_name() == EMBEDDING)?;
+        Some((
+            index.get_index_type(),
+            index.get_state(),
+            index.get_indexed_rows(),
+            index.get_total_rows(),
+            index.get_failure_reason().to_owned(),
+        ))
+    }
+
     /// Drops the collection named in `settings` (tests and benchmarks clean up with it).
     pub async fn drop_collection(settings: &MilvusSettings) -> Result<(), RetrievalError> {
         let client = ClientV2::new(&ConnectConfig::new().uri(settings.milvus_url.clone())).await?;
@@ -403,8 +488,12 @@ impl VectorStore {
 /// The search parameters of the configured vector index.
 fn index_search_params(settings: &MilvusSettings) -> HashMap<String, String> {
     match settings.milvus_index {
-        IndexKind::Hnsw => HashMap::from([("ef".to_owned(), settings.milvus_search_ef.to_string())]),
-        IndexKind::IvfFlat => HashMap::from([("nprobe".to_owned(), settings.milvus_ivf_nprobe.to_string())]),
+        IndexKind::Hnsw | IndexKind::HnswSq => {
+            HashMap::from([("ef".to_owned(), settings.milvus_search_ef.to_string())])
+        }
+        IndexKind::IvfFlat | IndexKind::IvfSq8 => {
+            HashMap::from([("nprobe".to_owned(), settings.milvus_ivf_nprobe.to_string())])
+        }
         IndexKind::Flat => HashMap::new(),
     }
 }

@@ -101,29 +101,15 @@ pub(super) async fn create(
                 .output_fields([TEXT_TERMS]),
         );
     let collection = &settings.milvus_collection;
-    client
-        .create_collection(
-            sdk::request::collection::CreateCollectionRequest::builder()
-                .collection_name(collection)
-                .schema(schema)
-                .build()?,
-        )
-        .await?;
-    let (index_type, params) = match settings.milvus_index {
-        IndexKind::Hnsw => (
-            IndexType::Hnsw,
-            HashMap::from([
-                ("M".to_owned(), settings.milvus_hnsw_m.to_string()),
-                ("efConstruction".to_owned(), settings.milvus_hnsw_ef_construction.to_string()),
-            ]),
-        ),
-        IndexKind::IvfFlat => {
-            (IndexType::IvfFlat, HashMap::from([("nlist".to_owned(), settings.milvus_ivf_nlist.to_string())]))
-        }
-        IndexKind::Flat => (IndexType::Flat, HashMap::new()),
-    };
-    let vector_index =
-        IndexParam::new().field_name(EMBEDDING).index_type(index_type).metric_type(MetricType::Ip).extra_params(params);
+    let mut request =
+        sdk::request::collection::CreateCollectionRequest::builder().collection_name(collection).schema(schema);
+    if settings.milvus_shards > 0 {
+        request = request.num_shards(i32::from(settings.milvus_shards));
+    }
+    if settings.milvus_partitions > 0 {
+        request = request.num_partitions(i64::from(settings.milvus_partitions));
+    }
+    client.create_collection(request.build()?).await?;
     let keyword_index = IndexParam::new()
         .field_name(TEXT_TERMS)
         .index_type(IndexType::SparseInvertedIndex)
@@ -131,9 +117,32 @@ pub(super) async fn create(
     // sync(false): Milvus Lite has no AllocTimestamp, which waiting for the build needs.
     let request = sdk::request::index::CreateIndexRequest::builder()
         .collection_name(collection)
-        .index_params(vec![vector_index, keyword_index])
+        .index_params(vec![vector_index(settings), keyword_index])
         .sync(false)
         .build()?;
     client.create_index(request).await?;
     Ok(())
+}
+
+/// The vector index `settings` ask for, with its build parameters.
+pub(super) fn vector_index(settings: &MilvusSettings) -> IndexParam {
+    let hnsw = || {
+        HashMap::from([
+            ("M".to_owned(), settings.milvus_hnsw_m.to_string()),
+            ("efConstruction".to_owned(), settings.milvus_hnsw_ef_construction.to_string()),
+        ])
+    };
+    let ivf = || HashMap::from([("nlist".to_owned(), settings.milvus_ivf_nlist.to_string())]);
+    let (index_type, params) = match settings.milvus_index {
+        IndexKind::Hnsw => (IndexType::Hnsw, hnsw()),
+        IndexKind::HnswSq => {
+            let mut params = hnsw();
+            params.insert("sq_type".to_owned(), "SQ8".to_owned());
+            (IndexType::HnswSq, params)
+        }
+        IndexKind::IvfFlat => (IndexType::IvfFlat, ivf()),
+        IndexKind::IvfSq8 => (IndexType::IvfSq8, ivf()),
+        IndexKind::Flat => (IndexType::Flat, HashMap::new()),
+    };
+    IndexParam::new().field_name(EMBEDDING).index_type(index_type).metric_type(MetricType::Ip).extra_params(params)
 }

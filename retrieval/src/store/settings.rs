@@ -9,8 +9,13 @@ use crate::fusion::SearchMode;
 pub enum IndexKind {
     /// Graph index: the best latency/recall trade-off for in-memory collections.
     Hnsw,
+    /// HNSW over vectors quantized to one byte per dimension (SQ8): a quarter of the
+    /// vector memory, a little recall.
+    HnswSq,
     /// Inverted file over k-means clusters: less memory, needs enough rows to train.
     IvfFlat,
+    /// IVF over SQ8-quantized vectors: the smallest index here, the lowest recall.
+    IvfSq8,
     /// Exact search: the reference for recall, linear in the collection size.
     Flat,
 }
@@ -32,24 +37,37 @@ pub struct MilvusSettings {
     pub milvus_collection: String,
 
     /// Index built when the collection is created (an existing collection keeps its own).
-    #[arg(long, global = true, env = "PARLEY_MILVUS_INDEX", value_enum, default_value = "hnsw")]
+    /// The default, HNSW_SQ, was chosen by measurement at a million vectors (docs/knowledge.md).
+    #[arg(long, global = true, env = "PARLEY_MILVUS_INDEX", value_enum, default_value = "hnsw-sq")]
     pub milvus_index: IndexKind,
 
-    /// HNSW: links per node.
+    /// Shards (write channels) of a new collection; 0: the server's default (1). Set it
+    /// when the collection is created: it cannot change afterwards.
+    #[arg(long, global = true, env = "PARLEY_MILVUS_SHARDS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub milvus_shards: u16,
+
+    /// Partitions the owner partition key hashes owners onto in a new collection; 0: the
+    /// server's default (64). Fixed at creation. Milvus Lite always makes 16.
+    #[arg(long, global = true, env = "PARLEY_MILVUS_PARTITIONS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub milvus_partitions: u16,
+
+    /// HNSW and HNSW_SQ: links per node.
     #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_M", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=2048))]
     pub milvus_hnsw_m: u32,
 
-    /// HNSW: candidate list size while building.
+    /// HNSW and HNSW_SQ: candidate list size while building.
     #[arg(long, global = true, env = "PARLEY_MILVUS_HNSW_EF_CONSTRUCTION", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(8..=65536))]
     pub milvus_hnsw_ef_construction: u32,
 
-    /// HNSW: candidate list size while searching (at least top-k); higher is slower and more exact.
+    /// HNSW and HNSW_SQ: candidate list size while searching (at least top-k); higher is slower and more exact.
     #[arg(long, global = true, env = "PARLEY_MILVUS_SEARCH_EF", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_search_ef: u32,
 
-    /// IVF_FLAT: clusters built / clusters searched.
+    /// IVF_FLAT and IVF_SQ8: clusters built.
     #[arg(long, global = true, env = "PARLEY_MILVUS_IVF_NLIST", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub milvus_ivf_nlist: u32,
     /// Clusters an IVF index searches.
@@ -95,5 +113,14 @@ mod tests {
         assert!(parse_collection_name("parley_knowledge").is_ok());
         assert!(parse_collection_name("9lives").is_err());
         assert!(parse_collection_name("a-b").unwrap_err().contains("a-b"));
+    }
+
+    #[test]
+    fn index_kinds_have_the_documented_names() {
+        let names: Vec<String> = IndexKind::value_variants()
+            .iter()
+            .filter_map(|kind| kind.to_possible_value().map(|v| v.get_name().to_owned()))
+            .collect();
+        assert_eq!(names, ["hnsw", "hnsw-sq", "ivf-flat", "ivf-sq8", "flat"]);
     }
 }
