@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use milvus::v2 as sdk;
-use milvus::v2::prelude::{ClientV2, IndexParam, IndexType, MetricType};
+use milvus::v2::prelude::{
+    ClientV2, IndexDesc, IndexParam, IndexStateCode, IndexType, LoadCollectionRequest, MetricType,
+};
 
 use super::settings::{IndexKind, MilvusSettings};
 use crate::error::RetrievalError;
@@ -145,4 +147,78 @@ pub(super) fn vector_index(settings: &MilvusSettings) -> IndexParam {
         IndexKind::Flat => (IndexType::Flat, HashMap::new()),
     };
     IndexParam::new().field_name(EMBEDDING).index_type(index_type).metric_type(MetricType::Ip).extra_params(params)
+}
+
+/// Replaces `collection`'s vector index with the one `settings` ask for, waits until every
+/// row is indexed (up to `timeout`) and loads the collection again.
+pub(super) async fn rebuild_vector_index(
+    client: &ClientV2,
+    collection: &str,
+    settings: &MilvusSettings,
+    timeout: std::time::Duration,
+) -> Result<(), RetrievalError> {
+    let release = sdk::request::collection::ReleaseCollectionRequest::builder().collection_name(collection).build()?;
+    client.release_collection(release).await?;
+    let drop =
+        sdk::request::index::DropIndexRequest::builder().collection_name(collection).field_name(EMBEDDING).build()?;
+    // At a million rows Milvus Lite takes minutes to drop an index (it waits for its
+    // background compaction) and to create one (on a loaded collection it builds at
+    // once): the client's call times out and is retried while the first still runs.
+    // A retried drop may find no index (the first dropped it); a create may find the
+    // old index (the drop is not through: try again) or the new one (the first
+    // create went through: done).
+    match client.drop_index(drop).await {
+        Err(error) if !error.to_string().contains("no index") => return Err(error.into()),
+        _ => {}
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let wanted = vector_index(settings);
+    loop {
+        let create = sdk::request::index::CreateIndexRequest::builder()
+            .collection_name(collection)
+            .index_params(vec![wanted.clone()])
+            .sync(false)
+            .build()?;
+        match client.create_index(create).await {
+            Ok(()) => break,
+            Err(error) if error.to_string().contains("already exists") && std::time::Instant::now() < deadline => {
+                let current = vector_index_description(client, collection).await;
+                if current.is_some_and(|index| index.get_index_type() == wanted.get_index_type()) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    loop {
+        let index = vector_index_description(client, collection).await;
+        match index.as_ref().map(IndexDesc::get_state) {
+            Some(IndexStateCode::Finished) => break,
+            Some(IndexStateCode::Failed) => {
+                let reason = index.as_ref().map(IndexDesc::get_failure_reason).unwrap_or_default();
+                return Err(RetrievalError::Milvus(format!("building the {EMBEDDING} index failed: {reason}")));
+            }
+            _ if std::time::Instant::now() >= deadline => {
+                return Err(RetrievalError::Milvus(format!(
+                    "the {EMBEDDING} index of {collection} was not built within {timeout:?} ({index:?})"
+                )));
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+    client.load_collection(LoadCollectionRequest::builder().collection_name(collection).build()?).await?;
+    Ok(())
+}
+
+/// The vector index as Milvus describes it (None: the field has no index, or Milvus did
+/// not answer).
+async fn vector_index_description(client: &ClientV2, collection: &str) -> Option<IndexDesc> {
+    let describe = sdk::request::index::DescribeIndexRequest::builder()
+        .collection_name(collection)
+        .field_name(EMBEDDING)
+        .build()
+        .ok()?;
+    let described = client.describe_index(describe).await.ok()?;
+    described.indexes().iter().find(|i| i.get_field_name() == EMBEDDING).cloned()
 }

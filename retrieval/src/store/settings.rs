@@ -116,6 +116,22 @@ mod tests {
     }
 
     #[test]
+    fn shards_and_partitions_out_of_range_are_refused_by_name() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            milvus: MilvusSettings,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from([&["test"], args].concat());
+        let settings = parse(&["--milvus-shards", "8", "--milvus-partitions", "1024"]).unwrap().milvus;
+        assert_eq!((settings.milvus_shards, settings.milvus_partitions), (8, 1024));
+        let too_many_shards = parse(&["--milvus-shards", "65"]).err().unwrap().to_string();
+        assert!(too_many_shards.contains("--milvus-shards"), "{too_many_shards}");
+        let too_many_partitions = parse(&["--milvus-partitions", "4097"]).err().unwrap().to_string();
+        assert!(too_many_partitions.contains("--milvus-partitions"), "{too_many_partitions}");
+    }
+
+    #[test]
     fn index_kinds_have_the_documented_names() {
         let names: Vec<String> = IndexKind::value_variants()
             .iter()
