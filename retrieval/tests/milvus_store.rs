@@ -157,9 +157,9 @@ async fn keywords_find_an_exact_identifier_the_vectors_rank_last_and_hybrid_keep
     let hits = store.search("What fixed E4021?", Some(unit(1.0, 0.0)), &alice, 3).await.unwrap();
     let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
     assert_eq!(ids, ["n1", "n2", "n3"], "{hits:?}");
-    assert_eq!(
-        (hits[0].similarity, hits[0].keyword_score.is_some()),
-        (Some(0.0), true),
+    // The default index (HNSW_SQ) stores 8-bit scalars, so a cosine is exact to about 0.01.
+    assert!(
+        hits[0].similarity.is_some_and(|s| s.abs() < 0.02) && hits[0].keyword_score.is_some(),
         "n1's cosine, computed: {hits:?}"
     );
     assert!(hits[1].similarity.is_some_and(|s| s > 0.99) && hits[1].keyword_score.is_none(), "{hits:?}");
