@@ -9,7 +9,7 @@
 //! - **One per key** (optional): a record waits while an earlier record of its key is in
 //!   flight (one conversation, one turn).
 //! - **Lanes** (optional, [`Lanes`]): each partition is in a lane; a lane reads ahead up
-//!   to a unit or one record per slot, and its partitions are paused while that is full,
+//!   to a unit or 16 records per slot, and its partitions are paused while that is full,
 //!   so the consumer keeps fetching the other lanes; a free slot goes to a lane by weight.
 //! - **Commit rule**: outputs are appended as units finish, grouped into one Kafka
 //!   transaction per commit (what finished while the previous commit ran goes into the

@@ -11,6 +11,9 @@ use parley_events::dead_letters::{Entry, Holds};
 use crate::LogPosition;
 use crate::lanes::{Lanes, Stride};
 
+/// Records a lane reads ahead per slot (see [`Scheduler::read_ahead`]).
+pub(crate) const READ_AHEAD_PER_SLOT: usize = 16;
+
 /// A topic and partition.
 pub(crate) type PartitionKey = (String, i32);
 
@@ -378,10 +381,12 @@ impl<R> Scheduler<R> {
         offsets
     }
 
-    /// Records a lane reads ahead: a unit, or one per slot (so a resumed lane refills in
-    /// one fetch rather than one round trip per record).
+    /// Records a lane reads ahead: a unit, or [`READ_AHEAD_PER_SLOT`] per slot. Records
+    /// read start oldest first; those left in Kafka come back in the order a fetch returns
+    /// them, partition by partition, so a read-ahead as short as the slots served users of
+    /// some partitions twice while others waited out the gateway's shedding threshold.
     fn read_ahead(&self) -> usize {
-        self.rules.batch_size.max(self.rules.concurrency)
+        self.rules.batch_size.max(self.rules.concurrency * READ_AHEAD_PER_SLOT)
     }
 
     /// Whether a lane has room to read ahead.
@@ -726,16 +731,20 @@ mod tests {
         let lanes = Lanes::new(vec!["premium", "batch"], 4, |_, partition| usize::try_from(partition).unwrap());
         let rules = Rules { lanes, one_per_key: false, ..rules(1, 2) };
         let (mut scheduler, now) = owning(rules);
-        for offset in 0..4 {
+        let read_ahead = 2 * READ_AHEAD_PER_SLOT;
+        for offset in 0..i64::try_from(read_ahead).unwrap() + 2 {
             scheduler.read(&at(1, offset), b"k", work(offset), now);
         }
         assert_eq!(scheduler.pauses(), vec![(vec![(TOPIC.to_owned(), 1)], true)]);
         assert!(scheduler.can_read(), "the other lane still reads");
-        let unit = scheduler.next_unit(now).unwrap();
-        assert!(scheduler.pauses().is_empty(), "3 waiting of a read-ahead of 2: still full");
-        scheduler.finish(unit.tickets, now);
-        let units = started(&mut scheduler, now);
+        let mut units = started(&mut scheduler, now);
         assert_eq!(units.len(), 2);
+        assert!(scheduler.pauses().is_empty(), "a read-ahead and then some waiting: still full");
+        // Half the read-ahead done, one by one: the lane reads again.
+        for _ in 0..read_ahead / 2 {
+            scheduler.finish(units.pop().unwrap().tickets, now);
+            units.extend(started(&mut scheduler, now));
+        }
         assert_eq!(scheduler.pauses(), vec![(vec![(TOPIC.to_owned(), 1)], false)]);
     }
 
