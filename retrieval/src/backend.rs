@@ -12,4 +12,10 @@ pub trait EmbeddingBackend: Send + Sync + std::fmt::Debug {
     fn dimension(&self) -> usize;
     /// One vector per text, in order. Vectors are unit length, so inner product is cosine.
     fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, RetrievalError>>;
+    /// Like [`EmbeddingBackend::embed`], for work nobody waits on (indexing): a backend
+    /// that computes on this machine's CPU does it at the lowest priority, so it takes
+    /// only what the model server and the questions leave.
+    fn embed_in_background<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, RetrievalError>> {
+        self.embed(texts)
+    }
 }

@@ -5,6 +5,7 @@
 //! - [`filter`]: search filters as Milvus boolean expressions (pure, escaped);
 //! - [`store`]: the Milvus collection the embedder writes and searches read (vectors and BM25 keywords);
 //! - [`fusion`]: hybrid ranking, the two searches' lists fused by reciprocal rank (pure);
+//! - [`queue`]: one embedding worker per process, questions batched and served before bulk work;
 //! - [`retriever`]: embedding a query and searching, for the search API and inference.
 #![warn(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod filter;
 pub mod fusion;
 pub mod minilm;
 pub mod openai;
+pub mod queue;
 pub mod retriever;
 pub mod store;
 
@@ -24,5 +26,6 @@ pub use embedding::EmbeddingSettings;
 pub use error::RetrievalError;
 pub use filter::{SearchFilter, SourceKind};
 pub use fusion::SearchMode;
+pub use queue::Embedders;
 pub use retriever::Retriever;
 pub use store::{Hit, MilvusSettings, StoredDocument, VectorRecord, VectorStore};

@@ -28,7 +28,14 @@ struct Inner {
     model: BertModel,
     tokenizer: Tokenizer,
     dimension: usize,
+    /// Threads at the lowest CPU priority for indexing: candle's matrix products run on
+    /// the rayon pool they are called in, so the whole forward pass runs at that priority.
+    background: rayon::ThreadPool,
 }
+
+/// The nice value of the background threads (19, the lowest priority): the kernel gives
+/// such a thread about 1.5 % of a core while normal work wants it.
+const BACKGROUND_NICE: i32 = 19;
 
 impl std::fmt::Debug for MiniLm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,7 +62,18 @@ impl MiniLm {
         let weights = VarBuilder::from_buffered_safetensors(read("model.safetensors")?, DType::F32, &Device::Cpu)
             .map_err(|e| fail(e.to_string()))?;
         let model = BertModel::load(weights, &config).map_err(|e| fail(e.to_string()))?;
-        Ok(Self { inner: Arc::new(Inner { model, tokenizer, dimension }) })
+        let background = rayon::ThreadPoolBuilder::new()
+            .num_threads(candle_core::utils::get_num_threads())
+            .thread_name(|index| format!("embed-bg-{index}"))
+            .start_handler(|_| {
+                // On Linux a priority belongs to a thread: this one only (none: the caller's).
+                if let Err(error) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
+                    tracing::warn!(%error, "background embedding runs at normal priority");
+                }
+            })
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Self { inner: Arc::new(Inner { model, tokenizer, dimension, background }) })
     }
 
     /// Embeds `texts` on the calling thread (CPU-bound; call from a blocking context).
@@ -102,6 +120,19 @@ impl EmbeddingBackend for MiniLm {
             tokio::task::spawn_blocking(move || model.embed_blocking(&texts))
                 .await
                 .map_err(|e| RetrievalError::Embedding(e.to_string()))?
+        }
+        .boxed()
+    }
+
+    fn embed_in_background<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, RetrievalError>> {
+        let model = self.clone();
+        let texts = texts.to_vec();
+        async move {
+            let (sender, vectors) = tokio::sync::oneshot::channel();
+            self.inner.background.spawn(move || {
+                let _ = sender.send(model.embed_blocking(&texts));
+            });
+            vectors.await.map_err(|e| RetrievalError::Embedding(e.to_string()))?
         }
         .boxed()
     }

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use parley_embedder::EmbedderArgs;
@@ -14,7 +13,7 @@ use parley_events::registry::SchemaRegistry;
 use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_projections::Store;
-use parley_retrieval::{EmbeddingBackend, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
+use parley_retrieval::{Embedders, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Common;
@@ -27,7 +26,7 @@ pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: Cancel
     let budgets = common.budgets;
     let credentials = Credentials::load(&args, &shutdown).await?;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
-    let retriever = retrieval(common).await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+    let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, shutdown).await?;
     print_chat_url(&gateway);
     gateway.serve().await?;
@@ -41,7 +40,7 @@ pub(crate) async fn inference(common: &Common, args: InferenceArgs, shutdown: Ca
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
-    let retriever = retrieval(common).await?.map(|(backend, vectors)| Retriever::new(backend, vectors));
+    let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     parley_inference::service::run(kafka, registry, store, retriever, args, budgets, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -60,8 +59,8 @@ pub(crate) async fn projection(common: &Common, shutdown: CancellationToken) -> 
 pub(crate) async fn embedder(common: &Common, args: EmbedderArgs, shutdown: CancellationToken) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
-    let (backend, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
-    parley_embedder::run(kafka, registry, backend, vectors, args, shutdown).await?;
+    let (embedders, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
+    parley_embedder::run(kafka, registry, embedders.bulk, vectors, args, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -83,7 +82,8 @@ pub(crate) async fn all(
     SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let retrieval = retrieval(common).await?;
-    let retriever = retrieval.clone().map(|(backend, vectors)| Retriever::new(backend, vectors));
+    // One embedding worker for the three: questions first and batched, indexing after.
+    let retriever = retrieval.clone().map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(
         kafka,
         registry,
@@ -101,10 +101,10 @@ pub(crate) async fn all(
             parley_inference::service::run(&kafka, &registry, store, retriever, inference, budgets, shutdown).await
         }
     });
-    let embedder = retrieval.map(|(backend, vectors)| {
+    let embedder = retrieval.map(|(embedders, vectors)| {
         let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
         spawn_linked(&shutdown, async move {
-            parley_embedder::run(&kafka, &registry, backend, vectors, embedder, shutdown_).await
+            parley_embedder::run(&kafka, &registry, embedders.bulk, vectors, embedder, shutdown_).await
         })
     });
     let projection = (!without_projection).then(|| {
@@ -127,21 +127,22 @@ pub(crate) async fn all(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The embedding backend and the vector store, unless `--without-retrieval`.
-async fn retrieval(common: &Common) -> Result<Option<(Arc<dyn EmbeddingBackend>, VectorStore)>> {
+/// The embedding worker's doors and the vector store, unless `--without-retrieval`.
+async fn retrieval(common: &Common) -> Result<Option<(Embedders, VectorStore)>> {
     if common.without_retrieval { Ok(None) } else { Ok(Some(open_retrieval(&common.embedding, &common.milvus).await?)) }
 }
 
-/// Loads the embedding backend and opens the vector store with the backend's dimension.
+/// Loads the embedding backend, starts its worker and opens the vector store with the
+/// backend's dimension.
 pub(crate) async fn open_retrieval(
     embedding: &EmbeddingSettings,
     milvus: &MilvusSettings,
-) -> Result<(Arc<dyn EmbeddingBackend>, VectorStore)> {
+) -> Result<(Embedders, VectorStore)> {
     let backend = embedding.backend().await.context("loading the embedding backend")?;
     let vectors = VectorStore::open(milvus, backend.dimension(), backend.model())
         .await
         .with_context(|| format!("opening Milvus collection {} at {}", milvus.milvus_collection, milvus.milvus_url))?;
-    Ok((backend, vectors))
+    Ok((Embedders::new(backend), vectors))
 }
 
 /// Serves the process's Prometheus metrics at `http://{addr}/metrics` until `shutdown`.
