@@ -14,7 +14,6 @@ use parley_events::{
     ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, UserQueryReceived,
 };
 use parley_projections::budget::Reserved;
-use parley_retrieval::{Hit, SearchFilter};
 use tokio::sync::mpsc;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span, warn};
@@ -89,7 +88,10 @@ impl Worker {
             }
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
-            let retrieved = self.retrieve(query).await;
+            let retrieved = match &self.knowledge {
+                Some(knowledge) => knowledge.for_query(query).await,
+                None => vec![],
+            };
             let prompt = build_prompt(
                 &self.system_prompt,
                 &history,
@@ -244,28 +246,6 @@ impl Worker {
         let (ledger, budgets) = &self.budget;
         if let Err(error) = ledger.settle_if_limited(budgets, &query.user_id, query.envelope.event_id, used).await {
             warn!(%error, "token budget not settled: the ledger is unreachable");
-        }
-    }
-
-    /// The user's stored chunks and messages of other conversations that best answer the
-    /// question (the owner filter is applied inside the search), above the relevance floor. A vector store outage costs
-    /// the answer its extra context, not the answer: it is logged, and the event records
-    /// that nothing was retrieved.
-    async fn retrieve(&self, query: &UserQueryReceived) -> Vec<Hit> {
-        let Some(retriever) = &self.retriever else { return vec![] };
-        let filter = SearchFilter {
-            exclude_source_ids: vec![query.envelope.conversation_id.to_string()],
-            ..SearchFilter::owner(query.user_id.clone())
-        };
-        let span = info_span!("inference.retrieve", k = self.retrieval_top_k);
-        match retriever.search(&query.text, &filter, self.retrieval_top_k).instrument(span).await {
-            Ok(hits) => {
-                hits.into_iter().filter(|h| h.similarity.is_none_or(|s| s >= self.retrieval_min_score)).collect()
-            }
-            Err(error) => {
-                warn!(%error, "retrieval failed; answering without retrieved context");
-                vec![]
-            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! their queries come back. Token deltas go to the tokens topic outside any transaction,
 //! because the gateway must see them while the answer is being generated.
 
+mod ahead;
 mod answer;
 mod args;
 
@@ -40,6 +41,8 @@ use crate::context::ContextSource;
 use crate::llm::{ChatModel, MissingKey};
 use crate::metrics;
 use crate::prompt::PromptLayout;
+
+use self::ahead::Knowledge;
 
 pub use self::args::InferenceArgs;
 
@@ -135,9 +138,9 @@ pub async fn run(
         system_prompt: args.system_prompt.clone(),
         context,
         context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
-        retriever: retriever.filter(|_| args.retrieval_top_k > 0),
-        retrieval_top_k: usize::from(args.retrieval_top_k),
-        retrieval_min_score: args.retrieval_min_score,
+        knowledge: retriever
+            .filter(|_| args.retrieval_top_k > 0)
+            .map(|retriever| Knowledge::new(retriever, usize::from(args.retrieval_top_k), args.retrieval_min_score)),
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
         model_name: args.llm_model.clone(),
@@ -178,9 +181,8 @@ struct Worker {
     system_prompt: String,
     context: ContextSource,
     context_token_budget: usize,
-    retriever: Option<Retriever>,
-    retrieval_top_k: usize,
-    retrieval_min_score: f32,
+    /// Retrieval, looked up ahead of the model slot (none: answers use no stored knowledge).
+    knowledge: Option<Knowledge>,
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<EventId>>,
@@ -217,7 +219,14 @@ impl Processor for Worker {
                 self.cancels.request(cancel.query_event_id, Instant::now());
                 return;
             }
-            ConversationEvent::Started(_) | ConversationEvent::QueryReceived(_) => return,
+            // Read in normal operation, a question waits for a slot: its knowledge need not.
+            ConversationEvent::QueryReceived(query) => {
+                if let Some(knowledge) = self.knowledge.as_ref().filter(|_| !catching_up) {
+                    knowledge.look_ahead(query);
+                }
+                return;
+            }
+            ConversationEvent::Started(_) => return,
         };
         // Outcomes read in normal operation answer queries read before them: only those
         // read while catching up can be of queries still to come.
@@ -239,13 +248,20 @@ impl Processor for Worker {
             let ConversationEvent::QueryReceived(query) = event else { continue };
             let answered =
                 self.answered.lock().unwrap_or_else(PoisonError::into_inner).remove(&query.envelope.event_id);
-            if answered {
+            let outcome = if answered {
                 info!(query_event_id = %query.envelope.event_id, "outcome already in the log; not asking the model again");
-                continue;
-            }
-            let answered = self.answer(&query, message.partition(), message.offset()).await;
+                None
+            } else {
+                Some(self.answer(&query, message.partition(), message.offset()).await)
+            };
             self.cancels.finish(query.envelope.event_id);
-            outgoing.push(answered?);
+            // An answer that needed no knowledge (cancelled, over budget) leaves its lookup.
+            if let Some(knowledge) = &self.knowledge {
+                knowledge.forget(&query.envelope.event_id);
+            }
+            if let Some(outcome) = outcome {
+                outgoing.push(outcome?);
+            }
         }
         Ok(outgoing)
     }
