@@ -1,6 +1,8 @@
 //! The knowledge base, measured in one run against the local stack (infra/bench.sh knowledge):
 //!
-//! 1. embeddings/s of the in-process all-MiniLM-L6-v2 at batch sizes 1, 8 and 32;
+//! 1. embeddings/s of the in-process all-MiniLM-L6-v2 at batch sizes 1, 8 and 32; questions
+//!    asked at once, embedded one by one against batched by the process's question worker;
+//!    a question's embedding latency idle and while indexing runs in the background;
 //! 2. ingestion end to end: `parley ingest` of PARLEY_BENCH_DOCUMENTS documents (default 200)
 //!    until every chunk is searchable in Milvus, as documents/s and chunks/s, against the raw
 //!    limit: embedding the same chunks directly at batch 32;
@@ -13,11 +15,12 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_embedder::chunking::chunk_text;
 use parley_retrieval::minilm::MiniLm;
-use parley_retrieval::{EmbeddingBackend, SearchFilter, SourceKind, VectorRecord, VectorStore};
+use parley_retrieval::{Embedders, EmbeddingBackend, SearchFilter, SourceKind, VectorRecord, VectorStore};
 
 const WORDS: &[&str] = &[
     "kafka",
@@ -73,6 +76,63 @@ fn document(i: usize) -> String {
         .join("\n\n")
 }
 
+/// Questions as a process embeds them (`Embedders`): 32 asked at once, each embedded alone
+/// against batched by the question worker; and one question's latency alone against while
+/// the embedder's bulk work runs in the background.
+async fn questions_through_the_queue(model: &MiniLm) {
+    let questions: Vec<String> = (1000..1032).map(sentence).collect();
+    let started = Instant::now();
+    for question in &questions {
+        model.embed(std::slice::from_ref(question)).await.unwrap();
+    }
+    let alone = questions.len() as f64 / started.elapsed().as_secs_f64();
+    let embedders = Embedders::new(Arc::new(model.clone()));
+    let started = Instant::now();
+    let asked: Vec<_> = questions
+        .iter()
+        .map(|question| {
+            let (door, question) = (embedders.questions.clone(), question.clone());
+            tokio::spawn(async move { door.embed(&[question]).await.unwrap() })
+        })
+        .collect();
+    for question in asked {
+        question.await.unwrap();
+    }
+    let batched = questions.len() as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "  {} questions at once: {alone:.1}/s embedded one by one, {batched:.1}/s batched by the question worker ({:.2}×)",
+        questions.len(),
+        batched / alone
+    );
+    let latency = async || {
+        let mut samples = Vec::new();
+        for question in questions.iter().take(20) {
+            let started = Instant::now();
+            embedders.questions.embed(std::slice::from_ref(question)).await.unwrap();
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        samples.sort_by(f64::total_cmp);
+        (support::percentile(&samples, 50.0), support::percentile(&samples, 99.0))
+    };
+    let idle = latency().await;
+    let indexing = {
+        let bulk = embedders.bulk.clone();
+        let chunks: Vec<String> = (0..4096).map(sentence).collect();
+        tokio::spawn(async move {
+            for group in chunks.chunks(32) {
+                bulk.embed(group).await.unwrap();
+            }
+        })
+    };
+    let busy = latency().await;
+    indexing.abort();
+    println!(
+        "  one question's embedding p50 / p99: {:.1} / {:.1} ms idle, {:.1} / {:.1} ms while indexing runs in the background",
+        idle.0, idle.1, busy.0, busy.1
+    );
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -97,6 +157,8 @@ async fn main() {
         }
         println!("  batch {batch:>2}: {:7.1} embeddings/s", texts.len() as f64 / started.elapsed().as_secs_f64());
     }
+
+    questions_through_the_queue(&model).await;
 
     // 2. Ingestion end to end, against embedding the same chunks directly.
     let documents = env_usize("PARLEY_BENCH_DOCUMENTS", 200);
