@@ -7,8 +7,10 @@
 //!    capacity, side by side with the naive reference design (benches/reference) under the
 //!    same load.
 //! 2. Idle sockets: N connections that only received `ready`; gateway RSS per socket.
-//! 3. With the real llama.cpp server: the crowd of 16 users, against the same load sent
-//!    straight to the model server (no pipeline, no history).
+//! 3. With the real llama.cpp server: the crowd of 16 users, without retrieval and with
+//!    it (the defaults), each run right after the same load sent straight to the model
+//!    server by a client that keeps its own history (no pipeline), PARLEY_CROWD_REAL_ROUNDS
+//!    times (default 3).
 //! 4. Beyond capacity (4 inference slots, a 400 ms stub: 10 turns/s) at 3× that, with load
 //!    shedding off and at two queue-age thresholds: admitted turns' first token against
 //!    the unloaded pipeline's, and how fast `overloaded` refusals arrive.
@@ -51,6 +53,8 @@ struct Turn {
     llm_first_token: Option<f64>,
     sent_at: f64,
     done_at: f64,
+    /// Tokens the model generated.
+    tokens: f64,
 }
 
 /// What one load step produced.
@@ -143,6 +147,7 @@ async fn user(
                         llm_first_token: frame["time_to_first_token_ms"].as_f64(),
                         sent_at: (sent - epoch).as_secs_f64(),
                         done_at: epoch.elapsed().as_secs_f64(),
+                        tokens: frame["completion_tokens"].as_f64().unwrap_or(0.0),
                     });
                 }
                 // Shed at once: noted with how long the refusal took; the user goes away.
@@ -229,9 +234,7 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
 
 fn report(name: &str, rate: f64, step: &StepResult) -> (f64, f64) {
     let turns = &step.turns;
-    let span = turns.iter().map(|t| t.done_at).fold(0.0, f64::max)
-        - turns.iter().map(|t| t.sent_at).fold(f64::INFINITY, f64::min);
-    let throughput = turns.len() as f64 / span.max(1e-9);
+    let throughput = turns.len() as f64 / busy_seconds(turns);
     let answer_overhead: Vec<f64> = turns.iter().map(|t| t.answer - t.llm).collect();
     let first_overhead: Vec<f64> =
         turns.iter().filter_map(|t| Some(t.first_token? - t.llm_first_token.unwrap_or(t.llm))).collect();
@@ -332,32 +335,46 @@ fn open_files_limit(pid: u32) -> Option<usize> {
     limits.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// The same users sent straight to the model server: one streamed call per turn, no history.
-async fn direct_turn(llm: &str, question: &str, epoch: Instant) -> Result<Turn, String> {
+/// One turn sent straight to the model server as a chat client that keeps its own history
+/// would send it: Parley's default system prompt, the earlier turns, the question. Returns
+/// the turn and the answer's text (the next turn's history).
+async fn direct_turn(llm: &str, history: &[Value], question: &str, epoch: Instant) -> Result<(Turn, String), String> {
     let sent = Instant::now();
-    let body =
-        json!({"model": "m", "stream": true, "max_tokens": 256, "messages": [{"role": "user", "content": question}]});
+    let mut messages = vec![json!({"role": "system", "content": default_system_prompt()})];
+    messages.extend_from_slice(history);
+    messages.push(json!({"role": "user", "content": question}));
+    let body = json!({"model": "m", "stream": true, "max_tokens": 256, "messages": messages});
     let mut response = reqwest::Client::new()
         .post(format!("{llm}/chat/completions"))
         .json(&body)
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    let mut first_token = None;
+    let (mut first_token, mut tokens, mut text, mut pending) = (None, 0, String::new(), String::new());
     while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        if first_token.is_none() && String::from_utf8_lossy(&chunk).contains("\"content\":\"") {
-            first_token = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        // Server-sent events, one token each; a chunk may end inside one.
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let event = line.trim().strip_prefix("data: ").and_then(|data| serde_json::from_str::<Value>(data).ok());
+            if let Some(delta) = event.as_ref().and_then(|e| e["choices"][0]["delta"]["content"].as_str()) {
+                first_token = first_token.or(Some(sent.elapsed().as_secs_f64() * 1000.0));
+                tokens += 1;
+                text.push_str(delta);
+            }
         }
     }
     let answer = sent.elapsed().as_secs_f64() * 1000.0;
-    Ok(Turn {
+    let turn = Turn {
         first_token,
         answer,
         llm: answer,
         llm_first_token: first_token,
         sent_at: (sent - epoch).as_secs_f64(),
         done_at: epoch.elapsed().as_secs_f64(),
-    })
+        tokens: f64::from(tokens),
+    };
+    Ok((turn, text))
 }
 
 async fn direct_crowd(llm: &str, users: usize) -> StepResult {
@@ -366,9 +383,15 @@ async fn direct_crowd(llm: &str, users: usize) -> StepResult {
         .map(|id| {
             let llm = llm.to_owned();
             tokio::spawn(async move {
-                let mut turns = Vec::new();
+                let (mut turns, mut history) = (Vec::new(), Vec::new());
                 for turn in 0..TURNS_PER_USER {
-                    turns.push(direct_turn(&llm, QUESTIONS[(id + turn) % QUESTIONS.len()], epoch).await);
+                    let question = QUESTIONS[(id + turn) % QUESTIONS.len()];
+                    let asked = direct_turn(&llm, &history, question, epoch).await;
+                    if let Ok((_, answer)) = &asked {
+                        history.push(json!({"role": "user", "content": question}));
+                        history.push(json!({"role": "assistant", "content": answer}));
+                    }
+                    turns.push(asked.map(|(turn, _)| turn));
                     tokio::time::sleep(THINK_MAX.mul_f64(rand_unit())).await;
                 }
                 turns
@@ -489,30 +512,9 @@ async fn main() {
     let _ = reference.wait();
     pipeline.stop().await;
 
-    // 3. The real model, against the model server alone.
+    // 3. The real model, each run right after the same load sent to the model server alone.
     if env_or("PARLEY_CROWD_REAL", 1) == 1 {
-        println!();
-        println!(
-            "real model (llama.cpp, SmolLM2-135M, 4 slots): 16 users × {TURNS_PER_USER} turns, think time up to {THINK_MAX:?}"
-        );
-        table_header();
-        let direct = direct_crowd(&stack.llm, 16).await;
-        let (direct_tps, _) = report("direct to the model server", 16.0, &direct);
-        let direct_first = percentile(direct.turns.iter().filter_map(|t| t.first_token).collect(), 50.0);
-        for (name, args) in
-            [("Parley, no retrieval", vec!["--without-retrieval"]), ("Parley, with retrieval + embedder", vec![])]
-        {
-            let pipeline = support::Pipeline::start(&stack, &args).await;
-            let step = real_crowd(&pipeline, 16).await;
-            let (tps, _) = report(name, 16.0, &step);
-            let first = percentile(step.turns.iter().filter_map(|t| t.first_token).collect(), 50.0);
-            println!(
-                "| {name} vs direct | | {:.2}× throughput | | | first token p50 {:.2}× | | | | |",
-                tps / direct_tps,
-                first / direct_first
-            );
-            pipeline.stop().await;
-        }
+        real_model(&stack).await;
     }
 
     // 4. Beyond capacity: shedding against none.
@@ -524,6 +526,70 @@ async fn main() {
     if env_or("PARLEY_CROWD_LANES", 1) == 1 {
         lanes(&stack).await;
     }
+}
+
+/// The crowd of 16 users on the real model, in `PARLEY_CROWD_REAL_ROUNDS` rounds (default
+/// 3): each Parley run (without retrieval, and with it as the quick start runs) right
+/// after the same load sent straight to llama.cpp, so the two share the same minute.
+async fn real_model(stack: &support::Stack) {
+    println!();
+    println!(
+        "real model (llama.cpp, SmolLM2-135M, 4 slots): 16 users × {TURNS_PER_USER} turns, think time up to {THINK_MAX:?}"
+    );
+    table_header();
+    let mut ratios = Vec::new();
+    for round in 1..=env_or("PARLEY_CROWD_REAL_ROUNDS", 3) {
+        for (name, args) in
+            [("Parley, no retrieval", vec!["--without-retrieval"]), ("Parley, retrieval on (defaults)", vec![])]
+        {
+            let pipeline = support::Pipeline::start(stack, &args).await;
+            let direct = direct_crowd(&stack.llm, 16).await;
+            let (direct_tps, _) = report(&format!("direct to the model server (round {round})"), 16.0, &direct);
+            let step = real_crowd(&pipeline, 16).await;
+            let (tps, _) = report(&format!("{name} (round {round})"), 16.0, &step);
+            pipeline.stop().await;
+            let first = |step: &StepResult, p| percentile(step.turns.iter().filter_map(|t| t.first_token).collect(), p);
+            ratios.push(format!(
+                "| {name} | {round} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
+                tps / direct_tps,
+                tokens_per_second(&step) / tokens_per_second(&direct),
+                first(&step, 50.0) / first(&direct, 50.0),
+                first(&step, 99.0) / first(&direct, 99.0),
+                step.refusals.len(),
+                step.errors,
+            ));
+        }
+    }
+    println!();
+    println!(
+        "| Parley against llama.cpp direct | round | turns/s | generated tokens/s | first token p50 | first token p99 | refused | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for line in ratios {
+        println!("{line}");
+    }
+}
+
+/// Tokens generated per second from the first turn sent to the last answered.
+fn tokens_per_second(step: &StepResult) -> f64 {
+    step.turns.iter().map(|t| t.tokens).sum::<f64>() / busy_seconds(&step.turns)
+}
+
+/// Seconds from the first turn sent to the last answered.
+fn busy_seconds(turns: &[Turn]) -> f64 {
+    let span = turns.iter().map(|t| t.done_at).fold(0.0, f64::max)
+        - turns.iter().map(|t| t.sent_at).fold(f64::INFINITY, f64::min);
+    span.max(1e-9)
+}
+
+/// The system prompt Parley sends when none is configured.
+fn default_system_prompt() -> String {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        inference: parley_inference::service::InferenceArgs,
+    }
+    <Defaults as clap::Parser>::parse_from(["defaults"]).inference.system_prompt
 }
 
 /// When the local stack was started (its Kafka's pid file, written at start), as a line of

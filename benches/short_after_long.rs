@@ -1,6 +1,7 @@
 //! Nothing waits for a neighbour: a short question's first token, alone and asked 0.3 s
 //! after another user's long request, with the real model (llama.cpp, 4 slots). Before
-//! continuous inference the short one waited for the long one's whole answer.
+//! continuous inference the short one waited for the long one's whole answer. Run without
+//! retrieval and with it (the quick start's default), each on a pipeline of its own.
 //!
 //! Run: `infra/bench.sh short_after_long` (PARLEY_BENCH_TURNS rounds, default 10).
 
@@ -42,7 +43,17 @@ fn median(mut samples: Vec<f64>) -> f64 {
 async fn main() {
     let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
     let rounds: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let pipeline = support::Pipeline::start(&stack, &["--without-retrieval"]).await;
+    for (name, args) in [("no retrieval", vec!["--without-retrieval"]), ("retrieval on (defaults)", vec![])] {
+        println!("Parley, {name}: {rounds} rounds, median ms:");
+        let pipeline = support::Pipeline::start(&stack, &args).await;
+        measure(&pipeline, rounds).await;
+        pipeline.stop().await;
+        println!();
+    }
+}
+
+/// The short question alone and 0.3 s after a long one, `rounds` times each.
+async fn measure(pipeline: &support::Pipeline, rounds: usize) {
     let mut short = pipeline.client().await;
     let mut long = pipeline.client().await;
     ask(&mut short, "warm", SHORT).await;
@@ -63,9 +74,7 @@ async fn main() {
         after_answer.push(answer);
         long_answer.push(long_done);
     }
-    pipeline.stop().await;
     let (alone, after) = (median(alone_first), median(after_first));
-    println!("{rounds} rounds, median ms:");
     println!("| short question | first token | answer |");
     println!("|---|---|---|");
     println!("| alone | {alone:.0} | {:.0} |", median(alone_answer));

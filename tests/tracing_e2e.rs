@@ -97,6 +97,8 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
         "gateway.query",
         "inference.answer",
         "inference.context",
+        "inference.retrieve",
+        "inference.retrieve_wait",
         LLM_SPAN,
         "inference.llm_attempt",
         "eventlog.transaction",
@@ -111,6 +113,11 @@ async fn a_turn_is_one_trace_in_jaeger_across_every_hop() {
     assert_eq!(gateway.parent, None, "each turn is a root trace");
     assert_eq!(answer.parent.as_ref(), Some(&gateway.span_id), "inference continues the query's span");
     assert_eq!(llm.parent.as_ref(), Some(&answer.span_id));
+    // Retrieval ran ahead of the answer, as soon as inference read the query.
+    let retrieve = one("inference.retrieve");
+    assert_eq!(retrieve.parent.as_ref(), Some(&gateway.span_id), "looked up beside the answer, not in it");
+    assert_eq!(retrieve.tags.get("ahead").map(String::as_str), Some("true"), "{:?}", retrieve.tags);
+    assert_eq!(one("inference.retrieve_wait").parent.as_ref(), Some(&answer.span_id));
     let tag = |key: &str| llm.tags.get(key).map(String::as_str);
     assert_eq!(tag("gen_ai.operation.name"), Some("chat"), "{:?}", llm.tags);
     assert_eq!(tag("gen_ai.provider.name"), Some("llama.cpp"));

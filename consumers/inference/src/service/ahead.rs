@@ -1,7 +1,7 @@
 //! Retrieval run ahead of the model slot: a question's knowledge is looked up as soon as
 //! the question is read, while it waits for a slot, so that a slot is held only while the
-//! model works. A question without a lookup ahead (read while catching up, or past
-//! [`AHEAD`] held lookups) is looked up when its turn comes.
+//! model works. A question without a lookup ahead (past [`AHEAD`] held lookups) is looked
+//! up when its turn comes.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};

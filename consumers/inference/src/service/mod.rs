@@ -219,9 +219,10 @@ impl Processor for Worker {
                 self.cancels.request(cancel.query_event_id, Instant::now());
                 return;
             }
-            // Read in normal operation, a question waits for a slot: its knowledge need not.
+            // A question waits for a slot: its knowledge need not. (One read while catching
+            // up may turn out answered already: then its lookup is dropped unused.)
             ConversationEvent::QueryReceived(query) => {
-                if let Some(knowledge) = self.knowledge.as_ref().filter(|_| !catching_up) {
+                if let Some(knowledge) = &self.knowledge {
                     knowledge.look_ahead(query);
                 }
                 return;
