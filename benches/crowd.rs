@@ -24,6 +24,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "crowd/lanes.rs"]
+mod lanes;
+#[path = "crowd/real_model.rs"]
+mod real_model;
 #[path = "stub/model.rs"]
 mod stub_model;
 #[path = "../tests/support/mod.rs"]
@@ -335,97 +339,6 @@ fn open_files_limit(pid: u32) -> Option<usize> {
     limits.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// One turn sent straight to the model server as a chat client that keeps its own history
-/// would send it: Parley's default system prompt, the earlier turns, the question. Returns
-/// the turn and the answer's text (the next turn's history).
-async fn direct_turn(llm: &str, history: &[Value], question: &str, epoch: Instant) -> Result<(Turn, String), String> {
-    let sent = Instant::now();
-    let mut messages = vec![json!({"role": "system", "content": default_system_prompt()})];
-    messages.extend_from_slice(history);
-    messages.push(json!({"role": "user", "content": question}));
-    let body = json!({"model": "m", "stream": true, "max_tokens": 256, "messages": messages});
-    let mut response = reqwest::Client::new()
-        .post(format!("{llm}/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut first_token, mut tokens, mut text, mut pending) = (None, 0, String::new(), String::new());
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        pending.push_str(&String::from_utf8_lossy(&chunk));
-        // Server-sent events, one token each; a chunk may end inside one.
-        while let Some(end) = pending.find('\n') {
-            let line: String = pending.drain(..=end).collect();
-            let event = line.trim().strip_prefix("data: ").and_then(|data| serde_json::from_str::<Value>(data).ok());
-            if let Some(delta) = event.as_ref().and_then(|e| e["choices"][0]["delta"]["content"].as_str()) {
-                first_token = first_token.or(Some(sent.elapsed().as_secs_f64() * 1000.0));
-                tokens += 1;
-                text.push_str(delta);
-            }
-        }
-    }
-    let answer = sent.elapsed().as_secs_f64() * 1000.0;
-    let turn = Turn {
-        first_token,
-        answer,
-        llm: answer,
-        llm_first_token: first_token,
-        sent_at: (sent - epoch).as_secs_f64(),
-        done_at: epoch.elapsed().as_secs_f64(),
-        tokens: f64::from(tokens),
-    };
-    Ok((turn, text))
-}
-
-async fn direct_crowd(llm: &str, users: usize) -> StepResult {
-    let epoch = Instant::now();
-    let tasks: Vec<_> = (0..users)
-        .map(|id| {
-            let llm = llm.to_owned();
-            tokio::spawn(async move {
-                let (mut turns, mut history) = (Vec::new(), Vec::new());
-                for turn in 0..TURNS_PER_USER {
-                    let question = QUESTIONS[(id + turn) % QUESTIONS.len()];
-                    let asked = direct_turn(&llm, &history, question, epoch).await;
-                    if let Ok((_, answer)) = &asked {
-                        history.push(json!({"role": "user", "content": question}));
-                        history.push(json!({"role": "assistant", "content": answer}));
-                    }
-                    turns.push(asked.map(|(turn, _)| turn));
-                    tokio::time::sleep(THINK_MAX.mul_f64(rand_unit())).await;
-                }
-                turns
-            })
-        })
-        .collect();
-    let mut result = StepResult::default();
-    for task in tasks {
-        for turn in task.await.unwrap() {
-            match turn {
-                Ok(turn) => result.turns.push(turn),
-                Err(_) => result.errors += 1,
-            }
-        }
-    }
-    result
-}
-
-/// The real-model crowd: `users` users arrive at once (each 3 turns, think time), as the
-/// issue measured it.
-async fn real_crowd(pipeline: &support::Pipeline, users: usize) -> StepResult {
-    let signer = TokenSigner::new(support::AUTH_SECRET.as_bytes());
-    let tokens: Vec<String> = (0..users).map(|i| signer.token_for(&format!("{}real-{i}", pipeline.prefix))).collect();
-    let http = pipeline.http.clone();
-    let rate = users as f64 * TURNS_PER_USER as f64 * 100.0; // all arrive within ~10 ms
-    crowd(
-        move |i| socket_url(&http, &tokens[i]),
-        rate,
-        users as f64 * TURNS_PER_USER as f64 / rate,
-        Some(pipeline.pid()),
-    )
-    .await
-}
-
 #[tokio::main]
 async fn main() {
     let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
@@ -514,7 +427,7 @@ async fn main() {
 
     // 3. The real model, each run right after the same load sent to the model server alone.
     if env_or("PARLEY_CROWD_REAL", 1) == 1 {
-        real_model(&stack).await;
+        real_model::real_model(&stack).await;
     }
 
     // 4. Beyond capacity: shedding against none.
@@ -524,55 +437,8 @@ async fn main() {
 
     // 5. Priority lanes: a flooded lower lane against a higher lane's turns.
     if env_or("PARLEY_CROWD_LANES", 1) == 1 {
-        lanes(&stack).await;
+        lanes::lanes(&stack).await;
     }
-}
-
-/// The crowd of 16 users on the real model, in `PARLEY_CROWD_REAL_ROUNDS` rounds (default
-/// 3): each Parley run (without retrieval, and with it as the quick start runs) right
-/// after the same load sent straight to llama.cpp, so the two share the same minute.
-async fn real_model(stack: &support::Stack) {
-    println!();
-    println!(
-        "real model (llama.cpp, SmolLM2-135M, 4 slots): 16 users × {TURNS_PER_USER} turns, think time up to {THINK_MAX:?}"
-    );
-    table_header();
-    let mut ratios = Vec::new();
-    for round in 1..=env_or("PARLEY_CROWD_REAL_ROUNDS", 3) {
-        for (name, args) in
-            [("Parley, no retrieval", vec!["--without-retrieval"]), ("Parley, retrieval on (defaults)", vec![])]
-        {
-            let pipeline = support::Pipeline::start(stack, &args).await;
-            let direct = direct_crowd(&stack.llm, 16).await;
-            let (direct_tps, _) = report(&format!("direct to the model server (round {round})"), 16.0, &direct);
-            let step = real_crowd(&pipeline, 16).await;
-            let (tps, _) = report(&format!("{name} (round {round})"), 16.0, &step);
-            pipeline.stop().await;
-            let first = |step: &StepResult, p| percentile(step.turns.iter().filter_map(|t| t.first_token).collect(), p);
-            ratios.push(format!(
-                "| {name} | {round} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
-                tps / direct_tps,
-                tokens_per_second(&step) / tokens_per_second(&direct),
-                first(&step, 50.0) / first(&direct, 50.0),
-                first(&step, 99.0) / first(&direct, 99.0),
-                step.refusals.len(),
-                step.errors,
-            ));
-        }
-    }
-    println!();
-    println!(
-        "| Parley against llama.cpp direct | round | turns/s | generated tokens/s | first token p50 | first token p99 | refused | errors |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    for line in ratios {
-        println!("{line}");
-    }
-}
-
-/// Tokens generated per second from the first turn sent to the last answered.
-fn tokens_per_second(step: &StepResult) -> f64 {
-    step.turns.iter().map(|t| t.tokens).sum::<f64>() / busy_seconds(&step.turns)
 }
 
 /// Seconds from the first turn sent to the last answered.
@@ -580,16 +446,6 @@ fn busy_seconds(turns: &[Turn]) -> f64 {
     let span = turns.iter().map(|t| t.done_at).fold(0.0, f64::max)
         - turns.iter().map(|t| t.sent_at).fold(f64::INFINITY, f64::min);
     span.max(1e-9)
-}
-
-/// The system prompt Parley sends when none is configured.
-fn default_system_prompt() -> String {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        inference: parley_inference::service::InferenceArgs,
-    }
-    <Defaults as clap::Parser>::parse_from(["defaults"]).inference.system_prompt
 }
 
 /// When the local stack was started (its Kafka's pid file, written at start), as a line of
@@ -600,174 +456,6 @@ fn stack_age() -> String {
     match started.and_then(|at| at.elapsed().ok()) {
         Some(age) => format!("the local stack was started {:.0} s before this run", age.as_secs_f64()),
         None => "the local stack's start time is unknown (PARLEY_RUN/pids/kafka.pid)".to_owned(),
-    }
-}
-
-/// One turn on a socket of its own, as its client saw it.
-struct LaneTurn {
-    first_token_ms: f64,
-    /// When the ack and the answer came (s since the step began).
-    acked_at: f64,
-    answered_at: f64,
-}
-
-/// One turn on a socket of its own, starting a conversation in `lane` (the user's tier
-/// when `None`).
-async fn lane_turn(url: &str, id: &str, lane: Option<&str>, epoch: Instant) -> Result<LaneTurn, String> {
-    let mut socket = connect(url, None).await.ok_or("connect")?;
-    next_json(&mut socket).await.filter(|f| f["type"] == "ready").ok_or("no ready frame")?;
-    let mut frame = json!({"type": "query", "client_message_id": id, "text": QUESTIONS[0]});
-    if let Some(lane) = lane {
-        frame["lane"] = json!(lane);
-    }
-    let sent = Instant::now();
-    socket.send(Message::Text(frame.to_string().into())).await.map_err(|e| e.to_string())?;
-    let (mut first_token, mut acked_at) = (None, 0.0);
-    loop {
-        let frame = next_json(&mut socket).await.ok_or("no answer within 120 s")?;
-        match frame["type"].as_str() {
-            Some("ack") => acked_at = epoch.elapsed().as_secs_f64(),
-            Some("token") => first_token = first_token.or(Some(sent.elapsed().as_secs_f64() * 1000.0)),
-            Some("answer") => {
-                let _ = socket.close(None).await;
-                let answered = sent.elapsed().as_secs_f64() * 1000.0;
-                let answered_at = epoch.elapsed().as_secs_f64();
-                return Ok(LaneTurn { first_token_ms: first_token.unwrap_or(answered), acked_at, answered_at });
-            }
-            Some(kind @ ("failed" | "error")) => return Err(format!("{kind}: {}", frame["message"])),
-            _ => {}
-        }
-    }
-}
-
-/// What one lanes scenario measured.
-struct LaneStep {
-    /// First-token latency of the higher lane's turns (ms).
-    high: Vec<f64>,
-    /// Each flood turn as its client saw it.
-    flood: Vec<LaneTurn>,
-    errors: usize,
-}
-
-/// `flood` turns of the lower lane sent at once, then the higher lane's users asking one
-/// turn after another (each on a new socket, 200 ms apart) until the flood is answered.
-async fn lane_step(
-    pipeline: &support::Pipeline,
-    signer: &TokenSigner,
-    flood: usize,
-    low_lane: Option<&'static str>,
-    high_users: &[String],
-) -> LaneStep {
-    let epoch = Instant::now();
-    let mut floods = Vec::new();
-    for n in 0..flood {
-        let url = socket_url(&pipeline.http, &signer.token_for(&format!("{}flood-{n}", pipeline.prefix)));
-        floods.push(tokio::spawn(async move { lane_turn(&url, &format!("f{n}"), low_lane, epoch).await }));
-    }
-    // The flood is in the log before the higher lane asks.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(flood > 0));
-    let mut highs = Vec::new();
-    for (u, user) in high_users.iter().enumerate() {
-        let url = socket_url(&pipeline.http, &signer.token_for(user));
-        let flooding = flooding.clone();
-        highs.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            for turn in 0.. {
-                latencies.push(lane_turn(&url, &format!("h{u}-{turn}"), None, epoch).await);
-                let enough = if flood > 0 { !flooding.load(std::sync::atomic::Ordering::Relaxed) } else { turn >= 9 };
-                if enough {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            latencies
-        }));
-    }
-    let mut step = LaneStep { high: Vec::new(), flood: Vec::new(), errors: 0 };
-    for task in floods {
-        match task.await.unwrap() {
-            Ok(turn) => step.flood.push(turn),
-            Err(_) => step.errors += 1,
-        }
-    }
-    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
-    for task in highs {
-        for turn in task.await.unwrap() {
-            match turn {
-                Ok(turn) => step.high.push(turn.first_token_ms),
-                Err(_) => step.errors += 1,
-            }
-        }
-    }
-    step
-}
-
-/// Priority lanes against one shared queue (`--lanes none`, the naive design), on the stub
-/// model (4 inference slots, 420 ms answers: 10 turns/s): a batch flood with standard chat
-/// asking meanwhile, and a standard flood with premium users asking meanwhile.
-async fn lanes(stack: &support::Stack) {
-    let flood: usize = env_or("PARLEY_CROWD_FLOOD", 120);
-    let stub = stub_model::StubModel {
-        first_token: Duration::from_millis(100),
-        per_token: Duration::from_millis(20),
-        tokens: 16,
-    };
-    let stub_url = stub.serve().await;
-    let signer = TokenSigner::new(support::AUTH_SECRET.as_bytes());
-    println!();
-    println!(
-        "priority lanes: 4 inference slots, stub answers in {:?} (10 turns/s); {flood} turns of the lower lane at once, \
-         4 users of the higher lane asking one turn after another meanwhile",
-        stub.answer_time()
-    );
-    println!(
-        "| lanes | premium slots | flooded lane | higher lane | higher-lane first token p50 / p99 (ms) | × unloaded p99 | higher-lane turns meanwhile | flood acked in (s) | flood answered in (s) | errors |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (layout, premium_slots, low, high) in [
-        ("premium=0,batch=5", "0", "batch", "standard"),
-        ("none", "0", "batch", "standard"),
-        ("premium=0,batch=5", "0", "standard", "premium"),
-        ("premium=0,batch=5", "1", "standard", "premium"),
-        ("none", "0", "standard", "premium"),
-    ] {
-        let args = [
-            "--llm-base-url",
-            &stub_url,
-            "--without-retrieval",
-            "--concurrency",
-            "4",
-            "--shed-queue-age",
-            "0",
-            "--lanes",
-            layout,
-            "--premium-slots",
-            premium_slots,
-        ];
-        let pipeline = support::Pipeline::start(stack, &[&args[..], &support::NO_RATE_LIMITS].concat()).await;
-        let high_users: Vec<String> = (0..4).map(|u| format!("{}{high}-{u}", pipeline.prefix)).collect();
-        if high == "premium" {
-            for user in &high_users {
-                let set = pipeline.cli(&["tier", user, "premium"]);
-                assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
-            }
-        }
-        let low_lane = (low == "batch").then_some("batch");
-        let unloaded = lane_step(&pipeline, &signer, 0, low_lane, &high_users).await;
-        let loaded = lane_step(&pipeline, &signer, flood, low_lane, &high_users).await;
-        let unloaded_p99 = percentile(unloaded.high, 99.0);
-        let p99 = percentile(loaded.high.clone(), 99.0);
-        println!(
-            "| {layout} | {premium_slots} | {low} | {high} | {:.0} / {p99:.0} | {:.1}× (unloaded p99 {unloaded_p99:.0}) | {} | {:.1} | {:.1} | {} |",
-            percentile(loaded.high.clone(), 50.0),
-            p99 / unloaded_p99,
-            loaded.high.len(),
-            loaded.flood.iter().map(|t| t.acked_at).fold(0.0, f64::max),
-            loaded.flood.iter().map(|t| t.answered_at).fold(0.0, f64::max),
-            loaded.errors + unloaded.errors,
-        );
-        pipeline.stop().await;
     }
 }
 
