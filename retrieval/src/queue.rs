@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use parley_eventlog::trace::{link_trace, traceparent_of};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, Span, info_span};
 
 use crate::backend::EmbeddingBackend;
 use crate::error::RetrievalError;
@@ -25,6 +26,8 @@ type Vectors = Result<Vec<Vec<f32>>, RetrievalError>;
 struct Request {
     texts: Vec<String>,
     reply: oneshot::Sender<Vectors>,
+    /// The asking span's trace context: the batch links every trace it serves.
+    traceparent: String,
 }
 
 /// The two doors to a process's embedding backend; each is an [`EmbeddingBackend`].
@@ -69,7 +72,8 @@ impl EmbeddingBackend for Questions {
         async move {
             let (reply, vectors) = oneshot::channel();
             let stopped = || RetrievalError::Embedding("the question embedding worker stopped".into());
-            self.sender.send(Request { texts: texts.to_vec(), reply }).map_err(|_| stopped())?;
+            let traceparent = traceparent_of(&Span::current(), None);
+            self.sender.send(Request { texts: texts.to_vec(), reply, traceparent }).map_err(|_| stopped())?;
             vectors.await.map_err(|_| stopped())?
         }
         .boxed()
@@ -104,6 +108,9 @@ async fn batch_questions(backend: Arc<dyn EmbeddingBackend>, mut requests: mpsc:
             batch.push(request);
         }
         let span = info_span!("embedding.questions", requests = batch.len(), texts);
+        for request in &batch {
+            link_trace(&span, Some(&request.traceparent));
+        }
         embed_batch(backend.as_ref(), batch).instrument(span).await;
     }
 }
