@@ -30,8 +30,8 @@ struct Inner {
     dimension: usize,
     /// One thread for what someone waits on. candle's matrix products run on the rayon
     /// pool they are called in; split over threads they join after every product, and on
-    /// cores busy with the model server each join waits for a preempted thread: a question
-    /// took 41 ms at p50 that way, beside llama.cpp, against a few alone.
+    /// cores busy with the model server each join waits for a preempted thread: questions
+    /// took 41 ms at p50 that way beside llama.cpp, against 17 ms on one thread of their own.
     foreground: rayon::ThreadPool,
     /// Threads at the lowest CPU priority for indexing (the whole forward pass runs there).
     background: rayon::ThreadPool,
@@ -112,9 +112,7 @@ impl MiniLm {
         let norm = mean.sqr().and_then(|s| s.sum_keepdim(1)).and_then(|s| s.sqrt()).map_err(fail)?;
         mean.broadcast_div(&norm).and_then(|v| v.to_vec2::<f32>()).map_err(fail)
     }
-}
 
-impl MiniLm {
     /// Embeds `texts` on a thread of `pool`, which the whole forward pass then runs in.
     fn embed_in<'a>(
         &self,

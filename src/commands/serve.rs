@@ -82,7 +82,7 @@ pub(crate) async fn all(
     SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let retrieval = retrieval(common).await?;
-    // One embedding worker for the three: questions first and batched, indexing after.
+    // One embedding backend for the three: questions batched by one worker, indexing in the background.
     let retriever = retrieval.clone().map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(
         kafka,
