@@ -257,19 +257,14 @@ async fn main() {
         let hits = search_store.search_vectors(query.clone(), &filter, 10).await.unwrap();
         milvus_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
-        let mut exact: Vec<(f32, usize)> = vectors
-            .iter()
-            .filter(|(i, _)| i % owners == owner)
-            .map(|(i, v)| (v.iter().zip(&query).map(|(a, b)| a * b).sum::<f32>(), *i))
-            .collect();
-        exact.sort_by(|a, b| b.0.total_cmp(&a.0));
-        exact.truncate(10);
+        let owned = vectors.iter().filter(|(i, _)| i % owners == owner);
+        let exact = support::exact_top_k(owned.map(|(i, v)| (*i, v.as_slice())), &query, 10);
         exact_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         assert!(
             hits.iter().all(|h| h.id.trim_start_matches('v').parse::<usize>().unwrap() % owners == owner),
             "owner filter"
         );
-        let found = exact.iter().filter(|(_, i)| hits.iter().any(|h| h.id == format!("v{i}"))).count();
+        let found = exact.iter().filter(|i| hits.iter().any(|h| h.id == format!("v{i}"))).count();
         recall_sum += found as f64 / 10.0;
     }
     milvus_ms.sort_by(f64::total_cmp);

@@ -371,18 +371,12 @@ async fn main() {
                 let hits = store.search_vectors(question.clone(), &filter, 10).await.unwrap();
                 milvus_ms.push(started.elapsed().as_secs_f64() * 1000.0);
                 let started = Instant::now();
-                let mut exact: Vec<(f32, usize)> = vectors
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| owner_of(*j) == owner)
-                    .map(|(j, v)| (dot(v, question), j))
-                    .collect();
-                exact.select_nth_unstable_by(10, |a, b| b.0.total_cmp(&a.0));
-                exact.truncate(10);
+                let owned = vectors.iter().enumerate().filter(|(j, _)| owner_of(*j) == owner);
+                let exact = support::exact_top_k(owned.map(|(j, v)| (j, v.as_slice())), question, 10);
                 exact_ms.push(started.elapsed().as_secs_f64() * 1000.0);
                 let ids: Vec<usize> = hits.iter().map(|h| h.id.trim_start_matches('v').parse().unwrap()).collect();
                 assert!(ids.iter().all(|&j| owner_of(j) == owner), "a hit of another owner");
-                recall_sum += exact.iter().filter(|(_, j)| ids.contains(j)).count() as f64 / 10.0;
+                recall_sum += exact.iter().filter(|j| ids.contains(j)).count() as f64 / 10.0;
             }
             let memory = server.rss().saturating_sub(idle_rss);
             drop(store);

@@ -419,6 +419,23 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize).min(sorted.len() - 1)]
 }
 
+/// The ids of the `k` vectors among `candidates` nearest to `query` by inner product, in no
+/// order: exact search, the truth a vector index's recall is measured against and the raw
+/// limit of its latency.
+pub(crate) fn exact_top_k<'a>(
+    candidates: impl Iterator<Item = (usize, &'a [f32])>,
+    query: &[f32],
+    k: usize,
+) -> Vec<usize> {
+    let mut scored: Vec<(f32, usize)> =
+        candidates.map(|(id, v)| (v.iter().zip(query).map(|(a, b)| a * b).sum(), id)).collect();
+    if scored.len() > k {
+        scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
+        scored.truncate(k);
+    }
+    scored.into_iter().map(|(_, id)| id).collect()
+}
+
 /// Percent-encodes a query-string value.
 pub(crate) fn urlencode(value: &str) -> String {
     value
