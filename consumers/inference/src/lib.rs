@@ -1,6 +1,7 @@
 //! The inference consumer: reads UserQueryReceived, asks the LLM, appends the outcome.
 //!
 //! - [`prompt`]: what the model is asked (pure);
+//! - [`cache`]: earlier answers that answer a new question too;
 //! - [`retry`]: backoff and circuit breaker (pure);
 //! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
 //! - [`context`]: earlier turns, from the projection or else the log;
@@ -10,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod balancer;
+pub mod cache;
 pub mod cancel;
 pub mod completion;
 pub mod context;
