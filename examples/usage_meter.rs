@@ -104,6 +104,8 @@ mod tests {
             context_event_ids: vec![],
             user_id: Some("alice".parse().unwrap()),
             retrieved: vec![],
+            context_fingerprint: String::new(),
+            cached_from: None,
         });
         let usage = Usage {
             answer_id: id,

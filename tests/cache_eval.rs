@@ -88,7 +88,7 @@ fn cases<'a>(families: &'a [Family], conversations: &'a [Conversation]) -> Vec<C
 
 fn fingerprint(turns: &[(String, String)]) -> String {
     let roles = turns.iter().flat_map(|(q, a)| [("user", q.as_str()), ("assistant", a.as_str())]);
-    context_fingerprint("You are a helpful assistant.", roles)
+    context_fingerprint("SmolLM2-135M-Instruct", "You are a helpful assistant.", roles)
 }
 
 /// Counts of one category: (cases, cache hits, threshold-alone hits at the default, at 0.9).
@@ -138,7 +138,9 @@ fn the_cache_serves_paraphrases_and_never_near_misses() {
             wrong.push(format!("{:.3} {:?} | {:?} ({})", similarity, case.cached.1, case.asked.1, case.category));
         }
     }
-    println!("| kind | category | cases | cache hits | threshold {DEFAULT_MIN_SIMILARITY} alone | threshold 0.9 alone |");
+    println!(
+        "| kind | category | cases | cache hits | threshold {DEFAULT_MIN_SIMILARITY} alone | threshold 0.9 alone |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut totals = [(0, 0), (0, 0)];
     for ((should_hit, category), tally) in tallies.iter().rev() {
@@ -155,7 +157,11 @@ fn the_cache_serves_paraphrases_and_never_near_misses() {
         total.1 += tally.hits;
     }
     let [(misses, false_hits), (paraphrases, hits)] = totals;
-    println!("\nfalse hits {false_hits} of {misses} ({:.2} %), hits {hits} of {paraphrases} ({:.1} %)", percent(false_hits, misses), percent(hits, paraphrases));
+    println!(
+        "\nfalse hits {false_hits} of {misses} ({:.2} %), hits {hits} of {paraphrases} ({:.1} %)",
+        percent(false_hits, misses),
+        percent(hits, paraphrases)
+    );
     println!("decided otherwise than labelled:\n{}", wrong.join("\n"));
     let single_turn = cases.iter().filter(|c| c.cached.0.is_empty()).count();
     assert!(single_turn >= 300 && cases.len() - single_turn >= 100, "the set is as large as it says");

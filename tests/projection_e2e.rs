@@ -207,6 +207,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         user_id: user.clone(),
         client_message_id: "m1".into(),
         text: "old question".into(),
+        no_cache: false,
     };
     let answer = LLMResponseGenerated {
         envelope: Envelope::new(EventId::random(), id, 3, P),
@@ -222,6 +223,8 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         context_event_ids: vec![EventId::random()], // dropped by the old schema
         user_id: None,
         retrieved: vec![],
+        context_fingerprint: String::new(),
+        cached_from: None,
     };
     let payloads =
         [new.encode(&started).await.unwrap(), new.encode(&query).await.unwrap(), old.encode(&answer).await.unwrap()];

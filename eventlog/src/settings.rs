@@ -116,7 +116,8 @@ pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
         "ms" => number,
         "" | "s" => number.saturating_mul(1000),
         "m" => number.saturating_mul(60_000),
-        _ => return Err(format!("{value:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => number.saturating_mul(3_600_000),
+        _ => return Err(format!("{value:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     Ok(std::time::Duration::from_millis(millis))
 }

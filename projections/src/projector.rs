@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ProjectionError;
-use crate::store::{CONTEXT, EventLocation, Generation, Store};
+use crate::store::{CONTEXT, CachedAnswerRow, EventLocation, Generation, Store};
 
 /// Longest title kept for a conversation (its first question, shortened).
 const TITLE_CHARS: usize = 80;
@@ -257,6 +257,11 @@ async fn apply_event(
                     let title: String = message.text.chars().take(TITLE_CHARS).collect();
                     store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
                 }
+            }
+            if let ConversationEvent::ResponseGenerated(answer) = event
+                && let Some(entry) = CachedAnswerRow::of(answer)
+            {
+                store.insert_cached_answer(generation, &k.head.owner, &entry).await?;
             }
             store.advance_conversation(generation, id, &k.head, envelope.occurred_at).await?;
         }

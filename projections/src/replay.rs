@@ -392,6 +392,7 @@ mod tests {
             user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),
             text: "hi".into(),
+            no_cache: false,
         }));
         state
     }

@@ -25,18 +25,23 @@ impl Retriever {
     /// first, by the store's search mode (the question is embedded unless keywords alone
     /// are searched).
     pub async fn search(&self, text: &str, filter: &SearchFilter, limit: usize) -> Result<Vec<Hit>, RetrievalError> {
-        let vector = if self.store.search_mode().uses_vectors() {
-            let vector = self
-                .backend
-                .embed(&[text.to_owned()])
-                .await?
-                .pop()
-                .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
-            Some(vector)
-        } else {
-            None
-        };
+        let vector = self.embed_question(text).await?;
         self.store.search(text, vector, filter, limit).await
+    }
+
+    /// `text`'s embedding as a question, when the store's search mode uses vectors (None
+    /// in keyword mode).
+    pub async fn embed_question(&self, text: &str) -> Result<Option<Vec<f32>>, RetrievalError> {
+        if !self.store.search_mode().uses_vectors() {
+            return Ok(None);
+        }
+        let vector = self
+            .backend
+            .embed(&[text.to_owned()])
+            .await?
+            .pop()
+            .ok_or_else(|| RetrievalError::Embedding("the backend returned no vector".into()))?;
+        Ok(Some(vector))
     }
 
     /// The vector store it searches.

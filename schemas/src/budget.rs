@@ -274,6 +274,7 @@ mod tests {
             user_id: user.parse().unwrap(),
             client_message_id: id.into(),
             text: "hi".into(),
+            no_cache: false,
         })
     }
 
@@ -292,6 +293,8 @@ mod tests {
             context_event_ids: vec![],
             user_id: None, // as events before schema v2: attributed through the query
             retrieved: vec![],
+            context_fingerprint: String::new(),
+            cached_from: None,
         })
     }
 

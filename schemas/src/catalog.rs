@@ -21,8 +21,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("envelope.v1.avsc", include_str!("../avro/envelope.v1.avsc")),
     ("conversation_started.v1.avsc", include_str!("../avro/conversation_started.v1.avsc")),
     ("user_query_received.v1.avsc", include_str!("../avro/user_query_received.v1.avsc")),
+    ("user_query_received.v2.avsc", include_str!("../avro/user_query_received.v2.avsc")),
     ("llm_response_generated.v1.avsc", include_str!("../avro/llm_response_generated.v1.avsc")),
     ("llm_response_generated.v2.avsc", include_str!("../avro/llm_response_generated.v2.avsc")),
+    ("llm_response_generated.v3.avsc", include_str!("../avro/llm_response_generated.v3.avsc")),
     ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("llm_token_delta.v2.avsc", include_str!("../avro/llm_token_delta.v2.avsc")),
@@ -179,7 +181,7 @@ mod tests {
     fn embedded_catalog_inlines_the_envelope_in_every_event() {
         let catalog = SchemaCatalog::embedded();
         let entry = catalog.latest("io.parley.events.UserQueryReceived").unwrap();
-        assert_eq!(entry.version, 1);
+        assert_eq!(entry.version, 2);
         assert!(entry.json.contains("\"correlation_id\""), "{}", entry.json);
         assert!(catalog.latest(ENVELOPE).is_err(), "the envelope is not an event of its own");
     }

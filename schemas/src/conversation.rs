@@ -173,6 +173,7 @@ mod tests {
                 user_id: alice(),
                 client_message_id: "m1".into(),
                 text: "hi".into(),
+                no_cache: false,
             }),
             ConversationEvent::ResponseGenerated(LLMResponseGenerated {
                 envelope: env(3),
@@ -195,6 +196,8 @@ mod tests {
                     position: 0,
                     score: 0.5,
                 }],
+                context_fingerprint: String::new(),
+                cached_from: None,
             }),
         ]
     }

@@ -114,6 +114,9 @@ pub struct UserQueryReceived {
     pub client_message_id: String,
     /// The question.
     pub text: String,
+    /// The asker wants the model's answer, not one from the semantic cache (v2; false in
+    /// v1 events).
+    pub no_cache: bool,
 }
 
 /// The model answered a query. Carries everything replay needs, so replay never calls the
@@ -148,6 +151,21 @@ pub struct LLMResponseGenerated {
     /// Chunks and earlier messages retrieved from the vector store and put into the prompt,
     /// best first.
     pub retrieved: Vec<RetrievedContext>,
+    /// Digest of the system prompt and the earlier turns in the prompt (v3; empty before).
+    pub context_fingerprint: String,
+    /// Set when the semantic cache served this answer instead of the model.
+    pub cached_from: Option<CachedAnswer>,
+}
+
+/// Where an answer served from the semantic cache came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    /// The model's answer this one repeats.
+    pub answer_event_id: EventId,
+    /// The question that answer answered.
+    pub query_event_id: EventId,
+    /// Cosine similarity of the two questions' embeddings.
+    pub similarity: f32,
 }
 
 /// One vector-store hit that went into a prompt.

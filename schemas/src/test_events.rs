@@ -13,6 +13,7 @@ pub(crate) fn query(conversation: ConversationId, sequence: i64, client_message_
         user_id: alice(),
         client_message_id: client_message_id.into(),
         text: "hi".into(),
+        no_cache: false,
     })
 }
 

@@ -57,6 +57,7 @@ fn samples() -> Vec<Sample> {
                 user_id: "alice".parse().unwrap(),
                 client_message_id: "m-1".into(),
                 text: "What is the capital of France?".into(),
+                no_cache: false,
             },
         ),
         sample(
@@ -82,6 +83,8 @@ fn samples() -> Vec<Sample> {
                     position: 2,
                     score: 0.8,
                 }],
+                context_fingerprint: String::new(),
+                cached_from: None,
             },
         ),
         sample(

@@ -40,6 +40,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             user_id: "u-1".parse().unwrap(),
             client_message_id: "m-1".into(),
             text: "Grüße, what is Kafka? 🚀".into(),
+            no_cache: false,
         }),
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
             envelope: envelope(3).caused_by(&envelope(2)),
@@ -62,6 +63,8 @@ async fn every_conversation_event_round_trips_through_the_registry() {
                 position: 2,
                 score: 0.75,
             }],
+            context_fingerprint: String::new(),
+            cached_from: None,
         }),
         ConversationEvent::ResponseFailed(LLMResponseFailed {
             envelope: envelope(3),

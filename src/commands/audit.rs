@@ -11,7 +11,7 @@ use parley_events::dead_letters::LetterBook;
 use parley_events::invariants::violations;
 use parley_events::registry::SchemaRegistry;
 use parley_events::turn::CANCELLED;
-use parley_events::{ConversationEvent, ConversationId, EventCodec};
+use parley_events::{ConversationEvent, ConversationId, EventCodec, LLMResponseGenerated};
 use parley_projections::Store;
 use parley_projections::replay::LogReader;
 
@@ -101,6 +101,12 @@ pub(crate) async fn audit(
                 }
                 ConversationEvent::ResponseGenerated(answer) if answer.finish_reason == CANCELLED => {
                     println!("     stopped by a cancel after {} tokens", answer.completion_tokens);
+                }
+                ConversationEvent::ResponseGenerated(LLMResponseGenerated { cached_from: Some(from), .. }) => {
+                    println!(
+                        "     served from the semantic cache: repeats answer {} (to {}, similarity {:.3})",
+                        from.answer_event_id, from.query_event_id, from.similarity
+                    );
                 }
                 _ => {}
             }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use parley_events::invariants::violations;
-use parley_events::{ConversationEvent, ConversationId};
+use parley_events::{ConversationEvent, ConversationId, LLMResponseGenerated};
 use parley_projections::Store;
 use parley_projections::replay::{self as log_replay, LogReader};
 
@@ -65,12 +65,24 @@ pub(crate) async fn replay(
                 )
             });
             println!("  #{:<4} {:<10} {usage}{}", m.sequence, m.kind.as_str(), m.text.replace('\n', " "));
-            // A cancel carries its query's sequence: shown under the question.
+            // A cancel carries its query's sequence: shown under the question. An answer
+            // from the semantic cache says which answer it repeats.
             for record in &records {
-                if let ConversationEvent::CancelRequested(cancel) = &record.event
-                    && cancel.envelope.sequence == m.sequence
-                {
-                    println!("  #{:<4} {:<10} asked by {}", m.sequence, "cancel", cancel.user_id);
+                match &record.event {
+                    ConversationEvent::CancelRequested(cancel) if cancel.envelope.sequence == m.sequence => {
+                        println!("  #{:<4} {:<10} asked by {}", m.sequence, "cancel", cancel.user_id);
+                    }
+                    ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+                        envelope,
+                        cached_from: Some(from),
+                        ..
+                    }) if envelope.sequence == m.sequence => {
+                        println!(
+                            "  #{:<4} {:<10} from cache: {} (the answer to {}, similarity {:.3})",
+                            m.sequence, "", from.answer_event_id, from.query_event_id, from.similarity
+                        );
+                    }
+                    _ => {}
                 }
             }
         }

@@ -236,6 +236,7 @@ async fn a_query_with_a_malformed_event_id_is_dead_lettered_not_answered() {
         user_id: "mallory".parse().unwrap(),
         client_message_id: "m1".into(),
         text: "Say OK.".into(),
+        no_cache: false,
     };
     let codec = EventCodec::new(&pipeline.registry).unwrap();
     // Parley's encoder refuses such an id; a foreign one writes any string of the same length.

@@ -622,6 +622,7 @@ pub(crate) async fn write_synthetic(
                 user_id: user.clone(),
                 client_message_id: format!("m{t}"),
                 text: format!("question {t} of conversation {c}"),
+                no_cache: false,
             }));
             events.push(ConversationEvent::ResponseGenerated(LLMResponseGenerated {
                 envelope: Envelope::new(EventId::random(), id, sequence + 1, P),
@@ -637,6 +638,8 @@ pub(crate) async fn write_synthetic(
                 context_event_ids: vec![],
                 user_id: None,
                 retrieved: vec![],
+                context_fingerprint: String::new(),
+                cached_from: None,
             }));
         }
         for event in &events {

@@ -213,6 +213,8 @@ mod tests {
             context_event_ids: vec![],
             user_id: user_id.map(|u| u.parse().unwrap()),
             retrieved: vec![],
+            context_fingerprint: String::new(),
+            cached_from: None,
         })
     }
 
@@ -230,6 +232,7 @@ mod tests {
             user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),
             text: "What is Kafka?".into(),
+            no_cache: false,
         });
         let record = message_record(&query, &mut owners).unwrap().unwrap();
         assert_eq!(record.id, query.envelope().event_id.to_string());

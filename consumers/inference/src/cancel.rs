@@ -125,6 +125,8 @@ impl Partial {
             context_event_ids: Vec::new(),
             user_id: Some(query.user_id.clone()),
             retrieved,
+            context_fingerprint: String::new(),
+            cached_from: None,
         }
     }
 }
@@ -195,6 +197,7 @@ mod tests {
             user_id: "alice".parse().unwrap(),
             client_message_id: "m1".into(),
             text: "Tell me a story".into(),
+            no_cache: false,
         }
     }
 

@@ -2,13 +2,14 @@
 //! name it (`gen_ai.client.operation.duration`, `gen_ai.client.token.usage`, time to the
 //! first chunk; in Prometheus, dots become underscores and seconds a `_seconds` suffix),
 //! the latency a person sees (question → first token, question → outcome), failures by
-//! kind, and each endpoint's breaker.
+//! kind, each endpoint's breaker, and the semantic cache's lookups and the model time its
+//! hits saved.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use parley_eventlog::metrics::{HUMAN_SECONDS, counter, histogram, int_gauge};
-use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+use parley_eventlog::metrics::{HUMAN_SECONDS, counter, histogram, int_gauge, register};
+use prometheus::{Counter, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
 
 use crate::completion::{Completion, LlmError};
 
@@ -89,12 +90,39 @@ static BREAKER_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "parley_semantic_cache_lookups_total",
+        "Questions looked up in the semantic cache: hit, or why not (no_candidate, other_context, negation…)",
+        &["result"],
+    )
+});
+
+static CACHE_SAVED: LazyLock<Counter> = LazyLock::new(|| {
+    let opts = Opts::new(
+        "parley_semantic_cache_model_seconds_saved_total",
+        "Model time the cached answers served took when the model generated them",
+    );
+    #[allow(clippy::expect_used)] // a constant, valid name
+    register(Counter::with_opts(opts).expect("a valid metric"))
+});
+
+/// A semantic cache lookup's result (`hit` or a miss's reason); a hit saved `saved_ms`.
+pub fn cache_lookup(result: &str, saved_ms: i64) {
+    CACHE_LOOKUPS.with_label_values(&[result]).inc();
+    if saved_ms > 0 {
+        CACHE_SAVED.inc_by(seconds(saved_ms));
+    }
+}
+
 /// Creates the failure series of every kind at 0 (Prometheus's `rate` sees nothing of a
 /// series that starts at 1).
 pub fn init() {
     for kind in LlmError::KINDS.into_iter().chain([parley_events::budget::BUDGET_EXCEEDED]) {
         FAILURES.with_label_values(&[kind]);
     }
+    CACHE_LOOKUPS.with_label_values(&["hit"]);
+    LazyLock::force(&CACHE_SAVED);
 }
 
 /// One call to a model server (an attempt of a turn).

@@ -198,6 +198,7 @@ mod tests {
             user_id: "u".parse().unwrap(),
             client_message_id: "m".into(),
             text: text.into(),
+            no_cache: false,
         }
     }
 

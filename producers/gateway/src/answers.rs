@@ -196,6 +196,7 @@ pub fn outcome_frame(event: &ConversationEvent) -> Option<ServerFrame> {
             llm_latency_ms: e.llm_latency_ms,
             time_to_first_token_ms: e.time_to_first_token_ms,
             retrieved: e.retrieved.clone(),
+            cached_from: e.cached_from.clone(),
         }),
         ConversationEvent::ResponseFailed(e) => Some(ServerFrame::Failed {
             conversation_id: e.envelope.conversation_id.to_string(),

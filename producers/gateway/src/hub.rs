@@ -94,7 +94,7 @@ pub enum Admission {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DuplicateOutcome {
     /// The outcome, known here.
-    Known(ServerFrame),
+    Known(Box<ServerFrame>),
     /// The turn is still open: the outcome will be pushed when it comes.
     Pending,
     /// An earlier turn: its outcome is in the projection once it has applied `after`.
@@ -238,7 +238,7 @@ impl Hub {
         sequence: i64,
     ) -> DuplicateOutcome {
         if let Some((_, frame)) = slot.last_outcome.as_ref().filter(|(q, _)| *q == query_id) {
-            return DuplicateOutcome::Known(frame.clone());
+            return DuplicateOutcome::Known(Box::new(frame.clone()));
         }
         if slot.head.open_query.as_ref().is_some_and(|open| open.event_id == query_id) {
             return DuplicateOutcome::Pending;
@@ -622,7 +622,10 @@ mod tests {
         let Ok(Admission::Duplicate { outcome, .. }) = hub.admit(&u("alice"), conversation, "b", 1, &tx) else {
             panic!()
         };
-        assert!(matches!(outcome, DuplicateOutcome::Known(ServerFrame::Failed { .. })), "{outcome:?}");
+        assert!(
+            matches!(outcome, DuplicateOutcome::Known(ref frame) if matches!(**frame, ServerFrame::Failed { .. })),
+            "{outcome:?}"
+        );
     }
 
     #[test]
@@ -647,6 +650,7 @@ mod tests {
             user_id: "alice".parse().unwrap(),
             client_message_id: "b".into(),
             text: "hi".into(),
+            no_cache: false,
         });
         assert_eq!(hub.apply(&query, 4, 9, None).len(), 1, "its socket here is shown the question");
         let Ok(Admission::Duplicate { ack, outcome }) = hub.admit(&u("alice"), conversation, "b", 1, &tx) else {

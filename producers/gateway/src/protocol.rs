@@ -2,8 +2,8 @@
 //! docs/protocol.md is its reference.
 
 use parley_events::ConversationId;
-use parley_events::RetrievedContext;
 use parley_events::lanes::Lane;
+use parley_events::{CachedAnswer, RetrievedContext};
 use serde::{Deserialize, Serialize};
 
 /// 2 added `cancel` (version 1 clients never send it and see no new frame).
@@ -24,6 +24,9 @@ pub enum ClientFrame {
         text: String,
         /// `premium`, `standard` or `batch`, for a new conversation.
         lane: Option<String>,
+        /// True: the model answers, never the semantic cache (absent: false).
+        #[serde(default)]
+        no_cache: bool,
     },
     /// Receive the answers of an existing conversation on this socket (after a reconnect).
     Subscribe {
@@ -123,6 +126,10 @@ pub enum ServerFrame {
         time_to_first_token_ms: Option<i64>,
         /// Chunks and earlier messages the prompt carried, best first.
         retrieved: Vec<RetrievedContext>,
+        /// Set when the semantic cache answered instead of the model: the answer it repeats,
+        /// that answer's question and the two questions' similarity.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cached_from: Option<CachedAnswer>,
     },
     /// The query got no answer (the turn is over; the next question may be asked).
     Failed {
@@ -252,6 +259,8 @@ pub struct ValidQuery {
     pub text: String,
     /// The lane asked for (a new conversation's; never above the user's tier).
     pub lane: Option<Lane>,
+    /// The model must answer, not the semantic cache.
+    pub no_cache: bool,
 }
 
 /// A rejected frame: the error frame to send back.
@@ -331,7 +340,7 @@ pub fn validate_query(
         return Err(invalid(format!("text of {chars} characters exceeds the limit of {}", limits.max_text_chars)));
     }
     let lane = lane.map(|lane| lane.parse::<Lane>().map_err(|e| invalid(format!("lane: {e}")))).transpose()?;
-    Ok(ValidQuery { client_message_id, conversation_id, text, lane })
+    Ok(ValidQuery { client_message_id, conversation_id, text, lane, no_cache: false })
 }
 
 #[cfg(test)]
@@ -343,7 +352,9 @@ mod tests {
     #[test]
     fn a_query_frame_parses_and_validates() {
         let frame = parse_frame(r#"{"type":"query","client_message_id":"m-1","text":"hello"}"#, LIMITS).unwrap();
-        let ClientFrame::Query { client_message_id, conversation_id, text, lane } = frame else { panic!("{frame:?}") };
+        let ClientFrame::Query { client_message_id, conversation_id, text, lane, .. } = frame else {
+            panic!("{frame:?}")
+        };
         let valid = validate_query(client_message_id, conversation_id, text, lane, LIMITS).unwrap();
         assert_eq!(valid.text, "hello");
         assert_eq!(valid.conversation_id, None);
@@ -452,7 +463,7 @@ mod fuzz {
     /// What the gateway does with a text frame, short of I/O: parse, then validate a query.
     fn handle(text: &str) {
         match parse_frame(text, LIMITS) {
-            Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane }) => {
+            Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane, .. }) => {
                 if let Err(refusal) = validate_query(client_message_id, conversation_id, text, lane, LIMITS) {
                     assert_eq!(refusal.code, ErrorCode::InvalidField);
                     assert!(refusal.client_message_id.is_some() && !refusal.message.is_empty());

@@ -20,7 +20,9 @@ use tracing::{Instrument, info, info_span};
 use crate::cancel::{cancel, cancel_abandoned};
 use crate::follow::{resume, subscribe};
 use crate::metrics;
-use crate::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, Rejection, ServerFrame, parse_frame, validate_query};
+use crate::protocol::{
+    ClientFrame, ErrorCode, PROTOCOL_VERSION, Rejection, ServerFrame, ValidQuery, parse_frame, validate_query,
+};
 use crate::resume::TokenOrder;
 use crate::state::{AppState, Socket};
 use crate::turns::accept_query;
@@ -244,8 +246,10 @@ async fn handle_text(state: &AppState, user: &UserId, socket: &Socket<'_>, text:
             };
             vec![frame]
         }
-        Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane }) => {
-            match validate_query(client_message_id, conversation_id, text, lane, state.limits) {
+        Ok(ClientFrame::Query { client_message_id, conversation_id, text, lane, no_cache }) => {
+            match validate_query(client_message_id, conversation_id, text, lane, state.limits)
+                .map(|valid| ValidQuery { no_cache, ..valid })
+            {
                 Err(rejection) => vec![rejection.into_frame()],
                 Ok(query) => accept_query(state, user, connection, outbox, query).await,
             }

@@ -88,6 +88,7 @@ pub(crate) async fn accept_query(
         user_id: user.clone(),
         client_message_id: query.client_message_id.clone(),
         text: query.text.clone(),
+        no_cache: query.no_cache,
     };
     let written = async {
         if new_conversation {
@@ -217,7 +218,7 @@ async fn duplicate_frames(state: &AppState, ack: Box<ServerFrame>, outcome: Dupl
 /// The outcome frame of a turn, when it has one: known here, or read from the log.
 pub(crate) async fn resolve_outcome(state: &AppState, outcome: DuplicateOutcome) -> Option<ServerFrame> {
     match outcome {
-        DuplicateOutcome::Known(frame) => Some(frame),
+        DuplicateOutcome::Known(frame) => Some(*frame),
         DuplicateOutcome::Pending => None,
         DuplicateOutcome::InProjection { conversation_id, query_id, outcome_sequence, after } => {
             match earlier_outcome(state, conversation_id, query_id, outcome_sequence, &after).await {

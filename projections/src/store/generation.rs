@@ -3,6 +3,7 @@
 use scylla::statement::prepared::PreparedStatement;
 
 use super::Store;
+use super::cache::{CACHE_RETENTION_SECONDS, COLUMNS as CACHE_COLUMNS};
 use crate::error::ProjectionError;
 
 /// The prepared statements of one generation.
@@ -22,6 +23,9 @@ pub struct Generation {
     pub(super) select_by_user_before: PreparedStatement,
     pub(super) select_locations: PreparedStatement,
     pub(super) select_progress: PreparedStatement,
+    pub(super) insert_cached_answer: PreparedStatement,
+    pub(super) select_cached_answers: PreparedStatement,
+    pub(super) delete_cached_answers: PreparedStatement,
 }
 
 /// Frozen, so an answer's list is one cell (a non-frozen empty list would be a tombstone
@@ -29,8 +33,8 @@ pub struct Generation {
 const RETRIEVED_TYPE: &str = "frozen<list<frozen<tuple<text, text, text, text, bigint, float>>>>";
 
 /// The tables of one generation, without the `_g<N>` suffix.
-pub(super) const TABLES: [&str; 5] =
-    ["conversations", "conversations_by_user", "messages", "event_locations", "progress"];
+pub(super) const TABLES: [&str; 6] =
+    ["conversations", "conversations_by_user", "messages", "event_locations", "progress", "answer_cache"];
 
 impl Store {
     /// Creates the tables of a generation (idempotent).
@@ -60,6 +64,12 @@ impl Store {
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.progress_g{n} (log_topic text, log_partition int, next_offset bigint, \
                  PRIMARY KEY ((log_topic), log_partition))"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.answer_cache_g{n} (user_id text, query_event_id text, \
+                 answer_event_id text, conversation_id uuid, text text, model text, context_fingerprint text, \
+                 documents frozen<list<text>>, llm_latency_ms bigint, occurred_at bigint, \
+                 PRIMARY KEY ((user_id), query_event_id)) WITH default_time_to_live = {CACHE_RETENTION_SECONDS}"
             ),
         ] {
             self.ddl(&statement).await?;
@@ -153,6 +163,15 @@ impl Store {
                 "SELECT log_partition, next_offset FROM {ks}.progress_g{n} WHERE log_topic = ?"
             ))
             .await?,
+            insert_cached_answer: prepare(format!(
+                "INSERT INTO {ks}.answer_cache_g{n} (user_id, {CACHE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            select_cached_answers: prepare(format!(
+                "SELECT {CACHE_COLUMNS} FROM {ks}.answer_cache_g{n} WHERE user_id = ? AND query_event_id IN ?"
+            ))
+            .await?,
+            delete_cached_answers: prepare(format!("DELETE FROM {ks}.answer_cache_g{n} WHERE user_id = ?")).await?,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! a new generation while readers use the live one, readers switch by one row of
 //! `projection_generations`, and an old generation is dropped table by table.
 
+mod cache;
 mod generation;
 mod rows;
 
@@ -18,6 +19,7 @@ use scylla::deserialize::row::DeserializeRow;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 
+pub use self::cache::{CACHE_RETENTION_SECONDS, CachedAnswerRow};
 pub use self::generation::Generation;
 pub use self::rows::{ConversationRow, EventLocation};
 use crate::error::ProjectionError;

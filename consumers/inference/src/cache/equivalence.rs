@@ -73,14 +73,13 @@ pub fn equivalent(asked: &str, cached: &str, similarity: f32, threshold: f32) ->
 /// among them.
 const FUNCTION_WORDS: &[&str] = &[
     "a", "about", "am", "an", "and", "are", "as", "at", "be", "been", "being", "can", "could", "did", "do", "does",
-    "doing", "during", "for", "from", "had", "has", "have", "he", "her", "hers", "him", "his", "i", "in", "into",
-    "is", "it", "its", "itself", "let", "ll", "may", "me", "might", "mine", "my", "of", "on", "onto", "our", "ours",
-    "re", "s", "she", "should", "that", "the", "their", "them", "there", "these", "they", "this", "those", "to",
-    "toward", "towards", "us", "ve", "was", "we", "were", "what", "which", "will", "with", "would", "you", "your",
-    "yours", "d", "m",
-    // Polite filler.
-    "please", "kindly", "tell", "know", "exactly", "actually", "just", "really", "way", "hi", "hello", "hey",
-    "thanks", "thank", "able", "possible", "many", "much",
+    "doing", "during", "for", "from", "had", "has", "have", "he", "her", "hers", "him", "his", "i", "in", "into", "is",
+    "it", "its", "itself", "let", "ll", "may", "me", "might", "mine", "my", "of", "on", "onto", "our", "ours", "re",
+    "s", "she", "should", "that", "the", "their", "them", "there", "these", "they", "this", "those", "to", "toward",
+    "towards", "us", "ve", "was", "we", "were", "what", "which", "will", "with", "would", "you", "your", "yours", "d",
+    "m", // Polite filler.
+    "please", "kindly", "tell", "know", "exactly", "actually", "just", "really", "way", "hi", "hello", "hey", "thanks",
+    "thank", "able", "possible", "many", "much",
 ];
 
 /// Words that make the order of the others matter.
@@ -90,18 +89,60 @@ const DIRECTIONAL: &[&str] = &["to", "from", "into", "than", "vs", "versus", "on
 const QUESTION_WORDS: &[&str] = &["how", "when", "where", "who", "whom", "whose", "why"];
 
 const NEGATIONS: &[&str] = &[
-    "not", "no", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without", "cannot", "except",
-    "unless", "excluding",
+    "not",
+    "no",
+    "never",
+    "none",
+    "nobody",
+    "nothing",
+    "nowhere",
+    "neither",
+    "nor",
+    "without",
+    "cannot",
+    "except",
+    "unless",
+    "excluding",
 ];
 
 const NUMBER_WORDS: &[(&str, &str)] = &[
-    ("zero", "0"), ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5"), ("six", "6"),
-    ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"), ("eleven", "11"), ("twelve", "12"),
-    ("dozen", "12"), ("thirteen", "13"), ("fourteen", "14"), ("fifteen", "15"), ("sixteen", "16"),
-    ("seventeen", "17"), ("eighteen", "18"), ("nineteen", "19"), ("twenty", "20"), ("thirty", "30"),
-    ("forty", "40"), ("fifty", "50"), ("sixty", "60"), ("seventy", "70"), ("eighty", "80"), ("ninety", "90"),
-    ("hundred", "100"), ("thousand", "1000"), ("million", "1000000"), ("billion", "1000000000"),
-    ("half", "0.5"), ("twice", "x2"), ("double", "x2"), ("triple", "x3"),
+    ("zero", "0"),
+    ("one", "1"),
+    ("two", "2"),
+    ("three", "3"),
+    ("four", "4"),
+    ("five", "5"),
+    ("six", "6"),
+    ("seven", "7"),
+    ("eight", "8"),
+    ("nine", "9"),
+    ("ten", "10"),
+    ("eleven", "11"),
+    ("twelve", "12"),
+    ("dozen", "12"),
+    ("thirteen", "13"),
+    ("fourteen", "14"),
+    ("fifteen", "15"),
+    ("sixteen", "16"),
+    ("seventeen", "17"),
+    ("eighteen", "18"),
+    ("nineteen", "19"),
+    ("twenty", "20"),
+    ("thirty", "30"),
+    ("forty", "40"),
+    ("fifty", "50"),
+    ("sixty", "60"),
+    ("seventy", "70"),
+    ("eighty", "80"),
+    ("ninety", "90"),
+    ("hundred", "100"),
+    ("thousand", "1000"),
+    ("million", "1000000"),
+    ("billion", "1000000000"),
+    ("half", "0.5"),
+    ("twice", "x2"),
+    ("double", "x2"),
+    ("triple", "x3"),
 ];
 
 /// A question reduced to what its answer depends on.

@@ -19,21 +19,22 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span, warn};
 use uuid::Uuid;
 
+use super::ahead::Found;
 use super::{InferenceError, SOURCE, Worker};
 use crate::cancel::Partial;
 use crate::metrics;
 use crate::prompt::{build_prompt, estimate_tokens};
 
 /// The deltas of one answer on their way to the tokens topic, in order.
-struct TokenStream {
+pub(super) struct TokenStream {
     /// (attempt, index, text) of each delta.
-    sender: mpsc::UnboundedSender<(i32, i32, String)>,
+    pub(super) sender: mpsc::UnboundedSender<(i32, i32, String)>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TokenStream {
     /// Waits until every delta sent so far is acknowledged (or given up on).
-    async fn finish(self) {
+    pub(super) async fn finish(self) {
         drop(self.sender);
         let _ = self.task.await;
     }
@@ -88,18 +89,26 @@ impl Worker {
             }
             let history =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
-            let retrieved = match &self.knowledge {
+            let found = match &self.knowledge {
                 Some(knowledge) => knowledge.for_query(query).await,
-                None => vec![],
+                None => Found::default(),
             };
             let prompt = build_prompt(
                 &self.system_prompt,
                 &history,
                 query,
-                &retrieved,
+                &found.hits,
                 self.context_token_budget,
                 self.prompt_layout,
             );
+            let fingerprint = self.context_fingerprint(&history, &prompt);
+            if let Some(candidate) = self.cache_hit(query, &found.candidates, &prompt, &fingerprint) {
+                metrics::first_token(self.lanes.lane_of(partition).as_str(), now_millis() - query.envelope.occurred_at);
+                let answer = self.serve_cached(query, candidate, envelope(), prompt, fingerprint, &traceparent).await;
+                self.outcome_seen(query, partition, "answer");
+                self.settle_budget(query, 0).await;
+                return Ok(outgoing(self.codec.encode(&answer).await?));
+            }
             let deltas = self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent);
             let partial = Mutex::new(Partial::started());
             let lane = self.lanes.lane_of(partition).as_str();
@@ -180,6 +189,8 @@ impl Worker {
                             context_event_ids: prompt.context_event_ids,
                             user_id: Some(query.user_id.clone()),
                             retrieved: prompt.retrieved,
+                            context_fingerprint: fingerprint,
+                            cached_from: None,
                         })
                         .await?
                 }
@@ -251,7 +262,7 @@ impl Worker {
 
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
     /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
-    fn stream_tokens(
+    pub(super) fn stream_tokens(
         &self,
         conversation_id: ConversationId,
         query_event_id: EventId,

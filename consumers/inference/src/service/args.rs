@@ -89,6 +89,23 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_RETRIEVAL_MIN_SCORE", default_value_t = 0.3)]
     pub retrieval_min_score: f32,
 
+    /// The semantic cache: before calling the model, serve the asker's earlier answer to
+    /// the same question in the same context (docs/knowledge.md). Needs retrieval (the
+    /// question's embedding). `false` turns it off; a query's `no_cache` skips it.
+    #[arg(long, env = "PARLEY_SEMANTIC_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub semantic_cache: bool,
+
+    /// The lowest cosine similarity of two questions the cache considers (the word checks
+    /// decide the rest).
+    #[arg(long, env = "PARLEY_CACHE_MIN_SIMILARITY", default_value_t = crate::cache::DEFAULT_MIN_SIMILARITY,
+          value_parser = parse_similarity)]
+    pub cache_min_similarity: f32,
+
+    /// Cached answers older than this are not served (at most 168h, how long the
+    /// projection keeps them).
+    #[arg(long, env = "PARLEY_CACHE_TTL", default_value = "24h", value_parser = parse_cache_ttl)]
+    pub cache_ttl: Duration,
+
     /// The system prompt every conversation starts with.
     #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
     pub system_prompt: String,
@@ -126,6 +143,25 @@ pub struct InferenceArgs {
     /// zombie instances are fenced through the consumer group generation).
     #[arg(long, env = "PARLEY_INFERENCE_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
+}
+
+fn parse_similarity(value: &str) -> Result<f32, String> {
+    match value.parse::<f32>() {
+        Ok(similarity) if (0.0..=1.0).contains(&similarity) => Ok(similarity),
+        _ => Err(format!("{value:?}: expected a cosine similarity between 0 and 1")),
+    }
+}
+
+fn parse_cache_ttl(value: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(value)?;
+    let kept = Duration::from_secs(u64::from(parley_projections::store::CACHE_RETENTION_SECONDS));
+    if ttl > kept {
+        return Err(format!(
+            "{value:?}: at most {}h (how long the projection keeps cached answers)",
+            kept.as_secs() / 3600
+        ));
+    }
+    Ok(ttl)
 }
 
 impl InferenceArgs {

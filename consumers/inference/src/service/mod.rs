@@ -11,6 +11,7 @@
 mod ahead;
 mod answer;
 mod args;
+mod cached;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,6 +28,7 @@ use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::{ConversationEvent, EventCodec, EventId, EventsError, Producer as EventSource};
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
+use parley_projections::reader::LiveReader;
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
 use parley_retrieval::Retriever;
@@ -36,6 +38,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::cache::CacheSettings;
 use crate::cancel::{self, Cancels};
 use crate::context::ContextSource;
 use crate::llm::{ChatModel, MissingKey};
@@ -92,6 +95,7 @@ pub async fn run(
     let topics = kafka.topics();
     // Always on: a user's own budget holds whatever the defaults are.
     let budget = (BudgetLedger::open(&store).await?, budgets);
+    let cache_rows = Arc::new(LiveReader::new(store.clone()).await?);
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots));
@@ -138,9 +142,11 @@ pub async fn run(
         system_prompt: args.system_prompt.clone(),
         context,
         context_token_budget: usize::try_from(args.context_token_budget).unwrap_or(usize::MAX),
-        knowledge: retriever
-            .filter(|_| args.retrieval_top_k > 0)
-            .map(|retriever| Knowledge::new(retriever, usize::from(args.retrieval_top_k), args.retrieval_min_score)),
+        knowledge: retriever.filter(|_| args.retrieval_top_k > 0).map(|retriever| {
+            let cache = args.semantic_cache.then_some((cache_rows, args.cache_min_similarity));
+            Knowledge::new(retriever, usize::from(args.retrieval_top_k), args.retrieval_min_score, cache)
+        }),
+        cache: CacheSettings { min_similarity: args.cache_min_similarity, ttl: args.cache_ttl },
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
         model_name: args.llm_model.clone(),
@@ -181,8 +187,11 @@ struct Worker {
     system_prompt: String,
     context: ContextSource,
     context_token_budget: usize,
-    /// Retrieval, looked up ahead of the model slot (none: answers use no stored knowledge).
+    /// Retrieval, looked up ahead of the model slot (none: answers use no stored knowledge),
+    /// with the semantic cache's candidates when it is on.
     knowledge: Option<Knowledge>,
+    /// How the semantic cache decides.
+    cache: CacheSettings,
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<EventId>>,
