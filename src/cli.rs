@@ -152,6 +152,10 @@ pub(crate) enum Command {
     /// operators acting on a user's behalf).
     #[command(subcommand)]
     Documents(DocumentsCommand),
+    /// A user's semantic cache (answers inference may serve again): list it, or clear it
+    /// whole or of the answers that quoted one document.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// A user's model token spend this day and month and by conversation (from the log),
     /// against the budgets enforced for them, and the turns inference refused for want of budget.
     Usage {
@@ -249,6 +253,19 @@ pub(crate) enum DeadLettersCommand {
         reason: Option<String>,
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CacheCommand {
+    /// The user's cached answers: question, answer, age, documents quoted.
+    List { user: UserId },
+    /// Remove the user's cached answers (their conversations stay); with --document only
+    /// those whose prompt quoted that document.
+    Clear {
+        user: UserId,
+        #[arg(long)]
+        document: Option<DocumentId>,
     },
 }
 

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
-use crate::cli::{CLI_SERVICE, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
-use crate::commands::{audit, budget, dead_letters, documents, projections, replay, schemas, serve};
+use crate::cli::{CLI_SERVICE, CacheCommand, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
+use crate::commands::{audit, budget, cache, dead_letters, documents, projections, replay, schemas, serve};
 use crate::telemetry::Telemetry;
 
 mod cli;
@@ -68,6 +68,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Documents(DocumentsCommand::Delete { document_id, owner }) => {
             documents::delete(&common, document_id, owner).await
         }
+        Command::Cache(CacheCommand::List { user }) => cache::list(&common, user).await,
+        Command::Cache(CacheCommand::Clear { user, document }) => cache::clear(&common, user, document).await,
         Command::Tier { user, tier } => budget::tier(&common, user, tier).await,
         Command::Usage { user, format } => budget::usage(&common, user, format).await,
         Command::Budget { user, daily, monthly, conversation } => {

@@ -91,3 +91,60 @@ async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     assert!(shown.contains(&format!("from cache: {}", original["event_id"].as_str().unwrap())), "{shown}");
     pipeline.stop().await;
 }
+
+/// Waits until `parley cache list` for `user` satisfies `done`, and returns its output.
+async fn cache_list_until(pipeline: &Pipeline, user: &str, done: impl Fn(&str) -> bool) -> String {
+    support::wait_until("the cache listing", || async {
+        let listed = pipeline.cli(&["cache", "list", user]);
+        let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+        (listed.status.success() && done(&text)).then_some(text)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
+    let Some(stack) = stack() else { return };
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    let (alice, token) = pipeline.session_user().await;
+    let fact = "The maintenance code of the Quasar-7 turbine is amber-falcon-19.";
+    let question = "What is the maintenance code of the Quasar-7 turbine?";
+    let (status, submitted) =
+        pipeline.post("/api/documents", &token, &json!({"title": "quasar.md", "text": fact})).await;
+    assert_eq!(status, 202, "{submitted}");
+    let document_id = submitted["document_id"].as_str().unwrap().to_owned();
+    pipeline.search_until(&token, question, |hit| hit["source_id"] == document_id.as_str()).await;
+
+    let mut client = pipeline.connect(&pipeline.http, &token).await;
+    let first = ask(&mut client, "q1", None, question, false).await;
+    let original = answer(&first).clone();
+    assert!(
+        original["retrieved"].as_array().unwrap().iter().any(|r| r["source_id"] == document_id.as_str()),
+        "the answer quoted the document: {original}"
+    );
+    let query_event_id = original["query_event_id"].as_str().unwrap().to_owned();
+    pipeline.search_until(&token, question, |hit| hit["source_event_id"] == query_event_id.as_str()).await;
+    let listed = cache_list_until(&pipeline, &alice, |text| text.contains(&query_event_id)).await;
+    assert!(listed.contains(&format!("documents: {document_id}/")), "{listed}");
+    let cached = ask(&mut client, "q2", None, "what's the maintenance code of the quasar-7 turbine", false).await;
+    assert_eq!(answer(&cached)["cached_from"]["answer_event_id"], original["event_id"], "{cached:?}");
+
+    // The document goes: so do the cached answers that quoted it.
+    let (status, _) = pipeline.delete(&format!("/api/documents/{document_id}"), &token).await;
+    assert_eq!(status, 202);
+    cache_list_until(&pipeline, &alice, |text| text.starts_with("0 cached answers")).await;
+    let after = ask(&mut client, "q3", None, "What's the maintenance code of the Quasar-7 turbine?", false).await;
+    assert!(answer(&after).get("cached_from").is_none(), "{after:?}");
+
+    // `parley cache clear` empties a user's cache; their conversations stay.
+    let plain = ask(&mut client, "q4", None, "Say OK.", false).await;
+    let plain_query = answer(&plain)["query_event_id"].as_str().unwrap().to_owned();
+    cache_list_until(&pipeline, &alice, |text| text.contains(&plain_query)).await;
+    let cleared = pipeline.cli(&["cache", "clear", &alice]);
+    assert!(cleared.status.success(), "{cleared:?}");
+    cache_list_until(&pipeline, &alice, |text| text.starts_with("0 cached answers")).await;
+    let conversation = answer(&plain)["conversation_id"].as_str().unwrap().to_owned();
+    let (status, _) = pipeline.get(&format!("/api/conversations/{conversation}"), &token).await;
+    assert_eq!(status, 200);
+    pipeline.stop().await;
+}

@@ -7,6 +7,7 @@ use parley_events::invariants::Violation;
 
 pub(crate) mod audit;
 pub(crate) mod budget;
+pub(crate) mod cache;
 pub(crate) mod dead_letters;
 pub(crate) mod documents;
 pub(crate) mod projections;

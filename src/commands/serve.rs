@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use parley_embedder::EmbedderArgs;
@@ -13,6 +14,7 @@ use parley_events::registry::SchemaRegistry;
 use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_projections::Store;
+use parley_projections::reader::LiveReader;
 use parley_retrieval::{Embedders, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +62,9 @@ pub(crate) async fn embedder(common: &Common, args: EmbedderArgs, shutdown: Canc
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let (embedders, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
-    parley_embedder::run(kafka, registry, embedders.bulk, vectors, args, shutdown).await?;
+    let store = Store::connect(&common.cql).await.context("connecting to the CQL store")?;
+    let cache = Some(Arc::new(LiveReader::new(store).await?));
+    parley_embedder::run(kafka, registry, embedders.bulk, vectors, cache, args, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -101,10 +105,11 @@ pub(crate) async fn all(
             parley_inference::service::run(&kafka, &registry, store, retriever, inference, budgets, shutdown).await
         }
     });
+    let cache = Some(Arc::new(LiveReader::new(store.clone()).await?));
     let embedder = retrieval.map(|(embedders, vectors)| {
         let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
         spawn_linked(&shutdown, async move {
-            parley_embedder::run(&kafka, &registry, embedders.bulk, vectors, embedder, shutdown_).await
+            parley_embedder::run(&kafka, &registry, embedders.bulk, vectors, cache, embedder, shutdown_).await
         })
     });
     let projection = (!without_projection).then(|| {

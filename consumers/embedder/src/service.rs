@@ -19,6 +19,7 @@ use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, DocumentEvent, EventCodec, EventsError};
+use parley_projections::reader::LiveReader;
 use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorStore};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -94,6 +95,7 @@ pub async fn run(
     registry_url: &str,
     backend: Arc<dyn EmbeddingBackend>,
     store: VectorStore,
+    cache: Option<Arc<LiveReader>>,
     args: EmbedderArgs,
     shutdown: CancellationToken,
 ) -> Result<(), EmbedderError> {
@@ -126,6 +128,7 @@ pub async fn run(
         codec: codec.clone(),
         backend,
         store,
+        cache,
         topics,
         batch_size: usize::from(args.embedder_batch_size),
         chunk_chars: usize::try_from(args.chunk_chars).unwrap_or(usize::MAX),
@@ -151,6 +154,9 @@ struct Worker {
     codec: Arc<EventCodec>,
     backend: Arc<dyn EmbeddingBackend>,
     store: VectorStore,
+    /// The semantic cache's rows: a deleted document's cached answers go with its vectors
+    /// (none: no CQL store was given, as in tests of the embedder alone).
+    cache: Option<Arc<LiveReader>>,
     topics: Topics,
     batch_size: usize,
     chunk_chars: usize,
@@ -229,6 +235,17 @@ impl Worker {
             for deletion in &deletions {
                 until_done(shutdown, "milvus delete", || self.store.delete(deletion)).await?;
                 info!(filter = %deletion.expression(), "document vectors deleted");
+                if let Some(cache) = &self.cache {
+                    let purge = || async {
+                        let generation = cache.generation().await?;
+                        cache
+                            .store()
+                            .purge_cached_answers_using(&generation, &deletion.owner, &deletion.source_ids)
+                            .await
+                    };
+                    let purged = until_done(shutdown, "cached answers purge", purge).await?;
+                    info!(purged, "cached answers that quoted the document removed");
+                }
             }
             if records.is_empty() {
                 return Ok(outgoing);
@@ -283,10 +300,11 @@ impl Worker {
 
 /// Retries `attempt` with doubling pauses (up to [`MAX_BACKOFF`]) until it succeeds or
 /// shutdown is requested: a downstream outage pauses the embedder, it never skips records.
-async fn until_done<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut attempt: F) -> Result<T, EmbedderError>
+async fn until_done<T, E, F, Fut>(shutdown: &CancellationToken, what: &str, mut attempt: F) -> Result<T, EmbedderError>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, RetrievalError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut pause = Duration::from_millis(100);
     loop {

@@ -27,7 +27,8 @@ pub struct CachedAnswerRow {
     pub model: String,
     /// The context it was given after ([`LLMResponseGenerated::context_fingerprint`]).
     pub context_fingerprint: String,
-    /// The versions (DocumentSubmitted event ids) of the documents its prompt quoted.
+    /// The documents its prompt quoted, each `<document id>/<version>` (the version is the
+    /// DocumentSubmitted event id, so a replaced document is another entry), sorted.
     pub documents: Vec<String>,
     /// How long the model took (what a hit saves).
     pub llm_latency_ms: i64,
@@ -62,11 +63,14 @@ impl CachedAnswerRow {
 }
 
 impl CachedAnswerRow {
-    /// The versions (DocumentSubmitted event ids) of the documents a prompt quoted, sorted:
-    /// what an answer and a new question must share.
+    /// The documents a prompt quoted, as `<document id>/<version>` (the version is the
+    /// DocumentSubmitted event id), sorted: what an answer and a new question must share.
     pub fn documents_of(retrieved: &[RetrievedContext]) -> Vec<String> {
-        let mut documents: Vec<String> =
-            retrieved.iter().filter(|r| r.source_kind == "document").map(|r| r.source_event_id.to_string()).collect();
+        let mut documents: Vec<String> = retrieved
+            .iter()
+            .filter(|r| r.source_kind == "document")
+            .map(|r| format!("{}/{}", r.source_id, r.source_event_id))
+            .collect();
         documents.sort();
         documents.dedup();
         documents
@@ -111,26 +115,60 @@ impl Store {
     ) -> Result<Vec<CachedAnswerRow>, ProjectionError> {
         let ids: Vec<String> = query_event_ids.iter().map(ToString::to_string).collect();
         let rows: Vec<Columns> = self.select(&g.select_cached_answers, (user.as_str(), ids)).await?;
-        rows.into_iter()
-            .map(|(query, answer, conversation, text, model, fingerprint, documents, latency, occurred_at)| {
-                let id = |value: &str| value.parse().map_err(|e| ProjectionError::Corrupt(format!("{e}")));
-                Ok(CachedAnswerRow {
-                    query_event_id: id(&query)?,
-                    answer_event_id: id(&answer)?,
-                    conversation_id: ConversationId::from(conversation),
-                    text,
-                    model,
-                    context_fingerprint: fingerprint,
-                    documents: documents.unwrap_or_default(),
-                    llm_latency_ms: latency,
-                    occurred_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(row).collect()
+    }
+
+    /// Every entry of `user`, oldest question id first.
+    pub async fn cached_answers_of(
+        &self,
+        g: &Generation,
+        user: &UserId,
+    ) -> Result<Vec<CachedAnswerRow>, ProjectionError> {
+        let rows: Vec<Columns> = self.select(&g.select_user_cached_answers, (user.as_str(),)).await?;
+        rows.into_iter().map(row).collect()
     }
 
     /// Removes every entry of `user` (their cache is empty afterwards; conversations stay).
     pub async fn clear_cached_answers(&self, g: &Generation, user: &UserId) -> Result<(), ProjectionError> {
         self.exec(&g.delete_cached_answers, (user.as_str(),)).await
     }
+
+    /// Removes `user`'s entries whose prompt quoted any of `document_ids` (any version);
+    /// returns how many. Idempotent: a repeated purge finds nothing more.
+    pub async fn purge_cached_answers_using(
+        &self,
+        g: &Generation,
+        user: &UserId,
+        document_ids: &[String],
+    ) -> Result<usize, ProjectionError> {
+        let mut purged = 0;
+        for entry in self.cached_answers_of(g, user).await? {
+            let used = entry.documents.iter().any(|quoted| {
+                document_ids.iter().any(|id| quoted.split_once('/').is_some_and(|(document, _)| document == id))
+            });
+            if used {
+                self.exec(&g.delete_cached_answer, (user.as_str(), entry.query_event_id.to_string())).await?;
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+}
+
+/// A row as read.
+fn row(
+    (query, answer, conversation, text, model, fingerprint, documents, latency, occurred_at): Columns,
+) -> Result<CachedAnswerRow, ProjectionError> {
+    let id = |value: &str| value.parse().map_err(|e| ProjectionError::Corrupt(format!("answer_cache: {e}")));
+    Ok(CachedAnswerRow {
+        query_event_id: id(&query)?,
+        answer_event_id: id(&answer)?,
+        conversation_id: ConversationId::from(conversation),
+        text,
+        model,
+        context_fingerprint: fingerprint,
+        documents: documents.unwrap_or_default(),
+        llm_latency_ms: latency,
+        occurred_at,
+    })
 }

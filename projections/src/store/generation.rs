@@ -26,6 +26,8 @@ pub struct Generation {
     pub(super) insert_cached_answer: PreparedStatement,
     pub(super) select_cached_answers: PreparedStatement,
     pub(super) delete_cached_answers: PreparedStatement,
+    pub(super) select_user_cached_answers: PreparedStatement,
+    pub(super) delete_cached_answer: PreparedStatement,
 }
 
 /// Frozen, so an answer's list is one cell (a non-frozen empty list would be a tombstone
@@ -172,6 +174,14 @@ impl Store {
             ))
             .await?,
             delete_cached_answers: prepare(format!("DELETE FROM {ks}.answer_cache_g{n} WHERE user_id = ?")).await?,
+            select_user_cached_answers: prepare(format!(
+                "SELECT {CACHE_COLUMNS} FROM {ks}.answer_cache_g{n} WHERE user_id = ?"
+            ))
+            .await?,
+            delete_cached_answer: prepare(format!(
+                "DELETE FROM {ks}.answer_cache_g{n} WHERE user_id = ? AND query_event_id = ?"
+            ))
+            .await?,
         })
     }
 }
