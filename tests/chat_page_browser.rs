@@ -235,6 +235,39 @@ async fn a_document_added_on_the_page_is_used_in_answers_until_removed() {
     pipeline.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_from_the_cache_says_so_and_the_model_can_be_asked_anyway() {
+    let Some(stack) = stack() else { return };
+    let Some(browser) = Browser::start().await else { return };
+    // Only a complete answer is cached: the model's default length lets it finish.
+    let pipeline = Pipeline::start(&stack, &[]).await;
+    browser.client.goto(&format!("{}/", pipeline.http)).await.unwrap();
+    browser.until_connected().await;
+    type_question(&browser, "What is the capital of France? Answer in one word.").await;
+    until_answered(&browser, 0).await;
+    let first = browser.bubbles().await[1].clone();
+    // Once the question is indexed, the same question in a new chat comes from the cache.
+    let token = browser.script("return localStorage.getItem('parley.token')").await;
+    let token = token.as_str().unwrap().to_owned();
+    let query = browser.script("return Object.keys(questions)[0]").await;
+    let query = query.as_str().unwrap().to_owned();
+    pipeline.search_until(&token, "capital of France", |hit| hit["source_event_id"] == query.as_str()).await;
+    browser.client.find(Locator::Id("new")).await.unwrap().click().await.unwrap();
+    type_question(&browser, "what's the capital of france? answer in one word").await;
+    until_answered(&browser, 0).await;
+    let cached = browser.bubbles().await[1].clone();
+    assert_eq!(cached.1, first.1, "the earlier answer, repeated");
+    assert!(cached.2.starts_with("answered from cache"), "the page says where it came from: {cached:?}");
+    // "Ask the model": the same question again, answered by the model.
+    browser.client.find(Locator::Css(".ask-model")).await.unwrap().click().await.unwrap();
+    until_answered(&browser, 1).await;
+    let shown = browser.bubbles().await;
+    assert_eq!(shown[2].1, "what's the capital of france? answer in one word", "{shown:?}");
+    assert!(shown[3].2.contains(" tokens · "), "the model answered: {shown:?}");
+    browser.stop().await;
+    pipeline.stop().await;
+}
+
 /// Waits until the page's streaming bubble shows more than `chars` characters.
 async fn until_streaming(browser: &Browser, chars: usize) {
     let streaming = format!("return (document.querySelector('.msg.bot.streaming')?.textContent.length ?? 0) > {chars}");
