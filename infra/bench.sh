@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark against the real local stack (started if needed, left running).
-#   infra/bench.sh pipeline_latency|projection|knowledge|crowd|prompt_cache|short_after_long|faults|cancel
+#   infra/bench.sh pipeline_latency|projection|knowledge|crowd|prompt_cache|short_after_long|faults|cancel|semantic_cache
 #   infra/bench.sh vector_indexes   (starts Milvus Lite servers of its own; no stack)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"

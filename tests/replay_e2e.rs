@@ -62,8 +62,13 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["sequence"], i as i64 + 1);
         assert!(line["offset"].as_i64().unwrap() >= 0 && line["partition"].as_i64().is_some(), "{line}");
-        // Answers are written with LLMResponseGenerated v2 (retrieval fields); the rest with v1.
-        let version = if line["event_type"] == "LLMResponseGenerated" { 2 } else { 1 };
+        // Answers are written with LLMResponseGenerated v3 (the cache's fields), questions with
+        // UserQueryReceived v2 (no_cache); the rest with v1.
+        let version = match line["event_type"].as_str() {
+            Some("LLMResponseGenerated") => 3,
+            Some("UserQueryReceived") => 2,
+            _ => 1,
+        };
         assert_eq!(line["schema_version"], version, "{line}");
         assert!(line["schema_id"].as_u64().unwrap() > 0);
         assert_eq!(line["trace_id"].as_str().unwrap().len(), 32, "{line}");

@@ -106,12 +106,13 @@ mod tests {
     }
 }
 
-/// Parses a duration option such as `250ms`, `30s` or `2m` (a bare number is seconds).
+/// Parses a duration option such as `250ms`, `30s`, `2m` or `24h` (a bare number is seconds).
 pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
     let value = value.trim();
     let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{value:?}: expected a duration like 500ms, 30s or 2m"))?;
+    let number: u64 =
+        number.parse().map_err(|_| format!("{value:?}: expected a duration like 500ms, 30s, 2m or 24h"))?;
     let millis = match unit {
         "ms" => number,
         "" | "s" => number.saturating_mul(1000),
@@ -135,6 +136,7 @@ mod duration_tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert!(parse_duration("fast").unwrap_err().contains("fast"));
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(24 * 3600)));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
     }
 }
