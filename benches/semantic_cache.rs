@@ -10,7 +10,7 @@
 //! the turns are thus repeats: the share saved scales with how often people repeat
 //! themselves; the hit rate among repeats is what carries over.
 //!
-//! Run: `infra/bench.sh semantic_cache` (PARLEY_BENCH_USERS users, default 12).
+//! Run: `infra/bench.sh semantic_cache` (PARLEY_BENCH_USERS users, default 8, four at a time).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,8 +21,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::{StreamExt, stream};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+/// People chatting at once: the model server's slots (`--concurrency`, 4).
+const AT_ONCE: usize = 4;
 
 #[derive(Deserialize)]
 struct Family {
@@ -91,7 +95,8 @@ async fn ask(client: &mut support::Client, id: &str, kind: Kind, text: &str) -> 
 async fn run(pipeline: &support::Pipeline, families: &[Family], users: usize) -> (Vec<Turn>, Duration) {
     let started = Instant::now();
     let sessions: Vec<(String, String)> = join_all((0..users).map(|_| pipeline.session_user())).await;
-    let firsts = join_all(sessions.iter().enumerate().map(|(user, (_, token))| async move {
+    // As many people at once as the model has slots: each waits for answers, not for a slot.
+    let firsts: Vec<Vec<Turn>> = stream::iter(sessions.iter().enumerate().map(|(user, (_, token))| async move {
         let mut client = pipeline.connect(&pipeline.http, token).await;
         let mut turns = Vec::new();
         for (i, text) in load(families, user).0.iter().enumerate() {
@@ -99,6 +104,8 @@ async fn run(pipeline: &support::Pipeline, families: &[Family], users: usize) ->
         }
         turns
     }))
+    .buffered(AT_ONCE)
+    .collect()
     .await;
     // A person comes back later: by then the first questions are indexed and projected.
     for ((_, token), turns) in sessions.iter().zip(&firsts) {
@@ -113,7 +120,7 @@ async fn run(pipeline: &support::Pipeline, families: &[Family], users: usize) ->
             .await;
         }
     }
-    let later = join_all(sessions.iter().enumerate().map(|(user, (_, token))| async move {
+    let later: Vec<Vec<Turn>> = stream::iter(sessions.iter().enumerate().map(|(user, (_, token))| async move {
         let mut client = pipeline.connect(&pipeline.http, token).await;
         let mut turns = Vec::new();
         for (i, (kind, text)) in load(families, user).1.iter().enumerate() {
@@ -121,6 +128,8 @@ async fn run(pipeline: &support::Pipeline, families: &[Family], users: usize) ->
         }
         turns
     }))
+    .buffered(AT_ONCE)
+    .collect()
     .await;
     (firsts.into_iter().chain(later).flatten().collect(), started.elapsed())
 }
@@ -146,7 +155,7 @@ fn count(turns: &[Turn], kind: Kind, cached: bool) -> (usize, usize) {
 #[tokio::main]
 async fn main() {
     let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
-    let users: usize = std::env::var("PARLEY_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let users: usize = std::env::var("PARLEY_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     let path = format!("{}/tests/cache_eval/single_turn.jsonl", env!("CARGO_MANIFEST_DIR"));
     let families: Vec<Family> =
         std::fs::read_to_string(path).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();

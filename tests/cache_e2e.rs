@@ -2,7 +2,8 @@
 //! paraphrase of a question answered before is answered from the cache (the earlier
 //! answer's text, marked with where it came from, streamed like any answer, zero model
 //! tokens), while `no_cache`, a near miss, another person and another context all go to
-//! the model; metrics count the hit; replay shows it.
+//! the model; metrics count the hit; replay shows it; a rebuild keeps the cache, and a
+//! deleted document takes the answers that quoted it along.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -89,6 +90,8 @@ async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     let shown = String::from_utf8_lossy(&replay.stdout);
     assert!(replay.status.success(), "{shown}");
     assert!(shown.contains(&format!("from cache: {}", original["event_id"].as_str().unwrap())), "{shown}");
+    let projected = pipeline.conversation_when(&token, &cached_conversation, 2).await;
+    assert_eq!(projected["messages"][1]["cached_from"]["answer_event_id"], original["event_id"], "{projected}");
     pipeline.stop().await;
 }
 
@@ -105,7 +108,9 @@ async fn cache_list_until(pipeline: &Pipeline, user: &str, done: impl Fn(&str) -
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
     let Some(stack) = stack() else { return };
-    let pipeline = Pipeline::start(&stack, &[]).await;
+    // A keyspace of its own: the test rebuilds the projection.
+    let keyspace = format!("parley_cache_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let pipeline = Pipeline::start_in(&stack, &keyspace, &[]).await;
     let (alice, token) = pipeline.session_user().await;
     let fact = "The maintenance code of the Quasar-7 turbine is amber-falcon-19.";
     let question = "What is the maintenance code of the Quasar-7 turbine?";
@@ -126,6 +131,11 @@ async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
     pipeline.search_until(&token, question, |hit| hit["source_event_id"] == query_event_id.as_str()).await;
     let listed = cache_list_until(&pipeline, &alice, |text| text.contains(&query_event_id)).await;
     assert!(listed.contains(&format!("documents: {document_id}/")), "{listed}");
+    // The cache is a projection of the log: a rebuilt generation has the same rows.
+    let rebuilt = pipeline.cli(&["projections", "rebuild", "context"]);
+    assert!(rebuilt.status.success(), "{rebuilt:?}");
+    let relisted = cache_list_until(&pipeline, &alice, |text| text.contains(&query_event_id)).await;
+    assert_eq!(relisted.lines().count(), listed.lines().count(), "{listed}\n{relisted}");
     let cached = ask(&mut client, "q2", None, "what's the maintenance code of the quasar-7 turbine", false).await;
     assert_eq!(answer(&cached)["cached_from"]["answer_event_id"], original["event_id"], "{cached:?}");
 

@@ -2,7 +2,7 @@
 //! projection (which stores it) and by replay (which rebuilds it from the log), so the
 //! two cannot drift. Pure: no I/O.
 
-use crate::event::{ConversationEvent, RetrievedContext};
+use crate::event::{CachedAnswer, ConversationEvent, RetrievedContext};
 use crate::ids::{ConversationId, EventId};
 use crate::turn::{Applied, ConversationHead};
 
@@ -61,6 +61,8 @@ pub struct Message {
     pub error_kind: Option<String>,
     /// For answers: the chunks and earlier messages the prompt carried, best first.
     pub retrieved: Vec<RetrievedContext>,
+    /// For answers from the semantic cache: the answer repeated.
+    pub cached_from: Option<CachedAnswer>,
 }
 
 /// The message an event adds to its conversation, if it adds one.
@@ -78,6 +80,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
         llm_latency_ms: None,
         error_kind: None,
         retrieved: Vec::new(),
+        cached_from: None,
     };
     match event {
         // A cancel changes no message: the answer it leads to is marked cancelled.
@@ -90,6 +93,7 @@ pub fn message_of(event: &ConversationEvent) -> Option<Message> {
             completion_tokens: Some(e.completion_tokens),
             llm_latency_ms: Some(e.llm_latency_ms),
             retrieved: e.retrieved.clone(),
+            cached_from: e.cached_from.clone(),
             ..base(&e.envelope, MessageKind::Answer, &e.text)
         }),
         ConversationEvent::ResponseFailed(e) => Some(Message {

@@ -221,6 +221,7 @@ mod tests {
             llm_latency_ms: None,
             error_kind: None,
             retrieved: vec![],
+            cached_from: None,
         }
     }
 

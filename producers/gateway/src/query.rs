@@ -13,8 +13,8 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use parley_eventlog::LogPosition;
-use parley_events::RetrievedContext;
 use parley_events::conversation::Message;
+use parley_events::{CachedAnswer, RetrievedContext};
 use parley_events::{ConversationId, EventId};
 use parley_projections::reader::Freshness;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,9 @@ pub struct MessageView {
     error_kind: Option<String>,
     /// For answers: the chunks and earlier messages the prompt carried.
     retrieved: Vec<RetrievedContext>,
+    /// For answers from the semantic cache: the answer repeated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cached_from: Option<CachedAnswer>,
 }
 
 impl From<Message> for MessageView {
@@ -60,6 +63,7 @@ impl From<Message> for MessageView {
             llm_latency_ms: m.llm_latency_ms,
             error_kind: m.error_kind,
             retrieved: m.retrieved,
+            cached_from: m.cached_from,
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct Generation {
 /// on every insert).
 const RETRIEVED_TYPE: &str = "frozen<list<frozen<tuple<text, text, text, text, bigint, float>>>>";
 
+/// An answer from the semantic cache: the answer repeated, its question, the similarity.
+const CACHED_FROM_TYPE: &str = "frozen<tuple<text, text, float>>";
+
 /// The tables of one generation, without the `_g<N>` suffix.
 pub(super) const TABLES: [&str; 6] =
     ["conversations", "conversations_by_user", "messages", "event_locations", "progress", "answer_cache"];
@@ -56,7 +59,7 @@ impl Store {
                 "CREATE TABLE IF NOT EXISTS {ks}.messages_g{n} (conversation_id uuid, sequence bigint, event_id text, \
                  kind text, text text, occurred_at bigint, query_event_id text, model text, prompt_tokens int, \
                  completion_tokens int, llm_latency_ms bigint, error_kind text, retrieved {RETRIEVED_TYPE}, \
-                 PRIMARY KEY ((conversation_id), sequence))"
+                 cached_from {CACHED_FROM_TYPE}, PRIMARY KEY ((conversation_id), sequence))"
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.event_locations_g{n} (conversation_id uuid, sequence bigint, \
@@ -76,8 +79,10 @@ impl Store {
         ] {
             self.ddl(&statement).await?;
         }
-        // Generations created before answers kept their retrieved context.
-        self.add_missing_column(&format!("messages_g{n}"), "retrieved", RETRIEVED_TYPE).await
+        // Generations created before answers kept their retrieved context, or where a cached
+        // answer came from.
+        self.add_missing_column(&format!("messages_g{n}"), "retrieved", RETRIEVED_TYPE).await?;
+        self.add_missing_column(&format!("messages_g{n}"), "cached_from", CACHED_FROM_TYPE).await
     }
 
     /// Adds a column that a table created by an older version lacks (CREATE TABLE IF NOT
@@ -114,7 +119,7 @@ impl Store {
             async move { session.prepare(cql.as_str()).await.map_err(|e| ProjectionError::cql(&cql, e)) }
         };
         const MESSAGE_COLUMNS: &str = "sequence, event_id, kind, text, occurred_at, query_event_id, model, \
-                                       prompt_tokens, completion_tokens, llm_latency_ms, error_kind, retrieved";
+                                       prompt_tokens, completion_tokens, llm_latency_ms, error_kind, retrieved, cached_from";
         Ok(Generation {
             number: n,
             insert_conversation: prepare(format!(
@@ -131,7 +136,7 @@ impl Store {
                  WHERE conversation_id = ?"
             ))
             .await?,
-            insert_message: prepare(format!("INSERT INTO {ks}.messages_g{n} (conversation_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_message: prepare(format!("INSERT INTO {ks}.messages_g{n} (conversation_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             insert_location: prepare(format!(
                 "INSERT INTO {ks}.event_locations_g{n} (conversation_id, sequence, event_id, event_type, log_topic, \
                  log_partition, log_offset) VALUES (?, ?, ?, ?, ?, ?, ?)"

@@ -3,7 +3,7 @@
 use parley_eventlog::LogPosition;
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::turn::{ConversationHead, OpenQuery};
-use parley_events::{ConversationId, EventId, InvalidId, RetrievedContext, UserId};
+use parley_events::{CachedAnswer, ConversationId, EventId, InvalidId, RetrievedContext, UserId};
 use uuid::Uuid;
 
 use super::{Generation, Store};
@@ -83,7 +83,11 @@ type MessageColumns = (
     Option<i64>,
     Option<String>,
     Option<Vec<RetrievedColumns>>,
+    Option<CachedColumns>,
 );
+
+/// Where a cached answer came from: answer_event_id, query_event_id, similarity.
+type CachedColumns = (String, String, f32);
 
 /// One retrieved context of an answer: vector_id, source_kind, source_id, source_event_id,
 /// position, score.
@@ -148,6 +152,7 @@ impl Store {
             m.llm_latency_ms,
             &m.error_kind,
             m.retrieved.iter().map(retrieved_columns).collect::<Vec<_>>(),
+            m.cached_from.as_ref().map(|c| (c.answer_event_id.to_string(), c.query_event_id.to_string(), c.similarity)),
         );
         self.exec(&g.insert_message, values).await
     }
@@ -215,6 +220,7 @@ impl Store {
                     llm_latency_ms,
                     error_kind,
                     retrieved,
+                    cached_from,
                 )| {
                     let kind = MessageKind::parse(&kind)
                         .ok_or_else(|| ProjectionError::Corrupt(format!("message kind {kind:?}")))?;
@@ -235,6 +241,15 @@ impl Store {
                             .into_iter()
                             .map(retrieved_context)
                             .collect::<Result<_, _>>()?,
+                        cached_from: cached_from
+                            .map(|(answer, query, similarity)| {
+                                Ok::<_, ProjectionError>(CachedAnswer {
+                                    answer_event_id: stored_id(&answer)?,
+                                    query_event_id: stored_id(&query)?,
+                                    similarity,
+                                })
+                            })
+                            .transpose()?,
                     })
                 },
             )
