@@ -161,10 +161,21 @@ async fn main() {
         std::fs::read_to_string(path).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
 
     let mut results = Vec::new();
+    let mut lookups = String::new();
     for (name, cache) in [("cache on (defaults)", "true"), ("cache off", "false")] {
         let args = [&["--semantic-cache", cache][..], &support::NO_RATE_LIMITS].concat();
         let pipeline = support::Pipeline::start(&stack, &args).await;
         let (turns, took) = run(&pipeline, &families, users).await;
+        if cache == "true" {
+            // Why the misses missed: the lookups by result, as the metrics count them.
+            let metrics = reqwest::get(format!("{}/metrics", pipeline.http)).await.unwrap().text().await.unwrap();
+            lookups = metrics
+                .lines()
+                .filter(|line| line.starts_with("parley_semantic_cache_lookups_total{"))
+                .map(|line| line.trim_start_matches("parley_semantic_cache_lookups_total"))
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
         pipeline.stop().await;
         results.push((name, turns, took));
     }
@@ -200,5 +211,11 @@ async fn main() {
     row("a miss: answer − model time p50 / p99 ms", &|turns, _| {
         spread(turns.iter().filter(|t| !t.cached()).map(|t| ms(t.answer) - t.model_ms()).collect())
     });
+    row("first answers complete (cacheable: finish_reason stop)", &|turns, _| {
+        let firsts: Vec<&Turn> = turns.iter().filter(|t| t.kind == Kind::First).collect();
+        let complete = firsts.iter().filter(|t| t.frame["finish_reason"] == "stop").count();
+        format!("{complete} of {}", firsts.len())
+    });
     row("the whole load, s", &|_, took| format!("{:.1}", took.as_secs_f64()));
+    println!("\nlookups with the cache on, by result: {lookups}");
 }
