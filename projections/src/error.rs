@@ -34,6 +34,9 @@ pub enum ProjectionError {
     /// Kafka refused.
     #[error(transparent)]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The data subject was erased: nothing of theirs is sealed or opened any more.
+    #[error("{0} was erased")]
+    Erased(String),
     /// A compare-and-set kept losing to other writers.
     #[error("{0} kept changing under every attempt to update it")]
     Contention(String),

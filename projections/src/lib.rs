@@ -7,12 +7,14 @@
 //! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`tiers`]: each user's tier, the lane of their new conversations;
+//! - [`keys`]: each data subject's data key, wrapped (crypto-shredding);
 //! - [`error`]: this crate's error type.
 #![warn(missing_docs)]
 
 pub mod budget;
 /// The projections' errors.
 pub mod error;
+pub mod keys;
 pub mod projector;
 pub mod reader;
 pub mod rebuild;

@@ -6,7 +6,8 @@
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
 //! [`invariants`], [`budget`], [`lanes`] and [`dead_letters`] are the domain rules over those events, as plain
 //! functions;
-//! [`fuzzing`] is what the property tests share to fuzz the parsers.
+//! [`fuzzing`] is what the property tests share to fuzz the parsers; [`sealing`] seals a
+//! person's content under their data key (crypto-shredding).
 #![warn(missing_docs)]
 
 pub mod budget;
@@ -24,6 +25,7 @@ pub mod lanes;
 /// Where a record sits in the log.
 pub mod position;
 pub mod registry;
+pub mod sealing;
 #[cfg(test)]
 mod test_events;
 pub mod turn;
