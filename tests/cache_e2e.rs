@@ -36,7 +36,7 @@ fn answer(frames: &[Value]) -> &Value {
 async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let (_, token) = pipeline.session_user().await;
+    let (alice_id, token) = pipeline.session_user().await;
     let mut alice = pipeline.connect(&pipeline.http, &token).await;
 
     let first = ask(&mut alice, "q1", None, QUESTION, false).await;
@@ -44,13 +44,9 @@ async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     assert!(original.get("cached_from").is_none(), "the model answered: {original}");
     let conversation = original["conversation_id"].as_str().unwrap().to_owned();
     let query_event_id = original["query_event_id"].as_str().unwrap().to_owned();
-    // The question is indexed (the embedder) and its answer is in the projection.
+    // The question is indexed (the embedder) and its answer is in the cache (the projector).
     pipeline.search_until(&token, QUESTION, |hit| hit["source_event_id"] == query_event_id.as_str()).await;
-    support::wait_until("the answer in the projection", || async {
-        let (_, state) = pipeline.get(&format!("/api/conversations/{conversation}"), &token).await;
-        (state["messages"].as_array().map_or(0, Vec::len) >= 2).then_some(())
-    })
-    .await;
+    cache_list_until(&pipeline, &alice_id, |text| text.contains(&query_event_id)).await;
 
     // A paraphrase, in another conversation: the same answer, from the cache.
     let frames = ask(&mut alice, "q2", None, PARAPHRASE, false).await;

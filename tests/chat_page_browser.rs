@@ -252,6 +252,13 @@ async fn an_answer_from_the_cache_says_so_and_the_model_can_be_asked_anyway() {
     let query = browser.script("return Object.keys(questions)[0]").await;
     let query = query.as_str().unwrap().to_owned();
     pipeline.search_until(&token, "capital of France", |hit| hit["source_event_id"] == query.as_str()).await;
+    // An anonymous token is `<user id>.<signature>`; the projector has cached the answer.
+    let user = token.rsplit_once('.').unwrap().0;
+    support::wait_until("the cached answer", || async {
+        let listed = pipeline.cli(&["cache", "list", user]);
+        String::from_utf8_lossy(&listed.stdout).contains(&query).then_some(())
+    })
+    .await;
     browser.client.find(Locator::Id("new")).await.unwrap().click().await.unwrap();
     type_question(&browser, "what's the capital of france? answer in one word").await;
     until_answered(&browser, 0).await;
