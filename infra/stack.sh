@@ -235,8 +235,17 @@ ensure() {
   "start_$name"
 }
 
+# ensure_master_key: makes the local master key (32 random bytes, base64) if there is none.
+ensure_master_key() {
+  [[ -s "$PARLEY_MASTER_KEY_FILE" ]] && return
+  mkdir -p "$(dirname "$PARLEY_MASTER_KEY_FILE")"
+  (umask 077 && head -c 32 /dev/urandom | base64 > "$PARLEY_MASTER_KEY_FILE")
+  log "made a master key in $PARLEY_MASTER_KEY_FILE (keep it: what it wraps is unreadable without it)"
+}
+
 case "${1:-}" in
   start)
+    ensure_master_key
     for s in "${SERVICES[@]}"; do ensure "$s"; done
     for s in "${SERVICES[@]}"; do wait_for "$s" "${STARTUP_SECONDS[$s]}" "${s}_healthy"; done
     traces=$PARLEY_JAEGER_QUERY_URL

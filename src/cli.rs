@@ -66,6 +66,13 @@ pub(crate) struct Common {
     #[arg(long, global = true, env = "PARLEY_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
     pub(crate) otlp_endpoint: Option<String>,
 
+    /// File holding the master key that wraps each person's data key (base64 of 32 random
+    /// bytes, readable by its owner only). It may instead come from the environment variable
+    /// PARLEY_MASTER_KEY, never from an argument. Neither: nothing is sealed (docs/security.md,
+    /// "Sealed content").
+    #[arg(long, global = true, env = "PARLEY_MASTER_KEY_FILE")]
+    pub(crate) master_key_file: Option<PathBuf>,
+
     /// Address to serve Prometheus metrics on (`/metrics`) for inference, the projection and
     /// the embedder; a gateway (and `parley all`) also serves them on its own port.
     #[arg(long, global = true, env = "PARLEY_METRICS_LISTEN")]

@@ -12,8 +12,8 @@ mod support;
 use serde_json::{Value, json};
 use support::{Client, Pipeline, stack};
 
-const QUESTION: &str = "What is the capital of France?";
-const PARAPHRASE: &str = "what's the capital of france";
+const QUESTION: &str = "What is the capital of France? Answer in one word.";
+const PARAPHRASE: &str = "what's the capital of france? answer in one word";
 
 /// Asks `text` (in a new conversation unless `conversation` is given) and returns the
 /// frames up to the outcome.
@@ -35,13 +35,15 @@ fn answer(frames: &[Value]) -> &Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     let Some(stack) = stack() else { return };
-    let pipeline = Pipeline::start(&stack, &[]).await;
+    // Only a complete answer is cached: short questions, and room to finish.
+    let pipeline = Pipeline::start(&stack, &["--llm-max-tokens", "512"]).await;
     let (alice_id, token) = pipeline.session_user().await;
     let mut alice = pipeline.connect(&pipeline.http, &token).await;
 
     let first = ask(&mut alice, "q1", None, QUESTION, false).await;
     let original = answer(&first).clone();
     assert!(original.get("cached_from").is_none(), "the model answered: {original}");
+    assert_eq!(original["finish_reason"], "stop", "a complete answer, which the cache keeps: {original}");
     let conversation = original["conversation_id"].as_str().unwrap().to_owned();
     let query_event_id = original["query_event_id"].as_str().unwrap().to_owned();
     // The question is indexed (the embedder) and its answer is in the cache (the projector).
@@ -64,9 +66,10 @@ async fn a_paraphrase_is_answered_from_the_cache_and_nothing_else_is() {
     assert!(answer(&fresh).get("cached_from").is_none(), "no_cache: {fresh:?}");
     // A near miss, another context (the same words again in the first conversation), and
     // another person all go to the model.
-    for (id, conversation, text) in
-        [("q4", None, "What is the capital of Germany?"), ("q5", Some(conversation.as_str()), QUESTION)]
-    {
+    for (id, conversation, text) in [
+        ("q4", None, "What is the capital of Germany? Answer in one word."),
+        ("q5", Some(conversation.as_str()), QUESTION),
+    ] {
         let frames = ask(&mut alice, id, conversation, text, false).await;
         assert!(answer(&frames).get("cached_from").is_none(), "{text}: {frames:?}");
     }
@@ -106,10 +109,10 @@ async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
     let Some(stack) = stack() else { return };
     // A keyspace of its own: the test rebuilds the projection.
     let keyspace = format!("parley_cache_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let pipeline = Pipeline::start_in(&stack, &keyspace, &[]).await;
+    let pipeline = Pipeline::start_in(&stack, &keyspace, &["--llm-max-tokens", "512"]).await;
     let (alice, token) = pipeline.session_user().await;
     let fact = "The maintenance code of the Quasar-7 turbine is amber-falcon-19.";
-    let question = "What is the maintenance code of the Quasar-7 turbine?";
+    let question = "What is the maintenance code of the Quasar-7 turbine? Answer in one sentence.";
     let (status, submitted) =
         pipeline.post("/api/documents", &token, &json!({"title": "quasar.md", "text": fact})).await;
     assert_eq!(status, 202, "{submitted}");
@@ -119,6 +122,7 @@ async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
     let mut client = pipeline.connect(&pipeline.http, &token).await;
     let first = ask(&mut client, "q1", None, question, false).await;
     let original = answer(&first).clone();
+    assert_eq!(original["finish_reason"], "stop", "a complete answer, which the cache keeps: {original}");
     assert!(
         original["retrieved"].as_array().unwrap().iter().any(|r| r["source_id"] == document_id.as_str()),
         "the answer quoted the document: {original}"
@@ -132,14 +136,28 @@ async fn deleting_a_document_removes_the_cached_answers_that_quoted_it() {
     assert!(rebuilt.status.success(), "{rebuilt:?}");
     let relisted = cache_list_until(&pipeline, &alice, |text| text.contains(&query_event_id)).await;
     assert_eq!(relisted.lines().count(), listed.lines().count(), "{listed}\n{relisted}");
-    let cached = ask(&mut client, "q2", None, "what's the maintenance code of the quasar-7 turbine", false).await;
+    let cached = ask(
+        &mut client,
+        "q2",
+        None,
+        "what's the maintenance code of the quasar-7 turbine? answer in one sentence",
+        false,
+    )
+    .await;
     assert_eq!(answer(&cached)["cached_from"]["answer_event_id"], original["event_id"], "{cached:?}");
 
     // The document goes: so do the cached answers that quoted it.
     let (status, _) = pipeline.delete(&format!("/api/documents/{document_id}"), &token).await;
     assert_eq!(status, 202);
     cache_list_until(&pipeline, &alice, |text| text.starts_with("0 cached answers")).await;
-    let after = ask(&mut client, "q3", None, "What's the maintenance code of the Quasar-7 turbine?", false).await;
+    let after = ask(
+        &mut client,
+        "q3",
+        None,
+        "What's the maintenance code of the Quasar-7 turbine? Answer in one sentence.",
+        false,
+    )
+    .await;
     assert!(answer(&after).get("cached_from").is_none(), "{after:?}");
 
     // `parley cache clear` empties a user's cache; their conversations stay.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use parley_events::EventId;
 use parley_events::event::now_millis;
 use parley_events::sealing::{DataKey, KeyWrapper};
 use scylla::client::session::Session;
@@ -131,6 +132,21 @@ impl KeyStore {
                 }
             }
         }
+    }
+
+    /// What `value`, sealed for `subject` as `field` of `event_id`, holds; None when it does
+    /// not open (the subject was erased, or has no key, or the value was altered).
+    pub async fn open_sealed(
+        &self,
+        subject: &str,
+        event_id: &EventId,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<String>, ProjectionError> {
+        Ok(match self.key(subject).await? {
+            SubjectKey::Live(key) => key.open(event_id, field, value).ok(),
+            SubjectKey::Erased(_) | SubjectKey::None => None,
+        })
     }
 
     /// Destroys `subject`'s key and records the erasure (idempotent: the first time stays).

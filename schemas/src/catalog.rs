@@ -28,6 +28,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("llm_token_delta.v2.avsc", include_str!("../avro/llm_token_delta.v2.avsc")),
+    ("llm_token_delta.v3.avsc", include_str!("../avro/llm_token_delta.v3.avsc")),
     ("turn_cancel_requested.v1.avsc", include_str!("../avro/turn_cancel_requested.v1.avsc")),
     ("dead_letter.v1.avsc", include_str!("../avro/dead_letter.v1.avsc")),
     ("dead_letter.v2.avsc", include_str!("../avro/dead_letter.v2.avsc")),

@@ -305,6 +305,9 @@ pub struct LLMTokenDelta {
     pub traceparent: Option<String>,
     /// Since v2: the model call the delta comes from (1: the first; a retry starts at index 0).
     pub attempt: i32,
+    /// Since v3: whose data key sealed `delta` ([`crate::sealing`], field
+    /// [`crate::sealing::delta_field`] of the query's event id); empty: plain text.
+    pub sealed_for: String,
 }
 
 /// A record a consumer could not process, with the original bytes, so nothing is silently

@@ -81,6 +81,12 @@ impl DataKey {
     }
 }
 
+/// The field a token delta is sealed as, with its query's event id: each delta of each
+/// attempt is a value of its own.
+pub fn delta_field(attempt: i32, index: i32) -> String {
+    format!("delta {attempt} {index}")
+}
+
 /// Whether `value` is a sealed value (of any key).
 pub fn is_sealed(value: &str) -> bool {
     value.starts_with(SEALED_PREFIX)
@@ -128,7 +134,7 @@ impl MasterKey {
         Ok(Self { key, id: id.to_owned() })
     }
 
-    /// A new random master key, base64 (what `parley keys new-master` prints).
+    /// A new random master key, base64.
     pub fn generate_base64() -> Zeroizing<String> {
         let key = Zeroizing::new(<[u8; KEY_BYTES]>::from(XChaCha20Poly1305::generate_key(&mut OsRng)));
         Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()))

@@ -114,6 +114,7 @@ fn samples() -> Vec<Sample> {
                 delta: " Paris".into(),
                 traceparent: None,
                 attempt: 2,
+                sealed_for: String::new(),
             },
         ),
     ]

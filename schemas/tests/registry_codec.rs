@@ -101,6 +101,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
         delta: "lo".into(),
         traceparent: None,
         attempt: 2,
+        sealed_for: String::new(),
     };
     assert_eq!(codec.decode::<LLMTokenDelta>(&codec.encode(&delta).await.unwrap()).await.unwrap().event, delta);
 

@@ -8,17 +8,33 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use parley_embedder::EmbedderArgs;
+use parley_eventlog::secret::secret_from;
 use parley_eventlog::topics::ensure_topics;
 use parley_events::SchemaCatalog;
 use parley_events::registry::SchemaRegistry;
+use parley_events::sealing::MasterKey;
 use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
 use parley_projections::Store;
+use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_retrieval::{Embedders, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::cli::Common;
+
+/// The key store of people's data keys, when a master key is configured.
+async fn key_store(common: &Common, store: &Store) -> Result<Option<KeyStore>> {
+    let file = common.master_key_file.as_deref();
+    let Some(text) = secret_from("PARLEY_MASTER_KEY", file).context("reading the master key")? else {
+        return Ok(None);
+    };
+    let text = Zeroizing::new(text);
+    let id = file.map_or_else(|| "local:PARLEY_MASTER_KEY".to_owned(), |f| format!("local:{}", f.display()));
+    let master = MasterKey::from_base64(&text, &id).context("the master key")?;
+    Ok(Some(KeyStore::open(store, Arc::new(master)).await?))
+}
 
 /// `parley gateway`.
 pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: CancellationToken) -> Result<ExitCode> {
@@ -29,7 +45,8 @@ pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: Cancel
     let credentials = Credentials::load(&args, &shutdown).await?;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
-    let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, shutdown).await?;
+    let keys = key_store(common, &store).await?;
+    let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, keys, shutdown).await?;
     print_chat_url(&gateway);
     gateway.serve().await?;
     Ok(ExitCode::SUCCESS)
@@ -43,7 +60,8 @@ pub(crate) async fn inference(common: &Common, args: InferenceArgs, shutdown: Ca
     let budgets = common.budgets;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
-    parley_inference::service::run(kafka, registry, store, retriever, args, budgets, shutdown).await?;
+    let keys = key_store(common, &store).await?;
+    parley_inference::service::run(kafka, registry, store, retriever, keys, args, budgets, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -86,6 +104,7 @@ pub(crate) async fn all(
     SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let retrieval = retrieval(common).await?;
+    let keys = key_store(common, &store).await?;
     // One embedding backend for the three: questions batched by one worker, indexing in the background.
     let retriever = retrieval.clone().map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(
@@ -96,13 +115,15 @@ pub(crate) async fn all(
         budgets,
         store.clone(),
         retriever.clone(),
+        keys.clone(),
         shutdown.clone(),
     )
     .await?;
     let inference = spawn_linked(&shutdown, {
         let (kafka, registry, shutdown, store) = (kafka.clone(), registry.to_owned(), shutdown.clone(), store.clone());
         async move {
-            parley_inference::service::run(&kafka, &registry, store, retriever, inference, budgets, shutdown).await
+            parley_inference::service::run(&kafka, &registry, store, retriever, keys, inference, budgets, shutdown)
+                .await
         }
     });
     let cache = Some(Arc::new(LiveReader::new(store.clone()).await?));

@@ -675,7 +675,7 @@ pub(crate) async fn drop_keyspace(cql: &str, keyspace: &str) {
 
 /// A read_committed consumer of every partition of `topic` from its start (reporting each
 /// partition's end when `eof`), and the number of partitions.
-fn reader_from_start(brokers: &str, topic: &str, eof: bool) -> (rdkafka::consumer::StreamConsumer, usize) {
+pub(crate) fn reader_from_start(brokers: &str, topic: &str, eof: bool) -> (rdkafka::consumer::StreamConsumer, usize) {
     use rdkafka::consumer::Consumer;
 
     let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()

@@ -14,7 +14,9 @@ use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
 use parley_eventlog::{EventLogError, KafkaSettings, LogPosition, Topics};
 use parley_events::ConversationId;
+use parley_events::sealing::delta_field;
 use parley_events::{ConversationEvent, EventCodec, LLMTokenDelta, UserQueryReceived};
+use parley_projections::keys::KeyStore;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -75,6 +77,7 @@ pub async fn run(
     codec: Arc<EventCodec>,
     hub: Arc<Hub>,
     recent: Arc<Recent>,
+    keys: Option<KeyStore>,
     shutdown: CancellationToken,
 ) {
     while let Some(read) = next_read(&consumer, &shutdown, "answer listener").await {
@@ -92,7 +95,7 @@ pub async fn run(
         if message.topic() == topics.tokens {
             // Cheap filter first: most deltas belong to conversations held elsewhere.
             if let Some(conversation_id) = conversation_id.filter(|id| hub.holds(id)) {
-                push_token(&codec, &hub, conversation_id, payload, position).await;
+                push_token(&codec, &hub, keys.as_ref(), conversation_id, payload, position).await;
             }
             continue;
         }
@@ -138,6 +141,7 @@ fn reached_end(consumer: &LogConsumer, events: &str, partition: i32, recent: &Re
 async fn push_token(
     codec: &EventCodec,
     hub: &Hub,
+    keys: Option<&KeyStore>,
     conversation_id: ConversationId,
     payload: &[u8],
     position: LogPosition,
@@ -145,6 +149,7 @@ async fn push_token(
     match codec.decode::<LLMTokenDelta>(payload).await {
         Ok(decoded) => {
             let token = decoded.event;
+            let Some(text) = delta_text(keys, &token).await else { return };
             // Pairs with the inference's `inference.first_token`: the first delta's hop.
             let span = if token.index == 0 {
                 let span = info_span!("gateway.first_token");
@@ -159,13 +164,30 @@ async fn push_token(
                 conversation_id: token.conversation_id.to_string(),
                 query_event_id: token.query_event_id.to_string(),
                 index: token.index,
-                delta: token.delta,
+                delta: text,
                 attempt: token.attempt,
                 position: Some(position.to_string()),
             };
             send_all(subscribers, &frame);
         }
         Err(error) => warn!(%position, %error, "undecodable token delta skipped"),
+    }
+}
+
+/// A delta's text: as written, or opened with its owner's data key. None when it does not
+/// open (its owner was erased, or this gateway has no master key): a delta is a preview,
+/// and the answer itself follows.
+pub(crate) async fn delta_text(keys: Option<&KeyStore>, delta: &LLMTokenDelta) -> Option<String> {
+    if delta.sealed_for.is_empty() {
+        return Some(delta.delta.clone());
+    }
+    let field = delta_field(delta.attempt, delta.index);
+    match keys?.open_sealed(&delta.sealed_for, &delta.query_event_id, &field, &delta.delta).await {
+        Ok(text) => text,
+        Err(error) => {
+            warn!(%error, "a sealed token delta could not be opened; skipped");
+            None
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use rdkafka::Message as _;
 use tracing::{Instrument, info_span};
 
 use crate::adoption::Adopted;
+use crate::answers::delta_text;
 use crate::hub::{ConnectionId, DuplicateOutcome, Outbox};
 use crate::protocol::ServerFrame;
 use crate::refusal::Refusal;
@@ -121,6 +122,7 @@ pub(crate) async fn resume(
         if delta.query_event_id != query {
             continue;
         }
+        let Some(text) = delta_text(state.keys.as_ref(), &delta).await else { continue };
         if after.as_ref().is_some_and(|after| after.offset == record.offset()) {
             socket.order.lock().unwrap_or_else(PoisonError::into_inner).client_attempt(query_event_id, delta.attempt);
             continue;
@@ -131,7 +133,7 @@ pub(crate) async fn resume(
             conversation_id: delta.conversation_id.to_string(),
             query_event_id: delta.query_event_id.to_string(),
             index: delta.index,
-            delta: delta.delta,
+            delta: text,
             attempt: delta.attempt,
             position: Some(at.to_string()),
         });

@@ -21,6 +21,7 @@ use parley_events::event::now_millis as now_ms;
 use parley_ingest::MAX_DOCUMENT_BYTES;
 use parley_projections::Store;
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
+use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_projections::replay::LogReader;
 use parley_projections::tiers::TierBook;
@@ -63,7 +64,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Binds the gateway's address and connects it to the log, the registry and the store.
-    #[allow(clippy::too_many_arguments)] // one per edge: log, registry, settings, identity, budgets, store, vectors, stop
+    #[allow(clippy::too_many_arguments)] // one per edge: log, registry, settings, identity, budgets, store, vectors, keys, stop
     pub async fn bind(
         kafka: &KafkaSettings,
         registry_url: &str,
@@ -72,6 +73,7 @@ impl Gateway {
         budgets: BudgetSettings,
         store: Store,
         retriever: Option<Retriever>,
+        keys: Option<KeyStore>,
         shutdown: CancellationToken,
     ) -> Result<Self, GatewayError> {
         let topics = kafka.topics();
@@ -92,6 +94,7 @@ impl Gateway {
             codec.clone(),
             hub.clone(),
             recent.clone(),
+            keys.clone(),
             shutdown.clone(),
         ));
         let producer = EventProducer::new(kafka.client_config(), codec.clone())?;
@@ -121,6 +124,7 @@ impl Gateway {
         let load = Arc::new(Mutex::new(LoadBoard::default()));
         let load_feed = tokio::spawn(load::follow(load::follower(kafka)?, load.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
+            keys,
             hub,
             rate,
             budget,

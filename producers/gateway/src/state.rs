@@ -16,6 +16,7 @@ use parley_events::lanes::{Lane, LaneLayout, LayoutError};
 use parley_events::{EventCodec, EventsError, Producer};
 use parley_projections::ProjectionError;
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
+use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_projections::replay::LogReader;
 use parley_projections::tiers::TierBook;
@@ -77,6 +78,8 @@ pub enum GatewayError {
 
 /// What every handler of a gateway shares: the hub, the log, the store and the settings.
 pub(crate) struct AppState {
+    /// People's data keys: sealed token deltas are opened with them (none: no master key).
+    pub(crate) keys: Option<KeyStore>,
     pub(crate) hub: Arc<Hub>,
     /// For read-backs of the tokens topic (a resumed answer).
     pub(crate) kafka: KafkaSettings,

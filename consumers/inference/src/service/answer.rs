@@ -9,9 +9,11 @@ use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::Outgoing;
 use parley_events::budget::BUDGET_EXCEEDED;
 use parley_events::event::now_millis;
+use parley_events::sealing::{DataKey, delta_field};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
-    ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, UserQueryReceived,
+    ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, UserId,
+    UserQueryReceived,
 };
 use parley_projections::budget::Reserved;
 use tokio::sync::mpsc;
@@ -24,6 +26,17 @@ use super::{InferenceError, SOURCE, Worker};
 use crate::cancel::Partial;
 use crate::metrics;
 use crate::prompt::{build_prompt, estimate_tokens};
+
+/// How an answer's deltas go out.
+pub(super) enum Sealing {
+    /// As the model wrote them (no master key is configured).
+    Plain,
+    /// Sealed under the asker's data key.
+    Sealed(DataKey, UserId),
+    /// Not at all: the asker's key could not be had, and a delta is a preview (the outcome
+    /// event carries the whole answer), never worth sending in clear.
+    Withheld,
+}
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 pub(super) struct TokenStream {
@@ -109,7 +122,8 @@ impl Worker {
                 self.settle_budget(query, 0).await;
                 return Ok(outgoing(self.codec.encode(&answer).await?));
             }
-            let deltas = self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent);
+            let deltas =
+                self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent, self.sealing(query).await);
             let partial = Mutex::new(Partial::started());
             let lane = self.lanes.lane_of(partition).as_str();
             let mut first_token = true;
@@ -260,6 +274,18 @@ impl Worker {
         }
     }
 
+    /// How `query`'s deltas are to be sealed.
+    pub(super) async fn sealing(&self, query: &UserQueryReceived) -> Sealing {
+        let Some(keys) = &self.keys else { return Sealing::Plain };
+        match keys.key_for_sealing(query.user_id.as_str()).await {
+            Ok(key) => Sealing::Sealed(key, query.user_id.clone()),
+            Err(error) => {
+                warn!(%error, "the asker's data key is not available; the answer goes out without deltas");
+                Sealing::Withheld
+            }
+        }
+    }
+
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
     /// preview, the outcome event is authoritative: a lost delta costs a flicker, never data.
     pub(super) fn stream_tokens(
@@ -267,6 +293,7 @@ impl Worker {
         conversation_id: ConversationId,
         query_event_id: EventId,
         traceparent: &str,
+        sealing: Sealing,
     ) -> TokenStream {
         let (sender, mut receiver) = mpsc::unbounded_channel::<(i32, i32, String)>();
         let tokens = self.tokens.clone();
@@ -276,6 +303,13 @@ impl Worker {
             let key = conversation_id.to_string();
             let mut deliveries = Vec::new();
             while let Some((attempt, index, delta)) = receiver.recv().await {
+                let (delta, sealed_for) = match &sealing {
+                    Sealing::Plain => (delta, String::new()),
+                    Sealing::Sealed(key, owner) => {
+                        (key.seal(&query_event_id, &delta_field(attempt, index), &delta), owner.to_string())
+                    }
+                    Sealing::Withheld => continue,
+                };
                 let token = LLMTokenDelta {
                     conversation_id,
                     query_event_id,
@@ -283,6 +317,7 @@ impl Worker {
                     delta,
                     traceparent: Some(traceparent.clone()),
                     attempt,
+                    sealed_for,
                 };
                 // The first delta is what a person waits for: its hop is traced (with the
                 // gateway's `gateway.first_token`), the others are not worth a span each.

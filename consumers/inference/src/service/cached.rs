@@ -65,7 +65,9 @@ impl Worker {
         let span = info_span!("inference.cache_hit", similarity = candidate.similarity,
                               answer_event_id = %entry.answer_event_id, saved_ms = entry.llm_latency_ms);
         async {
-            let deltas = self.stream_tokens(query.envelope.conversation_id, query.envelope.event_id, traceparent);
+            let sealing = self.sealing(query).await;
+            let deltas =
+                self.stream_tokens(query.envelope.conversation_id, query.envelope.event_id, traceparent, sealing);
             let _ = deltas.sender.send((1, 0, entry.text.clone()));
             deltas.finish().await;
             info!("answered from the semantic cache");

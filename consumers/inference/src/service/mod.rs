@@ -28,6 +28,7 @@ use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::lanes::{Lane, LaneLayout};
 use parley_events::{ConversationEvent, EventCodec, EventId, EventsError, Producer as EventSource};
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
+use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_projections::replay::LogReader;
 use parley_projections::{ProjectionError, Store};
@@ -83,11 +84,13 @@ fn lanes(layout: &LaneLayout, ratio: u32, premium_slots: usize) -> Lanes {
 }
 
 /// Runs the inference consumer until `shutdown` is cancelled.
+#[allow(clippy::too_many_arguments)] // one per edge: log, registry, store, vectors, keys, settings, budgets, stop
 pub async fn run(
     kafka: &KafkaSettings,
     registry_url: &str,
     store: Store,
     retriever: Option<Retriever>,
+    keys: Option<KeyStore>,
     args: InferenceArgs,
     budgets: BudgetSettings,
     shutdown: CancellationToken,
@@ -147,6 +150,7 @@ pub async fn run(
             Knowledge::new(retriever, usize::from(args.retrieval_top_k), args.retrieval_min_score, cache)
         }),
         cache: CacheSettings { min_similarity: args.cache_min_similarity, ttl: args.cache_ttl },
+        keys,
         prompt_layout: args.prompt_layout,
         answered: Mutex::new(HashSet::new()),
         model_name: args.llm_model.clone(),
@@ -192,6 +196,8 @@ struct Worker {
     knowledge: Option<Knowledge>,
     /// How the semantic cache decides.
     cache: CacheSettings,
+    /// People's data keys: token deltas are sealed under the asker's (none: sent plain).
+    keys: Option<KeyStore>,
     prompt_layout: PromptLayout,
     /// Queries whose outcome was read while catching up: answered already.
     answered: Mutex<HashSet<EventId>>,
