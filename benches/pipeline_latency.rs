@@ -33,6 +33,26 @@ fn summary(name: &str, mut samples: Vec<f64>) -> (f64, f64) {
     (p50, p99)
 }
 
+/// What sealing costs a turn of this benchmark (`--llm-max-tokens 16`: at most 16 deltas of
+/// a few characters), as inference seals each delta under the asker's data key and the
+/// gateway opens it: ms per turn, the key already in memory as it is after a person's first
+/// turn. (The turns above ran sealed: the quick start's master key is on.)
+fn sealing_cost(turns: usize) -> Vec<f64> {
+    use parley_events::sealing::{DataKey, delta_field};
+    let key = DataKey::generate();
+    (0..turns)
+        .map(|_| {
+            let query = uuid::Uuid::new_v4().into();
+            let started = Instant::now();
+            for index in 0..16 {
+                let sealed = key.seal(&query, &delta_field(1, index), " word");
+                assert_eq!(key.open(&query, &delta_field(1, index), &sealed).unwrap(), " word");
+            }
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect()
+}
+
 /// One produce → consume hop of a small record, idempotent producer with acks=all, as the
 /// gateway sends.
 async fn raw_hops(brokers: &str, topic: &str, count: usize) -> Vec<f64> {
@@ -267,6 +287,7 @@ async fn main() {
     summary("Parley with retrieval: LLM call", rag.llm);
     summary("Parley with retrieval: overhead (answer − LLM)", rag.overhead);
     summary("Parley with retrieval: first-token overhead", rag.first_token_overhead);
+    summary("sealing: a turn's 16 deltas sealed (inference) and opened (gateway), in-process", sealing_cost(turns));
     println!();
     println!(
         "overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",

@@ -5,6 +5,7 @@
 //! yet in [`Recent`], so adopting a conversation never waits for the read model.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parley_eventlog::consumer::{
@@ -181,8 +182,16 @@ pub(crate) async fn delta_text(keys: Option<&KeyStore>, delta: &LLMTokenDelta) -
     if delta.sealed_for.is_empty() {
         return Some(delta.delta.clone());
     }
+    let Some(keys) = keys else {
+        // Inference seals but this gateway was given no master key: say so once, not per delta.
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            warn!("token deltas arrive sealed but this gateway has no master key: answers arrive without streaming");
+        }
+        return None;
+    };
     let field = delta_field(delta.attempt, delta.index);
-    match keys?.open_sealed(&delta.sealed_for, &delta.query_event_id, &field, &delta.delta).await {
+    match keys.open_sealed(&delta.sealed_for, &delta.query_event_id, &field, &delta.delta).await {
         Ok(text) => text,
         Err(error) => {
             warn!(%error, "a sealed token delta could not be opened; skipped");
