@@ -42,7 +42,7 @@ fn sealing_cost(turns: usize) -> Vec<f64> {
     let key = DataKey::generate();
     (0..turns)
         .map(|_| {
-            let query = uuid::Uuid::new_v4().into();
+            let query: parley_events::EventId = uuid::Uuid::new_v4().into();
             let started = Instant::now();
             for index in 0..16 {
                 let sealed = key.seal(&query, &delta_field(1, index), " word");
@@ -235,7 +235,7 @@ async fn run_reference(pipeline: &support::Pipeline, stack: &support::Stack, tur
         assert!(Instant::now() < deadline, "the naive reference did not start");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut client = pipeline.connect(&format!("http://127.0.0.1:{port}"), "naive").await;
+    let mut client = support::Client::open(&format!("ws://127.0.0.1:{port}/ws"), false).await;
     let timings = run_turns(&mut client, turns).await;
     let _ = reference.kill();
     let _ = reference.wait();

@@ -91,6 +91,7 @@ mod tests {
     fn an_answer_is_metered_and_nothing_else_is() {
         let (id, conversation) = (EventId::random(), ConversationId::random());
         let answer = ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            sealed_for: String::new(),
             envelope: Envelope::new(id, conversation, 3, TEST),
             query_event_id: EventId::random(),
             text: "Blue.".into(),

@@ -54,15 +54,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
     let (kafka, registry) = (&common.kafka, common.schema_registry_url.as_str());
     match command {
-        Command::Gateway(args) => serve::gateway(&common, args, shutdown).await,
-        Command::Inference(args) => serve::inference(&common, args, shutdown).await,
+        Command::Gateway(args) => Box::pin(serve::gateway(&common, args, shutdown)).await,
+        Command::Inference(args) => Box::pin(serve::inference(&common, args, shutdown)).await,
         Command::Projection => serve::projection(&common, shutdown).await,
         Command::Embedder(args) => serve::embedder(&common, args, shutdown).await,
         Command::All { gateway, inference, embedder, without_projection } => {
-            serve::all(&common, gateway, inference, embedder, without_projection, shutdown).await
+            Box::pin(serve::all(&common, gateway, inference, embedder, without_projection, shutdown)).await
         }
         Command::Ingest { paths, owner, labels, shed_queue_age } => {
-            documents::ingest(kafka, registry, &paths, &owner, &labels, shed_queue_age).await
+            documents::ingest(&common, &paths, &owner, &labels, shed_queue_age).await
         }
         Command::Documents(DocumentsCommand::List { owner, limit }) => documents::list(&common, owner, limit).await,
         Command::Documents(DocumentsCommand::Delete { document_id, owner }) => {

@@ -116,9 +116,7 @@ async fn without_a_projection_the_history_comes_from_the_log() {
     let token: serde_json::Value =
         reqwest::Client::new().post(format!("{http}/api/session")).send().await.unwrap().json().await.unwrap();
     let url = format!("ws://127.0.0.1:{port}/ws?token={}", token["token"].as_str().unwrap());
-    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut client = Client { socket };
-    assert_eq!(client.next_frame().await["type"], "ready");
+    let mut client = Client::open(&url, true).await;
 
     let conversation = two_turns(&mut client).await;
     let topic = format!("{prefix}conversation-events");

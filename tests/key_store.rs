@@ -30,7 +30,7 @@ async fn a_key_is_made_once_stored_wrapped_and_destroyed_for_good() {
     // Two processes seal Alice's first content at once: one key wins, both use it.
     let (a, b) = tokio::join!(one.key_for_sealing("u-alice"), two.key_for_sealing("u-alice"));
     let (a, b) = (a.unwrap(), b.unwrap());
-    let event = uuid::Uuid::new_v4().into();
+    let event: parley_events::EventId = uuid::Uuid::new_v4().into();
     let sealed = a.seal(&event, "text", "alice's canary 5b1e");
     assert_eq!(b.open(&event, "text", &sealed).as_deref(), Ok("alice's canary 5b1e"));
     // A third process, reading it back from the store, opens it too; the row holds no key in clear.
@@ -56,7 +56,7 @@ async fn a_key_is_made_once_stored_wrapped_and_destroyed_for_good() {
         .unwrap()
         .rows_num();
     assert_eq!(rows, 1, "only Bob's wrapped key is left");
-    let e = uuid::Uuid::new_v4().into();
+    let e: parley_events::EventId = uuid::Uuid::new_v4().into();
     let SubjectKey::Live(bob_again) = fresh.key("u-bob").await.unwrap() else { panic!("bob is untouched") };
     assert_eq!(bob_again.open(&e, "text", &bob.seal(&e, "text", "bob")).as_deref(), Ok("bob"));
 }

@@ -48,6 +48,7 @@ async fn history_comes_from_the_projection_and_equals_a_replay_of_the_log() {
             .into_iter()
             .map(|(event, _)| event)
             .collect();
+    let events = pipeline.opened(events).await;
     let replayed = ConversationState::fold(&events).unwrap();
     let projected: Vec<(i64, String, String)> = body["messages"]
         .as_array()
@@ -203,6 +204,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
     let query_id = turn::query_event_id(id, "m1");
     let started = ConversationStarted { envelope: Envelope::new(EventId::random(), id, 1, P), user_id: user.clone() };
     let query = UserQueryReceived {
+        sealed_for: String::new(),
         envelope: Envelope::new(query_id, id, 2, P),
         user_id: user.clone(),
         client_message_id: "m1".into(),
@@ -210,6 +212,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         no_cache: false,
     };
     let answer = LLMResponseGenerated {
+        sealed_for: String::new(),
         envelope: Envelope::new(EventId::random(), id, 3, P),
         query_event_id: query_id,
         text: "old answer".into(),

@@ -62,11 +62,11 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["sequence"], i as i64 + 1);
         assert!(line["offset"].as_i64().unwrap() >= 0 && line["partition"].as_i64().is_some(), "{line}");
-        // Answers are written with LLMResponseGenerated v3 (the cache's fields), questions with
-        // UserQueryReceived v2 (no_cache); the rest with v1.
+        // Answers are written with LLMResponseGenerated v4 and questions with
+        // UserQueryReceived v3 (sealed_for); the rest with v1.
         let version = match line["event_type"].as_str() {
-            Some("LLMResponseGenerated") => 3,
-            Some("UserQueryReceived") => 2,
+            Some("LLMResponseGenerated") => 4,
+            Some("UserQueryReceived") => 3,
             _ => 1,
         };
         assert_eq!(line["schema_version"], version, "{line}");

@@ -6,17 +6,25 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use parley_events::EventId;
+use parley_events::conversation::Message;
 use parley_events::event::now_millis;
-use parley_events::sealing::{DataKey, KeyWrapper};
+use parley_events::personal::Personal;
+use parley_events::sealing::{DataKey, ERASED, KeyWrapper, UNREADABLE, is_sealed};
+use parley_events::{ConversationId, EventId, UserId};
 use scylla::client::session::Session;
 use scylla::response::query_result::QueryRowsResult;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::{ProjectionError, Store};
+
+/// The field a conversation's title is sealed as, bound to the conversation's id.
+pub const TITLE: &str = "title";
 
 /// Keys held in memory at most; past that the cache starts over (a miss costs one read).
 const CACHED_KEYS: usize = 10_000;
@@ -30,6 +38,16 @@ pub enum SubjectKey {
     Erased(i64),
     /// No key was ever made: nothing of theirs was sealed.
     None,
+}
+
+impl SubjectKey {
+    /// The key, when it is live.
+    pub fn live(&self) -> Option<&DataKey> {
+        match self {
+            Self::Live(key) => Some(key),
+            Self::Erased(_) | Self::None => None,
+        }
+    }
 }
 
 /// The data keys of every subject, wrapped, in the CQL store.
@@ -147,6 +165,103 @@ impl KeyStore {
             SubjectKey::Live(key) => key.open(event_id, field, value).ok(),
             SubjectKey::Erased(_) | SubjectKey::None => None,
         })
+    }
+
+    /// Seals `event`'s personal fields under its subject's key (made on first use). An
+    /// erased subject's new content is refused ([`ProjectionError::Erased`]).
+    pub async fn seal_event<E: Personal>(&self, event: &mut E) -> Result<(), ProjectionError> {
+        let Some(subject) = event.subject() else { return Ok(()) };
+        if event.is_sealed() {
+            return Ok(());
+        }
+        event.seal_with(&self.key_for_sealing(subject.as_str()).await?);
+        Ok(())
+    }
+
+    /// Opens `event`'s sealed fields: their text, [`ERASED`] when the subject's key is gone,
+    /// [`UNREADABLE`](parley_events::sealing::UNREADABLE) (and a warning) when a value does
+    /// not open with the live key.
+    pub async fn open_event<E: Personal>(&self, event: &mut E) -> Result<(), ProjectionError> {
+        if !event.is_sealed() {
+            return Ok(());
+        }
+        let Some(subject) = event.subject() else { return Ok(()) };
+        let key = self.key(subject.as_str()).await?;
+        if let Err(error) = event.open_with(key.live()) {
+            warn!(%subject, %error, "a sealed value does not open with its subject's key");
+        }
+        Ok(())
+    }
+
+    /// Opens `event` as [`open_event`](Self::open_event) does, trying again (waits doubling
+    /// up to 5 s) while the key store does not answer: a reader never goes on with content
+    /// it could not open. False when `shutdown` came first.
+    pub async fn open_event_waiting<E: Personal>(&self, event: &mut E, shutdown: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.open_event(event).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    warn!(%error, ?delay, "the key store did not answer; opening the event again");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// `value` (a field of `bound_to`, owned by `subject`) opened in place when sealed, as
+    /// [`open`](Self::open) does for an event's fields.
+    pub async fn open_text(
+        &self,
+        subject: &UserId,
+        bound_to: &(dyn std::fmt::Display + Sync),
+        field: &str,
+        value: &mut String,
+    ) -> Result<(), ProjectionError> {
+        if !is_sealed(value) {
+            return Ok(());
+        }
+        *value = match self.key(subject.as_str()).await? {
+            SubjectKey::Live(key) => key.open(bound_to, field, value).unwrap_or_else(|error| {
+                warn!(%subject, %error, field, "a sealed value does not open with its subject's key");
+                UNREADABLE.to_owned()
+            }),
+            SubjectKey::Erased(_) | SubjectKey::None => ERASED.to_owned(),
+        };
+        Ok(())
+    }
+
+    /// `messages` of `owner`'s conversation (as the projection keeps them) opened in place.
+    pub async fn open_messages(&self, owner: &UserId, messages: &mut [Message]) -> Result<(), ProjectionError> {
+        for message in messages {
+            self.open_text(owner, &message.event_id, "text", &mut message.text).await?;
+        }
+        Ok(())
+    }
+
+    /// The title of `owner`'s conversation `id` (as the projection keeps it) opened in place.
+    pub async fn open_title(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+        title: &mut String,
+    ) -> Result<(), ProjectionError> {
+        self.open_text(owner, &id, TITLE, title).await
+    }
+
+    /// `text` sealed for `field` of `bound_to` under `subject`'s key (made on first use).
+    pub async fn seal_text(
+        &self,
+        subject: &UserId,
+        bound_to: &(dyn std::fmt::Display + Sync),
+        field: &str,
+        text: &str,
+    ) -> Result<String, ProjectionError> {
+        Ok(self.key_for_sealing(subject.as_str()).await?.seal(bound_to, field, text))
     }
 
     /// Destroys `subject`'s key and records the erasure (idempotent: the first time stays).

@@ -19,10 +19,11 @@ use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::metrics::{NO_LABELS, gauge, histogram};
 use parley_eventlog::registry_wait::retry_while_registry_down;
 use parley_eventlog::trace::continue_trace;
-use parley_events::conversation::{MessageKind, message_of};
+use parley_events::conversation::{Message as ConversationMessage, MessageKind, message_of};
 use parley_events::event::now_millis;
+use parley_events::sealing::{ERASED, is_sealed};
 use parley_events::turn::{Applied, ConversationHead};
-use parley_events::{ConversationEvent, ConversationId, EventCodec};
+use parley_events::{ConversationEvent, ConversationId, EventCodec, UserId};
 use prometheus::{Gauge, Histogram};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ProjectionError;
+use crate::keys::TITLE;
 use crate::store::{CONTEXT, CachedAnswerRow, EventLocation, Generation, Store};
 
 /// Longest title kept for a conversation (its first question, shortened).
@@ -254,7 +256,7 @@ async fn apply_event(
                 if message.kind == MessageKind::UserQuery
                     && message.sequence == parley_events::turn::STARTED_SEQUENCE + 1
                 {
-                    let title: String = message.text.chars().take(TITLE_CHARS).collect();
+                    let title = title_of(store, &k.head.owner, id, &message).await?;
                     store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
                 }
             }
@@ -267,6 +269,31 @@ async fn apply_event(
         }
     }
     Ok(())
+}
+
+/// A conversation's title: the start of its first question, sealed again (bound to the
+/// conversation) when the question was sealed. Without the keys to open it, no title: the
+/// projection never holds a person's text in clear that the log held sealed.
+async fn title_of(
+    store: &Store,
+    owner: &UserId,
+    id: ConversationId,
+    question: &ConversationMessage,
+) -> Result<String, ProjectionError> {
+    if !is_sealed(&question.text) {
+        return Ok(question.text.chars().take(TITLE_CHARS).collect());
+    }
+    let Some(keys) = store.keys() else { return Ok(String::new()) };
+    let mut text = question.text.clone();
+    keys.open_text(owner, &question.event_id, "text", &mut text).await?;
+    if text == ERASED {
+        return Ok(text);
+    }
+    let title: String = text.chars().take(TITLE_CHARS).collect();
+    match keys.seal_text(owner, &id, TITLE, &title).await {
+        Err(ProjectionError::Erased(_)) => Ok(ERASED.to_owned()),
+        sealed => sealed,
+    }
 }
 
 /// Decodes a fetched record; None for records that are not conversation events (they are

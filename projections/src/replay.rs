@@ -358,10 +358,20 @@ pub async fn replay(
     let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
     let generation = store.generation(live).await?;
     let index = store.locations(&generation, conversation_id).await?;
-    let (records, method, elapsed) = reader.read(conversation_id, &index, force_scan).await?;
+    let (mut records, method, elapsed) = reader.read(conversation_id, &index, force_scan).await?;
+    let mut row = store.conversation(&generation, conversation_id).await?;
+    let mut messages = store.messages(&generation, conversation_id).await?;
+    // Both sides opened with the owner's key: what was erased reads [erased] on both.
+    if let Some(keys) = store.keys() {
+        for record in &mut records {
+            keys.open_event(&mut record.event).await?;
+        }
+        if let Some(row) = &mut row {
+            keys.open_messages(&row.user_id, &mut messages).await?;
+            keys.open_title(&row.user_id, conversation_id, &mut row.title).await?;
+        }
+    }
     let state = ConversationState::fold(records.iter().map(|r| &r.event));
-    let row = store.conversation(&generation, conversation_id).await?;
-    let messages = store.messages(&generation, conversation_id).await?;
     let differences = match &state {
         Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
         None if row.is_none() => vec![],
@@ -388,6 +398,7 @@ mod tests {
             gaps: vec![],
         };
         state.apply(&ConversationEvent::QueryReceived(UserQueryReceived {
+            sealed_for: String::new(),
             envelope: Envelope::new(EventId::random(), id, 2, Producer { name: "t", version: "0" }),
             user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),

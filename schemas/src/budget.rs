@@ -270,6 +270,7 @@ mod tests {
 
     fn query(conversation: u128, id: &str, user: &str, at: i64) -> ConversationEvent {
         ConversationEvent::QueryReceived(UserQueryReceived {
+            sealed_for: String::new(),
             envelope: envelope(conversation, query_event_id(c(conversation), id), at),
             user_id: user.parse().unwrap(),
             client_message_id: id.into(),
@@ -280,6 +281,7 @@ mod tests {
 
     fn answer(conversation: u128, query: &str, prompt: i32, completion: i32, at: i64) -> ConversationEvent {
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            sealed_for: String::new(),
             envelope: envelope(conversation, EventId::random(), at),
             query_event_id: query_event_id(c(conversation), query),
             text: "ok".into(),

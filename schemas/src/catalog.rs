@@ -22,9 +22,11 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("conversation_started.v1.avsc", include_str!("../avro/conversation_started.v1.avsc")),
     ("user_query_received.v1.avsc", include_str!("../avro/user_query_received.v1.avsc")),
     ("user_query_received.v2.avsc", include_str!("../avro/user_query_received.v2.avsc")),
+    ("user_query_received.v3.avsc", include_str!("../avro/user_query_received.v3.avsc")),
     ("llm_response_generated.v1.avsc", include_str!("../avro/llm_response_generated.v1.avsc")),
     ("llm_response_generated.v2.avsc", include_str!("../avro/llm_response_generated.v2.avsc")),
     ("llm_response_generated.v3.avsc", include_str!("../avro/llm_response_generated.v3.avsc")),
+    ("llm_response_generated.v4.avsc", include_str!("../avro/llm_response_generated.v4.avsc")),
     ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("llm_token_delta.v2.avsc", include_str!("../avro/llm_token_delta.v2.avsc")),
@@ -34,6 +36,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("dead_letter.v2.avsc", include_str!("../avro/dead_letter.v2.avsc")),
     ("dead_letter_resolved.v1.avsc", include_str!("../avro/dead_letter_resolved.v1.avsc")),
     ("document_submitted.v1.avsc", include_str!("../avro/document_submitted.v1.avsc")),
+    ("document_submitted.v2.avsc", include_str!("../avro/document_submitted.v2.avsc")),
     ("document_deleted.v1.avsc", include_str!("../avro/document_deleted.v1.avsc")),
     ("embeddings_indexed.v1.avsc", include_str!("../avro/embeddings_indexed.v1.avsc")),
 ];
@@ -182,7 +185,7 @@ mod tests {
     fn embedded_catalog_inlines_the_envelope_in_every_event() {
         let catalog = SchemaCatalog::embedded();
         let entry = catalog.latest("io.parley.events.UserQueryReceived").unwrap();
-        assert_eq!(entry.version, 2);
+        assert_eq!(entry.version, 3);
         assert!(entry.json.contains("\"correlation_id\""), "{}", entry.json);
         assert!(catalog.latest(ENVELOPE).is_err(), "the envelope is not an event of its own");
     }

@@ -173,6 +173,7 @@ mod tests {
         vec![
             ConversationEvent::Started(ConversationStarted { envelope: env(1), user_id: alice() }),
             ConversationEvent::QueryReceived(UserQueryReceived {
+                sealed_for: String::new(),
                 envelope: env(2),
                 user_id: alice(),
                 client_message_id: "m1".into(),
@@ -180,6 +181,7 @@ mod tests {
                 no_cache: false,
             }),
             ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+                sealed_for: String::new(),
                 envelope: env(3),
                 query_event_id: EventId::random(),
                 text: "hello".into(),

@@ -117,6 +117,9 @@ pub struct UserQueryReceived {
     /// The asker wants the model's answer, not one from the semantic cache (v2; false in
     /// v1 events).
     pub no_cache: bool,
+    /// Since v3: whose data key sealed `text` ([`crate::sealing`]); empty: plain text.
+    #[serde(default)]
+    pub sealed_for: String,
 }
 
 /// The model answered a query. Carries everything replay needs, so replay never calls the
@@ -155,6 +158,9 @@ pub struct LLMResponseGenerated {
     pub context_fingerprint: String,
     /// Set when the semantic cache served this answer instead of the model.
     pub cached_from: Option<CachedAnswer>,
+    /// Since v4: whose data key sealed `text` ([`crate::sealing`]); empty: plain text.
+    #[serde(default)]
+    pub sealed_for: String,
 }
 
 /// Where an answer served from the semantic cache came from.
@@ -203,6 +209,10 @@ pub struct DocumentSubmitted {
     pub text: String,
     /// Caller-supplied labels, copied onto every chunk's search metadata.
     pub metadata: std::collections::HashMap<String, String>,
+    /// Since v2: whose data key sealed `title`, `text` and the values of `metadata`
+    /// ([`crate::sealing`]); empty: plain text.
+    #[serde(default)]
+    pub sealed_for: String,
 }
 
 /// A document taken out of a user's knowledge base (the `documents` topic).

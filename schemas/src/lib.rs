@@ -7,7 +7,8 @@
 //! [`invariants`], [`budget`], [`lanes`] and [`dead_letters`] are the domain rules over those events, as plain
 //! functions;
 //! [`fuzzing`] is what the property tests share to fuzz the parsers; [`sealing`] seals a
-//! person's content under their data key (crypto-shredding).
+//! person's content under their data key (crypto-shredding), [`personal`] says which
+//! fields of which event hold it.
 #![warn(missing_docs)]
 
 pub mod budget;
@@ -22,6 +23,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod invariants;
 pub mod lanes;
+pub mod personal;
 /// Where a record sits in the log.
 pub mod position;
 pub mod registry;

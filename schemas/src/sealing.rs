@@ -17,8 +17,6 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use thiserror::Error;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::ids::EventId;
-
 /// Bytes of a key.
 pub const KEY_BYTES: usize = 32;
 const NONCE_BYTES: usize = 24;
@@ -27,6 +25,9 @@ const NONCE_BYTES: usize = 24;
 pub const SEALED_PREFIX: &str = "sealed.v1.";
 /// What replay, audit and the query path show for content whose key was destroyed.
 pub const ERASED: &str = "[erased]";
+/// What they show for a sealed value that does not open with its subject's live key
+/// (altered, or sealed under another key): never the ciphertext.
+pub const UNREADABLE: &str = "[unreadable]";
 
 /// Why a value could not be sealed or opened.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -65,18 +66,19 @@ impl DataKey {
         XChaCha20Poly1305::new(&self.0.into())
     }
 
-    /// `text` sealed for `field` of the event `event_id`: [`SEALED_PREFIX`] and base64.
-    pub fn seal(&self, event_id: &EventId, field: &str, text: &str) -> String {
-        let sealed = seal_bytes(&self.cipher(), &associated(event_id.to_string().as_bytes(), field), text.as_bytes());
+    /// `text` sealed for `field` of `bound_to` (the event's id; a conversation's id for its
+    /// title): [`SEALED_PREFIX`] and base64.
+    pub fn seal(&self, bound_to: &dyn fmt::Display, field: &str, text: &str) -> String {
+        let sealed = seal_bytes(&self.cipher(), &associated(bound_to.to_string().as_bytes(), field), text.as_bytes());
         format!("{SEALED_PREFIX}{}", STANDARD_NO_PAD.encode(sealed))
     }
 
-    /// The text `sealed` holds, if it was sealed with this key for this event and field.
-    pub fn open(&self, event_id: &EventId, field: &str, sealed: &str) -> Result<String, SealError> {
+    /// The text `sealed` holds, if it was sealed with this key for this id and field.
+    pub fn open(&self, bound_to: &dyn fmt::Display, field: &str, sealed: &str) -> Result<String, SealError> {
         let bytes = STANDARD_NO_PAD
             .decode(sealed.strip_prefix(SEALED_PREFIX).ok_or(SealError::NotSealed)?)
             .map_err(|_| SealError::NotSealed)?;
-        let opened = open_bytes(&self.cipher(), &associated(event_id.to_string().as_bytes(), field), &bytes)?;
+        let opened = open_bytes(&self.cipher(), &associated(bound_to.to_string().as_bytes(), field), &bytes)?;
         String::from_utf8(opened.to_vec()).map_err(|_| SealError::NotText)
     }
 }
@@ -193,6 +195,7 @@ fn open_bytes(cipher: &XChaCha20Poly1305, associated: &[u8], sealed: &[u8]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::EventId;
 
     fn event() -> EventId {
         uuid::Uuid::new_v4().into()

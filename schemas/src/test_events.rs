@@ -9,6 +9,7 @@ pub(crate) const P: Producer = Producer { name: "test", version: "0" };
 /// Alice's query `client_message_id` at `sequence`, with the id the gateway gives it.
 pub(crate) fn query(conversation: ConversationId, sequence: i64, client_message_id: &str) -> ConversationEvent {
     ConversationEvent::QueryReceived(UserQueryReceived {
+        sealed_for: String::new(),
         envelope: Envelope::new(query_event_id(conversation, client_message_id), conversation, sequence, P),
         user_id: alice(),
         client_message_id: client_message_id.into(),

@@ -53,6 +53,7 @@ fn samples() -> Vec<Sample> {
         sample(
             &catalog,
             &UserQueryReceived {
+                sealed_for: String::new(),
                 envelope: envelope(2),
                 user_id: "alice".parse().unwrap(),
                 client_message_id: "m-1".into(),
@@ -63,6 +64,7 @@ fn samples() -> Vec<Sample> {
         sample(
             &catalog,
             &LLMResponseGenerated {
+                sealed_for: String::new(),
                 envelope: envelope(3),
                 query_event_id: EventId::random(),
                 text: "Paris.".into(),

@@ -36,6 +36,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     let events = vec![
         ConversationEvent::Started(ConversationStarted { envelope: envelope(1), user_id: "u-1".parse().unwrap() }),
         ConversationEvent::QueryReceived(UserQueryReceived {
+            sealed_for: String::new(),
             envelope: envelope(2),
             user_id: "u-1".parse().unwrap(),
             client_message_id: "m-1".into(),
@@ -43,6 +44,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             no_cache: false,
         }),
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            sealed_for: String::new(),
             envelope: envelope(3).caused_by(&envelope(2)),
             query_event_id: EventId::random(),
             text: "A log.".into(),
@@ -141,6 +143,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     }
 
     let document = DocumentSubmitted {
+        sealed_for: String::new(),
         envelope: envelope(1),
         document_id: DocumentId::random(),
         owner: "u-1".parse().unwrap(),

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use parley_eventlog::LogPosition;
 use parley_eventlog::dead_letter::read_book;
 use parley_events::dead_letters::LetterBook;
@@ -12,10 +12,10 @@ use parley_events::invariants::violations;
 use parley_events::registry::SchemaRegistry;
 use parley_events::turn::CANCELLED;
 use parley_events::{ConversationEvent, ConversationId, EventCodec, LLMResponseGenerated};
-use parley_projections::Store;
 use parley_projections::replay::LogReader;
 
 use crate::cli::Common;
+use crate::commands::connect_store;
 use crate::commands::{print_violations, report_undecodable};
 
 /// `parley audit`.
@@ -26,9 +26,8 @@ pub(crate) async fn audit(
     format: String,
 ) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     let reader = LogReader::new(kafka, registry)?;
     let (live, _, _) = store.generations(parley_projections::store::CONTEXT).await?;
     let index = store.locations(&store.generation(live).await?, conversation_id).await?;
@@ -47,6 +46,11 @@ pub(crate) async fn audit(
         .collect();
     records.extend(reader.records_at(&LetterBook::copies_not_read(&letters, &read)).await?);
     records.sort_by_key(|r| (r.sequence, r.offset));
+    if let Some(keys) = store.keys() {
+        for record in &mut records {
+            keys.open_event(&mut record.event).await?;
+        }
+    }
     if records.is_empty() {
         eprintln!("no events of conversation {conversation_id} in the log");
         return Ok(ExitCode::FAILURE);

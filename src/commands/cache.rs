@@ -2,16 +2,16 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use parley_events::event::now_millis;
 use parley_events::{DocumentId, UserId};
-use parley_projections::Store;
 use parley_projections::reader::LiveReader;
 
 use crate::cli::Common;
+use crate::commands::connect_store;
 
 async fn reader(common: &Common) -> Result<LiveReader> {
-    let store = Store::connect(&common.cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     Ok(LiveReader::new(store).await?)
 }
 

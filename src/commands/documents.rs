@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use parley_eventlog::EventProducer;
 use parley_eventlog::load::{self, LoadBoard};
-use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::{DocumentId, EventCodec, UserId};
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
@@ -16,8 +16,8 @@ use parley_ingest::submit::submit_all;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Common;
-use crate::commands::progress_bar;
 use crate::commands::serve::open_retrieval;
+use crate::commands::{connect_store, master_key, progress_bar};
 
 /// `parley documents list`.
 pub(crate) async fn list(common: &Common, owner: UserId, limit: usize) -> Result<ExitCode> {
@@ -45,13 +45,18 @@ pub(crate) async fn delete(common: &Common, document_id: DocumentId, owner: User
 /// `parley ingest`: reads every file, appends one DocumentSubmitted each (all in flight at
 /// once), shows progress, and exits 1 if any file was refused or not acknowledged.
 pub(crate) async fn ingest(
-    kafka: &KafkaSettings,
-    registry: &str,
+    common: &Common,
     paths: &[PathBuf],
     owner: &UserId,
     labels: &[(String, String)],
     shed_queue_age: Duration,
 ) -> Result<ExitCode> {
+    let (kafka, registry) = (&common.kafka, common.schema_registry_url.as_str());
+    // With a master key, what the log keeps is sealed under the owner's data key.
+    let keys = match master_key(common)? {
+        Some(_) => connect_store(common).await?.keys().cloned(),
+        None => None,
+    };
     let files = parley_ingest::files::collect(paths)?;
     let mut failures = 0;
     let mut documents = Vec::new();
@@ -80,6 +85,11 @@ pub(crate) async fn ingest(
     let producer = EventProducer::new(kafka.client_config(), Arc::new(EventCodec::new(registry)?))?;
     let topic = kafka.topics().documents;
     let bytes: usize = documents.iter().map(|d| d.text.len()).sum();
+    if let Some(keys) = &keys {
+        for document in &mut documents {
+            keys.seal_event(document).await.with_context(|| format!("sealing the documents of {owner}"))?;
+        }
+    }
     let started = Instant::now();
     let total = documents.len() as u64;
     let mut done = 0;

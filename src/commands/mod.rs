@@ -1,9 +1,18 @@
 //! One module per group of `parley` subcommands; each command is a function of the
 //! connection settings ([`crate::cli::Common`]) and its own options.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, Result};
+use parley_eventlog::secret::secret_from;
 use parley_events::invariants::Violation;
+use parley_events::sealing::MasterKey;
+use parley_projections::Store;
+use parley_projections::keys::KeyStore;
+use zeroize::Zeroizing;
+
+use crate::cli::Common;
 
 pub(crate) mod audit;
 pub(crate) mod budget;
@@ -46,4 +55,26 @@ pub(crate) fn report_undecodable(count: u64) {
     if count > 0 {
         eprintln!("{count} undecodable record(s) passed by; each is named with its position in a warning above");
     }
+}
+
+/// The master key the operator configured (a file or `PARLEY_MASTER_KEY`), if any.
+pub(crate) fn master_key(common: &Common) -> Result<Option<MasterKey>> {
+    let file = common.master_key_file.as_deref();
+    let Some(text) = secret_from("PARLEY_MASTER_KEY", file).context("reading the master key")? else {
+        return Ok(None);
+    };
+    let text = Zeroizing::new(text);
+    let id = file.map_or_else(|| "local:PARLEY_MASTER_KEY".to_owned(), |f| format!("local:{}", f.display()));
+    Ok(Some(MasterKey::from_base64(&text, &id).context("the master key")?))
+}
+
+/// The CQL store, its readers opening sealed rows with people's data keys when a master
+/// key is configured.
+pub(crate) async fn connect_store(common: &Common) -> Result<Store> {
+    let store = Store::connect(&common.cql).await.context("connecting to the CQL store")?;
+    let keys = match master_key(common)? {
+        Some(master) => Some(KeyStore::open(&store, Arc::new(master)).await?),
+        None => None,
+    };
+    Ok(store.with_keys(keys))
 }

@@ -3,13 +3,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use parley_projections::Store;
+use anyhow::Result;
 use parley_projections::rebuild::{drop_previous, rebuild_context};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Common, ProjectionsCommand};
-use crate::commands::{progress_bar, report_undecodable};
+use crate::commands::{connect_store, progress_bar, report_undecodable};
 
 /// `parley projections`.
 pub(crate) async fn projections(
@@ -18,9 +17,8 @@ pub(crate) async fn projections(
     shutdown: CancellationToken,
 ) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     match command {
         ProjectionsCommand::Rebuild { .. } => {
             let mut show = |done: u64, total: u64, elapsed: Duration| progress_bar(done, total, "records", elapsed);

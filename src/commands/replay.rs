@@ -3,13 +3,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use parley_events::invariants::violations;
 use parley_events::{ConversationEvent, ConversationId, LLMResponseGenerated};
-use parley_projections::Store;
 use parley_projections::replay::{self as log_replay, LogReader};
 
 use crate::cli::Common;
+use crate::commands::connect_store;
 use crate::commands::{print_violations, report_undecodable};
 
 /// `parley replay`.
@@ -20,9 +20,8 @@ pub(crate) async fn replay(
     format: String,
 ) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     let reader = LogReader::new(kafka, registry)?;
     let (state, records, differences, method, elapsed) =
         log_replay::replay(&reader, &store, conversation_id, scan).await?;

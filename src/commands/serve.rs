@@ -7,45 +7,28 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use parley_embedder::EmbedderArgs;
-use parley_eventlog::secret::secret_from;
+use parley_embedder::{CqlStores, EmbedderArgs};
 use parley_eventlog::topics::ensure_topics;
 use parley_events::SchemaCatalog;
 use parley_events::registry::SchemaRegistry;
-use parley_events::sealing::MasterKey;
 use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
-use parley_projections::Store;
-use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_retrieval::{Embedders, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
-use zeroize::Zeroizing;
 
 use crate::cli::Common;
-
-/// The key store of people's data keys, when a master key is configured.
-async fn key_store(common: &Common, store: &Store) -> Result<Option<KeyStore>> {
-    let file = common.master_key_file.as_deref();
-    let Some(text) = secret_from("PARLEY_MASTER_KEY", file).context("reading the master key")? else {
-        return Ok(None);
-    };
-    let text = Zeroizing::new(text);
-    let id = file.map_or_else(|| "local:PARLEY_MASTER_KEY".to_owned(), |f| format!("local:{}", f.display()));
-    let master = MasterKey::from_base64(&text, &id).context("the master key")?;
-    Ok(Some(KeyStore::open(store, Arc::new(master)).await?))
-}
+use crate::commands::connect_store;
 
 /// `parley gateway`.
 pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: CancellationToken) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
     let credentials = Credentials::load(&args, &shutdown).await?;
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
-    let keys = key_store(common, &store).await?;
+    let keys = store.keys().cloned();
     let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, keys, shutdown).await?;
     print_chat_url(&gateway);
     gateway.serve().await?;
@@ -55,22 +38,20 @@ pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: Cancel
 /// `parley inference`.
 pub(crate) async fn inference(common: &Common, args: InferenceArgs, shutdown: CancellationToken) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
-    let keys = key_store(common, &store).await?;
-    parley_inference::service::run(kafka, registry, store, retriever, keys, args, budgets, shutdown).await?;
+    let keys = store.keys().cloned();
+    Box::pin(parley_inference::service::run(kafka, registry, store, retriever, keys, args, budgets, shutdown)).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `parley projection`.
 pub(crate) async fn projection(common: &Common, shutdown: CancellationToken) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
-    let store = Store::connect(cql).await?;
+    let store = connect_store(common).await?;
     parley_projections::projector::run(kafka, registry, store, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -80,9 +61,10 @@ pub(crate) async fn embedder(common: &Common, args: EmbedderArgs, shutdown: Canc
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let (embedders, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
-    let store = Store::connect(&common.cql).await.context("connecting to the CQL store")?;
-    let cache = Some(Arc::new(LiveReader::new(store).await?));
-    parley_embedder::run(kafka, registry, embedders.bulk, vectors, cache, args, shutdown).await?;
+    let store = connect_store(common).await?;
+    let keys = store.keys().cloned();
+    let cql = Some(CqlStores { cache: Arc::new(LiveReader::new(store).await?), keys });
+    parley_embedder::run(kafka, registry, embedders.bulk, vectors, cql, args, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -96,15 +78,14 @@ pub(crate) async fn all(
     shutdown: CancellationToken,
 ) -> Result<ExitCode> {
     let kafka = &common.kafka;
-    let cql = &common.cql;
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
     let credentials = Credentials::load(&gateway, &shutdown).await?;
     ensure_topics(kafka, None).await.context("creating topics")?;
     SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
-    let store = Store::connect(cql).await.context("connecting to the CQL store")?;
+    let store = connect_store(common).await?;
     let retrieval = retrieval(common).await?;
-    let keys = key_store(common, &store).await?;
+    let keys = store.keys().cloned();
     // One embedding backend for the three: questions batched by one worker, indexing in the background.
     let retriever = retrieval.clone().map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(
@@ -119,18 +100,20 @@ pub(crate) async fn all(
         shutdown.clone(),
     )
     .await?;
+    let cql = Some(CqlStores { cache: Arc::new(LiveReader::new(store.clone()).await?), keys: keys.clone() });
     let inference = spawn_linked(&shutdown, {
         let (kafka, registry, shutdown, store) = (kafka.clone(), registry.to_owned(), shutdown.clone(), store.clone());
         async move {
-            parley_inference::service::run(&kafka, &registry, store, retriever, keys, inference, budgets, shutdown)
-                .await
+            Box::pin(parley_inference::service::run(
+                &kafka, &registry, store, retriever, keys, inference, budgets, shutdown,
+            ))
+            .await
         }
     });
-    let cache = Some(Arc::new(LiveReader::new(store.clone()).await?));
     let embedder = retrieval.map(|(embedders, vectors)| {
         let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
         spawn_linked(&shutdown, async move {
-            parley_embedder::run(&kafka, &registry, embedders.bulk, vectors, cache, embedder, shutdown_).await
+            parley_embedder::run(&kafka, &registry, embedders.bulk, vectors, cql, embedder, shutdown_).await
         })
     });
     let projection = (!without_projection).then(|| {

@@ -232,6 +232,7 @@ async fn a_query_with_a_malformed_event_id_is_dead_lettered_not_answered() {
     let event_id = parley_events::EventId::random();
     let envelope = Envelope::new(event_id, conversation_id, 2, Producer { name: "foreign", version: "1" });
     let query = UserQueryReceived {
+        sealed_for: String::new(),
         envelope,
         user_id: "mallory".parse().unwrap(),
         client_message_id: "m1".into(),

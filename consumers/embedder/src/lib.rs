@@ -12,4 +12,4 @@ pub mod chunking;
 pub mod service;
 pub mod sources;
 
-pub use service::{EmbedderArgs, EmbedderError, run};
+pub use service::{CqlStores, EmbedderArgs, EmbedderError, run};

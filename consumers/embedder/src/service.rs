@@ -19,6 +19,7 @@ use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
 use parley_events::{ConversationEvent, DocumentEvent, EventCodec, EventsError};
+use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
 use parley_retrieval::{EmbeddingBackend, RetrievalError, VectorStore};
 use rdkafka::Message;
@@ -89,13 +90,23 @@ pub enum EmbedderError {
 /// Longest pause between attempts while Milvus or the embedding service is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// What the embedder reads and writes in the CQL store (none in tests of the embedder alone).
+#[derive(Debug, Clone)]
+pub struct CqlStores {
+    /// The semantic cache's rows: a deleted document's cached answers go with its vectors.
+    pub cache: Arc<LiveReader>,
+    /// People's data keys, to open sealed content before it is embedded (none: no master
+    /// key is configured).
+    pub keys: Option<KeyStore>,
+}
+
 /// Runs the embedder until `shutdown` is cancelled.
 pub async fn run(
     kafka: &KafkaSettings,
     registry_url: &str,
     backend: Arc<dyn EmbeddingBackend>,
     store: VectorStore,
-    cache: Option<Arc<LiveReader>>,
+    cql: Option<CqlStores>,
     args: EmbedderArgs,
     shutdown: CancellationToken,
 ) -> Result<(), EmbedderError> {
@@ -128,7 +139,8 @@ pub async fn run(
         codec: codec.clone(),
         backend,
         store,
-        cache,
+        cache: cql.as_ref().map(|cql| cql.cache.clone()),
+        keys: cql.and_then(|cql| cql.keys),
         topics,
         batch_size: usize::from(args.embedder_batch_size),
         chunk_chars: usize::try_from(args.chunk_chars).unwrap_or(usize::MAX),
@@ -157,6 +169,7 @@ struct Worker {
     /// The semantic cache's rows: a deleted document's cached answers go with its vectors
     /// (none: no CQL store was given, as in tests of the embedder alone).
     cache: Option<Arc<LiveReader>>,
+    keys: Option<KeyStore>,
     topics: Topics,
     batch_size: usize,
     chunk_chars: usize,
@@ -176,10 +189,23 @@ impl Processor for Worker {
         let payload = record.payload().unwrap_or_default();
         if record.topic() == self.topics.documents {
             let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_document_event(payload));
-            return decoded.await.map(|r| r.map(|d| Source::Document(d.event)));
+            let mut decoded = decoded.await?;
+            if let (Some(keys), Ok(DocumentEvent::Submitted(document))) =
+                (&self.keys, decoded.as_mut().map(|d| &mut d.event))
+                && !keys.open_event_waiting(document, &self.shutdown).await
+            {
+                return None;
+            }
+            return Some(decoded.map(|d| Source::Document(d.event)));
         }
         let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
-        decoded.await.map(|r| r.map(|d| Source::Conversation(d.event)))
+        let mut decoded = decoded.await?;
+        if let (Some(keys), Ok(decoded)) = (&self.keys, &mut decoded)
+            && !keys.open_event_waiting(&mut decoded.event, &self.shutdown).await
+        {
+            return None;
+        }
+        Some(decoded.map(|d| Source::Conversation(d.event)))
     }
 
     fn wants(&self, _source: &Source) -> bool {

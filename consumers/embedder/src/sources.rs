@@ -200,6 +200,7 @@ mod tests {
 
     fn answer(conversation: ConversationId, user_id: Option<&str>) -> ConversationEvent {
         ConversationEvent::ResponseGenerated(LLMResponseGenerated {
+            sealed_for: String::new(),
             envelope: envelope(conversation, 3),
             query_event_id: EventId::random(),
             text: "Kafka is a log.".into(),
@@ -228,6 +229,7 @@ mod tests {
         });
         assert_eq!(message_record(&started, &mut owners), Ok(None));
         let query = ConversationEvent::QueryReceived(UserQueryReceived {
+            sealed_for: String::new(),
             envelope: envelope(conversation, 2),
             user_id: "alice".parse().unwrap(),
             client_message_id: "m".into(),
@@ -273,6 +275,7 @@ mod tests {
 
     fn submitted(owner: &str) -> DocumentSubmitted {
         DocumentSubmitted {
+            sealed_for: String::new(),
             envelope: envelope(ConversationId::random(), 1),
             document_id: DocumentId::random(),
             owner: owner.parse().unwrap(),

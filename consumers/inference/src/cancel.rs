@@ -112,6 +112,7 @@ impl Partial {
     ) -> LLMResponseGenerated {
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         LLMResponseGenerated {
+            sealed_for: String::new(),
             envelope,
             query_event_id: query.envelope.event_id,
             text: self.text,
@@ -193,6 +194,7 @@ mod tests {
     fn query() -> UserQueryReceived {
         let producer = parley_events::Producer { name: "t", version: "0" };
         UserQueryReceived {
+            sealed_for: String::new(),
             envelope: Envelope::new(EventId::random(), ConversationId::random(), 2, producer),
             user_id: "alice".parse().unwrap(),
             client_message_id: "m1".into(),

@@ -63,7 +63,12 @@ impl ContextSource {
                 }
             }
         }
-        let records = self.log.lock().await.read_partition_until(id, partition, offset).await?;
+        let mut records = self.log.lock().await.read_partition_until(id, partition, offset).await?;
+        if let Some(keys) = self.reader.store().keys() {
+            for record in &mut records {
+                keys.open_event(&mut record.event).await?;
+            }
+        }
         let state = ConversationState::fold(records.iter().map(|r| &r.event));
         Ok(state.map(|s| s.messages.into_iter().filter(|m| m.sequence < sequence).collect()).unwrap_or_default())
     }
@@ -78,8 +83,12 @@ impl ContextSource {
         let store = self.reader.store();
         match store.conversation(&generation, id).await? {
             Some(row) if row.last_sequence >= sequence - 1 => {
-                let messages = store.messages(&generation, id).await?;
-                Ok(Some(messages.into_iter().filter(|m| m.sequence < sequence).collect()))
+                let mut messages: Vec<Message> =
+                    store.messages(&generation, id).await?.into_iter().filter(|m| m.sequence < sequence).collect();
+                if let Some(keys) = store.keys() {
+                    keys.open_messages(&row.user_id, &mut messages).await?;
+                }
+                Ok(Some(messages))
             }
             _ => Ok(None),
         }

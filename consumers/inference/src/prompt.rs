@@ -189,6 +189,7 @@ mod tests {
 
     fn query(sequence: i64, text: &str) -> UserQueryReceived {
         UserQueryReceived {
+            sealed_for: String::new(),
             envelope: Envelope::new(
                 EventId::random(),
                 ConversationId::random(),

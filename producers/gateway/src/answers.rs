@@ -102,7 +102,15 @@ pub async fn run(
         }
         // Every event is decoded: what the projection has not applied yet is kept for adoptions.
         let decoded = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
-            Some(Ok(decoded)) => Some(decoded.event),
+            Some(Ok(mut decoded)) => {
+                // Frames carry what people wrote, opened; the recent window keeps it too.
+                if let Some(keys) = &keys
+                    && !keys.open_event_waiting(&mut decoded.event, &shutdown).await
+                {
+                    return;
+                }
+                Some(decoded.event)
+            }
             // The inference consumer dead-letters poison records; the gateway only reads.
             Some(Err(error)) => {
                 warn!(%position, %error, "undecodable conversation event skipped by the gateway");

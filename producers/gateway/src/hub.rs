@@ -641,6 +641,7 @@ mod tests {
         // Another instance writes turn 2: this one sees it on the log and treats a resend
         // as a duplicate of a turn still open.
         let query = ConversationEvent::QueryReceived(UserQueryReceived {
+            sealed_for: String::new(),
             envelope: Envelope::new(
                 query_event_id(conversation, "b"),
                 conversation,

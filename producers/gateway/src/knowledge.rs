@@ -24,6 +24,7 @@ use parley_events::event::now_millis;
 use parley_events::{DocumentId, EventId, UserId};
 use parley_ingest::Submission;
 use parley_ingest::document::{deletion_event, media_type_of};
+use parley_projections::ProjectionError;
 use parley_retrieval::{Hit, RetrievalError, Retriever, SearchFilter, SourceKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -78,7 +79,25 @@ pub(crate) async fn submit_document(
             let message = format!("{}; try again in {seconds} s", limited.limit.describe());
             return Err(ApiError::too_many("rate_limited", message, limited.retry_after_ms));
         }
-        let position = match append_document_event(&state, event.document_id, &event, &traceparent).await {
+        let mut sealed = event.clone();
+        if let Some(keys) = &state.keys
+            && let Err(error) = keys.seal_event(&mut sealed).await
+        {
+            rate().refund_document(owner, event_id, now_millis());
+            return Err(match error {
+                ProjectionError::Erased(_) => ApiError::new(
+                    StatusCode::GONE,
+                    "erased",
+                    "this identity's data was erased: it takes no new content (ask for a new identity)",
+                ),
+                error => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("the key store did not answer; nothing was written: {error}"),
+                ),
+            });
+        }
+        let position = match append_document_event(&state, event.document_id, &sealed, &traceparent).await {
             Ok(position) => position,
             Err(refused) => {
                 rate().refund_document(owner, event_id, now_millis());

@@ -90,7 +90,7 @@ pub fn socket(change: i64) {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::MalformedFrame,
         Self::FrameTooLarge,
         Self::InvalidField,
@@ -101,6 +101,7 @@ impl ErrorCode {
         Self::RateLimited,
         Self::BudgetExceeded,
         Self::Overloaded,
+        Self::Erased,
     ];
 
     /// The code as the protocol spells it.
@@ -116,6 +117,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::BudgetExceeded => "budget_exceeded",
             Self::Overloaded => "overloaded",
+            Self::Erased => "erased",
         }
     }
 }

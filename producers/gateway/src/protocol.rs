@@ -237,6 +237,9 @@ pub enum ErrorCode {
     /// More turns wait for the model than it can answer soon; nothing was written;
     /// `retry_after_ms` says when to try again.
     Overloaded,
+    /// The identity's data was erased (docs/security.md, "Erasure"): it takes no new
+    /// content; nothing was written.
+    Erased,
 }
 
 /// Bounds on what a client may send.

@@ -104,9 +104,13 @@ pub(crate) async fn conversation(
     }
     let generation = state.reader.generation().await?;
     let store = state.reader.store();
-    let row = store.conversation(&generation, id).await?.filter(|row| row.user_id == user).ok_or_else(not_found)?;
-    let messages: Vec<MessageView> =
-        store.messages(&generation, id).await?.into_iter().map(MessageView::from).collect();
+    let mut row = store.conversation(&generation, id).await?.filter(|row| row.user_id == user).ok_or_else(not_found)?;
+    let mut messages = store.messages(&generation, id).await?;
+    if let Some(keys) = store.keys() {
+        keys.open_messages(&user, &mut messages).await?;
+        keys.open_title(&user, id, &mut row.title).await?;
+    }
+    let messages: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
     Ok(Json(json!({
         "conversation_id": id,
         "title": row.title,
@@ -140,7 +144,13 @@ pub(crate) async fn conversations(
     }
     let before = params.before.as_deref().map(parse_cursor).transpose()?;
     let generation = state.reader.generation().await?;
-    let page = state.reader.store().conversations_of(&generation, &user, before, limit).await?;
+    let store = state.reader.store();
+    let mut page = store.conversations_of(&generation, &user, before, limit).await?;
+    if let Some(keys) = store.keys() {
+        for (_, id, title) in &mut page {
+            keys.open_title(&user, *id, title).await?;
+        }
+    }
     let next = (page.len() == usize::try_from(limit).unwrap_or(usize::MAX))
         .then(|| page.last().map(|(at, id, _)| format!("{at}:{id}")))
         .flatten();

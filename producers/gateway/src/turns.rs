@@ -83,6 +83,7 @@ pub(crate) async fn accept_query(
     let traceparent = traceparent_of(&span, None);
     span.record("traceparent", traceparent.as_str());
     let event = UserQueryReceived {
+        sealed_for: String::new(),
         envelope: Envelope::new(query_id, conversation_id, sequence, SOURCE)
             .with_traceparent(Some(traceparent.clone())),
         user_id: user.clone(),
@@ -90,6 +91,21 @@ pub(crate) async fn accept_query(
         text: query.text.clone(),
         no_cache: query.no_cache,
     };
+    // What the log keeps is sealed under the asker's data key; `event` stays plain for
+    // the asker's other tabs.
+    let mut sealed = event.clone();
+    if let Some(keys) = &state.keys
+        && let Err(e) = keys.seal_event(&mut sealed).await
+    {
+        undo_admission(state, user, conversation_id, sequence, query_id).await;
+        return match e {
+            ProjectionError::Erased(_) => error(
+                ErrorCode::Erased,
+                "this identity's data was erased: it takes no new content (ask for a new identity)".into(),
+            ),
+            e => error(ErrorCode::Unavailable, format!("the key store did not answer; nothing was written: {e}")),
+        };
+    }
     let written = async {
         if new_conversation {
             let started = ConversationStarted {
@@ -103,7 +119,7 @@ pub(crate) async fn accept_query(
                 .append(&state.topics.events, &conversation_id.to_string(), &started, Some(&traceparent))
                 .await?;
         }
-        state.producer.append(&state.topics.events, &conversation_id.to_string(), &event, Some(&traceparent)).await
+        state.producer.append(&state.topics.events, &conversation_id.to_string(), &sealed, Some(&traceparent)).await
     }
     .instrument(span)
     .await;
@@ -126,12 +142,7 @@ pub(crate) async fn accept_query(
         }
         Err(e) => {
             warn!(error = %e, %conversation_id, "query not written");
-            state.hub.release(conversation_id, sequence);
-            state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, query_id, now_ms());
-            let (ledger, budgets) = &state.budget;
-            if let Err(error) = ledger.settle_if_limited(budgets, user, query_id, 0).await {
-                warn!(%error, %query_id, "the reservation of an unwritten query was not released");
-            }
+            undo_admission(state, user, conversation_id, sequence, query_id).await;
             error(ErrorCode::Unavailable, format!("the event log did not take the query; nothing was written: {e}"))
         }
     }
@@ -147,6 +158,23 @@ struct Refused {
 
 /// The lane a new conversation of `user`'s is served in: their tier, or the lower lane the
 /// client asked for (never a higher one).
+/// Gives back what admitting a turn took (its sequence, its rate-limit slot, its budget
+/// reservation) when the turn is not written.
+async fn undo_admission(
+    state: &AppState,
+    user: &UserId,
+    conversation_id: ConversationId,
+    sequence: i64,
+    query_id: EventId,
+) {
+    state.hub.release(conversation_id, sequence);
+    state.rate.lock().unwrap_or_else(PoisonError::into_inner).refund(user, query_id, now_ms());
+    let (ledger, budgets) = &state.budget;
+    if let Err(error) = ledger.settle_if_limited(budgets, user, query_id, 0).await {
+        warn!(%error, %query_id, "the reservation of an unwritten query was not released");
+    }
+}
+
 async fn lane_of_new_conversation(
     state: &AppState,
     user: &UserId,

@@ -77,6 +77,7 @@ impl Submission {
         let document_id = document_id(&self.owner, &self.title, &self.text);
         let event_id = Uuid::new_v5(&document_id.uuid(), b"submitted").into();
         Ok(DocumentSubmitted {
+            sealed_for: String::new(),
             envelope: Envelope::new(event_id, document_id.stream(), 1, SOURCE).with_traceparent(traceparent),
             document_id,
             owner: self.owner,

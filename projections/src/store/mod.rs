@@ -23,6 +23,7 @@ pub use self::cache::{CACHE_RETENTION_SECONDS, CachedAnswerRow};
 pub use self::generation::Generation;
 pub use self::rows::{ConversationRow, EventLocation};
 use crate::error::ProjectionError;
+use crate::keys::KeyStore;
 
 /// Name of the context projection in `projection_generations`.
 pub const CONTEXT: &str = "context";
@@ -71,6 +72,8 @@ fn parse_identifier(value: &str) -> Result<String, String> {
 pub struct Store {
     session: Arc<Session>,
     keyspace: String,
+    /// People's data keys: what readers of sealed rows open them with (none: no master key).
+    keys: Option<KeyStore>,
 }
 
 impl Store {
@@ -81,7 +84,7 @@ impl Store {
             builder = builder.known_node(node);
         }
         let session = builder.build().await.map_err(|e| ProjectionError::Connect(e.to_string()))?;
-        let store = Self { session: Arc::new(session), keyspace: settings.keyspace.clone() };
+        let store = Self { session: Arc::new(session), keyspace: settings.keyspace.clone(), keys: None };
         store
             .ddl(&format!(
                 "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}",
@@ -96,6 +99,17 @@ impl Store {
             ))
             .await?;
         Ok(store)
+    }
+
+    /// This store, whose readers open sealed rows with `keys` (and whose projector seals
+    /// the titles it derives).
+    pub fn with_keys(self, keys: Option<KeyStore>) -> Self {
+        Self { keys, ..self }
+    }
+
+    /// The data keys sealed rows are opened with, when a master key is configured.
+    pub fn keys(&self) -> Option<&KeyStore> {
+        self.keys.as_ref()
     }
 
     pub(crate) fn session(&self) -> &Arc<Session> {

@@ -9,12 +9,14 @@ use parley_eventlog::trace::{continue_trace, traceparent_of};
 use parley_eventlog::transaction::Outgoing;
 use parley_events::budget::BUDGET_EXCEEDED;
 use parley_events::event::now_millis;
+use parley_events::personal::Personal;
 use parley_events::sealing::{DataKey, delta_field};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
     ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, UserId,
     UserQueryReceived,
 };
+use parley_projections::ProjectionError;
 use parley_projections::budget::Reserved;
 use tokio::sync::mpsc;
 use tracing::field::Empty;
@@ -27,16 +29,27 @@ use crate::cancel::Partial;
 use crate::metrics;
 use crate::prompt::{build_prompt, estimate_tokens};
 
-/// How an answer's deltas go out.
+/// How an answer (its deltas and its outcome) goes out.
+#[derive(Clone)]
 pub(super) enum Sealing {
-    /// As the model wrote them (no master key is configured).
+    /// As the model wrote it (no master key is configured).
     Plain,
     /// Sealed under the asker's data key.
     Sealed(DataKey, UserId),
-    /// Not at all: the asker's key could not be had, and a delta is a preview (the outcome
-    /// event carries the whole answer), never worth sending in clear.
-    Withheld,
 }
+
+impl Sealing {
+    /// `answer` as the log keeps it.
+    pub(super) fn seal(&self, mut answer: LLMResponseGenerated) -> LLMResponseGenerated {
+        if let Self::Sealed(key, _) = self {
+            answer.seal_with(key);
+        }
+        answer
+    }
+}
+
+/// The failure kind of a question whose asker was erased before it was answered.
+const ERASED: &str = "erased";
 
 /// The deltas of one answer on their way to the tokens topic, in order.
 pub(super) struct TokenStream {
@@ -88,12 +101,23 @@ impl Worker {
                 payload,
                 traceparent: Some(traceparent.clone()),
             };
+            let sealing = match self.sealing(query).await {
+                Ok(sealing) => sealing,
+                Err(ProjectionError::Erased(_)) => {
+                    info!("the asker was erased before the answer; writing LLMResponseFailed");
+                    self.outcome_seen(query, partition, ERASED);
+                    self.settle_budget(query, 0).await;
+                    let message = "the asker's data was erased".to_owned();
+                    return Ok(outgoing(self.failed(envelope(), query, ERASED, message, 0).await?));
+                }
+                Err(error) => return Err(error.into()),
+            };
             let Ok(cancel) = self.cancels.start(query.envelope.event_id) else {
                 info!("cancelled before its answer started; writing an empty cancelled answer");
                 self.outcome_seen(query, partition, "cancelled");
                 self.settle_budget(query, 0).await;
                 let cancelled = Partial::default().into_answer(envelope(), query, &self.model_name, 0, Vec::new());
-                return Ok(outgoing(self.codec.encode(&cancelled).await?));
+                return Ok(outgoing(self.codec.encode(&sealing.seal(cancelled)).await?));
             };
             if let Some(exceeded) = self.over_budget(query).await {
                 warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
@@ -117,13 +141,14 @@ impl Worker {
             let fingerprint = self.context_fingerprint(&history, &prompt);
             if let Some(candidate) = self.cache_hit(query, &found.candidates, &prompt, &fingerprint) {
                 metrics::first_token(self.lanes.lane_of(partition).as_str(), now_millis() - query.envelope.occurred_at);
-                let answer = self.serve_cached(query, candidate, envelope(), prompt, fingerprint, &traceparent).await;
+                let deltas =
+                    self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent, sealing.clone());
+                let answer = self.serve_cached(query, candidate, envelope(), prompt, fingerprint, deltas).await?;
                 self.outcome_seen(query, partition, "answer");
                 self.settle_budget(query, 0).await;
-                return Ok(outgoing(self.codec.encode(&answer).await?));
+                return Ok(outgoing(self.codec.encode(&sealing.seal(answer)).await?));
             }
-            let deltas =
-                self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent, self.sealing(query).await);
+            let deltas = self.stream_tokens(conversation_id, query.envelope.event_id, &traceparent, sealing.clone());
             let partial = Mutex::new(Partial::started());
             let lane = self.lanes.lane_of(partition).as_str();
             let mut first_token = true;
@@ -163,7 +188,7 @@ impl Worker {
                 let used = i64::from(cancelled.prompt_tokens) + i64::from(cancelled.completion_tokens);
                 self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
                 let cancelled = LLMResponseGenerated { context_event_ids: prompt.context_event_ids, ..cancelled };
-                return Ok(outgoing(self.codec.encode(&cancelled).await?));
+                return Ok(outgoing(self.codec.encode(&sealing.seal(cancelled)).await?));
             };
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
             let used = result.as_ref().map_or(0, |c| i64::from(c.prompt_tokens) + i64::from(c.completion_tokens));
@@ -189,7 +214,8 @@ impl Worker {
                         "answered"
                     );
                     self.codec
-                        .encode(&LLMResponseGenerated {
+                        .encode(&sealing.seal(LLMResponseGenerated {
+                            sealed_for: String::new(),
                             envelope: envelope(),
                             query_event_id: query.envelope.event_id,
                             text: completion.text,
@@ -205,7 +231,7 @@ impl Worker {
                             retrieved: prompt.retrieved,
                             context_fingerprint: fingerprint,
                             cached_from: None,
-                        })
+                        }))
                         .await?
                 }
                 Err(error) => {
@@ -274,16 +300,13 @@ impl Worker {
         }
     }
 
-    /// How `query`'s deltas are to be sealed.
-    pub(super) async fn sealing(&self, query: &UserQueryReceived) -> Sealing {
-        let Some(keys) = &self.keys else { return Sealing::Plain };
-        match keys.key_for_sealing(query.user_id.as_str()).await {
-            Ok(key) => Sealing::Sealed(key, query.user_id.clone()),
-            Err(error) => {
-                warn!(%error, "the asker's data key is not available; the answer goes out without deltas");
-                Sealing::Withheld
-            }
-        }
+    /// How `query`'s answer is to be sealed: under the asker's key when a master key is
+    /// configured. An erased asker is [`ProjectionError::Erased`]; a key store that does
+    /// not answer fails the turn, which is retried (nothing goes out in clear).
+    pub(super) async fn sealing(&self, query: &UserQueryReceived) -> Result<Sealing, ProjectionError> {
+        let Some(keys) = &self.keys else { return Ok(Sealing::Plain) };
+        let key = keys.key_for_sealing(query.user_id.as_str()).await?;
+        Ok(Sealing::Sealed(key, query.user_id.clone()))
     }
 
     /// Starts the ordered stream of one answer's deltas to the tokens topic. Deltas are a
@@ -308,7 +331,6 @@ impl Worker {
                     Sealing::Sealed(key, owner) => {
                         (key.seal(&query_event_id, &delta_field(attempt, index), &delta), owner.to_string())
                     }
-                    Sealing::Withheld => continue,
                 };
                 let token = LLMTokenDelta {
                     conversation_id,

@@ -4,10 +4,12 @@
 use parley_events::conversation::Message;
 use parley_events::event::now_millis;
 use parley_events::{CachedAnswer, Envelope, LLMResponseGenerated, UserQueryReceived};
+use parley_projections::ProjectionError;
 use parley_projections::store::CachedAnswerRow;
 use tracing::{Instrument, info, info_span};
 
 use super::Worker;
+use super::answer::TokenStream;
 use crate::cache::{Asked, Candidate, choose, context_fingerprint};
 use crate::metrics;
 use crate::prompt::Prompt;
@@ -49,7 +51,7 @@ impl Worker {
         }
     }
 
-    /// Streams `candidate`'s answer to the asker and returns the outcome event: the cached
+    /// Streams `candidate`'s answer to the asker through `deltas` and returns the outcome event: the cached
     /// text, no model tokens and no model time, the prompt's context as it would have been,
     /// and `cached_from`.
     pub(super) async fn serve_cached(
@@ -59,22 +61,25 @@ impl Worker {
         envelope: Envelope,
         prompt: Prompt,
         fingerprint: String,
-        traceparent: &str,
-    ) -> LLMResponseGenerated {
+        deltas: TokenStream,
+    ) -> Result<LLMResponseGenerated, ProjectionError> {
         let entry = &candidate.entry;
         let span = info_span!("inference.cache_hit", similarity = candidate.similarity,
                               answer_event_id = %entry.answer_event_id, saved_ms = entry.llm_latency_ms);
         async {
-            let sealing = self.sealing(query).await;
-            let deltas =
-                self.stream_tokens(query.envelope.conversation_id, query.envelope.event_id, traceparent, sealing);
-            let _ = deltas.sender.send((1, 0, entry.text.clone()));
+            // The cache row holds the earlier answer as its event had it (sealed for it).
+            let mut text = entry.text.clone();
+            if let Some(keys) = &self.keys {
+                keys.open_text(&query.user_id, &entry.answer_event_id, "text", &mut text).await?;
+            }
+            let _ = deltas.sender.send((1, 0, text.clone()));
             deltas.finish().await;
             info!("answered from the semantic cache");
-            LLMResponseGenerated {
+            Ok(LLMResponseGenerated {
+                sealed_for: String::new(),
                 envelope,
                 query_event_id: query.envelope.event_id,
-                text: entry.text.clone(),
+                text,
                 model: entry.model.clone(),
                 finish_reason: "stop".into(),
                 prompt_tokens: 0,
@@ -91,7 +96,7 @@ impl Worker {
                     query_event_id: entry.query_event_id,
                     similarity: candidate.similarity,
                 }),
-            }
+            })
         }
         .instrument(span)
         .await

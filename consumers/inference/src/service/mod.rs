@@ -222,7 +222,13 @@ impl Processor for Worker {
     async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<ConversationEvent>> {
         let payload = record.payload().unwrap_or_default();
         let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
-        decoded.await.map(|result| result.map(|d| d.event))
+        let mut decoded = decoded.await?;
+        if let (Some(keys), Ok(decoded)) = (&self.keys, &mut decoded)
+            && !keys.open_event_waiting(&mut decoded.event, &self.shutdown).await
+        {
+            return None;
+        }
+        Some(decoded.map(|d| d.event))
     }
 
     fn observe(&self, event: &ConversationEvent, catching_up: bool) {
