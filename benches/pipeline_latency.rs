@@ -33,20 +33,34 @@ fn summary(name: &str, mut samples: Vec<f64>) -> (f64, f64) {
     (p50, p99)
 }
 
-/// What sealing costs a turn of this benchmark (`--llm-max-tokens 16`: at most 16 deltas of
-/// a few characters), as inference seals each delta under the asker's data key and the
-/// gateway opens it: ms per turn, the key already in memory as it is after a person's first
-/// turn. (The turns above ran sealed: the quick start's master key is on.)
-fn sealing_cost(turns: usize) -> Vec<f64> {
+/// What sealing costs a turn, in-process, the key already in memory as it is after a
+/// person's first turn: the question sealed once (gateway) and opened three times
+/// (inference, the embedder, the gateway's listener), the answer sealed once (inference)
+/// and opened twice (gateway, embedder), each of `deltas` deltas of `delta_chars`
+/// characters sealed (inference) and opened (gateway). ms per turn. (The turns above ran
+/// sealed: the quick start's master key is on.)
+fn sealing_cost(turns: usize, deltas: i32, delta_chars: usize) -> Vec<f64> {
     use parley_events::sealing::{DataKey, delta_field};
     let key = DataKey::generate();
+    let question = "How do I rotate the signing key of the gateway without logging everyone out?";
+    let delta = "w".repeat(delta_chars);
+    let answer = delta.repeat(usize::try_from(deltas).unwrap_or(0));
     (0..turns)
         .map(|_| {
-            let query: parley_events::EventId = uuid::Uuid::new_v4().into();
+            let (query, outcome): (parley_events::EventId, parley_events::EventId) =
+                (uuid::Uuid::new_v4().into(), uuid::Uuid::new_v4().into());
             let started = Instant::now();
-            for index in 0..16 {
-                let sealed = key.seal(&query, &delta_field(1, index), " word");
-                assert_eq!(key.open(&query, &delta_field(1, index), &sealed).unwrap(), " word");
+            let sealed = key.seal(&query, "text", question);
+            for _ in 0..3 {
+                assert_eq!(key.open(&query, "text", &sealed).unwrap().len(), question.len());
+            }
+            for index in 0..deltas {
+                let sealed = key.seal(&query, &delta_field(1, index), &delta);
+                assert_eq!(key.open(&query, &delta_field(1, index), &sealed).unwrap().len(), delta.len());
+            }
+            let sealed = key.seal(&outcome, "text", &answer);
+            for _ in 0..2 {
+                assert_eq!(key.open(&outcome, "text", &sealed).unwrap().len(), answer.len());
             }
             started.elapsed().as_secs_f64() * 1000.0
         })
@@ -287,7 +301,14 @@ async fn main() {
     summary("Parley with retrieval: LLM call", rag.llm);
     summary("Parley with retrieval: overhead (answer − LLM)", rag.overhead);
     summary("Parley with retrieval: first-token overhead", rag.first_token_overhead);
-    summary("sealing: a turn's 16 deltas sealed (inference) and opened (gateway), in-process", sealing_cost(turns));
+    summary(
+        "sealing: a turn of this bench (question, answer, 16 deltas of 5 characters), in-process",
+        sealing_cost(turns, 16, 5),
+    );
+    summary(
+        "sealing: a long turn (question, answer, 512 deltas of 4 characters), in-process",
+        sealing_cost(turns, 512, 4),
+    );
     println!();
     println!(
         "overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",
