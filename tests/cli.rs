@@ -40,10 +40,10 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
         std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
     }
     let mut schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_schemas.join("user_query_received.v1.avsc")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(repo_schemas.join("user_query_received.v3.avsc")).unwrap())
             .unwrap();
     schema["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "locale", "type": "string"}));
-    std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
+    std::fs::write(dir.join("user_query_received.v4.avsc"), schema.to_string()).unwrap();
 
     let refused = check(&stack.registry, Some(&dir));
     let stdout = String::from_utf8_lossy(&refused.stdout);
@@ -52,7 +52,7 @@ fn schemas_check_accepts_the_repo_and_refuses_an_incompatible_edit() {
 
     // With a default the same change is compatible.
     schema["fields"].as_array_mut().unwrap().last_mut().unwrap()["default"] = serde_json::json!("en");
-    std::fs::write(dir.join("user_query_received.v2.avsc"), schema.to_string()).unwrap();
+    std::fs::write(dir.join("user_query_received.v4.avsc"), schema.to_string()).unwrap();
     assert!(check(&stack.registry, Some(&dir)).status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -103,8 +103,11 @@ pub async fn run(
         // Every event is decoded: what the projection has not applied yet is kept for adoptions.
         let decoded = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(mut decoded)) => {
-                // Frames carry what people wrote, opened; the recent window keeps it too.
+                // Frames carry what people wrote, opened: only for the conversations held
+                // here (the recent window keeps no text, and a key read per person of
+                // every conversation would hold up the listener).
                 if let Some(keys) = &keys
+                    && conversation_id.is_some_and(|id| hub.holds(&id))
                     && !keys.open_event_waiting(&mut decoded.event, &shutdown).await
                 {
                     return;

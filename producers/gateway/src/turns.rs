@@ -289,7 +289,12 @@ async fn earlier_outcome(
             .map(|l| l.position())
             .collect()
     };
-    let records = state.log.lock().await.records_at(&positions).await?;
+    let mut records = state.log.lock().await.records_at(&positions).await?;
+    if let Some(keys) = &state.keys {
+        for record in &mut records {
+            keys.open_event(&mut record.event).await?;
+        }
+    }
     let query_event_id = query_id.to_string();
     Ok(records
         .iter()
