@@ -179,7 +179,7 @@ impl KeyStore {
     }
 
     /// Opens `event`'s sealed fields: their text, [`ERASED`] when the subject's key is gone,
-    /// [`UNREADABLE`](parley_events::sealing::UNREADABLE) (and a warning) when a value does
+    /// [`UNREADABLE`] (and a warning) when a value does
     /// not open with the live key.
     pub async fn open_event<E: Personal>(&self, event: &mut E) -> Result<(), ProjectionError> {
         if !event.is_sealed() {
