@@ -21,6 +21,7 @@ use scylla::value::{CqlValue, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::replay::AuditRecord;
 use crate::{ProjectionError, Store};
 
 /// The field a conversation's title is sealed as, bound to the conversation's id.
@@ -232,6 +233,14 @@ impl KeyStore {
             }),
             SubjectKey::Erased(_) | SubjectKey::None => ERASED.to_owned(),
         };
+        Ok(())
+    }
+
+    /// The events of `records` (read back from the log) opened in place.
+    pub async fn open_records(&self, records: &mut [AuditRecord]) -> Result<(), ProjectionError> {
+        for record in records {
+            self.open_event(&mut record.event).await?;
+        }
         Ok(())
     }
 

@@ -363,9 +363,7 @@ pub async fn replay(
     let mut messages = store.messages(&generation, conversation_id).await?;
     // Both sides opened with the owner's key: what was erased reads [erased] on both.
     if let Some(keys) = store.keys() {
-        for record in &mut records {
-            keys.open_event(&mut record.event).await?;
-        }
+        keys.open_records(&mut records).await?;
         if let Some(row) = &mut row {
             keys.open_messages(&row.user_id, &mut messages).await?;
             keys.open_title(&row.user_id, conversation_id, &mut row.title).await?;

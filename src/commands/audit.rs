@@ -47,9 +47,7 @@ pub(crate) async fn audit(
     records.extend(reader.records_at(&LetterBook::copies_not_read(&letters, &read)).await?);
     records.sort_by_key(|r| (r.sequence, r.offset));
     if let Some(keys) = store.keys() {
-        for record in &mut records {
-            keys.open_event(&mut record.event).await?;
-        }
+        keys.open_records(&mut records).await?;
     }
     if records.is_empty() {
         eprintln!("no events of conversation {conversation_id} in the log");

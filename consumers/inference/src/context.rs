@@ -65,9 +65,7 @@ impl ContextSource {
         }
         let mut records = self.log.lock().await.read_partition_until(id, partition, offset).await?;
         if let Some(keys) = self.reader.store().keys() {
-            for record in &mut records {
-                keys.open_event(&mut record.event).await?;
-            }
+            keys.open_records(&mut records).await?;
         }
         let state = ConversationState::fold(records.iter().map(|r| &r.event));
         Ok(state.map(|s| s.messages.into_iter().filter(|m| m.sequence < sequence).collect()).unwrap_or_default())

@@ -291,9 +291,7 @@ async fn earlier_outcome(
     };
     let mut records = state.log.lock().await.records_at(&positions).await?;
     if let Some(keys) = &state.keys {
-        for record in &mut records {
-            keys.open_event(&mut record.event).await?;
-        }
+        keys.open_records(&mut records).await?;
     }
     let query_event_id = query_id.to_string();
     Ok(records
