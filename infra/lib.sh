@@ -81,6 +81,14 @@ export PARLEY_EMBEDDING_MODEL_DIR="${PARLEY_EMBEDDING_MODEL_DIR:-$VENV/lib/pytho
 # made once per machine by `infra/stack.sh start`, readable by its owner only.
 export PARLEY_MASTER_KEY_FILE="${PARLEY_MASTER_KEY_FILE:-$PARLEY_CACHE/master.key}"
 
+# Where the local stack keeps its files, and the tools that read them: the erasure test
+# looks for a canary in Kafka's segments (DumpLogSegments) and Cassandra's data files after
+# a flush (nodetool, sstabledump), as an auditor with disk access would.
+export PARLEY_RUN
+export PARLEY_KAFKA_LIBS="$PARLEY_CACHE/kafka-$KAFKA_VERSION/libs"
+export PARLEY_CASSANDRA_LIBS="$PARLEY_CACHE/cassandra-$CASSANDRA_VERSION/libs"
+export PARLEY_CASSANDRA_JMX_PORT="$CASSANDRA_JMX_PORT"
+
 # java_at_least N: prints the path of a java binary of major version >= N (the registry
 # needs 21+, while Kafka runs on the machine's default 17+).
 java_at_least() {

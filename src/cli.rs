@@ -89,6 +89,21 @@ pub(crate) enum Command {
     Projection,
     /// Embed messages and document chunks into the vector store.
     Embedder(EmbedderArgs),
+    /// Carry out erasures (the erasure worker): destroy each erased person's data key, purge
+    /// their rows and vectors, record the completion.
+    Erasure,
+    /// Erase a person (GDPR article 17): append an erasure request, then wait for the
+    /// erasure worker's completion and print what was purged where (docs/security.md).
+    Erase {
+        /// The person's user id.
+        user: UserId,
+        /// A ticket or reference for the record (never personal data).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// How long to wait for the completion (0: append the request and return).
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        wait: Duration,
+    },
     /// Submit documents (files, or folders walked for text files) to a user's knowledge base.
     Ingest {
         /// Files or folders.
@@ -320,6 +335,7 @@ pub(crate) fn service_name(command: &Command) -> &'static str {
         Command::Inference(_) => "parley-inference",
         Command::Projection => "parley-projection",
         Command::Embedder(_) => "parley-embedder",
+        Command::Erasure => "parley-erasure",
         Command::All { .. } => "parley",
         _ => CLI_SERVICE,
     }

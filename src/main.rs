@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 use crate::cli::{CLI_SERVICE, CacheCommand, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
-use crate::commands::{audit, budget, cache, dead_letters, documents, projections, replay, schemas, serve};
+use crate::commands::{audit, budget, cache, dead_letters, documents, erasure, projections, replay, schemas, serve};
 use crate::telemetry::Telemetry;
 
 mod cli;
@@ -58,6 +58,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inference(args) => Box::pin(serve::inference(&common, args, shutdown)).await,
         Command::Projection => serve::projection(&common, shutdown).await,
         Command::Embedder(args) => serve::embedder(&common, args, shutdown).await,
+        Command::Erasure => serve::erasure(&common, shutdown).await,
+        Command::Erase { user, reason, wait } => erasure::erase(&common, &user, &reason, wait).await,
         Command::All { gateway, inference, embedder, without_projection } => {
             Box::pin(serve::all(&common, gateway, inference, embedder, without_projection, shutdown)).await
         }

@@ -70,6 +70,8 @@ pub struct Topics {
     /// Load reports of the inference instances (queue age), read by every gateway to shed
     /// turns; operational signals, not events, kept an hour.
     pub load: String,
+    /// Erasure requests and completions, keyed by user id: the record of who was erased.
+    pub erasures: String,
 }
 
 impl Topics {
@@ -82,6 +84,7 @@ impl Topics {
             documents: format!("{prefix}documents"),
             embeddings: format!("{prefix}embeddings"),
             load: format!("{prefix}inference-load"),
+            erasures: format!("{prefix}erasures"),
         }
     }
 }

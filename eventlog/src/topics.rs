@@ -80,6 +80,14 @@ impl Topics {
                 configs: vec![("retention.ms", "3600000"), ("cleanup.policy", "delete"), ("segment.ms", "600000")],
             },
             TopicSpec {
+                name: self.erasures.clone(),
+                // One partition: erasures are rare, and one worker finishing them in the order
+                // asked keeps a person's request before its completion. Kept forever: it is
+                // the record of who was erased and when, which a rebuild must know.
+                partitions: 1,
+                configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
+            },
+            TopicSpec {
                 name: self.dead_letter.clone(),
                 partitions: 1,
                 configs: vec![

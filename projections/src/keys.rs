@@ -288,7 +288,8 @@ impl KeyStore {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner).remove(subject);
     }
 
-    async fn erased_at(&self, subject: &str) -> Result<Option<i64>, ProjectionError> {
+    /// When `subject` was erased (ms since the epoch), if they were.
+    pub async fn erased_at(&self, subject: &str) -> Result<Option<i64>, ProjectionError> {
         let rows = self.rows(&self.select_erased, (subject,)).await?;
         let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(|e| self.fail(&self.select_erased, e))?;
         Ok(row.and_then(|(at,)| at))

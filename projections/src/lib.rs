@@ -8,10 +8,12 @@
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`tiers`]: each user's tier, the lane of their new conversations;
 //! - [`keys`]: each data subject's data key, wrapped (crypto-shredding);
+//! - [`erasure`]: a person's rows purged from every table (the erasure worker's CQL half);
 //! - [`error`]: this crate's error type.
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod erasure;
 /// The projections' errors.
 pub mod error;
 pub mod keys;

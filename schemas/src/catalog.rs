@@ -39,6 +39,8 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("document_submitted.v2.avsc", include_str!("../avro/document_submitted.v2.avsc")),
     ("document_deleted.v1.avsc", include_str!("../avro/document_deleted.v1.avsc")),
     ("embeddings_indexed.v1.avsc", include_str!("../avro/embeddings_indexed.v1.avsc")),
+    ("erasure_requested.v1.avsc", include_str!("../avro/erasure_requested.v1.avsc")),
+    ("erasure_completed.v1.avsc", include_str!("../avro/erasure_completed.v1.avsc")),
 ];
 
 /// One event schema at one version, with the envelope inlined.

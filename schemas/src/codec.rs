@@ -123,6 +123,22 @@ impl EventCodec {
         Ok(Decoded { schema_id, event })
     }
 
+    /// Decodes a record of the `erasures` topic.
+    pub async fn decode_erasure_event(&self, bytes: &[u8]) -> Result<Decoded<ErasureEvent>, EventsError> {
+        let (schema_id, name, value) = self.decode_value(bytes).await?;
+        let event = match name.as_str() {
+            ErasureRequested::FULL_NAME => ErasureEvent::Requested(self.typed(schema_id, &name, value)?),
+            ErasureCompleted::FULL_NAME => ErasureEvent::Completed(self.typed(schema_id, &name, value)?),
+            other => {
+                return Err(EventsError::Undecodable {
+                    schema_id: Some(schema_id),
+                    reason: format!("{other} is not an erasure event"),
+                });
+            }
+        };
+        Ok(Decoded { schema_id, event })
+    }
+
     /// Decodes a record of the `dead-letter` topic: a letter or a decision on one.
     pub async fn decode_dead_letter_record(&self, bytes: &[u8]) -> Result<Decoded<DeadLetterRecord>, EventsError> {
         let (schema_id, name, value) = self.decode_value(bytes).await?;

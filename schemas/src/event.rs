@@ -236,6 +236,65 @@ pub enum DocumentEvent {
     Deleted(DocumentDeleted),
 }
 
+/// Someone asked that a person's data be erased (the `erasures` topic). Holds no personal
+/// data beyond the id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureRequested {
+    /// What every event carries; `conversation_id` is [`UserId::erasure_stream`], sequence 1.
+    pub envelope: Envelope,
+    /// The person to erase.
+    pub user_id: UserId,
+    /// `self` (the person, through `DELETE /api/me`) or `operator` (`parley erase`).
+    pub requested_by: String,
+    /// A ticket or reference an operator gave; empty when the person asked.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// An erasure is done: the person's data key destroyed, their copies purged (the
+/// `erasures` topic, after its request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureCompleted {
+    /// What every event carries; caused by the request, sequence 2.
+    pub envelope: Envelope,
+    /// The person erased.
+    pub user_id: UserId,
+    /// The [`ErasureRequested`] this completes.
+    pub request_event_id: EventId,
+    /// When the person's data key was destroyed (ms since the epoch; the first erasure's).
+    pub key_erased_at: i64,
+    /// Each place purged, with how many items this pass removed there.
+    pub purged: Vec<PurgedPlace>,
+}
+
+/// One place an erasure purged, and how much.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgedPlace {
+    /// e.g. `cql:messages`, `milvus:vectors`.
+    pub place: String,
+    /// Rows, partitions or vectors removed there by this pass.
+    pub items: i64,
+}
+
+/// What the `erasures` topic carries, in order per person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErasureEvent {
+    /// An erasure asked for.
+    Requested(ErasureRequested),
+    /// An erasure done.
+    Completed(ErasureCompleted),
+}
+
+impl ErasureEvent {
+    /// The person it is about.
+    pub fn user_id(&self) -> &UserId {
+        match self {
+            Self::Requested(e) => &e.user_id,
+            Self::Completed(e) => &e.user_id,
+        }
+    }
+}
+
 /// Vectors stored for one source (the `embeddings` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmbeddingsIndexed {
@@ -406,6 +465,12 @@ impl AvroEvent for DocumentSubmitted {
 }
 impl AvroEvent for DocumentDeleted {
     const FULL_NAME: &'static str = "io.parley.events.DocumentDeleted";
+}
+impl AvroEvent for ErasureRequested {
+    const FULL_NAME: &'static str = "io.parley.events.ErasureRequested";
+}
+impl AvroEvent for ErasureCompleted {
+    const FULL_NAME: &'static str = "io.parley.events.ErasureCompleted";
 }
 impl AvroEvent for EmbeddingsIndexed {
     const FULL_NAME: &'static str = "io.parley.events.EmbeddingsIndexed";

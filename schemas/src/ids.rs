@@ -123,6 +123,13 @@ impl DocumentId {
 pub struct UserId(String);
 
 impl UserId {
+    /// The id of the person's erasure stream: an erasure event's envelope carries it where a
+    /// conversation event carries its conversation's (a UUIDv5 of the id, so every request
+    /// about one person is in one stream).
+    pub fn erasure_stream(&self) -> ConversationId {
+        ConversationId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("parley-erasure:{}", self.0).as_bytes()))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

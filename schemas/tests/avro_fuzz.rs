@@ -119,6 +119,16 @@ fn samples() -> Vec<Sample> {
                 sealed_for: String::new(),
             },
         ),
+        sample(
+            &catalog,
+            &ErasureCompleted {
+                envelope: envelope(2),
+                user_id: "alice".parse().unwrap(),
+                request_event_id: EventId::random(),
+                key_erased_at: 1_700_000_000_000,
+                purged: vec![PurgedPlace { place: "cql:messages".into(), items: 12 }],
+            },
+        ),
     ]
 }
 

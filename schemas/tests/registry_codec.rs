@@ -183,6 +183,32 @@ async fn every_conversation_event_round_trips_through_the_registry() {
     };
     assert_eq!(codec.decode::<EmbeddingsIndexed>(&codec.encode(&indexed).await.unwrap()).await.unwrap().event, indexed);
 
+    // The erasures topic carries requests and completions, told apart by record name.
+    let alice: UserId = "alice".parse().unwrap();
+    let requested = ErasureRequested {
+        envelope: Envelope::new(EventId::random(), alice.erasure_stream(), 1, P),
+        user_id: alice.clone(),
+        requested_by: "operator".into(),
+        reason: "ticket-42".into(),
+    };
+    let completed = ErasureCompleted {
+        envelope: Envelope::new(EventId::random(), alice.erasure_stream(), 2, P).caused_by(&requested.envelope),
+        user_id: alice.clone(),
+        request_event_id: requested.envelope.event_id,
+        key_erased_at: 1_700_000_000_000,
+        purged: vec![PurgedPlace { place: "cql:messages".into(), items: 3 }],
+    };
+    for event in [ErasureEvent::Requested(requested.clone()), ErasureEvent::Completed(completed.clone())] {
+        let bytes = match &event {
+            ErasureEvent::Requested(e) => codec.encode(e).await.unwrap(),
+            ErasureEvent::Completed(e) => codec.encode(e).await.unwrap(),
+        };
+        assert_eq!(codec.decode_erasure_event(&bytes).await.unwrap().event, event);
+    }
+    assert_eq!(requested.envelope.conversation_id, "alice".parse::<UserId>().unwrap().erasure_stream(), "stable");
+    let not_an_erasure = codec.decode_erasure_event(&codec.encode(&letter).await.unwrap()).await.unwrap_err();
+    assert!(not_an_erasure.to_string().contains("not an erasure event"), "{not_an_erasure}");
+
     let wrong_type = codec.decode::<LLMTokenDelta>(&codec.encode(&letter).await.unwrap()).await.unwrap_err();
     assert!(wrong_type.to_string().contains("expected io.parley.events.LLMTokenDelta"), "{wrong_type}");
 }

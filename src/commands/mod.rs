@@ -19,6 +19,7 @@ pub(crate) mod budget;
 pub(crate) mod cache;
 pub(crate) mod dead_letters;
 pub(crate) mod documents;
+pub(crate) mod erasure;
 pub(crate) mod projections;
 pub(crate) mod replay;
 pub(crate) mod schemas;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use parley_events::invariants::violations;
+use parley_events::sealing::ERASED;
 use parley_events::{ConversationEvent, ConversationId, LLMResponseGenerated};
 use parley_projections::replay::{self as log_replay, LogReader};
 
@@ -87,6 +88,13 @@ pub(crate) async fn replay(
         }
         for (expected, got) in &state.gaps {
             println!("  gap: expected sequence {expected}, log continues at {got}");
+        }
+        let erased_at = match store.keys() {
+            Some(keys) => keys.erased_at(state.head.owner.as_str()).await?,
+            None => None,
+        };
+        if let Some(at) = erased_at {
+            println!("  owner erased at {at} (ms since the epoch): content reads {ERASED}, projection rows purged");
         }
         if differences.is_empty() {
             println!("diff against the projection: none");

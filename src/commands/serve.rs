@@ -1,5 +1,5 @@
 //! The long-running services: `parley gateway`, `inference`, `projection`, `embedder`,
-//! and `all` (every one of them in one process, the quick start).
+//! `erasure`, and `all` (every one of them in one process, the quick start).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use parley_embedder::{CqlStores, EmbedderArgs};
+use parley_erasure::watch::forget_erased_keys;
+use parley_erasure::worker::Purger;
 use parley_eventlog::topics::ensure_topics;
 use parley_events::SchemaCatalog;
 use parley_events::registry::SchemaRegistry;
 use parley_gateway::{Credentials, Gateway, GatewayArgs};
 use parley_inference::service::InferenceArgs;
+use parley_projections::Store;
 use parley_projections::reader::LiveReader;
 use parley_retrieval::{Embedders, EmbeddingSettings, MilvusSettings, Retriever, VectorStore};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,7 @@ pub(crate) async fn gateway(common: &Common, args: GatewayArgs, shutdown: Cancel
     let budgets = common.budgets;
     let credentials = Credentials::load(&args, &shutdown).await?;
     let store = connect_store(common).await?;
+    watch_erasures(common, &store, &shutdown);
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let keys = store.keys().cloned();
     let gateway = Gateway::bind(kafka, registry, &args, credentials, budgets, store, retriever, keys, shutdown).await?;
@@ -41,6 +45,7 @@ pub(crate) async fn inference(common: &Common, args: InferenceArgs, shutdown: Ca
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
     let store = connect_store(common).await?;
+    watch_erasures(common, &store, &shutdown);
     let retriever = retrieval(common).await?.map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let keys = store.keys().cloned();
     Box::pin(parley_inference::service::run(kafka, registry, store, retriever, keys, args, budgets, shutdown)).await?;
@@ -62,10 +67,40 @@ pub(crate) async fn embedder(common: &Common, args: EmbedderArgs, shutdown: Canc
     let registry = common.schema_registry_url.as_str();
     let (embedders, vectors) = open_retrieval(&common.embedding, &common.milvus).await?;
     let store = connect_store(common).await?;
+    watch_erasures(common, &store, &shutdown);
     let keys = store.keys().cloned();
     let cql = Some(CqlStores { cache: Arc::new(LiveReader::new(store).await?), keys });
     parley_embedder::run(kafka, registry, embedders.bulk, vectors, cql, args, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `parley erasure`: the erasure worker (one is enough; the topic has one partition).
+pub(crate) async fn erasure(common: &Common, shutdown: CancellationToken) -> Result<ExitCode> {
+    let store = connect_store(common).await?;
+    let vectors = vector_store(common).await?;
+    parley_erasure::worker::run(&common.kafka, &common.schema_registry_url, Purger { store, vectors }, shutdown)
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The vector store alone (an erasure purges it by owner; no embedding backend needed
+/// beyond its dimension), unless `--without-retrieval`.
+async fn vector_store(common: &Common) -> Result<Option<VectorStore>> {
+    Ok(retrieval(common).await?.map(|(_, vectors)| vectors))
+}
+
+/// Forgets, in this process, the data key of each person erased from now on (every process
+/// that opens or seals content runs it; without a master key there are no keys to forget).
+fn watch_erasures(common: &Common, store: &Store, shutdown: &CancellationToken) {
+    let Some(keys) = store.keys().cloned() else { return };
+    let (kafka, registry, shutdown) = (common.kafka.clone(), common.schema_registry_url.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(error) = forget_erased_keys(&kafka, &registry, keys, shutdown.clone()).await {
+            // A process that could miss an erasure would go on opening what it sealed.
+            tracing::error!(%error, "the erasures watch stopped; stopping the process");
+            shutdown.cancel();
+        }
+    });
 }
 
 /// `parley all`: topics, schemas, then every service in this process.
@@ -84,8 +119,14 @@ pub(crate) async fn all(
     ensure_topics(kafka, None).await.context("creating topics")?;
     SchemaRegistry::new(registry)?.register_all(&SchemaCatalog::embedded()).await.context("registering schemas")?;
     let store = connect_store(common).await?;
+    watch_erasures(common, &store, &shutdown);
     let retrieval = retrieval(common).await?;
     let keys = store.keys().cloned();
+    let erasure = spawn_linked(&shutdown, {
+        let purger = Purger { store: store.clone(), vectors: retrieval.as_ref().map(|(_, vectors)| vectors.clone()) };
+        let (kafka, registry, shutdown) = (kafka.clone(), registry.to_owned(), shutdown.clone());
+        async move { parley_erasure::worker::run(&kafka, &registry, purger, shutdown).await }
+    });
     // One embedding backend for the three: questions batched by one worker, indexing in the background.
     let retriever = retrieval.clone().map(|(embedders, vectors)| Retriever::new(embedders.questions, vectors));
     let gateway = Gateway::bind(
@@ -132,6 +173,7 @@ pub(crate) async fn all(
     if let Some(embedder) = embedder {
         embedder.await.context("embedder task")??;
     }
+    erasure.await.context("erasure task")??;
     served?;
     Ok(ExitCode::SUCCESS)
 }

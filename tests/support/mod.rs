@@ -165,10 +165,15 @@ impl Pipeline {
 
     /// Stops the `parley all` process and starts it again with the same options.
     pub(crate) async fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         self.child = spawn(&self.args, &self.prefix, "restarted.log");
         self.wait_healthy().await;
+    }
+
+    /// Kills the `parley all` process (as a crash would); `restart` starts it again.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     async fn wait_healthy(&mut self) {
@@ -382,9 +387,16 @@ impl Pipeline {
         let _ = VectorStore::drop_collection(&self.milvus()).await;
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
-        let topics =
-            ["conversation-events", "conversation-tokens", "dead-letter", "documents", "embeddings", "inference-load"]
-                .map(|t| format!("{}{t}", self.prefix));
+        let topics = [
+            "conversation-events",
+            "conversation-tokens",
+            "dead-letter",
+            "documents",
+            "embeddings",
+            "inference-load",
+            "erasures",
+        ]
+        .map(|t| format!("{}{t}", self.prefix));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }

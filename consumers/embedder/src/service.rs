@@ -18,6 +18,7 @@ use parley_eventlog::settings::parse_duration;
 use parley_eventlog::trace::{header_traceparent, link_trace, traceparent_of};
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, KafkaSettings, Topics};
+use parley_events::sealing::ERASED;
 use parley_events::{ConversationEvent, DocumentEvent, EventCodec, EventsError};
 use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
@@ -162,6 +163,19 @@ enum Source {
     Document(DocumentEvent),
 }
 
+impl Source {
+    /// Content whose owner was erased (it opened as [`ERASED`]): never embedded, so a
+    /// re-delivery or a re-embedding of the log puts nothing of theirs back in the store.
+    fn is_erased(&self) -> bool {
+        match self {
+            Self::Document(DocumentEvent::Submitted(document)) => document.text == ERASED,
+            Self::Conversation(ConversationEvent::QueryReceived(query)) => query.text == ERASED,
+            Self::Conversation(ConversationEvent::ResponseGenerated(reply)) => reply.text == ERASED,
+            Self::Document(DocumentEvent::Deleted(_)) | Self::Conversation(_) => false,
+        }
+    }
+}
+
 struct Worker {
     codec: Arc<EventCodec>,
     backend: Arc<dyn EmbeddingBackend>,
@@ -208,8 +222,9 @@ impl Processor for Worker {
         Some(decoded.map(|d| Source::Conversation(d.event)))
     }
 
-    fn wants(&self, _source: &Source) -> bool {
-        true // every message and document is embedded (or learnt from: owners)
+    fn wants(&self, source: &Source) -> bool {
+        // Every message and document is embedded (or learnt from: owners), but an erased one.
+        !source.is_erased()
     }
 
     async fn process(self: Arc<Self>, unit: Vec<(OwnedMessage, Source)>) -> Result<Vec<Outgoing>, EmbedderError> {

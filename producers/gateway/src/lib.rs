@@ -21,6 +21,7 @@
 //! - [`api`]: the caller's user and the error answer every HTTP handler shares;
 //! - [`query`]: the query path over the projection;
 //! - [`knowledge`]: document submission and vector search;
+//! - [`erasure`]: `DELETE /api/me`, a person erasing everything of theirs;
 //! - [`ops`]: the live operations page's snapshots and series (pure), charted at `/ops`;
 //! - [`metrics`]: turns admitted and refused, error frames, open sockets (`/metrics`);
 //!
@@ -35,6 +36,7 @@ pub mod answers;
 pub mod api;
 pub mod auth;
 pub mod cancel;
+pub mod erasure;
 pub mod follow;
 pub mod hub;
 pub mod identity;

@@ -14,6 +14,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use parley_erasure::request::Erasures;
 use parley_eventlog::load::{self, LoadBoard};
 use parley_eventlog::{EventProducer, KafkaSettings};
 use parley_events::EventCodec;
@@ -39,9 +40,9 @@ use crate::rate::RateLimiter;
 use crate::recent::Recent;
 use crate::settings::GatewayArgs;
 use crate::socket::upgrade;
-use crate::state::{AppState, Credentials, GatewayError};
+use crate::state::{AppState, Credentials, GatewayError, SOURCE};
 use crate::tls::Certificate;
-use crate::{answers, knowledge, metrics, ops, query, rate_feed};
+use crate::{answers, erasure, knowledge, metrics, ops, query, rate_feed};
 
 /// A bound, not yet serving gateway: lets callers learn the address before it runs.
 pub struct Gateway {
@@ -98,6 +99,7 @@ impl Gateway {
             shutdown.clone(),
         ));
         let producer = EventProducer::new(kafka.client_config(), codec.clone())?;
+        let erasures = Erasures::new(kafka, producer.clone(), SOURCE);
         let adopter = Adopter {
             hub: hub.clone(),
             recent,
@@ -135,6 +137,7 @@ impl Gateway {
             sockets: Mutex::new(HashMap::new()),
             max_sockets_per_user: args.max_sockets_per_user,
             producer,
+            erasures,
             adopter,
             codec,
             kafka: kafka.clone(),
@@ -184,6 +187,7 @@ impl Gateway {
                     .get(knowledge::list_documents),
             )
             .route("/api/documents/{id}", delete(knowledge::delete_document))
+            .route("/api/me", delete(erasure::erase_me))
             .route("/api/search", get(knowledge::search))
             .layer(middleware::from_fn_with_state(state.clone(), check_origin))
             .with_state(state);

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use parley_erasure::request::Erasures;
 use parley_eventlog::load::LoadBoard;
 use parley_eventlog::secret::{SecretError, secret_from};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
@@ -81,6 +82,8 @@ pub(crate) struct AppState {
     /// People's data keys: sealed token deltas are opened with them (none: no master key).
     pub(crate) keys: Option<KeyStore>,
     pub(crate) hub: Arc<Hub>,
+    /// Where `DELETE /api/me` asks for an erasure and waits for it.
+    pub(crate) erasures: Erasures,
     /// For read-backs of the tokens topic (a resumed answer).
     pub(crate) kafka: KafkaSettings,
     pub(crate) codec: Arc<EventCodec>,
