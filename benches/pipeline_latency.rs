@@ -6,7 +6,9 @@
 //! WebSocket server and a Kafka client, JSON, no transactions) driven by the same client.
 //! The same for the first token a person sees: first `token` frame minus the LLM's own
 //! time to first token. Then it splits Parley's overhead into its parts, from the turns'
-//! spans in Jaeger.
+//! spans in Jaeger. Last, the cost of sealing a turn (in-process) and the throughput of
+//! erasing a person with 1,000 conversations, against the raw limit: the same partition
+//! deletes issued straight to the CQL store at the worker's concurrency.
 //!
 //! Needs the local stack (infra/stack.sh start; PARLEY_* variables as infra/lib.sh sets).
 //! Run: `infra/bench.sh pipeline_latency` (or `cargo bench --bench pipeline_latency`).
@@ -256,6 +258,100 @@ async fn run_reference(pipeline: &support::Pipeline, stack: &support::Stack, tur
     timings
 }
 
+/// Conversations of the person the erasure benchmark erases.
+const ERASED_CONVERSATIONS: usize = 1_000;
+
+/// Erasure throughput: a person with [`ERASED_CONVERSATIONS`] conversations of one turn,
+/// projected, erased with `parley erase`; and the raw limit: another person's as many
+/// conversations deleted by the same partition deletes straight from a CQL session, 32
+/// at a time as the worker does. (The gateway's key store, Milvus and Kafka are the same
+/// for one conversation or a thousand: one row, one delete by owner, two records.)
+/// Returns (seconds for `parley erase`, the worker's seconds, the raw deletes' seconds).
+async fn erasure_throughput(stack: &support::Stack) -> (f64, f64, f64) {
+    use futures::StreamExt;
+
+    let pipeline = support::Pipeline::start(stack, &["--without-retrieval"]).await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (erased, raw) = (format!("erased-{id}"), format!("raw-{id}"));
+    let topic = pipeline.events_topic();
+    let owner = |c: usize| if c.is_multiple_of(2) { erased.clone() } else { raw.clone() };
+    let written =
+        support::write_synthetic_of(&stack.brokers, &stack.registry, &topic, 2 * ERASED_CONVERSATIONS, 1, owner).await;
+    let session = scylla::client::session_builder::SessionBuilder::new().known_node(&stack.cql).build().await.unwrap();
+    let ks = &pipeline.keyspace;
+    // Projected: the projector's progress has reached every partition's end.
+    let (reader, partitions) = support::reader_from_start(&stack.brokers, &topic, false);
+    let ends: Vec<i64> = (0..partitions)
+        .map(|p| reader.fetch_watermarks(&topic, i32::try_from(p).unwrap(), Duration::from_secs(10)).unwrap().1)
+        .collect();
+    support::wait_until("the synthetic conversations projected", || async {
+        let cql = format!("SELECT log_partition, next_offset FROM {ks}.progress_g1 WHERE log_topic = ?");
+        let rows = session.query_unpaged(cql, (topic.as_str(),)).await.ok()?.into_rows_result().ok()?;
+        let applied: Vec<(i32, i64)> = rows.rows::<(i32, i64)>().ok()?.collect::<Result<_, _>>().ok()?;
+        ends.iter()
+            .enumerate()
+            .all(|(p, end)| applied.iter().any(|(q, next)| *q as usize == p && next >= end))
+            .then_some(())
+    })
+    .await;
+    for user in [&erased, &raw] {
+        let cql = format!("SELECT conversation_id FROM {ks}.conversations_by_user_g1 WHERE user_id = ?");
+        let rows = session.query_unpaged(cql, (user.as_str(),)).await.unwrap().into_rows_result().unwrap();
+        assert_eq!(rows.rows_num(), ERASED_CONVERSATIONS, "{user}'s conversations are all projected");
+    }
+
+    let started = Instant::now();
+    let done = pipeline.cli(&["erase", &erased, "--wait", "600s"]);
+    let cli_seconds = started.elapsed().as_secs_f64();
+    let printed = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{printed} {}", String::from_utf8_lossy(&done.stderr));
+    let purged = |place: &str| {
+        printed.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(place)).then(|| words.next().and_then(|n| n.parse::<usize>().ok())).flatten()
+        })
+    };
+    assert_eq!(purged("cql:conversations"), Some(ERASED_CONVERSATIONS), "{printed}");
+    let codec = parley_events::EventCodec::new(&stack.registry).unwrap();
+    let (consumer, _) = support::reader_from_start(&stack.brokers, &format!("{}erasures", pipeline.prefix), false);
+    let (mut requested_at, mut completed_at) = (None, None);
+    while completed_at.is_none() {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
+        use rdkafka::Message;
+        match codec.decode_erasure_event(message.payload().unwrap()).await.unwrap().event {
+            parley_events::ErasureEvent::Requested(r) => requested_at = Some(r.envelope.occurred_at),
+            parley_events::ErasureEvent::Completed(c) => completed_at = Some(c.envelope.occurred_at),
+        }
+    }
+    let worker_seconds = (completed_at.unwrap() - requested_at.unwrap()) as f64 / 1000.0;
+
+    let raw_ids: Vec<uuid::Uuid> = written
+        .iter()
+        .filter(|(_, events)| matches!(&events[0], parley_events::ConversationEvent::Started(s) if s.user_id.as_str() == raw))
+        .map(|(id, _)| id.uuid())
+        .collect();
+    let mut deletes = Vec::new();
+    for table in ["messages", "event_locations", "conversations"] {
+        let cql = format!("DELETE FROM {ks}.{table}_g1 WHERE conversation_id = ?");
+        deletes.push(session.prepare(cql).await.unwrap());
+    }
+    let started = Instant::now();
+    futures::stream::iter(raw_ids.iter().map(|id| {
+        let (deletes, session) = (&deletes, &session);
+        async move {
+            for delete in deletes {
+                session.execute_unpaged(delete, (id,)).await.unwrap();
+            }
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<()>>()
+    .await;
+    let raw_seconds = started.elapsed().as_secs_f64();
+    pipeline.stop().await;
+    (cli_seconds, worker_seconds, raw_seconds)
+}
+
 #[tokio::main]
 async fn main() {
     let stack = support::stack()
@@ -284,6 +380,7 @@ async fn main() {
     let rag = run_turns(&mut with_retrieval.client().await, turns).await;
     let rag_parts = span_breakdown(&stack.jaeger, rag.conversation.as_deref().unwrap(), turns).await;
     with_retrieval.stop().await;
+    let (erase_cli, erase_worker, erase_raw) = erasure_throughput(&stack).await;
 
     println!("| measure (ms) | n | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
@@ -309,6 +406,22 @@ async fn main() {
         "sealing: a long turn (question, answer, 512 deltas of 4 characters), in-process",
         sealing_cost(turns, 512, 4),
     );
+    println!();
+    let per_second = |seconds: f64| ERASED_CONVERSATIONS as f64 / seconds;
+    println!("erasing a person with {ERASED_CONVERSATIONS} conversations (one turn each):");
+    println!(
+        "  `parley erase` (request → completion read back): {erase_cli:.2} s, {:.0} conversations/s",
+        per_second(erase_cli)
+    );
+    println!(
+        "  the worker (request → completion, event times): {erase_worker:.2} s, {:.0} conversations/s",
+        per_second(erase_worker)
+    );
+    println!(
+        "  raw limit (the 3 partition deletes per conversation, 32 at a time): {erase_raw:.2} s, {:.0} conversations/s",
+        per_second(erase_raw)
+    );
+    println!("  worker / raw: {:.2}× the time", erase_worker / erase_raw);
     println!();
     println!(
         "overhead / (2 × raw hop): p50 {:.2}, p99 {:.2}",

@@ -12,7 +12,7 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-const SERVICES: [&str; 4] = ["gateway", "inference", "projection", "embedder"];
+const SERVICES: [&str; 5] = ["gateway", "inference", "projection", "embedder", "erasure"];
 const IMAGE: &str = "parley:latest";
 
 fn help(args: &[&str]) -> String {
@@ -36,7 +36,7 @@ fn known_env_vars() -> BTreeSet<String> {
     }
     // Secrets are read from the environment but are no options (never arguments): the help
     // of their file options names them.
-    for secret in ["PARLEY_AUTH_SECRET", "PARLEY_LLM_API_KEY"] {
+    for secret in ["PARLEY_AUTH_SECRET", "PARLEY_LLM_API_KEY", "PARLEY_MASTER_KEY"] {
         assert!(help(&["all"]).contains(&format!("variable {secret}")), "{secret} is documented");
         names.insert(secret.to_owned());
     }

@@ -97,7 +97,7 @@ fn watch_erasures(common: &Common, store: &Store, shutdown: &CancellationToken) 
     tokio::spawn(async move {
         if let Err(error) = forget_erased_keys(&kafka, &registry, keys, shutdown.clone()).await {
             // A process that could miss an erasure would go on opening what it sealed.
-            tracing::error!(%error, "the erasures watch stopped; stopping the process");
+            tracing::error!(%error, "the erasures watch stopped (is the erasures topic there? `parley topics` creates it); stopping the process");
             shutdown.cancel();
         }
     });

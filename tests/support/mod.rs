@@ -650,6 +650,18 @@ pub(crate) async fn write_synthetic(
     conversations: usize,
     turns: usize,
 ) -> Vec<(parley_events::ConversationId, Vec<parley_events::ConversationEvent>)> {
+    write_synthetic_of(brokers, registry, topic, conversations, turns, |c| format!("user-{}", c % 7)).await
+}
+
+/// [`write_synthetic`] with conversation `c` owned by `owner(c)`.
+pub(crate) async fn write_synthetic_of(
+    brokers: &str,
+    registry: &str,
+    topic: &str,
+    conversations: usize,
+    turns: usize,
+    owner: impl Fn(usize) -> String,
+) -> Vec<(parley_events::ConversationId, Vec<parley_events::ConversationEvent>)> {
     use parley_events::*;
     const P: Producer = Producer { name: "synthetic", version: "0" };
     let codec = std::sync::Arc::new(EventCodec::new(registry).unwrap());
@@ -661,7 +673,7 @@ pub(crate) async fn write_synthetic(
     for c in 0..conversations {
         let id = ConversationId::random();
         let key = id.to_string();
-        let user: UserId = format!("user-{}", c % 7).parse().unwrap();
+        let user: UserId = owner(c).parse().unwrap();
         let mut events = vec![ConversationEvent::Started(ConversationStarted {
             envelope: Envelope::new(EventId::random(), id, 1, P),
             user_id: user.clone(),
