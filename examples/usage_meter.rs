@@ -107,6 +107,7 @@ mod tests {
             retrieved: vec![],
             context_fingerprint: String::new(),
             cached_from: None,
+            prompt: None,
         });
         let usage = Usage {
             answer_id: id,

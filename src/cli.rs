@@ -8,14 +8,17 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use parley_embedder::EmbedderArgs;
+use parley_embedder::service::{DEFAULT_CHUNK_CHARS, DEFAULT_CHUNK_OVERLAP};
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::settings::parse_duration;
 use parley_events::dead_letters::LetterId;
 use parley_events::lanes::Lane;
 use parley_events::{ConversationId, DocumentId, UserId};
 use parley_gateway::GatewayArgs;
+use parley_inference::service::DEFAULT_SYSTEM_PROMPT;
 use parley_inference::service::InferenceArgs;
 use parley_projections::CqlSettings;
+use parley_projections::as_of::ReplayPoint;
 use parley_projections::budget::BudgetSettings;
 use parley_retrieval::{EmbeddingSettings, MilvusSettings};
 
@@ -141,12 +144,43 @@ pub(crate) enum Command {
         /// Read every partition instead of the projection's offset index.
         #[arg(long)]
         scan: bool,
+        /// The state as it was at a point: a sequence (`7`), a position of the events topic
+        /// (`parley.conversation-events/3/1042`) or an RFC 3339 time in UTC
+        /// (`2026-12-05T07:30:00Z`, by when the log took each record). No diff then: the
+        /// projection holds the present.
+        #[arg(long)]
+        at: Option<ReplayPoint>,
+        /// Each answer's prompt rebuilt from events alone and checked against the digest
+        /// the answer recorded: the messages the model was sent, or why they cannot be
+        /// rebuilt exactly.
+        #[arg(long)]
+        prompts: bool,
+        /// With `--prompts`: the system prompt inference used (as it reads it).
+        #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
+        system_prompt: String,
+        /// With `--prompts`: the embedder's chunk size, to cut retrieved chunks again.
+        #[arg(long, env = "PARLEY_CHUNK_CHARS", default_value_t = DEFAULT_CHUNK_CHARS)]
+        chunk_chars: u32,
+        /// With `--prompts`: the embedder's chunk overlap.
+        #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = DEFAULT_CHUNK_OVERLAP)]
+        chunk_overlap: u32,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
     /// Every event of a conversation in order, with its log position, schema and trace.
+    ///
+    /// With `--user` instead of a conversation: everything of one person in the log (their
+    /// conversations, budget refusals, documents, dead letters and erasures) with positions,
+    /// and their budgets and tier now, for a support or compliance request.
     Audit {
-        conversation_id: ConversationId,
+        #[arg(required_unless_present = "user")]
+        conversation_id: Option<ConversationId>,
+        /// Audit a person instead of a conversation.
+        #[arg(long, conflicts_with = "conversation_id")]
+        user: Option<UserId>,
+        /// With `--user`: only what the log took since this RFC 3339 time in UTC.
+        #[arg(long, requires = "user", value_parser = parse_utc_millis)]
+        since: Option<i64>,
         /// Read every partition instead of the projection's offset index.
         #[arg(long)]
         scan: bool,
@@ -343,3 +377,11 @@ pub(crate) fn service_name(command: &Command) -> &'static str {
 
 /// The service name of every command that is not a long-running service.
 pub(crate) const CLI_SERVICE: &str = "parley-cli";
+
+/// An RFC 3339 time in UTC (`2026-12-05T07:30:00Z`) as ms since the epoch.
+fn parse_utc_millis(text: &str) -> Result<i64, String> {
+    let time = humantime::parse_rfc3339(text.trim())
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time in UTC (2026-12-05T07:30:00Z): {e}"))?;
+    let millis = time.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
+    i64::try_from(millis).map_err(|e| e.to_string())
+}

@@ -8,7 +8,10 @@ use anyhow::Result;
 use clap::Parser;
 
 use crate::cli::{CLI_SERVICE, CacheCommand, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
-use crate::commands::{audit, budget, cache, dead_letters, documents, erasure, projections, replay, schemas, serve};
+use crate::commands::prompts::PromptSettings;
+use crate::commands::{
+    audit, budget, cache, dead_letters, documents, erasure, projections, replay, schemas, serve, trail,
+};
 use crate::telemetry::Telemetry;
 
 mod cli;
@@ -77,10 +80,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Budget { user, daily, monthly, conversation } => {
             budget::budget(&common, user, daily, monthly, conversation).await
         }
-        Command::Replay { conversation_id, scan, format } => {
-            replay::replay(&common, conversation_id, scan, format).await
+        Command::Replay { conversation_id, scan, at, prompts, system_prompt, chunk_chars, chunk_overlap, format } => {
+            let prompts = prompts.then(|| PromptSettings {
+                system_prompt,
+                chunk_chars: usize::try_from(chunk_chars).unwrap_or(usize::MAX),
+                chunk_overlap: usize::try_from(chunk_overlap).unwrap_or(0),
+            });
+            replay::replay(&common, conversation_id, scan, at, prompts, format).await
         }
-        Command::Audit { conversation_id, scan, format } => audit::audit(&common, conversation_id, scan, format).await,
+        Command::Audit { user: Some(user), since, format, .. } => trail::audit_user(&common, user, since, format).await,
+        Command::Audit { conversation_id: Some(conversation_id), scan, format, .. } => {
+            audit::audit(&common, conversation_id, scan, format).await
+        }
+        Command::Audit { .. } => unreachable!("clap requires a conversation or --user"),
         Command::Trace { trace_id, jaeger_url } => {
             print!("{}", trace_view::render(&trace_view::fetch(&jaeger_url, &trace_id).await?));
             Ok(ExitCode::SUCCESS)

@@ -272,10 +272,21 @@ async fn an_erased_person_leaves_nothing_readable_and_nobody_else_loses_anything
     assert!(replay.status.success(), "{printed} {}", String::from_utf8_lossy(&replay.stderr));
     assert!(!printed.contains(&canary) && printed.contains(ERASED), "{printed}");
     assert!(printed.contains("invariants: hold") && printed.contains("owner erased at"), "{printed}");
+    let prompts = pipeline.cli(&["replay", &conversation, "--prompts"]);
+    let printed = String::from_utf8_lossy(&prompts.stdout);
+    assert!(prompts.status.success(), "{printed} {}", String::from_utf8_lossy(&prompts.stderr));
+    assert!(printed.contains("cannot be rebuilt exactly") && !printed.contains(&canary), "{printed}");
     let audit = pipeline.cli(&["audit", &conversation]);
     let printed = String::from_utf8_lossy(&audit.stdout);
     assert!(audit.status.success(), "{printed} {}", String::from_utf8_lossy(&audit.stderr));
     assert!(printed.contains("UserQueryReceived") && !printed.contains(&canary), "{printed}");
+    // Her trail, for the compliance record: the conversation, the document, the erasure.
+    let trail = pipeline.cli(&["audit", "--user", &alice]);
+    let printed = String::from_utf8_lossy(&trail.stdout);
+    assert!(trail.status.success(), "{printed} {}", String::from_utf8_lossy(&trail.stderr));
+    assert!(printed.contains(&conversation) && printed.contains(&format!("document {document}")), "{printed}");
+    assert!(printed.contains("erasure requested by self") && printed.contains("erasure completed"), "{printed}");
+    assert!(!printed.contains(&canary) && !printed.contains(&bobs_conversation), "{printed}");
     // A raw consumer: sealed bytes whose key is gone; the key store says erased.
     for topic in [pipeline.events_topic(), format!("{}documents", pipeline.prefix)] {
         let key = if topic.ends_with("documents") { &document } else { &conversation };

@@ -116,6 +116,25 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
     let table = String::from_utf8_lossy(&audit.stdout);
     assert!(table.contains(&format!("retrieved document {document_id}")), "{table}");
 
+    // `parley replay --prompts` rebuilds that prompt from events alone, the chunk cut again
+    // from the document's event, and proves it is the one sent.
+    let replayed = pipeline.cli(&["replay", &conversation_id, "--prompts", "--format", "json"]);
+    assert!(replayed.status.success(), "{}", String::from_utf8_lossy(&replayed.stderr));
+    let replayed: Value = serde_json::from_slice(&replayed.stdout).unwrap();
+    let prompt = &replayed["prompts"][0];
+    assert_eq!(prompt["verdict"], "proven", "{prompt}");
+    let sent = prompt["messages"].as_array().unwrap();
+    assert_eq!(sent.last().unwrap()["role"], "user");
+    assert!(sent.last().unwrap()["content"].as_str().unwrap().contains(FACT), "the chunk is in the question: {prompt}");
+    // Other chunking settings, another system prompt: named, never proven.
+    let rechunked =
+        pipeline.cli(&["replay", &conversation_id, "--prompts", "--chunk-chars", "60", "--chunk-overlap", "0"]);
+    let printed = String::from_utf8_lossy(&rechunked.stdout);
+    assert!(printed.contains("prompts: 0 of 1 proven"), "{printed}");
+    let other_system = pipeline.cli(&["replay", &conversation_id, "--prompts", "--system-prompt", "Be terse."]);
+    let printed = String::from_utf8_lossy(&other_system.stdout);
+    assert!(printed.contains("the system prompt changed since") && printed.contains("0 of 1 proven"), "{printed}");
+
     // The conversation's messages are embedded too, as Alice's.
     pipeline
         .search_until(&alice_token, QUESTION, |h| h["kind"] == "message" && h["source_id"] == conversation_id.as_str())

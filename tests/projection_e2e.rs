@@ -228,6 +228,7 @@ async fn an_event_from_an_older_producer_is_projected_by_newer_code() {
         retrieved: vec![],
         context_fingerprint: String::new(),
         cached_from: None,
+        prompt: None,
     };
     let payloads =
         [new.encode(&started).await.unwrap(), new.encode(&query).await.unwrap(), old.encode(&answer).await.unwrap()];

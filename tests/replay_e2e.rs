@@ -1,6 +1,7 @@
 //! `parley replay` and `parley audit` against the real stack: the state rebuilt from the
-//! log (by offset index and by scan) matches the projection, and the audit lists every
-//! event with its position, schema and trace.
+//! log (by offset index and by scan) matches the projection, the state at a sequence, a
+//! position or a time (also through the query API), the audit lists every event with its
+//! position, schema and trace, and a person's audit lists their conversations.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +20,7 @@ fn text(output: &Output) -> String {
 async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     let Some(stack) = stack() else { return };
     let pipeline = Pipeline::start(&stack, &[]).await;
-    let token = pipeline.session().await;
+    let (user, token) = pipeline.session_user().await;
     let mut client = pipeline.connect(&pipeline.http, &token).await;
     client.ask("a-1", None, "Name a planet.").await;
     let frames = client.until_outcome().await;
@@ -62,10 +63,10 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["sequence"], i as i64 + 1);
         assert!(line["offset"].as_i64().unwrap() >= 0 && line["partition"].as_i64().is_some(), "{line}");
-        // Answers are written with LLMResponseGenerated v4 and questions with
-        // UserQueryReceived v3 (sealed_for); the rest with v1.
+        // Answers are written with LLMResponseGenerated v5 (the prompt proof) and questions
+        // with UserQueryReceived v3 (sealed_for); the rest with v1.
         let version = match line["event_type"].as_str() {
-            Some("LLMResponseGenerated") => 4,
+            Some("LLMResponseGenerated") => 5,
             Some("UserQueryReceived") => 3,
             _ => 1,
         };
@@ -80,6 +81,93 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     let table = pipeline.cli(&["audit", &conversation]);
     let out = text(&table);
     assert!(table.status.success() && out.starts_with("SEQ") && out.contains("LLMResponseGenerated"), "{out}");
+
+    // Each answer's prompt, rebuilt from events and proven: the second carries the first turn.
+    let proven = pipeline.cli(&["replay", &conversation, "--prompts", "--format", "json"]);
+    assert!(proven.status.success(), "{}", text(&proven));
+    let proven: Value = serde_json::from_slice(&proven.stdout).unwrap();
+    let prompts = proven["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 2, "{proven}");
+    assert!(prompts.iter().all(|p| p["verdict"] == "proven"), "{prompts:?}");
+    let roles = |p: &Value| {
+        p["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(roles(&prompts[0]), ["system", "user"], "{prompts:?}");
+    assert_eq!(roles(&prompts[1]), ["system", "user", "assistant", "user"], "{prompts:?}");
+    assert_eq!(prompts[1]["messages"][1]["content"], "Name a planet.");
+    assert!(prompts[1]["messages"][3]["content"].as_str().unwrap().ends_with("Name a star."), "{prompts:?}");
+
+    // As of a point: a sequence, a position of the events topic, a time.
+    let at = |point: &str| {
+        let output = pipeline.cli(&["replay", &conversation, "--at", point, "--format", "json"]);
+        assert!(output.status.success(), "--at {point}: {}", text(&output));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let after_first_turn = at("3");
+    assert_eq!(
+        (after_first_turn["last_sequence"].as_i64(), after_first_turn["total_records"].as_i64()),
+        (Some(3), Some(5))
+    );
+    assert_eq!(after_first_turn["messages"].as_array().unwrap().len(), 2, "{after_first_turn}");
+    assert!(after_first_turn["diff"].as_array().unwrap().is_empty());
+    let second_question = &lines[3];
+    let position =
+        format!("{}/{}/{}", pipeline.events_topic(), second_question["partition"], second_question["offset"]);
+    let asked = at(&position);
+    assert_eq!(asked["last_sequence"], 4, "{asked}");
+    assert_eq!(asked["open_query_event_id"], second_question["event_id"], "the question is open at its own position");
+    let taken_at =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(lines[2]["log_timestamp"].as_u64().unwrap());
+    let by_time = at(&humantime::format_rfc3339_millis(taken_at).to_string());
+    assert!(by_time["last_sequence"].as_i64().unwrap() >= 3, "{by_time}");
+    let before = pipeline.cli(&["replay", &conversation, "--at", "1970-01-01T00:00:00Z"]);
+    assert_eq!(before.status.code(), Some(1));
+    assert!(text(&before).contains("had not started at 1970-01-01T00:00:00.000Z"), "{}", text(&before));
+    let elsewhere = format!("{}/{}/0", pipeline.events_topic(), (lines[0]["partition"].as_i64().unwrap() + 1) % 6);
+    let refused = pipeline.cli(&["replay", &conversation, "--at", &elsewhere]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("not in this conversation's partition"),
+        "{}",
+        text(&refused)
+    );
+    let bad = pipeline.cli(&["replay", &conversation, "--at", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses it: {}", text(&bad));
+    assert!(text(&bad).contains("RFC 3339"), "{}", text(&bad));
+
+    // The same through the query API, for the owner only.
+    let (status, then) = pipeline.get(&format!("/api/conversations/{conversation}?at=3"), &token).await;
+    assert_eq!(status, 200, "{then}");
+    assert_eq!(then["messages"].as_array().unwrap().len(), 2, "{then}");
+    assert_eq!(then["messages"][0]["text"], "Name a planet.", "opened with the owner's key");
+    assert_eq!(then["at"], "sequence 3");
+    let (status, _) = pipeline.get(&format!("/api/conversations/{conversation}?at=3"), &pipeline.session().await).await;
+    assert_eq!(status, 404, "another person sees nothing of it at any point");
+    let (status, body) = pipeline.get(&format!("/api/conversations/{conversation}?at=soon"), &token).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_parameter")), "{body}");
+
+    // The person's trail: their conversation summed up with positions, nobody else's.
+    let mut other = pipeline.client().await;
+    other.ask("b-1", None, "Name a moon.").await;
+    other.until_outcome().await;
+    let trail = pipeline.cli(&["audit", "--user", &user, "--format", "json"]);
+    assert!(trail.status.success(), "{}", text(&trail));
+    let items: Vec<Value> =
+        String::from_utf8_lossy(&trail.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(items[0]["kind"], "account", "{items:?}");
+    assert_eq!(items[0]["tier"], "standard");
+    let conversations: Vec<&Value> = items.iter().filter(|i| i["kind"] == "conversation").collect();
+    assert_eq!(conversations.len(), 1, "only the person's own: {items:?}");
+    let summary = conversations[0];
+    assert_eq!(summary["conversation_id"], conversation.as_str());
+    assert_eq!((summary["questions"].as_u64(), summary["answers"].as_u64()), (Some(2), Some(2)), "{summary}");
+    assert_eq!(summary["started_in_window"], true);
+    let first = format!("{}/{}/{}", pipeline.events_topic(), lines[0]["partition"], lines[0]["offset"]);
+    assert_eq!(summary["first"]["position"], first.as_str());
+    assert!(summary["completion_tokens"].as_i64().unwrap() > 0, "{summary}");
+    let later = pipeline.cli(&["audit", "--user", &user, "--since", "2999-01-01T00:00:00Z"]);
+    assert!(later.status.success() && text(&later).contains("conversations (0)"), "{}", text(&later));
+    let both = pipeline.cli(&["audit", &conversation, "--user", &user]);
+    assert_eq!(both.status.code(), Some(2), "a conversation or a person, not both: {}", text(&both));
 
     let unknown = pipeline.cli(&["replay", &uuid::Uuid::new_v4().to_string()]);
     assert_eq!(unknown.status.code(), Some(1));

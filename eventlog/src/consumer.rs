@@ -217,6 +217,62 @@ pub async fn read_topic(
     Ok(records)
 }
 
+/// Every record of `topic` the log took since `since` (a write time, ms; None: everything
+/// it still holds), each partition read to its end as of the call and handed to `each` in
+/// offset order, one at a time: for scans too large to hold in memory (a person's audit
+/// across the whole log). Returns how many records were read.
+pub async fn scan_topic<E: From<EventLogError>>(
+    kafka: &KafkaSettings,
+    topic: &str,
+    since: Option<i64>,
+    mut each: impl AsyncFnMut(&BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<u64, E> {
+    let group = format!("parley-scan-{}", uuid::Uuid::new_v4().simple());
+    let consumer = Arc::new(reader(reader_config(kafka, &group, true).set("fetch.wait.max.ms", "10"))?);
+    let (query, name) = (consumer.clone(), topic.to_owned());
+    let metadata = blocking_query(move || query.fetch_metadata(Some(&name), READ_BACK_WAIT)).await?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut read = 0;
+    for partition in partitions {
+        let (query, name) = (consumer.clone(), topic.to_owned());
+        let (low, high) = blocking_query(move || query.fetch_watermarks(&name, partition, READ_BACK_WAIT)).await?;
+        let start = match since {
+            None => low,
+            Some(since) => {
+                let (query, name) = (consumer.clone(), topic.to_owned());
+                let mut times = TopicPartitionList::new();
+                times.add_partition_offset(&name, partition, Offset::Offset(since)).map_err(EventLogError::from)?;
+                let found = blocking_query(move || query.offsets_for_times(times, READ_BACK_WAIT)).await?;
+                match found.find_partition(topic, partition).map(|p| p.offset()) {
+                    Some(Offset::Offset(offset)) => offset.max(low),
+                    _ => high, // nothing written since then
+                }
+            }
+        };
+        if start >= high {
+            continue;
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(start)).map_err(EventLogError::from)?;
+        consumer.assign(&assignment).map_err(EventLogError::from)?;
+        loop {
+            // As in a read-back: markers at the end are never delivered, the end event says so.
+            match tokio::time::timeout(READ_BACK_WAIT, consumer.recv()).await {
+                Ok(Ok(message)) => {
+                    read += 1;
+                    each(&message).await?;
+                    if message.offset() + 1 >= high {
+                        break;
+                    }
+                }
+                Ok(Err(KafkaError::PartitionEOF(_))) | Err(_) => break,
+                Ok(Err(error)) => return Err(EventLogError::from(error).into()),
+            }
+        }
+    }
+    Ok(read)
+}
+
 /// A bounded read-back of one partition (e.g. the token deltas a reconnecting client
 /// missed): `from` is an offset, or a write time (ms) when `at_time` is set; at most `max`
 /// records up to the partition's end as of the call. `None`: `from` is older than what

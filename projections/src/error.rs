@@ -37,6 +37,9 @@ pub enum ProjectionError {
     /// The data subject was erased: nothing of theirs is sealed or opened any more.
     #[error("{0} was erased")]
     Erased(String),
+    /// A replay point (`--at`, `?at=`) that is not one, or not in the conversation.
+    #[error("{0}")]
+    InvalidPoint(String),
     /// A compare-and-set kept losing to other writers.
     #[error("{0} kept changing under every attempt to update it")]
     Contention(String),

@@ -5,6 +5,7 @@
 //! - [`reader`]: the query side over the live generation, with position waits;
 //! - [`rebuild`]: a new generation from offset 0, then an atomic switch;
 //! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
+//! - [`as_of`]: a point in a conversation's history (a sequence, a position, a time);
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`tiers`]: each user's tier, the lane of their new conversations;
 //! - [`keys`]: each data subject's data key, wrapped (crypto-shredding);
@@ -12,6 +13,7 @@
 //! - [`error`]: this crate's error type.
 #![warn(missing_docs)]
 
+pub mod as_of;
 pub mod budget;
 pub mod erasure;
 /// The projections' errors.

@@ -19,6 +19,7 @@ use serde::Serialize;
 use tracing::warn;
 use uuid::Uuid;
 
+use crate::as_of::ReplayPoint;
 use crate::error::ProjectionError;
 use crate::store::{ConversationRow, EventLocation, Store};
 
@@ -347,18 +348,43 @@ pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &
     differences
 }
 
+/// A conversation replayed from the log.
+#[derive(Debug)]
+pub struct Replayed {
+    /// Its state (at the point asked for); None when the log has none of its history.
+    pub state: Option<ConversationState>,
+    /// The records folded, opened with the owner's key where it still exists.
+    pub records: Vec<AuditRecord>,
+    /// How many records the conversation has in all (more than `records` for a point).
+    pub total_records: usize,
+    /// Its differences from the projection; empty for a point, which the projection no
+    /// longer holds.
+    pub differences: Vec<String>,
+    /// How the records were found.
+    pub method: Method,
+    /// How long reading them took.
+    pub elapsed: Duration,
+}
+
 /// Replays a conversation: its state rebuilt from the log and its differences from the
-/// live projection.
+/// live projection; with `at`, its state at that point (and no diff).
 pub async fn replay(
     reader: &LogReader,
     store: &Store,
     conversation_id: ConversationId,
     force_scan: bool,
-) -> Result<(Option<ConversationState>, Vec<AuditRecord>, Vec<String>, Method, Duration), ProjectionError> {
+    at: Option<&ReplayPoint>,
+) -> Result<Replayed, ProjectionError> {
     let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
     let generation = store.generation(live).await?;
     let index = store.locations(&generation, conversation_id).await?;
     let (mut records, method, elapsed) = reader.read(conversation_id, &index, force_scan).await?;
+    let total_records = records.len();
+    if let Some(point) = at {
+        let kept: std::collections::HashSet<i64> =
+            point.history(&records, &reader.topic)?.into_iter().map(|r| r.offset).collect();
+        records.retain(|r| kept.contains(&r.offset));
+    }
     let mut row = store.conversation(&generation, conversation_id).await?;
     let mut messages = store.messages(&generation, conversation_id).await?;
     // Both sides opened with the owner's key: what was erased reads [erased] on both.
@@ -376,12 +402,35 @@ pub async fn replay(
         _ => false,
     };
     let differences = match &state {
+        _ if at.is_some() => vec![],
         Some(_) if purged_with_owner => vec![],
         Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
         None if row.is_none() => vec![],
         None => vec!["the log has no ConversationStarted for a conversation the projection holds".into()],
     };
-    Ok((state, records, differences, method, elapsed))
+    Ok(Replayed { state, records, total_records, differences, method, elapsed })
+}
+
+/// A conversation's state at `at`, from its indexed records: what the query API's `?at=`
+/// shows. None when the projection indexes no record of it (an unknown conversation, or
+/// one whose owner was erased) or the point precedes it.
+pub async fn state_at(
+    reader: &LogReader,
+    store: &Store,
+    conversation_id: ConversationId,
+    at: &ReplayPoint,
+) -> Result<Option<ConversationState>, ProjectionError> {
+    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
+    let index = store.locations(&store.generation(live).await?, conversation_id).await?;
+    if index.is_empty() {
+        return Ok(None);
+    }
+    let (records, _, _) = reader.read(conversation_id, &index, false).await?;
+    let mut history: Vec<AuditRecord> = at.history(&records, &reader.topic)?.into_iter().cloned().collect();
+    if let Some(keys) = store.keys() {
+        keys.open_records(&mut history).await?;
+    }
+    Ok(ConversationState::fold(history.iter().map(|r| &r.event)))
 }
 
 #[cfg(test)]

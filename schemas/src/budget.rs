@@ -297,6 +297,7 @@ mod tests {
             retrieved: vec![],
             context_fingerprint: String::new(),
             cached_from: None,
+            prompt: None,
         })
     }
 

@@ -204,6 +204,7 @@ mod tests {
                 }],
                 context_fingerprint: String::new(),
                 cached_from: None,
+                prompt: None,
             }),
         ]
     }

@@ -158,9 +158,33 @@ pub struct LLMResponseGenerated {
     pub context_fingerprint: String,
     /// Set when the semantic cache served this answer instead of the model.
     pub cached_from: Option<CachedAnswer>,
-    /// Since v4: whose data key sealed `text` ([`crate::sealing`]); empty: plain text.
+    /// Since v4: whose data key sealed `text` and `prompt.digest` ([`crate::sealing`]);
+    /// empty: plain text.
     #[serde(default)]
     pub sealed_for: String,
+    /// Since v5: what proves the prompt the model was sent; None for an answer from the
+    /// semantic cache and before v5.
+    #[serde(default)]
+    pub prompt: Option<Box<PromptProof>>,
+}
+
+/// What an answer records of the prompt it was generated from, so replay can rebuild the
+/// prompt from events and prove it is the one sent (`parley_inference::proof`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptProof {
+    /// SHA-256 of the messages sent (`parley_inference::proof::digest`); sealed with the
+    /// text.
+    pub digest: String,
+    /// The builder that assembled them (`parley-prompt/<version>`).
+    pub builder: String,
+    /// `stable` or `sliding`.
+    pub layout: String,
+    /// The token budget it was built within.
+    pub token_budget: i32,
+    /// SHA-256 of the system prompt alone (in clear).
+    pub system_prompt_digest: String,
+    /// How many messages it had.
+    pub messages: i32,
 }
 
 /// Where an answer served from the semantic cache came from.

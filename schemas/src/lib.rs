@@ -4,7 +4,8 @@
 //! ([`catalog`]), mirrors them as typed Rust events ([`event`]), encodes and decodes them in
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
-//! [`invariants`], [`budget`], [`lanes`] and [`dead_letters`] are the domain rules over those events, as plain
+//! [`invariants`], [`budget`], [`lanes`], [`dead_letters`] and [`trail`] (one person's
+//! trail for `parley audit --user`) are the domain rules over those events, as plain
 //! functions;
 //! [`fuzzing`] is what the property tests share to fuzz the parsers; [`sealing`] seals a
 //! person's content under their data key (crypto-shredding), [`personal`] says which
@@ -30,6 +31,7 @@ pub mod registry;
 pub mod sealing;
 #[cfg(test)]
 mod test_events;
+pub mod trail;
 pub mod turn;
 
 pub use catalog::{SchemaCatalog, SchemaEntry};

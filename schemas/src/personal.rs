@@ -95,7 +95,11 @@ impl Personal for LLMResponseGenerated {
             subject: self.user_id.clone()?,
             bound_to: self.envelope.event_id,
             sealed_for: &mut self.sealed_for,
-            fields: vec![(Cow::Borrowed("text"), &mut self.text)],
+            // The prompt's digest is of the person's words: a guessable question could be
+            // confirmed by hashing guesses, so it is sealed (and erased) with the text.
+            fields: std::iter::once((Cow::Borrowed("text"), &mut self.text))
+                .chain(self.prompt.as_mut().map(|proof| (Cow::Borrowed("prompt digest"), &mut proof.digest)))
+                .collect(),
         })
     }
 }

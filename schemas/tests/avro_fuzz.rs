@@ -87,6 +87,14 @@ fn samples() -> Vec<Sample> {
                 }],
                 context_fingerprint: String::new(),
                 cached_from: None,
+                prompt: Some(Box::new(PromptProof {
+                    digest: "ab".repeat(32),
+                    builder: "parley-prompt/1".into(),
+                    layout: "sliding".into(),
+                    token_budget: 900,
+                    system_prompt_digest: "cd".repeat(32),
+                    messages: 2,
+                })),
             },
         ),
         sample(

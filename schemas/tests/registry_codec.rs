@@ -67,6 +67,14 @@ async fn every_conversation_event_round_trips_through_the_registry() {
             }],
             context_fingerprint: String::new(),
             cached_from: None,
+            prompt: Some(Box::new(PromptProof {
+                digest: "ab".repeat(32),
+                builder: "parley-prompt/1".into(),
+                layout: "stable".into(),
+                token_budget: 1536,
+                system_prompt_digest: "cd".repeat(32),
+                messages: 4,
+            })),
         }),
         ConversationEvent::ResponseFailed(LLMResponseFailed {
             envelope: envelope(3),

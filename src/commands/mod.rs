@@ -21,9 +21,11 @@ pub(crate) mod dead_letters;
 pub(crate) mod documents;
 pub(crate) mod erasure;
 pub(crate) mod projections;
+pub(crate) mod prompts;
 pub(crate) mod replay;
 pub(crate) mod schemas;
 pub(crate) mod serve;
+pub(crate) mod trail;
 
 /// One line of progress on stderr, redrawn in place: bar, count, percentage, rate.
 pub(crate) fn progress_bar(done: u64, total: u64, unit: &str, elapsed: Duration) {

@@ -7,10 +7,13 @@ use anyhow::Result;
 use parley_events::invariants::violations;
 use parley_events::sealing::ERASED;
 use parley_events::{ConversationEvent, ConversationId, LLMResponseGenerated};
-use parley_projections::replay::{self as log_replay, LogReader};
+use parley_inference::proof::Verdict;
+use parley_projections::as_of::ReplayPoint;
+use parley_projections::replay::{self as log_replay, LogReader, Replayed};
 
 use crate::cli::Common;
 use crate::commands::connect_store;
+use crate::commands::prompts::{PromptSettings, RebuiltPrompt, rebuild_prompts};
 use crate::commands::{print_violations, report_undecodable};
 
 /// `parley replay`.
@@ -18,19 +21,29 @@ pub(crate) async fn replay(
     common: &Common,
     conversation_id: ConversationId,
     scan: bool,
+    at: Option<ReplayPoint>,
+    prompts: Option<PromptSettings>,
     format: String,
 ) -> Result<ExitCode> {
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let store = connect_store(common).await?;
     let reader = LogReader::new(kafka, registry)?;
-    let (state, records, differences, method, elapsed) =
-        log_replay::replay(&reader, &store, conversation_id, scan).await?;
+    let Replayed { state, records, total_records, differences, method, elapsed } =
+        log_replay::replay(&reader, &store, conversation_id, scan, at.as_ref()).await?;
     let Some(state) = state else {
-        eprintln!("no events of conversation {conversation_id} in the log");
+        match &at {
+            Some(point) if total_records > 0 => eprintln!("conversation {conversation_id} had not started at {point}"),
+            _ => eprintln!("no events of conversation {conversation_id} in the log"),
+        }
         return Ok(ExitCode::FAILURE);
     };
     let violations = violations(records.iter().map(|r| &r.event));
+    let rebuilt = match &prompts {
+        Some(settings) => rebuild_prompts(common, &store, &reader, &records, settings).await?,
+        None => vec![],
+    };
+    let unproven = rebuilt.iter().filter(|p| !matches!(p.verdict, Verdict::Proven)).count();
     if format == "json" {
         println!(
             "{}",
@@ -42,10 +55,13 @@ pub(crate) async fn replay(
                 "messages": state.messages,
                 "gaps": state.gaps,
                 "records": records.len(),
+                "total_records": total_records,
+                "at": at.as_ref().map(ToString::to_string),
                 "method": format!("{method:?}"),
                 "fetch_ms": elapsed.as_secs_f64() * 1000.0,
                 "diff": differences,
                 "violations": violations,
+                "prompts": prompts.is_some().then_some(&rebuilt),
             })
         );
     } else {
@@ -55,6 +71,13 @@ pub(crate) async fn replay(
             records.len(),
             elapsed.as_secs_f64() * 1000.0
         );
+        if let Some(point) = &at {
+            println!(
+                "  as of {point}: {} of its {total_records} events (sequence {} was the last)",
+                records.len(),
+                state.head.last_sequence
+            );
+        }
         for m in &state.messages {
             let usage = m.model.as_ref().map_or(String::new(), |model| {
                 format!(
@@ -86,6 +109,9 @@ pub(crate) async fn replay(
                 }
             }
         }
+        if prompts.is_some() {
+            print_prompts(&rebuilt, unproven);
+        }
         for (expected, got) in &state.gaps {
             println!("  gap: expected sequence {expected}, log continues at {got}");
         }
@@ -96,7 +122,9 @@ pub(crate) async fn replay(
         if let Some(at) = erased_at {
             println!("  owner erased at {at} (ms since the epoch): content reads {ERASED}, projection rows purged");
         }
-        if differences.is_empty() {
+        if at.is_some() {
+            println!("diff against the projection: not made (the projection holds the present)");
+        } else if differences.is_empty() {
             println!("diff against the projection: none");
         } else {
             println!("diff against the projection ({}):", differences.len());
@@ -105,8 +133,21 @@ pub(crate) async fn replay(
         print_violations(&violations);
     }
     report_undecodable(reader.undecodable());
-    if !differences.is_empty() || !violations.is_empty() {
+    // A prompt that cannot be rebuilt is reported, not a failure; one that differs is.
+    let differing = rebuilt.iter().any(|p| matches!(p.verdict, Verdict::Differs { .. }));
+    if !differences.is_empty() || !violations.is_empty() || differing {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each answer's rebuilt prompt and its verdict, then how many were proven.
+fn print_prompts(rebuilt: &[RebuiltPrompt], unproven: usize) {
+    for prompt in rebuilt {
+        println!("  prompt of the answer at #{}: {}", prompt.sequence, prompt.verdict);
+        for message in &prompt.messages {
+            println!("      [{}] {}", message.role, message.content.replace('\n', "\n        "));
+        }
+    }
+    println!("prompts: {} of {} proven", rebuilt.len() - unproven, rebuilt.len());
 }

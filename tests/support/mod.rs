@@ -706,6 +706,7 @@ pub(crate) async fn write_synthetic_of(
                 retrieved: vec![],
                 context_fingerprint: String::new(),
                 cached_from: None,
+                prompt: None,
             }));
         }
         for event in &events {

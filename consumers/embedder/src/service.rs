@@ -33,6 +33,11 @@ use crate::sources::{
     Change, Owners, Skipped, document_deletion, document_records, indexed_events, message_record, plan,
 };
 
+/// The largest chunk when the operator sets none (replay cuts retrieved chunks again with it).
+pub const DEFAULT_CHUNK_CHARS: u32 = 800;
+/// The characters consecutive chunks share when the operator sets none.
+pub const DEFAULT_CHUNK_OVERLAP: u32 = 120;
+
 /// Options of `parley embedder`.
 #[derive(Debug, Clone, Args)]
 pub struct EmbedderArgs {
@@ -46,12 +51,12 @@ pub struct EmbedderArgs {
     pub embedder_max_wait: Duration,
 
     /// Largest document chunk in characters (all-MiniLM-L6-v2 reads 256 tokens, ~1000 characters of English).
-    #[arg(long, env = "PARLEY_CHUNK_CHARS", default_value_t = 800,
+    #[arg(long, env = "PARLEY_CHUNK_CHARS", default_value_t = DEFAULT_CHUNK_CHARS,
           value_parser = clap::value_parser!(u32).range(50..=100_000))]
     pub chunk_chars: u32,
 
     /// Characters shared by consecutive chunks.
-    #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = 120,
+    #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = DEFAULT_CHUNK_OVERLAP,
           value_parser = clap::value_parser!(u32).range(0..=50_000))]
     pub chunk_overlap: u32,
 

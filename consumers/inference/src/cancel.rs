@@ -128,6 +128,7 @@ impl Partial {
             retrieved,
             context_fingerprint: String::new(),
             cached_from: None,
+            prompt: None,
         }
     }
 }

@@ -18,5 +18,6 @@ pub mod context;
 pub mod llm;
 pub mod metrics;
 pub mod prompt;
+pub mod proof;
 pub mod retry;
 pub mod service;

@@ -1,9 +1,11 @@
-//! The query path (HTTP, JSON), served from the projection, never from the log:
+//! The query path (HTTP, JSON), served from the projection:
 //!
 //! - `GET /api/conversations?limit=N&before=CURSOR`: the caller's conversations, newest first;
 //! - `GET /api/conversations/{id}?after=POSITION`: one conversation with its messages. With
 //!   `after` (the `position` of an ack), the answer waits until the projection has applied
-//!   it, up to `--read-wait`, else 503 `projection_behind`.
+//!   it, up to `--read-wait`, else 503 `projection_behind`. With `at` (a sequence, a
+//!   position of the events topic or an RFC 3339 time in UTC), the conversation as it was
+//!   then, folded from its records in the log: the one read that leaves the projection.
 //!
 //! Both take the user's token as `Authorization: Bearer <token>`.
 
@@ -13,10 +15,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use parley_eventlog::LogPosition;
+use parley_events::UserId;
 use parley_events::conversation::Message;
 use parley_events::{CachedAnswer, RetrievedContext};
 use parley_events::{ConversationId, EventId};
+use parley_projections::ProjectionError;
+use parley_projections::as_of::ReplayPoint;
 use parley_projections::reader::Freshness;
+use parley_projections::replay;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -71,6 +77,7 @@ impl From<Message> for MessageView {
 #[derive(Debug, Deserialize)]
 pub(crate) struct ConversationParams {
     after: Option<String>,
+    at: Option<String>,
 }
 
 pub(crate) async fn conversation(
@@ -82,6 +89,16 @@ pub(crate) async fn conversation(
     let user = user_of(&state, &headers).await?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user"));
     let id: ConversationId = id.parse().map_err(|_| not_found())?;
+    if let Some(at) = params.at {
+        if params.after.is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "at and after do not go together: at reads the log, after waits for the projection",
+            ));
+        }
+        return conversation_at(&state, &user, id, &at).await;
+    }
     if let Some(after) = params.after {
         let position: LogPosition = after.parse().map_err(|_| {
             ApiError::new(
@@ -118,6 +135,39 @@ pub(crate) async fn conversation(
         "updated_at": row.updated_at,
         "last_sequence": row.last_sequence,
         "open_query_event_id": row.open_query_event_id,
+        "messages": messages,
+    })))
+}
+
+/// `GET /api/conversations/{id}?at=POINT`: the owner's conversation as it was at the point.
+async fn conversation_at(
+    state: &AppState,
+    user: &UserId,
+    id: ConversationId,
+    at: &str,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let invalid =
+        |error: ProjectionError| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", format!("at: {error}"));
+    let point: ReplayPoint = at.parse().map_err(invalid)?;
+    let store = state.reader.store();
+    let log = state.log.lock().await;
+    let conversation = match replay::state_at(&log, store, id, &point).await {
+        Err(error @ ProjectionError::InvalidPoint(_)) => return Err(invalid(error)),
+        other => other?,
+    };
+    drop(log);
+    // Not started by then reads like a conversation that is not the caller's: nothing to show.
+    let conversation = conversation.filter(|c| c.head.owner == *user).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user at {point}"))
+    })?;
+    let messages: Vec<MessageView> = conversation.messages.into_iter().map(MessageView::from).collect();
+    Ok(Json(json!({
+        "conversation_id": id,
+        "at": point.to_string(),
+        "started_at": conversation.started_at,
+        "updated_at": conversation.updated_at,
+        "last_sequence": conversation.head.last_sequence,
+        "open_query_event_id": conversation.head.open_query.as_ref().map(|q| q.event_id),
         "messages": messages,
     })))
 }

@@ -13,7 +13,7 @@ use parley_events::personal::Personal;
 use parley_events::sealing::{DataKey, delta_field};
 use parley_events::turn::outcome_sequence;
 use parley_events::{
-    ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, UserId,
+    ConversationId, Envelope, EventId, LLMResponseFailed, LLMResponseGenerated, LLMTokenDelta, PromptProof, UserId,
     UserQueryReceived,
 };
 use parley_projections::ProjectionError;
@@ -27,7 +27,8 @@ use super::ahead::Found;
 use super::{InferenceError, SOURCE, Worker};
 use crate::cancel::Partial;
 use crate::metrics;
-use crate::prompt::{build_prompt, estimate_tokens};
+use crate::prompt::{Prompt, build_prompt, estimate_tokens};
+use crate::proof::proof_of;
 
 /// How an answer (its deltas and its outcome) goes out.
 #[derive(Clone)]
@@ -181,13 +182,18 @@ impl Worker {
                 let partial = partial.into_inner().unwrap_or_else(PoisonError::into_inner);
                 let prompt_tokens = prompt.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<usize>();
                 let prompt_tokens = i32::try_from(prompt_tokens).unwrap_or(i32::MAX);
+                let proof = self.proof_of(&prompt);
                 let cancelled =
                     partial.into_answer(envelope(), query, &self.model_name, prompt_tokens, prompt.retrieved);
                 info!(tokens = cancelled.completion_tokens, "cancelled while generating");
                 self.outcome_seen(query, partition, "cancelled");
                 let used = i64::from(cancelled.prompt_tokens) + i64::from(cancelled.completion_tokens);
                 self.settle_budget(query, u64::try_from(used).unwrap_or(0)).await;
-                let cancelled = LLMResponseGenerated { context_event_ids: prompt.context_event_ids, ..cancelled };
+                let cancelled = LLMResponseGenerated {
+                    context_event_ids: prompt.context_event_ids,
+                    prompt: Some(Box::new(proof)),
+                    ..cancelled
+                };
                 return Ok(outgoing(self.codec.encode(&sealing.seal(cancelled)).await?));
             };
             let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
@@ -206,6 +212,7 @@ impl Worker {
                     self.outcome_seen(query, partition, error.kind());
                 }
             }
+            let proof = self.proof_of(&prompt);
             let payload = match result {
                 Ok(completion) => {
                     info!(
@@ -231,6 +238,7 @@ impl Worker {
                             retrieved: prompt.retrieved,
                             context_fingerprint: fingerprint,
                             cached_from: None,
+                            prompt: Some(Box::new(proof)),
                         }))
                         .await?
                 }
@@ -243,6 +251,11 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// What the answer records of the prompt sent ([`crate::proof`]).
+    fn proof_of(&self, prompt: &Prompt) -> PromptProof {
+        proof_of(&prompt.messages, &self.system_prompt, self.context_token_budget, self.prompt_layout)
     }
 
     /// Counts a question's outcome (`answer`, `cancelled` or a failure's kind) and how long

@@ -10,6 +10,9 @@ use crate::balancer::EndpointSpec;
 use crate::llm::LlmSettings;
 use crate::prompt::PromptLayout;
 
+/// The system prompt when the operator sets none (replay rebuilds prompts with it too).
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are Parley, a helpful assistant. Answer briefly.";
+
 /// Options of `parley inference`.
 #[derive(Debug, Clone, Args)]
 pub struct InferenceArgs {
@@ -107,7 +110,7 @@ pub struct InferenceArgs {
     pub cache_ttl: Duration,
 
     /// The system prompt every conversation starts with.
-    #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = "You are Parley, a helpful assistant. Answer briefly.")]
+    #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
     pub system_prompt: String,
 
     /// Prompt layout: `stable` keeps a conversation's prompt prefix from turn to turn (the

@@ -96,6 +96,7 @@ impl Worker {
                     query_event_id: entry.query_event_id,
                     similarity: candidate.similarity,
                 }),
+                prompt: None, // no prompt was sent
             })
         }
         .instrument(span)

@@ -48,7 +48,7 @@ use crate::prompt::PromptLayout;
 
 use self::ahead::Knowledge;
 
-pub use self::args::InferenceArgs;
+pub use self::args::{DEFAULT_SYSTEM_PROMPT, InferenceArgs};
 
 /// Who writes the inference consumer's events.
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
