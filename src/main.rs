@@ -59,7 +59,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match command {
         Command::Gateway(args) => Box::pin(serve::gateway(&common, args, shutdown)).await,
         Command::Inference(args) => Box::pin(serve::inference(&common, args, shutdown)).await,
-        Command::Projection => serve::projection(&common, shutdown).await,
+        Command::Projection => Box::pin(serve::projection(&common, shutdown)).await,
         Command::Embedder(args) => serve::embedder(&common, args, shutdown).await,
         Command::Erasure => serve::erasure(&common, shutdown).await,
         Command::Erase { user, reason, wait } => erasure::erase(&common, &user, &reason, wait).await,
@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 chunk_chars: usize::try_from(chunk_chars).unwrap_or(usize::MAX),
                 chunk_overlap: usize::try_from(chunk_overlap).unwrap_or(0),
             });
-            replay::replay(&common, conversation_id, scan, at, prompts, format).await
+            Box::pin(replay::replay(&common, conversation_id, scan, at, prompts, format)).await
         }
         Command::Audit { user: Some(user), since, format, .. } => trail::audit_user(&common, user, since, format).await,
         Command::Audit { conversation_id: Some(conversation_id), scan, format, .. } => {

@@ -310,7 +310,7 @@ async fn a_generation_created_by_an_older_version_gains_the_retrieved_column() {
         position: 2,
         score: 0.75,
     }];
-    store.insert_message(&generation, conversation, &answer).await.unwrap();
+    store.insert_messages(&generation, conversation, std::slice::from_ref(&answer)).await.unwrap();
     let stored = store.messages(&generation, conversation).await.unwrap();
     assert_eq!(stored.last(), Some(&answer));
     // Preparing the generation again (another process, a restart) leaves it as it is.

@@ -59,6 +59,10 @@ pub struct Projector {
     generation: Generation,
     topic: String,
     known: HashMap<ConversationId, Known>,
+    /// Whether every conversation the generation holds is in `known` (a rebuild into a new,
+    /// empty generation, until the cache first starts over): then one not there is new,
+    /// and is not looked up in the store.
+    knows_every_head: bool,
 }
 
 /// A decoded record with its log coordinates.
@@ -78,7 +82,17 @@ impl Projector {
     /// A projector writing into `generation_number` from `topic`.
     pub async fn new(store: Store, generation_number: i32, topic: &str) -> Result<Self, ProjectionError> {
         let generation = store.generation(generation_number).await?;
-        Ok(Self { store, generation, topic: topic.to_owned(), known: HashMap::new() })
+        Ok(Self { store, generation, topic: topic.to_owned(), known: HashMap::new(), knows_every_head: false })
+    }
+
+    /// A projector filling a new, empty generation (a rebuild): it knows every head it
+    /// wrote, so it reads none back while its cache holds them all.
+    pub async fn for_new_generation(
+        store: Store,
+        generation_number: i32,
+        topic: &str,
+    ) -> Result<Self, ProjectionError> {
+        Ok(Self { knows_every_head: true, ..Self::new(store, generation_number, topic).await? })
     }
 
     /// The generation it writes.
@@ -105,6 +119,7 @@ impl Projector {
     pub async fn apply_batch(&mut self, batch: Vec<LoggedEvent>) -> Result<(), ProjectionError> {
         if self.known.len() > MAX_CACHED_HEADS {
             self.known.clear();
+            self.knows_every_head = false;
         }
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let written: Vec<i64> = batch.iter().map(|logged| logged.event.envelope().occurred_at).collect();
@@ -122,9 +137,10 @@ impl Projector {
         }
         let work = by_conversation.into_iter().map(|(id, events)| {
             let known = self.known.remove(&id);
+            let look_up = known.is_none() && !self.knows_every_head;
             let (store, generation, topic) = (&self.store, &self.generation, self.topic.as_str());
             async move {
-                let known = apply_conversation(store, generation, topic, id, known, &events).await?;
+                let known = apply_conversation(store, generation, topic, id, known, look_up, &events).await?;
                 Ok::<_, ProjectionError>((id, known))
             }
         });
@@ -185,39 +201,95 @@ fn seconds_since(millis: i64, now: i64) -> f64 {
     (now - millis).max(0) as f64 / 1000.0
 }
 
-/// Applies one conversation's events of a batch, in order.
+/// What a batch's events of one conversation write, gathered so each table gets one write
+/// (one unlogged batch of the conversation's partition) instead of one per event.
+#[derive(Debug, Default)]
+struct Writes {
+    locations: Vec<EventLocation>,
+    messages: Vec<ConversationMessage>,
+    cached_answers: Vec<CachedAnswerRow>,
+    /// When the conversation started, if it started in this batch: its row is written
+    /// whole, once, after its messages.
+    started_at: Option<i64>,
+    /// Its title, if its first question is in this batch.
+    title: Option<String>,
+    /// When the last event that moved the head happened; None: the head did not move.
+    head_moved_at: Option<i64>,
+}
+
+/// Applies one conversation's events of a batch, in order: its rows first, then its head,
+/// so a crash in between leaves a head that re-applies the rest (never one past rows that
+/// were not written).
 async fn apply_conversation(
     store: &Store,
     generation: &Generation,
     topic: &str,
     id: ConversationId,
     mut known: Option<Known>,
+    look_up: bool,
     events: &[LoggedEvent],
 ) -> Result<Option<Known>, ProjectionError> {
-    if known.is_none() {
+    if look_up {
         known =
             store.conversation(generation, id).await?.map(|row| Known { head: row.head(), started_at: row.started_at });
     }
+    let mut writes = Writes::default();
     for logged in events {
         let envelope = logged.event.envelope();
         let span = info_span!(parent: None, "projection.apply", conversation_id = %id, sequence = envelope.sequence,
                               kind = logged.event.type_name(), offset = logged.offset);
         continue_trace(&span, envelope.traceparent.as_deref());
-        apply_event(store, generation, topic, id, &mut known, logged).instrument(span).await?;
+        apply_event(store, topic, id, &mut known, logged, &mut writes).instrument(span).await?;
     }
+    let write = info_span!("projection.write", conversation_id = %id, locations = writes.locations.len(),
+                           messages = writes.messages.len());
+    async {
+        let owner = known.as_ref().map(|k| k.head.owner.clone());
+        let cached = writes.cached_answers.iter().filter_map(|entry| {
+            let owner = owner.as_ref()?;
+            Some(store.insert_cached_answer(generation, owner, entry))
+        });
+        let (locations, messages, cached) = futures::join!(
+            Box::pin(store.insert_locations(generation, id, &writes.locations)),
+            Box::pin(store.insert_messages(generation, id, &writes.messages)),
+            futures::future::try_join_all(cached.map(Box::pin)),
+        );
+        locations?;
+        messages?;
+        cached?;
+        let Some(k) = &known else { return Ok(()) };
+        let title = writes.title.as_deref();
+        match (writes.started_at, writes.head_moved_at) {
+            (Some(started_at), moved_at) => {
+                let updated_at = moved_at.unwrap_or(started_at);
+                store.insert_conversation(generation, id, &k.head, started_at, updated_at, title.unwrap_or("")).await?;
+            }
+            (None, Some(updated_at)) => {
+                if let Some(title) = title {
+                    store.set_title(generation, id, &k.head.owner, k.started_at, title).await?;
+                }
+                store.advance_conversation(generation, id, &k.head, updated_at).await?;
+            }
+            (None, None) => {}
+        }
+        Ok::<_, ProjectionError>(())
+    }
+    .instrument(write)
+    .await?;
     Ok(known)
 }
 
-/// Applies one event: its location (unless it is a redriven copy of an event applied
-/// already: the index keeps the original, and audit finds the copy through its letter), and
-/// its effect on the conversation unless the conversation has it already.
+/// Applies one event to what the conversation's batch writes: its location (unless it is a
+/// redriven copy of an event applied already: the index keeps the original, and audit finds
+/// the copy through its letter), and its effect on the conversation unless the conversation
+/// has it already.
 async fn apply_event(
     store: &Store,
-    generation: &Generation,
     topic: &str,
     id: ConversationId,
     known: &mut Option<Known>,
     logged: &LoggedEvent,
+    writes: &mut Writes,
 ) -> Result<(), ProjectionError> {
     let envelope = logged.event.envelope();
     let location = EventLocation {
@@ -230,11 +302,11 @@ async fn apply_event(
     };
     let copy_of_applied = logged.redriven && known.as_ref().is_some_and(|k| envelope.sequence <= k.head.last_sequence);
     if !copy_of_applied {
-        store.insert_location(generation, id, &location).await?;
+        writes.locations.push(location);
     }
     match (known, &logged.event) {
         (known @ None, ConversationEvent::Started(started)) => {
-            store.insert_conversation(generation, id, &started.user_id, envelope.occurred_at).await?;
+            writes.started_at = Some(envelope.occurred_at);
             *known = Some(Known {
                 head: ConversationHead::started(started.user_id.clone()),
                 started_at: envelope.occurred_at,
@@ -252,20 +324,19 @@ async fn apply_event(
                 warn!(%id, expected, got, "sequence gap: an event of this conversation is missing from the log");
             }
             if let Some(message) = message_of(event) {
-                store.insert_message(generation, id, &message).await?;
                 if message.kind == MessageKind::UserQuery
                     && message.sequence == parley_events::turn::STARTED_SEQUENCE + 1
                 {
-                    let title = title_of(store, &k.head.owner, id, &message).await?;
-                    store.set_title(generation, id, &k.head.owner, k.started_at, &title).await?;
+                    writes.title = Some(title_of(store, &k.head.owner, id, &message).await?);
                 }
+                writes.messages.push(message);
             }
             if let ConversationEvent::ResponseGenerated(answer) = event
                 && let Some(entry) = CachedAnswerRow::of(answer)
             {
-                store.insert_cached_answer(generation, &k.head.owner, &entry).await?;
+                writes.cached_answers.push(entry);
             }
-            store.advance_conversation(generation, id, &k.head, envelope.occurred_at).await?;
+            writes.head_moved_at = Some(envelope.occurred_at);
         }
     }
     Ok(())

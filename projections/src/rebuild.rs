@@ -4,14 +4,17 @@
 //! is dropped on purpose.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parley_eventlog::KafkaSettings;
-use parley_eventlog::consumer::partitions;
+use parley_eventlog::consumer::{LogConsumer, partitions};
 use parley_events::EventCodec;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -19,7 +22,10 @@ use crate::error::ProjectionError;
 use crate::projector::{LoggedEvent, Projector, decode};
 use crate::store::{CONTEXT, Store};
 
-const BATCH: usize = 500;
+/// Records applied per batch: a batch writes each conversation's rows together, so the
+/// larger it is, the more of a conversation's events (which the log interleaves with
+/// others') share one write.
+const BATCH: usize = 5_000;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,7 +65,7 @@ pub async fn rebuild_context(
     let (live, previous, building) = store.generations(CONTEXT).await?;
     let generation = live.max(previous.unwrap_or(0)).max(building.unwrap_or(0)) + 1;
     store.set_building(CONTEXT, Some(generation)).await?;
-    let mut projector = Projector::new(store.clone(), generation, &topic).await?;
+    let mut projector = Projector::for_new_generation(store.clone(), generation, &topic).await?;
     let consumer = projector.consumer(kafka, true).await?;
 
     let partitions = partitions(&consumer, &topic)?;
@@ -70,23 +76,67 @@ pub async fn rebuild_context(
     }
 
     let started = Instant::now();
-    let mut records = 0u64;
-    let mut undecodable = 0u64;
+    // Reading and decoding the next batch overlap with writing the last one.
+    let counts = Arc::new(Counts::default());
+    let (batches, mut ready) = mpsc::channel(2);
+    let reading =
+        tokio::spawn(read_batches(consumer, codec, partitions.len(), batches, shutdown.clone(), counts.clone()));
+    let mut last_report = Instant::now();
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => return Err(ProjectionError::Interrupted { generation }),
+            batch = ready.recv() => batch,
+        };
+        let Some(batch) = batch else { break };
+        projector.apply_batch(batch).await?;
+        if last_report.elapsed() >= Duration::from_millis(200) {
+            progress(counts.read.load(Ordering::Relaxed), total, started.elapsed());
+            last_report = Instant::now();
+        }
+    }
+    if !reading.await.unwrap_or(false) {
+        return Err(ProjectionError::Interrupted { generation });
+    }
+    let records = counts.read.load(Ordering::Relaxed);
+    progress(records, total.max(records), started.elapsed());
+    store.switch_live(CONTEXT, generation, live).await?;
+    let undecodable = counts.undecodable.load(Ordering::Relaxed);
+    Ok(RebuildReport { generation, previous: live, records, undecodable, elapsed: started.elapsed() })
+}
+
+/// Records a rebuild's reader has read, and passed by as undecodable.
+#[derive(Debug, Default)]
+struct Counts {
+    read: AtomicU64,
+    undecodable: AtomicU64,
+}
+
+/// Reads every partition to its end, decoding records into batches of [`BATCH`] for the
+/// writer. False when stopped before the end (shutdown, or the writer gave up).
+async fn read_batches(
+    consumer: LogConsumer,
+    codec: EventCodec,
+    partitions: usize,
+    batches: mpsc::Sender<Vec<LoggedEvent>>,
+    shutdown: CancellationToken,
+    counts: Arc<Counts>,
+) -> bool {
     let mut at_end = HashSet::new();
     let mut batch: Vec<LoggedEvent> = Vec::with_capacity(BATCH);
-    let mut last_report = Instant::now();
-    while at_end.len() < partitions.len() {
+    while at_end.len() < partitions {
         let received = tokio::select! {
-            () = shutdown.cancelled() => return Err(ProjectionError::Interrupted { generation }),
+            () = shutdown.cancelled() => return false,
             received = consumer.recv() => received,
         };
         match received {
             Ok(message) => {
                 at_end.remove(&message.partition());
-                records += 1;
-                match decode(&codec, &message.detach(), shutdown).await {
-                    None => return Err(ProjectionError::Interrupted { generation }),
-                    Some(None) => undecodable += 1,
+                counts.read.fetch_add(1, Ordering::Relaxed);
+                match decode(&codec, &message.detach(), &shutdown).await {
+                    None => return false,
+                    Some(None) => {
+                        counts.undecodable.fetch_add(1, Ordering::Relaxed);
+                    }
                     Some(Some(logged)) => batch.push(logged),
                 }
             }
@@ -95,17 +145,14 @@ pub async fn rebuild_context(
             }
             Err(error) => warn!(%error, "rebuild consumer error"),
         }
-        if batch.len() >= BATCH || (at_end.len() == partitions.len() && !batch.is_empty()) {
-            projector.apply_batch(std::mem::take(&mut batch)).await?;
-        }
-        if last_report.elapsed() >= Duration::from_millis(200) {
-            progress(records, total, started.elapsed());
-            last_report = Instant::now();
+        let done = at_end.len() == partitions;
+        if (batch.len() >= BATCH || (done && !batch.is_empty()))
+            && batches.send(std::mem::take(&mut batch)).await.is_err()
+        {
+            return false;
         }
     }
-    progress(records, total.max(records), started.elapsed());
-    store.switch_live(CONTEXT, generation, live).await?;
-    Ok(RebuildReport { generation, previous: live, records, undecodable, elapsed: started.elapsed() })
+    true
 }
 
 /// Drops the generation a rebuild replaced, once nobody needs it.

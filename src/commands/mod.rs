@@ -27,16 +27,29 @@ pub(crate) mod schemas;
 pub(crate) mod serve;
 pub(crate) mod trail;
 
-/// One line of progress on stderr, redrawn in place: bar, count, percentage, rate.
+/// One line of progress on stderr, redrawn in place: bar, count, percentage, rate and the
+/// time left at that rate.
 pub(crate) fn progress_bar(done: u64, total: u64, unit: &str, elapsed: Duration) {
     let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
     let percent = if total == 0 { 100.0 } else { 100.0 * done as f64 / total as f64 };
     let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
+    let left = if rate > 0.0 { total.saturating_sub(done) as f64 / rate } else { 0.0 };
     eprint!(
-        "\r[{}{}] {done}/{total} {unit} {percent:5.1}% · {rate:8.0} {unit}/s",
+        "\r[{}{}] {done}/{total} {unit} {percent:5.1}% · {rate:8.0} {unit}/s · ETA {}",
         "#".repeat(filled),
-        " ".repeat(20 - filled)
+        " ".repeat(20 - filled),
+        eta(left)
     );
+}
+
+/// Seconds left as `1h02m`, `4m05s` or `12s`.
+fn eta(seconds: f64) -> String {
+    let seconds = seconds.round().max(0.0) as u64;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
 }
 
 /// Invariant violations as replay and audit print them (to stderr too, so a pipe sees them).
@@ -80,4 +93,14 @@ pub(crate) async fn connect_store(common: &Common) -> Result<Store> {
         None => None,
     };
     Ok(store.with_keys(keys))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn time_left_reads_in_the_largest_units_that_matter() {
+        assert_eq!(super::eta(12.4), "12s");
+        assert_eq!(super::eta(245.0), "4m05s");
+        assert_eq!(super::eta(3720.0), "1h02m");
+    }
 }

@@ -14,6 +14,7 @@ pub struct Generation {
     pub(super) insert_conversation: PreparedStatement,
     pub(super) insert_by_user: PreparedStatement,
     pub(super) update_conversation: PreparedStatement,
+    pub(super) update_title: PreparedStatement,
     pub(super) insert_message: PreparedStatement,
     pub(super) insert_location: PreparedStatement,
     pub(super) upsert_progress: PreparedStatement,
@@ -123,14 +124,15 @@ impl Store {
         Ok(Generation {
             number: n,
             insert_conversation: prepare(format!(
-                "INSERT INTO {ks}.conversations_g{n} (conversation_id, user_id, started_at, updated_at, last_sequence, title) \
-                 VALUES (?, ?, ?, ?, ?, '')"
+                "INSERT INTO {ks}.conversations_g{n} (conversation_id, user_id, started_at, updated_at, last_sequence, \
+                 open_query_event_id, title) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             insert_by_user: prepare(format!(
                 "INSERT INTO {ks}.conversations_by_user_g{n} (user_id, started_at, conversation_id, title) VALUES (?, ?, ?, ?)"
             ))
             .await?,
+            update_title: prepare(format!("UPDATE {ks}.conversations_g{n} SET title = ? WHERE conversation_id = ?")).await?,
             update_conversation: prepare(format!(
                 "UPDATE {ks}.conversations_g{n} SET updated_at = ?, last_sequence = ?, open_query_event_id = ? \
                  WHERE conversation_id = ?"

@@ -17,6 +17,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
 pub use self::cache::{CACHE_RETENTION_SECONDS, CachedAnswerRow};
@@ -202,6 +203,24 @@ impl Store {
     async fn exec(&self, statement: &PreparedStatement, values: impl SerializeRow) -> Result<(), ProjectionError> {
         let cql = statement.get_statement();
         timed("cql", &operation_of(cql), self.session.execute_unpaged(statement, values))
+            .await
+            .map_err(|e| ProjectionError::cql(cql, e))?;
+        Ok(())
+    }
+
+    /// Runs `statement` once per row of `rows` as one unlogged batch (the rows share a
+    /// partition: one replica set, no batch log).
+    async fn exec_batch(
+        &self,
+        statement: &PreparedStatement,
+        rows: Vec<impl SerializeRow>,
+    ) -> Result<(), ProjectionError> {
+        let cql = statement.get_statement();
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in 0..rows.len() {
+            batch.append_statement(statement.clone());
+        }
+        timed("cql", &operation_of(cql), self.session.batch(&batch, rows))
             .await
             .map_err(|e| ProjectionError::cql(cql, e))?;
         Ok(())

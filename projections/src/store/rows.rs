@@ -94,18 +94,25 @@ type CachedColumns = (String, String, f32);
 type RetrievedColumns = (String, String, String, String, i64, f32);
 
 impl Store {
-    /// Writes a new conversation's row and its row in the user's list.
+    /// Writes a conversation's row as of `head` (with its title, if its first question is
+    /// known), and its entry in its owner's list.
     pub async fn insert_conversation(
         &self,
         g: &Generation,
         id: ConversationId,
-        user: &UserId,
+        head: &ConversationHead,
         started_at: i64,
+        updated_at: i64,
+        title: &str,
     ) -> Result<(), ProjectionError> {
-        let (id, user) = (id.uuid(), user.as_str());
-        self.exec(&g.insert_conversation, (id, user, started_at, started_at, parley_events::turn::STARTED_SEQUENCE))
-            .await?;
-        self.exec(&g.insert_by_user, (user, started_at, id, "")).await
+        let (id, user) = (id.uuid(), head.owner.as_str());
+        let open = head.open_query.as_ref().map(|q| q.event_id.to_string());
+        let row = (id, user, started_at, updated_at, head.last_sequence, open, title);
+        let (conversation, by_user) = futures::join!(
+            Box::pin(self.exec(&g.insert_conversation, row)),
+            Box::pin(self.exec(&g.insert_by_user, (user, started_at, id, title)))
+        );
+        conversation.and(by_user)
     }
 
     /// Sets the title (the first question) in both rows.
@@ -118,10 +125,11 @@ impl Store {
         title: &str,
     ) -> Result<(), ProjectionError> {
         let (id, user) = (id.uuid(), user.as_str());
-        let update =
-            format!("UPDATE {}.conversations_g{} SET title = ? WHERE conversation_id = ?", self.keyspace, g.number);
-        self.session.query_unpaged(update.as_str(), (title, id)).await.map_err(|e| ProjectionError::cql(&update, e))?;
-        self.exec(&g.insert_by_user, (user, started_at, id, title)).await
+        let (conversation, by_user) = futures::join!(
+            Box::pin(self.exec(&g.update_title, (title, id))),
+            Box::pin(self.exec(&g.insert_by_user, (user, started_at, id, title)))
+        );
+        conversation.and(by_user)
     }
 
     /// Writes the head after an event.
@@ -136,36 +144,63 @@ impl Store {
         self.exec(&g.update_conversation, (updated_at, head.last_sequence, open, id.uuid())).await
     }
 
-    /// Writes a message.
-    pub async fn insert_message(&self, g: &Generation, id: ConversationId, m: &Message) -> Result<(), ProjectionError> {
-        let values = (
-            id.uuid(),
-            m.sequence,
-            m.event_id.to_string(),
-            m.kind.as_str(),
-            &m.text,
-            m.occurred_at,
-            m.query_event_id.map(|id| id.to_string()),
-            &m.model,
-            m.prompt_tokens,
-            m.completion_tokens,
-            m.llm_latency_ms,
-            &m.error_kind,
-            m.retrieved.iter().map(retrieved_columns).collect::<Vec<_>>(),
-            m.cached_from.as_ref().map(|c| (c.answer_event_id.to_string(), c.query_event_id.to_string(), c.similarity)),
-        );
-        self.exec(&g.insert_message, values).await
-    }
-
-    /// Writes where an event is in the log.
-    pub async fn insert_location(
+    /// Writes a conversation's messages: unlogged batches of one partition (the
+    /// conversation's), each under the store's batch size limit, so a batch of the log
+    /// costs a round trip per conversation rather than one per message.
+    pub async fn insert_messages(
         &self,
         g: &Generation,
         id: ConversationId,
-        l: &EventLocation,
+        messages: &[Message],
     ) -> Result<(), ProjectionError> {
-        let values = (id.uuid(), l.sequence, l.event_id.to_string(), &l.event_type, &l.topic, l.partition, l.offset);
-        self.exec(&g.insert_location, values).await
+        let row = |m: &Message| {
+            (
+                id.uuid(),
+                m.sequence,
+                m.event_id.to_string(),
+                m.kind.as_str(),
+                m.text.clone(),
+                m.occurred_at,
+                m.query_event_id.map(|id| id.to_string()),
+                m.model.clone(),
+                m.prompt_tokens,
+                m.completion_tokens,
+                m.llm_latency_ms,
+                m.error_kind.clone(),
+                m.retrieved.iter().map(retrieved_columns).collect::<Vec<_>>(),
+                m.cached_from
+                    .as_ref()
+                    .map(|c| (c.answer_event_id.to_string(), c.query_event_id.to_string(), c.similarity)),
+            )
+        };
+        for part in batch_parts(messages, |m| m.text.len() + 64 * m.retrieved.len()) {
+            self.exec_batch(&g.insert_message, part.iter().map(row).collect()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes where a conversation's events are in the log (batched as messages are).
+    pub async fn insert_locations(
+        &self,
+        g: &Generation,
+        id: ConversationId,
+        locations: &[EventLocation],
+    ) -> Result<(), ProjectionError> {
+        let row = |l: &EventLocation| {
+            (
+                id.uuid(),
+                l.sequence,
+                l.event_id.to_string(),
+                l.event_type.clone(),
+                l.topic.clone(),
+                l.partition,
+                l.offset,
+            )
+        };
+        for part in batch_parts(locations, |l| l.topic.len() + l.event_type.len()) {
+            self.exec_batch(&g.insert_location, part.iter().map(row).collect()).await?;
+        }
+        Ok(())
     }
 
     /// Records the next offset of `partition` to apply.
@@ -317,4 +352,46 @@ fn retrieved_context(
 /// corrupt row (never silently skipped).
 fn stored_id<T: std::str::FromStr<Err = InvalidId>>(value: &str) -> Result<T, ProjectionError> {
     value.parse().map_err(|e: InvalidId| ProjectionError::Corrupt(e.to_string()))
+}
+
+/// Rows per unlogged batch at most.
+const BATCH_ROWS: usize = 100;
+/// Bytes per batch at most: under Cassandra's default `batch_size_fail_threshold` (50 KiB).
+const BATCH_BYTES: usize = 32 * 1024;
+/// What a row costs a batch besides its variable part (ids, numbers, overhead).
+const ROW_BYTES: usize = 160;
+
+/// `rows` cut into runs that fit one batch, `size` being a row's variable bytes. A row
+/// larger than a batch goes alone.
+fn batch_parts<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let row_bytes = ROW_BYTES + size(row);
+        if i > start && (i - start == BATCH_ROWS || bytes + row_bytes > BATCH_BYTES) {
+            parts.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += row_bytes;
+    }
+    if start < rows.len() {
+        parts.push(&rows[start..]);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_cut_into_batches_under_the_row_and_byte_limits() {
+        let small = vec![0usize; 250];
+        let parts = batch_parts(&small, |_| 10);
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [100, 100, 50]);
+        let large = vec![20_000usize, 20_000, 100, 60_000, 5];
+        let parts = batch_parts(&large, |size| *size);
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [1, 2, 1, 1], "{parts:?}");
+        assert!(batch_parts(&Vec::<usize>::new(), |_| 0).is_empty());
+    }
 }
