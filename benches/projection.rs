@@ -1,5 +1,6 @@
 //! The projection side, measured in one run against the local stack (infra/bench.sh
-//! projection): a full rebuild's records/s against a raw rdkafka read of the same records,
+//! projection): a full rebuild's records/s against a raw rdkafka read of the same records
+//! and against the CQL store's own write rate for the rows it writes,
 //! replaying one conversation by offset index against a partition scan, and the query
 //! path's latency (HTTP through `parley gateway`) for a conversation of 50 turns.
 //! PARLEY_BENCH_CONVERSATIONS (default 2000, 11 events each) sets the log size.
@@ -12,13 +13,15 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use parley_eventlog::KafkaSettings;
 use parley_eventlog::topics::ensure_topics;
+use parley_events::conversation::{ConversationState, message_of};
 use parley_events::lanes::LaneLayout;
 use parley_gateway::auth::TokenSigner;
 use parley_projections::rebuild::rebuild_context;
 use parley_projections::replay::LogReader;
-use parley_projections::store::CONTEXT;
+use parley_projections::store::{CONTEXT, EventLocation};
 use parley_projections::{CqlSettings, Store};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -81,7 +84,13 @@ async fn main() {
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
     };
 
-    let mut written = support::write_synthetic(&stack.brokers, &stack.registry, &topic, conversations, 5).await;
+    // As people chat: this many conversations in flight at once, their events interleaved
+    // in the log (1: each conversation written whole, the easy case for a rebuild).
+    let in_flight: usize = std::env::var("PARLEY_BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let owner = |c: usize| format!("user-{}", c % 7);
+    let mut written =
+        support::write_synthetic_in_flight(&stack.brokers, &stack.registry, &topic, conversations, 5, in_flight, owner)
+            .await;
     let long = support::write_synthetic(&stack.brokers, &stack.registry, &topic, 1, 50).await.remove(0);
     written.push(long.clone());
     let total_events: usize = written.iter().map(|(_, e)| e.len()).sum();
@@ -95,6 +104,43 @@ async fn main() {
         rebuild_context(&kafka, &stack.registry, &store, &CancellationToken::new(), &mut |_, _, _| {}).await.unwrap();
     let raw_rate = raw_records as f64 / raw_time.as_secs_f64();
     eprintln!("rebuild: {} records in {:?}", report.records, report.elapsed);
+
+    // The store's own limit: the rows the rebuild wrote (each event's location, each
+    // message, each conversation's row), written straight into a scratch generation the way
+    // the rebuild batches them (per conversation, 32 conversations at a time), with no log
+    // and no decoding.
+    let scratch = report.generation + 100;
+    store.create_generation(scratch).await.unwrap();
+    let scratch = store.generation(scratch).await.unwrap();
+    let store_started = Instant::now();
+    let rows = written.iter().map(|(id, events)| {
+        let (store, scratch) = (&store, &scratch);
+        async move {
+            let locations: Vec<EventLocation> = events
+                .iter()
+                .enumerate()
+                .map(|(offset, event)| EventLocation {
+                    sequence: event.envelope().sequence,
+                    event_id: event.envelope().event_id,
+                    event_type: event.type_name().to_owned(),
+                    topic: "scratch".into(),
+                    partition: 0,
+                    offset: offset as i64,
+                })
+                .collect();
+            let messages: Vec<_> = events.iter().filter_map(message_of).collect();
+            let state = ConversationState::fold(events.iter()).unwrap();
+            store.insert_locations(scratch, *id, &locations).await.unwrap();
+            store.insert_messages(scratch, *id, &messages).await.unwrap();
+            Box::pin(store.insert_conversation(scratch, *id, &state.head, state.started_at, state.updated_at, "t"))
+                .await
+                .unwrap();
+        }
+    });
+    futures::stream::iter(rows).buffer_unordered(32).collect::<Vec<()>>().await;
+    let store_rate = total_events as f64 / store_started.elapsed().as_secs_f64();
+    store.drop_generation(scratch.number).await.unwrap();
+    eprintln!("store limit: {store_rate:.0} events/s");
 
     // Replay one conversation (the 50-turn one): by the offset index, and by scanning.
     let reader = LogReader::new(&kafka, &stack.registry).unwrap();
@@ -152,7 +198,11 @@ async fn main() {
     let _ = gateway.wait();
     query_ms.sort_by(f64::total_cmp);
 
-    println!("log: {total_events} events in {} conversations ({raw_records} records incl. any markers)", written.len());
+    println!(
+        "log: {total_events} events in {} conversations, {in_flight} in flight at a time ({raw_records} records incl. any \
+         markers)",
+        written.len()
+    );
     println!("| measure | value |");
     println!("|---|---|");
     println!("| raw rdkafka read (no decoding) | {raw_rate:.0} records/s |");
@@ -163,6 +213,8 @@ async fn main() {
         report.elapsed.as_secs_f64()
     );
     println!("| rebuild / raw | {:.3} |", report.records_per_second() / raw_rate);
+    println!("| the store's limit: the same rows written straight (no log, no decoding) | {store_rate:.0} events/s |");
+    println!("| rebuild / the store's limit | {:.3} |", report.records_per_second() / store_rate);
     println!("| replay 50-turn conversation, offset index (median of 5) | {:.1} ms |", median(by_index.clone()));
     println!("| replay 50-turn conversation, partition scan (median of 5) | {:.1} ms |", median(by_scan.clone()));
     println!(

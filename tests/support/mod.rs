@@ -662,6 +662,22 @@ pub(crate) async fn write_synthetic_of(
     turns: usize,
     owner: impl Fn(usize) -> String,
 ) -> Vec<(parley_events::ConversationId, Vec<parley_events::ConversationEvent>)> {
+    write_synthetic_in_flight(brokers, registry, topic, conversations, turns, 1, owner).await
+}
+
+/// [`write_synthetic_of`], the conversations written `in_flight` at a time, their events
+/// interleaved (one event of each in turn) as a log of many people chatting at once has
+/// them; 1 writes each conversation whole before the next.
+#[allow(dead_code)] // the benchmarks' realistic logs
+pub(crate) async fn write_synthetic_in_flight(
+    brokers: &str,
+    registry: &str,
+    topic: &str,
+    conversations: usize,
+    turns: usize,
+    in_flight: usize,
+    owner: impl Fn(usize) -> String,
+) -> Vec<(parley_events::ConversationId, Vec<parley_events::ConversationEvent>)> {
     use parley_events::*;
     const P: Producer = Producer { name: "synthetic", version: "0" };
     let codec = std::sync::Arc::new(EventCodec::new(registry).unwrap());
@@ -672,7 +688,6 @@ pub(crate) async fn write_synthetic_of(
     let mut pending = Vec::new();
     for c in 0..conversations {
         let id = ConversationId::random();
-        let key = id.to_string();
         let user: UserId = owner(c).parse().unwrap();
         let mut events = vec![ConversationEvent::Started(ConversationStarted {
             envelope: Envelope::new(EventId::random(), id, 1, P),
@@ -709,7 +724,15 @@ pub(crate) async fn write_synthetic_of(
                 prompt: None,
             }));
         }
-        for event in &events {
+        written.push((id, events));
+    }
+    for group in written.chunks(in_flight.max(1)) {
+        let longest = group.iter().map(|(_, events)| events.len()).max().unwrap_or(0);
+        let order: Vec<(usize, usize)> = (0..longest).flat_map(|i| (0..group.len()).map(move |c| (c, i))).collect();
+        for (c, i) in order {
+            let (id, events) = &group[c];
+            let Some(event) = events.get(i) else { continue };
+            let key = id.to_string();
             type Delivery = std::pin::Pin<
                 Box<dyn Future<Output = Result<parley_eventlog::LogPosition, parley_eventlog::EventLogError>> + Send>,
             >;
@@ -726,7 +749,6 @@ pub(crate) async fn write_synthetic_of(
             };
             pending.push(delivery);
         }
-        written.push((id, events));
     }
     for delivery in futures::future::join_all(pending).await {
         delivery.unwrap();
