@@ -15,8 +15,8 @@ use parley_events::dead_letters::LetterId;
 use parley_events::lanes::Lane;
 use parley_events::{ConversationId, DocumentId, UserId};
 use parley_gateway::GatewayArgs;
-use parley_inference::service::DEFAULT_SYSTEM_PROMPT;
 use parley_inference::service::InferenceArgs;
+use parley_inference::service::{DEFAULT_LLM_BASE_URL, DEFAULT_LLM_MODEL, DEFAULT_SYSTEM_PROMPT};
 use parley_projections::CqlSettings;
 use parley_projections::as_of::ReplayPoint;
 use parley_projections::budget::BudgetSettings;
@@ -155,7 +155,8 @@ pub(crate) enum Command {
         /// rebuilt exactly.
         #[arg(long)]
         prompts: bool,
-        /// With `--prompts`: the system prompt inference used (as it reads it).
+        /// With `--prompts`: the system prompt inference used (as it reads it); with
+        /// `--rerun`: the one to send.
         #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
         system_prompt: String,
         /// With `--prompts`: the embedder's chunk size, to cut retrieved chunks again.
@@ -164,6 +165,8 @@ pub(crate) enum Command {
         /// With `--prompts`: the embedder's chunk overlap.
         #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = DEFAULT_CHUNK_OVERLAP)]
         chunk_overlap: u32,
+        #[command(flatten)]
+        rerun: RerunArgs,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
@@ -384,4 +387,25 @@ fn parse_utc_millis(text: &str) -> Result<i64, String> {
         .map_err(|e| format!("{text:?} is not an RFC 3339 time in UTC (2026-12-05T07:30:00Z): {e}"))?;
     let millis = time.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
     i64::try_from(millis).map_err(|e| e.to_string())
+}
+
+/// `parley replay --rerun`: a what-if re-run of one turn (written to the experiments topic,
+/// never to the conversation).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RerunArgs {
+    /// Re-run this turn (1: the first question) with the same context.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rerun: Option<u32>,
+    /// With `--rerun`: the model to ask.
+    #[arg(long, env = "PARLEY_LLM_MODEL", default_value = DEFAULT_LLM_MODEL)]
+    pub model: String,
+    /// With `--rerun`: the model server, up to and including /v1.
+    #[arg(long, env = "PARLEY_LLM_BASE_URL", default_value = DEFAULT_LLM_BASE_URL)]
+    pub endpoint: String,
+    /// With `--rerun`: most tokens of the answer.
+    #[arg(long, env = "PARLEY_LLM_MAX_TOKENS", default_value_t = 256)]
+    pub max_tokens: u32,
+    /// With `--rerun`: how long the call may take.
+    #[arg(long, env = "PARLEY_LLM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub llm_timeout: Duration,
 }

@@ -9,10 +9,13 @@ use clap::Parser;
 
 use crate::cli::{CLI_SERVICE, CacheCommand, Cli, Command, DocumentsCommand, SchemasCommand, service_name};
 use crate::commands::prompts::PromptSettings;
+use crate::commands::rerun::RerunSettings;
 use crate::commands::{
     audit, budget, cache, dead_letters, documents, erasure, projections, replay, schemas, serve, trail,
 };
 use crate::telemetry::Telemetry;
+use parley_inference::prompt::PromptLayout;
+use parley_inference::service::DEFAULT_CONTEXT_TOKEN_BUDGET;
 
 mod cli;
 mod commands;
@@ -80,13 +83,33 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Budget { user, daily, monthly, conversation } => {
             budget::budget(&common, user, daily, monthly, conversation).await
         }
-        Command::Replay { conversation_id, scan, at, prompts, system_prompt, chunk_chars, chunk_overlap, format } => {
-            let prompts = prompts.then(|| PromptSettings {
+        Command::Replay {
+            conversation_id,
+            scan,
+            at,
+            prompts,
+            system_prompt,
+            chunk_chars,
+            chunk_overlap,
+            rerun,
+            format,
+        } => {
+            let settings = PromptSettings {
                 system_prompt,
                 chunk_chars: usize::try_from(chunk_chars).unwrap_or(usize::MAX),
                 chunk_overlap: usize::try_from(chunk_overlap).unwrap_or(0),
+            };
+            let rerun = rerun.rerun.map(|turn| RerunSettings {
+                turn: usize::try_from(turn).unwrap_or(usize::MAX),
+                model: rerun.model,
+                endpoint: rerun.endpoint,
+                max_tokens: rerun.max_tokens,
+                timeout: rerun.llm_timeout,
+                layout: PromptLayout::Stable,
+                token_budget: DEFAULT_CONTEXT_TOKEN_BUDGET,
             });
-            Box::pin(replay::replay(&common, conversation_id, scan, at, prompts, format)).await
+            let options = replay::ReplayOptions { scan, at, prompts, rerun };
+            Box::pin(replay::replay(&common, conversation_id, options, settings, format)).await
         }
         Command::Audit { user: Some(user), since, format, .. } => trail::audit_user(&common, user, since, format).await,
         Command::Audit { conversation_id: Some(conversation_id), scan, format, .. } => {

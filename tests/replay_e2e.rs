@@ -97,6 +97,46 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     assert_eq!(prompts[1]["messages"][1]["content"], "Name a planet.");
     assert!(prompts[1]["messages"][3]["content"].as_str().unwrap().ends_with("Name a star."), "{prompts:?}");
 
+    // What if: turn 2 again with another system prompt, written to the experiments topic,
+    // never to the conversation.
+    let rerun = pipeline.cli(&[
+        "replay",
+        &conversation,
+        "--rerun",
+        "2",
+        "--system-prompt",
+        "Answer in one word.",
+        "--format",
+        "json",
+    ]);
+    assert!(rerun.status.success(), "{}", text(&rerun));
+    let rerun: Value = serde_json::from_slice(&rerun.stdout).unwrap();
+    assert_eq!(rerun["rerun"]["error"], "", "{rerun}");
+    assert_eq!(rerun["rerun"]["prompt_messages"], 4, "system, the first turn, the question: {rerun}");
+    assert!(rerun["rerun"]["completion_tokens"].as_i64().unwrap() > 0, "{rerun}");
+    assert_eq!(rerun["original"]["event_id"], lines[4]["event_id"]);
+    let experiments = format!("{}experiments", pipeline.prefix);
+    assert!(rerun["experiment"].as_str().unwrap().starts_with(&format!("{experiments}/")), "{rerun}");
+    let (consumer, mut open) = support::reader_from_start(&pipeline.brokers, &experiments, true);
+    let mut written = Vec::new();
+    while open > 0 {
+        match consumer.recv().await {
+            Ok(message) => written.push(rdkafka::Message::payload(&message).unwrap().to_vec()),
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => open -= 1,
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert_eq!(written.len(), 1, "one experiment");
+    let codec = parley_events::EventCodec::new(&pipeline.registry).unwrap();
+    let run = codec.decode::<parley_events::ExperimentRun>(&written[0]).await.unwrap().event;
+    assert_eq!(run.answer_event_id.to_string(), lines[4]["event_id"].as_str().unwrap());
+    assert_eq!(run.sealed_for, user, "the new answer is sealed under the owner's key");
+    let after = pipeline.cli(&["replay", &conversation, "--format", "json"]);
+    let after: Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(after["records"], 5, "the conversation is untouched: {after}");
+    let missing = pipeline.cli(&["replay", &conversation, "--rerun", "9"]);
+    assert!(!missing.status.success() && text(&missing).contains("there is no turn 9"), "{}", text(&missing));
+
     // As of a point: a sequence, a position of the events topic, a time.
     let at = |point: &str| {
         let output = pipeline.cli(&["replay", &conversation, "--at", point, "--format", "json"]);

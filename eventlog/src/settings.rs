@@ -72,6 +72,8 @@ pub struct Topics {
     pub load: String,
     /// Erasure requests and completions, keyed by user id: the record of who was erased.
     pub erasures: String,
+    /// What-if re-runs of answers (`parley replay --rerun`).
+    pub experiments: String,
 }
 
 impl Topics {
@@ -85,6 +87,7 @@ impl Topics {
             embeddings: format!("{prefix}embeddings"),
             load: format!("{prefix}inference-load"),
             erasures: format!("{prefix}erasures"),
+            experiments: format!("{prefix}experiments"),
         }
     }
 }

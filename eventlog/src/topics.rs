@@ -88,6 +88,13 @@ impl Topics {
                 configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
             },
             TopicSpec {
+                name: self.experiments.clone(),
+                // Comparisons, not the record: kept 90 days. Their text is sealed under the
+                // owner's key, so an erasure makes it unreadable before then.
+                partitions: CONVERSATION_PARTITIONS,
+                configs: vec![("retention.ms", "7776000000"), ("cleanup.policy", "delete")],
+            },
+            TopicSpec {
                 name: self.dead_letter.clone(),
                 partitions: 1,
                 configs: vec![

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use crate::event::{ConversationEvent, DocumentSubmitted, LLMResponseGenerated, UserQueryReceived};
+use crate::event::{ConversationEvent, DocumentSubmitted, ExperimentRun, LLMResponseGenerated, UserQueryReceived};
 use crate::ids::{EventId, UserId};
 use crate::sealing::{DataKey, ERASED, SealError, UNREADABLE, is_sealed};
 
@@ -100,6 +100,17 @@ impl Personal for LLMResponseGenerated {
             fields: std::iter::once((Cow::Borrowed("text"), &mut self.text))
                 .chain(self.prompt.as_mut().map(|proof| (Cow::Borrowed("prompt digest"), &mut proof.digest)))
                 .collect(),
+        })
+    }
+}
+
+impl Personal for ExperimentRun {
+    fn personal(&mut self) -> Option<PersonalFields<'_>> {
+        Some(PersonalFields {
+            subject: self.user_id.clone(),
+            bound_to: self.envelope.event_id,
+            sealed_for: &mut self.sealed_for,
+            fields: vec![(Cow::Borrowed("text"), &mut self.text)],
         })
     }
 }

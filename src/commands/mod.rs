@@ -23,6 +23,7 @@ pub(crate) mod erasure;
 pub(crate) mod projections;
 pub(crate) mod prompts;
 pub(crate) mod replay;
+pub(crate) mod rerun;
 pub(crate) mod schemas;
 pub(crate) mod serve;
 pub(crate) mod trail;

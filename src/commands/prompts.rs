@@ -14,8 +14,8 @@ use parley_events::{
     ConversationEvent, ConversationId, DocumentEvent, DocumentSubmitted, EventCodec, EventId, LLMResponseGenerated,
     RetrievedContext,
 };
-use parley_inference::prompt::{ChatMessage, build_prompt};
-use parley_inference::proof::{Verdict, precheck, role_name, verify};
+use parley_inference::prompt::{ChatMessage, Prompt, PromptLayout, build_prompt};
+use parley_inference::proof::{Verdict, layout_named, precheck, role_name, verify};
 use parley_projections::Store;
 use parley_projections::replay::{AuditRecord, LogReader};
 use parley_retrieval::{Hit, SourceKind};
@@ -230,28 +230,11 @@ async fn rebuild(
         Ok(layout) => layout,
         Err(verdict) => return Ok(Err(verdict)),
     };
-    let unprovable = |why: String| Ok(Err(Verdict::Unprovable { why }));
-    let query = records.iter().find_map(|r| match &r.event {
-        ConversationEvent::QueryReceived(query) if query.envelope.event_id == answer.query_event_id => Some(query),
-        _ => None,
-    });
-    let Some(query) = query else {
-        return unprovable(format!("its question {} is not in the conversation's records", answer.query_event_id));
-    };
-    if query.text == ERASED {
-        return unprovable("the owner was erased: the question reads [erased]".into());
-    }
-    let before = records.iter().filter(|r| r.sequence < query.envelope.sequence).map(|r| &r.event);
-    let history = ConversationState::fold(before).map(|state| state.messages).unwrap_or_default();
-    let mut hits = Vec::with_capacity(answer.retrieved.len());
-    for retrieved in &answer.retrieved {
-        match sources.hit(retrieved, records).await? {
-            Ok(hit) => hits.push(hit),
-            Err(why) => return unprovable(why),
-        }
-    }
     let budget = answer.prompt.as_ref().map_or(0, |p| usize::try_from(p.token_budget).unwrap_or(0));
-    let prompt = build_prompt(&system_prompt, &history, query, &hits, budget, layout);
+    let prompt = match prompt_of(answer, records, sources, &system_prompt, layout, budget).await? {
+        Ok(prompt) => prompt,
+        Err(why) => return Ok(Err(Verdict::Unprovable { why })),
+    };
     if prompt.context_event_ids != answer.context_event_ids {
         return Ok(Err(Verdict::Differs {
             why: format!(
@@ -261,4 +244,58 @@ async fn rebuild(
         }));
     }
     Ok(Ok(prompt.messages))
+}
+
+/// `answer`'s prompt built from events with `system_prompt`: its question, the turns before
+/// it, the chunks and messages it retrieved; or why one of them cannot be read.
+async fn prompt_of(
+    answer: &LLMResponseGenerated,
+    records: &[AuditRecord],
+    sources: &mut Sources<'_>,
+    system_prompt: &str,
+    layout: PromptLayout,
+    budget: usize,
+) -> Result<Result<Prompt, String>> {
+    let query = records.iter().find_map(|r| match &r.event {
+        ConversationEvent::QueryReceived(query) if query.envelope.event_id == answer.query_event_id => Some(query),
+        _ => None,
+    });
+    let Some(query) = query else {
+        return Ok(Err(format!("its question {} is not in the conversation's records", answer.query_event_id)));
+    };
+    if query.text == ERASED {
+        return Ok(Err("the owner was erased: the question reads [erased]".into()));
+    }
+    let before = records.iter().filter(|r| r.sequence < query.envelope.sequence).map(|r| &r.event);
+    let history = ConversationState::fold(before).map(|state| state.messages).unwrap_or_default();
+    let mut hits = Vec::with_capacity(answer.retrieved.len());
+    for retrieved in &answer.retrieved {
+        match sources.hit(retrieved, records).await? {
+            Ok(hit) => hits.push(hit),
+            Err(why) => return Ok(Err(why)),
+        }
+    }
+    Ok(Ok(build_prompt(system_prompt, &history, query, &hits, budget, layout)))
+}
+
+/// The prompt `answer`'s turn would send today with `system_prompt` (the one recorded when
+/// the answer holds a proof: its layout and budget; else `layout` and `budget`): what a
+/// re-run sends. Err: why its context cannot be read.
+pub(crate) async fn rerun_prompt(
+    common: &Common,
+    store: &Store,
+    reader: &LogReader,
+    records: &[AuditRecord],
+    answer: &LLMResponseGenerated,
+    settings: &PromptSettings,
+    (layout, budget): (PromptLayout, usize),
+) -> Result<Result<Prompt, String>> {
+    let mut sources = Sources { common, store, reader, settings, documents: None, conversations: HashMap::new() };
+    let (layout, budget) = match &answer.prompt {
+        Some(proof) => {
+            (layout_named(&proof.layout).unwrap_or(layout), usize::try_from(proof.token_budget).unwrap_or(budget))
+        }
+        None => (layout, budget),
+    };
+    prompt_of(answer, records, &mut sources, &settings.system_prompt, layout, budget).await
 }

@@ -14,17 +14,31 @@ use parley_projections::replay::{self as log_replay, LogReader, Replayed};
 use crate::cli::Common;
 use crate::commands::connect_store;
 use crate::commands::prompts::{PromptSettings, RebuiltPrompt, rebuild_prompts};
+use crate::commands::rerun::{self, RerunSettings};
 use crate::commands::{print_violations, report_undecodable};
+
+/// What `parley replay` is asked besides the conversation.
+#[derive(Debug)]
+pub(crate) struct ReplayOptions {
+    /// Read every partition instead of the index.
+    pub scan: bool,
+    /// The state at a point instead of now.
+    pub at: Option<ReplayPoint>,
+    /// Rebuild and prove each answer's prompt.
+    pub prompts: bool,
+    /// Re-run one turn instead of showing the conversation.
+    pub rerun: Option<RerunSettings>,
+}
 
 /// `parley replay`.
 pub(crate) async fn replay(
     common: &Common,
     conversation_id: ConversationId,
-    scan: bool,
-    at: Option<ReplayPoint>,
-    prompts: Option<PromptSettings>,
+    options: ReplayOptions,
+    settings: PromptSettings,
     format: String,
 ) -> Result<ExitCode> {
+    let ReplayOptions { scan, at, prompts, rerun } = options;
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let store = connect_store(common).await?;
@@ -39,10 +53,11 @@ pub(crate) async fn replay(
         return Ok(ExitCode::FAILURE);
     };
     let violations = violations(records.iter().map(|r| &r.event));
-    let rebuilt = match &prompts {
-        Some(settings) => rebuild_prompts(common, &store, &reader, &records, settings).await?,
-        None => vec![],
-    };
+    if let Some(rerun) = &rerun {
+        Box::pin(rerun::rerun(common, &store, &reader, &records, &settings, rerun, format == "json")).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rebuilt = if prompts { rebuild_prompts(common, &store, &reader, &records, &settings).await? } else { vec![] };
     let unproven = rebuilt.iter().filter(|p| !matches!(p.verdict, Verdict::Proven)).count();
     if format == "json" {
         println!(
@@ -61,7 +76,7 @@ pub(crate) async fn replay(
                 "fetch_ms": elapsed.as_secs_f64() * 1000.0,
                 "diff": differences,
                 "violations": violations,
-                "prompts": prompts.is_some().then_some(&rebuilt),
+                "prompts": prompts.then_some(&rebuilt),
             })
         );
     } else {
@@ -109,7 +124,7 @@ pub(crate) async fn replay(
                 }
             }
         }
-        if prompts.is_some() {
+        if prompts {
             print_prompts(&rebuilt, unproven);
         }
         for (expected, got) in &state.gaps {

@@ -10,6 +10,12 @@ use crate::balancer::EndpointSpec;
 use crate::llm::LlmSettings;
 use crate::prompt::PromptLayout;
 
+/// The model server when the operator names none (the quick start's llama.cpp).
+pub const DEFAULT_LLM_BASE_URL: &str = "http://127.0.0.1:18080/v1";
+/// The model asked for when the operator names none.
+pub const DEFAULT_LLM_MODEL: &str = "SmolLM2-135M-Instruct";
+/// The context token budget when the operator sets none.
+pub const DEFAULT_CONTEXT_TOKEN_BUDGET: usize = 1536;
 /// The system prompt when the operator sets none (replay rebuilds prompts with it too).
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are Parley, a helpful assistant. Answer briefly.";
 
@@ -18,7 +24,7 @@ pub const DEFAULT_SYSTEM_PROMPT: &str = "You are Parley, a helpful assistant. An
 pub struct InferenceArgs {
     /// Base URL of the OpenAI-compatible API, up to and including /v1 (the pool's only
     /// endpoint when no --llm-endpoint is given).
-    #[arg(long, env = "PARLEY_LLM_BASE_URL", default_value = "http://127.0.0.1:18080/v1")]
+    #[arg(long, env = "PARLEY_LLM_BASE_URL", default_value = DEFAULT_LLM_BASE_URL)]
     pub llm_base_url: String,
 
     /// An endpoint of the LLM pool, `URL[;model=NAME][;slots=N][;api_key_env=VAR]`;
@@ -29,7 +35,7 @@ pub struct InferenceArgs {
     pub llm_endpoints: Vec<EndpointSpec>,
 
     /// Model name sent to the API and recorded when the API does not name one.
-    #[arg(long, env = "PARLEY_LLM_MODEL", default_value = "SmolLM2-135M-Instruct")]
+    #[arg(long, env = "PARLEY_LLM_MODEL", default_value = DEFAULT_LLM_MODEL)]
     pub llm_model: String,
 
     /// Who serves the model, as `gen_ai.provider.name` on spans and metrics (e.g. openai,
@@ -72,7 +78,7 @@ pub struct InferenceArgs {
     pub llm_breaker_cool_down: Duration,
 
     /// Estimated tokens of earlier turns, question and system prompt sent to the model.
-    #[arg(long, env = "PARLEY_CONTEXT_TOKEN_BUDGET", default_value_t = 1536,
+    #[arg(long, env = "PARLEY_CONTEXT_TOKEN_BUDGET", default_value_t = DEFAULT_CONTEXT_TOKEN_BUDGET as u32,
           value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
     pub context_token_budget: u32,
 

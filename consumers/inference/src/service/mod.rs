@@ -48,7 +48,9 @@ use crate::prompt::PromptLayout;
 
 use self::ahead::Knowledge;
 
-pub use self::args::{DEFAULT_SYSTEM_PROMPT, InferenceArgs};
+pub use self::args::{
+    DEFAULT_CONTEXT_TOKEN_BUDGET, DEFAULT_LLM_BASE_URL, DEFAULT_LLM_MODEL, DEFAULT_SYSTEM_PROMPT, InferenceArgs,
+};
 
 /// Who writes the inference consumer's events.
 pub const SOURCE: EventSource = EventSource { name: "parley-inference", version: env!("CARGO_PKG_VERSION") };
