@@ -189,12 +189,20 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     let mut other = pipeline.client().await;
     other.ask("b-1", None, "Name a moon.").await;
     other.until_outcome().await;
+    let promoted = pipeline.cli(&["tier", &user, "premium"]);
+    assert!(promoted.status.success(), "{}", text(&promoted));
+    let budgeted = pipeline.cli(&["budget", &user, "--daily", "5000"]);
+    assert!(budgeted.status.success(), "{}", text(&budgeted));
     let trail = pipeline.cli(&["audit", "--user", &user, "--format", "json"]);
     assert!(trail.status.success(), "{}", text(&trail));
     let items: Vec<Value> =
         String::from_utf8_lossy(&trail.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(items[0]["kind"], "account", "{items:?}");
-    assert_eq!(items[0]["tier"], "standard");
+    assert_eq!(items[0]["tier"], "premium");
+    assert_eq!(items[0]["budgets"]["daily"], 5000, "{items:?}");
+    let changes: Vec<&Value> = items.iter().filter(|i| i["kind"] == "account_changed").collect();
+    assert_eq!(changes.len(), 2, "both changes on record: {items:?}");
+    assert_eq!((changes[0]["tier"].as_str(), changes[1]["budgets"]["daily"].as_i64()), (Some("premium"), Some(5000)));
     let conversations: Vec<&Value> = items.iter().filter(|i| i["kind"] == "conversation").collect();
     assert_eq!(conversations.len(), 1, "only the person's own: {items:?}");
     let summary = conversations[0];

@@ -74,6 +74,8 @@ pub struct Topics {
     pub erasures: String,
     /// What-if re-runs of answers (`parley replay --rerun`).
     pub experiments: String,
+    /// Tier and budget changes, keyed by user id: the record of each person's account.
+    pub accounts: String,
 }
 
 impl Topics {
@@ -88,6 +90,7 @@ impl Topics {
             load: format!("{prefix}inference-load"),
             erasures: format!("{prefix}erasures"),
             experiments: format!("{prefix}experiments"),
+            accounts: format!("{prefix}accounts"),
         }
     }
 }

@@ -88,6 +88,13 @@ impl Topics {
                 configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
             },
             TopicSpec {
+                name: self.accounts.clone(),
+                // Rare, tiny, and the record of who could spend what when: kept forever; one
+                // partition keeps every change in the order made.
+                partitions: 1,
+                configs: vec![("retention.ms", "-1"), ("retention.bytes", "-1"), ("cleanup.policy", "delete")],
+            },
+            TopicSpec {
                 name: self.experiments.clone(),
                 // Comparisons, not the record: kept 90 days. Their text is sealed under the
                 // owner's key, so an erasure makes it unreadable before then.

@@ -319,6 +319,32 @@ impl ErasureEvent {
     }
 }
 
+/// An operator changed a person's tier or budgets (the `accounts` topic, keyed by user id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChanged {
+    /// The person's account stream, sequence 1.
+    pub envelope: Envelope,
+    /// The person.
+    pub user_id: UserId,
+    /// Who changed it.
+    pub changed_by: String,
+    /// The new tier; None: unchanged.
+    pub tier: Option<String>,
+    /// The person's own budgets from now on; None: unchanged.
+    pub budgets: Option<Budgets>,
+}
+
+/// A person's own token budgets, as an [`AccountChanged`] records them (0: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budgets {
+    /// Model tokens per UTC day.
+    pub daily: i64,
+    /// Model tokens per UTC month.
+    pub monthly: i64,
+    /// Model tokens per conversation.
+    pub per_conversation: i64,
+}
+
 /// A what-if re-run of one answer (the `experiments` topic, keyed by conversation id):
 /// never written to the conversation's own topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -531,6 +557,9 @@ impl AvroEvent for DocumentSubmitted {
 }
 impl AvroEvent for DocumentDeleted {
     const FULL_NAME: &'static str = "io.parley.events.DocumentDeleted";
+}
+impl AvroEvent for AccountChanged {
+    const FULL_NAME: &'static str = "io.parley.events.AccountChanged";
 }
 impl AvroEvent for ExperimentRun {
     const FULL_NAME: &'static str = "io.parley.events.ExperimentRun";

@@ -130,6 +130,12 @@ impl UserId {
         ConversationId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("parley-erasure:{}", self.0).as_bytes()))
     }
 
+    /// The id of the person's account stream: the envelope's conversation id of their
+    /// tier and budget changes.
+    pub fn account_stream(&self) -> ConversationId {
+        ConversationId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("parley-account:{}", self.0).as_bytes()))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -1,8 +1,9 @@
 //! One person's trail through the log (`parley audit --user`), for a support or compliance
 //! request: their conversations (each summed up, with where it begins and ends in the log),
-//! every budget refusal, their documents' submissions and deletions, their dead letters and
-//! their erasures. Structure only: no content, so the trail of an erased person reads the
-//! same as anyone's. Pure: the records are fed in log order by the caller.
+//! every budget refusal, their documents' submissions and deletions, every change of their
+//! tier or budgets, their dead letters and their erasures. Structure only: no content, so
+//! the trail of an erased person reads the same as anyone's. Pure: the records are fed in
+//! log order by the caller.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use crate::budget::BUDGET_EXCEEDED;
 use crate::dead_letters::Entry;
-use crate::event::{ConversationEvent, DocumentEvent, ErasureEvent};
+use crate::event::{AccountChanged, Budgets, ConversationEvent, DocumentEvent, ErasureEvent};
 use crate::ids::{ConversationId, UserId};
 use crate::position::LogPosition;
 
@@ -100,6 +101,17 @@ pub enum Fact {
         status: String,
         /// Why it could not be read.
         error: String,
+    },
+    /// An operator changed the person's tier or budgets.
+    AccountChanged {
+        /// Who changed it.
+        changed_by: String,
+        /// The new tier, if it changed.
+        tier: Option<String>,
+        /// Their own budgets from then on, if they changed.
+        budgets: Option<Budgets>,
+        /// Its record.
+        place: Place,
     },
     /// An erasure asked for.
     ErasureRequested {
@@ -205,6 +217,18 @@ impl UserTrail {
                 self.facts.push(Fact::DocumentDeleted { document_id: deleted.document_id.to_string(), place });
             }
             _ => {}
+        }
+    }
+
+    /// Takes an account change: kept when it is about `user`.
+    pub fn account_event(&mut self, user: &UserId, change: &AccountChanged, place: Place) {
+        if change.user_id == *user {
+            self.facts.push(Fact::AccountChanged {
+                changed_by: change.changed_by.clone(),
+                tier: change.tier.clone(),
+                budgets: change.budgets,
+                place,
+            });
         }
     }
 
@@ -348,12 +372,22 @@ mod tests {
             key_erased_at: 7,
             purged: vec![PurgedPlace { place: "cql:messages".into(), items: 4 }],
         });
+        let change = |who: &str| AccountChanged {
+            envelope: Envelope::new(EventId::random(), user.account_stream(), 1, P),
+            user_id: who.parse().unwrap(),
+            changed_by: "operator".into(),
+            tier: Some("premium".into()),
+            budgets: None,
+        };
+        trail.account_event(&user, &change("bob"), place(5));
+        trail.account_event(&user, &change("alice"), place(6));
         trail.erasure_event(&"bob".parse().unwrap(), &completed, place(3));
         trail.erasure_event(&user, &completed, place(4));
         assert_eq!(trail.document_ids(), [document.to_string()]);
-        assert_eq!(trail.facts.len(), 2);
+        assert_eq!(trail.facts.len(), 3);
+        assert!(matches!(&trail.facts[1], Fact::AccountChanged { tier: Some(tier), .. } if tier == "premium"));
         assert_eq!(
-            trail.facts[1],
+            trail.facts[2],
             Fact::ErasureCompleted {
                 key_erased_at: 7,
                 purged: BTreeMap::from([("cql:messages".to_owned(), 4)]),

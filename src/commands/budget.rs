@@ -4,9 +4,12 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use parley_events::UserId;
+use std::sync::Arc;
+
+use parley_eventlog::EventProducer;
 use parley_events::budget::{self, BudgetLimits};
 use parley_events::lanes::Lane;
+use parley_events::{AccountChanged, Budgets, Envelope, EventCodec, EventId, Producer, UserId};
 use parley_projections::Store;
 use parley_projections::budget::BudgetLedger;
 use parley_projections::replay::LogReader;
@@ -22,11 +25,32 @@ pub(crate) async fn tier(common: &Common, user: UserId, tier: Option<Lane>) -> R
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let tiers = TierBook::open(&store).await?;
     if let Some(tier) = tier {
+        record_change(common, &user, Some(tier.as_str().to_owned()), None).await?;
         tiers.set(&user, tier).await?;
     }
     let tier = tiers.tier_of(&user).await?;
     println!("{user}: {tier} (new conversations; lanes: {})", kafka.lanes);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Appends the change to the `accounts` topic before it is applied: every change asked is
+/// on record (`parley audit --user`), even one the store then refuses.
+async fn record_change(common: &Common, user: &UserId, tier: Option<String>, budgets: Option<Budgets>) -> Result<()> {
+    const SOURCE: Producer = Producer { name: "parley-cli", version: env!("CARGO_PKG_VERSION") };
+    let change = AccountChanged {
+        envelope: Envelope::new(EventId::random(), user.account_stream(), 1, SOURCE),
+        user_id: user.clone(),
+        changed_by: "operator".into(),
+        tier,
+        budgets,
+    };
+    let codec = Arc::new(EventCodec::new(common.schema_registry_url.as_str())?);
+    let producer = EventProducer::new(common.kafka.client_config(), codec)?;
+    producer
+        .append(&common.kafka.topics().accounts, user.as_str(), &change, None)
+        .await
+        .context("recording the change on the accounts topic (nothing was changed)")?;
+    Ok(())
 }
 
 /// `parley usage`.
@@ -66,6 +90,13 @@ pub(crate) async fn budget(
         monthly: monthly.unwrap_or(current.monthly),
         per_conversation: conversation.unwrap_or(current.per_conversation),
     };
+    let own = |limit: u64| i64::try_from(limit).unwrap_or(i64::MAX);
+    let budgets = Budgets {
+        daily: own(limits.daily),
+        monthly: own(limits.monthly),
+        per_conversation: own(limits.per_conversation),
+    };
+    record_change(common, &user, None, Some(budgets)).await?;
     ledger.set_limits(&user, limits).await?;
     println!(
         "budgets of {user}, their own from now on: {limits}; the gateways and inference enforce them within {} s",

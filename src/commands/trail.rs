@@ -1,5 +1,5 @@
 //! `parley audit --user`: one person's trail through the log (conversations, budget
-//! refusals, documents, dead letters, erasures) with positions, and the budgets and tier
+//! refusals, documents, tier and budget changes, dead letters, erasures) with positions, and the budgets and tier
 //! the CQL store holds for them now: for a support or compliance request. Structure only,
 //! never content.
 
@@ -11,7 +11,7 @@ use parley_eventlog::KafkaSettings;
 use parley_eventlog::consumer::{position_of, scan_topic};
 use parley_eventlog::dead_letter::read_book;
 use parley_events::trail::{Fact, Place, UserTrail};
-use parley_events::{Decoded, EventCodec, EventsError, UserId};
+use parley_events::{AccountChanged, Decoded, EventCodec, EventsError, UserId};
 use parley_projections::Store;
 use parley_projections::budget::BudgetLedger;
 use parley_projections::tiers::TierBook;
@@ -88,6 +88,16 @@ pub(crate) async fn audit_user(common: &Common, user: UserId, since: Option<i64>
     )
     .await
     .context("reading the erasures topic")?;
+    read += scan(
+        kafka,
+        &topics.accounts,
+        since,
+        &mut undecodable,
+        async |bytes| codec.decode::<AccountChanged>(bytes).await,
+        |change, place| trail.account_event(&user, &change, place),
+    )
+    .await
+    .context("reading the accounts topic")?;
     let (book, unreadable_letters) = read_book(kafka, &codec).await.context("reading the dead letters")?;
     trail.dead_letters(book.entries(), &trail.document_ids());
 
@@ -165,6 +175,17 @@ fn print_trail(user: &UserId, trail: &UserTrail, since: Option<i64>, read: u64) 
             }
             Fact::DeadLetter { letter, consumer, source, status, error } => {
                 println!("dead letter {letter} of {consumer}: {source} could not be read ({error}); {status}");
+            }
+            Fact::AccountChanged { changed_by, tier, budgets, place } => {
+                let mut what = Vec::new();
+                what.extend(tier.as_ref().map(|tier| format!("tier {tier}")));
+                what.extend(budgets.map(|b| {
+                    format!(
+                        "budgets daily {}, monthly {}, per conversation {} (0: no limit)",
+                        b.daily, b.monthly, b.per_conversation
+                    )
+                }));
+                println!("{changed_by} set {} {} at {}", what.join(" and "), time(place.at), place.position);
             }
             Fact::ErasureRequested { requested_by, place } => {
                 println!("erasure requested by {requested_by} {} at {}", time(place.at), place.position);

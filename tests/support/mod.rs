@@ -387,16 +387,8 @@ impl Pipeline {
         let _ = VectorStore::drop_collection(&self.milvus()).await;
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
-        let topics = [
-            "conversation-events",
-            "conversation-tokens",
-            "dead-letter",
-            "documents",
-            "embeddings",
-            "inference-load",
-            "erasures",
-        ]
-        .map(|t| format!("{}{t}", self.prefix));
+        let topics: Vec<String> =
+            parley_eventlog::Topics::with_prefix(&self.prefix).specs().into_iter().map(|spec| spec.name).collect();
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     }
