@@ -134,6 +134,13 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     let after = pipeline.cli(&["replay", &conversation, "--format", "json"]);
     let after: Value = serde_json::from_slice(&after.stdout).unwrap();
     assert_eq!(after["records"], 5, "the conversation is untouched: {after}");
+    let shown = pipeline.cli(&["replay", &conversation, "--rerun", "1", "--max-tokens", "24"]);
+    eprintln!("{}", text(&shown));
+    assert!(shown.status.success() && text(&shown).contains("turn 1 re-run with"), "{}", text(&shown));
+    assert!(text(&shown).contains("original") && text(&shown).contains("re-run"), "{}", text(&shown));
+    let proven_text = pipeline.cli(&["replay", &conversation, "--prompts"]);
+    eprintln!("{}", text(&proven_text));
+    assert!(text(&proven_text).contains("prompts: 2 of 2 proven"), "{}", text(&proven_text));
     let missing = pipeline.cli(&["replay", &conversation, "--rerun", "9"]);
     assert!(!missing.status.success() && text(&missing).contains("there is no turn 9"), "{}", text(&missing));
 

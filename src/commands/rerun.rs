@@ -184,15 +184,55 @@ fn print_comparison(turn: usize, answer: &LLMResponseGenerated, run: &Experiment
         return;
     }
     println!("the answer changed ([-removed-] {{+added+}}):");
-    let diff = TextDiff::from_words(answer.text.as_str(), run.text.as_str());
-    let mut line = String::from("  ");
+    println!("  {}", word_diff(&answer.text, &run.text).replace('\n', "\n  "));
+}
+
+/// `new` against `old` word by word, each run of changes as one `[-removed-]` and one
+/// `{+added+}` (the blanks between changed words belong to the run).
+fn word_diff(old: &str, new: &str) -> String {
+    let diff = TextDiff::from_words(old, new);
+    let (mut out, mut removed, mut added) = (String::new(), String::new(), String::new());
+    let flush = |out: &mut String, removed: &mut String, added: &mut String| {
+        let (gone, came) = (removed.trim(), added.trim());
+        if !gone.is_empty() {
+            out.push_str(&format!("[-{gone}-]"));
+        }
+        if !came.is_empty() {
+            out.push_str(&format!("{{+{came}+}}"));
+        }
+        if !gone.is_empty() || !came.is_empty() {
+            out.push(' ');
+        }
+        removed.clear();
+        added.clear();
+    };
     for change in diff.iter_all_changes() {
         let text = change.value();
         match change.tag() {
-            ChangeTag::Equal => line.push_str(text),
-            ChangeTag::Delete => line.push_str(&format!("[-{text}-]")),
-            ChangeTag::Insert => line.push_str(&format!("{{+{text}+}}")),
+            ChangeTag::Equal if text.trim().is_empty() && !(removed.is_empty() && added.is_empty()) => {
+                removed.push_str(text);
+                added.push_str(text);
+            }
+            ChangeTag::Equal => {
+                flush(&mut out, &mut removed, &mut added);
+                out.push_str(text);
+            }
+            ChangeTag::Delete => removed.push_str(text),
+            ChangeTag::Insert => added.push_str(text),
         }
     }
-    println!("{}", line.replace('\n', "\n  "));
+    flush(&mut out, &mut removed, &mut added);
+    out.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_run_of_changed_words_reads_as_one_removal_and_one_addition() {
+        assert_eq!(
+            super::word_diff("One of the planets is Venus.", "One planet is Mars."),
+            "One [-of the planets-]{+planet+} is [-Venus.-]{+Mars.+}"
+        );
+        assert_eq!(super::word_diff("same words", "same words"), "same words");
+    }
 }
