@@ -142,6 +142,22 @@ async fn main() {
     store.drop_generation(scratch.number).await.unwrap();
     eprintln!("store limit: {store_rate:.0} events/s");
 
+    // A person's audit across the whole log (every record read and decoded): user-3 owns
+    // every seventh conversation.
+    let audit_started = Instant::now();
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["--kafka-brokers", &stack.brokers, "--schema-registry-url", &stack.registry])
+        .args(["--topic-prefix", &prefix, "--cql-nodes", &stack.cql, "--cql-keyspace", &keyspace])
+        .args(["audit", "--user", "user-3", "--format", "json"])
+        .output()
+        .unwrap();
+    let audit_secs = audit_started.elapsed().as_secs_f64();
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stderr));
+    let audited =
+        String::from_utf8_lossy(&audit.stdout).lines().filter(|l| l.contains(r#""kind":"conversation""#)).count();
+    assert_eq!(audited, (0..conversations).filter(|c| c % 7 == 3).count(), "every conversation of user-3");
+    eprintln!("audit --user: {audited} conversations in {audit_secs:.1} s");
+
     // Replay one conversation (the 50-turn one): by the offset index, and by scanning.
     let reader = LogReader::new(&kafka, &stack.registry).unwrap();
     let generation = store.generation(report.generation).await.unwrap();
@@ -215,6 +231,10 @@ async fn main() {
     println!("| rebuild / raw | {:.3} |", report.records_per_second() / raw_rate);
     println!("| the store's limit: the same rows written straight (no log, no decoding) | {store_rate:.0} events/s |");
     println!("| rebuild / the store's limit | {:.3} |", report.records_per_second() / store_rate);
+    println!(
+        "| `parley audit --user` over the whole log (one person's {audited} conversations) | {:.0} records/s ({audit_secs:.1} s, the command's start included) |",
+        raw_records as f64 / audit_secs
+    );
     println!("| replay 50-turn conversation, offset index (median of 5) | {:.1} ms |", median(by_index.clone()));
     println!("| replay 50-turn conversation, partition scan (median of 5) | {:.1} ms |", median(by_scan.clone()));
     println!(
