@@ -149,16 +149,19 @@ async fn conversation_at(
     let invalid =
         |error: ProjectionError| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", format!("at: {error}"));
     let point: ReplayPoint = at.parse().map_err(invalid)?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user"));
+    // The owner is checked on the projection first: nobody else's records are read.
     let store = state.reader.store();
+    let generation = state.reader.generation().await?;
+    store.conversation(&generation, id).await?.filter(|row| row.user_id == *user).ok_or_else(not_found)?;
     let log = state.log.lock().await;
     let conversation = match replay::state_at(&log, store, id, &point).await {
         Err(error @ ProjectionError::InvalidPoint(_)) => return Err(invalid(error)),
         other => other?,
     };
     drop(log);
-    // Not started by then reads like a conversation that is not the caller's: nothing to show.
     let conversation = conversation.filter(|c| c.head.owner == *user).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no conversation {id} for this user at {point}"))
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("conversation {id} had not started at {point}"))
     })?;
     let messages: Vec<MessageView> = conversation.messages.into_iter().map(MessageView::from).collect();
     Ok(Json(json!({
