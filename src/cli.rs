@@ -155,16 +155,8 @@ pub(crate) enum Command {
         /// rebuilt exactly.
         #[arg(long)]
         prompts: bool,
-        /// With `--prompts`: the system prompt inference used (as it reads it); with
-        /// `--rerun`: the one to send.
-        #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
-        system_prompt: String,
-        /// With `--prompts`: the embedder's chunk size, to cut retrieved chunks again.
-        #[arg(long, env = "PARLEY_CHUNK_CHARS", default_value_t = DEFAULT_CHUNK_CHARS)]
-        chunk_chars: u32,
-        /// With `--prompts`: the embedder's chunk overlap.
-        #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = DEFAULT_CHUNK_OVERLAP)]
-        chunk_overlap: u32,
+        #[command(flatten)]
+        prompt: PromptArgs,
         #[command(flatten)]
         rerun: RerunArgs,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -251,6 +243,76 @@ pub(crate) enum Command {
     /// Register or check the Avro schemas.
     #[command(subcommand)]
     Schemas(SchemasCommand),
+    /// What-if re-runs in bulk: a sample of conversations re-run with other models through
+    /// inference's batch lane (after chat), summed up per model.
+    #[command(subcommand)]
+    Experiments(ExperimentsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ExperimentsCommand {
+    /// Rebuild the prompts of sampled conversations' answers from events and append one
+    /// re-run request per answer and model to the experiments topic; inference serves them
+    /// in its batch lane. Then wait for the runs and print the summary.
+    Run {
+        /// Re-run these conversations (repeatable) instead of a sample.
+        #[arg(long = "conversation")]
+        conversations: Vec<ConversationId>,
+        /// How many conversations to sample among those the log took records of since
+        /// `--since` (the same seed and log pick the same sample).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        sample: u32,
+        /// Sample among conversations with records since this RFC 3339 time in UTC
+        /// [default: the whole log].
+        #[arg(long, value_parser = parse_utc_millis)]
+        since: Option<i64>,
+        /// Picks another sample.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Which answers of each conversation: its last, or all.
+        #[arg(long, default_value = "last", value_parser = ["last", "all"])]
+        turns: String,
+        /// A model to ask inference's model servers for (repeatable: a comparison)
+        /// [default: the one inference is configured with].
+        #[arg(long = "model")]
+        models: Vec<String>,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        /// The batch's name [default: a new one].
+        #[arg(long)]
+        batch: Option<String>,
+        /// How long to wait for the runs (0: append the requests and return).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wait: Duration,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// A batch summed up per model: the originals, then each model's re-runs (answers
+    /// changed, failed, pending, tokens, latency).
+    Summary {
+        batch: String,
+        /// Wait this long for runs still pending.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        wait: Duration,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+}
+
+/// How a turn's prompt is rebuilt from events: the system prompt and the embedder's
+/// chunking (a retrieved chunk is cut again from its document).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PromptArgs {
+    /// The system prompt: the one inference used (`--prompts`: as it reads it), or the
+    /// one to send (re-runs).
+    #[arg(long, env = "PARLEY_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
+    pub system_prompt: String,
+    /// The embedder's chunk size, to cut retrieved chunks again.
+    #[arg(long, env = "PARLEY_CHUNK_CHARS", default_value_t = DEFAULT_CHUNK_CHARS)]
+    pub chunk_chars: u32,
+    /// The embedder's chunk overlap.
+    #[arg(long, env = "PARLEY_CHUNK_OVERLAP", default_value_t = DEFAULT_CHUNK_OVERLAP)]
+    pub chunk_overlap: u32,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,7 +11,7 @@ use crate::cli::{CLI_SERVICE, CacheCommand, Cli, Command, DocumentsCommand, Sche
 use crate::commands::prompts::PromptSettings;
 use crate::commands::rerun::RerunSettings;
 use crate::commands::{
-    audit, budget, cache, dead_letters, documents, erasure, projections, replay, schemas, serve, trail,
+    audit, budget, cache, dead_letters, documents, erasure, experiments, projections, replay, schemas, serve, trail,
 };
 use crate::telemetry::Telemetry;
 use parley_inference::prompt::PromptLayout;
@@ -83,22 +83,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Budget { user, daily, monthly, conversation } => {
             budget::budget(&common, user, daily, monthly, conversation).await
         }
-        Command::Replay {
-            conversation_id,
-            scan,
-            at,
-            prompts,
-            system_prompt,
-            chunk_chars,
-            chunk_overlap,
-            rerun,
-            format,
-        } => {
-            let settings = PromptSettings {
-                system_prompt,
-                chunk_chars: usize::try_from(chunk_chars).unwrap_or(usize::MAX),
-                chunk_overlap: usize::try_from(chunk_overlap).unwrap_or(0),
-            };
+        Command::Replay { conversation_id, scan, at, prompts, prompt, rerun, format } => {
+            let settings = PromptSettings::from(prompt);
             let rerun = rerun.rerun.map(|turn| RerunSettings {
                 turn: usize::try_from(turn).unwrap_or(usize::MAX),
                 model: rerun.model,
@@ -125,5 +111,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Topics { replication } => schemas::topics(&common, replication).await,
         Command::Schemas(SchemasCommand::Register) => schemas::register(&common).await,
         Command::Schemas(SchemasCommand::Check { dir }) => schemas::check(&common, dir).await,
+        Command::Experiments(command) => Box::pin(experiments::experiments(&common, command)).await,
     }
 }

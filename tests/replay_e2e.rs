@@ -144,6 +144,77 @@ async fn replay_rebuilds_from_the_log_and_audit_lists_every_event() {
     let missing = pipeline.cli(&["replay", &conversation, "--rerun", "9"]);
     assert!(!missing.status.success() && text(&missing).contains("there is no turn 9"), "{}", text(&missing));
 
+    // A batch: every answer of a sample, with two models, served by inference in its batch
+    // lane and summed up per model.
+    let batch = pipeline.cli(&[
+        "experiments",
+        "run",
+        "--sample",
+        "5",
+        "--turns",
+        "all",
+        "--model",
+        "model-a",
+        "--model",
+        "model-b",
+        "--batch",
+        "b-e2e",
+        "--wait",
+        "5m",
+        "--format",
+        "json",
+    ]);
+    assert!(batch.status.success(), "{}", text(&batch));
+    let batch: Value = serde_json::from_slice(&batch.stdout).unwrap();
+    assert_eq!(batch["requested"], 4, "two answers, two models: {batch}");
+    let summary = &batch["summary"];
+    assert_eq!((summary["requested"].as_u64(), summary["done"].as_u64()), (Some(4), Some(4)), "{summary}");
+    let rows = summary["rows"].as_array().unwrap();
+    let sides: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["side"].as_str().unwrap(), r["model"].as_str().unwrap())).collect();
+    assert_eq!(&sides[1..], [("rerun", "model-a"), ("rerun", "model-b")], "{summary}");
+    assert_eq!((sides[0].0, rows[0]["turns"].as_u64()), ("original", Some(4)), "each answer once per model: {summary}");
+    for rerun in &rows[1..] {
+        assert_eq!((rerun["answered"].as_u64(), rerun["failed"].as_u64()), (Some(2), Some(0)), "{rerun}");
+        assert!(rerun["mean_completion_tokens"].as_f64().unwrap() > 0.0, "{rerun}");
+        assert!(rerun["latency_p50_ms"].as_i64().unwrap() > 0, "{rerun}");
+    }
+    let later = pipeline.cli(&["experiments", "summary", "b-e2e"]);
+    eprintln!("{}", text(&later));
+    assert!(later.status.success(), "{}", text(&later));
+    assert!(text(&later).contains("4 of 4 re-run(s) done") && text(&later).contains("model-b"), "{}", text(&later));
+    let none = pipeline.cli(&["experiments", "summary", "no-such-batch"]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    let (consumer, mut open) = support::reader_from_start(&pipeline.brokers, &experiments, true);
+    let (mut requests, mut runs) = (0, 0);
+    while open > 0 {
+        match consumer.recv().await {
+            Ok(message) => match codec.decode_experiment_event(rdkafka::Message::payload(&message).unwrap()).await {
+                Ok(decoded) => match decoded.event {
+                    parley_events::ExperimentEvent::Requested(request) => {
+                        requests += 1;
+                        assert_eq!(request.sealed_for, user, "the prompt is sealed under the owner's key");
+                        assert!(!format!("{request:?}").contains("Name a planet"), "{request:?}");
+                    }
+                    parley_events::ExperimentEvent::Run(run) if run.batch_id == "b-e2e" => {
+                        runs += 1;
+                        assert_eq!(run.sealed_for, user);
+                        assert!(run.request_event_id.is_some(), "{run:?}");
+                        assert_eq!(run.envelope.producer_name, "parley-inference");
+                    }
+                    parley_events::ExperimentEvent::Run(_) => {}
+                },
+                Err(error) => panic!("{error}"),
+            },
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => open -= 1,
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert_eq!((requests, runs), (4, 4), "one run per request, exactly once");
+    let after = pipeline.cli(&["replay", &conversation, "--format", "json"]);
+    let after: Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(after["records"], 5, "the conversation is untouched: {after}");
+
     // As of a point: a sequence, a position of the events topic, a time.
     let at = |point: &str| {
         let output = pipeline.cli(&["replay", &conversation, "--at", point, "--format", "json"]);

@@ -366,8 +366,46 @@ pub struct Replayed {
     pub elapsed: Duration,
 }
 
+/// How a conversation's records are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Through the live projection's offset index, else a scan of its partition.
+    IndexOrScan,
+    /// A scan of its partition, whatever the index holds.
+    Scan,
+    /// Only through the index: a conversation the projection does not know reads as none
+    /// (the query API: nobody else's partition is read).
+    IndexOnly,
+}
+
+/// A conversation's records in sequence order, opened with the owner's key where it still
+/// exists, with how they were found and how long that took.
+pub async fn conversation_records(
+    reader: &LogReader,
+    store: &Store,
+    conversation_id: ConversationId,
+    lookup: Lookup,
+) -> Result<(Vec<AuditRecord>, Method, Duration), ProjectionError> {
+    let index = match lookup {
+        Lookup::Scan => vec![],
+        Lookup::IndexOrScan | Lookup::IndexOnly => {
+            let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
+            store.locations(&store.generation(live).await?, conversation_id).await?
+        }
+    };
+    if index.is_empty() && lookup == Lookup::IndexOnly {
+        return Ok((vec![], Method::OffsetIndex, Duration::ZERO));
+    }
+    let (mut records, method, elapsed) = reader.read(conversation_id, &index, lookup == Lookup::Scan).await?;
+    if let Some(keys) = store.keys() {
+        keys.open_records(&mut records).await?;
+    }
+    Ok((records, method, elapsed))
+}
+
 /// Replays a conversation: its state rebuilt from the log and its differences from the
-/// live projection; with `at`, its state at that point (and no diff).
+/// live projection; with `at`, its state at that point (and no diff, so the projection is
+/// not read).
 pub async fn replay(
     reader: &LogReader,
     store: &Store,
@@ -375,62 +413,64 @@ pub async fn replay(
     force_scan: bool,
     at: Option<&ReplayPoint>,
 ) -> Result<Replayed, ProjectionError> {
-    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
-    let generation = store.generation(live).await?;
-    let index = store.locations(&generation, conversation_id).await?;
-    let (mut records, method, elapsed) = reader.read(conversation_id, &index, force_scan).await?;
+    let lookup = if force_scan { Lookup::Scan } else { Lookup::IndexOrScan };
+    let (mut records, method, elapsed) = conversation_records(reader, store, conversation_id, lookup).await?;
     let total_records = records.len();
     if let Some(point) = at {
         let kept: std::collections::HashSet<i64> =
             point.history(&records, &reader.topic)?.into_iter().map(|r| r.offset).collect();
         records.retain(|r| kept.contains(&r.offset));
     }
-    let mut row = store.conversation(&generation, conversation_id).await?;
-    let mut messages = store.messages(&generation, conversation_id).await?;
-    // Both sides opened with the owner's key: what was erased reads [erased] on both.
-    if let Some(keys) = store.keys() {
-        keys.open_records(&mut records).await?;
-        if let Some(row) = &mut row {
-            keys.open_messages(&row.user_id, &mut messages).await?;
-            keys.open_title(&row.user_id, conversation_id, &mut row.title).await?;
-        }
-    }
     let state = ConversationState::fold(records.iter().map(|r| &r.event));
-    // An erased owner's rows were purged: the projection holding none of it is no difference.
-    let purged_with_owner = match (&state, store.keys()) {
-        (Some(state), Some(keys)) if row.is_none() => keys.erased_at(state.head.owner.as_str()).await?.is_some(),
-        _ => false,
-    };
-    let differences = match &state {
-        _ if at.is_some() => vec![],
-        Some(_) if purged_with_owner => vec![],
-        Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
-        None if row.is_none() => vec![],
-        None => vec!["the log has no ConversationStarted for a conversation the projection holds".into()],
+    let differences = match at {
+        Some(_) => vec![],
+        None => differences_from_projection(store, conversation_id, state.as_ref()).await?,
     };
     Ok(Replayed { state, records, total_records, differences, method, elapsed })
 }
 
-/// A conversation's state at `at`, from its indexed records: what the query API's `?at=`
-/// shows. None when the projection indexes no record of it (an unknown conversation, or
-/// one whose owner was erased) or the point precedes it.
+/// How the live projection of a conversation differs from `state` (replayed from the log),
+/// both opened with the owner's key: what was erased reads [erased] on both.
+async fn differences_from_projection(
+    store: &Store,
+    conversation_id: ConversationId,
+    state: Option<&ConversationState>,
+) -> Result<Vec<String>, ProjectionError> {
+    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
+    let generation = store.generation(live).await?;
+    let mut row = store.conversation(&generation, conversation_id).await?;
+    let mut messages = store.messages(&generation, conversation_id).await?;
+    if let (Some(keys), Some(row)) = (store.keys(), &mut row) {
+        keys.open_messages(&row.user_id, &mut messages).await?;
+        keys.open_title(&row.user_id, conversation_id, &mut row.title).await?;
+    }
+    // An erased owner's rows were purged: the projection holding none of it is no difference.
+    let purged_with_owner = match (state, store.keys()) {
+        (Some(state), Some(keys)) if row.is_none() => keys.erased_at(state.head.owner.as_str()).await?.is_some(),
+        _ => false,
+    };
+    Ok(match state {
+        Some(_) if purged_with_owner => vec![],
+        Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
+        None if row.is_none() => vec![],
+        None => vec!["the log has no ConversationStarted for a conversation the projection holds".into()],
+    })
+}
+
+/// A conversation's state at `at`, through the offset index only (None: the projection
+/// does not know it, or it had not started then).
 pub async fn state_at(
     reader: &LogReader,
     store: &Store,
     conversation_id: ConversationId,
     at: &ReplayPoint,
 ) -> Result<Option<ConversationState>, ProjectionError> {
-    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
-    let index = store.locations(&store.generation(live).await?, conversation_id).await?;
-    if index.is_empty() {
+    let (records, _, _) = conversation_records(reader, store, conversation_id, Lookup::IndexOnly).await?;
+    if records.is_empty() {
         return Ok(None);
     }
-    let (records, _, _) = reader.read(conversation_id, &index, false).await?;
-    let mut history: Vec<AuditRecord> = at.history(&records, &reader.topic)?.into_iter().cloned().collect();
-    if let Some(keys) = store.keys() {
-        keys.open_records(&mut history).await?;
-    }
-    Ok(ConversationState::fold(history.iter().map(|r| &r.event)))
+    let history = at.history(&records, &reader.topic)?;
+    Ok(ConversationState::fold(history.into_iter().map(|r| &r.event)))
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("erasure_requested.v1.avsc", include_str!("../avro/erasure_requested.v1.avsc")),
     ("erasure_completed.v1.avsc", include_str!("../avro/erasure_completed.v1.avsc")),
     ("experiment_run.v1.avsc", include_str!("../avro/experiment_run.v1.avsc")),
+    ("experiment_run.v2.avsc", include_str!("../avro/experiment_run.v2.avsc")),
+    ("experiment_requested.v1.avsc", include_str!("../avro/experiment_requested.v1.avsc")),
     ("account_changed.v1.avsc", include_str!("../avro/account_changed.v1.avsc")),
 ];
 

@@ -15,6 +15,7 @@ use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
 use crate::catalog::SchemaCatalog;
 use crate::error::EventsError;
 use crate::event::*;
+use crate::experiment::{ExperimentEvent, ExperimentRequested, ExperimentRun};
 
 /// Largest allocation a single Avro value may ask for while decoding, so that garbage
 /// length prefixes in hostile bytes cannot exhaust memory.
@@ -101,6 +102,22 @@ impl EventCodec {
                 return Err(EventsError::Undecodable {
                     schema_id: Some(schema_id),
                     reason: format!("{other} is not a conversation event"),
+                });
+            }
+        };
+        Ok(Decoded { schema_id, event })
+    }
+
+    /// Decodes a record of the `experiments` topic.
+    pub async fn decode_experiment_event(&self, bytes: &[u8]) -> Result<Decoded<ExperimentEvent>, EventsError> {
+        let (schema_id, name, value) = self.decode_value(bytes).await?;
+        let event = match name.as_str() {
+            ExperimentRequested::FULL_NAME => ExperimentEvent::Requested(self.typed(schema_id, &name, value)?),
+            ExperimentRun::FULL_NAME => ExperimentEvent::Run(self.typed(schema_id, &name, value)?),
+            other => {
+                return Err(EventsError::Undecodable {
+                    schema_id: Some(schema_id),
+                    reason: format!("{other} is not an experiment event"),
                 });
             }
         };

@@ -345,48 +345,6 @@ pub struct Budgets {
     pub per_conversation: i64,
 }
 
-/// A what-if re-run of one answer (the `experiments` topic, keyed by conversation id):
-/// never written to the conversation's own topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExperimentRun {
-    /// Conversation id, the answer's sequence, caused by the answer.
-    pub envelope: Envelope,
-    /// The conversation's owner (whose key seals `text`).
-    pub user_id: UserId,
-    /// The answer re-run.
-    pub answer_event_id: EventId,
-    /// Its question.
-    pub query_event_id: EventId,
-    /// Who ran it.
-    pub requested_by: String,
-    /// The model asked for.
-    pub model: String,
-    /// The model server's base URL.
-    pub endpoint: String,
-    /// SHA-256 of the system prompt used.
-    pub system_prompt_digest: String,
-    /// How many messages the prompt had.
-    pub prompt_messages: i32,
-    /// The new answer; empty when the call failed.
-    pub text: String,
-    /// Why it stopped; empty when the call failed.
-    pub finish_reason: String,
-    /// Tokens of the prompt.
-    pub prompt_tokens: i32,
-    /// Tokens of the answer.
-    pub completion_tokens: i32,
-    /// Wall time of the call.
-    pub llm_latency_ms: i64,
-    /// From the call to the first token.
-    pub time_to_first_token_ms: Option<i64>,
-    /// Why the call failed; empty when it answered.
-    #[serde(default)]
-    pub error: String,
-    /// Whose data key sealed `text`; empty: plain.
-    #[serde(default)]
-    pub sealed_for: String,
-}
-
 /// Vectors stored for one source (the `embeddings` topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmbeddingsIndexed {
@@ -560,9 +518,6 @@ impl AvroEvent for DocumentDeleted {
 }
 impl AvroEvent for AccountChanged {
     const FULL_NAME: &'static str = "io.parley.events.AccountChanged";
-}
-impl AvroEvent for ExperimentRun {
-    const FULL_NAME: &'static str = "io.parley.events.ExperimentRun";
 }
 impl AvroEvent for ErasureRequested {
     const FULL_NAME: &'static str = "io.parley.events.ErasureRequested";

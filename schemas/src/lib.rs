@@ -5,7 +5,7 @@
 //! the Confluent wire format through a schema registry ([`codec`]) and checks schema
 //! evolution against the registry ([`registry`]). [`conversation`], [`turn`],
 //! [`invariants`], [`budget`], [`lanes`], [`dead_letters`] and [`trail`] (one person's
-//! trail for `parley audit --user`) are the domain rules over those events, as plain
+//! trail for `parley audit --user`), [`experiment`] (a batch of what-if re-runs folded per model) are the domain rules over those events, as plain
 //! functions;
 //! [`fuzzing`] is what the property tests share to fuzz the parsers; [`sealing`] seals a
 //! person's content under their data key (crypto-shredding), [`personal`] says which
@@ -20,6 +20,7 @@ pub mod dead_letters;
 /// The contract's errors.
 pub mod error;
 pub mod event;
+pub mod experiment;
 pub mod fuzzing;
 pub mod ids;
 pub mod invariants;
@@ -38,4 +39,5 @@ pub use catalog::{SchemaCatalog, SchemaEntry};
 pub use codec::{Decoded, EventCodec};
 pub use error::EventsError;
 pub use event::*;
+pub use experiment::{ExperimentEvent, ExperimentMessage, ExperimentRequested, ExperimentRun};
 pub use ids::{ConversationId, DocumentId, EventId, InvalidId, UserId};

@@ -5,7 +5,8 @@
 
 use std::borrow::Cow;
 
-use crate::event::{ConversationEvent, DocumentSubmitted, ExperimentRun, LLMResponseGenerated, UserQueryReceived};
+use crate::event::{ConversationEvent, DocumentSubmitted, LLMResponseGenerated, UserQueryReceived};
+use crate::experiment::{ExperimentEvent, ExperimentRequested, ExperimentRun};
 use crate::ids::{EventId, UserId};
 use crate::sealing::{DataKey, ERASED, SealError, UNREADABLE, is_sealed};
 
@@ -112,6 +113,31 @@ impl Personal for ExperimentRun {
             sealed_for: &mut self.sealed_for,
             fields: vec![(Cow::Borrowed("text"), &mut self.text)],
         })
+    }
+}
+
+impl Personal for ExperimentRequested {
+    fn personal(&mut self) -> Option<PersonalFields<'_>> {
+        Some(PersonalFields {
+            subject: self.user_id.clone(),
+            bound_to: self.envelope.event_id,
+            sealed_for: &mut self.sealed_for,
+            fields: self
+                .messages
+                .iter_mut()
+                .enumerate()
+                .map(|(i, message)| (Cow::Owned(format!("message {i}")), &mut message.content))
+                .collect(),
+        })
+    }
+}
+
+impl Personal for ExperimentEvent {
+    fn personal(&mut self) -> Option<PersonalFields<'_>> {
+        match self {
+            Self::Requested(request) => request.personal(),
+            Self::Run(run) => run.personal(),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use parley_events::invariants::violations;
 use parley_events::registry::SchemaRegistry;
 use parley_events::turn::CANCELLED;
 use parley_events::{ConversationEvent, ConversationId, EventCodec, LLMResponseGenerated};
-use parley_projections::replay::LogReader;
+use parley_projections::replay::{LogReader, Lookup, conversation_records};
 
 use crate::cli::Common;
 use crate::commands::connect_store;
@@ -29,9 +29,8 @@ pub(crate) async fn audit(
     let registry = common.schema_registry_url.as_str();
     let store = connect_store(common).await?;
     let reader = LogReader::new(kafka, registry)?;
-    let (live, _, _) = store.generations(parley_projections::store::CONTEXT).await?;
-    let index = store.locations(&store.generation(live).await?, conversation_id).await?;
-    let (mut records, _, _) = reader.read(conversation_id, &index, scan).await?;
+    let lookup = if scan { Lookup::Scan } else { Lookup::IndexOrScan };
+    let (mut records, _, _) = conversation_records(&reader, &store, conversation_id, lookup).await?;
     // The conversation's dead letters: records some consumer could not read, and
     // what became of them; a redriven copy the index does not name (its original
     // is indexed) is read through its letter.
@@ -44,11 +43,12 @@ pub(crate) async fn audit(
         .iter()
         .map(|r| LogPosition { topic: kafka.topics().events, partition: r.partition, offset: r.offset })
         .collect();
-    records.extend(reader.records_at(&LetterBook::copies_not_read(&letters, &read)).await?);
-    records.sort_by_key(|r| (r.sequence, r.offset));
+    let mut copies = reader.records_at(&LetterBook::copies_not_read(&letters, &read)).await?;
     if let Some(keys) = store.keys() {
-        keys.open_records(&mut records).await?;
+        keys.open_records(&mut copies).await?;
     }
+    records.extend(copies);
+    records.sort_by_key(|r| (r.sequence, r.offset));
     if records.is_empty() {
         eprintln!("no events of conversation {conversation_id} in the log");
         return Ok(ExitCode::FAILURE);

@@ -20,6 +20,7 @@ pub(crate) mod cache;
 pub(crate) mod dead_letters;
 pub(crate) mod documents;
 pub(crate) mod erasure;
+pub(crate) mod experiments;
 pub(crate) mod projections;
 pub(crate) mod prompts;
 pub(crate) mod replay;

@@ -17,7 +17,7 @@ use parley_events::{
 use parley_inference::prompt::{ChatMessage, Prompt, PromptLayout, build_prompt};
 use parley_inference::proof::{Verdict, layout_named, precheck, role_name, verify};
 use parley_projections::Store;
-use parley_projections::replay::{AuditRecord, LogReader};
+use parley_projections::replay::{AuditRecord, LogReader, Lookup, conversation_records};
 use parley_retrieval::{Hit, SourceKind};
 use rdkafka::Message as _;
 use serde::Serialize;
@@ -34,6 +34,16 @@ pub(crate) struct PromptSettings {
     pub chunk_chars: usize,
     /// See `chunk_chars`.
     pub chunk_overlap: usize,
+}
+
+impl From<crate::cli::PromptArgs> for PromptSettings {
+    fn from(args: crate::cli::PromptArgs) -> Self {
+        Self {
+            system_prompt: args.system_prompt,
+            chunk_chars: usize::try_from(args.chunk_chars).unwrap_or(usize::MAX),
+            chunk_overlap: usize::try_from(args.chunk_overlap).unwrap_or(0),
+        }
+    }
 }
 
 /// One answer's prompt, rebuilt (when it could be) and judged.
@@ -174,12 +184,7 @@ impl Sources<'_> {
     /// Another conversation's records, opened.
     async fn conversation(&mut self, id: ConversationId) -> Result<&[AuditRecord]> {
         if !self.conversations.contains_key(&id) {
-            let (live, _, _) = self.store.generations(parley_projections::store::CONTEXT).await?;
-            let index = self.store.locations(&self.store.generation(live).await?, id).await?;
-            let (mut records, _, _) = self.reader.read(id, &index, false).await?;
-            if let Some(keys) = self.store.keys() {
-                keys.open_records(&mut records).await?;
-            }
+            let (records, _, _) = conversation_records(self.reader, self.store, id, Lookup::IndexOrScan).await?;
             self.conversations.insert(id, records);
         }
         Ok(&self.conversations[&id])

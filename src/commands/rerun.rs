@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use parley_eventlog::EventProducer;
 use parley_events::{ConversationEvent, Envelope, EventCodec, EventId, ExperimentRun, LLMResponseGenerated, Producer};
 use parley_inference::balancer::EndpointSpec;
+use parley_inference::experiment::record_outcome;
 use parley_inference::llm::{ChatModel, LlmSettings};
 use parley_inference::prompt::PromptLayout;
 use parley_inference::proof::system_prompt_digest;
@@ -93,7 +94,6 @@ pub(crate) async fn rerun(
         breaker_cool_down: Duration::from_secs(1),
     })?;
     let (result, _) = model.complete(&prompt.messages, |_, _, _| {}).await;
-    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let mut run = ExperimentRun {
         envelope: Envelope::new(EventId::random(), answer.envelope.conversation_id, answer.envelope.sequence, SOURCE)
             .caused_by(&answer.envelope),
@@ -113,18 +113,10 @@ pub(crate) async fn rerun(
         time_to_first_token_ms: None,
         error: String::new(),
         sealed_for: String::new(),
+        batch_id: String::new(),
+        request_event_id: None,
     };
-    match result {
-        Ok(completion) => {
-            run.text = completion.text;
-            run.finish_reason = completion.finish_reason;
-            run.prompt_tokens = completion.prompt_tokens;
-            run.completion_tokens = completion.completion_tokens;
-            run.llm_latency_ms = millis(completion.latency);
-            run.time_to_first_token_ms = completion.time_to_first_token.map(millis);
-        }
-        Err(error) => run.error = format!("{}: {error}", error.kind()),
-    }
+    record_outcome(&mut run, result);
     let shown = run.clone();
     if let Some(keys) = store.keys() {
         keys.seal_event(&mut run).await?;

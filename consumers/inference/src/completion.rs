@@ -22,6 +22,8 @@ pub struct Completion {
     pub latency: Duration,
     /// From the call to the first token, when streamed.
     pub time_to_first_token: Option<Duration>,
+    /// The base URL of the server that answered.
+    pub endpoint: String,
 }
 
 /// Why a model call failed; the kind is the outcome's `error_kind`.

@@ -1,6 +1,7 @@
 //! The inference consumer: reads UserQueryReceived, asks the LLM, appends the outcome.
 //!
-//! - [`prompt`]: what the model is asked (pure);
+//! - [`prompt`]: what the model is asked (pure); [`proof`]: what proves it was;
+//! - [`experiment`]: a what-if re-run's prompt and outcome as events carry them (pure);
 //! - [`cache`]: earlier answers that answer a new question too;
 //! - [`retry`]: backoff and circuit breaker (pure);
 //! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
@@ -15,6 +16,7 @@ pub mod cache;
 pub mod cancel;
 pub mod completion;
 pub mod context;
+pub mod experiment;
 pub mod llm;
 pub mod metrics;
 pub mod prompt;

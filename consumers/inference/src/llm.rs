@@ -112,6 +112,16 @@ impl ChatModel {
     pub async fn complete(
         &self,
         messages: &[ChatMessage],
+        on_delta: impl FnMut(u32, i32, &str),
+    ) -> (Result<Completion, LlmError>, u32) {
+        self.complete_as(None, messages, on_delta).await
+    }
+
+    /// [`Self::complete`], asking the servers for `model` instead of their own (None: theirs).
+    pub async fn complete_as(
+        &self,
+        model: Option<&str>,
+        messages: &[ChatMessage],
         mut on_delta: impl FnMut(u32, i32, &str),
     ) -> (Result<Completion, LlmError>, u32) {
         let max_attempts = self.settings.max_attempts.max(1);
@@ -125,9 +135,12 @@ impl ChatModel {
             let endpoint = &self.endpoints[index];
             let span = info_span!("inference.llm_attempt", attempt, endpoint = %endpoint.base_url);
             let started = Instant::now();
-            let result =
-                self.stream_once(endpoint, messages, |i, text| on_delta(attempt, i, text)).instrument(span).await;
-            metrics::model_call(&self.settings.provider, &endpoint.model, &result, started.elapsed());
+            let model = model.unwrap_or(&endpoint.model);
+            let result = self
+                .stream_once(endpoint, model, messages, |i, text| on_delta(attempt, i, text))
+                .instrument(span)
+                .await;
+            metrics::model_call(&self.settings.provider, model, &result, started.elapsed());
             let healthy = matches!(result, Ok(_) | Err(LlmError::Rejected(_)));
             self.balancer().finish(index, healthy, Instant::now());
             self.show_breakers();
@@ -184,11 +197,12 @@ impl ChatModel {
     async fn stream_once(
         &self,
         endpoint: &Endpoint,
+        model: &str,
         messages: &[ChatMessage],
         on_delta: impl FnMut(i32, &str),
     ) -> Result<Completion, LlmError> {
         let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.stream_unbounded(endpoint, messages, on_delta))
+        tokio::time::timeout(timeout, self.stream_unbounded(endpoint, model, messages, on_delta))
             .await
             .unwrap_or(Err(LlmError::Timeout(timeout)))
     }
@@ -196,12 +210,13 @@ impl ChatModel {
     async fn stream_unbounded(
         &self,
         endpoint: &Endpoint,
+        model: &str,
         messages: &[ChatMessage],
         mut on_delta: impl FnMut(i32, &str),
     ) -> Result<Completion, LlmError> {
         let started = Instant::now();
         let request = CreateChatCompletionRequest {
-            model: endpoint.model.clone(),
+            model: model.to_owned(),
             messages: messages.iter().map(to_request_message).collect(),
             max_completion_tokens: Some(self.settings.max_tokens),
             stream_options: Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None }),
@@ -210,12 +225,13 @@ impl ChatModel {
         let mut stream = endpoint.client.chat().create_stream(request).await.map_err(classify)?;
         let mut completion = Completion {
             text: String::new(),
-            model: endpoint.model.clone(),
+            model: model.to_owned(),
             finish_reason: "unknown".into(),
             prompt_tokens: 0,
             completion_tokens: 0,
             latency: Duration::ZERO,
             time_to_first_token: None,
+            endpoint: endpoint.base_url.clone(),
         };
         let mut deltas = 0;
         while let Some(chunk) = stream.next().await {

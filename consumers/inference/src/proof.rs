@@ -23,6 +23,11 @@ pub fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// The role `name` spells ([`role_name`]'s inverse).
+pub fn role_named(name: &str) -> Option<Role> {
+    [Role::System, Role::User, Role::Assistant].into_iter().find(|role| role_name(*role) == name)
+}
+
 /// SHA-256 (64 hex digits) of `messages`: for each, its role and its content, each
 /// preceded by its length in bytes (8 bytes, little-endian), so no two prompts share one.
 pub fn digest(messages: &[ChatMessage]) -> String {

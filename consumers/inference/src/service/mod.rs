@@ -12,6 +12,7 @@ mod ahead;
 mod answer;
 mod args;
 mod cached;
+mod experiment;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +27,8 @@ use parley_eventlog::secret::SecretError;
 use parley_eventlog::transaction::{Outgoing, instance_transactional_id};
 use parley_eventlog::{EventLogError, EventProducer, KafkaSettings, Topics};
 use parley_events::lanes::{Lane, LaneLayout};
-use parley_events::{ConversationEvent, EventCodec, EventId, EventsError, Producer as EventSource};
+use parley_events::personal::Personal;
+use parley_events::{ConversationEvent, EventCodec, EventId, EventsError, ExperimentEvent, Producer as EventSource};
 use parley_projections::budget::{BudgetLedger, BudgetSettings};
 use parley_projections::keys::KeyStore;
 use parley_projections::reader::LiveReader;
@@ -75,14 +77,20 @@ pub enum InferenceError {
     Secret(#[from] SecretError),
 }
 
-/// The driver's lanes: an events partition's lane, served by weight; standard kept off
-/// `premium_slots` last slots, batch off one more.
-fn lanes(layout: &LaneLayout, ratio: u32, premium_slots: usize) -> Lanes {
+/// The driver's lanes: an events partition's lane, and the experiments topic in the batch
+/// lane, served by weight; standard kept off `premium_slots` last slots, batch off one more.
+fn lanes(layout: &LaneLayout, ratio: u32, premium_slots: usize, experiments: String) -> Lanes {
     let names = Lane::ALL.iter().map(|lane| lane.as_str()).collect();
     let layout = layout.clone();
-    Lanes::new(names, ratio, move |_, partition| layout.lane_of(partition).index())
-        .reserve(Lane::Standard.index(), premium_slots)
-        .reserve(Lane::Batch.index(), premium_slots + 1)
+    Lanes::new(
+        names,
+        ratio,
+        move |topic, partition| {
+            if topic == experiments { Lane::Batch.index() } else { layout.lane_of(partition).index() }
+        },
+    )
+    .reserve(Lane::Standard.index(), premium_slots)
+    .reserve(Lane::Batch.index(), premium_slots + 1)
 }
 
 /// Runs the inference consumer until `shutdown` is cancelled.
@@ -103,7 +111,7 @@ pub async fn run(
     let cache_rows = Arc::new(LiveReader::new(store.clone()).await?);
     let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
     let codec = Arc::new(EventCodec::new(registry_url)?);
-    let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots));
+    let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots), topics.experiments.clone());
     let settings = DriverSettings {
         group_id: args.group_id.clone(),
         transactional_id: instance_transactional_id(
@@ -111,7 +119,8 @@ pub async fn run(
             args.transactional_id.as_deref(),
             kafka.instance_id.as_deref(),
         ),
-        topics: vec![topics.events.clone()],
+        // Experiments (batch re-runs) are served in the batch lane, after chat.
+        topics: vec![topics.events.clone(), topics.experiments.clone()],
         dead_letter_topic: topics.dead_letter.clone(),
         batch_size: 1,
         batch_wait: Duration::ZERO,
@@ -201,7 +210,8 @@ struct Worker {
     /// People's data keys: token deltas are sealed under the asker's (none: sent plain).
     keys: Option<KeyStore>,
     prompt_layout: PromptLayout,
-    /// Queries whose outcome was read while catching up: answered already.
+    /// Queries (and experiment requests) whose outcome was read while catching up: answered
+    /// already.
     answered: Mutex<HashSet<EventId>>,
     /// Cancels requested, and the answers a cancel stops.
     cancels: Arc<Cancels>,
@@ -217,14 +227,17 @@ struct Worker {
     shutdown: CancellationToken,
 }
 
-impl Processor for Worker {
-    type Item = ConversationEvent;
-    type Error = InferenceError;
+/// What inference reads: a conversation's event, or an experiment (batch-lane work).
+enum Work {
+    Conversation(ConversationEvent),
+    Experiment(ExperimentEvent),
+}
 
-    async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<ConversationEvent>> {
-        let payload = record.payload().unwrap_or_default();
-        let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
-        let mut decoded = decoded.await?;
+impl Worker {
+    /// Opens a decoded event's sealed fields (waiting out a key store that does not
+    /// answer); None: shutdown came while waiting.
+    async fn opened<E: Personal>(&self, decoded: Option<Decoded<parley_events::Decoded<E>>>) -> Option<Decoded<E>> {
+        let mut decoded = decoded?;
         if let (Some(keys), Ok(decoded)) = (&self.keys, &mut decoded)
             && !keys.open_event_waiting(&mut decoded.event, &self.shutdown).await
         {
@@ -233,7 +246,20 @@ impl Processor for Worker {
         Some(decoded.map(|d| d.event))
     }
 
-    fn observe(&self, event: &ConversationEvent, catching_up: bool) {
+    /// Outcomes read in normal operation answer queries read before them: only those read
+    /// while catching up can be of queries (or requests) still to come.
+    fn answered_while_catching_up(&self, id: EventId, catching_up: bool) {
+        if catching_up {
+            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
+        }
+    }
+
+    /// Whether the outcome of `id` was read while catching up (then it is not done again).
+    fn was_answered(&self, id: &EventId) -> bool {
+        self.answered.lock().unwrap_or_else(PoisonError::into_inner).remove(id)
+    }
+
+    fn observe_conversation(&self, event: &ConversationEvent, catching_up: bool) {
         let query_event_id = match event {
             ConversationEvent::ResponseGenerated(outcome) => &outcome.query_event_id,
             ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
@@ -252,27 +278,59 @@ impl Processor for Worker {
             }
             ConversationEvent::Started(_) => return,
         };
-        // Outcomes read in normal operation answer queries read before them: only those
-        // read while catching up can be of queries still to come.
-        if catching_up {
-            self.answered.lock().unwrap_or_else(PoisonError::into_inner).insert(*query_event_id);
+        self.answered_while_catching_up(*query_event_id, catching_up);
+    }
+}
+
+impl Processor for Worker {
+    type Item = Work;
+    type Error = InferenceError;
+
+    async fn decode(&self, record: &OwnedMessage) -> Option<Decoded<Work>> {
+        let payload = record.payload().unwrap_or_default();
+        if record.topic() == self.topics.experiments {
+            let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_experiment_event(payload));
+            return Some(self.opened(decoded.await).await?.map(Work::Experiment));
+        }
+        let decoded = retry_while_registry_down(&self.shutdown, || self.codec.decode_conversation_event(payload));
+        Some(self.opened(decoded.await).await?.map(Work::Conversation))
+    }
+
+    fn observe(&self, work: &Work, catching_up: bool) {
+        match work {
+            Work::Conversation(event) => self.observe_conversation(event, catching_up),
+            Work::Experiment(ExperimentEvent::Run(run)) => {
+                if let Some(request) = run.request_event_id {
+                    self.answered_while_catching_up(request, catching_up);
+                }
+            }
+            Work::Experiment(ExperimentEvent::Requested(_)) => {}
         }
     }
 
-    fn wants(&self, event: &ConversationEvent) -> bool {
-        matches!(event, ConversationEvent::QueryReceived(_))
+    fn wants(&self, work: &Work) -> bool {
+        matches!(
+            work,
+            Work::Conversation(ConversationEvent::QueryReceived(_)) | Work::Experiment(ExperimentEvent::Requested(_))
+        )
     }
 
-    async fn process(
-        self: Arc<Self>,
-        unit: Vec<(OwnedMessage, ConversationEvent)>,
-    ) -> Result<Vec<Outgoing>, InferenceError> {
+    async fn process(self: Arc<Self>, unit: Vec<(OwnedMessage, Work)>) -> Result<Vec<Outgoing>, InferenceError> {
         let mut outgoing = Vec::with_capacity(unit.len());
-        for (message, event) in unit {
-            let ConversationEvent::QueryReceived(query) = event else { continue };
-            let answered =
-                self.answered.lock().unwrap_or_else(PoisonError::into_inner).remove(&query.envelope.event_id);
-            let outcome = if answered {
+        for (message, work) in unit {
+            let query = match work {
+                Work::Conversation(ConversationEvent::QueryReceived(query)) => query,
+                Work::Experiment(ExperimentEvent::Requested(request)) => {
+                    if self.was_answered(&request.envelope.event_id) {
+                        info!(request = %request.envelope.event_id, "experiment already run; not asking the model again");
+                    } else {
+                        outgoing.push(self.experiment(&request).await?);
+                    }
+                    continue;
+                }
+                Work::Conversation(_) | Work::Experiment(_) => continue,
+            };
+            let outcome = if self.was_answered(&query.envelope.event_id) {
                 info!(query_event_id = %query.envelope.event_id, "outcome already in the log; not asking the model again");
                 None
             } else {
@@ -288,5 +346,22 @@ impl Processor for Worker {
             }
         }
         Ok(outgoing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn experiments_wait_in_the_batch_lane_whatever_their_partition() {
+        let layout: LaneLayout = "premium=0,batch=5".parse().unwrap();
+        let lanes = lanes(&layout, 4, 1, "p.experiments".into());
+        assert_eq!(lanes.of("p.conversation-events", 0), Lane::Premium.index());
+        assert_eq!(lanes.of("p.conversation-events", 2), Lane::Standard.index());
+        for partition in 0..6 {
+            assert_eq!(lanes.of("p.experiments", partition), Lane::Batch.index());
+        }
+        assert!(!lanes.may_start(Lane::Batch.index(), 2, 4), "batch work leaves the last two slots to chat");
     }
 }
