@@ -160,7 +160,8 @@ pub struct ModelRow {
     pub side: Side,
     /// The model.
     pub model: String,
-    /// Turns in the batch with this model.
+    /// Originals: the answers re-run (each once, however many models re-ran it); re-runs:
+    /// the runs requested with this model.
     pub turns: usize,
     /// Answered (re-runs: not failed).
     pub answered: usize,
@@ -192,7 +193,7 @@ pub struct BatchSummary {
     pub requested: usize,
     /// Of them, done (answered or failed).
     pub done: usize,
-    /// Requested answers whose original could not be read (their `changed` is unknown).
+    /// Answers re-run whose original could not be read (their `changed` is unknown).
     pub originals_missing: usize,
     /// Originals first, then re-runs, each by model name.
     pub rows: Vec<ModelRow>,
@@ -235,15 +236,19 @@ pub fn summarize(
     let mut rows: BTreeMap<(Side, String), RowBuilder> = BTreeMap::new();
     let mut originals_missing = 0;
     let mut done = 0;
+    let mut answers_counted = std::collections::HashSet::new();
     for request in &requested {
         let original = originals.get(&request.answer_event_id);
-        match original {
-            Some(original) => rows.entry((Side::Original, original.model.clone())).or_default().answered(
-                original.prompt_tokens,
-                original.completion_tokens,
-                original.llm_latency_ms,
-            ),
-            None => originals_missing += 1,
+        // An answer re-run with several models is one original.
+        if answers_counted.insert(request.answer_event_id) {
+            match original {
+                Some(original) => rows.entry((Side::Original, original.model.clone())).or_default().answered(
+                    original.prompt_tokens,
+                    original.completion_tokens,
+                    original.llm_latency_ms,
+                ),
+                None => originals_missing += 1,
+            }
         }
         let run = runs.get(&request.envelope.event_id);
         let model = run.map_or(&request.model, |run| &run.model);
@@ -398,9 +403,15 @@ mod tests {
             ExperimentEvent::Run(run(&failed, "", "timeout: 60 s", 0)),
             ExperimentEvent::Run(run(&other_batch, "Lyon.", "", 1)),
         ];
+        let mut events = events;
+        let mut same_by_other = request("b1", c, "other");
+        same_by_other.answer_event_id = same.answer_event_id;
+        events.push(ExperimentEvent::Requested(same_by_other.clone()));
+        events.push(ExperimentEvent::Run(run(&same_by_other, "Paris.", "", 200)));
         let summary = summarize("b1", &events, &originals);
-        assert_eq!((summary.requested, summary.done, summary.complete()), (4, 3, false));
-        let [original_row, rerun] = &summary.rows[..] else { panic!("{:?}", summary.rows) };
+        assert_eq!((summary.requested, summary.done, summary.complete()), (5, 4, false));
+        let [original_row, rerun, other] = &summary.rows[..] else { panic!("{:?}", summary.rows) };
+        assert_eq!((other.model.as_str(), other.turns, other.changed), ("other", 1, 0));
         assert_eq!((original_row.side, original_row.model.as_str(), original_row.turns), (Side::Original, "small", 4));
         assert_eq!(original_row.mean_completion_tokens, 6.0);
         assert_eq!((rerun.side, rerun.model.as_str()), (Side::Rerun, "big"));
