@@ -4,7 +4,8 @@
 //! - [`projector`]: the consumer that folds events into the live generation;
 //! - [`reader`]: the query side over the live generation, with position waits;
 //! - [`rebuild`]: a new generation from offset 0, then an atomic switch;
-//! - [`replay`]: a conversation straight from the log (offset index or scan), and its diff;
+//! - [`replay`]: a conversation straight from the log (offset index or scan);
+//! - [`diff`]: how the projection differs from what the log folds to;
 //! - [`as_of`]: a point in a conversation's history (a sequence, a position, a time);
 //! - [`budget`]: the token budget ledger (reservations and settlements, conditional batches);
 //! - [`tiers`]: each user's tier, the lane of their new conversations;
@@ -15,6 +16,7 @@
 
 pub mod as_of;
 pub mod budget;
+pub mod diff;
 pub mod erasure;
 /// The projections' errors.
 pub mod error;

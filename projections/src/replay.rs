@@ -10,7 +10,7 @@ use parley_eventlog::consumer::{LogConsumer, partitions, position_of, reader, re
 use parley_eventlog::dead_letter::redriven_from;
 use parley_eventlog::trace::{header_traceparent, trace_id};
 use parley_eventlog::{KafkaSettings, LogPosition};
-use parley_events::conversation::{ConversationState, Message};
+use parley_events::conversation::ConversationState;
 use parley_events::{ConversationEvent, ConversationId, Decoded, EventCodec, EventId, RetrievedContext};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::as_of::ReplayPoint;
 use crate::error::ProjectionError;
-use crate::store::{ConversationRow, EventLocation, Store};
+use crate::store::{EventLocation, Store};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -224,35 +224,13 @@ impl LogReader {
         Ok(messages)
     }
 
+    /// The conversation's records, read from the start of every partition.
     async fn scan(&self, conversation_id: ConversationId) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let key = conversation_id.to_string();
-        self.scan_from(Offset::Beginning, |message| message.key() == Some(key.as_bytes())).await
-    }
-
-    /// Every event written since `since_ms` (by record timestamp), from every partition.
-    pub async fn events_since(&self, since_ms: i64) -> Result<Vec<ConversationEvent>, ProjectionError> {
-        let mut events = Vec::new();
-        for message in self.scan_from(Offset::Offset(since_ms), |_| true).await? {
-            events.extend(self.decode(&message).await?.map(|decoded| decoded.event));
-        }
-        Ok(events)
-    }
-
-    /// The records `keep` admits of every partition, from `start` (a position, or with
-    /// `Offset::Offset`, a timestamp) to the partition's end.
-    async fn scan_from(
-        &self,
-        start: Offset,
-        keep: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> bool,
-    ) -> Result<Vec<OwnedMessage>, ProjectionError> {
         let partitions = partitions(&self.consumer, &self.topic)?;
         let mut assignment = TopicPartitionList::new();
         for partition in &partitions {
-            assignment.add_partition_offset(&self.topic, *partition, start)?;
-        }
-        if let Offset::Offset(_) = start {
-            // A timestamp: where each partition's records from then on begin.
-            assignment = self.consumer.offsets_for_times(assignment, FETCH_TIMEOUT)?;
+            assignment.add_partition_offset(&self.topic, *partition, Offset::Beginning)?;
         }
         self.consumer.assign(&assignment)?;
         let mut at_end = std::collections::HashSet::new();
@@ -260,7 +238,7 @@ impl LogReader {
         while at_end.len() < partitions.len() {
             match tokio::time::timeout(FETCH_TIMEOUT, self.consumer.recv()).await {
                 Ok(Ok(message)) => {
-                    if keep(&message) {
+                    if message.key() == Some(key.as_bytes()) {
                         messages.push(message.detach());
                     }
                 }
@@ -302,50 +280,6 @@ impl LogReader {
             event: decoded.event,
         }))
     }
-}
-
-/// Differences between a replayed conversation and what the projection holds; empty when
-/// they agree.
-pub fn diff(replayed: &ConversationState, projected: Option<(&ConversationRow, &[Message])>) -> Vec<String> {
-    let Some((row, messages)) = projected else {
-        return vec!["the projection has no row for this conversation".into()];
-    };
-    let mut differences = Vec::new();
-    if row.user_id != replayed.head.owner {
-        differences.push(format!("owner: projection {:?}, log {:?}", row.user_id, replayed.head.owner));
-    }
-    if row.last_sequence != replayed.head.last_sequence {
-        differences
-            .push(format!("last sequence: projection {}, log {}", row.last_sequence, replayed.head.last_sequence));
-    }
-    let open = replayed.head.open_query.as_ref().map(|q| q.event_id);
-    if row.open_query_event_id != open {
-        differences.push(format!("open query: projection {:?}, log {:?}", row.open_query_event_id, open));
-    }
-    for m in &replayed.messages {
-        match messages.iter().find(|p| p.sequence == m.sequence) {
-            None => differences.push(format!("sequence {}: missing from the projection", m.sequence)),
-            // Rows written before the projection kept `retrieved` differ only there: say so.
-            Some(p)
-                if p.retrieved.is_empty()
-                    && !m.retrieved.is_empty()
-                    && *p == Message { retrieved: vec![], ..m.clone() } =>
-            {
-                differences.push(format!(
-                    "sequence {}: the projection lacks the retrieved context ({} entries in the log); it was \
-                     written before the projection kept it, `parley projections rebuild context` fills it",
-                    m.sequence,
-                    m.retrieved.len()
-                ));
-            }
-            Some(p) if p != m => differences.push(format!("sequence {}: projection {p:?}, log {m:?}", m.sequence)),
-            Some(_) => {}
-        }
-    }
-    for p in messages.iter().filter(|p| !replayed.messages.iter().any(|m| m.sequence == p.sequence)) {
-        differences.push(format!("sequence {}: in the projection but not in the log", p.sequence));
-    }
-    differences
 }
 
 /// A conversation replayed from the log.
@@ -424,37 +358,9 @@ pub async fn replay(
     let state = ConversationState::fold(records.iter().map(|r| &r.event));
     let differences = match at {
         Some(_) => vec![],
-        None => differences_from_projection(store, conversation_id, state.as_ref()).await?,
+        None => crate::diff::differences_from_projection(store, conversation_id, state.as_ref()).await?,
     };
     Ok(Replayed { state, records, total_records, differences, method, elapsed })
-}
-
-/// How the live projection of a conversation differs from `state` (replayed from the log),
-/// both opened with the owner's key: what was erased reads [erased] on both.
-async fn differences_from_projection(
-    store: &Store,
-    conversation_id: ConversationId,
-    state: Option<&ConversationState>,
-) -> Result<Vec<String>, ProjectionError> {
-    let (live, _, _) = store.generations(crate::store::CONTEXT).await?;
-    let generation = store.generation(live).await?;
-    let mut row = store.conversation(&generation, conversation_id).await?;
-    let mut messages = store.messages(&generation, conversation_id).await?;
-    if let (Some(keys), Some(row)) = (store.keys(), &mut row) {
-        keys.open_messages(&row.user_id, &mut messages).await?;
-        keys.open_title(&row.user_id, conversation_id, &mut row.title).await?;
-    }
-    // An erased owner's rows were purged: the projection holding none of it is no difference.
-    let purged_with_owner = match (state, store.keys()) {
-        (Some(state), Some(keys)) if row.is_none() => keys.erased_at(state.head.owner.as_str()).await?.is_some(),
-        _ => false,
-    };
-    Ok(match state {
-        Some(_) if purged_with_owner => vec![],
-        Some(state) => diff(state, row.as_ref().map(|r| (r, messages.as_slice()))),
-        None if row.is_none() => vec![],
-        None => vec!["the log has no ConversationStarted for a conversation the projection holds".into()],
-    })
 }
 
 /// A conversation's state at `at`, through the offset index only (None: the projection
@@ -471,82 +377,4 @@ pub async fn state_at(
     }
     let history = at.history(&records, &reader.topic)?;
     Ok(ConversationState::fold(history.into_iter().map(|r| &r.event)))
-}
-
-#[cfg(test)]
-mod tests {
-    use parley_events::turn::ConversationHead;
-    use parley_events::{Envelope, Producer, UserQueryReceived};
-
-    use super::*;
-
-    fn state() -> ConversationState {
-        let id = ConversationId::random();
-        let mut state = ConversationState {
-            conversation_id: id,
-            head: ConversationHead::started("alice".parse().unwrap()),
-            started_at: 1,
-            updated_at: 1,
-            messages: vec![],
-            gaps: vec![],
-        };
-        state.apply(&ConversationEvent::QueryReceived(UserQueryReceived {
-            sealed_for: String::new(),
-            envelope: Envelope::new(EventId::random(), id, 2, Producer { name: "t", version: "0" }),
-            user_id: "alice".parse().unwrap(),
-            client_message_id: "m".into(),
-            text: "hi".into(),
-            no_cache: false,
-        }));
-        state
-    }
-
-    fn row_of(state: &ConversationState) -> ConversationRow {
-        ConversationRow {
-            conversation_id: state.conversation_id,
-            user_id: state.head.owner.clone(),
-            started_at: 1,
-            updated_at: 1,
-            last_sequence: state.head.last_sequence,
-            open_query_event_id: state.head.open_query.as_ref().map(|q| q.event_id),
-            title: String::new(),
-        }
-    }
-
-    #[test]
-    fn an_agreeing_projection_has_no_differences() {
-        let state = state();
-        assert!(diff(&state, Some((&row_of(&state), &state.messages))).is_empty());
-    }
-
-    #[test]
-    fn missing_changed_and_extra_messages_are_reported() {
-        let state = state();
-        let row = row_of(&state);
-        assert_eq!(diff(&state, Some((&row, &[]))), ["sequence 2: missing from the projection"]);
-        let mut changed = state.messages.clone();
-        changed[0].text = "edited".into();
-        assert!(diff(&state, Some((&row, &changed)))[0].contains("sequence 2: projection"));
-        let mut extra = state.messages.clone();
-        extra.push(Message { sequence: 9, ..state.messages[0].clone() });
-        assert_eq!(diff(&state, Some((&row, &extra))), ["sequence 9: in the projection but not in the log"]);
-        assert_eq!(diff(&state, None).len(), 1);
-    }
-
-    #[test]
-    fn a_row_from_before_retrieved_was_kept_is_named_as_such() {
-        let mut state = state();
-        state.messages[0].retrieved = vec![RetrievedContext {
-            vector_id: "v".into(),
-            source_kind: "document".into(),
-            source_id: "d".into(),
-            source_event_id: EventId::random(),
-            position: 0,
-            score: 0.5,
-        }];
-        let older = vec![Message { retrieved: vec![], ..state.messages[0].clone() }];
-        let differences = diff(&state, Some((&row_of(&state), &older)));
-        assert_eq!(differences.len(), 1);
-        assert!(differences[0].contains("lacks the retrieved context (1 entries in the log)"), "{differences:?}");
-    }
 }

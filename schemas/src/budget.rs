@@ -182,37 +182,62 @@ pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
 /// `user`'s usage in the day and month of `now_ms`, folded from `events` (which must hold
 /// the month's queries and outcomes).
 pub fn usage<'a>(events: impl IntoIterator<Item = &'a ConversationEvent>, user: &UserId, now_ms: i64) -> Usage {
-    let all = BudgetLimits { daily: 1, monthly: 1, per_conversation: 1 };
-    let keys = |at: i64| periods(all, "", at).into_iter().map(|p| p.key).collect::<Vec<_>>();
-    let now = keys(now_ms);
-    let mut theirs = HashSet::new();
-    let mut usage = Usage::default();
-    for event in events {
+    let mut fold = UsageFold::new(user.clone(), now_ms);
+    events.into_iter().for_each(|event| fold.apply(event));
+    fold.usage
+}
+
+/// [`usage`] one event at a time, for a scan of the log too large to hold: events of one
+/// partition in order (a query before its outcome), partitions in any order.
+#[derive(Debug)]
+pub struct UsageFold {
+    user: UserId,
+    /// The day's and the month's period keys of now.
+    now: Vec<String>,
+    /// The user's queries seen.
+    theirs: HashSet<EventId>,
+    /// What is folded so far.
+    pub usage: Usage,
+}
+
+impl UsageFold {
+    /// An empty fold of `user`'s usage in the day and month of `now_ms`.
+    pub fn new(user: UserId, now_ms: i64) -> Self {
+        Self { user, now: period_keys(now_ms), theirs: HashSet::new(), usage: Usage::default() }
+    }
+
+    /// Folds in one event.
+    pub fn apply(&mut self, event: &ConversationEvent) {
         match event {
-            ConversationEvent::QueryReceived(query) if &query.user_id == user => {
-                theirs.insert(query.envelope.event_id);
+            ConversationEvent::QueryReceived(query) if query.user_id == self.user => {
+                self.theirs.insert(query.envelope.event_id);
             }
-            ConversationEvent::ResponseGenerated(answer) if theirs.contains(&answer.query_event_id) => {
+            ConversationEvent::ResponseGenerated(answer) if self.theirs.contains(&answer.query_event_id) => {
                 let used =
                     u64::try_from(i64::from(answer.prompt_tokens) + i64::from(answer.completion_tokens)).unwrap_or(0);
-                let at = keys(answer.envelope.occurred_at);
-                if at[0] == now[0] {
-                    usage.today += used;
+                let at = period_keys(answer.envelope.occurred_at);
+                if at[0] == self.now[0] {
+                    self.usage.today += used;
                 }
-                if at[1] == now[1] {
-                    usage.this_month += used;
+                if at[1] == self.now[1] {
+                    self.usage.this_month += used;
                 }
-                *usage.by_conversation.entry(answer.envelope.conversation_id).or_default() += used;
+                *self.usage.by_conversation.entry(answer.envelope.conversation_id).or_default() += used;
             }
             ConversationEvent::ResponseFailed(failed)
-                if failed.error_kind == BUDGET_EXCEEDED && theirs.contains(&failed.query_event_id) =>
+                if failed.error_kind == BUDGET_EXCEEDED && self.theirs.contains(&failed.query_event_id) =>
             {
-                usage.refused.push((failed.query_event_id, failed.error_message.clone()));
+                self.usage.refused.push((failed.query_event_id, failed.error_message.clone()));
             }
             _ => {}
         }
     }
-    usage
+}
+
+/// The day's and the month's period keys of `at_ms`.
+fn period_keys(at_ms: i64) -> Vec<String> {
+    let all = BudgetLimits { daily: 1, monthly: 1, per_conversation: 1 };
+    periods(all, "", at_ms).into_iter().map(|p| p.key).collect()
 }
 
 /// (year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian; H. Hinnant's

@@ -1,12 +1,22 @@
 //! Typed mirrors of the `.avsc` files. Field names and types match the schemas exactly;
-//! a round-trip test per event keeps them in step.
+//! a round-trip test per event keeps them in step. This module holds the envelope and the
+//! conversation's own events; the other topics' records are in its submodules (and
+//! `crate::experiment`), re-exported here.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, DocumentId, EventId, UserId};
+use crate::ids::{ConversationId, EventId, UserId};
+
+mod dead_letter;
+mod documents;
+mod people;
+
+pub use dead_letter::{DeadLetter, DeadLetterRecord, DeadLetterResolved};
+pub use documents::{DocumentDeleted, DocumentEvent, DocumentSubmitted, EmbeddingsIndexed, IndexedVector};
+pub use people::{AccountChanged, Budgets, ErasureCompleted, ErasureEvent, ErasureRequested, PurgedPlace};
 
 /// A Rust type that is one Avro record of the catalog.
 pub trait AvroEvent: Serialize + DeserializeOwned {
@@ -33,7 +43,7 @@ pub struct Producer {
 pub struct Envelope {
     /// Unique id of this event.
     pub event_id: EventId,
-    /// For the `documents` topic, the document's id ([`DocumentId::stream`]).
+    /// For the `documents` topic, the document's id ([`crate::ids::DocumentId::stream`]).
     pub conversation_id: ConversationId,
     /// Per-conversation sequence number, dense from 1; projections apply events idempotently by
     /// it.
@@ -215,171 +225,6 @@ pub struct RetrievedContext {
     pub score: f32,
 }
 
-/// A document added to a user's knowledge base (the `documents` topic).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DocumentSubmitted {
-    /// What every conversation event carries: ids, sequence, time, producer, trace.
-    pub envelope: Envelope,
-    /// uuid5 of owner, source name and content: the same file submitted twice is the same
-    /// document.
-    pub document_id: DocumentId,
-    /// User id; only this user's searches and answers retrieve the document.
-    pub owner: UserId,
-    /// File name or caller-chosen title.
-    pub title: String,
-    /// text/plain or text/markdown.
-    pub media_type: String,
-    /// The whole document, UTF-8.
-    pub text: String,
-    /// Caller-supplied labels, copied onto every chunk's search metadata.
-    pub metadata: std::collections::HashMap<String, String>,
-    /// Since v2: whose data key sealed `title`, `text` and the values of `metadata`
-    /// ([`crate::sealing`]); empty: plain text.
-    #[serde(default)]
-    pub sealed_for: String,
-}
-
-/// A document taken out of a user's knowledge base (the `documents` topic).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DocumentDeleted {
-    /// What every conversation event carries: ids, sequence, time, producer, trace.
-    pub envelope: Envelope,
-    /// The document taken out.
-    pub document_id: DocumentId,
-    /// The user who asked; only vectors of this owner's document are removed, so naming another
-    /// user's document removes nothing.
-    pub owner: UserId,
-}
-
-/// What the `documents` topic carries, in the order it happened per document.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DocumentEvent {
-    /// A document added.
-    Submitted(DocumentSubmitted),
-    /// A document taken out.
-    Deleted(DocumentDeleted),
-}
-
-/// Someone asked that a person's data be erased (the `erasures` topic). Holds no personal
-/// data beyond the id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErasureRequested {
-    /// What every event carries; `conversation_id` is [`UserId::erasure_stream`], sequence 1.
-    pub envelope: Envelope,
-    /// The person to erase.
-    pub user_id: UserId,
-    /// `self` (the person, through `DELETE /api/me`) or `operator` (`parley erase`).
-    pub requested_by: String,
-    /// A ticket or reference an operator gave; empty when the person asked.
-    #[serde(default)]
-    pub reason: String,
-}
-
-/// An erasure is done: the person's data key destroyed, their copies purged (the
-/// `erasures` topic, after its request).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErasureCompleted {
-    /// What every event carries; caused by the request, sequence 2.
-    pub envelope: Envelope,
-    /// The person erased.
-    pub user_id: UserId,
-    /// The [`ErasureRequested`] this completes.
-    pub request_event_id: EventId,
-    /// When the person's data key was destroyed (ms since the epoch; the first erasure's).
-    pub key_erased_at: i64,
-    /// Each place purged, with how many items this pass removed there.
-    pub purged: Vec<PurgedPlace>,
-}
-
-/// One place an erasure purged, and how much.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PurgedPlace {
-    /// e.g. `cql:messages`, `milvus:vectors`.
-    pub place: String,
-    /// Rows, partitions or vectors removed there by this pass.
-    pub items: i64,
-}
-
-/// What the `erasures` topic carries, in order per person.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ErasureEvent {
-    /// An erasure asked for.
-    Requested(ErasureRequested),
-    /// An erasure done.
-    Completed(ErasureCompleted),
-}
-
-impl ErasureEvent {
-    /// The person it is about.
-    pub fn user_id(&self) -> &UserId {
-        match self {
-            Self::Requested(e) => &e.user_id,
-            Self::Completed(e) => &e.user_id,
-        }
-    }
-}
-
-/// An operator changed a person's tier or budgets (the `accounts` topic, keyed by user id).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccountChanged {
-    /// The person's account stream, sequence 1.
-    pub envelope: Envelope,
-    /// The person.
-    pub user_id: UserId,
-    /// Who changed it.
-    pub changed_by: String,
-    /// The new tier; None: unchanged.
-    pub tier: Option<String>,
-    /// The person's own budgets from now on; None: unchanged.
-    pub budgets: Option<Budgets>,
-}
-
-/// A person's own token budgets, as an [`AccountChanged`] records them (0: no limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Budgets {
-    /// Model tokens per UTC day.
-    pub daily: i64,
-    /// Model tokens per UTC month.
-    pub monthly: i64,
-    /// Model tokens per conversation.
-    pub per_conversation: i64,
-}
-
-/// Vectors stored for one source (the `embeddings` topic).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EmbeddingsIndexed {
-    /// What every conversation event carries: ids, sequence, time, producer, trace.
-    pub envelope: Envelope,
-    /// The user whose searches find these vectors.
-    pub owner: UserId,
-    /// document or message.
-    pub source_kind: String,
-    /// Document id or conversation id.
-    pub source_id: String,
-    /// Embedding model that produced the vectors.
-    pub model: String,
-    /// Length of each vector.
-    pub dimension: i32,
-    /// Vector store collection written.
-    pub collection: String,
-    /// The vectors stored for the source, one per chunk or message.
-    pub vectors: Vec<IndexedVector>,
-}
-
-/// One vector of an [`EmbeddingsIndexed`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexedVector {
-    /// Primary key in the collection; deterministic, so a re-delivery overwrites instead of
-    /// adding.
-    pub vector_id: String,
-    /// The DocumentSubmitted, UserQueryReceived or LLMResponseGenerated event embedded.
-    pub source_event_id: EventId,
-    /// Chunk number within the document, or the message's sequence in its conversation.
-    pub position: i64,
-    /// Length of the embedded text in characters.
-    pub chars: i32,
-}
-
 /// The model could not answer a query after bounded retries. Ends the turn like a response
 /// does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,113 +274,28 @@ pub struct LLMTokenDelta {
     pub sealed_for: String,
 }
 
-/// A record a consumer could not process, with the original bytes, so nothing is silently
-/// dropped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// Topic of the record given up on.
-    pub source_topic: String,
-    /// Its partition.
-    pub source_partition: i32,
-    /// Its offset.
-    pub source_offset: i64,
-    /// Its key, as written.
-    #[serde(with = "serde_bytes")]
-    pub key: Option<Vec<u8>>,
-    /// Its value, as written (the bytes that did not decode).
-    #[serde(with = "serde_bytes")]
-    pub payload: Option<Vec<u8>>,
-    /// Consumer group that gave up.
-    pub consumer: String,
-    /// Why the consumer gave up on it.
-    pub error: String,
-    /// When (ms since the epoch).
-    pub failed_at: i64,
-    /// Since v2: the record's text headers (a redrive writes them back).
-    #[serde(default)]
-    pub headers: std::collections::HashMap<String, String>,
-}
-
 impl AvroEvent for ConversationStarted {
     const FULL_NAME: &'static str = "io.parley.events.ConversationStarted";
 }
+
 impl AvroEvent for UserQueryReceived {
     const FULL_NAME: &'static str = "io.parley.events.UserQueryReceived";
 }
+
 impl AvroEvent for LLMResponseGenerated {
     const FULL_NAME: &'static str = "io.parley.events.LLMResponseGenerated";
 }
+
 impl AvroEvent for LLMResponseFailed {
     const FULL_NAME: &'static str = "io.parley.events.LLMResponseFailed";
 }
+
 impl AvroEvent for TurnCancelRequested {
     const FULL_NAME: &'static str = "io.parley.events.TurnCancelRequested";
 }
+
 impl AvroEvent for LLMTokenDelta {
     const FULL_NAME: &'static str = "io.parley.events.LLMTokenDelta";
-}
-impl AvroEvent for DeadLetter {
-    const FULL_NAME: &'static str = "io.parley.events.DeadLetter";
-}
-/// An operator's decision on a dead letter (see `dead_letters` for what it means).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetterResolved {
-    /// The letter's position in the dead-letter topic.
-    pub letter_partition: i32,
-    /// Offset of the letter in the dead-letter topic.
-    pub letter_offset: i64,
-    /// Consumer group of the letter.
-    pub consumer: String,
-    /// Topic of the record the letter holds.
-    pub source_topic: String,
-    /// Its partition.
-    pub source_partition: i32,
-    /// Its offset.
-    pub source_offset: i64,
-    /// Its key (the key held back until this decision).
-    #[serde(with = "serde_bytes")]
-    pub key: Option<Vec<u8>>,
-    /// [`REDRIVEN`](crate::dead_letters::REDRIVEN) or [`DISCARDED`](crate::dead_letters::DISCARDED).
-    pub action: String,
-    /// Where the copy was written (source topic and partition, this offset); redriven only.
-    pub redriven_offset: Option<i64>,
-    /// Who decided (the operator's name).
-    pub resolved_by: String,
-    /// Why, in the operator's words.
-    pub reason: Option<String>,
-    /// When (ms since the epoch).
-    pub resolved_at: i64,
-}
-
-impl AvroEvent for DeadLetterResolved {
-    const FULL_NAME: &'static str = "io.parley.events.DeadLetterResolved";
-}
-impl AvroEvent for DocumentSubmitted {
-    const FULL_NAME: &'static str = "io.parley.events.DocumentSubmitted";
-}
-impl AvroEvent for DocumentDeleted {
-    const FULL_NAME: &'static str = "io.parley.events.DocumentDeleted";
-}
-impl AvroEvent for AccountChanged {
-    const FULL_NAME: &'static str = "io.parley.events.AccountChanged";
-}
-impl AvroEvent for ErasureRequested {
-    const FULL_NAME: &'static str = "io.parley.events.ErasureRequested";
-}
-impl AvroEvent for ErasureCompleted {
-    const FULL_NAME: &'static str = "io.parley.events.ErasureCompleted";
-}
-impl AvroEvent for EmbeddingsIndexed {
-    const FULL_NAME: &'static str = "io.parley.events.EmbeddingsIndexed";
-}
-
-/// A record of the `dead-letter` topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeadLetterRecord {
-    /// A record a consumer gave up on.
-    Letter(DeadLetter),
-    /// An operator's decision on a letter.
-    Resolved(DeadLetterResolved),
 }
 
 /// Every durable fact about a conversation (the `conversation-events` topic).

@@ -7,16 +7,15 @@ use anyhow::{Context, Result};
 use std::sync::Arc;
 
 use parley_eventlog::EventProducer;
-use parley_events::budget::{self, BudgetLimits};
+use parley_events::budget::{self, BudgetLimits, UsageFold};
 use parley_events::lanes::Lane;
 use parley_events::{AccountChanged, Budgets, Envelope, EventCodec, EventId, Producer, UserId};
 use parley_projections::Store;
 use parley_projections::budget::BudgetLedger;
-use parley_projections::replay::LogReader;
 use parley_projections::tiers::TierBook;
 
 use crate::cli::Common;
-use crate::commands::report_undecodable;
+use crate::commands::{report_undecodable, scan_decoded};
 
 /// `parley tier`.
 pub(crate) async fn tier(common: &Common, user: UserId, tier: Option<Lane>) -> Result<ExitCode> {
@@ -60,15 +59,26 @@ pub(crate) async fn usage(common: &Common, user: UserId, format: String) -> Resu
     let registry = common.schema_registry_url.as_str();
     let budgets = common.budgets;
     let now = parley_events::event::now_millis();
-    let reader = LogReader::new(kafka, registry)?;
-    let events = reader.events_since(budget::month_start_ms(now)).await.context("reading the log")?;
-    let usage = budget::usage(&events, &user, now);
+    let codec = EventCodec::new(registry)?;
+    let mut fold = UsageFold::new(user.clone(), now);
+    let mut undecodable = 0;
+    let read = scan_decoded(
+        kafka,
+        &kafka.topics().events,
+        Some(budget::month_start_ms(now)),
+        &mut undecodable,
+        async |bytes| codec.decode_conversation_event(bytes).await,
+        |event, _| fold.apply(&event),
+    )
+    .await
+    .context("reading the events topic")?;
+    let usage = fold.usage;
     let store = Store::connect(cql).await.context("connecting to the CQL store")?;
     let ledger = BudgetLedger::open(&store).await?;
     let limits = ledger.limits_of(&user, &budgets).await?;
     let source = if ledger.has_own_limits(&user).await? { "own" } else { "default" };
-    print_usage(&user, &usage, limits, source, events.len(), &format)?;
-    report_undecodable(reader.undecodable());
+    print_usage(&user, &usage, limits, source, read, &format)?;
+    report_undecodable(undecodable);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -112,7 +122,7 @@ pub(crate) fn print_usage(
     usage: &budget::Usage,
     limits: BudgetLimits,
     source: &str,
-    events_read: usize,
+    events_read: u64,
     format: &str,
 ) -> Result<()> {
     let row = |spent: u64, limit: u64| {

@@ -26,8 +26,8 @@ use rdkafka::Message;
 use serde::Serialize;
 
 use crate::cli::{Common, ExperimentsCommand};
-use crate::commands::connect_store;
 use crate::commands::prompts::{PromptSettings, rerun_prompt};
+use crate::commands::{connect_store, scan_decoded};
 
 /// Who writes experiment requests.
 const SOURCE: Producer = Producer { name: "parley-experiments", version: env!("CARGO_PKG_VERSION") };
@@ -254,16 +254,21 @@ async fn wait_for(common: &Common, store: &Store, batch: &str, wait: Duration) -
 /// The batch's records of the experiments topic, opened.
 async fn batch_events(common: &Common, codec: &EventCodec, store: &Store, batch: &str) -> Result<Vec<ExperimentEvent>> {
     let mut events = Vec::new();
-    scan_topic(&common.kafka, &common.kafka.topics().experiments, None, async |message| {
-        match codec.decode_experiment_event(message.payload().unwrap_or_default()).await {
-            Ok(decoded) if decoded.event.batch_id() == batch => events.push(decoded.event),
-            Ok(_) => {}
-            Err(error) if error.is_retryable() => return Err(error).context("the schema registry did not answer"),
-            Err(error) => tracing::warn!(%error, "undecodable experiments record passed by"),
-        }
-        anyhow::Ok(())
-    })
-    .await?;
+    let mut undecodable = 0;
+    scan_decoded(
+        &common.kafka,
+        &common.kafka.topics().experiments,
+        None,
+        &mut undecodable,
+        async |bytes| codec.decode_experiment_event(bytes).await,
+        |event, _| {
+            if event.batch_id() == batch {
+                events.push(event);
+            }
+        },
+    )
+    .await
+    .context("reading the experiments topic")?;
     if let Some(keys) = store.keys() {
         for event in &mut events {
             keys.open_event(event).await?;

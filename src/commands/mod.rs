@@ -5,11 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use parley_eventlog::KafkaSettings;
+use parley_eventlog::consumer::{position_of, scan_topic};
 use parley_eventlog::secret::secret_from;
 use parley_events::invariants::Violation;
 use parley_events::sealing::MasterKey;
+use parley_events::trail::Place;
+use parley_events::{Decoded, EventsError};
 use parley_projections::Store;
 use parley_projections::keys::KeyStore;
+use rdkafka::Message;
+use rdkafka::message::BorrowedMessage;
 use zeroize::Zeroizing;
 
 use crate::cli::Common;
@@ -28,6 +34,36 @@ pub(crate) mod rerun;
 pub(crate) mod schemas;
 pub(crate) mod serve;
 pub(crate) mod trail;
+
+/// Where and when the log took `message`.
+fn place_of(message: &BorrowedMessage<'_>) -> Place {
+    Place::new(&position_of(message), message.timestamp().to_millis().unwrap_or(0))
+}
+
+/// Every record of `topic` since `since`, decoded and handed to `apply` with its place; a
+/// record that does not decode is named in a warning and counted. Fails only on a registry
+/// that does not answer.
+pub(crate) async fn scan_decoded<T>(
+    kafka: &KafkaSettings,
+    topic: &str,
+    since: Option<i64>,
+    undecodable: &mut u64,
+    decode: impl AsyncFn(&[u8]) -> Result<Decoded<T>, EventsError>,
+    mut apply: impl FnMut(T, Place),
+) -> Result<u64> {
+    scan_topic(kafka, topic, since, async |message| {
+        match decode(message.payload().unwrap_or_default()).await {
+            Ok(decoded) => apply(decoded.event, place_of(message)),
+            Err(error) if error.is_retryable() => return Err(error).context("the schema registry did not answer"),
+            Err(error) => {
+                tracing::warn!(position = %position_of(message), %error, "undecodable record passed by");
+                *undecodable += 1;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+}
 
 /// One line of progress on stderr, redrawn in place: bar, count, percentage, rate and the
 /// time left at that rate.

@@ -7,49 +7,15 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use parley_eventlog::KafkaSettings;
-use parley_eventlog::consumer::{position_of, scan_topic};
 use parley_eventlog::dead_letter::read_book;
-use parley_events::trail::{Fact, Place, UserTrail};
-use parley_events::{AccountChanged, Decoded, EventCodec, EventsError, UserId};
+use parley_events::trail::{Fact, UserTrail};
+use parley_events::{AccountChanged, EventCodec, UserId};
 use parley_projections::Store;
 use parley_projections::budget::BudgetLedger;
 use parley_projections::tiers::TierBook;
-use rdkafka::Message;
-use rdkafka::message::BorrowedMessage;
 
 use crate::cli::Common;
-use crate::commands::report_undecodable;
-
-/// Where and when the log took `message`.
-fn place_of(message: &BorrowedMessage<'_>) -> Place {
-    Place::new(&position_of(message), message.timestamp().to_millis().unwrap_or(0))
-}
-
-/// Every record of `topic` since `since`, decoded and handed to `apply` with its place; a
-/// record that does not decode is named in a warning and counted. Fails only on a registry
-/// that does not answer.
-async fn scan<T>(
-    kafka: &KafkaSettings,
-    topic: &str,
-    since: Option<i64>,
-    undecodable: &mut u64,
-    decode: impl AsyncFn(&[u8]) -> Result<Decoded<T>, EventsError>,
-    mut apply: impl FnMut(T, Place),
-) -> Result<u64> {
-    scan_topic(kafka, topic, since, async |message| {
-        match decode(message.payload().unwrap_or_default()).await {
-            Ok(decoded) => apply(decoded.event, place_of(message)),
-            Err(error) if error.is_retryable() => return Err(error).context("the schema registry did not answer"),
-            Err(error) => {
-                tracing::warn!(position = %position_of(message), %error, "undecodable record passed by");
-                *undecodable += 1;
-            }
-        }
-        anyhow::Ok(())
-    })
-    .await
-}
+use crate::commands::{report_undecodable, scan_decoded as scan};
 
 /// `parley audit --user`.
 pub(crate) async fn audit_user(common: &Common, user: UserId, since: Option<i64>, format: String) -> Result<ExitCode> {
