@@ -135,6 +135,34 @@ async fn ingested_knowledge_is_searched_per_owner_and_answers_record_what_they_u
     let printed = String::from_utf8_lossy(&other_system.stdout);
     assert!(printed.contains("the system prompt changed since") && printed.contains("0 of 1 proven"), "{printed}");
 
+    // The next turn sends the first question again with the knowledge it was sent with, so
+    // the model server can reuse the whole previous prompt; replay rebuilds that too.
+    client.ask("k-2", Some(&conversation_id), "Thanks. Say it once more.").await;
+    let second = client.until_outcome().await.pop().unwrap();
+    assert_eq!(second["type"], "answer", "{second}");
+    let events =
+        log_events(&pipeline.brokers, &pipeline.registry, &pipeline.events_topic(), Some(&conversation_id), 5).await;
+    let second_answer = events
+        .iter()
+        .filter_map(|(e, _)| match e {
+            ConversationEvent::ResponseGenerated(answer) => Some(answer.clone()),
+            _ => None,
+        })
+        .nth(1)
+        .expect("a second answer");
+    let proof = second_answer.prompt.expect("a prompt proof");
+    assert_eq!(proof.knowledge_turns, [answer.query_event_id], "the first question went in with its knowledge");
+    let replayed = pipeline.cli(&["replay", &conversation_id, "--prompts", "--format", "json"]);
+    assert!(replayed.status.success(), "{}", String::from_utf8_lossy(&replayed.stderr));
+    let replayed: Value = serde_json::from_slice(&replayed.stdout).unwrap();
+    let prompt = &replayed["prompts"][1];
+    assert_eq!(prompt["verdict"], "proven", "{prompt}");
+    let earlier_question = prompt["messages"].as_array().unwrap().iter().find(|m| m["role"] == "user").unwrap();
+    assert!(earlier_question["content"].as_str().unwrap().contains(FACT), "{prompt}");
+    let first_prompt = &replayed["prompts"][0]["messages"];
+    let prefix = first_prompt.as_array().unwrap();
+    assert_eq!(&prompt["messages"].as_array().unwrap()[..prefix.len()], &prefix[..], "the first prompt is the prefix");
+
     // The conversation's messages are embedded too, as Alice's.
     pipeline
         .search_until(&alice_token, QUESTION, |h| h["kind"] == "message" && h["source_id"] == conversation_id.as_str())

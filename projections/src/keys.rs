@@ -57,6 +57,8 @@ pub struct KeyStore {
     session: Arc<Session>,
     wrapper: Arc<dyn KeyWrapper>,
     cache: Arc<Mutex<HashMap<String, DataKey>>>,
+    /// Tells whoever holds a person's plain content in memory that they were erased.
+    forgotten: tokio::sync::broadcast::Sender<String>,
     select: PreparedStatement,
     insert: PreparedStatement,
     select_erased: PreparedStatement,
@@ -100,6 +102,7 @@ impl KeyStore {
             session: session.clone(),
             wrapper,
             cache: Arc::new(Mutex::new(HashMap::new())),
+            forgotten: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -283,9 +286,17 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Forgets `subject`'s key held in memory (another process erased them).
+    /// Forgets `subject`'s key held in memory (another process erased them), and tells
+    /// every [`Self::forgotten`] receiver.
     pub fn forget(&self, subject: &str) {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner).remove(subject);
+        let _ = self.forgotten.send(subject.to_owned()); // no receiver: nothing else holds content
+    }
+
+    /// The subjects forgotten from now on: what else this process keeps of them in memory
+    /// (inference's kept histories) is dropped on each.
+    pub fn forgotten(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.forgotten.subscribe()
     }
 
     /// When `subject` was erased (ms since the epoch), if they were.

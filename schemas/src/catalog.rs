@@ -28,6 +28,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("llm_response_generated.v3.avsc", include_str!("../avro/llm_response_generated.v3.avsc")),
     ("llm_response_generated.v4.avsc", include_str!("../avro/llm_response_generated.v4.avsc")),
     ("llm_response_generated.v5.avsc", include_str!("../avro/llm_response_generated.v5.avsc")),
+    ("llm_response_generated.v6.avsc", include_str!("../avro/llm_response_generated.v6.avsc")),
     ("llm_response_failed.v1.avsc", include_str!("../avro/llm_response_failed.v1.avsc")),
     ("llm_token_delta.v1.avsc", include_str!("../avro/llm_token_delta.v1.avsc")),
     ("llm_token_delta.v2.avsc", include_str!("../avro/llm_token_delta.v2.avsc")),

@@ -195,6 +195,9 @@ pub struct PromptProof {
     pub system_prompt_digest: String,
     /// How many messages it had.
     pub messages: i32,
+    /// Since v6: the earlier questions sent again with their knowledge block, in order.
+    #[serde(default)]
+    pub knowledge_turns: Vec<EventId>,
 }
 
 /// Where an answer served from the semantic cache came from.

@@ -94,6 +94,7 @@ fn samples() -> Vec<Sample> {
                     token_budget: 900,
                     system_prompt_digest: "cd".repeat(32),
                     messages: 2,
+                    knowledge_turns: vec![],
                 })),
             },
         ),

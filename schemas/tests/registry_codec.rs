@@ -74,6 +74,7 @@ async fn every_conversation_event_round_trips_through_the_registry() {
                 token_budget: 1536,
                 system_prompt_digest: "cd".repeat(32),
                 messages: 4,
+                knowledge_turns: vec![EventId::random()],
             })),
         }),
         ConversationEvent::ResponseFailed(LLMResponseFailed {

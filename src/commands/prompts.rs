@@ -14,7 +14,7 @@ use parley_events::{
     ConversationEvent, ConversationId, DocumentEvent, DocumentSubmitted, EventCodec, EventId, LLMResponseGenerated,
     RetrievedContext,
 };
-use parley_inference::prompt::{ChatMessage, Prompt, PromptLayout, build_prompt};
+use parley_inference::prompt::{ChatMessage, PastKnowledge, Prompt, PromptLayout, build_prompt, knowledge_block};
 use parley_inference::proof::{Verdict, layout_named, precheck, role_name, verify};
 use parley_projections::Store;
 use parley_projections::replay::{AuditRecord, LogReader, Lookup, conversation_records};
@@ -81,6 +81,18 @@ struct Sources<'a> {
 }
 
 impl Sources<'_> {
+    /// Each of `retrieved` as inference had it, in order, or why one cannot be had.
+    async fn hits(&mut self, retrieved: &[RetrievedContext], own: &[AuditRecord]) -> Result<Result<Vec<Hit>, String>> {
+        let mut hits = Vec::with_capacity(retrieved.len());
+        for one in retrieved {
+            match self.hit(one, own).await? {
+                Ok(hit) => hits.push(hit),
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        Ok(Ok(hits))
+    }
+
     /// The hit as inference had it, or why it cannot be had.
     async fn hit(&mut self, retrieved: &RetrievedContext, own: &[AuditRecord]) -> Result<Result<Hit, String>> {
         let settings = self.settings;
@@ -273,14 +285,30 @@ async fn prompt_of(
     }
     let before = records.iter().filter(|r| r.sequence < query.envelope.sequence).map(|r| &r.event);
     let history = ConversationState::fold(before).map(|state| state.messages).unwrap_or_default();
-    let mut hits = Vec::with_capacity(answer.retrieved.len());
-    for retrieved in &answer.retrieved {
-        match sources.hit(retrieved, records).await? {
-            Ok(hit) => hits.push(hit),
-            Err(why) => return Ok(Err(why)),
+    let hits = match sources.hits(&answer.retrieved, records).await? {
+        Ok(hits) => hits,
+        Err(why) => return Ok(Err(why)),
+    };
+    // The earlier questions sent again with their knowledge: each block rebuilt from what
+    // that question's answer retrieved.
+    let mut past = PastKnowledge::new();
+    for question in answer.prompt.as_ref().map(|p| p.knowledge_turns.as_slice()).unwrap_or_default() {
+        let earlier = records.iter().find_map(|r| match &r.event {
+            ConversationEvent::ResponseGenerated(a) if a.query_event_id == *question => Some(a),
+            _ => None,
+        });
+        let Some(earlier) = earlier else {
+            return Ok(Err(format!("earlier question {question} sent with its knowledge has no answer in the log")));
+        };
+        let earlier_hits = match sources.hits(&earlier.retrieved, records).await? {
+            Ok(hits) => hits,
+            Err(why) => return Ok(Err(format!("the knowledge of earlier question {question}: {why}"))),
+        };
+        if let Some(block) = knowledge_block(&earlier_hits.iter().collect::<Vec<_>>()) {
+            past.insert(*question, block);
         }
     }
-    Ok(Ok(build_prompt(system_prompt, &history, query, &hits, budget, layout)))
+    Ok(Ok(build_prompt(system_prompt, &history, query, &hits, budget, layout, &past)))
 }
 
 /// The prompt `answer`'s turn would send today with `system_prompt` (the one recorded when

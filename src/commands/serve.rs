@@ -57,7 +57,7 @@ pub(crate) async fn projection(common: &Common, shutdown: CancellationToken) -> 
     let kafka = &common.kafka;
     let registry = common.schema_registry_url.as_str();
     let store = connect_store(common).await?;
-    parley_projections::projector::run(kafka, registry, store, shutdown).await?;
+    Box::pin(parley_projections::projector::run(kafka, registry, store, shutdown)).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -159,10 +159,9 @@ pub(crate) async fn all(
     });
     let projection = (!without_projection).then(|| {
         let (kafka, registry, shutdown_) = (kafka.clone(), registry.to_owned(), shutdown.clone());
-        spawn_linked(
-            &shutdown,
-            async move { parley_projections::projector::run(&kafka, &registry, store, shutdown_).await },
-        )
+        spawn_linked(&shutdown, async move {
+            Box::pin(parley_projections::projector::run(&kafka, &registry, store, shutdown_)).await
+        })
     });
     print_chat_url(&gateway);
     let served = gateway.serve().await;

@@ -5,7 +5,8 @@
 //! - [`cache`]: earlier answers that answer a new question too;
 //! - [`retry`]: backoff and circuit breaker (pure);
 //! - [`balancer`]: which LLM endpoint of the pool takes a call (pure);
-//! - [`context`]: earlier turns, from the projection or else the log;
+//! - [`history`]: the histories kept of the conversations read (pure);
+//! - [`context`]: earlier turns, kept or from the projection or else the log;
 //! - [`llm`]: the pool of OpenAI-compatible endpoints; [`completion`]: what a call comes to;
 //! - [`metrics`]: GenAI call metrics, the latency a person sees, breakers;
 //! - [`service`]: the processor the event log's driver runs.
@@ -17,6 +18,7 @@ pub mod cancel;
 pub mod completion;
 pub mod context;
 pub mod experiment;
+pub mod history;
 pub mod llm;
 pub mod metrics;
 pub mod prompt;

@@ -3,7 +3,7 @@
 //! first chunk; in Prometheus, dots become underscores and seconds a `_seconds` suffix),
 //! the latency a person sees (question → first token, question → outcome), failures by
 //! kind, each endpoint's breaker, and the semantic cache's lookups and the model time its
-//! hits saved.
+//! hits saved, and where questions' histories came from.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -115,6 +115,30 @@ pub fn cache_lookup(result: &str, saved_ms: i64) {
     }
 }
 
+static HISTORY_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "parley_inference_history_total",
+        "Where a question's earlier turns came from: kept (no read), projection or log",
+        &["source"],
+    )
+});
+
+static HISTORY_KEPT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    int_gauge(
+        "parley_inference_history_kept",
+        "Histories inference keeps in memory: conversations, and bytes of their messages",
+        &["unit"],
+    )
+});
+
+/// A question's history came from `source` (`kept`, `projection` or `log`); `kept` is what
+/// the keeper holds now (conversations, bytes).
+pub fn history(source: &str, (conversations, bytes): (usize, usize)) {
+    HISTORY_READS.with_label_values(&[source]).inc();
+    HISTORY_KEPT.with_label_values(&["conversations"]).set(i64::try_from(conversations).unwrap_or(i64::MAX));
+    HISTORY_KEPT.with_label_values(&["bytes"]).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+}
+
 /// Creates the failure series of every kind at 0 (Prometheus's `rate` sees nothing of a
 /// series that starts at 1).
 pub fn init() {
@@ -123,6 +147,9 @@ pub fn init() {
     }
     CACHE_LOOKUPS.with_label_values(&["hit"]);
     LazyLock::force(&CACHE_SAVED);
+    for source in ["kept", "projection", "log"] {
+        HISTORY_READS.with_label_values(&[source]);
+    }
 }
 
 /// One call to a model server (an attempt of a turn).

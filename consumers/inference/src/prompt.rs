@@ -5,7 +5,11 @@
 //!
 //! The layout keeps a conversation's prompt prefix stable from turn to turn (see
 //! [`PromptLayout::Stable`]), so a model server that caches prompts (llama.cpp, vLLM)
-//! evaluates only what is new: the last answer and the new question.
+//! evaluates only what is new: the last answer and the new question. With retrieval on,
+//! an earlier question goes in again with the knowledge it was sent with, when that is
+//! known ([`PastKnowledge`]): the next prompt then begins with the whole previous one.
+
+use std::collections::HashMap;
 
 use parley_events::conversation::{Message, MessageKind};
 use parley_events::{EventId, RetrievedContext, UserQueryReceived};
@@ -58,7 +62,16 @@ pub struct Prompt {
     pub context_event_ids: Vec<EventId>,
     /// Retrieved chunks and messages, best first.
     pub retrieved: Vec<RetrievedContext>,
+    /// The knowledge block sent with the question (None: none was).
+    pub knowledge: Option<String>,
+    /// The earlier questions sent again with their knowledge, in order.
+    pub knowledge_turns: Vec<EventId>,
 }
+
+/// The knowledge block each earlier question was sent with, by question event id: what
+/// [`PromptLayout::Stable`] sends again with it. Inference keeps those it sent; replay
+/// rebuilds those an answer's proof lists from the earlier answers' `retrieved`.
+pub type PastKnowledge = HashMap<EventId, String>;
 
 /// A cheap, model-independent token estimate, used only to stay within the budget; the
 /// model's own count is in the response usage. Three characters a token, not GPT's four:
@@ -69,9 +82,10 @@ pub fn estimate_tokens(text: &str) -> usize {
 }
 
 /// The prompt for `query`: the system prompt, the retrieved hits that fit their share of
-/// `budget` tokens, as many earlier turns (question and answer together) as fit the rest,
-/// then the question, placed as `layout` says. Failures are not dialogue and are left out;
-/// a turn or a hit is never cut in half.
+/// `budget` tokens, as many earlier turns (question and answer together; with the stable
+/// layout, a question with the knowledge `past` holds for it) as fit the rest, then the
+/// question, placed as `layout` says. Failures are not dialogue and are left out; a turn or
+/// a hit is never cut in half.
 pub fn build_prompt(
     system_prompt: &str,
     history: &[Message],
@@ -79,6 +93,7 @@ pub fn build_prompt(
     retrieved: &[Hit],
     budget: usize,
     layout: PromptLayout,
+    past: &PastKnowledge,
 ) -> Prompt {
     let system_cost = if system_prompt.is_empty() { 0 } else { estimate_tokens(system_prompt) };
     let mut spent = system_cost + estimate_tokens(&query.text);
@@ -95,33 +110,38 @@ pub fn build_prompt(
     if !hits.is_empty() {
         spent += knowledge_cost;
     }
-    let turns = earlier_turns(history, query.envelope.sequence, budget.saturating_sub(spent), layout);
-    let knowledge = (!hits.is_empty()).then(|| {
-        let lines = hits.iter().enumerate().map(|(i, hit)| knowledge_line(i + 1, hit));
-        std::iter::once(KNOWLEDGE_HEADER.to_owned()).chain(lines).collect::<Vec<_>>().join("\n")
-    });
+    // Sliding puts knowledge in the system message: no question carries any.
+    let no_past = PastKnowledge::new();
+    let past = if layout == PromptLayout::Stable { past } else { &no_past };
+    let turns = earlier_turns(history, query.envelope.sequence, budget.saturating_sub(spent), layout, past);
+    let knowledge = knowledge_block(&hits);
 
     let mut messages = Vec::with_capacity(2 + 2 * turns.len());
     let mut system = system_prompt.to_owned();
     let mut question = query.text.clone();
-    match (layout, knowledge) {
+    match (layout, &knowledge) {
         (PromptLayout::Sliding, Some(knowledge)) => {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
-            system.push_str(&knowledge);
+            system.push_str(knowledge);
         }
-        (PromptLayout::Stable, Some(knowledge)) => question = format!("{knowledge}\n\n{question}"),
+        (PromptLayout::Stable, Some(knowledge)) => question = with_knowledge(Some(knowledge), &question),
         (_, None) => {}
     }
     if !system.is_empty() {
         messages.push(ChatMessage { role: Role::System, content: system });
     }
     let mut context_event_ids = Vec::with_capacity(2 * turns.len());
-    for (question, answer) in turns {
-        messages.push(ChatMessage { role: Role::User, content: question.text.clone() });
+    let mut knowledge_turns = Vec::new();
+    for (asked, answer) in turns {
+        let sent_with = past.get(&asked.event_id);
+        if sent_with.is_some() {
+            knowledge_turns.push(asked.event_id);
+        }
+        messages.push(ChatMessage { role: Role::User, content: with_knowledge(sent_with, &asked.text) });
         messages.push(ChatMessage { role: Role::Assistant, content: answer.text.clone() });
-        context_event_ids.extend([question.event_id, answer.event_id]);
+        context_event_ids.extend([asked.event_id, answer.event_id]);
     }
     messages.push(ChatMessage { role: Role::User, content: question });
     let retrieved = hits
@@ -136,14 +156,37 @@ pub fn build_prompt(
             score: hit.similarity.unwrap_or(hit.score),
         })
         .collect();
-    Prompt { messages, context_event_ids, retrieved }
+    let knowledge = knowledge.filter(|_| layout == PromptLayout::Stable);
+    Prompt { messages, context_event_ids, retrieved, knowledge, knowledge_turns }
+}
+
+/// The knowledge block of `hits` as a prompt carries it (None: no hits).
+pub fn knowledge_block(hits: &[&Hit]) -> Option<String> {
+    (!hits.is_empty()).then(|| {
+        let lines = hits.iter().enumerate().map(|(i, hit)| knowledge_line(i + 1, hit));
+        std::iter::once(KNOWLEDGE_HEADER.to_owned()).chain(lines).collect::<Vec<_>>().join("\n")
+    })
+}
+
+/// A question as sent: after its knowledge block, when it had one.
+fn with_knowledge(knowledge: Option<&String>, question: &str) -> String {
+    match knowledge {
+        Some(knowledge) => format!("{knowledge}\n\n{question}"),
+        None => question.to_owned(),
+    }
 }
 
 /// The whole turns before `sequence` that go into the prompt within `budget`, in order:
 /// the newest that fit (sliding), or the shortest suffix starting at a multiple of
 /// [`HISTORY_BLOCK`] that fits (stable), falling back to the newest that fit when even the
-/// last block is too long.
-fn earlier_turns(history: &[Message], sequence: i64, budget: usize, layout: PromptLayout) -> Vec<(&Message, &Message)> {
+/// last block is too long. A question costs what it is sent as (with its `past` knowledge).
+fn earlier_turns<'a>(
+    history: &'a [Message],
+    sequence: i64,
+    budget: usize,
+    layout: PromptLayout,
+    past: &PastKnowledge,
+) -> Vec<(&'a Message, &'a Message)> {
     let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < sequence).collect();
     let turns: Vec<(&Message, &Message)> = dialogue
         .windows(2)
@@ -154,7 +197,10 @@ fn earlier_turns(history: &[Message], sequence: i64, budget: usize, layout: Prom
                 && answer.query_event_id == Some(question.event_id)
         })
         .collect();
-    let cost = |turn: &(&Message, &Message)| estimate_tokens(&turn.0.text) + estimate_tokens(&turn.1.text);
+    let cost = |turn: &(&Message, &Message)| {
+        let knowledge = past.get(&turn.0.event_id).map_or(0, |k| estimate_tokens(k));
+        knowledge + estimate_tokens(&turn.0.text) + estimate_tokens(&turn.1.text)
+    };
     if layout == PromptLayout::Stable {
         let fits = |start: usize| turns[start..].iter().map(cost).sum::<usize>() <= budget;
         if let Some(start) = (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| fits(*start)) {
@@ -203,6 +249,10 @@ mod tests {
         }
     }
 
+    fn none() -> PastKnowledge {
+        PastKnowledge::new()
+    }
+
     /// The event id of the history's message at `sequence`.
     fn e(sequence: i64) -> EventId {
         Uuid::from_u128(u128::try_from(sequence).unwrap()).into()
@@ -239,17 +289,18 @@ mod tests {
 
     #[test]
     fn a_first_question_is_system_then_user() {
-        let prompt = build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), &[], 1000, PromptLayout::Stable);
+        let prompt =
+            build_prompt("Be brief.", &[], &query(2, "What is Kafka?"), &[], 1000, PromptLayout::Stable, &none());
         assert_eq!(prompt.messages.len(), 2);
         assert_eq!(prompt.messages[0].role, Role::System);
         assert_eq!(prompt.messages[1], ChatMessage { role: Role::User, content: "What is Kafka?".into() });
         assert!(prompt.context_event_ids.is_empty());
-        assert_eq!(build_prompt("", &[], &query(2, "x"), &[], 1000, PromptLayout::Stable).messages.len(), 1);
+        assert_eq!(build_prompt("", &[], &query(2, "x"), &[], 1000, PromptLayout::Stable, &none()).messages.len(), 1);
     }
 
     #[test]
     fn earlier_turns_come_in_order_and_failures_are_left_out() {
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], 1000, PromptLayout::Stable);
+        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], 1000, PromptLayout::Stable, &none());
         let roles: Vec<_> = prompt.messages.iter().map(|m| (m.role, m.content.as_str())).collect();
         assert_eq!(
             roles,
@@ -268,16 +319,18 @@ mod tests {
     fn the_budget_keeps_the_newest_whole_turns() {
         let newest_turn = estimate_tokens("What is my name?") + estimate_tokens("Ada.");
         let budget = estimate_tokens("And my drink?") + newest_turn;
-        let prompt = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget, PromptLayout::Sliding);
+        let prompt =
+            build_prompt("", &history(), &query(8, "And my drink?"), &[], budget, PromptLayout::Sliding, &none());
         assert_eq!(prompt.context_event_ids, [e(6), e(7)]);
-        let none = build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1, PromptLayout::Sliding);
+        let none =
+            build_prompt("", &history(), &query(8, "And my drink?"), &[], budget - 1, PromptLayout::Sliding, &none());
         assert!(none.context_event_ids.is_empty());
         assert_eq!(none.messages.len(), 1, "the question itself always goes in");
     }
 
     #[test]
     fn only_turns_before_the_query_are_context() {
-        let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000, PromptLayout::Stable);
+        let prompt = build_prompt("", &history(), &query(4, "I like tea."), &[], 1000, PromptLayout::Stable, &none());
         assert_eq!(prompt.context_event_ids, [e(2), e(3)]);
     }
 
@@ -306,6 +359,7 @@ mod tests {
             &hits,
             1000,
             PromptLayout::Sliding,
+            &none(),
         );
         let system = &prompt.messages[0].content;
         assert!(system.starts_with("Be brief.\n\n") && system.contains(KNOWLEDGE_HEADER), "{system}");
@@ -321,17 +375,24 @@ mod tests {
         let base = estimate_tokens("q");
         let long = "x".repeat(400); // ~100 tokens
         let hits = [hit("big", &long, 0.9), hit("small", "short fact", 0.5)];
-        let prompt = build_prompt("", &[], &question, &hits, base + 120, PromptLayout::Stable);
+        let prompt = build_prompt("", &[], &question, &hits, base + 120, PromptLayout::Stable, &none());
         assert_eq!(prompt.retrieved.iter().map(|r| r.vector_id.as_str()).collect::<Vec<_>>(), ["small"]);
-        let none = build_prompt("", &[], &question, &hits, base + 10, PromptLayout::Stable);
+        let none = build_prompt("", &[], &question, &hits, base + 10, PromptLayout::Stable, &none());
         assert!(none.retrieved.is_empty() && none.messages.len() == 1, "no system message without knowledge");
     }
 
     #[test]
     fn stable_layout_puts_retrieved_hits_with_the_question_after_the_history() {
         let hits = [hit("v1", "The launch code is 7421.", 0.8)];
-        let prompt =
-            build_prompt("Be brief.", &history(), &query(8, "What is the code?"), &hits, 1000, PromptLayout::Stable);
+        let prompt = build_prompt(
+            "Be brief.",
+            &history(),
+            &query(8, "What is the code?"),
+            &hits,
+            1000,
+            PromptLayout::Stable,
+            &none(),
+        );
         assert_eq!(prompt.messages[0], ChatMessage { role: Role::System, content: "Be brief.".into() });
         let last = &prompt.messages.last().unwrap().content;
         assert!(
@@ -361,7 +422,7 @@ mod tests {
         let budget = estimate_tokens("next") + 10 * turn_cost; // room for 10 turns
         let first_kept = |turns: i64, layout| {
             let history = long_history(turns);
-            let prompt = build_prompt("", &history, &query(2 + 2 * turns, "next"), &[], budget, layout);
+            let prompt = build_prompt("", &history, &query(2 + 2 * turns, "next"), &[], budget, layout, &none());
             prompt.context_event_ids.first().cloned()
         };
         // Sliding: from the 11th turn on, the first kept turn moves every turn.
@@ -371,5 +432,36 @@ mod tests {
         let stable: Vec<_> = (11..=14).map(|t| first_kept(t, PromptLayout::Stable)).collect();
         assert_eq!(stable, vec![Some(e(10)); 4], "block of 4 dropped at once: {stable:?}");
         assert_eq!(first_kept(15, PromptLayout::Stable), Some(e(18)), "the next block goes when it must");
+    }
+
+    #[test]
+    fn with_its_knowledge_kept_the_next_prompt_begins_with_the_whole_previous_one() {
+        let hits = [hit("v1", "The launch code is 7421.", 0.8)];
+        let history = history();
+        let asked = query(8, "What is the code?");
+        let first = build_prompt("Be brief.", &history, &asked, &hits, 1000, PromptLayout::Stable, &none());
+        let block = first.knowledge.clone().expect("the stable layout says what it sent");
+        let mut next_history = history.clone();
+        next_history.push(Message {
+            event_id: asked.envelope.event_id,
+            ..message(8, MessageKind::UserQuery, "What is the code?", None)
+        });
+        let mut answer = message(9, MessageKind::Answer, "7421.", None);
+        answer.query_event_id = Some(asked.envelope.event_id);
+        next_history.push(answer);
+        let next_question = query(10, "And the name?");
+
+        let past: PastKnowledge = [(asked.envelope.event_id, block)].into();
+        let next = build_prompt("Be brief.", &next_history, &next_question, &[], 1000, PromptLayout::Stable, &past);
+        assert_eq!(&next.messages[..first.messages.len()], &first.messages[..], "the previous prompt is the prefix");
+        assert_eq!(next.messages[first.messages.len()].content, "7421.", "then its answer");
+        assert_eq!(next.knowledge_turns, [asked.envelope.event_id]);
+
+        let forgotten =
+            build_prompt("Be brief.", &next_history, &next_question, &[], 1000, PromptLayout::Stable, &none());
+        assert_ne!(forgotten.messages[first.messages.len() - 1], first.messages[first.messages.len() - 1]);
+        assert!(forgotten.knowledge_turns.is_empty());
+        let sliding = build_prompt("", &next_history, &next_question, &[], 1000, PromptLayout::Sliding, &past);
+        assert!(sliding.knowledge_turns.is_empty(), "sliding sends no question with knowledge");
     }
 }

@@ -5,7 +5,7 @@
 
 use parley_events::sealing::ERASED;
 use parley_events::turn::CANCELLED;
-use parley_events::{LLMResponseGenerated, PromptProof};
+use parley_events::{EventId, LLMResponseGenerated, PromptProof};
 use sha2::{Digest, Sha256};
 
 use crate::prompt::{ChatMessage, PromptLayout, Role};
@@ -63,9 +63,11 @@ pub fn layout_named(name: &str) -> Option<PromptLayout> {
     }
 }
 
-/// What an answer records of `messages`, built from `system_prompt` within `token_budget`.
+/// What an answer records of `messages`, built from `system_prompt` within `token_budget`,
+/// `knowledge_turns` sent again with their knowledge.
 pub fn proof_of(
     messages: &[ChatMessage],
+    knowledge_turns: &[EventId],
     system_prompt: &str,
     token_budget: usize,
     layout: PromptLayout,
@@ -77,6 +79,7 @@ pub fn proof_of(
         token_budget: i32::try_from(token_budget).unwrap_or(i32::MAX),
         system_prompt_digest: system_prompt_digest(system_prompt),
         messages: i32::try_from(messages.len()).unwrap_or(i32::MAX),
+        knowledge_turns: knowledge_turns.to_vec(),
     }
 }
 
@@ -185,8 +188,8 @@ mod tests {
         let producer = parley_events::Producer { name: "t", version: "0" };
         LLMResponseGenerated {
             sealed_for: String::new(),
-            envelope: parley_events::Envelope::new(parley_events::EventId::random(), id, 3, producer),
-            query_event_id: parley_events::EventId::random(),
+            envelope: parley_events::Envelope::new(EventId::random(), id, 3, producer),
+            query_event_id: EventId::random(),
             text: "Mars.".into(),
             model: "m".into(),
             finish_reason: "stop".into(),
@@ -206,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_rebuilt_prompt_is_proven_only_when_it_is_the_one_sent() {
-        let proof = proof_of(&messages(), "Be brief.", 1536, PromptLayout::Stable);
+        let proof = proof_of(&messages(), &[], "Be brief.", 1536, PromptLayout::Stable);
         assert_eq!(precheck(&answer(Some(proof.clone())), "Be brief."), Ok(PromptLayout::Stable));
         assert_eq!(verify(&proof, &messages()), Verdict::Proven);
         let mut edited = messages();
@@ -218,15 +221,15 @@ mod tests {
 
     #[test]
     fn each_reason_a_prompt_cannot_be_rebuilt_is_named() {
-        let proof = proof_of(&messages(), "Be brief.", 1536, PromptLayout::Sliding);
+        let proof = proof_of(&messages(), &[], "Be brief.", 1536, PromptLayout::Sliding);
         let why = |answer: LLMResponseGenerated, system_prompt: &str| match precheck(&answer, system_prompt) {
             Err(Verdict::Unprovable { why }) => why,
             other => panic!("{other:?}"),
         };
         let cached = LLMResponseGenerated {
             cached_from: Some(parley_events::CachedAnswer {
-                answer_event_id: parley_events::EventId::random(),
-                query_event_id: parley_events::EventId::random(),
+                answer_event_id: EventId::random(),
+                query_event_id: EventId::random(),
                 similarity: 0.97,
             }),
             ..answer(None)

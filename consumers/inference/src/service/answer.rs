@@ -125,7 +125,7 @@ impl Worker {
                 self.outcome_seen(query, partition, BUDGET_EXCEEDED);
                 return Ok(outgoing(self.failed(envelope(), query, BUDGET_EXCEEDED, exceeded, 0).await?));
             }
-            let history =
+            let (history, past_knowledge) =
                 self.context.history(query, partition, offset).instrument(info_span!("inference.context")).await?;
             let found = match &self.knowledge {
                 Some(knowledge) => knowledge.for_query(query).await,
@@ -138,7 +138,11 @@ impl Worker {
                 &found.hits,
                 self.context_token_budget,
                 self.prompt_layout,
+                &past_knowledge,
             );
+            if let Some(block) = &prompt.knowledge {
+                self.context.remember_knowledge(query, block.clone());
+            }
             let fingerprint = self.context_fingerprint(&history, &prompt);
             if let Some(candidate) = self.cache_hit(query, &found.candidates, &prompt, &fingerprint) {
                 metrics::first_token(self.lanes.lane_of(partition).as_str(), now_millis() - query.envelope.occurred_at);
@@ -255,7 +259,13 @@ impl Worker {
 
     /// What the answer records of the prompt sent ([`crate::proof`]).
     fn proof_of(&self, prompt: &Prompt) -> PromptProof {
-        proof_of(&prompt.messages, &self.system_prompt, self.context_token_budget, self.prompt_layout)
+        proof_of(
+            &prompt.messages,
+            &prompt.knowledge_turns,
+            &self.system_prompt,
+            self.context_token_budget,
+            self.prompt_layout,
+        )
     }
 
     /// Counts a question's outcome (`answer`, `cancelled` or a failure's kind) and how long

@@ -87,6 +87,13 @@ pub struct InferenceArgs {
     #[arg(long, env = "PARLEY_CONTEXT_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub context_wait: Duration,
 
+    /// Bytes of message text kept in memory as the histories of the conversations this
+    /// instance reads, so a turn reads no history from the projection (0: none kept, every
+    /// turn reads it). The least recently used go first; a conversation longer than an
+    /// eighth of this is read each turn.
+    #[arg(long, env = "PARLEY_HISTORY_KEEP_BYTES", default_value_t = 64 << 20)]
+    pub history_keep_bytes: usize,
+
     /// Chunks and earlier messages retrieved from the vector store per question (0: none).
     #[arg(long, env = "PARLEY_RETRIEVAL_TOP_K", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(0..=50))]

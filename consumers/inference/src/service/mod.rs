@@ -109,7 +109,8 @@ pub async fn run(
     // Always on: a user's own budget holds whatever the defaults are.
     let budget = (BudgetLedger::open(&store).await?, budgets);
     let cache_rows = Arc::new(LiveReader::new(store.clone()).await?);
-    let context = ContextSource::new(store, LogReader::new(kafka, registry_url)?, args.context_wait).await?;
+    let log = LogReader::new(kafka, registry_url)?;
+    let context = Arc::new(ContextSource::new(store, log, args.context_wait, args.history_keep_bytes).await?);
     let codec = Arc::new(EventCodec::new(registry_url)?);
     let lanes = lanes(&kafka.lanes, args.lane_ratio, usize::from(args.premium_slots), topics.experiments.clone());
     let settings = DriverSettings {
@@ -137,6 +138,24 @@ pub async fn run(
         settings.lanes.names().to_vec(),
         shutdown.clone(),
     ));
+    // An erased person's kept histories go with their key.
+    let forgetter = keys.as_ref().map(|keys| {
+        let mut forgotten = keys.forgotten();
+        let context = context.clone();
+        tokio::spawn(async move {
+            loop {
+                match forgotten.recv().await {
+                    Ok(subject) => match subject.parse() {
+                        Ok(owner) => context.forget_owner(&owner),
+                        Err(_) => continue,
+                    },
+                    // Missed some: every kept history could hold one of them.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => context.forget_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    });
     let cancels = Arc::new(Cancels::default());
     let cancel_follower = tokio::spawn(cancel::follow(
         tail(kafka, "parley-inference-cancels", &[&topics.events])?,
@@ -184,6 +203,9 @@ pub async fn run(
     let driven = parley_eventlog::driver::run(kafka, settings, worker, codec, shutdown).await;
     probe.abort();
     reporter.abort();
+    if let Some(forgetter) = forgetter {
+        forgetter.abort();
+    }
     cancel_follower.abort();
     driven?;
     info!("inference consumer stopped");
@@ -200,7 +222,7 @@ struct Worker {
     model: ChatModel,
     topics: Topics,
     system_prompt: String,
-    context: ContextSource,
+    context: Arc<ContextSource>,
     context_token_budget: usize,
     /// Retrieval, looked up ahead of the model slot (none: answers use no stored knowledge),
     /// with the semantic cache's candidates when it is on.
@@ -260,6 +282,7 @@ impl Worker {
     }
 
     fn observe_conversation(&self, event: &ConversationEvent, catching_up: bool) {
+        self.context.observe(event);
         let query_event_id = match event {
             ConversationEvent::ResponseGenerated(outcome) => &outcome.query_event_id,
             ConversationEvent::ResponseFailed(outcome) => &outcome.query_event_id,
