@@ -1,7 +1,9 @@
 //! Parley under a crowd: simulated users over real WebSockets, open-loop arrivals at a set
 //! rate, each user in its own conversation (3 turns, up to 1 s of think time between them).
 //! Per load step: sustained turns/s, first-token and answer latency p50/p99 with the
-//! model's own time subtracted, errors, gateway RSS and CPU seconds per turn.
+//! model's own time subtracted, errors, the system's RSS and CPU milliseconds per turn (Parley:
+//! the one `parley all` process of gateway, inference and projection), and the local
+//! stack's Kafka and CQL store CPU milliseconds per turn over the same step.
 //!
 //! 1. With a fixed-latency streaming stub model (benches/stub/model.rs): the pipeline's own
 //!    capacity, side by side with the naive reference design (benches/reference) under the
@@ -70,6 +72,20 @@ struct StepResult {
     refusals: Vec<f64>,
     rss_mib: Option<f64>,
     cpu_seconds: Option<f64>,
+    /// CPU seconds of the local stack's Kafka and CQL store over the step.
+    stack_cpu_seconds: (f64, f64),
+}
+
+/// The pid of a local stack service, from its pid file (None: not known).
+fn stack_pid(service: &str) -> Option<u32> {
+    let run = std::env::var("PARLEY_RUN").ok()?;
+    std::fs::read_to_string(std::path::Path::new(&run).join(format!("pids/{service}.pid"))).ok()?.trim().parse().ok()
+}
+
+/// CPU seconds used so far by the local stack's Kafka and CQL store (0 when unknown).
+fn stack_cpu() -> (f64, f64) {
+    let cpu = |service| stack_pid(service).map_or(0.0, |pid| process_usage(pid).0);
+    (cpu("kafka"), cpu("cassandra"))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -202,6 +218,7 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     let users = ((rate * seconds) / TURNS_PER_USER as f64).ceil() as usize;
     let interval = Duration::from_secs_f64(TURNS_PER_USER as f64 / rate);
     let before = pid.map(process_usage);
+    let stack_before = stack_cpu();
     let epoch = Instant::now();
     let mut tasks = Vec::with_capacity(users);
     for id in 0..users {
@@ -228,6 +245,8 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     while let Some(refusal) = refusals.recv().await {
         result.refusals.push(refusal);
     }
+    let stack_after = stack_cpu();
+    result.stack_cpu_seconds = (stack_after.0 - stack_before.0, stack_after.1 - stack_before.1);
     if let (Some(pid), Some((cpu_before, _))) = (pid, before) {
         let (cpu_after, _) = process_usage(pid);
         result.cpu_seconds = Some(cpu_after - cpu_before);
@@ -245,7 +264,7 @@ fn report(name: &str, rate: f64, step: &StepResult) -> (f64, f64) {
     let first: Vec<f64> = turns.iter().map(|t| t.first_token.unwrap_or(t.answer)).collect();
     let p99 = percentile(answer_overhead.clone(), 99.0);
     println!(
-        "| {name} | {rate:.0} | {throughput:.1} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {} |",
+        "| {name} | {rate:.0} | {throughput:.1} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {} | {:.2} | {:.2} |",
         turns.len(),
         step.errors,
         percentile(first.clone(), 50.0),
@@ -256,15 +275,17 @@ fn report(name: &str, rate: f64, step: &StepResult) -> (f64, f64) {
         p99,
         step.rss_mib.map_or("-".into(), |r| format!("{r:.0}")),
         step.cpu_seconds.map_or("-".into(), |c| format!("{:.2}", 1000.0 * c / turns.len().max(1) as f64)),
+        1000.0 * step.stack_cpu_seconds.0 / turns.len().max(1) as f64,
+        1000.0 * step.stack_cpu_seconds.1 / turns.len().max(1) as f64,
     );
     (throughput, p99)
 }
 
 fn table_header() {
     println!(
-        "| system | offered turns/s | sustained turns/s | turns | errors | first token p50 / p99 (ms) | first-token overhead p50 / p99 | answer overhead p50 / p99 | RSS MiB | CPU ms/turn |"
+        "| system | offered turns/s | sustained turns/s | turns | errors | first token p50 / p99 (ms) | first-token overhead p50 / p99 | answer overhead p50 / p99 | RSS MiB | CPU ms/turn | Kafka CPU ms/turn | CQL CPU ms/turn |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
 }
 
 /// The naive reference design on its own topics, answering with `llm`.

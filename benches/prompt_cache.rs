@@ -5,11 +5,13 @@
 //! server's own counters (`/metrics`: prompt tokens evaluated, prompt tokens taken from its
 //! cache) say what that turn cost. Reported: the share of prompt tokens evaluated afresh
 //! from each conversation's third turn on, and the model time p50/p99, for the `sliding`
-//! layout (knowledge in the system message, history sliding a turn at a time) and the
-//! `stable` one (the default).
+//! layout (knowledge in the system message, history sliding a turn at a time), the
+//! `stable` one with no history kept by inference (so no earlier question goes in again
+//! with its knowledge: the layout before issue 25) and the `stable` one as it runs.
 //!
 //! Run: `infra/bench.sh prompt_cache` (PARLEY_PROMPT_TURNS turns per conversation, default 12;
-//! PARLEY_PROMPT_RETRIEVAL=0 runs without retrieval).
+//! PARLEY_PROMPT_RETRIEVAL=0 runs without retrieval; PARLEY_PROMPT_BUDGET the context token
+//! budget, default 600).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -39,8 +41,16 @@ struct LayoutResult {
     prompt_tokens: Vec<f64>,
 }
 
-async fn run(stack: &support::Stack, layout: &str, turns: usize, retrieval: bool) -> LayoutResult {
-    let mut args = vec!["--prompt-layout", layout, "--context-token-budget", "600", "--llm-max-tokens", "48"];
+async fn run(
+    stack: &support::Stack,
+    layout: &str,
+    extra: &[&str],
+    turns: usize,
+    budget: &str,
+    retrieval: bool,
+) -> LayoutResult {
+    let mut args = vec!["--prompt-layout", layout, "--context-token-budget", budget, "--llm-max-tokens", "48"];
+    args.extend(extra);
     if !retrieval {
         args.push("--without-retrieval");
     }
@@ -78,19 +88,27 @@ async fn main() {
     let stack = support::stack().expect("the local stack's PARLEY_* variables (infra/bench.sh sets them)");
     let turns: usize = std::env::var("PARLEY_PROMPT_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
     let retrieval = std::env::var("PARLEY_PROMPT_RETRIEVAL").as_deref() != Ok("0");
+    let budget = std::env::var("PARLEY_PROMPT_BUDGET").unwrap_or_else(|_| "600".into());
     let with = if retrieval { "on" } else { "off" };
     println!(
-        "{CONVERSATIONS} conversations × {turns} turns, round robin, retrieval {with}, context budget 600 tokens; turns from the third on"
+        "{CONVERSATIONS} conversations × {turns} turns, round robin, retrieval {with}, context budget {budget} tokens; turns from the third on"
     );
     println!("| layout | turns | prompt tokens p50 | evaluated afresh (mean share) | model time p50 / p99 (ms) |");
     println!("|---|---|---|---|---|");
-    for layout in ["sliding", "stable"] {
-        let mut result = run(&stack, layout, turns, retrieval).await;
+    // The stable layout with no history kept is the layout before inference kept each
+    // question's knowledge: no earlier question is sent with it again.
+    let configurations: [(&str, &str, &[&str]); 3] = [
+        ("sliding", "sliding", &[]),
+        ("stable, knowledge not kept", "stable", &["--history-keep-bytes", "0"]),
+        ("stable", "stable", &[]),
+    ];
+    for (name, layout, extra) in configurations {
+        let mut result = run(&stack, layout, extra, turns, &budget, retrieval).await;
         let mean = result.evaluated_share.iter().sum::<f64>() / result.evaluated_share.len().max(1) as f64;
         result.model_ms.sort_by(f64::total_cmp);
         result.prompt_tokens.sort_by(f64::total_cmp);
         println!(
-            "| {layout} | {} | {:.0} | {:.1} % | {:.0} / {:.0} |",
+            "| {name} | {} | {:.0} | {:.1} % | {:.0} / {:.0} |",
             result.model_ms.len(),
             support::percentile(&result.prompt_tokens, 50.0),
             100.0 * mean,

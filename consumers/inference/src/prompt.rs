@@ -64,7 +64,8 @@ pub struct Prompt {
     pub retrieved: Vec<RetrievedContext>,
     /// The knowledge block sent with the question (None: none was).
     pub knowledge: Option<String>,
-    /// The earlier questions sent again with their knowledge, in order.
+    /// The earlier questions whose knowledge block the builder was given, in order (what
+    /// it decided with: they go in with it when the history fits in whole blocks so).
     pub knowledge_turns: Vec<EventId>,
 }
 
@@ -110,10 +111,8 @@ pub fn build_prompt(
     if !hits.is_empty() {
         spent += knowledge_cost;
     }
-    // Sliding puts knowledge in the system message: no question carries any.
-    let no_past = PastKnowledge::new();
-    let past = if layout == PromptLayout::Stable { past } else { &no_past };
-    let turns = earlier_turns(history, query.envelope.sequence, budget.saturating_sub(spent), layout, past);
+    let past_given = past;
+    let (turns, past) = earlier_turns(history, query.envelope.sequence, budget.saturating_sub(spent), layout, past);
     let knowledge = knowledge_block(&hits);
 
     let mut messages = Vec::with_capacity(2 + 2 * turns.len());
@@ -133,12 +132,10 @@ pub fn build_prompt(
         messages.push(ChatMessage { role: Role::System, content: system });
     }
     let mut context_event_ids = Vec::with_capacity(2 * turns.len());
-    let mut knowledge_turns = Vec::new();
+    let knowledge_turns =
+        if layout == PromptLayout::Stable { known_blocks(history, query, past_given) } else { vec![] };
     for (asked, answer) in turns {
         let sent_with = past.get(&asked.event_id);
-        if sent_with.is_some() {
-            knowledge_turns.push(asked.event_id);
-        }
         messages.push(ChatMessage { role: Role::User, content: with_knowledge(sent_with, &asked.text) });
         messages.push(ChatMessage { role: Role::Assistant, content: answer.text.clone() });
         context_event_ids.extend([asked.event_id, answer.event_id]);
@@ -176,17 +173,29 @@ fn with_knowledge(knowledge: Option<&String>, question: &str) -> String {
     }
 }
 
-/// The whole turns before `sequence` that go into the prompt within `budget`, in order:
-/// the newest that fit (sliding), or the shortest suffix starting at a multiple of
-/// [`HISTORY_BLOCK`] that fits (stable), falling back to the newest that fit when even the
-/// last block is too long. A question costs what it is sent as (with its `past` knowledge).
-fn earlier_turns<'a>(
+/// The earlier questions of `history` that `past` holds a block for, in order.
+fn known_blocks(history: &[Message], query: &UserQueryReceived, past: &PastKnowledge) -> Vec<EventId> {
+    history
+        .iter()
+        .filter(|m| m.sequence < query.envelope.sequence && past.contains_key(&m.event_id))
+        .map(|m| m.event_id)
+        .collect()
+}
+
+/// The whole turns before `sequence` that go into the prompt within `budget`, in order,
+/// and the knowledge their questions go in with: the newest that fit (sliding), or the
+/// shortest suffix starting at a multiple of [`HISTORY_BLOCK`] that fits (stable), falling
+/// back to the newest that fit when even the last block is too long. Stable sends each
+/// question with its `past` knowledge only when the history fits in whole blocks so: else
+/// a turn would drop every turn and no prefix would stay put.
+fn earlier_turns<'a, 'p>(
     history: &'a [Message],
     sequence: i64,
     budget: usize,
     layout: PromptLayout,
-    past: &PastKnowledge,
-) -> Vec<(&'a Message, &'a Message)> {
+    past: &'p PastKnowledge,
+) -> (Vec<(&'a Message, &'a Message)>, &'p PastKnowledge) {
+    static NONE: std::sync::LazyLock<PastKnowledge> = std::sync::LazyLock::new(PastKnowledge::new);
     let dialogue: Vec<&Message> = history.iter().filter(|m| m.sequence < sequence).collect();
     let turns: Vec<(&Message, &Message)> = dialogue
         .windows(2)
@@ -197,23 +206,31 @@ fn earlier_turns<'a>(
                 && answer.query_event_id == Some(question.event_id)
         })
         .collect();
-    let cost = |turn: &(&Message, &Message)| {
+    let cost = |turn: &(&Message, &Message), past: &PastKnowledge| {
         let knowledge = past.get(&turn.0.event_id).map_or(0, |k| estimate_tokens(k));
         knowledge + estimate_tokens(&turn.0.text) + estimate_tokens(&turn.1.text)
     };
     if layout == PromptLayout::Stable {
-        let fits = |start: usize| turns[start..].iter().map(cost).sum::<usize>() <= budget;
-        if let Some(start) = (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| fits(*start)) {
-            return turns[start..].to_vec();
+        let block_start = |past: &PastKnowledge| {
+            let fits = |start: usize| turns[start..].iter().map(|t| cost(t, past)).sum::<usize>() <= budget;
+            (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| fits(*start))
+        };
+        if !past.is_empty()
+            && let Some(start) = block_start(past)
+        {
+            return (turns[start..].to_vec(), past);
+        }
+        if let Some(start) = block_start(&NONE) {
+            return (turns[start..].to_vec(), &NONE);
         }
     }
     let mut spent = 0;
     let newest = turns.iter().rev().take_while(|turn| {
-        spent += cost(turn);
+        spent += cost(turn, &NONE);
         spent <= budget
     });
     let count = newest.count();
-    turns[turns.len() - count..].to_vec()
+    (turns[turns.len() - count..].to_vec(), &NONE)
 }
 
 /// One retrieved hit as the model sees it, e.g. `[1] (notes.md) Kafka keeps...`.
@@ -463,5 +480,18 @@ mod tests {
         assert!(forgotten.knowledge_turns.is_empty());
         let sliding = build_prompt("", &next_history, &next_question, &[], 1000, PromptLayout::Sliding, &past);
         assert!(sliding.knowledge_turns.is_empty(), "sliding sends no question with knowledge");
+        assert!(!sliding.messages.iter().any(|m| m.content.contains("7421") && m.role == Role::User));
+
+        // Too little room for whole blocks with the knowledge: every question goes in as
+        // its text alone (the block rule keeps the prefix), and the proof still names what
+        // the builder was given, so replay decides the same.
+        let tight = estimate_tokens("And the name?") + 2 + {
+            let turns = build_prompt("", &next_history, &next_question, &[], 1000, PromptLayout::Stable, &none());
+            turns.messages.iter().take(turns.messages.len() - 1).map(|m| estimate_tokens(&m.content)).sum::<usize>()
+        };
+        let plain = build_prompt("", &next_history, &next_question, &[], tight, PromptLayout::Stable, &past);
+        assert!(!plain.messages.iter().any(|m| m.content.starts_with(KNOWLEDGE_HEADER)), "{:?}", plain.messages);
+        assert_eq!(plain.context_event_ids.len(), 6, "the whole history, as text");
+        assert_eq!(plain.knowledge_turns, [asked.envelope.event_id]);
     }
 }
