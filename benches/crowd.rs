@@ -79,7 +79,9 @@ struct StepResult {
 /// The pid of a local stack service, from its pid file (None: not known).
 fn stack_pid(service: &str) -> Option<u32> {
     let run = std::env::var("PARLEY_RUN").ok()?;
-    std::fs::read_to_string(std::path::Path::new(&run).join(format!("pids/{service}.pid"))).ok()?.trim().parse().ok()
+    // The file holds the pid, then its start time (infra/stack.sh).
+    let file = std::fs::read_to_string(std::path::Path::new(&run).join(format!("pids/{service}.pid"))).ok()?;
+    file.split_whitespace().next()?.parse().ok()
 }
 
 /// CPU seconds used so far by the local stack's Kafka and CQL store (0 when unknown).

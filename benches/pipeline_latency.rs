@@ -182,7 +182,7 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
     let mut parts: Vec<(&'static str, Vec<f64>)> = [
         "gateway.query: validate, append the query, acks=all",
         "query hop to the inference consumer",
-        "inference.context: earlier turns from the projection",
+        "inference.context: earlier turns (kept, else the projection)",
         "inference.retrieve: embed the question, search Milvus",
         "eventlog.transaction: begin + append the answer",
         "… send_offsets_to_transaction",
