@@ -273,7 +273,7 @@ pub(crate) enum ExperimentsCommand {
         #[arg(long, default_value = "last", value_parser = ["last", "all"])]
         turns: String,
         /// A model to ask inference's model servers for (repeatable: a comparison)
-        /// [default: the one inference is configured with].
+        /// [default: what chat asks each model server for].
         #[arg(long = "model")]
         models: Vec<String>,
         #[command(flatten)]

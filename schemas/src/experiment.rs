@@ -35,7 +35,7 @@ pub struct ExperimentRequested {
     pub query_event_id: EventId,
     /// Who asked.
     pub requested_by: String,
-    /// The model to ask for (empty: the one inference is configured with).
+    /// The model to ask for (empty: what chat asks each model server for).
     pub model: String,
     /// SHA-256 of the system prompt in `messages`.
     pub system_prompt_digest: String,

@@ -27,7 +27,9 @@ impl Worker {
         async {
             // Deterministic: a re-delivered request produces a run with the same event id.
             let run_id = Uuid::new_v5(&request.envelope.event_id.uuid(), b"experiment run").into();
-            let model = if request.model.is_empty() { self.model_name.clone() } else { request.model.clone() };
+            // No model named: each endpoint's own, as for chat.
+            let asked = (!request.model.is_empty()).then_some(request.model.as_str());
+            let model = asked.map_or_else(|| self.model_name.clone(), str::to_owned);
             let mut run = ExperimentRun {
                 envelope: Envelope::new(run_id, request.envelope.conversation_id, request.envelope.sequence, SOURCE)
                     .caused_by(&request.envelope)
@@ -36,7 +38,7 @@ impl Worker {
                 answer_event_id: request.answer_event_id,
                 query_event_id: request.query_event_id,
                 requested_by: request.requested_by.clone(),
-                model: model.clone(),
+                model,
                 endpoint: String::new(),
                 system_prompt_digest: request.system_prompt_digest.clone(),
                 prompt_messages: i32::try_from(request.messages.len()).unwrap_or(i32::MAX),
@@ -67,7 +69,7 @@ impl Worker {
             };
             match from_experiment_messages(&request.messages) {
                 Ok(messages) => {
-                    let (result, _) = self.model.complete_as(Some(&model), &messages, |_, _, _| {}).await;
+                    let (result, _) = self.model.complete_as(asked, &messages, |_, _, _| {}).await;
                     if let Err(error) = &result {
                         warn!(%error, "experiment's model call failed");
                     }
