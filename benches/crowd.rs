@@ -1,9 +1,10 @@
 //! Parley under a crowd: simulated users over real WebSockets, open-loop arrivals at a set
 //! rate, each user in its own conversation (3 turns, up to 1 s of think time between them).
 //! Per load step: sustained turns/s, first-token and answer latency p50/p99 with the
-//! model's own time subtracted, errors, the system's RSS and CPU milliseconds per turn (Parley:
-//! the one `parley all` process of gateway, inference and projection), and the local
-//! stack's Kafka and CQL store CPU milliseconds per turn over the same step.
+//! model's own time subtracted, errors, the system's RSS and CPU milliseconds per turn (in
+//! part 1 Parley runs as deployed, gateway, inference and projection in processes of their
+//! own, each one's CPU reported; elsewhere as one `parley all`), and the local stack's Kafka
+//! and CQL store CPU milliseconds per turn over the same step.
 //!
 //! 1. With a fixed-latency streaming stub model (benches/stub/model.rs): the pipeline's own
 //!    capacity, side by side with the naive reference design (benches/reference) under the
@@ -22,12 +23,16 @@
 //! (idle sockets, default 10000), PARLEY_CROWD_REAL=0 skips the real-model part,
 //! PARLEY_CROWD_OVERLOAD=0 the beyond-capacity part, PARLEY_CROWD_LANES=0 the lanes part
 //! (PARLEY_CROWD_FLOOD: turns of the flooded lane, default 120),
-//! PARLEY_CROWD_WITHOUT_PROJECTION=1 runs part 1 with the context projection stopped.
+//! PARLEY_CROWD_WITHOUT_PROJECTION=1 runs part 1 with the context projection stopped,
+//! PARLEY_CROWD_NAIVE_MAX_RATE runs the naive design's steps only up to that rate.
+//! PARLEY_CROWD_PROFILE=1 runs only the instruction profile (crowd/profile.rs).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "crowd/lanes.rs"]
 mod lanes;
+#[path = "crowd/profile.rs"]
+mod profile;
 #[path = "crowd/real_model.rs"]
 mod real_model;
 #[path = "stub/model.rs"]
@@ -70,8 +75,10 @@ struct StepResult {
     errors: usize,
     /// How long each `overloaded` refusal took to arrive (ms).
     refusals: Vec<f64>,
+    /// Peak RSS of the first process (the gateway, or `parley all`).
     rss_mib: Option<f64>,
-    cpu_seconds: Option<f64>,
+    /// CPU seconds over the step of each process measured, by part.
+    cpu_seconds: Vec<(&'static str, f64)>,
     /// CPU seconds of the local stack's Kafka and CQL store over the step.
     stack_cpu_seconds: (f64, f64),
 }
@@ -214,12 +221,17 @@ fn process_usage(pid: u32) -> (f64, f64) {
 
 /// Users arrive at `rate / TURNS_PER_USER` per second for `seconds` (open loop: arrivals do
 /// not wait for answers); returns every turn once all users are done.
-async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: Option<u32>) -> StepResult {
+async fn crowd(
+    url_for: impl Fn(usize) -> String,
+    rate: f64,
+    seconds: f64,
+    processes: &[(&'static str, u32)],
+) -> StepResult {
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let (refused, mut refusals) = mpsc::unbounded_channel();
     let users = ((rate * seconds) / TURNS_PER_USER as f64).ceil() as usize;
     let interval = Duration::from_secs_f64(TURNS_PER_USER as f64 / rate);
-    let before = pid.map(process_usage);
+    let before: Vec<f64> = processes.iter().map(|(_, pid)| process_usage(*pid).0).collect();
     let stack_before = stack_cpu();
     let epoch = Instant::now();
     let mut tasks = Vec::with_capacity(users);
@@ -227,7 +239,7 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
         tokio::time::sleep_until((epoch + interval * u32::try_from(id).unwrap()).into()).await;
         tasks.push(tokio::spawn(user(url_for(id), id, epoch, sender.clone(), refused.clone())));
     }
-    let peak_rss = pid.map(|pid| process_usage(pid).1);
+    let peak_rss = processes.first().map(|(_, pid)| process_usage(*pid).1);
     drop((sender, refused));
     let mut result = StepResult::default();
     while let Some(turn) = receiver.recv().await {
@@ -249,11 +261,9 @@ async fn crowd(url_for: impl Fn(usize) -> String, rate: f64, seconds: f64, pid: 
     }
     let stack_after = stack_cpu();
     result.stack_cpu_seconds = (stack_after.0 - stack_before.0, stack_after.1 - stack_before.1);
-    if let (Some(pid), Some((cpu_before, _))) = (pid, before) {
-        let (cpu_after, _) = process_usage(pid);
-        result.cpu_seconds = Some(cpu_after - cpu_before);
-        result.rss_mib = peak_rss;
-    }
+    result.cpu_seconds =
+        processes.iter().zip(before).map(|((part, pid), before)| (*part, process_usage(*pid).0 - before)).collect();
+    result.rss_mib = peak_rss;
     result
 }
 
@@ -276,16 +286,32 @@ fn report(name: &str, rate: f64, step: &StepResult) -> (f64, f64) {
         percentile(answer_overhead.clone(), 50.0),
         p99,
         step.rss_mib.map_or("-".into(), |r| format!("{r:.0}")),
-        step.cpu_seconds.map_or("-".into(), |c| format!("{:.2}", 1000.0 * c / turns.len().max(1) as f64)),
+        cpu_per_turn(step),
         1000.0 * step.stack_cpu_seconds.0 / turns.len().max(1) as f64,
         1000.0 * step.stack_cpu_seconds.1 / turns.len().max(1) as f64,
     );
     (throughput, p99)
 }
 
+/// CPU milliseconds per turn: all the system's processes, then each when there are several
+/// (`12.1 = gateway 4.0 + inference 6.1 + projection 2.0`).
+fn cpu_per_turn(step: &StepResult) -> String {
+    let per_turn = |seconds: f64| 1000.0 * seconds / step.turns.len().max(1) as f64;
+    let total = per_turn(step.cpu_seconds.iter().map(|(_, seconds)| seconds).sum());
+    match step.cpu_seconds.as_slice() {
+        [] => "-".into(),
+        [_] => format!("{total:.2}"),
+        parts => {
+            let parts: Vec<String> =
+                parts.iter().map(|(part, seconds)| format!("{part} {:.2}", per_turn(*seconds))).collect();
+            format!("{total:.2} = {}", parts.join(" + "))
+        }
+    }
+}
+
 fn table_header() {
     println!(
-        "| system | offered turns/s | sustained turns/s | turns | errors | first token p50 / p99 (ms) | first-token overhead p50 / p99 | answer overhead p50 / p99 | RSS MiB | CPU ms/turn | Kafka CPU ms/turn | CQL CPU ms/turn |"
+        "| system | offered turns/s | sustained turns/s | turns | errors | first token p50 / p99 (ms) | first-token overhead p50 / p99 | answer overhead p50 / p99 | RSS MiB | CPU ms/turn (by process) | Kafka CPU ms/turn | CQL CPU ms/turn |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
 }
@@ -386,31 +412,32 @@ async fn main() {
         stub.answer_time()
     );
 
-    // 1. The pipeline's own capacity (the model is a stub), and the naive design.
-    println!("{}", stack_age());
-    let concurrency = "256";
-    let mut args = vec![
-        "--llm-base-url",
-        &stub_url,
-        "--without-retrieval",
-        "--concurrency",
-        concurrency,
-        "--llm-max-tokens",
-        "16",
-    ];
-    if env_or("PARLEY_CROWD_WITHOUT_PROJECTION", 0) == 1 {
-        println!("the context projection is not running: chat must not need the read model");
-        args.push("--without-projection");
+    if env_or("PARLEY_CROWD_PROFILE", 0) == 1 {
+        profile::profile(&stack, &stub_url, seconds).await;
+        return;
     }
-    let pipeline = support::Pipeline::start(&stack, &args).await;
-    let (reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
+
+    // 1. The pipeline's own capacity (the model is a stub), and the naive design. Gateway,
+    // inference and projection in processes of their own (as deployed), each one's CPU apart.
+    println!("{}", stack_age());
+    let without_projection = env_or("PARLEY_CROWD_WITHOUT_PROJECTION", 0) == 1;
+    if without_projection {
+        println!("the context projection is not running: chat must not need the read model");
+    }
+    let inference = ["--llm-base-url", &stub_url, "--concurrency", "256", "--llm-max-tokens", "16"];
+    let pipeline =
+        support::Pipeline::start_parts(&stack, &["--without-retrieval"], &[], &inference, without_projection, &[])
+            .await;
+    // The naive design sustains a few turns/s: a step far beyond that takes minutes.
+    let naive_max_rate: f64 = env_or("PARLEY_CROWD_NAIVE_MAX_RATE", f64::INFINITY);
+    let (mut reference, reference_port) = start_reference(&pipeline, &stub_url, 16);
     wait_for_port(reference_port).await;
     let signer = Arc::new(TokenSigner::new(support::AUTH_SECRET.as_bytes()));
     // Warm-up, not measured: group joins, first connections, caches, on both systems.
     let (http, warm_signer, prefix) = (pipeline.http.clone(), signer.clone(), pipeline.prefix.clone());
-    crowd(move |i| socket_url(&http, &warm_signer.token_for(&format!("{prefix}warm-{i}"))), 5.0, 2.0, None).await;
+    crowd(move |i| socket_url(&http, &warm_signer.token_for(&format!("{prefix}warm-{i}"))), 5.0, 2.0, &[]).await;
     let naive_url = format!("ws://127.0.0.1:{reference_port}/");
-    crowd(move |_| naive_url.clone(), 5.0, 2.0, None).await;
+    crowd(move |_| naive_url.clone(), 5.0, 2.0, &[]).await;
     table_header();
     let mut summary = Vec::new();
     for &rate in &rates {
@@ -420,14 +447,16 @@ async fn main() {
             move |i| socket_url(&http, &signer.token_for(&format!("{prefix}crowd-{rate}-{i}"))),
             rate,
             seconds,
-            Some(pipeline.pid()),
+            &pipeline.processes(),
         )
         .await;
         let parley = report("Parley (stub model)", rate, &step);
-        let naive_url = format!("ws://127.0.0.1:{reference_port}/");
-        let step = crowd(move |_| naive_url.clone(), rate, seconds, Some(reference.id())).await;
-        let naive = report("naive reference (stub model)", rate, &step);
-        summary.push((rate, parley, naive));
+        if rate <= naive_max_rate {
+            let naive_url = format!("ws://127.0.0.1:{reference_port}/");
+            let step = crowd(move |_| naive_url.clone(), rate, seconds, &[("naive", reference.id())]).await;
+            let naive = report("naive reference (stub model)", rate, &step);
+            summary.push((rate, parley, naive));
+        }
     }
     println!();
     for (rate, (parley_tps, parley_p99), (naive_tps, naive_p99)) in &summary {
@@ -443,7 +472,6 @@ async fn main() {
     println!(
         "idle sockets: {connected} of {idle} connected; gateway RSS {before:.0} → {after:.0} MiB = {per_socket:.1} KiB per idle socket"
     );
-    let mut reference = reference;
     let _ = reference.kill();
     let _ = reference.wait();
     pipeline.stop().await;
@@ -512,7 +540,7 @@ async fn overload(stack: &support::Stack, seconds: f64) {
             move |i| socket_url(&http, &signer.token_for(&format!("{prefix}over-{threshold}-{rate}-{i}"))),
             rate,
             seconds,
-            None,
+            &[],
         )
         .await;
         let first: Vec<f64> = step.turns.iter().map(|t| t.first_token.unwrap_or(t.answer)).collect();

@@ -97,7 +97,7 @@ async fn real_crowd(pipeline: &support::Pipeline, users: usize) -> StepResult {
         move |i| socket_url(&http, &tokens[i]),
         rate,
         users as f64 * TURNS_PER_USER as f64 / rate,
-        Some(pipeline.pid()),
+        &pipeline.processes(),
     )
     .await
 }

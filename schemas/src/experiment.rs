@@ -94,6 +94,34 @@ pub struct ExperimentRun {
     pub request_event_id: Option<EventId>,
 }
 
+impl ExperimentRun {
+    /// A re-run of `answer_event_id` for `user_id` with nothing asked or answered yet: the
+    /// caller names what it asks (struct update syntax), the model call's outcome fills the rest.
+    pub fn unanswered(envelope: Envelope, user_id: UserId, answer_event_id: EventId, query_event_id: EventId) -> Self {
+        Self {
+            envelope,
+            user_id,
+            answer_event_id,
+            query_event_id,
+            requested_by: String::new(),
+            model: String::new(),
+            endpoint: String::new(),
+            system_prompt_digest: String::new(),
+            prompt_messages: 0,
+            text: String::new(),
+            finish_reason: String::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            llm_latency_ms: 0,
+            time_to_first_token_ms: None,
+            error: String::new(),
+            sealed_for: String::new(),
+            batch_id: String::new(),
+            request_event_id: None,
+        }
+    }
+}
+
 impl AvroEvent for ExperimentRequested {
     const FULL_NAME: &'static str = "io.parley.events.ExperimentRequested";
 }

@@ -94,27 +94,15 @@ pub(crate) async fn rerun(
         breaker_cool_down: Duration::from_secs(1),
     })?;
     let (result, _) = model.complete(&prompt.messages, |_, _, _| {}).await;
+    let envelope = Envelope::new(EventId::random(), answer.envelope.conversation_id, answer.envelope.sequence, SOURCE)
+        .caused_by(&answer.envelope);
     let mut run = ExperimentRun {
-        envelope: Envelope::new(EventId::random(), answer.envelope.conversation_id, answer.envelope.sequence, SOURCE)
-            .caused_by(&answer.envelope),
-        user_id: owner,
-        answer_event_id: answer.envelope.event_id,
-        query_event_id: answer.query_event_id,
         requested_by: "operator".into(),
         model: settings.model.clone(),
         endpoint: settings.endpoint.clone(),
         system_prompt_digest: system_prompt_digest(&prompts.system_prompt),
         prompt_messages: i32::try_from(prompt.messages.len()).unwrap_or(i32::MAX),
-        text: String::new(),
-        finish_reason: String::new(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        llm_latency_ms: 0,
-        time_to_first_token_ms: None,
-        error: String::new(),
-        sealed_for: String::new(),
-        batch_id: String::new(),
-        request_event_id: None,
+        ..ExperimentRun::unanswered(envelope, owner, answer.envelope.event_id, answer.query_event_id)
     };
     record_outcome(&mut run, result);
     let shown = run.clone();

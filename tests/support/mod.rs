@@ -104,10 +104,14 @@ pub(crate) fn global_args(
     .to_vec()
 }
 
-/// A `parley all` process on its own topics, plus any extra gateway instances.
+/// A `parley all` process on its own topics, plus any extra gateway instances; or (see
+/// [`Pipeline::start_parts`]) a gateway process with inference and the projection in
+/// processes of their own.
 pub(crate) struct Pipeline {
     child: Child,
     extra_gateways: Vec<Child>,
+    /// Services run apart from the gateway (`start_parts`), by name.
+    parts: Vec<(&'static str, Child)>,
     args: Vec<String>,
     pub keyspace: String,
     pub prefix: String,
@@ -151,6 +155,7 @@ impl Pipeline {
             keyspace: keyspace.to_owned(),
             child: spawn(&args, &prefix, "log"),
             extra_gateways: vec![],
+            parts: vec![],
             args,
             http: format!("http://127.0.0.1:{port}"),
             prefix,
@@ -161,6 +166,73 @@ impl Pipeline {
         };
         pipeline.wait_healthy().await;
         pipeline
+    }
+
+    /// The deployment's shape: `parley gateway`, `parley inference` and (unless
+    /// `without_projection`) `parley projection` as three processes on their own topics, so
+    /// that each part's CPU can be read apart. `wrap` goes before each `parley` (a profiler;
+    /// empty: none); `common` are options every part takes.
+    pub(crate) async fn start_parts(
+        stack: &Stack,
+        common: &[&str],
+        gateway: &[&str],
+        inference: &[&str],
+        without_projection: bool,
+        wrap: &[String],
+    ) -> Pipeline {
+        let id = uuid::Uuid::new_v4().simple();
+        let prefix = format!("test-{id}.");
+        let collection = format!("test_{id}");
+        let port = free_port();
+        let mut global = global_args(&stack.brokers, &stack.registry, &prefix, &stack.cql, TEST_KEYSPACE, &collection);
+        global.extend(common.iter().map(|a| (*a).to_owned()));
+        let command = |name: &str, extra: &[&str]| {
+            let mut args = global.clone();
+            args.push(name.to_owned());
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            args
+        };
+        for setup in [&["topics"][..], &["schemas", "register"]] {
+            let output =
+                Command::new(env!("CARGO_BIN_EXE_parley")).args(command(setup[0], &setup[1..])).output().unwrap();
+            assert!(output.status.success(), "parley {setup:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let group = format!("{prefix}inference");
+        let mut inference_args = vec!["--group-id", &group];
+        inference_args.extend(inference);
+        if !inference.contains(&"--llm-base-url") {
+            inference_args.extend(["--llm-base-url", &stack.llm]);
+        }
+        let mut parts =
+            vec![("inference", spawn_wrapped(wrap, &command("inference", &inference_args), &prefix, "inference.log"))];
+        if !without_projection {
+            parts.push(("projection", spawn_wrapped(wrap, &command("projection", &[]), &prefix, "projection.log")));
+        }
+        let listen = format!("127.0.0.1:{port}");
+        let args = command("gateway", &[&["--listen", &listen][..], gateway].concat());
+        let mut pipeline = Pipeline {
+            keyspace: TEST_KEYSPACE.to_owned(),
+            child: spawn_wrapped(wrap, &args, &prefix, "log"),
+            extra_gateways: vec![],
+            parts,
+            args,
+            http: format!("http://127.0.0.1:{port}"),
+            prefix,
+            collection,
+            brokers: stack.brokers.clone(),
+            registry: stack.registry.clone(),
+            cql: stack.cql.clone(),
+        };
+        pipeline.wait_healthy().await;
+        pipeline
+    }
+
+    /// Every process of the pipeline by part: the gateway (or `all`) first.
+    pub(crate) fn processes(&self) -> Vec<(&'static str, u32)> {
+        let first = if self.parts.is_empty() { "parley all" } else { "gateway" };
+        std::iter::once((first, self.child.id()))
+            .chain(self.parts.iter().map(|(name, child)| (*name, child.id())))
+            .collect()
     }
 
     /// Stops the `parley all` process and starts it again with the same options.
@@ -394,7 +466,8 @@ impl Pipeline {
     }
 
     fn kill_all(&mut self) {
-        for child in std::iter::once(&mut self.child).chain(self.extra_gateways.iter_mut()) {
+        let parts = self.parts.iter_mut().map(|(_, child)| child);
+        for child in std::iter::once(&mut self.child).chain(self.extra_gateways.iter_mut()).chain(parts) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -490,8 +563,20 @@ pub(crate) fn log_tail(path: &str) -> String {
 pub(crate) const AUTH_SECRET: &str = "test-secret";
 
 pub(crate) fn spawn(args: &[String], prefix: &str, log_name: &str) -> Child {
+    spawn_wrapped(&[], args, prefix, log_name)
+}
+
+/// [`spawn`] with `wrap` before the binary (e.g. `valgrind --tool=callgrind`).
+fn spawn_wrapped(wrap: &[String], args: &[String], prefix: &str, log_name: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}{log_name}"))).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    let mut command = match wrap.split_first() {
+        Some((program, wrap_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrap_args).arg(env!("CARGO_BIN_EXE_parley"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_parley")),
+    };
     command.env("PARLEY_AUTH_SECRET", AUTH_SECRET);
     // A test that names its model server means that one, not the stack's pool.
     if args.iter().any(|a| a == "--llm-base-url" || a == "--llm-endpoint") {

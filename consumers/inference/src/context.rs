@@ -101,7 +101,7 @@ impl ContextSource {
     ) -> Result<(Vec<Message>, &'static str), ProjectionError> {
         let sequence = query.envelope.sequence;
         if sequence <= parley_events::turn::STARTED_SEQUENCE + 1 {
-            return Ok((vec![], "kept")); // the first question has no history
+            return Ok((vec![], "none")); // the first question has no history
         }
         let id = query.envelope.conversation_id;
         let deadline = Instant::now() + self.wait;

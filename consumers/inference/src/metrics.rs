@@ -118,7 +118,7 @@ pub fn cache_lookup(result: &str, saved_ms: i64) {
 static HISTORY_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "parley_inference_history_total",
-        "Where a question's earlier turns came from: kept (no read), projection or log",
+        "Where a question's earlier turns came from: kept (no read), projection, log, or none (a first question)",
         &["source"],
     )
 });
@@ -131,7 +131,7 @@ static HISTORY_KEPT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-/// A question's history came from `source` (`kept`, `projection` or `log`); `kept` is what
+/// A question's history came from `source` (`kept`, `projection`, `log` or `none`); `kept` is what
 /// the keeper holds now (conversations, bytes).
 pub fn history(source: &str, (conversations, bytes): (usize, usize)) {
     HISTORY_READS.with_label_values(&[source]).inc();
@@ -147,7 +147,7 @@ pub fn init() {
     }
     CACHE_LOOKUPS.with_label_values(&["hit"]);
     LazyLock::force(&CACHE_SAVED);
-    for source in ["kept", "projection", "log"] {
+    for source in ["kept", "projection", "log", "none"] {
         HISTORY_READS.with_label_values(&[source]);
     }
 }

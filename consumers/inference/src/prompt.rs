@@ -212,8 +212,12 @@ fn earlier_turns<'a, 'p>(
     };
     if layout == PromptLayout::Stable {
         let block_start = |past: &PastKnowledge| {
-            let fits = |start: usize| turns[start..].iter().map(|t| cost(t, past)).sum::<usize>() <= budget;
-            (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| fits(*start))
+            // The cost of `turns[start..]` for every start, summed once from the end.
+            let mut from = vec![0; turns.len() + 1];
+            for (start, turn) in turns.iter().enumerate().rev() {
+                from[start] = from[start + 1] + cost(turn, past);
+            }
+            (0..turns.len()).step_by(HISTORY_BLOCK).find(|start| from[*start] <= budget)
         };
         if !past.is_empty()
             && let Some(start) = block_start(past)

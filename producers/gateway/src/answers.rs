@@ -21,7 +21,7 @@ use parley_projections::keys::KeyStore;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::hub::{Hub, Outbox};
@@ -101,14 +101,23 @@ pub async fn run(
             continue;
         }
         // Every event is decoded: what the projection has not applied yet is kept for adoptions.
+        let mut pushing = Span::none();
         let decoded = match retry_while_registry_down(&shutdown, || codec.decode_conversation_event(payload)).await {
             Some(Ok(mut decoded)) => {
+                // An outcome for a socket here: opened, applied and sent within the turn's
+                // trace (its start, less the transaction's end, is the answer's way back).
+                if conversation_id.is_some_and(|id| hub.holds(&id))
+                    && !matches!(decoded.event, ConversationEvent::QueryReceived(_))
+                {
+                    pushing = info_span!("gateway.outcome", %position);
+                    continue_trace(&pushing, decoded.event.envelope().traceparent.as_deref());
+                }
                 // Frames carry what people wrote, opened: only for the conversations held
                 // here (the recent window keeps no text, and a key read per person of
                 // every conversation would hold up the listener).
                 if let Some(keys) = &keys
                     && conversation_id.is_some_and(|id| hub.holds(&id))
-                    && !keys.open_event_waiting(&mut decoded.event, &shutdown).await
+                    && !keys.open_event_waiting(&mut decoded.event, &shutdown).instrument(pushing.clone()).await
                 {
                     return;
                 }
@@ -121,6 +130,7 @@ pub async fn run(
             }
             None => return, // shut down while waiting
         };
+        let _pushing = pushing.enter();
         let fact = decoded.as_ref().and_then(Fact::of);
         let subscribers = {
             let mut window = recent.lock();

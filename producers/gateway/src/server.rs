@@ -98,7 +98,9 @@ impl Gateway {
             keys.clone(),
             shutdown.clone(),
         ));
-        let producer = EventProducer::new(kafka.client_config(), codec.clone())?;
+        // A person waits on each append's acknowledgement (their question's `ack`): it goes
+        // out at once; what piles up while a request is in flight still shares one.
+        let producer = EventProducer::new(kafka.client_config().set("linger.ms", "0").clone(), codec.clone())?;
         let erasures = Erasures::new(kafka, producer.clone(), SOURCE);
         let adopter = Adopter {
             hub: hub.clone(),

@@ -30,28 +30,22 @@ impl Worker {
             // No model named: each endpoint's own, as for chat.
             let asked = (!request.model.is_empty()).then_some(request.model.as_str());
             let model = asked.map_or_else(|| self.model_name.clone(), str::to_owned);
+            let envelope = Envelope::new(run_id, request.envelope.conversation_id, request.envelope.sequence, SOURCE)
+                .caused_by(&request.envelope)
+                .with_traceparent(Some(traceparent.clone()));
             let mut run = ExperimentRun {
-                envelope: Envelope::new(run_id, request.envelope.conversation_id, request.envelope.sequence, SOURCE)
-                    .caused_by(&request.envelope)
-                    .with_traceparent(Some(traceparent.clone())),
-                user_id: request.user_id.clone(),
-                answer_event_id: request.answer_event_id,
-                query_event_id: request.query_event_id,
                 requested_by: request.requested_by.clone(),
                 model,
-                endpoint: String::new(),
                 system_prompt_digest: request.system_prompt_digest.clone(),
                 prompt_messages: i32::try_from(request.messages.len()).unwrap_or(i32::MAX),
-                text: String::new(),
-                finish_reason: String::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                llm_latency_ms: 0,
-                time_to_first_token_ms: None,
-                error: String::new(),
-                sealed_for: String::new(),
                 batch_id: request.batch_id.clone(),
                 request_event_id: Some(request.envelope.event_id),
+                ..ExperimentRun::unanswered(
+                    envelope,
+                    request.user_id.clone(),
+                    request.answer_event_id,
+                    request.query_event_id,
+                )
             };
             // The run is sealed under the owner's key; an erased owner's prompt reads
             // "[erased]" and is never sent.
