@@ -108,7 +108,7 @@ fn total_instructions(dump: &Path) -> Option<u64> {
 
 /// callgrind_annotate's table of the costliest functions.
 fn annotate(dump: &Path) {
-    let output = Command::new("callgrind_annotate").arg(dump).output().unwrap();
+    let output = Command::new("callgrind_annotate").args(["--inclusive=no", "--auto=no"]).arg(dump).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     // The table follows the header line that names the `file:function` column.
     let rows = text.lines().skip_while(|line| !line.contains("file:function")).skip(1);
