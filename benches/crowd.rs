@@ -419,7 +419,7 @@ async fn main() {
 
     // 1. The pipeline's own capacity (the model is a stub), and the naive design. Gateway,
     // inference and projection in processes of their own (as deployed), each one's CPU apart.
-    println!("{}", stack_age());
+    println!("{}", support::stack_age());
     let without_projection = env_or("PARLEY_CROWD_WITHOUT_PROJECTION", 0) == 1;
     if without_projection {
         println!("the context projection is not running: chat must not need the read model");
@@ -497,17 +497,6 @@ fn busy_seconds(turns: &[Turn]) -> f64 {
     let span = turns.iter().map(|t| t.done_at).fold(0.0, f64::max)
         - turns.iter().map(|t| t.sent_at).fold(f64::INFINITY, f64::min);
     span.max(1e-9)
-}
-
-/// When the local stack was started (its Kafka's pid file, written at start), as a line of
-/// the report: a just-started stack is colder than a warm one.
-fn stack_age() -> String {
-    let pid_file = std::env::var("PARLEY_RUN").map(|run| std::path::Path::new(&run).join("pids/kafka.pid"));
-    let started = pid_file.ok().and_then(|file| std::fs::metadata(file).ok()?.modified().ok());
-    match started.and_then(|at| at.elapsed().ok()) {
-        Some(age) => format!("the local stack was started {:.0} s before this run", age.as_secs_f64()),
-        None => "the local stack's start time is unknown (PARLEY_RUN/pids/kafka.pid)".to_owned(),
-    }
 }
 
 /// A pipeline with a capacity (4 inference slots, a stub answering in 400 ms: 10 turns/s)

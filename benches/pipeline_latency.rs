@@ -117,24 +117,31 @@ struct Turns {
     /// (only a server that streams tokens has them).
     first_token: Vec<f64>,
     first_token_overhead: Vec<f64>,
+    /// When each question was sent and its first `token` frame read, in microseconds since
+    /// the epoch (the spans' clock): the client's ends of the span breakdown.
+    sent_at: Vec<f64>,
+    token_at: Vec<Option<f64>>,
 }
 
-/// Turns run first and left out of every measure (connections, group joins, caches).
-const WARM_UP: usize = 5;
+/// Turns run first and left out of every measure (connections, group joins, caches, and
+/// the broker's hot paths: a few turns leave its request handling visibly colder).
+const WARM_UP: usize = 50;
 
 /// `turns` sequential question → answer turns (after the warm-up turns), timed at the client.
 async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
     let mut timings = Turns::default();
     let mut conversation: Option<String> = None;
     for i in 0..turns + WARM_UP {
-        let started = Instant::now();
+        let (started, sent_at) = (Instant::now(), unix_micros());
         client.ask(&format!("bench-{i}"), conversation.as_deref(), "Say one word.").await;
-        let (mut acked, mut first_token) = (None, None);
+        let (mut acked, mut first_token, mut token_at) = (None, None, None);
         let answer = loop {
             let frame = client.next_frame().await;
             match frame["type"].as_str() {
                 Some("ack") => acked = Some(started.elapsed()),
-                Some("token") => first_token = first_token.or(Some(started.elapsed())),
+                Some("token") if first_token.is_none() => {
+                    (first_token, token_at) = (Some(started.elapsed()), Some(unix_micros()));
+                }
                 Some("answer") => break frame,
                 Some("failed" | "error") => panic!("turn {i} failed: {frame}"),
                 _ => {}
@@ -146,6 +153,8 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
             continue;
         }
         let llm = answer["llm_latency_ms"].as_f64().unwrap();
+        timings.sent_at.push(sent_at);
+        timings.token_at.push(token_at);
         timings.ack.push(acked.unwrap().as_secs_f64() * 1000.0);
         timings.total.push(total);
         timings.llm.push(llm);
@@ -160,11 +169,16 @@ async fn run_turns(client: &mut support::Client, turns: usize) -> Turns {
     timings
 }
 
-/// Where the overhead goes, from the turns' spans in Jaeger: per part, the milliseconds of
-/// each turn (parts missing from a trace are left out).
-async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(&'static str, Vec<f64>)> {
+fn unix_micros() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1e6
+}
+
+/// Where the overhead goes, from the turns' spans in Jaeger and the client's clock: per
+/// part, the milliseconds of each turn (parts missing from a trace are left out).
+async fn span_breakdown(jaeger: &str, timed: &Turns) -> Vec<(&'static str, Vec<f64>)> {
+    let turns = timed.sent_at.len();
     let url = format!("{}/api/traces", jaeger.trim_end_matches('/'));
-    let tags = serde_json::json!({ "conversation_id": conversation }).to_string();
+    let tags = serde_json::json!({ "conversation_id": timed.conversation.as_deref().unwrap() }).to_string();
     let limit = (turns + WARM_UP).to_string();
     let query = [("service", "parley"), ("operation", "gateway.query"), ("tags", &tags), ("limit", &limit)];
     // Spans arrive in Jaeger in batches: wait until every turn's transaction is there.
@@ -180,14 +194,19 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let mut parts: Vec<(&'static str, Vec<f64>)> = [
+        "client sends the question → gateway.query starts",
         "gateway.query: validate, append the query, acks=all",
         "query hop to the inference consumer",
+        "inference: query read → model request sent",
+        "… inference.seal_key: the asker's data key",
+        "… inference.budget: the asker's token budgets",
         "inference.context: earlier turns (kept, else the projection)",
         "inference.retrieve: embed the question, search Milvus",
         "eventlog.transaction: begin + append the answer",
         "… send_offsets_to_transaction",
         "… commit_transaction",
         "first token's hop: inference enqueue → gateway push",
+        "gateway pushes the first token → the client reads it",
         "answer's way back: commit → the gateway has it decoded",
         "gateway.outcome: open, apply, send to the socket",
     ]
@@ -210,9 +229,16 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
             span["tags"].as_array().unwrap().iter().find(|t| t["key"] == key).and_then(|t| t["value"].as_f64())
         };
         let query_end = micros(query, "startTime") + micros(query, "duration");
+        // The turn this trace is: the last one sent before its query span began.
+        let turn = timed.sent_at.iter().rposition(|sent| *sent <= micros(query, "startTime"));
         let values = [
+            turn.map(|turn| (micros(query, "startTime") - timed.sent_at[turn]) / 1000.0),
             Some(micros(query, "duration") / 1000.0),
             Some((micros(answer, "startTime") - query_end) / 1000.0),
+            span_of(trace, "inference.llm_attempt")
+                .map(|request| (micros(request, "startTime") - micros(answer, "startTime")) / 1000.0),
+            span_of(trace, "inference.seal_key").map(|s| micros(s, "duration") / 1000.0),
+            span_of(trace, "inference.budget").map(|s| micros(s, "duration") / 1000.0),
             span_of(trace, "inference.context").map(|s| micros(s, "duration") / 1000.0),
             span_of(trace, "inference.retrieve").map(|s| micros(s, "duration") / 1000.0),
             field(transaction, "append_ms"),
@@ -221,6 +247,9 @@ async fn span_breakdown(jaeger: &str, conversation: &str, turns: usize) -> Vec<(
             span_of(trace, "inference.first_token")
                 .zip(span_of(trace, "gateway.first_token"))
                 .map(|(sent, pushed)| (micros(pushed, "startTime") - micros(sent, "startTime")) / 1000.0),
+            span_of(trace, "gateway.first_token")
+                .zip(turn.and_then(|turn| timed.token_at[turn]))
+                .map(|(pushed, read)| (read - micros(pushed, "startTime") - micros(pushed, "duration")) / 1000.0),
             span_of(trace, "gateway.outcome").map(|pushed| {
                 (micros(pushed, "startTime") - micros(transaction, "startTime") - micros(transaction, "duration"))
                     / 1000.0
@@ -363,6 +392,7 @@ async fn erasure_throughput(stack: &support::Stack) -> (f64, f64, f64) {
 async fn main() {
     let stack = support::stack()
         .expect("set PARLEY_KAFKA_BROKERS, PARLEY_SCHEMA_REGISTRY_URL and PARLEY_LLM_BASE_URL (infra/bench.sh does)");
+    let age = support::stack_age();
     let turns: usize = std::env::var("PARLEY_BENCH_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     // The pipeline alone (no retrieval, no embedder), as the reference design does the job.
     let pipeline = support::Pipeline::start(
@@ -371,7 +401,7 @@ async fn main() {
     )
     .await;
     let parley = run_turns(&mut pipeline.client().await, turns).await;
-    let parley_parts = span_breakdown(&stack.jaeger, parley.conversation.as_deref().unwrap(), turns).await;
+    let parley_parts = span_breakdown(&stack.jaeger, &parley).await;
     let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns, 0).await;
     let raw_lingering = raw_hops(&stack.brokers, &format!("{}raw-hop-2", pipeline.prefix), turns, 2).await;
     let naive = run_reference(&pipeline, &stack, turns).await;
@@ -386,10 +416,12 @@ async fn main() {
     let with_retrieval =
         support::Pipeline::start(&stack, &[&["--llm-max-tokens", "16"][..], &support::NO_RATE_LIMITS].concat()).await;
     let rag = run_turns(&mut with_retrieval.client().await, turns).await;
-    let rag_parts = span_breakdown(&stack.jaeger, rag.conversation.as_deref().unwrap(), turns).await;
+    let rag_parts = span_breakdown(&stack.jaeger, &rag).await;
     with_retrieval.stop().await;
     let (erase_cli, erase_worker, erase_raw) = erasure_throughput(&stack).await;
 
+    println!("{age}");
+    println!();
     println!("| measure (ms) | n | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
     summary("Parley: query sent → ack (event durable)", parley.ack);

@@ -104,6 +104,44 @@ pub(crate) fn global_args(
     .to_vec()
 }
 
+/// When the local stack was started (its Kafka's pid file, written at start), as a line of
+/// the report: a just-started stack is colder than a warm one.
+pub(crate) fn stack_age() -> String {
+    let pid_file = std::env::var("PARLEY_RUN").map(|run| std::path::Path::new(&run).join("pids/kafka.pid"));
+    let started = pid_file.ok().and_then(|file| std::fs::metadata(file).ok()?.modified().ok());
+    match started.and_then(|at| at.elapsed().ok()) {
+        Some(age) => format!("the local stack was started {:.0} s before this run", age.as_secs_f64()),
+        None => "the local stack's start time is unknown (PARLEY_RUN/pids/kafka.pid)".to_owned(),
+    }
+}
+
+/// Names no other test uses: a topic prefix, a Milvus collection and a loopback port.
+struct FreshIds {
+    prefix: String,
+    collection: String,
+    port: u16,
+}
+
+impl FreshIds {
+    fn new() -> FreshIds {
+        let id = uuid::Uuid::new_v4().simple();
+        FreshIds { prefix: format!("test-{id}."), collection: format!("test_{id}"), port: free_port() }
+    }
+
+    fn listen(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// `args`, with the stack's model server unless they name one.
+fn with_llm<'a>(stack: &'a Stack, args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    if !args.contains(&"--llm-base-url") {
+        args.extend(["--llm-base-url", &stack.llm]);
+    }
+    args
+}
+
 /// A `parley all` process on its own topics, plus any extra gateway instances; or (see
 /// [`Pipeline::start_parts`]) a gateway process with inference and the projection in
 /// processes of their own.
@@ -130,42 +168,24 @@ impl Pipeline {
 
     /// Like `start`, with the projection in its own keyspace.
     pub(crate) async fn start_in(stack: &Stack, keyspace: &str, extra_args: &[&str]) -> Pipeline {
-        let id = uuid::Uuid::new_v4().simple();
-        let prefix = format!("test-{id}.");
-        let collection = format!("test_{id}");
-        let port = free_port();
-        let mut args = global_args(&stack.brokers, &stack.registry, &prefix, &stack.cql, keyspace, &collection);
+        let fresh = FreshIds::new();
+        let mut args =
+            global_args(&stack.brokers, &stack.registry, &fresh.prefix, &stack.cql, keyspace, &fresh.collection);
         args.extend(
             [
                 "all",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &fresh.listen(),
                 "--group-id",
-                &format!("{prefix}inference"),
+                &format!("{}inference", fresh.prefix),
                 "--embedder-group",
-                &format!("{prefix}embedder"),
+                &format!("{}embedder", fresh.prefix),
             ]
             .map(str::to_owned),
         );
-        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
-        if !extra_args.contains(&"--llm-base-url") {
-            args.extend(["--llm-base-url".to_owned(), stack.llm.clone()]);
-        }
-        let mut pipeline = Pipeline {
-            keyspace: keyspace.to_owned(),
-            child: spawn(&args, &prefix, "log"),
-            extra_gateways: vec![],
-            parts: vec![],
-            args,
-            http: format!("http://127.0.0.1:{port}"),
-            prefix,
-            collection,
-            brokers: stack.brokers.clone(),
-            registry: stack.registry.clone(),
-            cql: stack.cql.clone(),
-        };
-        pipeline.wait_healthy().await;
-        pipeline
+        args.extend(with_llm(stack, extra_args).into_iter().map(str::to_owned));
+        let child = spawn(&args, &fresh.prefix, "log");
+        Self::started(stack, keyspace, fresh, child, vec![], args).await
     }
 
     /// The deployment's shape: `parley gateway`, `parley inference` and (unless
@@ -180,11 +200,10 @@ impl Pipeline {
         without_projection: bool,
         wrap: &[String],
     ) -> Pipeline {
-        let id = uuid::Uuid::new_v4().simple();
-        let prefix = format!("test-{id}.");
-        let collection = format!("test_{id}");
-        let port = free_port();
-        let mut global = global_args(&stack.brokers, &stack.registry, &prefix, &stack.cql, TEST_KEYSPACE, &collection);
+        let fresh = FreshIds::new();
+        let prefix = fresh.prefix.clone();
+        let mut global =
+            global_args(&stack.brokers, &stack.registry, &prefix, &stack.cql, TEST_KEYSPACE, &fresh.collection);
         global.extend(common.iter().map(|a| (*a).to_owned()));
         let command = |name: &str, extra: &[&str]| {
             let mut args = global.clone();
@@ -198,27 +217,36 @@ impl Pipeline {
             assert!(output.status.success(), "parley {setup:?}: {}", String::from_utf8_lossy(&output.stderr));
         }
         let group = format!("{prefix}inference");
-        let mut inference_args = vec!["--group-id", &group];
-        inference_args.extend(inference);
-        if !inference.contains(&"--llm-base-url") {
-            inference_args.extend(["--llm-base-url", &stack.llm]);
-        }
+        let inference_args = [&["--group-id", &group][..], &with_llm(stack, inference)].concat();
         let mut parts =
             vec![("inference", spawn_wrapped(wrap, &command("inference", &inference_args), &prefix, "inference.log"))];
         if !without_projection {
             parts.push(("projection", spawn_wrapped(wrap, &command("projection", &[]), &prefix, "projection.log")));
         }
-        let listen = format!("127.0.0.1:{port}");
-        let args = command("gateway", &[&["--listen", &listen][..], gateway].concat());
+        let args = command("gateway", &[&["--listen", &fresh.listen()][..], gateway].concat());
+        let child = spawn_wrapped(wrap, &args, &prefix, "log");
+        Self::started(stack, TEST_KEYSPACE, fresh, child, parts, args).await
+    }
+
+    /// The pipeline whose first process (`parley all` or the gateway) is `child`, once it
+    /// answers on its health endpoint.
+    async fn started(
+        stack: &Stack,
+        keyspace: &str,
+        fresh: FreshIds,
+        child: Child,
+        parts: Vec<(&'static str, Child)>,
+        args: Vec<String>,
+    ) -> Pipeline {
         let mut pipeline = Pipeline {
-            keyspace: TEST_KEYSPACE.to_owned(),
-            child: spawn_wrapped(wrap, &args, &prefix, "log"),
+            keyspace: keyspace.to_owned(),
+            child,
             extra_gateways: vec![],
             parts,
             args,
-            http: format!("http://127.0.0.1:{port}"),
-            prefix,
-            collection,
+            http: format!("http://{}", fresh.listen()),
+            prefix: fresh.prefix,
+            collection: fresh.collection,
             brokers: stack.brokers.clone(),
             registry: stack.registry.clone(),
             cql: stack.cql.clone(),
@@ -235,7 +263,8 @@ impl Pipeline {
             .collect()
     }
 
-    /// Stops the `parley all` process and starts it again with the same options.
+    /// Stops the first process (`parley all`; the gateway of a `start_parts` pipeline, whose
+    /// other parts keep running) and starts it again with the same options, unwrapped.
     pub(crate) async fn restart(&mut self) {
         self.kill();
         self.child = spawn(&self.args, &self.prefix, "restarted.log");

@@ -26,6 +26,12 @@ pub struct Completion {
     pub endpoint: String,
 }
 
+/// A duration in whole milliseconds as events record it, rounded to the nearest (truncating
+/// would add half a millisecond, on average, to every overhead measured against it).
+pub fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros().saturating_add(500) / 1000).unwrap_or(i64::MAX)
+}
+
 /// Why a model call failed; the kind is the outcome's `error_kind`.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LlmError {
@@ -83,5 +89,13 @@ mod tests {
         ];
         let kinds: Vec<&str> = every.iter().map(LlmError::kind).collect();
         assert_eq!(kinds, LlmError::KINDS);
+    }
+
+    #[test]
+    fn durations_are_recorded_to_the_nearest_millisecond() {
+        assert_eq!(millis(Duration::from_micros(1_499)), 1);
+        assert_eq!(millis(Duration::from_micros(1_500)), 2);
+        assert_eq!(millis(Duration::from_micros(400)), 0);
+        assert_eq!(millis(Duration::MAX), i64::MAX);
     }
 }

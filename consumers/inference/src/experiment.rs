@@ -1,11 +1,9 @@
 //! A what-if re-run's prompt and outcome as the `experiments` topic carries them. Pure: the
 //! CLI's single re-run and inference's batch lane fill an `ExperimentRun` the same way.
 
-use std::time::Duration;
-
 use parley_events::{ExperimentMessage, ExperimentRun};
 
-use crate::completion::{Completion, LlmError};
+use crate::completion::{Completion, LlmError, millis};
 use crate::prompt::ChatMessage;
 use crate::proof::{role_name, role_named};
 
@@ -44,10 +42,6 @@ pub fn record_outcome(run: &mut ExperimentRun, result: Result<Completion, LlmErr
         }
         Err(error) => run.error = format!("{}: {error}", error.kind()),
     }
-}
-
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

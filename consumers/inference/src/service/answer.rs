@@ -2,7 +2,6 @@
 //! outcome event.
 
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
 use futures::future::join_all;
 use parley_eventlog::trace::{continue_trace, traceparent_of};
@@ -26,6 +25,7 @@ use uuid::Uuid;
 use super::ahead::Found;
 use super::{InferenceError, SOURCE, Worker};
 use crate::cancel::Partial;
+use crate::completion::millis;
 use crate::metrics;
 use crate::prompt::{Prompt, build_prompt, estimate_tokens};
 use crate::proof::proof_of;
@@ -102,7 +102,7 @@ impl Worker {
                 payload,
                 traceparent: Some(traceparent.clone()),
             };
-            let sealing = match self.sealing(query).await {
+            let sealing = match self.sealing(query).instrument(info_span!("inference.seal_key")).await {
                 Ok(sealing) => sealing,
                 Err(ProjectionError::Erased(_)) => {
                     info!("the asker was erased before the answer; writing LLMResponseFailed");
@@ -120,7 +120,7 @@ impl Worker {
                 let cancelled = Partial::default().into_answer(envelope(), query, &self.model_name, 0, Vec::new());
                 return Ok(outgoing(self.codec.encode(&sealing.seal(cancelled)).await?));
             };
-            if let Some(exceeded) = self.over_budget(query).await {
+            if let Some(exceeded) = self.over_budget(query).instrument(info_span!("inference.budget")).await {
                 warn!(%exceeded, "over its token budget; writing LLMResponseFailed");
                 self.outcome_seen(query, partition, BUDGET_EXCEEDED);
                 return Ok(outgoing(self.failed(envelope(), query, BUDGET_EXCEEDED, exceeded, 0).await?));
@@ -388,8 +388,4 @@ impl Worker {
         });
         TokenStream { sender, task }
     }
-}
-
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
