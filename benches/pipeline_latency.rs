@@ -1,7 +1,9 @@
 //! Pipeline overhead: time from sending a query on the WebSocket to receiving its answer,
 //! minus the LLM call's own time (`llm_latency_ms` in the answer), against the raw limit
 //! measured in the same run: two bare Kafka hops (produce → consume with rdkafka, no
-//! processing), since a turn crosses the log twice (query in, answer out); and against the
+//! processing), since a turn crosses the log twice (query in, answer out), and the raw
+//! limit of an answer written exactly once (a bare rdkafka transaction with one record and
+//! a consumer offset, until a read_committed consumer has it); and against the
 //! naive reference design (benches/reference/naive_chat.py: one Python process with a
 //! WebSocket server and a Kafka client, JSON, no transactions) driven by the same client.
 //! The same for the first token a person sees: first `token` frame minus the LLM's own
@@ -25,7 +27,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 fn summary(name: &str, mut samples: Vec<f64>) -> (f64, f64) {
@@ -103,6 +105,69 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize, linger: u32) -> Vec<
     }
     admin.delete_topics(&[topic], &AdminOptions::new()).await.unwrap();
     samples
+}
+
+/// The raw limit of an answer written exactly once: with bare rdkafka, a transaction that
+/// appends one small record and commits a consumer offset with it (Parley's producer
+/// settings: idempotent, `linger.ms` 0, `retry.backoff.ms` 10), then a `read_committed`
+/// consumer's fetch of it. Per transaction: (its phases as Parley's span records them:
+/// begin + append, offsets, commit; then until the reader has the record), in ms.
+async fn raw_transactions(brokers: &str, topic: &str, count: usize) -> [Vec<f64>; 4] {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    admin.create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("transactional.id", format!("{topic}-writer"))
+        .set("retry.backoff.ms", "10")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(10);
+    tokio::task::block_in_place(|| producer.init_transactions(timeout)).unwrap();
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    reader.assign(&assignment).unwrap();
+    let group = reader.group_metadata().unwrap();
+    let payload = vec![7u8; 200];
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for i in 0..count + 10 {
+        let started = Instant::now();
+        producer.begin_transaction().unwrap();
+        producer.send(FutureRecord::to(topic).key("k").payload(&payload), timeout).await.unwrap();
+        let appended = started.elapsed();
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset(topic, 0, Offset::Offset(i64::try_from(i).unwrap() + 1)).unwrap();
+        tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, timeout)).unwrap();
+        let offsets_sent = started.elapsed();
+        tokio::task::block_in_place(|| producer.commit_transaction(timeout)).unwrap();
+        let committed = started.elapsed();
+        tokio::time::timeout(timeout, reader.recv()).await.unwrap().unwrap();
+        let read = started.elapsed();
+        if i >= 10 {
+            let ms = |from: Duration, to: Duration| (to - from).as_secs_f64() * 1000.0;
+            let values = [
+                ms(Duration::ZERO, appended),
+                ms(appended, offsets_sent),
+                ms(offsets_sent, committed),
+                ms(committed, read),
+            ];
+            for (samples, value) in phases.iter_mut().zip(values) {
+                samples.push(value);
+            }
+        }
+    }
+    admin.delete_topics(&[topic], &AdminOptions::new()).await.unwrap();
+    phases
 }
 
 /// Per-turn timings (ms) of sequential turns on one socket.
@@ -404,6 +469,10 @@ async fn main() {
     let parley_parts = span_breakdown(&stack.jaeger, &parley).await;
     let raw = raw_hops(&stack.brokers, &format!("{}raw-hop", pipeline.prefix), turns, 0).await;
     let raw_lingering = raw_hops(&stack.brokers, &format!("{}raw-hop-2", pipeline.prefix), turns, 2).await;
+    let [raw_append, raw_offsets, raw_commit, raw_read] =
+        raw_transactions(&stack.brokers, &format!("{}raw-transaction", pipeline.prefix), turns).await;
+    let raw_exactly_once: Vec<f64> =
+        (0..turns).map(|i| raw_append[i] + raw_offsets[i] + raw_commit[i] + raw_read[i]).collect();
     let naive = run_reference(&pipeline, &stack, turns).await;
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
@@ -434,6 +503,12 @@ async fn main() {
     let (raw_p50, raw_p99) = summary("raw rdkafka hop (produce → consume), linger.ms 0 as the gateway", raw);
     let (lingering_p50, lingering_p99) =
         summary("raw rdkafka hop, linger.ms 2 (librdkafka's default, the naive design's)", raw_lingering);
+    summary("raw transaction, bare rdkafka: begin + append one record", raw_append);
+    summary("… send_offsets_to_transaction", raw_offsets);
+    summary("… commit_transaction", raw_commit);
+    summary("… commit → a read_committed consumer has the record", raw_read);
+    let (exactly_once_p50, exactly_once_p99) =
+        summary("raw exactly-once hop (the four above, per transaction)", raw_exactly_once);
     summary("naive Python reference: query sent → ack", naive.ack);
     summary("naive Python reference: LLM call", naive.llm);
     let (naive_p50, naive_p99) = summary("naive Python reference: overhead (answer − LLM)", naive.overhead);
@@ -479,6 +554,11 @@ async fn main() {
         "first-token overhead / (2 × raw hop at linger.ms 2): p50 {:.2}, p99 {:.2}",
         first_p50 / (2.0 * lingering_p50),
         first_p99 / (2.0 * lingering_p99)
+    );
+    println!(
+        "overhead / (raw hop + raw exactly-once hop), the floor with the answer written exactly once: p50 {:.2}, p99 {:.2}",
+        overhead_p50 / (raw_p50 + exactly_once_p50),
+        overhead_p99 / (raw_p99 + exactly_once_p99)
     );
     println!(
         "Parley overhead / naive reference overhead: p50 {:.2}, p99 {:.2}",
