@@ -71,12 +71,25 @@ fn sealing_cost(turns: usize, deltas: i32, delta_chars: usize) -> Vec<f64> {
         .collect()
 }
 
-/// One produce → consume hop of a small record, idempotent producer with acks=all and
-/// `linger` ms (the gateway sends with 0; librdkafka's default and the naive design's is 2).
-async fn raw_hops(brokers: &str, topic: &str, count: usize, linger: u32) -> Vec<f64> {
+/// A new one-partition topic for a raw measure; the admin client deletes it afterwards.
+async fn one_partition_topic(brokers: &str, topic: &str) -> AdminClient<DefaultClientContext> {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     admin.create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
+    admin
+}
+
+/// `consumer` reads `topic`'s one partition from its start.
+fn read_from_start(consumer: &StreamConsumer, topic: &str) {
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&assignment).unwrap();
+}
+
+/// One produce → consume hop of a small record, idempotent producer with acks=all and
+/// `linger` ms (the gateway sends with 0; librdkafka's default and the naive design's is 2).
+async fn raw_hops(brokers: &str, topic: &str, count: usize, linger: u32) -> Vec<f64> {
+    let admin = one_partition_topic(brokers, topic).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -90,9 +103,7 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize, linger: u32) -> Vec<
         .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&assignment).unwrap();
+    read_from_start(&consumer, topic);
     let payload = vec![7u8; 200];
     let mut samples = Vec::with_capacity(count);
     for i in 0..count + 10 {
@@ -113,9 +124,7 @@ async fn raw_hops(brokers: &str, topic: &str, count: usize, linger: u32) -> Vec<
 /// consumer's fetch of it. Per transaction: (its phases as Parley's span records them:
 /// begin + append, offsets, commit; then until the reader has the record), in ms.
 async fn raw_transactions(brokers: &str, topic: &str, count: usize) -> [Vec<f64>; 4] {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    admin.create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
+    let admin = one_partition_topic(brokers, topic).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -134,9 +143,7 @@ async fn raw_transactions(brokers: &str, topic: &str, count: usize) -> [Vec<f64>
         .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-    reader.assign(&assignment).unwrap();
+    read_from_start(&reader, topic);
     let group = reader.group_metadata().unwrap();
     let payload = vec![7u8; 200];
     let mut phases: [Vec<f64>; 4] = Default::default();
